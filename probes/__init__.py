@@ -1,0 +1,1 @@
+"""fastprobe: batched ridge probes and neuron correlations over every layer of an activation store."""
