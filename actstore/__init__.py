@@ -3,3 +3,4 @@
 Pipeline (see docs/ and DESIGN): datasets -> prompts -> extract -> ActivationStore -> probes.
 """
 __version__ = "0.1.0"
+from actstore.store import open_store as open  # noqa: E402,F401  (actstore.open)

@@ -1,0 +1,562 @@
+"""ActivationStore: fp16 hidden states per (layer, row) plus the entity table and metadata.
+
+One store holds, for one model + prompt + dataset:
+
+* ``resid``   (n_layers, n_rows, d_model), float16 by default: hidden state at the last entity
+  token after each layer listed in ``layers`` (HF ``output_hidden_states`` indexing: 0 =
+  embeddings, i = output of decoder block i-1, before the final norm).
+* ``neurons`` (n_layers, n_rows, d_mlp), optional: MLP neuron activations (input of down_proj).
+* the entity table (every column of ``EntityDataset.table``) and all metadata.
+* ``rows_done``: rows ``[0, rows_done)`` are complete and durable; the resume point.
+
+Two formats with one interface: Zarr v3 (default; a directory, readable by plain ``zarr.open``)
+and HDF5 (one file, via h5py). docs/store-format.md is the specification.
+
+Durability rule: row blocks are written whole (``rows_per_chunk`` rows, every layer at once),
+and ``rows_done`` is advanced only by ``mark_done`` after the block's write returned. Zarr's
+local store writes each shard to a temporary file and renames it, so a killed process leaves
+either the old or the new shard, never half of one. The HDF5 file allocates every chunk when it
+is created and keeps ``rows_done`` in a small pre-allocated dataset, so later writes only
+overwrite raw bytes in place and never change the file's structure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+# pandas is imported inside functions: `import actstore` (and `actstore --help`) stays fast.
+
+FORMAT_NAME = "actstore-activations"
+FORMAT_VERSION = 1
+ARRAYS = ("resid", "neurons")
+DTYPES = ("float16", "bfloat16", "float32")
+# Chosen by measurement on real SmolLM2 fp16 activations (bench/RESULTS.md, "store
+# compression"): fp16 hidden states are close to incompressible, so compression buys a few
+# percent of disk for a large cost in write/read speed. Default is none.
+DEFAULT_COMPRESSION = "none"
+COMPRESSIONS = ("none", "zstd", "blosc")
+
+
+class StoreError(ValueError):
+    """A store that cannot be created, opened or written as asked (message says why)."""
+
+
+def default_rows_per_chunk(d: int) -> int:
+    """Rows per chunk: a power of two giving ~1 MiB fp16 chunks, clamped to [64, 1024]."""
+    r = 1 << max(0, int(np.floor(np.log2(max(1, (1 << 20) // (2 * max(1, d)))))))
+    return int(min(1024, max(64, r)))
+
+
+def _numpy_dtype(dtype: str):
+    if dtype == "bfloat16":
+        # numpy has no bfloat16: store its raw 16 bits (documented in store-format.md).
+        return np.dtype("uint16")
+    return np.dtype(dtype)
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "zarr.json").exists():
+            return "zarr"
+        raise StoreError(f"{path}: a directory but not a Zarr v3 store (no zarr.json)")
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head == b"\x89HDF\r\n\x1a\n":
+            return "hdf5"
+        raise StoreError(f"{path}: not an activation store (neither Zarr v3 nor HDF5)")
+    raise StoreError(f"{path}: no such store")
+
+
+def _format_from_path(path: Path, format: str | None) -> str:
+    if format is not None:
+        if format not in ("zarr", "hdf5"):
+            raise StoreError(f"unknown store format {format!r}; choose 'zarr' or 'hdf5'")
+        return format
+    return "hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "zarr"
+
+
+def remove_store(path) -> None:
+    """Delete a store (directory or file) if it exists."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------- entity table
+
+def _column_kind(s) -> str:
+    import pandas as pd
+    if pd.api.types.is_bool_dtype(s):
+        return "bool"
+    if pd.api.types.is_integer_dtype(s):
+        return "int64"
+    if pd.api.types.is_float_dtype(s):
+        return "float64"
+    return "str"
+
+
+def _column_values(s, kind: str) -> np.ndarray:
+    if kind == "str":
+        # Missing strings are stored as "" (the table never needs NaN in text columns).
+        return np.array(["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
+                         for v in s.tolist()], dtype=object)
+    return s.to_numpy(dtype=kind)
+
+
+def _table_from_columns(columns: list[str], kinds: dict, get):
+    import pandas as pd
+    data = {}
+    for c in columns:
+        v = get(c)
+        if kinds[c] == "str":
+            v = pd.Series(np.asarray(v).astype(object), dtype=object)
+        data[c] = v
+    return pd.DataFrame(data)
+
+
+# ----------------------------------------------------------------------------- the store
+
+class ActivationStore:
+    """An open store. Use :func:`create_store` or :func:`open_store` to get one.
+
+    Attributes: ``path, format, n_layers, n_rows, d_model, d_mlp`` (None without neurons),
+    ``layers`` (hidden-state indices), ``dtype`` ("float16" | "bfloat16" | "float32"),
+    ``meta`` (model, prompt, dataset, ... as recorded by the writer), ``rows_done``,
+    ``targets``, ``group_columns``, ``rows_per_chunk``, ``compression``.
+    Arrays read in the stored dtype; bfloat16 comes back as torch.bfloat16 with ``as_="torch"``
+    and as its raw uint16 bits in numpy.
+    """
+
+    def __init__(self, path: Path, fmt: str, header: dict, handle, mode: str):
+        self.path = Path(path)
+        self.format = fmt
+        self._h = handle
+        self.mode = mode
+        self._header = header
+        self.layers = [int(x) for x in header["layers"]]
+        self.n_layers = len(self.layers)
+        self.n_rows = int(header["n_rows"])
+        self.d_model = int(header["d_model"])
+        self.d_mlp = None if header.get("d_mlp") is None else int(header["d_mlp"])
+        self.dtype = header["dtype"]
+        self.rows_per_chunk = int(header["rows_per_chunk"])
+        self.targets = tuple(header["targets"])
+        self.group_columns = tuple(header["group_columns"])
+        self.compression = header.get("compression", "none")
+        self.meta = dict(header["meta"])
+        self._entities = None
+
+    # -- header
+    @property
+    def header(self) -> dict:
+        """Everything recorded at creation (format, shapes, layers, dtype, meta...)."""
+        return dict(self._header)
+
+    @property
+    def rows_done(self) -> int:
+        if self.format == "zarr":
+            return int(self._h.attrs["rows_done"])
+        return int(self._h["rows_done"][0])
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_done >= self.n_rows
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return ("resid",) + (("neurons",) if self.d_mlp is not None else ())
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, format={self.format}, layers={self.n_layers}, "
+                f"rows={self.rows_done}/{self.n_rows}, d_model={self.d_model}, dtype={self.dtype}"
+                + (f", d_mlp={self.d_mlp}" if self.d_mlp else "") + ")")
+
+    # -- entity table
+    @property
+    def entities(self):
+        """The entity table, same columns (and order) as ``EntityDataset.table``."""
+        if self._entities is None:
+            cols = self._header["entity_columns"]
+            kinds = self._header["entity_kinds"]
+            grp = self._h["entities"]
+            if self.format == "zarr":
+                get = lambda c: grp[c][:]  # noqa: E731
+            else:
+                def get(c):
+                    ds = grp[c]
+                    return ds.asstr()[:] if kinds[c] == "str" else ds[:]
+            self._entities = _table_from_columns(cols, kinds, get)
+        return self._entities.copy()
+
+    def target_array(self, names=None) -> np.ndarray:
+        """(n_rows, k) float64 targets, columns in ``names`` order (default: ``targets``)."""
+        names = self.targets if names is None else tuple([names] if isinstance(names, str) else names)
+        ent = self.entities
+        missing = [n for n in names if n not in ent.columns]
+        if missing:
+            raise StoreError(f"{self.path}: no target column(s) {missing}; have {list(self.targets)}")
+        return ent[list(names)].to_numpy(dtype=np.float64)
+
+    @property
+    def is_test(self) -> np.ndarray:
+        ent = self.entities
+        if "is_test" not in ent.columns:
+            return np.zeros(self.n_rows, dtype=bool)
+        return ent["is_test"].to_numpy(dtype=bool)
+
+    # -- reading
+    def _array(self, array: str):
+        if array not in ARRAYS:
+            raise StoreError(f"unknown array {array!r}; choose one of {ARRAYS}")
+        if array == "neurons" and self.d_mlp is None:
+            raise StoreError(f"{self.path}: this store has no neuron activations "
+                             "(extract with --neurons)")
+        return self._h[array]
+
+    def _positions(self, layers) -> list[int]:
+        if layers is None:
+            return list(range(self.n_layers))
+        if isinstance(layers, (int, np.integer)):
+            layers = [int(layers)]
+        pos = [int(i) for i in layers]
+        for i in pos:
+            if not -self.n_layers <= i < self.n_layers:
+                raise StoreError(f"layer position {i} out of range: the store has {self.n_layers} "
+                                 f"layers (hidden-state indices {self.layers})")
+        return [i % self.n_layers for i in pos]
+
+    def _to_out(self, x: np.ndarray, as_: str):
+        if as_ == "numpy":
+            return x
+        if as_ == "torch":
+            import torch
+            if self.dtype == "bfloat16":
+                return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(x)
+        raise StoreError(f"as_ must be 'numpy' or 'torch', not {as_!r}")
+
+    def layer(self, i: int, array: str = "resid", as_: str = "numpy"):
+        """(rows_done, d) for layer POSITION i (an index into ``layers``), stored dtype."""
+        (p,) = self._positions([i])
+        n = self.rows_done
+        x = np.asarray(self._array(array)[p, :n])
+        return self._to_out(x, as_)
+
+    def read(self, rows: slice, layers=None, array: str = "resid") -> np.ndarray:
+        """(L, r, d) for a row slice and layer POSITIONS (default all), stored dtype."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise StoreError("rows must be a contiguous slice, e.g. slice(0, 1024)")
+        start, stop, _ = rows.indices(self.n_rows)
+        arr = self._array(array)
+        pos = self._positions(layers)
+        if not pos:
+            return np.empty((0, max(0, stop - start), arr.shape[2]), dtype=arr.dtype)
+        if pos == list(range(pos[0], pos[-1] + 1)):  # contiguous layers: one read
+            return np.asarray(arr[pos[0]:pos[-1] + 1, start:stop])
+        return np.stack([np.asarray(arr[p, start:stop]) for p in pos])
+
+    def iter_chunks(self, rows: int | None = None, layers=None, array: str = "resid",
+                    start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(row_start, block)`` with block (L, r, d) in the stored dtype.
+
+        ``rows`` is the block height (default: ``rows_per_chunk``; rounded up to a multiple of
+        it so reads are chunk-aligned). Iteration covers ``[start, min(stop, rows_done))``.
+        """
+        R = self.rows_per_chunk
+        step = R if rows is None else max(R, -(-int(rows) // R) * R)
+        end = self.rows_done if stop is None else min(int(stop), self.rows_done)
+        pos = self._positions(layers)
+        s = int(start)
+        while s < end:
+            # align later blocks to chunk boundaries even if `start` is not
+            e = min(end, (s // R) * R + step)
+            yield s, self.read(slice(s, e), layers=pos, array=array)
+            s = e
+
+    # -- writing
+    def _check_writable(self):
+        if self.mode == "r":
+            raise StoreError(f"{self.path}: store is open read-only (open_store(path, mode='a'))")
+
+    def write_rows(self, start: int, resid: np.ndarray, neurons: np.ndarray | None = None) -> None:
+        """Write rows ``[start, start + r)`` for every layer. Whole chunks only: ``start`` is a
+        multiple of ``rows_per_chunk`` and ``r`` is too, unless the block ends at ``n_rows``.
+        Does not advance ``rows_done`` (call :meth:`mark_done` once the write returned)."""
+        self._check_writable()
+        R = self.rows_per_chunk
+        r = int(resid.shape[1]) if resid.ndim == 3 else -1
+        if resid.ndim != 3 or resid.shape[0] != self.n_layers or resid.shape[2] != self.d_model:
+            raise StoreError(f"resid block must be (n_layers={self.n_layers}, r, "
+                             f"d_model={self.d_model}), got {tuple(resid.shape)}")
+        end = start + r
+        if start < 0 or start % R or end > self.n_rows or (r % R and end != self.n_rows) or r == 0:
+            raise StoreError(f"write_rows({start}, r={r}): writes must cover whole chunks of "
+                             f"{R} rows within [0, {self.n_rows})")
+        npdt = _numpy_dtype(self.dtype)
+        if resid.dtype != npdt:
+            raise StoreError(f"resid block has dtype {resid.dtype}, store holds {self.dtype}")
+        if (neurons is None) != (self.d_mlp is None):
+            raise StoreError("neurons must be given exactly when the store has d_mlp"
+                             f" (d_mlp={self.d_mlp})")
+        if neurons is not None:
+            if neurons.shape != (self.n_layers, r, self.d_mlp) or neurons.dtype != npdt:
+                raise StoreError(f"neurons block must be ({self.n_layers}, {r}, {self.d_mlp}) "
+                                 f"{self.dtype}, got {tuple(neurons.shape)} {neurons.dtype}")
+        self._h["resid"][:, start:end] = resid
+        if neurons is not None:
+            self._h["neurons"][:, start:end] = neurons
+        if self.format == "hdf5":
+            self._h.flush()
+
+    def mark_done(self, rows_done: int) -> None:
+        """Record that rows ``[0, rows_done)`` are written (call only after their write)."""
+        self._check_writable()
+        rows_done = int(rows_done)
+        if not 0 <= rows_done <= self.n_rows:
+            raise StoreError(f"rows_done={rows_done} outside [0, {self.n_rows}]")
+        if self.format == "zarr":
+            self._h.attrs["rows_done"] = rows_done   # rewrites zarr.json atomically
+        else:
+            self._h["rows_done"][0] = rows_done      # in-place raw write, pre-allocated
+            self._h.flush()
+
+    def close(self) -> None:
+        if self.format == "hdf5" and self._h is not None:
+            try:
+                self._h.close()
+            except Exception:  # pragma: no cover - closing twice
+                pass
+        self._h = None if self.format == "hdf5" else self._h
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------- create / open
+
+def _compressors(name: str, fmt: str):
+    if name not in COMPRESSIONS:
+        raise StoreError(f"unknown compression {name!r}; choose one of {COMPRESSIONS}")
+    if fmt == "hdf5":
+        if name != "none":
+            # Pre-allocated chunks (crash safety) rule out HDF5 filters; see store-format.md.
+            raise StoreError("HDF5 stores are uncompressed (chunks are pre-allocated so a "
+                             "killed run cannot corrupt the file); use --format zarr to compress")
+        return None
+    import zarr
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [zarr.codecs.ZstdCodec(level=3)]
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)]
+
+
+def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities,
+                 targets: tuple[str, ...], group_columns: tuple[str, ...], meta: dict,
+                 format: str | None = None, dtype: str = "float16", d_mlp: int | None = None,
+                 rows_per_chunk: int | None = None, compression: str | None = None,
+                 overwrite: bool = False) -> ActivationStore:
+    """Create an empty store (``rows_done = 0``) and return it open for writing.
+
+    ``format``: "zarr" (default, or inferred "hdf5" from a .h5/.hdf5 suffix). ``meta`` must be
+    JSON-serialisable. ``entities`` must have ``n_rows`` rows and contain ``targets``.
+    ``overwrite`` replaces an existing store at ``path``; otherwise an existing path is an error.
+    """
+    path = Path(path)
+    fmt = _format_from_path(path, format)
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise StoreError("a store needs at least one layer")
+    if len(set(layers)) != len(layers):
+        raise StoreError(f"duplicate layers in {layers}")
+    if dtype not in DTYPES:
+        raise StoreError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
+    if int(n_rows) <= 0:
+        raise StoreError("a store needs at least one row (the dataset is empty)")
+    if len(entities) != n_rows:
+        raise StoreError(f"entity table has {len(entities)} rows, store has n_rows={n_rows}")
+    missing = [t for t in list(targets) + list(group_columns) if t not in entities.columns]
+    if missing:
+        raise StoreError(f"entity table lacks column(s) {missing}")
+    try:
+        meta_json = json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"store metadata must be JSON-serialisable: {exc}") from None
+    R = int(rows_per_chunk or default_rows_per_chunk(d_model))
+    if R <= 0:
+        raise StoreError("rows_per_chunk must be positive")
+    R = min(R, int(n_rows)) if n_rows >= 1 else R
+    comp = DEFAULT_COMPRESSION if compression is None else compression
+    if fmt == "hdf5" and compression is None:
+        comp = "none"
+    _compressors(comp, fmt)  # validate early
+
+    if path.exists():
+        if not overwrite:
+            raise StoreError(f"{path} already exists (use overwrite / --overwrite to replace it)")
+        remove_store(path)
+    if not path.parent.exists():
+        raise StoreError(f"cannot create {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"cannot create {path}: directory {path.parent} is not writable")
+
+    ent = entities.reset_index(drop=True)
+    columns = [str(c) for c in ent.columns]
+    kinds = {c: _column_kind(ent[c]) for c in columns}
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "n_rows": int(n_rows),
+        "d_model": int(d_model),
+        "d_mlp": None if d_mlp is None else int(d_mlp),
+        "layers": layers,
+        "dtype": dtype,
+        "rows_per_chunk": R,
+        "compression": comp,
+        "targets": list(targets),
+        "group_columns": list(group_columns),
+        "entity_columns": columns,
+        "entity_kinds": kinds,
+        "meta": meta_json,
+    }
+    L = len(layers)
+    npdt = _numpy_dtype(dtype)
+    arrays = {"resid": int(d_model)}
+    if d_mlp is not None:
+        arrays["neurons"] = int(d_mlp)
+    try:
+        if fmt == "zarr":
+            handle = _create_zarr(path, header, arrays, L, int(n_rows), R, npdt, comp, ent, kinds)
+        else:
+            handle = _create_hdf5(path, header, arrays, L, int(n_rows), R, npdt, ent, kinds)
+    except OSError as exc:
+        remove_store(path)
+        raise StoreError(f"cannot create store {path}: {exc.strerror or exc}") from None
+    return ActivationStore(path, fmt, header, handle, "a")
+
+
+def _create_zarr(path, header, arrays, L, N, R, npdt, comp, ent, kinds):
+    import zarr
+    g = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    for name, d in arrays.items():
+        # chunk (1, R, d): one layer's rows read contiguously; shard (L, R, d): one row block
+        # of every layer is one file, written whole (no read-modify-write of shards).
+        g.create_array(name, shape=(L, N, d), dtype=npdt, chunks=(1, R, d), shards=(L, R, d),
+                       compressors=_compressors(comp, "zarr"), fill_value=0,
+                       dimension_names=["layer", "row", "dim" if name == "resid" else "neuron"])
+    la = g.create_array("layer", shape=(L,), dtype="int32", chunks=(L,), compressors=None,
+                        dimension_names=["layer"])
+    la[:] = np.asarray(header["layers"], dtype=np.int32)
+    eg = g.create_group("entities")
+    for c in header["entity_columns"]:
+        k = kinds[c]
+        vals = _column_values(ent[c], k)
+        a = eg.create_array(c, shape=(N,), dtype=(str if k == "str" else k), chunks=(N,),
+                            dimension_names=["row"])
+        a[:] = vals
+    # rows_done last: a store without it was never fully created
+    g.attrs.update({"actstore": header, "rows_done": 0})
+    return g
+
+
+def _create_hdf5(path, header, arrays, L, N, R, npdt, ent, kinds):
+    import h5py
+    f = h5py.File(path, "w-")
+    try:
+        for name, d in arrays.items():
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            f.create_dataset(name, shape=(L, N, d), dtype=npdt, chunks=(1, R, d), dcpl=dcpl,
+                             fill_time="never", track_times=False)
+        f.create_dataset("layer", data=np.asarray(header["layers"], dtype=np.int32))
+        eg = f.create_group("entities")
+        for c in header["entity_columns"]:
+            k = kinds[c]
+            vals = _column_values(ent[c], k)
+            if k == "str":
+                eg.create_dataset(c, data=vals.astype(object), dtype=h5py.string_dtype("utf-8"))
+            else:
+                eg.create_dataset(c, data=vals)
+        f.attrs["actstore"] = json.dumps(header)
+        f.create_dataset("rows_done", data=np.zeros(1, dtype=np.int64))
+        f.flush()
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def open_store(path, mode: str = "r") -> ActivationStore:
+    """Open an existing store. ``mode``: "r" (read-only) or "a" (read/write, for resuming).
+
+    Refuses, with :class:`StoreError`, anything that is not an activation store of this
+    format version.
+    """
+    path = Path(path)
+    if mode not in ("r", "a", "r+"):
+        raise StoreError(f"mode must be 'r' or 'a', not {mode!r}")
+    mode = "a" if mode == "r+" else mode
+    fmt = _detect_format(path)
+    if fmt == "zarr":
+        import zarr
+        try:
+            handle = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+        except Exception as exc:  # zarr raises several types for a broken directory
+            raise StoreError(f"{path}: cannot open as Zarr v3 group: {exc}") from None
+        attrs = dict(handle.attrs)
+        header = attrs.get("actstore")
+        if "rows_done" not in attrs and header is not None:
+            raise StoreError(f"{path}: incomplete store (creation was interrupted); "
+                             "re-create it with --overwrite")
+        if mode == "a":
+            _remove_partials(path)
+    else:
+        import h5py
+        try:
+            handle = h5py.File(path, "r" if mode == "r" else "r+")
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot open HDF5 file: {exc}") from None
+        raw = handle.attrs.get("actstore")
+        header = json.loads(raw) if raw is not None else None
+        if header is not None and "rows_done" not in handle:
+            handle.close()
+            raise StoreError(f"{path}: incomplete store (creation was interrupted); "
+                             "re-create it with --overwrite")
+    _check_header(path, header, handle if fmt == "hdf5" else None)
+    return ActivationStore(path, fmt, header, handle, mode)
+
+
+def _check_header(path, header, h5handle=None):
+    def fail(msg):
+        if h5handle is not None:
+            h5handle.close()
+        raise StoreError(msg)
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        fail(f"{path}: not an activation store (no '{FORMAT_NAME}' header)")
+    v = header.get("format_version")
+    if v != FORMAT_VERSION:
+        fail(f"{path}: store format version {v} is not supported (this actstore reads "
+             f"version {FORMAT_VERSION}); re-extract it with this version")
+
+
+def _remove_partials(path: Path) -> None:
+    """Drop temporary files a killed writer left behind (zarr writes via tmp + rename)."""
+    for p in path.rglob("*.partial"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
