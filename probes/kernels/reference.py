@@ -1,0 +1,47 @@
+"""Reference backend ("torch"): the statistics update in plain torch float64.
+
+Every other backend is tested against this one. It is exact up to float64 rounding: each x is
+converted to float64 and the shift subtracted in float64 before any product.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from probes.stats import GramStats, validate_chunk
+
+
+def _as_tensor(a, device) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=device, dtype=torch.float64)
+
+
+def gram_update(stats: GramStats, X, Y, fold=None, precision: str | None = None) -> GramStats:
+    """Add the rows of X (B, r, d), Y (r, k) with fold ids (r,) (-1 = skip) into ``stats``.
+
+    ``precision`` is accepted for a uniform signature; this backend always works in float64.
+    """
+    if precision not in (None, "float64", "float32"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    r, k = validate_chunk(stats, X, Y, fold)
+    dev = stats.device
+    Xd = _as_tensor(X, dev) - stats.shift.to(torch.float64).unsqueeze(1)      # (B, r, d)
+    Yd = _as_tensor(Y, dev).reshape(r, k)
+    if fold is None:
+        f = torch.zeros(r, dtype=torch.long, device=dev)
+    else:
+        f = (fold if isinstance(fold, torch.Tensor) else torch.from_numpy(np.asarray(fold)))
+        f = f.to(device=dev, dtype=torch.long)
+    dt = stats.dtype
+    for g in range(stats.n_folds):
+        m = f == g
+        if not bool(m.any()):
+            continue
+        Xg, Yg = Xd[:, m], Yd[m]                                                  # (B, rg, d), (rg, k)
+        stats.n[g] += float(m.sum())
+        stats.sx[:, g] += Xg.sum(1).to(dt)
+        stats.xtx[:, g] += (Xg.transpose(1, 2) @ Xg).to(dt)
+        stats.xty[:, g] += (Xg.transpose(1, 2) @ Yg).to(dt)
+        stats.sy[g] += Yg.sum(0).to(dt)
+        stats.yty[g] += (Yg.T @ Yg).to(dt)
+    return stats
