@@ -5,6 +5,7 @@
 namespace py = pybind11;
 
 void register_fp16_scan(py::module_ &m);
+void register_gram_cpu(py::module_ &m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "actstore native CPU kernels (C++/OpenMP)";
@@ -14,4 +15,5 @@ PYBIND11_MODULE(_native, m) {
   m.attr("openmp") = false;
 #endif
   register_fp16_scan(m);
+  register_gram_cpu(m);
 }

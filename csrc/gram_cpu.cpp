@@ -1,0 +1,385 @@
+// Fused statistics pass on CPU: one chunk of activations X (B, r, d) (fp16, fp32 or fp64),
+// targets Y (r, k) float64 and fold ids (r,) int32 (-1 = skip the row) are added into float64
+// per-layer, per-fold totals: n, Σx, ΣxxT (full symmetric), ΣxyT, Σy, ΣyyT. Every x is shifted
+// by a per-layer constant first (x - c), which keeps the float32 products well conditioned.
+//
+// Layout of the work (per fold, per block of <= block_rows rows of that fold, per group of layers):
+//  1. pack: fp16 -> float (F16C), subtract the shift, store column panels P[p][t][W] (W columns
+//     of every row, contiguous), and add Σx and ΣxyT of those columns in double on the way;
+//  2. SYRK: the upper triangle of panel pairs, split into macro tiles of NPB x NPB panels, each a
+//     work item of the OpenMP loop; a register-tiled FMA micro-kernel (4 rows x 3 vectors)
+//     accumulates a macro tile over the whole row block in the accumulation type T (float or
+//     double) in a thread-private buffer, KC rows at a time so both operand panels stay in L1;
+//  3. flush: the macro tile is added into the float64 totals, into both halves (the mirror), so
+//     the totals stay fully symmetric without a separate pass.
+// float32 mode sums at most block_rows rows in float32 before adding into float64, which bounds
+// the rounding error; float64 mode uses double throughout (the exactness tests use it).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef ACTSTORE_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// ------------------------------------------------------------------------------------ SIMD shim
+template <class T> struct Simd;
+template <> struct Simd<float> {
+  using V = __m256;
+  static constexpr int L = 8;
+  static V load(const float *p) { return _mm256_loadu_ps(p); }
+  static void store(float *p, V v) { _mm256_storeu_ps(p, v); }
+  static V bcast(const float *p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
+template <> struct Simd<double> {
+  using V = __m256d;
+  static constexpr int L = 4;
+  static V load(const double *p) { return _mm256_loadu_pd(p); }
+  static void store(double *p, V v) { _mm256_storeu_pd(p, v); }
+  static V bcast(const double *p) { return _mm256_broadcast_sd(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+};
+
+constexpr int MR = 4;  // rows of the register tile
+constexpr int NV = 3;  // vectors per register-tile row: 12 accumulators + 3 loads + 1 broadcast
+template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }  // 24 float, 12 double
+constexpr int NPB = 6;         // panels per macro tile side (144 float / 72 double columns)
+constexpr int KC = 128;        // rows per inner step: two 12 KiB operand chunks stay in L1
+constexpr size_t kPackBudget = size_t(48) << 20;  // bytes of packed panels per layer group
+
+struct AlignedFree {
+  void operator()(void *p) const { std::free(p); }
+};
+template <class T> std::unique_ptr<T[], AlignedFree> aligned_array(size_t n) {
+  size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+  void *p = std::aligned_alloc(64, bytes ? bytes : 64);
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T *>(p));
+}
+
+// C[MR x W] (row stride ldc) += A_panel[t][0..MR) * B_panel[t][0..W) over kc rows.
+// a points at column offset s*MR of panel row 0; both panels have row stride W.
+template <class T>
+inline void micro_kernel(const T *__restrict a, const T *__restrict b, int kc, T *__restrict c,
+                         int ldc) {
+  using S = Simd<T>;
+  constexpr int W = panel_width<T>();
+  constexpr int L = S::L;
+  typename S::V acc[MR][NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = S::load(c + i * ldc + v * L);
+  for (int t = 0; t < kc; ++t) {
+    const typename S::V b0 = S::load(b), b1 = S::load(b + L), b2 = S::load(b + 2 * L);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const typename S::V ai = S::bcast(a + i);
+      acc[i][0] = S::fma(ai, b0, acc[i][0]);
+      acc[i][1] = S::fma(ai, b1, acc[i][1]);
+      acc[i][2] = S::fma(ai, b2, acc[i][2]);
+    }
+    a += W;
+    b += W;
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) S::store(c + i * ldc + v * L, acc[i][v]);
+}
+
+// ------------------------------------------------------------------------------------ input rows
+enum class InKind { F16, F32, F64 };
+
+// Convert n <= W values of one row segment to float/double (exact for fp16 -> float).
+template <class T, int W>
+inline void load_row(const void *base, InKind kind, int64_t offset, int n, T *out) {
+  if (kind == InKind::F16) {
+    const uint16_t *src = static_cast<const uint16_t *>(base) + offset;
+    alignas(32) float tmp[W + 8];
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+      _mm256_store_ps(tmp + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + j))));
+    if (j < n) {  // tail through a zero-padded buffer: same instruction, same rounding
+      alignas(16) uint16_t pad[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(pad, src + j, size_t(n - j) * sizeof(uint16_t));
+      _mm256_store_ps(tmp + j, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i *>(pad))));
+    }
+    for (int i = 0; i < n; ++i) out[i] = static_cast<T>(tmp[i]);
+  } else if (kind == InKind::F32) {
+    const float *src = static_cast<const float *>(base) + offset;
+    for (int i = 0; i < n; ++i) out[i] = static_cast<T>(src[i]);
+  } else {
+    const double *src = static_cast<const double *>(base) + offset;
+    for (int i = 0; i < n; ++i) out[i] = static_cast<T>(src[i]);
+  }
+}
+
+struct Problem {
+  const void *X;
+  InKind kind;
+  int64_t B, r, d, k, F;
+  const double *Y;
+  const int32_t *fold;
+  const double *shift;
+  double *n, *sx, *xtx, *sy, *yty, *xty;
+  int64_t block_rows;
+};
+
+struct Tile {
+  int64_t layer;  // position inside the layer group
+  int I, J;       // macro-tile indices, I <= J
+  int cost;       // panel pairs, for ordering big items first
+};
+
+template <class T> void run(const Problem &P) {
+  constexpr int W = panel_width<T>();
+  const int64_t B = P.B, d = P.d, k = P.k, F = P.F, r = P.r;
+  const int64_t n_pan = (d + W - 1) / W;
+  const int64_t n_mac = (n_pan + NPB - 1) / NPB;
+  const int ldc = NPB * W;
+
+  // Rows of each fold, in order; -1 rows are skipped.
+  std::vector<std::vector<int64_t>> rows(F);
+  for (int64_t t = 0; t < r; ++t) {
+    const int32_t f = P.fold ? P.fold[t] : 0;
+    if (f >= 0) rows[f].push_back(t);
+  }
+
+  // Target moments (double; tiny).
+  for (int64_t f = 0; f < F; ++f) {
+    for (int64_t t : rows[f]) {
+      const double *y = P.Y + t * k;
+      P.n[f] += 1.0;
+      for (int64_t a = 0; a < k; ++a) {
+        P.sy[f * k + a] += y[a];
+        for (int64_t c = 0; c < k; ++c) P.yty[(f * k + a) * k + c] += y[a] * y[c];
+      }
+    }
+  }
+
+  int64_t max_rows = 0;
+  for (auto &v : rows) max_rows = std::max<int64_t>(max_rows, int64_t(v.size()));
+  if (max_rows == 0) return;
+  const int64_t R_cap = std::min<int64_t>(std::max<int64_t>(P.block_rows, 1), max_rows);
+  const size_t layer_bytes = size_t(R_cap) * size_t(n_pan) * W * sizeof(T);
+  const int64_t LG = std::max<int64_t>(1, std::min<int64_t>(B, int64_t(kPackBudget / std::max<size_t>(layer_bytes, 1))));
+  const size_t panel_stride = size_t(R_cap) * W;  // elements
+  const size_t layer_stride = panel_stride * size_t(n_pan);
+  auto packed = aligned_array<T>(layer_stride * size_t(LG));
+
+  // Shift in the accumulation type (float mode subtracts the float-rounded shift).
+  std::vector<T> shiftT(size_t(B * d));
+  for (int64_t i = 0; i < B * d; ++i) shiftT[i] = static_cast<T>(P.shift[i]);
+
+  // Macro tiles, largest first so the dynamic schedule ends balanced.
+  std::vector<Tile> tiles_one_layer;
+  for (int J = 0; J < n_mac; ++J)
+    for (int I = 0; I <= J; ++I) {
+      const int pi = int(std::min<int64_t>(NPB, n_pan - int64_t(I) * NPB));
+      const int pj = int(std::min<int64_t>(NPB, n_pan - int64_t(J) * NPB));
+      tiles_one_layer.push_back({0, I, J, I == J ? pi * (pi + 1) / 2 : pi * pj});
+    }
+  std::stable_sort(tiles_one_layer.begin(), tiles_one_layer.end(),
+                   [](const Tile &a, const Tile &b) { return a.cost > b.cost; });
+
+  for (int64_t f = 0; f < F; ++f) {
+    const std::vector<int64_t> &idx = rows[f];
+    for (int64_t r0 = 0; r0 < int64_t(idx.size()); r0 += R_cap) {
+      const int64_t R = std::min<int64_t>(R_cap, int64_t(idx.size()) - r0);
+      const int64_t *ridx = idx.data() + r0;
+      for (int64_t b0 = 0; b0 < B; b0 += LG) {
+        const int64_t nb = std::min<int64_t>(LG, B - b0);
+        std::vector<Tile> tiles;
+        tiles.reserve(tiles_one_layer.size() * size_t(nb));
+        for (const Tile &tl : tiles_one_layer)  // cost-major order across layers
+          for (int64_t l = 0; l < nb; ++l) tiles.push_back({l, tl.I, tl.J, tl.cost});
+        const int64_t n_pack = nb * n_pan;
+        const int64_t n_tiles = int64_t(tiles.size());
+
+#ifdef ACTSTORE_OPENMP
+#pragma omp parallel
+#endif
+        {
+          // ---- 1. pack panels; Σx and ΣxyT of the panel's columns in double.
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+          for (int64_t item = 0; item < n_pack; ++item) {
+            const int64_t l = item / n_pan, p = item % n_pan, b = b0 + l;
+            const int64_t j0 = p * W;
+            const int w = int(std::min<int64_t>(W, d - j0));
+            T *dst = packed.get() + size_t(l) * layer_stride + size_t(p) * panel_stride;
+            const T *sh = shiftT.data() + b * d + j0;
+            double sxl[W] = {};
+            std::vector<double> xyl(size_t(k) * W, 0.0);  // (k, W): vectorises over columns
+            alignas(32) T x[W];
+            for (int64_t t = 0; t < R; ++t) {
+              const int64_t row = ridx[t];
+              load_row<T, W>(P.X, P.kind, (b * r + row) * d + j0, w, x);
+              for (int j = 0; j < w; ++j) x[j] -= sh[j];
+              for (int j = w; j < W; ++j) x[j] = T(0);
+              std::memcpy(dst + size_t(t) * W, x, sizeof(x));
+              for (int j = 0; j < W; ++j) sxl[j] += double(x[j]);
+              const double *y = P.Y + row * k;
+              for (int64_t a = 0; a < k; ++a) {
+                double *xa = xyl.data() + a * W;
+                const double ya = y[a];
+                for (int j = 0; j < W; ++j) xa[j] += double(x[j]) * ya;
+              }
+            }
+            double *sxo = P.sx + (b * F + f) * d + j0;
+            double *xyo = P.xty + ((b * F + f) * d + j0) * k;
+            for (int j = 0; j < w; ++j) {
+              sxo[j] += sxl[j];
+              for (int64_t a = 0; a < k; ++a) xyo[j * k + a] += xyl[size_t(a) * W + j];
+            }
+          }  // implicit barrier: all panels packed
+
+          // ---- 2./3. SYRK over macro tiles, flush into the float64 totals (both halves).
+          auto cbuf = aligned_array<T>(size_t(ldc) * ldc);
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+          for (int64_t it = 0; it < n_tiles; ++it) {
+            const Tile tl = tiles[it];
+            const int64_t b = b0 + tl.layer;
+            const T *lp = packed.get() + size_t(tl.layer) * layer_stride;
+            const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
+            const int64_t pi1 = std::min<int64_t>(pi0 + NPB, n_pan), pj1 = std::min<int64_t>(pj0 + NPB, n_pan);
+            T *C = cbuf.get();
+            std::fill(C, C + size_t(ldc) * ldc, T(0));
+            for (int64_t t0 = 0; t0 < R; t0 += KC) {
+              const int kc = int(std::min<int64_t>(KC, R - t0));
+              for (int64_t pj = pj0; pj < pj1; ++pj) {
+                const T *bp = lp + size_t(pj) * panel_stride + size_t(t0) * W;
+                const int64_t pi_end = std::min(pi1, pj + 1);
+                for (int64_t pi = pi0; pi < pi_end; ++pi) {
+                  const T *ap = lp + size_t(pi) * panel_stride + size_t(t0) * W;
+                  T *cblk = C + size_t(pi - pi0) * W * ldc + size_t(pj - pj0) * W;
+                  for (int s = 0; s < W / MR; ++s)
+                    micro_kernel<T>(ap + s * MR, bp, kc, cblk + size_t(s) * MR * ldc, ldc);
+                }
+              }
+            }
+            double *G = P.xtx + (b * F + f) * d * d;
+            for (int64_t pj = pj0; pj < pj1; ++pj) {
+              const int64_t pi_end = std::min(pi1, pj + 1);
+              const int64_t cj0 = pj * W, wj = std::min<int64_t>(W, d - cj0);
+              for (int64_t pi = pi0; pi < pi_end; ++pi) {
+                const int64_t ci0 = pi * W, wi = std::min<int64_t>(W, d - ci0);
+                const T *cblk = C + size_t(pi - pi0) * W * ldc + size_t(pj - pj0) * W;
+                for (int64_t i = 0; i < wi; ++i) {
+                  double *g = G + (ci0 + i) * d + cj0;
+                  const T *c = cblk + size_t(i) * ldc;
+                  for (int64_t j = 0; j < wj; ++j) g[j] += double(c[j]);
+                }
+                if (pi != pj)  // mirror into the lower half
+                  for (int64_t j = 0; j < wj; ++j) {
+                    double *g = G + (cj0 + j) * d + ci0;
+                    for (int64_t i = 0; i < wi; ++i) g[i] += double(cblk[size_t(i) * ldc + j]);
+                  }
+              }
+            }
+          }
+        }  // omp parallel
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ binding
+double *f64_out(const py::array &a, const char *name, std::initializer_list<int64_t> shape) {
+  if (!py::isinstance<py::array_t<double>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 8)
+    throw std::invalid_argument(std::string(name) + " must be a float64 array");
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+  if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
+  if (a.ndim() != ssize_t(shape.size())) throw std::invalid_argument(std::string(name) + " has the wrong number of dimensions");
+  int i = 0;
+  for (int64_t s : shape)
+    if (a.shape(i++) != s) throw std::invalid_argument(std::string(name) + " has the wrong shape");
+  return static_cast<double *>(const_cast<void *>(a.data()));
+}
+
+void gram_update_cpu(py::array X, py::array Y, py::object fold, py::array shift, py::array n,
+                     py::array sx, py::array xtx, py::array sy, py::array yty, py::array xty,
+                     bool float64, int64_t block_rows) {
+  if (X.ndim() != 3) throw std::invalid_argument("X must be (B, r, d)");
+  if (!(X.flags() & py::array::c_style)) throw std::invalid_argument("X must be C-contiguous");
+  Problem P{};
+  const char kind = X.dtype().kind();
+  if (kind == 'f' && X.itemsize() == 2) P.kind = InKind::F16;
+  else if (kind == 'f' && X.itemsize() == 4) P.kind = InKind::F32;
+  else if (kind == 'f' && X.itemsize() == 8) P.kind = InKind::F64;
+  else throw std::invalid_argument("X must be float16, float32 or float64");
+  P.X = X.data();
+  P.B = X.shape(0);
+  P.r = X.shape(1);
+  P.d = X.shape(2);
+  if (Y.ndim() != 2 || Y.shape(0) != P.r) throw std::invalid_argument("Y must be (r, k)");
+  P.k = Y.shape(1);
+  if (n.ndim() != 1) throw std::invalid_argument("n must be (F,)");
+  P.F = n.shape(0);
+  if (P.B < 1 || P.d < 1 || P.k < 1 || P.F < 1) throw std::invalid_argument("B, d, k and F must be >= 1");
+  if (!py::isinstance<py::array_t<double>>(Y) || Y.itemsize() != 8 || !(Y.flags() & py::array::c_style))
+    throw std::invalid_argument("Y must be a C-contiguous float64 array");
+  P.Y = static_cast<const double *>(Y.data());
+  py::array fold_arr;
+  if (!fold.is_none()) {
+    fold_arr = fold.cast<py::array>();
+    if (fold_arr.dtype().kind() != 'i' || fold_arr.itemsize() != 4 || fold_arr.ndim() != 1 ||
+        fold_arr.shape(0) != P.r || !(fold_arr.flags() & py::array::c_style))
+      throw std::invalid_argument("fold must be a C-contiguous int32 array of shape (r,)");
+    P.fold = static_cast<const int32_t *>(fold_arr.data());
+    for (int64_t t = 0; t < P.r; ++t)
+      if (P.fold[t] < -1 || P.fold[t] >= P.F)
+        throw std::invalid_argument("fold id " + std::to_string(P.fold[t]) + " at row " +
+                                    std::to_string(t) + " outside [-1, F)");
+  } else if (P.F != 1) {
+    throw std::invalid_argument("fold ids are required when F > 1");
+  }
+  if (!py::isinstance<py::array_t<double>>(shift) || shift.itemsize() != 8 || shift.ndim() != 2 ||
+      shift.shape(0) != P.B || shift.shape(1) != P.d || !(shift.flags() & py::array::c_style))
+    throw std::invalid_argument("shift must be a C-contiguous float64 array of shape (B, d)");
+  P.shift = static_cast<const double *>(shift.data());
+  const int64_t B = P.B, F = P.F, d = P.d, k = P.k;
+  P.n = f64_out(n, "n", {F});
+  P.sx = f64_out(sx, "sx", {B, F, d});
+  P.xtx = f64_out(xtx, "xtx", {B, F, d, d});
+  P.sy = f64_out(sy, "sy", {F, k});
+  P.yty = f64_out(yty, "yty", {F, k, k});
+  P.xty = f64_out(xty, "xty", {B, F, d, k});
+  P.block_rows = block_rows;
+  if (P.r == 0) return;
+  py::gil_scoped_release nogil;
+  if (float64) run<double>(P);
+  else run<float>(P);
+}
+
+}  // namespace
+
+void register_gram_cpu(py::module_ &m) {
+  m.def("gram_update", &gram_update_cpu, py::arg("X"), py::arg("Y"), py::arg("fold"), py::arg("shift"),
+        py::arg("n"), py::arg("sx"), py::arg("xtx"), py::arg("sy"), py::arg("yty"), py::arg("xty"),
+        py::arg("float64") = false, py::arg("block_rows") = 2048,
+        "Add one chunk into float64 statistics, in place.\n"
+        "X (B, r, d) float16/32/64 C-contiguous; Y (r, k) float64; fold (r,) int32 in [-1, F) or None;\n"
+        "shift (B, d) float64; outputs n (F,), sx (B, F, d), xtx (B, F, d, d), sy (F, k), yty (F, k, k),\n"
+        "xty (B, F, d, k), all float64 C-contiguous. float64=False sums blocks of <= block_rows rows\n"
+        "in float32 (x - float32(shift)) before adding into the float64 totals; True uses double.");
+}

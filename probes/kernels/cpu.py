@@ -1,0 +1,93 @@
+"""CPU backend ("cpu"): the fused C++/OpenMP statistics kernel in ``actstore._native``.
+
+float32 mode (default): fp16 -> float32 (F16C), x - float32(shift), blocks of at most
+``block_rows`` rows of one fold summed in float32 by a register-tiled FMA SYRK, then added into
+the float64 totals. float64 mode: the same in double throughout. Σx, ΣxyT, Σy, ΣyyT are always
+accumulated in double. The GIL is released while the kernel runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from probes.stats import GramStats, validate_chunk
+
+_PRECISIONS = ("float32", "float64")
+
+
+def _native():
+    from actstore import native
+
+    return native.cpu
+
+
+def is_available() -> bool:
+    try:
+        return hasattr(_native(), "gram_update")
+    except ImportError:
+        return False
+
+
+def unavailable_reason() -> str:
+    return "actstore._native has no gram_update (rebuild with `make native`)"
+
+
+def _to_numpy_x(X) -> np.ndarray:
+    if isinstance(X, torch.Tensor):
+        X = X.detach()
+        if X.dtype not in (torch.float16, torch.float32, torch.float64):
+            X = X.to(torch.float32)  # bfloat16 and integers: exact or nearest float32
+        X = X.cpu().contiguous().numpy()
+    X = np.asarray(X)
+    if X.dtype not in (np.float16, np.float32, np.float64):
+        X = X.astype(np.float32)
+    return np.ascontiguousarray(X)
+
+
+def _to_numpy(a, dtype) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _direct_target(stats: GramStats, precision: str) -> bool:
+    """Whether the kernel can write into stats' own memory (CPU, float64, contiguous, and in
+    float32 mode a shift that float32 represents exactly)."""
+    for name in ("shift", "n", "sx", "xtx", "sy", "yty", "xty"):
+        t = getattr(stats, name)
+        if t.device.type != "cpu" or t.dtype != torch.float64 or not t.is_contiguous():
+            return False
+    if precision == "float32":
+        s = stats.shift
+        if not torch.equal(s, s.to(torch.float32).to(torch.float64)):
+            return False
+    return True
+
+
+def gram_update(stats: GramStats, X, Y, fold=None, precision: str = "float32",
+                block_rows: int = 2048) -> GramStats:
+    """Add X (B, r, d), Y (r, k), fold (r,) into ``stats`` with the C++ kernel (see module doc)."""
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if int(block_rows) < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    r, k = validate_chunk(stats, X, Y, fold)
+    Xn = _to_numpy_x(X)
+    Yn = _to_numpy(Y, np.float64).reshape(r, k)
+    fn = None if fold is None else _to_numpy(fold, np.int32).reshape(r)
+    if _direct_target(stats, precision):
+        target = stats
+    else:
+        # Accumulate about the float32-rounded shift on CPU, then merge; += re-expresses the
+        # piece about stats.shift exactly and moves it to stats' device.
+        shift = stats.shift.detach().to("cpu", torch.float64)
+        if precision == "float32":
+            shift = shift.to(torch.float32).to(torch.float64)
+        target = GramStats.zeros(stats.B, stats.d, stats.k, stats.n_folds, shift=shift)
+    _native().gram_update(
+        Xn, Yn, fn, target.shift.numpy(), target.n.numpy(), target.sx.numpy(), target.xtx.numpy(),
+        target.sy.numpy(), target.yty.numpy(), target.xty.numpy(),
+        float64=(precision == "float64"), block_rows=int(block_rows))
+    if target is not stats:
+        stats += target
+    return stats
