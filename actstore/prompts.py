@@ -1,0 +1,138 @@
+"""The paper's prompt templates (Gurnee & Tegmark 2023, github.com/wesg52/world-models).
+
+A prompt turns an entity string into token ids:
+
+    BOS (when the tokenizer has one) + [10 random token ids, "random" only]
+        + tokens of (template + transformed entity), tokenised with add_special_tokens=False
+
+Template and entity are tokenised together, as in the paper, so the last id is always the
+entity's last token (the position whose hidden state is probed). Template strings are the
+paper's, verbatim. Transforms: ``upper`` (the ALL CAPS variants) and ``strip_period`` (the
+headline prompts "without period": the paper's headlines end in "." and these drop it).
+
+"random": 10 token ids drawn uniformly from [100, vocab_size) minus special tokens (the paper
+draws from [100, largest id in the batch) with torch's global RNG); here they are seeded by
+(seed, entity), so a row's prompt is the same in every run, batch and process.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+from actstore.datasets import KINDS
+
+ALL = ()  # kinds=() means the prompt applies to every kind
+TRANSFORMS = ("none", "upper", "strip_period")
+
+
+class PromptError(ValueError):
+    """Unknown prompt, or a prompt that does not apply to a dataset kind."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    template: str
+    kinds: tuple[str, ...] = ALL
+    transform: str = "none"
+    n_random: int = 0
+    seed: int = 0
+    description: str = ""
+
+    def applies_to(self, kind: str | None) -> bool:
+        return kind is None or not self.kinds or kind in self.kinds
+
+    def entity_text(self, entity: str) -> str:
+        if self.transform == "upper":
+            return entity.upper()
+        if self.transform == "strip_period":
+            return entity[:-1] if entity.endswith(".") else entity
+        return entity
+
+    def text(self, entity: str) -> str:
+        """The prompted text without BOS and random tokens: template + transformed entity."""
+        return self.template + self.entity_text(entity)
+
+    def encode(self, tokenizer, entity: str) -> list[int]:
+        """BOS (if any) + random ids ("random") + ids of template + entity; last = entity's last."""
+        return self.encode_many(tokenizer, [entity])[0]
+
+    def encode_many(self, tokenizer, entities) -> list[list[int]]:
+        """encode() for many entities with one batched tokenizer call."""
+        entities = list(entities)
+        for e in entities:
+            if not isinstance(e, str) or not e.strip():
+                raise PromptError(f"prompt {self.name!r}: cannot encode an empty entity {e!r}")
+        texts = [self.text(e) for e in entities]
+        body = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        head = [int(bos)] if bos is not None else []
+        out = []
+        for entity, ids in zip(entities, body):
+            rand = self.random_ids(tokenizer, entity) if self.n_random else []
+            out.append(head + rand + [int(i) for i in ids])
+        return out
+
+    def random_ids(self, tokenizer, entity: str) -> list[int]:
+        """The ``n_random`` ids of the "random" prompt for this entity (seeded by seed, entity)."""
+        import numpy as np
+
+        vocab = int(getattr(tokenizer, "vocab_size", 0) or len(tokenizer))
+        special = set(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []))
+        low = 100 if vocab > 200 else 0  # the paper skips the first 100 ids (bytes, specials)
+        allowed = np.setdiff1d(np.arange(low, vocab), np.fromiter(special, dtype=np.int64))
+        if len(allowed) == 0:
+            raise PromptError(f"prompt {self.name!r}: tokenizer has no non-special ids to draw")
+        key = int.from_bytes(hashlib.blake2b(entity.encode("utf-8"), digest_size=8).digest(),
+                             "little")
+        rng = np.random.default_rng([self.seed, key])
+        return [int(i) for i in rng.choice(allowed, size=self.n_random, replace=True)]
+
+    def describe(self) -> dict:
+        """JSON-able record for store metadata (the exact template and rules)."""
+        d = asdict(self)
+        d["kinds"] = list(self.kinds)
+        d["format"] = ("BOS (if the tokenizer has one)"
+                       + (f" + {self.n_random} random token ids" if self.n_random else "")
+                       + " + tokens(template + entity), add_special_tokens=False")
+        d["position"] = "last token of the entity"
+        return d
+
+
+_PLACE = ("world_place", "us_place")
+PROMPTS: dict[str, Prompt] = {p.name: p for p in (
+    Prompt("empty", "", ALL, description="the entity alone"),
+    Prompt("all_caps", "", ALL, transform="upper", description="the entity in capitals"),
+    Prompt("random", "", ALL, n_random=10, description="10 random tokens before the entity"),
+    Prompt("coords", "What are the lat/lon coordinates of ", _PLACE),
+    Prompt("where_us", "Where in the United States is ", ("us_place",)),
+    Prompt("where_is", "Where is ", ("nyc_place", "world_place")),
+    Prompt("where_nyc", "Where in New York City is ", ("nyc_place",)),
+    Prompt("when", "When did ", ("historical_figure",)),
+    Prompt("when_all_caps", "When did ", ("historical_figure",), transform="upper"),
+    Prompt("release", "When was the release date of ", ("art",)),
+    Prompt("empty_wo_period", "", ("headline",), transform="strip_period",
+           description="the headline without its final period"),
+    Prompt("when_w_period", "Publication date of: ", ("headline",)),
+    Prompt("when_wo_period", "Publication date of: ", ("headline",), transform="strip_period"),
+)}
+
+
+def list_prompts(kind: str | None = None) -> list[Prompt]:
+    """Every prompt, or those that apply to ``kind``."""
+    if kind is not None and kind not in KINDS:
+        raise PromptError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return [p for p in PROMPTS.values() if p.applies_to(kind)]
+
+
+def get_prompt(name: str, kind: str | None = None) -> Prompt:
+    """The prompt called ``name``; with ``kind``, it must apply to that dataset kind."""
+    valid = [p.name for p in list_prompts(kind)]
+    p = PROMPTS.get(name)
+    if p is None:
+        for_kind = f" for {kind}" if kind else ""
+        raise PromptError(f"unknown prompt {name!r}; valid prompts{for_kind}: {', '.join(valid)}")
+    if not p.applies_to(kind):
+        raise PromptError(f"prompt {name!r} is for {', '.join(p.kinds)}, not {kind}; valid "
+                          f"prompts for {kind}: {', '.join(valid)}")
+    return p
