@@ -1,1 +1,13 @@
 """fastprobe: batched ridge probes and neuron correlations over every layer of an activation store."""
+
+__all__ = ["RidgeProbeCV", "fit_all_layers"]
+
+# Lazy exports: `fastprobe --help` must not pay for sklearn/torch imports.
+_LAZY = {"RidgeProbeCV": "probes.ridge", "fit_all_layers": "probes.fit"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'probes' has no attribute {name!r}")

@@ -1,0 +1,448 @@
+"""fit_all_layers: exact ridge-CV probes for every layer of an activation store.
+
+Per batch of layers (all layers at once when their statistics fit ``memory_bytes``):
+
+1. statistics pass: every chunk of rows goes through ``probes.kernels.gram_update`` (C++/OpenMP,
+   CUDA, Triton or the torch reference), which accumulates Σx, XᵀX, Xᵀy per fold;
+2. one batched float64 eigendecomposition of the centred train XᵀX of every layer;
+3. projection pass: Z = (X - x̄)V per chunk gives every alpha's LOO residuals and every row's
+   predictions (k-fold needs no residual pass: fold scores come from the per-fold statistics, the
+   pass only predicts with the chosen alpha).
+
+When a layer has fewer train rows than dimensions (n < d), the dual n×n form is used instead: the
+layer's rows are read into memory (n·d ≤ d·d numbers) and K = (X-x̄)(X-x̄)ᵀ is eigendecomposed.
+Peak memory: one layer batch's statistics (+ eigenvectors) plus one chunk plus (n, alphas, k)
+predictions per layer.
+
+Targets are z-scored with the train mean and population std (the paper), the probe is fitted in
+z units, and predictions/coefficients are mapped back before scoring.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from probes.ridge import (DEFAULT_ALPHAS, RidgeError, LooAccumulator, dual_coef, dual_kfold_scores,
+                          dual_loo, kfold_assignment, kfold_scores_primal, parse_alphas,
+                          primal_factor, select_alpha)
+
+__all__ = ["fit_all_layers", "FitError", "parse_split", "resolve_targets", "write_results",
+           "load_results"]
+
+RESULTS_FILE = "results.json"
+ARRAYS_FILE = "probes.npz"
+PREDICTIONS_FILE = "predictions_best_layer.csv"
+
+
+class FitError(ValueError):
+    """A probing request that cannot run on this store (message says what is wrong)."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def resolve_targets(store, targets=None) -> list[str]:
+    """Target names: ``targets`` (list or "a,b" string) or the store's own; validated by name."""
+    have = list(store.targets or ())
+    if targets is None or (isinstance(targets, str) and not targets.strip()):
+        if not have:
+            raise FitError(f"{store.path}: the store records no target columns; pass targets=... "
+                           "naming numeric columns of its entity table")
+        return have
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    names = [n for n in names if n]
+    if not names:
+        raise FitError("no target names given")
+    if len(set(names)) != len(names):
+        raise FitError(f"duplicate target names in {names}")
+    cols = list(store.entities.columns)
+    for n in names:
+        if n not in cols:
+            raise FitError(f"unknown target {n!r}: the store's targets are {have}"
+                           f" (entity columns: {cols})")
+    return names
+
+
+def parse_split(spec: str, store, n: int) -> np.ndarray:
+    """Boolean test mask (n,) from a split spec.
+
+    ``is_test``: the store's own column. ``random:FRAC:SEED``: a seeded random FRAC of the rows.
+    ``group:COLUMN[:FRAC[:SEED]]``: whole groups of COLUMN held out: a seeded random FRAC (default
+    0.2) of its distinct values goes to test (block hold-out, e.g. by country).
+    """
+    spec = (spec or "is_test").strip()
+    if spec == "is_test":
+        mask = np.asarray(store.is_test[:n], dtype=bool)
+        return mask
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    try:
+        if kind == "random":
+            frac = float(parts[0]) if parts else 0.2
+            seed = int(parts[1]) if len(parts) > 1 else 0
+            if not 0 < frac < 1 or len(parts) > 2:
+                raise ValueError
+            rng = np.random.default_rng(seed)
+            n_test = int(round(frac * n))
+            mask = np.zeros(n, dtype=bool)
+            mask[rng.permutation(n)[:n_test]] = True
+            return mask
+        if kind == "group":
+            if not parts or not parts[0]:
+                raise ValueError
+            col = parts[0]
+            frac = float(parts[1]) if len(parts) > 1 else 0.2
+            seed = int(parts[2]) if len(parts) > 2 else 0
+            if not 0 < frac < 1 or len(parts) > 3:
+                raise ValueError
+        else:
+            raise ValueError
+    except ValueError:
+        raise FitError(f"bad split {spec!r}: use is_test, random:FRAC:SEED (e.g. random:0.2:0) "
+                       "or group:COLUMN[:FRAC[:SEED]] (e.g. group:country)") from None
+    ent = store.entities
+    if col not in ent.columns:
+        raise FitError(f"split {spec!r}: the entity table has no column {col!r} "
+                       f"(group columns: {list(store.group_columns)})")
+    values = ent[col].astype(str).to_numpy()[:n]
+    groups = np.unique(values)
+    if len(groups) < 2:
+        raise FitError(f"split {spec!r}: column {col!r} has only {len(groups)} distinct value(s)")
+    rng = np.random.default_rng(seed)
+    n_test = min(len(groups) - 1, max(1, int(round(frac * len(groups)))))
+    held = set(rng.permutation(groups)[:n_test].tolist())
+    return np.array([v in held for v in values], dtype=bool)
+
+
+def _to_float(block: np.ndarray, dtype: str):
+    """A stored block as a torch tensor (float16/float32 as stored; bfloat16 from its raw bits)."""
+    import torch
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(block).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(block))
+
+
+def _check_finite_layer(store, pos: int, n: int):
+    """Find the first non-finite activation of one layer (only called once one was detected)."""
+    x = np.asarray(store.layer(pos)[:n], dtype=np.float32)
+    bad = np.argwhere(~np.isfinite(x))
+    row, col = (int(bad[0][0]), int(bad[0][1])) if len(bad) else (-1, -1)
+    raise FitError(f"{store.path}: layer {store.layers[pos]} (position {pos}) has NaN or inf "
+                   f"activations, first at row {row}, dim {col}")
+
+
+# ----------------------------------------------------------------------------- main entry
+
+def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_per_target=False,
+                   split="is_test", backend="auto", out=None, layers=None,
+                   precision="float64", memory_bytes=2 << 30, chunk_rows=None,
+                   progress=False, seed=0) -> dict:
+    """Fit a ridge probe with CV-chosen alpha on every layer of ``store``; score and report it.
+
+    store: path or ActivationStore. targets: names (default: the store's). alphas: grid (see
+    :func:`probes.ridge.parse_alphas`). cv: "loo" (exact efficient leave-one-out, sklearn RidgeCV)
+    or int K (K seeded shuffled folds of the train rows, R² scoring). alpha_per_target: one alpha
+    per target instead of one per layer. split: see :func:`parse_split`. backend: statistics
+    backend (auto|cpu|torch|cuda|triton). precision: "float64" (exact; statistics and projections
+    in float64) or "float32" (float32 statistics blocks and projections, ~1e-6 relative).
+    layers: layer positions to fit (default all). out: directory for results.json, probes.npz,
+    the best layer's predictions and PNG plots.
+
+    Returns the results dict (also written to out/results.json); ``result["arrays"]`` holds numpy
+    arrays (coef (L, d, k), intercept (L, k), alpha (L, k), predictions (L, n, k)) that are saved to
+    probes.npz instead of the JSON.
+    """
+    import torch
+    from actstore.store import ActivationStore, open_store
+    from probes import metrics
+    from probes.kernels import resolve_backend
+
+    t0 = time.perf_counter()
+    if not isinstance(store, ActivationStore):
+        store = open_store(store)
+    if precision not in ("float64", "float32"):
+        raise FitError(f"precision must be 'float64' or 'float32', got {precision!r}")
+    alphas = parse_alphas(alphas)
+    if cv in (None, "loo", "LOO"):
+        cv = "loo"
+    else:
+        try:
+            cv = int(cv)
+        except (TypeError, ValueError):
+            raise FitError(f"cv must be 'loo' or an integer K >= 2, got {cv!r}") from None
+        if cv < 2:
+            raise FitError(f"cv must be 'loo' or an integer K >= 2, got {cv}")
+
+    n = int(store.rows_done)
+    if n == 0:
+        raise FitError(f"{store.path}: the store has no completed rows")
+    names = resolve_targets(store, targets)
+    Y = store.target_array(names)[:n]
+    bad = ~np.isfinite(Y)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise FitError(f"target {names[c]!r} is missing or not finite at row {r} "
+                       f"({int(bad.any(1).sum())} rows affected)")
+    is_test = parse_split(split, store, n)
+    train = ~is_test
+    n_train, n_test = int(train.sum()), int(is_test.sum())
+    if n_train < 3:
+        raise FitError(f"split {split!r} leaves {n_train} training rows; need at least 3")
+    if n_test == 0:
+        raise FitError(f"split {split!r} gives an empty test split (no test rows among {n}); "
+                       "use --split random:0.2:0 or a group split")
+    mu = Y[train].mean(0)
+    sd = Y[train].std(0)
+    const = [names[i] for i in np.nonzero(sd == 0)[0]]
+    if const:
+        raise FitError(f"target(s) {const} are constant on the training rows")
+    Yz = (Y - mu) / sd
+
+    positions = list(range(store.n_layers)) if layers is None else [int(p) % store.n_layers
+                                                                     for p in layers]
+    d, k, A = store.d_model, len(names), len(alphas)
+    if cv == "loo":
+        fold_all = np.where(train, 0, -1).astype(np.int32)
+        F = 1
+    else:
+        F = cv
+        fold_all = np.full(n, -1, dtype=np.int32)
+        fold_all[train] = kfold_assignment(n_train, cv, shuffle=True, seed=seed)
+    form = "dual" if n_train < d else "primal"
+    device = torch.device("cpu")
+    be = resolve_backend(backend, "cuda" if backend in ("cuda", "triton") else None)
+    if be in ("cuda", "triton"):
+        device = torch.device("cuda")
+
+    L = len(positions)
+    coef = np.zeros((L, d, k))
+    intercept = np.zeros((L, k))
+    alpha_idx = np.zeros((L, k), dtype=np.int64)
+    cv_scores = np.zeros((L, A, k))
+    best_scores = []
+    preds = np.zeros((L, n, k))
+    timings = {"stats": 0.0, "solve": 0.0, "projection": 0.0, "metrics": 0.0}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        passes = 1 if form == "dual" else 2
+        bar = tqdm(total=L * passes * n, unit="row", unit_scale=True, desc="fastprobe",
+                   dynamic_ncols=True, leave=False)
+
+    def tick(rows):
+        if bar is not None:
+            bar.update(rows)
+
+    if form == "primal":
+        per_layer = 8 * (F * d * d + 3 * d * d + n * A * k + F * d * k)
+        batch = max(1, int(memory_bytes // max(per_layer, 1)))
+        for b0 in range(0, L, batch):
+            bpos = positions[b0:b0 + batch]
+            sl = slice(b0, b0 + len(bpos))
+            res = _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_target,
+                                be, precision, device, chunk_rows, timings, tick)
+            coef[sl], intercept[sl], alpha_idx[sl], cv_scores[sl], preds[sl], bs = res
+            best_scores.extend(bs)
+    else:
+        for j, p in enumerate(positions):
+            ts = time.perf_counter()
+            X = _to_float(store.layer(p)[:n], store.dtype).to(torch.float64)
+            if not bool(torch.isfinite(X).all()):
+                _check_finite_layer(store, p, n)
+            tick(n)
+            timings["stats"] += time.perf_counter() - ts
+            ts = time.perf_counter()
+            X = X.to(device)
+            Xtr, Ytr = X[torch.as_tensor(train, device=device)], Yz[train]
+            if cv == "loo":
+                scores, _, state = dual_loo(Xtr, Ytr, alphas)
+            else:
+                scores = dual_kfold_scores(Xtr, Ytr, fold_all[train], alphas)
+                _, _, state = dual_loo(Xtr, Ytr, alphas[:1])
+            idx, best = select_alpha(scores[None], alpha_per_target)
+            w, b = dual_coef(state, alphas[idx[0]])
+            coef[j] = w.cpu().numpy()
+            intercept[j] = b.cpu().numpy()
+            preds[j] = (X @ w + b).cpu().numpy()
+            alpha_idx[j] = idx[0]
+            cv_scores[j] = scores.cpu().numpy()
+            best_scores.append(best[0])
+            timings["solve"] += time.perf_counter() - ts
+    if bar is not None:
+        bar.close()
+
+    # back to target units
+    coef *= sd[None, None, :]
+    intercept = intercept * sd[None, :] + mu[None, :]
+    preds = preds * sd[None, None, :] + mu[None, None, :]
+
+    ts = time.perf_counter()
+    per_layer = []
+    for j, p in enumerate(positions):
+        a = alphas[alpha_idx[j]]
+        entry = {
+            "layer": int(store.layers[p]),
+            "position": int(p),
+            "alpha": float(a[0]) if not alpha_per_target else {nm: float(v) for nm, v in zip(names, a)},
+            "cv_score": (float(np.ravel(best_scores[j])[0]) if not alpha_per_target
+                         else {nm: float(v) for nm, v in zip(names, np.ravel(best_scores[j]))}),
+            "alpha_at_grid_edge": bool(np.any((alpha_idx[j] == 0) | (alpha_idx[j] == A - 1))),
+            "train": metrics.evaluate(Y[train], preds[j][train], names),
+            "test": metrics.evaluate(Y[is_test], preds[j][is_test], names),
+        }
+        per_layer.append(entry)
+    timings["metrics"] = time.perf_counter() - ts
+    best = max(per_layer, key=lambda e: (e["test"]["r2"], -e["position"]))
+
+    result = {
+        "store": str(store.path),
+        "model": (store.meta or {}).get("model") if isinstance(store.meta, dict) else None,
+        "n_rows": n,
+        "d_model": d,
+        "targets": names,
+        "split": split,
+        "n_train": n_train,
+        "n_test": n_test,
+        "cv": cv,
+        "alpha_per_target": bool(alpha_per_target),
+        "alphas": alphas.tolist(),
+        "target_mean": mu.tolist(),
+        "target_std": sd.tolist(),
+        "backend": be,
+        "precision": precision,
+        "form": form,
+        "best_layer": best["layer"],
+        "best_position": best["position"],
+        "seconds": {"total": time.perf_counter() - t0, **timings},
+        "layers": per_layer,
+        "arrays": {"coef": coef, "intercept": intercept, "alpha": alphas[alpha_idx],
+                   "cv_scores": cv_scores, "predictions": preds, "is_test": is_test,
+                   "layers": np.array([store.layers[p] for p in positions])},
+    }
+    if out is not None:
+        write_results(result, out, store=store)
+    return result
+
+
+def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_target, be,
+                  precision, device, chunk_rows, timings, tick):
+    """Statistics pass + solve + projection pass for one batch of layer positions."""
+    import torch
+    from probes.kernels import gram_update
+    from probes.stats import GramStats, choose_shift
+
+    B, d, k, A = len(bpos), store.d_model, Yz.shape[1], len(alphas)
+    F = 1 if cv == "loo" else cv
+    ts = time.perf_counter()
+    stats = None
+    for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
+        r = block.shape[1]
+        X = _to_float(block, store.dtype)
+        if X.dtype == torch.bfloat16:
+            X = X.float()
+        if device.type == "cuda":
+            X = X.to(device)
+        fold = fold_all[start:start + r]
+        if stats is None:
+            try:
+                shift = choose_shift(X, fold)
+            except ValueError:
+                shift = None               # non-finite first chunk: found below, per layer
+            stats = GramStats.zeros(B, d, k, F, shift=shift, device=device)
+        gram_update(stats, X, Yz[start:start + r], fold, backend=be, precision=precision)
+        tick(r)
+    timings["stats"] += time.perf_counter() - ts
+
+    ts = time.perf_counter()
+    finite = torch.isfinite(stats.xtx.reshape(B, -1)).all(1) & torch.isfinite(stats.sx.reshape(B, -1)).all(1)
+    if not bool(finite.all()):
+        _check_finite_layer(store, bpos[int((~finite).nonzero()[0])], n)
+    tot = stats.totals()
+    fac = primal_factor(float(tot.n[0]), tot.sx[:, 0], tot.xtx[:, 0], tot.sy[0], tot.xty[:, 0],
+                        stats.shift)
+    if cv != "loo":
+        scores = kfold_scores_primal(stats.n, stats.sx, stats.xtx, stats.sy, stats.yty, stats.xty,
+                                     alphas)
+        idx, best = select_alpha(scores, alpha_per_target)
+        W = fac.coef(alphas[idx])
+        b = fac.intercept(W)
+    del stats, tot
+    timings["solve"] += time.perf_counter() - ts
+
+    ts = time.perf_counter()
+    preds = np.zeros((B, n, k))
+    if cv == "loo":
+        acc = LooAccumulator(fac, alphas, n, keep_predictions=True, precision=precision)
+        for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
+            r = block.shape[1]
+            acc.update(start, _to_float(block, store.dtype), Yz[start:start + r],
+                       train[start:start + r])
+            tick(r)
+        scores = acc.scores()
+        idx, best = select_alpha(scores, alpha_per_target)
+        sel = torch.as_tensor(idx, device=acc.pred.device)                        # (B, k)
+        P = acc.pred                                                                # (B, n, A, k)
+        preds = torch.gather(P, 2, sel[:, None, None, :].expand(B, n, 1, k))[:, :, 0, :].cpu().numpy()
+        del acc, P
+        W = fac.coef(alphas[idx])
+        b = fac.intercept(W)
+    else:
+        Wd = W.to(torch.float32 if precision == "float32" else torch.float64)
+        for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
+            r = block.shape[1]
+            X = _to_float(block, store.dtype).to(device=device, dtype=Wd.dtype)
+            preds[:, start:start + r] = (torch.matmul(X, Wd).to(torch.float64) + b[:, None, :]).cpu().numpy()
+            tick(r)
+    timings["projection"] += time.perf_counter() - ts
+    return (W.cpu().numpy(), b.cpu().numpy(), idx, scores.cpu().numpy(), preds,
+            [best[i] for i in range(B)])
+
+
+# ----------------------------------------------------------------------------- output
+
+def _jsonable(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "arrays"}
+
+
+def write_results(result: dict, out, store=None) -> Path:
+    """Write results.json, probes.npz, the best layer's predictions CSV and the PNG plots."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).write_text(json.dumps(_jsonable(result), indent=1, allow_nan=True))
+    arr = result.get("arrays")
+    if arr is not None:
+        np.savez_compressed(out / ARRAYS_FILE, coef=arr["coef"].astype(np.float32),
+                            intercept=arr["intercept"], alpha=arr["alpha"], layers=arr["layers"],
+                            cv_scores=arr["cv_scores"])
+        if store is not None:
+            import pandas as pd
+            j = [e["position"] for e in result["layers"]].index(result["best_position"])
+            ent = store.entities.iloc[:result["n_rows"]].reset_index(drop=True)
+            df = pd.DataFrame({"name": ent["name"] if "name" in ent.columns else ent.index})
+            for c in store.group_columns or ():
+                if c in ent.columns:
+                    df[c] = ent[c]
+            df["is_test"] = arr["is_test"]
+            for i, t in enumerate(result["targets"]):
+                df[t] = ent[t].to_numpy()
+                df[f"pred_{t}"] = arr["predictions"][j][:, i]
+            df.to_csv(out / PREDICTIONS_FILE, index=False)
+            from probes import report
+            report.make_plots(result, df, out, group_columns=list(store.group_columns or ()))
+    return out
+
+
+def load_results(path) -> dict:
+    """results.json from a fit output directory (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_FILE
+    if not p.exists():
+        raise FitError(f"{p}: no such results file (run `fastprobe fit ... --out DIR` first)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise FitError(f"{p}: not a valid results.json ({exc})") from None
