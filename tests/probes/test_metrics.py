@@ -1,0 +1,128 @@
+"""probes.metrics against brute-force and library references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import r2_score
+
+from probes import metrics
+from probes.metrics import MetricsError, evaluate, haversine_km, proximity_error
+
+
+def brute_haversine(a, b):
+    """Textbook atan2 form, one pair at a time."""
+    R = 6371.0
+    la1, lo1, la2, lo2 = map(np.radians, (a[0], a[1], b[0], b[1]))
+    h = np.sin((la2 - la1) / 2) ** 2 + np.cos(la1) * np.cos(la2) * np.sin((lo2 - lo1) / 2) ** 2
+    return 2 * R * np.arctan2(np.sqrt(h), np.sqrt(1 - h))
+
+
+def brute_proximity(true, pred, dist):
+    n = len(true)
+    out = np.zeros(n)
+    for i in range(n):
+        own = dist(true[i], pred[i])
+        out[i] = sum(dist(true[i], pred[j]) < own for j in range(n)) / n
+    return out
+
+
+def test_r2_pearson_spearman_match_references():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(50, 3))
+    p = t + rng.normal(size=(50, 3)) * [0.1, 1, 3]
+    p[::7, 2] = p[1, 2]                                         # ties for spearman
+    np.testing.assert_allclose(metrics.r2_per_target(t, p), r2_score(t, p, multioutput="raw_values"))
+    assert np.isclose(metrics.r2(t, p), r2_score(t, p))
+    for j in range(3):
+        assert np.isclose(metrics.pearson_per_target(t, p)[j], stats.pearsonr(t[:, j], p[:, j])[0])
+        assert np.isclose(metrics.spearman_per_target(t, p)[j], stats.spearmanr(t[:, j], p[:, j])[0])
+    assert np.isnan(metrics.pearson_per_target(t[:, 0], np.ones(50))[0])
+
+
+def test_haversine_known_distances():
+    # London - Paris ~ 343.6 km; antipodes = pi R; same point = 0
+    assert abs(haversine_km(51.5074, -0.1278, 48.8566, 2.3522) - 343.6) < 1.0
+    assert np.isclose(haversine_km(10, 20, -10, -160), np.pi * 6371.0)
+    assert haversine_km(33.3, 44.4, 33.3, 44.4) == 0
+    rng = np.random.default_rng(1)
+    a = np.c_[rng.uniform(-90, 90, 30), rng.uniform(-180, 180, 30)]
+    b = np.c_[rng.uniform(-90, 90, 30), rng.uniform(-180, 180, 30)]
+    got = haversine_km(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
+    np.testing.assert_allclose(got, [brute_haversine(x, y) for x, y in zip(a, b)], rtol=1e-9)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_proximity_error_equals_brute_force(chunk):
+    rng = np.random.default_rng(chunk)
+    n = 37
+    true = np.c_[rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)]
+    pred = true + rng.normal(size=(n, 2)) * 25
+    got = proximity_error(true, pred, "haversine", chunk=chunk)
+    np.testing.assert_allclose(got, brute_proximity(true, pred, brute_haversine), atol=1e-12)
+    got = proximity_error(true, pred, "euclidean", chunk=chunk)
+    np.testing.assert_allclose(got, brute_proximity(true, pred, lambda a, b: np.linalg.norm(a - b)))
+    t1, p1 = true[:, 0], pred[:, 0]
+    np.testing.assert_allclose(proximity_error(t1, p1, chunk=chunk),
+                               brute_proximity(t1, p1, lambda a, b: abs(a - b)))
+
+
+def test_proximity_error_hand_example():
+    # 1-D: true 0, 10, 20; predictions 1, 30, 12.
+    # i=0: own |0-1|=1; others |0-30|=30, |0-12|=12 -> 0 closer -> 0
+    # i=1: own |10-30|=20; |10-1|=9 and |10-12|=2 are closer -> 2/3
+    # i=2: own |20-12|=8; |20-1|=19, |20-30|=10 -> 0
+    got = proximity_error([0, 10, 20], [1, 30, 12])
+    np.testing.assert_allclose(got, [0, 2 / 3, 0])
+    # perfect predictions score 0 everywhere; a strict inequality means ties do not count
+    assert proximity_error([1, 2, 3], [1, 2, 3]).tolist() == [0, 0, 0]
+    assert proximity_error([0, 0], [5, 5]).tolist() == [0, 0]
+
+
+def test_proximity_error_memory_is_chunked(monkeypatch):
+    """No call of the distance function may see an n x n block when chunk < n."""
+    seen = []
+    orig = metrics._distance_fn
+
+    def spy(metric):
+        f = orig(metric)
+
+        def g(a, b):
+            out = f(a, b)
+            seen.append(np.size(out))
+            return out
+        return g
+    monkeypatch.setattr(metrics, "_distance_fn", spy)
+    n = 500
+    rng = np.random.default_rng(0)
+    proximity_error(rng.normal(size=(n, 2)), rng.normal(size=(n, 2)), chunk=64)
+    assert max(seen) <= 64 * n
+
+
+def test_evaluate_addresses_lat_lon_by_name():
+    rng = np.random.default_rng(3)
+    n = 40
+    lat, lon = rng.uniform(-50, 60, n), rng.uniform(-170, 170, n)
+    plat, plon = lat + rng.normal(size=n) * 5, lon + rng.normal(size=n) * 5
+    a = evaluate(np.c_[lat, lon], np.c_[plat, plon], ["latitude", "longitude"])
+    b = evaluate(np.c_[lon, lat], np.c_[plon, plat], ["longitude", "latitude"])
+    assert a["km_error_median"] == pytest.approx(b["km_error_median"])
+    assert a["proximity_error"] == pytest.approx(b["proximity_error"])
+    km = [brute_haversine((x, y), (u, v)) for x, y, u, v in zip(lat, lon, plat, plon)]
+    assert a["km_error_median"] == pytest.approx(np.median(km))
+    assert a["r2_per_target"]["latitude"] == pytest.approx(r2_score(lat, plat))
+    assert a["r2"] == pytest.approx((r2_score(lat, plat) + r2_score(lon, plon)) / 2)
+    t = evaluate(lat, plat, ["year"])
+    assert "km_error_median" not in t
+    assert t["proximity_error"] == pytest.approx(brute_proximity(lat, plat, lambda x, y: abs(x - y)).mean())
+
+
+def test_metric_input_errors():
+    with pytest.raises(MetricsError, match="shape"):
+        metrics.r2(np.zeros((5, 2)), np.zeros((5, 3)))
+    with pytest.raises(MetricsError, match="haversine"):
+        proximity_error(np.zeros((5, 3)), np.zeros((5, 3)), "haversine")
+    with pytest.raises(MetricsError, match="unknown distance"):
+        proximity_error(np.zeros(5), np.zeros(5), "manhattan")
+    with pytest.raises(MetricsError, match="names"):
+        evaluate(np.zeros((5, 2)), np.zeros((5, 2)), ["latitude"])

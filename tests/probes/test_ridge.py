@@ -1,0 +1,222 @@
+"""probes.ridge: the exact ridge-CV solver and RidgeProbeCV against scikit-learn and brute force."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import Ridge, RidgeCV
+from sklearn.model_selection import KFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from probes import RidgeProbeCV
+from probes.ridge import (LooAccumulator, RidgeError, dual_kfold_scores, dual_loo,
+                          kfold_assignment, kfold_scores_primal, parse_alphas, primal_factor)
+
+ALPHAS = np.logspace(-2, 4, 13)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def make_data(n, d, k=2, seed=0, scales=(1.0, 40.0)):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.5, 2, d) + rng.normal(size=d) * 3
+    W = rng.normal(size=(d, k)) / np.sqrt(d)
+    noise = rng.normal(size=(n, k)) * rng.uniform(0.3, 1.5, k)
+    Y = (X @ W + noise) * np.asarray(scales[:k]) + 7.0
+    return X, Y
+
+
+@pytest.mark.parametrize("n,d", [(120, 17), (61, 60), (30, 75), (23, 200)])
+@pytest.mark.parametrize("apt", [False, True])
+def test_loo_equals_sklearn_ridgecv(n, d, apt):
+    X, Y = make_data(n, d, seed=n + d)
+    Xt, _ = make_data(40, d, seed=n + d + 1)
+    ref = RidgeCV(alphas=ALPHAS, alpha_per_target=apt).fit(X, Y)
+    me = RidgeProbeCV(ALPHAS, alpha_per_target=apt, standardize_targets=False).fit(X, Y)
+    np.testing.assert_array_equal(np.atleast_1d(me.alpha_), np.atleast_1d(ref.alpha_))
+    assert rel(me.coef_, ref.coef_) <= 1e-5
+    assert rel(me.intercept_, ref.intercept_) <= 1e-5
+    assert rel(me.predict(Xt), ref.predict(Xt)) <= 1e-5
+    assert rel(me.best_score_, ref.best_score_) <= 1e-5
+
+
+def test_loo_alpha_varies_and_matches_over_many_seeds():
+    """Different noise levels make different alphas win; the choice must track sklearn's."""
+    chosen = set()
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        n, d = 50, 12
+        X = rng.normal(size=(n, d))
+        y = X @ rng.normal(size=d) * rng.uniform(0.05, 3) + rng.normal(size=n)
+        ref = RidgeCV(alphas=ALPHAS).fit(X, y)
+        me = RidgeProbeCV(ALPHAS).fit(X, y)     # 1 target: standardising cannot change alpha
+        assert me.alpha_ == ref.alpha_
+        assert np.ndim(me.coef_) == 1 and isinstance(me.intercept_, float)
+        assert rel(me.coef_, ref.coef_) <= 1e-5
+        chosen.add(me.alpha_)
+    assert len(chosen) >= 3
+
+
+def test_standardized_targets_equal_ridgecv_on_zscored_y():
+    X, Y = make_data(90, 14, seed=3, scales=(1.0, 1000.0))
+    mu, sd = Y.mean(0), Y.std(0)
+    ref = RidgeCV(alphas=ALPHAS).fit(X, (Y - mu) / sd)
+    me = RidgeProbeCV(ALPHAS).fit(X, Y)
+    assert me.alpha_ == ref.alpha_
+    assert rel(me.coef_, ref.coef_ * sd[:, None]) <= 1e-5
+    assert rel(me.intercept_, ref.intercept_ * sd + mu) <= 1e-5
+    raw = RidgeProbeCV(ALPHAS, standardize_targets=False).fit(X, Y)
+    # the shared alpha on raw y is driven by the large-scale target alone; it may differ
+    assert raw.alpha_ == RidgeCV(alphas=ALPHAS).fit(X, Y).alpha_
+
+
+def brute_force_loo(X, Y, alpha):
+    """LOO residuals by refitting sklearn Ridge n times."""
+    n = len(X)
+    err = np.zeros_like(Y)
+    for i in range(n):
+        m = np.arange(n) != i
+        r = Ridge(alpha=alpha).fit(X[m], Y[m])
+        err[i] = Y[i] - r.predict(X[i:i + 1])[0]
+    return err
+
+
+@pytest.mark.parametrize("n,d", [(15, 4), (9, 20)])
+def test_loo_scores_equal_brute_force_refits(n, d):
+    X, Y = make_data(n, d, seed=11)
+    alphas = np.array([0.3, 3.0, 30.0])
+    import torch
+    if n >= d:
+        Xs = X - X.mean(0)
+        fac = primal_factor(n, torch.tensor(Xs.sum(0))[None], torch.tensor(Xs.T @ Xs)[None],
+                            torch.tensor(Y.sum(0)), torch.tensor(Xs.T @ Y)[None],
+                            torch.tensor(X.mean(0))[None])
+        acc = LooAccumulator(fac, alphas, n)
+        # stream in uneven chunks
+        for s, e in ((0, 4), (4, 5), (5, n)):
+            acc.update(s, torch.tensor(X[s:e])[None], Y[s:e], np.ones(e - s, bool))
+        scores = acc.scores()[0].numpy()
+    else:
+        scores = dual_loo(X, Y, alphas)[0].numpy()
+    for a, alpha in enumerate(alphas):
+        e = brute_force_loo(X, Y, alpha)
+        np.testing.assert_allclose(scores[a], -(e ** 2).mean(0), rtol=1e-9)
+
+
+def brute_force_kfold(X, Y, alphas, fold, apt):
+    F = fold.max() + 1
+    r2 = np.zeros((len(alphas), Y.shape[1]))
+    for a, alpha in enumerate(alphas):
+        for f in range(F):
+            tr, va = fold != f, fold == f
+            p = Ridge(alpha=alpha).fit(X[tr], Y[tr]).predict(X[va])
+            r2[a] += 1 - ((Y[va] - p) ** 2).sum(0) / ((Y[va] - Y[va].mean(0)) ** 2).sum(0)
+    r2 /= F
+    return np.argmax(r2, 0) if apt else np.repeat(np.argmax(r2.mean(1)), Y.shape[1]), r2
+
+
+@pytest.mark.parametrize("n,d", [(80, 9), (26, 40)])
+@pytest.mark.parametrize("K", [3, 5])
+def test_kfold_equals_sklearn_and_brute_force(n, d, K):
+    X, Y = make_data(n, d, seed=K + d)
+    ref = RidgeCV(alphas=ALPHAS, cv=KFold(K)).fit(X, Y)
+    me = RidgeProbeCV(ALPHAS, cv=K, standardize_targets=False).fit(X, Y)
+    assert me.alpha_ == ref.alpha_
+    assert rel(me.best_score_, ref.best_score_) <= 1e-8
+    assert rel(me.coef_, ref.coef_) <= 1e-5
+    for apt in (False, True):
+        fold = kfold_assignment(n, K)
+        idx, r2 = brute_force_kfold(X, Y, ALPHAS, fold, apt)
+        np.testing.assert_allclose(me.cv_scores_, r2, rtol=1e-7, atol=1e-9)
+        m = RidgeProbeCV(ALPHAS, cv=K, alpha_per_target=apt).fit(X, Y)
+        np.testing.assert_array_equal(np.atleast_1d(m.alpha_) * np.ones(2), ALPHAS[idx])
+
+
+def test_kfold_primal_and_dual_agree_with_shuffled_folds():
+    import torch
+    X, Y = make_data(45, 30, seed=5)
+    fold = kfold_assignment(45, 4, shuffle=True, seed=3)
+    assert sorted(np.bincount(fold).tolist()) == [11, 11, 11, 12]
+    Xs = X - X.mean(0)
+    per = [fold == f for f in range(4)]
+    st = dict(
+        n=torch.tensor([float(m.sum()) for m in per]),
+        sx=torch.tensor(np.stack([Xs[m].sum(0) for m in per]))[None],
+        xtx=torch.tensor(np.stack([Xs[m].T @ Xs[m] for m in per]))[None],
+        sy=torch.tensor(np.stack([Y[m].sum(0) for m in per])),
+        yty=torch.tensor(np.stack([Y[m].T @ Y[m] for m in per])),
+        xty=torch.tensor(np.stack([Xs[m].T @ Y[m] for m in per]))[None])
+    p = kfold_scores_primal(st["n"], st["sx"], st["xtx"], st["sy"], st["yty"], st["xty"], ALPHAS)[0]
+    dd = dual_kfold_scores(X, Y, fold, ALPHAS)
+    _, r2 = brute_force_kfold(X, Y, ALPHAS, fold, False)
+    np.testing.assert_allclose(p.numpy(), r2, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(dd.numpy(), r2, rtol=1e-7, atol=1e-9)
+
+
+def test_float32_projection_close_to_float64():
+    import torch
+    X, Y = make_data(200, 20, seed=8)
+    Xs = X - X.mean(0)
+    fac = primal_factor(200, torch.tensor(Xs.sum(0))[None], torch.tensor(Xs.T @ Xs)[None],
+                        torch.tensor(Y.sum(0)), torch.tensor(Xs.T @ Y)[None], torch.tensor(X.mean(0))[None])
+    out = {}
+    for prec in ("float64", "float32"):
+        acc = LooAccumulator(fac, ALPHAS, 200, precision=prec)
+        acc.update(0, torch.tensor(X)[None], Y, np.ones(200, bool))
+        out[prec] = acc.scores().numpy()
+    assert rel(out["float32"], out["float64"]) < 1e-4
+    assert not np.array_equal(out["float32"], out["float64"])
+
+
+def test_estimator_in_pipeline_and_cross_val_score():
+    X, Y = make_data(100, 12, seed=2)
+    pipe = make_pipeline(StandardScaler(), RidgeProbeCV(ALPHAS))
+    scores = cross_val_score(pipe, X, Y[:, 0], cv=4)
+    ref = cross_val_score(make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)), X, Y[:, 0], cv=4)
+    np.testing.assert_allclose(scores, ref, rtol=1e-6)
+    est = RidgeProbeCV(ALPHAS, cv=3)
+    assert est.get_params()["cv"] == 3
+    est.set_params(cv="loo", alpha_per_target=True)
+    c = clone(est)
+    assert c.get_params()["alpha_per_target"] is True and c.cv == "loo"
+    pipe.fit(X, Y)
+    assert pipe.predict(X).shape == (100, 2)
+    assert -1 <= pipe.score(X, Y) <= 1
+    with pytest.raises(Exception):
+        RidgeProbeCV(ALPHAS).predict(X)        # not fitted
+
+
+def test_parse_alphas():
+    a = parse_alphas("1e-2:1e5:25")
+    assert len(a) == 25 and np.isclose(a[0], 1e-2) and np.isclose(a[-1], 1e5)
+    np.testing.assert_allclose(np.diff(np.log10(a)), 7 / 24)
+    np.testing.assert_array_equal(parse_alphas("0.5,2, 8"), [0.5, 2, 8])
+    np.testing.assert_array_equal(parse_alphas([3, 1]), [3, 1])
+    for bad in ("", "1:2", "a,b", "0:10:3", "1,-1", [np.inf], "1:10:0"):
+        with pytest.raises(RidgeError):
+            parse_alphas(bad)
+
+
+def test_bad_inputs():
+    X, Y = make_data(30, 5, seed=1)
+    with pytest.raises(RidgeError, match="at least 3"):
+        RidgeProbeCV(ALPHAS).fit(X[:2], Y[:2])
+    Yc = Y.copy()
+    Yc[:, 1] = 4.0
+    with pytest.raises(RidgeError, match="constant"):
+        RidgeProbeCV(ALPHAS).fit(X, Yc)
+    with pytest.raises(RidgeError, match="cv"):
+        RidgeProbeCV(ALPHAS, cv="five").fit(X, Y)
+    with pytest.raises(ValueError):
+        RidgeProbeCV(ALPHAS).fit(np.where(X > 1, np.nan, X), Y)
+    with pytest.raises(RidgeError, match="backend"):
+        RidgeProbeCV(ALPHAS, backend="fpga").fit(X, Y)
+    with pytest.raises(RidgeError):
+        RidgeProbeCV(ALPHAS, cv=40).fit(X, Y)   # more folds than rows
+    m = RidgeProbeCV(ALPHAS).fit(X, Y)
+    with pytest.raises(RidgeError, match="features"):
+        m.predict(X[:, :3])
