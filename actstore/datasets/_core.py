@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -223,7 +224,7 @@ def art_entity(creator: str, title: str) -> str:
 def fractional_year(ts: pd.Series) -> np.ndarray:
     """Calendar year plus the elapsed fraction of that year (UTC): 2020-07-02 -> 2020.5."""
     year = ts.dt.year.to_numpy(dtype=np.float64)
-    day = ts.dt.dayofyear.to_numpy(dtype=np.float64) - 1.0
+    day = ts.dt.day_of_year.to_numpy(dtype=np.float64) - 1.0
     secs = (ts.dt.hour * 3600 + ts.dt.minute * 60 + ts.dt.second).to_numpy(dtype=np.float64)
     days_in_year = np.where(ts.dt.is_leap_year.to_numpy(dtype=bool), 366.0, 365.0)
     return year + (day + secs / 86400.0) / days_in_year
@@ -332,17 +333,35 @@ def _read_text(path: Path) -> tuple[str, str]:
     return text, hashlib.sha256(data).hexdigest()
 
 
+def _surplus_fields(text: str) -> str:
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    prev_end = reader.line_num
+    for record in reader:
+        start, prev_end = prev_end + 1, reader.line_num
+        if len(record) > len(header):
+            return f"line {start} has {len(record)} fields, the header {len(header)}"
+    return "rows have more fields than the header"
+
+
 def load_csv(path, kind: str | None = None, drop_invalid: bool = False,
              name: str | None = None) -> EntityDataset:
     """Load one CSV in a paper schema; ``kind`` None -> recognised from the columns."""
     path = Path(path).expanduser().resolve()
     text, sha = _read_text(path)
     try:
-        raw = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        with warnings.catch_warnings():
+            # index_col=False: never turn surplus fields into an index (silently shifting
+            # every column); pandas then warns about the surplus instead, which is an error
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            raw = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
+                              index_col=False)
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: empty file (no header line)") from None
     except pd.errors.ParserError as exc:
         raise DatasetError(f"{path}: malformed CSV: {exc}") from None
+    except pd.errors.ParserWarning:
+        raise DatasetError(f"{path}: malformed CSV: {_surplus_fields(text)}") from None
     raw = raw.fillna("")  # rows with too few fields
     raw.columns = [str(c).strip() for c in raw.columns]
     if kind is None:
