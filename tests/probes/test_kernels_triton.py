@@ -1,0 +1,135 @@
+"""Triton kernels vs the torch float64 reference.
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here before
+the kernels module is imported: ``triton.jit`` reads it when a kernel is defined) on tiny shapes.
+On a GPU the same tests run compiled, on somewhat larger shapes.
+
+Error bounds (relative Frobenius norm against float64):
+- XᵀX with the shift applied in the kernel: the shifted value is rounded to fp16 (2^-11 relative)
+  before the tensor-core product, products accumulate in float32: bound 2e-3.
+- XᵀX on raw fp16 values (exact products, float32 accumulation, shift applied in float64): 1e-5
+  on data whose mean is comparable to its spread (as here).
+- Σx, XᵀY, neuron moments (float32 accumulation of exact-ish terms): 1e-5.
+- n, Σy, ΣyyT (computed in float64): 1e-12.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from probes.kernels import reference  # noqa: E402
+from probes.stats import GramStats, choose_shift  # noqa: E402
+
+tk = importlib.import_module("probes.kernels.triton_kernels")
+if not CUDA and not tk.INTERPRET:  # imported earlier in this process without the interpreter
+    tk = importlib.reload(tk)
+
+DEV = "cuda" if CUDA else "cpu"
+# (B, r, d, k, F): odd sizes, not multiples of the tiles; d > r; a single short chunk
+SHAPES_CPU = [(2, 37, 40, 3, 3), (1, 5, 33, 1, 1)]
+SHAPES_GPU = [(3, 1000, 300, 2, 2), (2, 777, 129, 3, 4), (1, 50, 520, 1, 1), (5, 64, 64, 2, 1)]
+SHAPES = SHAPES_GPU if CUDA else SHAPES_CPU
+
+
+def rel(a, b):
+    b = b.to(torch.float64)
+    return float((a.to(torch.float64) - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def make_chunk(B, r, d, k, F, gen, mean=1.0, scale=2.0, skip=True):
+    X = (torch.randn(B, r, d, generator=gen) * scale + mean
+         + torch.randn(B, 1, d, generator=gen)).to(torch.float16)
+    Y = torch.randn(r, k, generator=gen, dtype=torch.float64) * 10 + 3
+    lo = -1 if skip else 0
+    fold = torch.randint(lo, F, (r,), generator=gen, dtype=torch.int32)
+    if F == 1 and not skip:
+        fold = None
+    return X, Y, fold
+
+
+def check_close(got: GramStats, want: GramStats, xtx_tol):
+    for name, tol in (("n", 1e-12), ("sy", 1e-12), ("yty", 1e-12), ("sx", 1e-5),
+                      ("xty", 1e-5), ("xtx", xtx_tol)):
+        a, b = getattr(got, name).cpu(), getattr(want, name).cpu()
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= tol, f"{name}: relative error {rel(a, b):.3g} > {tol}"
+    # symmetric by construction (both halves written)
+    x = got.xtx.cpu()
+    assert torch.equal(x, x.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shift_in_kernel", [True, False])
+def test_gram_matches_reference(shape, shift_in_kernel):
+    B, r, d, k, F = shape
+    gen = torch.Generator().manual_seed(hash((shape, shift_in_kernel)) % 2**31)
+    X, Y, fold = make_chunk(B, r, d, k, F, gen, skip=F > 1 or r > 10)
+    # the shift of a pass comes from its first chunk: here another draw, so sums are not ~0
+    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
+    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    tk.gram_update(got, X.to(DEV), Y.to(DEV), None if fold is None else fold.to(DEV),
+                   shift_in_kernel=shift_in_kernel)
+    reference.gram_update(want, X, Y, fold)
+    check_close(got, want, 2e-3 if shift_in_kernel else 1e-5)
+
+
+def test_gram_accumulates_over_chunks_and_skips_rows():
+    B, r, d, k, F = (2, 23, 24, 2, 2) if not CUDA else (4, 513, 200, 2, 2)
+    gen = torch.Generator().manual_seed(7)
+    X1, Y1, f1 = make_chunk(B, r, d, k, F, gen)
+    X2, Y2, f2 = make_chunk(B, r + 3, d, k, F, gen, mean=-0.5)
+    shift = choose_shift(X1, f1)
+    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    for X, Y, f in ((X1, Y1, f1), (X2, Y2, f2)):
+        tk.gram_update(got, X.to(DEV), Y.to(DEV), f.to(DEV))
+        reference.gram_update(want, X, Y, f)
+    check_close(got, want, 2e-3)
+    # a chunk whose rows are all skipped changes nothing
+    before = got.clone()
+    tk.gram_update(got, X1.to(DEV), Y1.to(DEV), torch.full((r,), -1, dtype=torch.int32, device=DEV))
+    for name in ("n", "sx", "xtx", "xty", "sy", "yty"):
+        assert torch.equal(getattr(got, name), getattr(before, name)), name
+
+
+def test_gram_rejects_non_fp16():
+    st = GramStats.zeros(1, 8, 1, device=DEV)
+    with pytest.raises(ValueError, match="float16"):
+        tk.gram_update(st, torch.randn(1, 4, 8, device=DEV), torch.randn(4, 1, device=DEV))
+
+
+@pytest.mark.parametrize("shape", [(3, 29, 21, 2), (1, 1, 5, 1)] if not CUDA
+                         else [(3, 1001, 1037, 2), (2, 300, 4096, 3), (1, 7, 9, 1)])
+def test_neuron_moments_match_reference(shape):
+    from probes.neurons import NeuronStats, reference_neuron_update
+
+    B, r, m, k = shape
+    gen = torch.Generator().manual_seed(11 + r)
+    X = (torch.randn(B, r, m, generator=gen) * 1.5 + 0.7).to(torch.float16)
+    Y = torch.randn(r, k, generator=gen, dtype=torch.float64) * 5 + 1900
+    fold = torch.randint(-1, 1, (r,), generator=gen, dtype=torch.int32) if r > 1 else None
+    # shifts from another draw (a pass takes them from its first chunk), so sums are not ~0
+    X0 = (torch.randn(B, 4, m, generator=gen) * 1.5 + 0.7).to(torch.float16)
+    Y0 = torch.randn(4, k, generator=gen, dtype=torch.float64) * 5 + 1900
+    got = NeuronStats.for_chunk(X0, Y0, device=DEV)
+    want = NeuronStats.for_chunk(X0, Y0)
+    tk.neuron_update(got, X.to(DEV), Y.to(DEV), None if fold is None else fold.to(DEV))
+    reference_neuron_update(want, X, Y, fold)
+    assert float(got.n) == float(want.n)
+    for name in ("sx", "sxx", "sxy", "sy", "syy"):
+        a, b = getattr(got, name).cpu(), getattr(want, name).cpu()
+        if b.norm() == 0:
+            assert a.norm() < 1e-6, name
+        else:
+            assert rel(a, b) <= 1e-5, f"{name}: {rel(a, b):.3g}"
+    if float(want.n) >= 2:
+        assert (got.pearson().cpu() - want.pearson()).abs().max() < 1e-4
