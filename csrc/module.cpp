@@ -6,6 +6,7 @@ namespace py = pybind11;
 
 void register_fp16_scan(py::module_ &m);
 void register_gram_cpu(py::module_ &m);
+void register_neurons_cpu(py::module_ &m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "actstore native CPU kernels (C++/OpenMP)";
@@ -16,4 +17,5 @@ PYBIND11_MODULE(_native, m) {
 #endif
   register_fp16_scan(m);
   register_gram_cpu(m);
+  register_neurons_cpu(m);
 }
