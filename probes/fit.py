@@ -397,6 +397,10 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
             preds[:, start:start + r] = (torch.matmul(X, Wd).to(torch.float64) + b[:, None, :]).cpu().numpy()
             tick(r)
     timings["projection"] += time.perf_counter() - ts
+    # Test rows never enter the statistics; a non-finite one shows up in its prediction.
+    bad = ~np.isfinite(preds).reshape(B, -1).all(1)
+    if bad.any():
+        _check_finite_layer(store, bpos[int(np.nonzero(bad)[0][0])], n)
     return (W.cpu().numpy(), b.cpu().numpy(), idx, scores.cpu().numpy(), preds,
             [best[i] for i in range(B)])
 

@@ -1,0 +1,254 @@
+"""probes.fit.fit_all_layers on small stores built through the store API."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import Ridge, RidgeCV
+
+from actstore.store import create_store, open_store
+from probes.fit import FitError, fit_all_layers
+from probes.kernels import available_backends
+from probes.ridge import kfold_assignment
+
+ALPHAS = np.logspace(-2, 4, 13)
+PAPER = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "paper"
+
+
+def entity_table(n, seed=0, lat=None, lon=None):
+    rng = np.random.default_rng(seed)
+    lat = rng.uniform(-55, 70, n) if lat is None else lat
+    lon = rng.uniform(-170, 175, n) if lon is None else lon
+    return pd.DataFrame({
+        "name": [f"place {i}" for i in range(n)], "entity": [f"place {i}" for i in range(n)],
+        "latitude": lat, "longitude": lon, "is_test": rng.random(n) < 0.25,
+        "entity_type": "city", "country": rng.choice(["A", "B", "C", "D", "E"], n)})
+
+
+def make_store(path, ent, d=16, L=3, seed=0, targets=("latitude", "longitude"), rows=None,
+               R=32, dtype="float16", corrupt=None):
+    """Activations: a noisy linear code of the targets, clearer in deeper layers."""
+    rng = np.random.default_rng(seed)
+    n = len(ent)
+    T = ent[list(targets)].to_numpy(dtype=np.float64) if targets else rng.normal(size=(n, 1))
+    T = (T - T.mean(0)) / (T.std(0) + 1e-12)
+    M = rng.normal(size=(T.shape[1], d))
+    X = np.stack([T @ M * (l + 1) / L + rng.normal(size=(n, d)) + rng.normal(size=d) * 4
+                  for l in range(L)]).astype(np.float32)
+    if corrupt is not None:
+        X[corrupt] = np.nan
+    s = create_store(path, layers=list(range(1, L + 1)), n_rows=n, d_model=d, entities=ent,
+                     targets=tuple(targets), group_columns=("country",), meta={"model": "toy"},
+                     rows_per_chunk=R, dtype=dtype)
+    done = n if rows is None else rows
+    for st in range(0, done, R):
+        s.write_rows(st, X[:, st:st + R].astype(np.float16 if dtype == "float16" else np.float32))
+    s.mark_done(done)
+    s.close()
+    return X.astype(np.float16).astype(np.float64) if dtype == "float16" else X.astype(np.float64)
+
+
+def check_vs_sklearn(res, X, Y, is_test, apt):
+    """Per layer: alpha, coefficients and test predictions equal RidgeCV on z-scored targets."""
+    tr = ~is_test
+    mu, sd = Y[tr].mean(0), Y[tr].std(0)
+    arr = res["arrays"]
+    for j in range(X.shape[0]):
+        ref = RidgeCV(alphas=ALPHAS, alpha_per_target=apt).fit(X[j][tr], (Y[tr] - mu) / sd)
+        np.testing.assert_array_equal(arr["alpha"][j], np.broadcast_to(ref.alpha_, (Y.shape[1],)))
+        coef = ref.coef_.T * sd
+        assert np.abs(arr["coef"][j] - coef).max() <= 1e-5 * np.abs(coef).max()
+        pt = ref.predict(X[j][~tr]) * sd + mu
+        assert np.abs(arr["predictions"][j][~tr] - pt).max() <= 1e-5 * np.abs(pt).max()
+
+
+BACKENDS = [b for b in ("torch", "cpu") if b in available_backends()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("apt", [False, True])
+def test_loo_primal_matches_sklearn(tmp_path, backend, apt):
+    ent = entity_table(150, seed=1)
+    X = make_store(tmp_path / "s.zarr", ent, d=16)
+    res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, alpha_per_target=apt, backend=backend)
+    assert res["form"] == "primal" and res["backend"] == backend
+    check_vs_sklearn(res, X, ent[["latitude", "longitude"]].to_numpy(), ent.is_test.to_numpy(), apt)
+
+
+@pytest.mark.parametrize("apt", [False, True])
+def test_loo_dual_matches_sklearn_when_d_exceeds_n(tmp_path, apt):
+    ent = entity_table(40, seed=2)
+    X = make_store(tmp_path / "s.h5", ent, d=64, R=16)
+    res = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, alpha_per_target=apt)
+    assert res["form"] == "dual"
+    check_vs_sklearn(res, X, ent[["latitude", "longitude"]].to_numpy(), ent.is_test.to_numpy(), apt)
+
+
+@pytest.mark.parametrize("d", [12, 70])
+def test_kfold_matches_brute_force(tmp_path, d):
+    ent = entity_table(60, seed=3)
+    X = make_store(tmp_path / "s.zarr", ent, d=d, L=2, R=16)
+    res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, cv=4, seed=7)
+    Y = ent[["latitude", "longitude"]].to_numpy()
+    tr = ~ent.is_test.to_numpy()
+    fold = kfold_assignment(int(tr.sum()), 4, shuffle=True, seed=7)
+    mu, sd = Y[tr].mean(0), Y[tr].std(0)
+    for j in range(2):
+        Xt, Yt = X[j][tr], Y[tr]
+        r2 = np.zeros(len(ALPHAS))
+        for a, alpha in enumerate(ALPHAS):
+            for f in range(4):
+                p = Ridge(alpha=alpha).fit(Xt[fold != f], Yt[fold != f]).predict(Xt[fold == f])
+                v = Yt[fold == f]
+                r2[a] += np.mean(1 - ((v - p) ** 2).sum(0) / ((v - v.mean(0)) ** 2).sum(0)) / 4
+        best = int(np.argmax(r2))
+        assert res["arrays"]["alpha"][j][0] == ALPHAS[best]
+        assert res["layers"][j]["cv_score"] == pytest.approx(r2[best], rel=1e-8)
+        ref = Ridge(alpha=ALPHAS[best]).fit(Xt, (Yt - mu) / sd)
+        pt = ref.predict(X[j][~tr]) * sd + mu
+        assert np.abs(res["arrays"]["predictions"][j][~tr] - pt).max() <= 1e-5 * np.abs(pt).max()
+
+
+def test_layer_batches_and_float32_give_same_fit(tmp_path):
+    ent = entity_table(120, seed=4)
+    make_store(tmp_path / "s.zarr", ent, d=20, L=4)
+    a = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch")
+    b = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", memory_bytes=1)  # 1 layer/batch
+    np.testing.assert_array_equal(a["arrays"]["alpha"], b["arrays"]["alpha"])
+    np.testing.assert_allclose(a["arrays"]["coef"], b["arrays"]["coef"], rtol=1e-9, atol=1e-12)
+    c = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, precision="float32", layers=[1, 3])
+    assert [e["layer"] for e in c["layers"]] == [2, 4]
+    np.testing.assert_allclose(c["arrays"]["predictions"], a["arrays"]["predictions"][[1, 3]],
+                               rtol=1e-3, atol=1e-3 * np.abs(a["arrays"]["predictions"]).max())
+
+
+def test_results_json_and_plots(tmp_path):
+    ent = entity_table(100, seed=5)
+    make_store(tmp_path / "s.zarr", ent, d=10, L=3)
+    res = fit_all_layers(tmp_path / "s.zarr", alphas="1e-2:1e4:9", out=tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["targets"] == ["latitude", "longitude"]
+    assert doc["n_train"] + doc["n_test"] == 100 and doc["n_test"] == int(ent.is_test.sum())
+    assert doc["best_layer"] in (1, 2, 3) and doc["backend"] in ("cpu", "torch")
+    assert doc["seconds"]["total"] > 0
+    for e in doc["layers"]:
+        assert set(e) >= {"layer", "alpha", "train", "test"}
+        for part in ("train", "test"):
+            assert set(e[part]) >= {"r2", "r2_per_target", "pearson", "spearman",
+                                    "proximity_error", "km_error_median"}
+    best = max(doc["layers"], key=lambda e: e["test"]["r2"])
+    assert doc["best_layer"] == best["layer"]
+    # deeper layers encode the targets more clearly: R² must rise with depth
+    r2 = [e["test"]["r2"] for e in doc["layers"]]
+    assert r2[0] < r2[-1] and r2[-1] > 0.5
+    for f in ("r2_by_layer.png", "map_best_layer.png", "probes.npz", "predictions_best_layer.csv"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
+    pred = pd.read_csv(tmp_path / "out" / "predictions_best_layer.csv")
+    assert len(pred) == 100 and {"pred_latitude", "pred_longitude", "country"} <= set(pred.columns)
+    npz = np.load(tmp_path / "out" / "probes.npz")
+    assert npz["coef"].shape == (3, 10, 2)
+    assert res["arrays"]["predictions"].shape == (3, 100, 2)
+
+
+def test_time_target_and_year_plot(tmp_path):
+    rng = np.random.default_rng(6)
+    n = 80
+    ent = pd.DataFrame({"name": [f"p{i}" for i in range(n)], "entity": [f"p{i}" for i in range(n)],
+                        "year": rng.uniform(1000, 2000, n).round(), "is_test": rng.random(n) < 0.3,
+                        "entity_type": "person", "country": rng.choice(["x", "y"], n)})
+    make_store(tmp_path / "t.zarr", ent, d=8, L=2, targets=("year",))
+    res = fit_all_layers(tmp_path / "t.zarr", alphas=ALPHAS, split="random:0.25:1",
+                         out=tmp_path / "o")
+    assert res["targets"] == ["year"] and res["n_test"] == 20
+    assert "km_error_median" not in res["layers"][0]["test"]
+    assert (tmp_path / "o" / "year_best_layer.png").exists()
+
+
+def test_group_split_holds_out_whole_groups(tmp_path):
+    ent = entity_table(90, seed=7)
+    make_store(tmp_path / "s.zarr", ent, d=6, L=1)
+    res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, split="group:country:0.4:3")
+    test = res["arrays"]["is_test"]
+    held = set(ent.country[test])
+    assert held and not held & set(ent.country[~test])
+    assert len(held) == 2
+
+
+def test_partial_store_uses_done_rows(tmp_path):
+    ent = entity_table(100, seed=8)
+    make_store(tmp_path / "s.zarr", ent, d=6, L=1, rows=64)
+    res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS)
+    assert res["n_rows"] == 64 and res["n_train"] + res["n_test"] == 64
+
+
+@pytest.mark.slow
+def test_real_us_places_store(tmp_path):
+    """The paper's us_place.csv (first 600 rows) with activations that encode position."""
+    df = pd.read_csv(PAPER / "us_place.csv").head(600)
+    ent = pd.DataFrame({"name": df["name"].astype(str), "entity": df["name"].astype(str),
+                        "latitude": df.latitude.astype(float), "longitude": df.longitude.astype(float),
+                        "is_test": df.is_test.astype(bool), "entity_type": df.entity_type.astype(str),
+                        "state_id": df.state_id.astype(str)})
+    rng = np.random.default_rng(0)
+    n, d = len(ent), 48
+    T = np.c_[ent.latitude, ent.longitude, np.sin(np.radians(ent.longitude))]
+    T = (T - T.mean(0)) / T.std(0)
+    X = np.stack([T @ rng.normal(size=(3, d)) * s + rng.normal(size=(n, d)) for s in (0.1, 1, 3)])
+    X = X.astype(np.float16)
+    s = create_store(tmp_path / "us.zarr", layers=[2, 4, 6], n_rows=n, d_model=d, entities=ent,
+                     targets=("latitude", "longitude"), group_columns=("state_id",), meta={})
+    s.write_rows(0, X)
+    s.mark_done(n)
+    for apt in (False, True):
+        res = fit_all_layers(tmp_path / "us.zarr", alphas=ALPHAS, alpha_per_target=apt,
+                             out=tmp_path / f"o{apt}")
+        check_vs_sklearn(res, X.astype(np.float64), ent[["latitude", "longitude"]].to_numpy(),
+                         ent.is_test.to_numpy(), apt)
+    assert res["best_layer"] == 6
+    assert res["layers"][-1]["test"]["km_error_median"] < res["layers"][0]["test"]["km_error_median"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs(tmp_path):
+    ent = entity_table(40, seed=9)
+    make_store(tmp_path / "s.zarr", ent, d=6, L=2)
+    p = tmp_path / "s.zarr"
+    with pytest.raises(FitError, match="unknown target 'altitude'"):
+        fit_all_layers(p, targets="altitude", alphas=ALPHAS)
+    with pytest.raises(FitError, match="empty test split"):
+        fit_all_layers(p, alphas=ALPHAS, split="random:0.001:0")
+    with pytest.raises(FitError, match="bad split"):
+        fit_all_layers(p, alphas=ALPHAS, split="sometimes")
+    with pytest.raises(FitError, match="no column 'planet'"):
+        fit_all_layers(p, alphas=ALPHAS, split="group:planet")
+    with pytest.raises(FitError, match="cv must be"):
+        fit_all_layers(p, alphas=ALPHAS, cv="many")
+    with pytest.raises(ValueError, match="alpha"):
+        fit_all_layers(p, alphas="1:2")
+
+    few = entity_table(40, seed=9)
+    few["is_test"] = True
+    few.loc[:1, "is_test"] = False
+    make_store(tmp_path / "few.zarr", few, d=6, L=1)
+    with pytest.raises(FitError, match="2 training rows; need at least 3"):
+        fit_all_layers(tmp_path / "few.zarr", alphas=ALPHAS)
+
+    const = entity_table(40, seed=9)
+    const["latitude"] = 12.5
+    make_store(tmp_path / "c.zarr", const, d=6, L=1, targets=("longitude",))
+    with pytest.raises(FitError, match=r"\['latitude'\] are constant"):
+        fit_all_layers(tmp_path / "c.zarr", targets=["latitude", "longitude"], alphas=ALPHAS)
+
+    make_store(tmp_path / "none.zarr", entity_table(40), d=6, L=1, targets=())
+    with pytest.raises(FitError, match="no target columns"):
+        fit_all_layers(tmp_path / "none.zarr", alphas=ALPHAS)
+
+    for form_d in (6, 80):                         # primal and dual paths
+        make_store(tmp_path / f"nan{form_d}.zarr", entity_table(40), d=form_d, L=2,
+                   corrupt=(1, 33, 2))
+        with pytest.raises(FitError, match=r"layer 2 .*NaN or inf.*row 33, dim 2"):
+            fit_all_layers(tmp_path / f"nan{form_d}.zarr", alphas=ALPHAS)
