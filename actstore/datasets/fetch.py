@@ -50,7 +50,11 @@ def fetch_dataset(kind: str, url: str | None = None, force: bool = False,
     dest = paper_path(kind)
     src = dataset_url(kind, url)
     if dest.exists() and not force:
-        ds = load_csv(dest, kind=kind, drop_invalid=True, name=kind)
+        try:
+            ds = load_csv(dest, kind=kind, drop_invalid=True, name=kind)
+        except DatasetError as exc:
+            raise DatasetError(f"the cached copy is unusable ({exc}); download it again with "
+                               f"`actstore datasets fetch {kind} --force`") from None
         return _report(kind, dest, src, ds, cached=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{kind}.", suffix=".csv.part", dir=dest.parent)
