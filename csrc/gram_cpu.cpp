@@ -60,6 +60,7 @@ constexpr int NV = 3;  // vectors per register-tile row: 12 accumulators + 3 loa
 template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }  // 24 float, 12 double
 constexpr int NPB = 6;         // panels per macro tile side (144 float / 72 double columns)
 constexpr int KC = 128;        // rows per inner step: two 12 KiB operand chunks stay in L1
+constexpr int64_t kRowGroup = 32;  // rows per conversion work item
 constexpr size_t kPackBudget = size_t(48) << 20;  // bytes of packed panels per layer group
 
 struct AlignedFree {
@@ -210,13 +211,38 @@ template <class T> void run(const Problem &P) {
         for (const Tile &tl : tiles_one_layer)  // cost-major order across layers
           for (int64_t l = 0; l < nb; ++l) tiles.push_back({l, tl.I, tl.J, tl.cost});
         const int64_t n_pack = nb * n_pan;
+        const int64_t n_rgrp = (R + kRowGroup - 1) / kRowGroup;
+        const int64_t n_conv = nb * n_rgrp;
         const int64_t n_tiles = int64_t(tiles.size());
 
 #ifdef ACTSTORE_OPENMP
 #pragma omp parallel
 #endif
         {
-          // ---- 1. pack panels; Σx and ΣxyT of the panel's columns in double.
+          // ---- 1a. convert + shift + pack, row-sequential reads of X (items: layer x row group).
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+          for (int64_t item = 0; item < n_conv; ++item) {
+            const int64_t l = item / n_rgrp, t_beg = (item % n_rgrp) * kRowGroup, b = b0 + l;
+            const int64_t t_end = std::min<int64_t>(R, t_beg + kRowGroup);
+            T *lp = packed.get() + size_t(l) * layer_stride;
+            const T *shl = shiftT.data() + b * d;
+            alignas(32) T x[W];
+            for (int64_t t = t_beg; t < t_end; ++t) {
+              const int64_t base = (b * r + ridx[t]) * d;
+              for (int64_t p = 0; p < n_pan; ++p) {
+                const int64_t j0 = p * W;
+                const int w = int(std::min<int64_t>(W, d - j0));
+                load_row<T, W>(P.X, P.kind, base + j0, w, x);
+                for (int j = 0; j < w; ++j) x[j] -= shl[j0 + j];
+                for (int j = w; j < W; ++j) x[j] = T(0);
+                std::memcpy(lp + size_t(p) * panel_stride + size_t(t) * W, x, sizeof(x));
+              }
+            }
+          }  // implicit barrier: all panels packed
+
+          // ---- 1b. Σx and ΣxyT of each panel's columns in double, from the packed rows.
 #ifdef ACTSTORE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -224,19 +250,13 @@ template <class T> void run(const Problem &P) {
             const int64_t l = item / n_pan, p = item % n_pan, b = b0 + l;
             const int64_t j0 = p * W;
             const int w = int(std::min<int64_t>(W, d - j0));
-            T *dst = packed.get() + size_t(l) * layer_stride + size_t(p) * panel_stride;
-            const T *sh = shiftT.data() + b * d + j0;
+            const T *src = packed.get() + size_t(l) * layer_stride + size_t(p) * panel_stride;
             double sxl[W] = {};
             std::vector<double> xyl(size_t(k) * W, 0.0);  // (k, W): vectorises over columns
-            alignas(32) T x[W];
             for (int64_t t = 0; t < R; ++t) {
-              const int64_t row = ridx[t];
-              load_row<T, W>(P.X, P.kind, (b * r + row) * d + j0, w, x);
-              for (int j = 0; j < w; ++j) x[j] -= sh[j];
-              for (int j = w; j < W; ++j) x[j] = T(0);
-              std::memcpy(dst + size_t(t) * W, x, sizeof(x));
+              const T *x = src + size_t(t) * W;
               for (int j = 0; j < W; ++j) sxl[j] += double(x[j]);
-              const double *y = P.Y + row * k;
+              const double *y = P.Y + ridx[t] * k;
               for (int64_t a = 0; a < k; ++a) {
                 double *xa = xyl.data() + a * W;
                 const double ya = y[a];
@@ -249,7 +269,7 @@ template <class T> void run(const Problem &P) {
               sxo[j] += sxl[j];
               for (int64_t a = 0; a < k; ++a) xyo[j * k + a] += xyl[size_t(a) * W + j];
             }
-          }  // implicit barrier: all panels packed
+          }
 
           // ---- 2./3. SYRK over macro tiles, flush into the float64 totals (both halves).
           auto cbuf = aligned_array<T>(size_t(ldc) * ldc);

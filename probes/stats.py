@@ -167,8 +167,9 @@ class GramStats:
         dl = delta.unsqueeze(1)                                      # (B, 1, d)
         out.sx = self.sx + n * dl
         cross = self.sx.unsqueeze(-1) * dl.unsqueeze(-2)             # sx δᵀ  (B, F, d, d)
-        out.xtx = (self.xtx + cross + cross.transpose(-1, -2)
-                   + n.unsqueeze(-1) * (dl.unsqueeze(-1) * dl.unsqueeze(-2)))
+        # grouped so every term is exactly symmetric: the result stays exactly symmetric
+        out.xtx = self.xtx + ((cross + cross.transpose(-1, -2))
+                              + n.unsqueeze(-1) * (dl.unsqueeze(-1) * dl.unsqueeze(-2)))
         out.xty = self.xty + dl.unsqueeze(-1) * self.sy.unsqueeze(0).unsqueeze(-2)
         out.shift = new.clone()
         return out
