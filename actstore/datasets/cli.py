@@ -143,7 +143,8 @@ def _cmd_fetch(args) -> int:
         reports.append(rep)
         if not args.json:
             state = "already cached" if rep["cached"] else "downloaded"
-            drop = f", {rep['n_dropped']} invalid rows dropped" if rep["n_dropped"] else ""
+            drop = (f", {rep['n_dropped']} invalid rows: load it with --drop-invalid"
+                    if rep["n_dropped"] else "")
             print(f"{name}: {state}, {rep['rows']} rows ({rep['test_rows']} test{drop}) "
                   f"-> {rep['path']}")
             if "note" in rep:

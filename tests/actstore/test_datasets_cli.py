@@ -178,3 +178,15 @@ def test_fetch_http_error_and_invalid_content(tmp_path, serve, _private_cache):
     assert load_dataset("world_place").entities == ["Paris", "Nowhere"]
     with pytest.raises(DatasetError, match="unknown paper dataset"):
         fetch_dataset("world_cities", url=base)
+
+
+def test_fetch_keeps_file_with_invalid_rows_and_says_so(tmp_path, serve, capsys):
+    site = tmp_path / "site"
+    site.mkdir()
+    small_world_csv(site / "world_place.csv", bad_lat="95")
+    rc, out, err = cli(["datasets", "fetch", "world_place", "--url", serve(site)], capsys)
+    assert rc == 0, err
+    assert "2 rows (0 test, 1 invalid rows: load it with --drop-invalid)" in out
+    with pytest.raises(DatasetError, match=r"world_place\.csv: 1 invalid row.*\n.*line 3"):
+        load_dataset("world_place")
+    assert load_dataset("world_place", drop_invalid=True).entities == ["Paris"]
