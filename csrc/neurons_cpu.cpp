@@ -2,7 +2,7 @@
 // float16 (passed as uint16 bits), targets Y (r, k) float64 (already shifted by the caller),
 // fold ids (r,) int32 (-1 = skip the row) and a per-neuron shift c (B, m) float32, returns
 //   sx[b, j] = Σ (x - c),  sxx[b, j] = Σ (x - c)²,  sxy[b, j, t] = Σ (x - c) y_t   (float64)
-// over the kept rows. Accumulation is in double: the CPU pass is memory-bound, so the extra
+// over the kept rows. The shift and all accumulation are in double: the CPU pass is memory-bound, so the extra
 // precision is free. Work is split over (layer, block of columns) with OpenMP.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -89,11 +89,11 @@ py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
       const int64_t b = it / nblk, j0 = (it % nblk) * kCols, j1 = std::min(m, j0 + kCols);
       const int64_t w = j1 - j0;
       std::vector<double> s(w, 0.0), ss(w, 0.0), sy(w * k, 0.0);
-      std::vector<float> x(w);
+      std::vector<double> x(w);
       const float* c = cp + b * m + j0;
       for (int64_t row : rows) {
         const uint16_t* xr = xp + (b * r + row) * m + j0;
-        for (int64_t j = 0; j < w; ++j) x[j] = half_to_float(xr[j]) - c[j];
+        for (int64_t j = 0; j < w; ++j) x[j] = static_cast<double>(half_to_float(xr[j])) - static_cast<double>(c[j]);
         for (int64_t j = 0; j < w; ++j) {
           const double v = x[j];
           s[j] += v;
@@ -103,7 +103,7 @@ py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
         for (int64_t t = 0; t < k; ++t) {
           const double yt = yr[t];
           double* acc = sy.data() + t * w;
-          for (int64_t j = 0; j < w; ++j) acc[j] += static_cast<double>(x[j]) * yt;
+          for (int64_t j = 0; j < w; ++j) acc[j] += x[j] * yt;
         }
       }
       for (int64_t j = 0; j < w; ++j) {

@@ -1,0 +1,323 @@
+"""Neuron–target correlations for every neuron of every layer, from one streaming pass.
+
+:class:`NeuronStats` holds, for B layers of m neurons and k targets, over the rows seen so far
+(rows with fold id -1 are skipped)::
+
+    n          number of rows
+    sx[b, j]   = Σ x            x = activation - shift[b, j]   (shift: float32-representable)
+    sxx[b, j]  = Σ x²
+    sxy[b, j]  = Σ x y          y = target - yshift            (yshift: per target)
+    sy, syy    = Σ y, Σ y²      (k,)
+
+Pearson r[b, j, t] = Sxy / sqrt(Sxx Syy) with the centred sums Sxy = sxy - sx sy / n,
+Sxx = sxx - sx² / n, Syy = syy - sy² / n; a constant neuron (Sxx = 0) gets r = 0.
+
+Spearman ρ is the Pearson r of the average ranks (ties share the mean of their ranks): it needs
+each neuron's whole column, so :func:`spearman` works per layer (one layer in memory, on the
+GPU when the data is there) rather than streaming.
+
+``neuron_update(stats, X, Y, fold=None, backend="auto")`` adds one chunk X (B, r, m) float16;
+backends as for the Gram statistics: "torch" (float64 reference, here), "cpu" (C++/OpenMP in
+``actstore._native``), "triton", "cuda".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["NeuronStats", "NeuronStatsError", "neuron_update", "reference_neuron_update",
+           "rank_transform", "spearman", "pearson_from_moments", "prepare_neuron_chunk"]
+
+
+class NeuronStatsError(ValueError):
+    """Bad input to the neuron statistics (shapes, dtypes, fold ids)."""
+
+
+@dataclass
+class NeuronStats:
+    """Streaming per-neuron moments (float64 torch tensors on one device); see module docstring."""
+
+    shift: Tensor    # (B, m)
+    yshift: Tensor   # (k,)
+    n: Tensor        # () rows
+    sx: Tensor       # (B, m)
+    sxx: Tensor      # (B, m)
+    sxy: Tensor      # (B, m, k)
+    sy: Tensor       # (k,)
+    syy: Tensor      # (k,)
+
+    @classmethod
+    def zeros(cls, B: int, m: int, k: int, shift=None, yshift=None, device="cpu") -> "NeuronStats":
+        if min(B, m, k) < 1:
+            raise NeuronStatsError(f"NeuronStats.zeros needs B, m, k >= 1, got {(B, m, k)}")
+        z = dict(dtype=torch.float64, device=device)
+        sh = torch.zeros(B, m, **z) if shift is None else _f32_exact(shift, (B, m), "shift", device)
+        ysh = torch.zeros(k, **z) if yshift is None else _f32_exact(yshift, (k,), "yshift", device)
+        return cls(shift=sh, yshift=ysh, n=torch.zeros((), **z), sx=torch.zeros(B, m, **z),
+                   sxx=torch.zeros(B, m, **z), sxy=torch.zeros(B, m, k, **z),
+                   sy=torch.zeros(k, **z), syy=torch.zeros(k, **z))
+
+    @classmethod
+    def for_chunk(cls, X, Y, fold=None, device=None) -> "NeuronStats":
+        """Empty statistics shaped for chunks like (X, Y), shifted by this chunk's means."""
+        Xt = _as_tensor(X)
+        Yt = _as_tensor(Y).reshape(Xt.shape[1], -1)
+        keep = _keep_mask(fold, Xt.shape[1], Xt.device)
+        if keep.any():
+            Xt, Yt = Xt[:, keep], Yt[keep.to(Yt.device)]
+        dev = device if device is not None else Xt.device
+        shift = Xt.to(torch.float64).mean(1) if Xt.shape[1] else None
+        yshift = Yt.to(torch.float64).mean(0) if Yt.shape[0] else None
+        return cls.zeros(Xt.shape[0], Xt.shape[2], Yt.shape[1], shift=shift, yshift=yshift,
+                         device=dev)
+
+    @property
+    def B(self) -> int:
+        return int(self.shift.shape[0])
+
+    @property
+    def m(self) -> int:
+        return int(self.shift.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.yshift.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.sx.device
+
+    def clone(self) -> "NeuronStats":
+        return NeuronStats(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
+    def add_moments(self, keep: Tensor, sx, sxx, sxy, Yc: Tensor) -> None:
+        """Add moments of a chunk computed elsewhere; Yc (r, k) float64 targets minus yshift,
+        keep (r,) bool of the rows that the moments cover."""
+        yk = Yc[keep]
+        self.n += float(keep.sum())
+        self.sx += sx.to(self.sx)
+        self.sxx += sxx.to(self.sxx)
+        self.sxy += sxy.to(self.sxy)
+        self.sy += yk.sum(0)
+        self.syy += (yk * yk).sum(0)
+
+    def __iadd__(self, other: "NeuronStats") -> "NeuronStats":
+        if (other.B, other.m, other.k) != (self.B, self.m, self.k):
+            raise NeuronStatsError("cannot add NeuronStats of different shapes")
+        if not (torch.equal(other.shift.to(self.device), self.shift)
+                and torch.equal(other.yshift.to(self.device), self.yshift)):
+            raise NeuronStatsError("cannot add NeuronStats with different shifts")
+        for name in ("n", "sx", "sxx", "sxy", "sy", "syy"):
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        return self
+
+    def pearson(self) -> Tensor:
+        """(B, m, k) float64 Pearson correlation of every neuron with every target."""
+        return pearson_from_moments(self.n, self.sx, self.sxx, self.sxy, self.sy, self.syy)
+
+    def means(self) -> Tensor:
+        """(B, m) mean activation of every neuron."""
+        return self.sx / self.n + self.shift
+
+
+def pearson_from_moments(n, sx, sxx, sxy, sy, syy) -> Tensor:
+    n = float(n)
+    if n < 2:
+        raise NeuronStatsError(f"Pearson correlation needs at least 2 rows, got {int(n)}")
+    Sxx = (sxx - sx * sx / n).clamp_min(0)
+    Syy = (syy - sy * sy / n).clamp_min(0)
+    Sxy = sxy - sx.unsqueeze(-1) * sy / n
+    den = torch.sqrt(Sxx.unsqueeze(-1) * Syy)
+    r = torch.where(den > 0, Sxy / torch.where(den > 0, den, 1.0), torch.zeros_like(Sxy))
+    return r.clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _as_tensor(a) -> Tensor:
+    if isinstance(a, Tensor):
+        return a
+    if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
+        return torch.from_dlpack(a)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _f32_exact(a, shape, name, device) -> Tensor:
+    t = _as_tensor(a).to(device=device, dtype=torch.float64)
+    if tuple(t.shape) != tuple(shape):
+        raise NeuronStatsError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise NeuronStatsError(f"{name} contains NaN or inf")
+    # kernels subtract a float32 shift: keep exactly that value so every backend agrees
+    return t.to(torch.float32).to(torch.float64).contiguous()
+
+
+def _keep_mask(fold, r, device) -> Tensor:
+    if fold is None:
+        return torch.ones(r, dtype=torch.bool, device=device)
+    f = _as_tensor(fold).to(device).reshape(-1)
+    if f.dtype.is_floating_point or f.dtype == torch.bool:
+        raise NeuronStatsError(f"fold ids must be integers, got {f.dtype}")
+    if f.numel() != r:
+        raise NeuronStatsError(f"fold must have shape ({r},), got {tuple(f.shape)}")
+    if r and int(f.min()) < -1:
+        raise NeuronStatsError(f"fold ids must be >= -1 (-1 = skip the row), got {int(f.min())}")
+    return f >= 0
+
+
+def prepare_neuron_chunk(stats: NeuronStats, X, Y, fold):
+    """Validate a chunk; returns (X tensor, Yc (r, k) float64 = Y - yshift on stats.device,
+    keep (r,) bool on stats.device, fold01 (r,) int32 numpy: 0 kept / -1 skipped, or None)."""
+    Xt = _as_tensor(X)
+    if Xt.ndim != 3 or Xt.shape[0] != stats.B or Xt.shape[2] != stats.m:
+        raise NeuronStatsError(f"X must have shape (B, r, m) = ({stats.B}, r, {stats.m}), "
+                               f"got {tuple(Xt.shape)}")
+    r = int(Xt.shape[1])
+    Yt = _as_tensor(Y)
+    if Yt.ndim == 1 and stats.k == 1:
+        Yt = Yt.reshape(-1, 1)
+    if tuple(Yt.shape) != (r, stats.k):
+        raise NeuronStatsError(f"Y must have shape (r, k) = ({r}, {stats.k}), got {tuple(Yt.shape)}")
+    dev = stats.device
+    Yc = Yt.to(device=dev, dtype=torch.float64) - stats.yshift
+    if not torch.isfinite(Yc).all():
+        raise NeuronStatsError("Y contains NaN or inf")
+    keep = _keep_mask(fold, r, dev)
+    fold01 = None
+    if fold is not None and not bool(keep.all()):
+        fold01 = np.where(keep.cpu().numpy(), 0, -1).astype(np.int32)
+    return Xt, Yc, keep, fold01
+
+
+def reference_neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
+    """The torch float64 reference: every activation converted to float64 before any product."""
+    Xt, Yc, keep, _ = prepare_neuron_chunk(stats, X, Y, fold)
+    dev = stats.device
+    Xd = Xt.to(device=dev, dtype=torch.float64)[:, keep] - stats.shift.unsqueeze(1)   # (B, rk, m)
+    Yk = Yc[keep]
+    stats.n += float(keep.sum())
+    stats.sx += Xd.sum(1)
+    stats.sxx += (Xd * Xd).sum(1)
+    stats.sxy += torch.einsum("brm,rk->bmk", Xd, Yk)
+    stats.sy += Yk.sum(0)
+    stats.syy += (Yk * Yk).sum(0)
+    return stats
+
+
+def _cpu_neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
+    from actstore import native
+
+    Xt, Yc, keep, fold01 = prepare_neuron_chunk(stats, X, Y, fold)
+    Xn = Xt.detach().cpu().numpy() if isinstance(Xt, Tensor) else np.asarray(Xt)
+    if Xn.dtype != np.float16:
+        raise NeuronStatsError(f"the cpu backend needs float16 activations, got {Xn.dtype}")
+    Xn = np.ascontiguousarray(Xn)
+    f = (np.zeros(Xn.shape[1], np.int32) if fold01 is None else fold01)
+    sx, sxx, sxy = native.cpu.neuron_moments(
+        Xn.view(np.uint16), np.ascontiguousarray(Yc.cpu().numpy(), dtype=np.float64),
+        f, np.ascontiguousarray(stats.shift.cpu().numpy(), dtype=np.float32))
+    dev = stats.device
+    stats.add_moments(keep, torch.from_numpy(sx).to(dev), torch.from_numpy(sxx).to(dev),
+                      torch.from_numpy(sxy).to(dev), Yc)
+    return stats
+
+
+def _cpu_available() -> bool:
+    try:
+        from actstore import native
+    except ImportError:
+        return False
+    return hasattr(native.cpu, "neuron_moments")
+
+
+def _on_cuda(X) -> bool:
+    if isinstance(X, Tensor):
+        return X.device.type == "cuda"
+    return hasattr(X, "__cuda_array_interface__")
+
+
+def neuron_update(stats: NeuronStats, X, Y, fold=None, backend: str = "auto") -> NeuronStats:
+    """Add one chunk X (B, r, m) float16 with targets Y (r, k) into ``stats``.
+
+    backend: auto (triton, then cuda, for CUDA data; else cpu, else torch) | torch | cpu |
+    triton | cuda.
+    """
+    from probes.kernels import BackendUnavailable, get_backend
+
+    name = (backend or "auto").lower()
+    if name == "auto":
+        if _on_cuda(X):
+            for cand in ("triton", "cuda"):
+                try:
+                    return get_backend(cand).neuron_update(stats, X, Y, fold)
+                except (BackendUnavailable, ImportError):
+                    continue
+        name = "cpu" if _cpu_available() else "torch"
+    if name == "torch":
+        return reference_neuron_update(stats, X, Y, fold)
+    if name == "cpu":
+        if not _cpu_available():
+            raise BackendUnavailable("the compiled module lacks neuron_moments; rebuild with `make native`")
+        return _cpu_neuron_update(stats, X, Y, fold)
+    if name in ("triton", "cuda"):
+        return get_backend(name).neuron_update(stats, X, Y, fold)
+    raise NeuronStatsError(f"unknown backend {backend!r}; choose auto, torch, cpu, triton or cuda")
+
+
+# ------------------------------------------------------------------------------------ Spearman
+def rank_transform(x: Tensor, dim: int = 0) -> Tensor:
+    """Average ranks (1-based, ties get the mean of their ranks) along ``dim``, float64."""
+    x = x.movedim(dim, 0)
+    n = x.shape[0]
+    if n == 0:
+        return torch.zeros(x.shape, dtype=torch.float64, device=x.device).movedim(0, dim)
+    s, order = torch.sort(x, dim=0, stable=True)
+    pos = torch.arange(n, device=x.device, dtype=torch.long).view(-1, *([1] * (x.ndim - 1)))
+    pos = pos.expand_as(s)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[1:] = s[1:] != s[:-1]
+    start = torch.where(new, pos, torch.zeros_like(pos)).cummax(0).values
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = new[1:]
+    big = torch.full_like(pos, n)
+    end = torch.where(last, pos, big).flip(0).cummin(0).values.flip(0)
+    avg = (start + end).to(torch.float64) * 0.5 + 1.0
+    ranks = torch.empty_like(avg)
+    ranks.scatter_(0, order, avg)
+    return ranks.movedim(0, dim)
+
+
+def spearman(X, Y, mask=None, column_block: int = 4096) -> Tensor:
+    """Spearman ρ (m, k) float64 of every column of X (r, m) with every column of Y (r, k).
+
+    ``mask`` (r,) bool selects rows. Works on the device of X, ``column_block`` columns at a time.
+    """
+    Xt = _as_tensor(X)
+    dev = Xt.device
+    Yt = _as_tensor(Y).to(dev)
+    if Yt.ndim == 1:
+        Yt = Yt.reshape(-1, 1)
+    if Xt.ndim != 2 or Yt.shape[0] != Xt.shape[0]:
+        raise NeuronStatsError(f"X must be (r, m) and Y (r, k) with the same r, got "
+                               f"{tuple(Xt.shape)} and {tuple(Yt.shape)}")
+    if mask is not None:
+        mk = _as_tensor(mask).to(dev).bool()
+        Xt, Yt = Xt[mk], Yt[mk]
+    n = Xt.shape[0]
+    if n < 2:
+        raise NeuronStatsError(f"Spearman correlation needs at least 2 rows, got {n}")
+    ry = rank_transform(Yt.to(torch.float64), 0)
+    ry = ry - ry.mean(0)
+    ny = torch.linalg.vector_norm(ry, dim=0)
+    out = torch.empty(Xt.shape[1], Yt.shape[1], dtype=torch.float64, device=dev)
+    for j0 in range(0, Xt.shape[1], column_block):
+        rx = rank_transform(Xt[:, j0:j0 + column_block], 0)
+        rx = rx - rx.mean(0)
+        nx = torch.linalg.vector_norm(rx, dim=0)
+        den = nx.unsqueeze(-1) * ny
+        num = rx.T @ ry
+        out[j0:j0 + column_block] = torch.where(den > 0, num / torch.where(den > 0, den, 1.0),
+                                                torch.zeros_like(num))
+    return out.clamp(-1.0, 1.0)
