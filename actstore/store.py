@@ -529,7 +529,10 @@ def open_store(path, mode: str = "r") -> ActivationStore:
         try:
             handle = h5py.File(path, "r" if mode == "r" else "r+")
         except OSError as exc:
-            raise StoreError(f"{path}: cannot open HDF5 file: {exc}") from None
+            hint = (" (HDF5 allows one writer and no readers at once: close other handles, "
+                    "e.g. store.close())" if "already open" in str(exc) or "lock" in str(exc)
+                    else "")
+            raise StoreError(f"{path}: cannot open HDF5 file: {exc}{hint}") from None
         raw = handle.attrs.get("actstore")
         header = json.loads(raw) if raw is not None else None
         if header is not None and "rows_done" not in handle:

