@@ -61,7 +61,7 @@ template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }  // 2
 constexpr int NPB = 6;         // panels per macro tile side (144 float / 72 double columns)
 constexpr int KC = 128;        // rows per inner step: two 12 KiB operand chunks stay in L1
 constexpr int64_t kRowGroup = 32;  // rows per conversion work item
-constexpr size_t kPackBudget = size_t(48) << 20;  // bytes of packed panels per layer group
+constexpr size_t kPackBudget = size_t(32) << 20;  // bytes of packed panels per layer group (~L3)
 
 struct AlignedFree {
   void operator()(void *p) const { std::free(p); }
@@ -182,7 +182,17 @@ template <class T> void run(const Problem &P) {
   const int64_t LG = std::max<int64_t>(1, std::min<int64_t>(B, int64_t(kPackBudget / std::max<size_t>(layer_bytes, 1))));
   const size_t panel_stride = size_t(R_cap) * W;  // elements
   const size_t layer_stride = panel_stride * size_t(n_pan);
-  auto packed = aligned_array<T>(layer_stride * size_t(LG));
+  // The packed buffer is reused across calls by the calling thread: a fresh allocation each
+  // call would page-fault and zero tens of MiB per chunk.
+  thread_local std::unique_ptr<T[], AlignedFree> packed_cache;
+  thread_local size_t packed_cap = 0;
+  const size_t packed_need = layer_stride * size_t(LG);
+  if (packed_cap < packed_need) {
+    packed_cache.reset();
+    packed_cache = aligned_array<T>(packed_need);
+    packed_cap = packed_need;
+  }
+  T *const packed_base = packed_cache.get();
 
   // Shift in the accumulation type (float mode subtracts the float-rounded shift).
   std::vector<T> shiftT(size_t(B * d));
@@ -226,7 +236,7 @@ template <class T> void run(const Problem &P) {
           for (int64_t item = 0; item < n_conv; ++item) {
             const int64_t l = item / n_rgrp, t_beg = (item % n_rgrp) * kRowGroup, b = b0 + l;
             const int64_t t_end = std::min<int64_t>(R, t_beg + kRowGroup);
-            T *lp = packed.get() + size_t(l) * layer_stride;
+            T *lp = packed_base + size_t(l) * layer_stride;
             const T *shl = shiftT.data() + b * d;
             alignas(32) T x[W];
             for (int64_t t = t_beg; t < t_end; ++t) {
@@ -250,7 +260,7 @@ template <class T> void run(const Problem &P) {
             const int64_t l = item / n_pan, p = item % n_pan, b = b0 + l;
             const int64_t j0 = p * W;
             const int w = int(std::min<int64_t>(W, d - j0));
-            const T *src = packed.get() + size_t(l) * layer_stride + size_t(p) * panel_stride;
+            const T *src = packed_base + size_t(l) * layer_stride + size_t(p) * panel_stride;
             double sxl[W] = {};
             std::vector<double> xyl(size_t(k) * W, 0.0);  // (k, W): vectorises over columns
             for (int64_t t = 0; t < R; ++t) {
@@ -279,7 +289,7 @@ template <class T> void run(const Problem &P) {
           for (int64_t it = 0; it < n_tiles; ++it) {
             const Tile tl = tiles[it];
             const int64_t b = b0 + tl.layer;
-            const T *lp = packed.get() + size_t(tl.layer) * layer_stride;
+            const T *lp = packed_base + size_t(tl.layer) * layer_stride;
             const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
             const int64_t pi1 = std::min<int64_t>(pi0 + NPB, n_pan), pj1 = std::min<int64_t>(pj0 + NPB, n_pan);
             T *C = cbuf.get();
