@@ -20,6 +20,7 @@ z units, and predictions/coefficients are mapped back before scoring.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def _check_finite_layer(store, pos: int, n: int):
 def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_per_target=False,
                    split="is_test", backend="auto", out=None, layers=None,
                    precision="float64", memory_bytes=2 << 30, chunk_rows=None,
-                   progress=False, seed=0) -> dict:
+                   progress=False, seed=0, device=None) -> dict:
     """Fit a ridge probe with CV-chosen alpha on every layer of ``store``; score and report it.
 
     store: path or ActivationStore. targets: names (default: the store's). alphas: grid (see
@@ -147,6 +148,8 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     per target instead of one per layer. split: see :func:`parse_split`. backend: statistics
     backend (auto|cpu|torch|cuda|triton). precision: "float64" (exact; statistics and projections
     in float64) or "float32" (float32 statistics blocks and projections, ~1e-6 relative).
+    device: where the solve runs (default: cuda for the cuda/triton backends, else cpu; the torch
+    backend runs on either). store may also be any object with the ActivationStore reading API.
     layers: layer positions to fit (default all). out: directory for results.json, probes.npz,
     the best layer's predictions and PNG plots.
 
@@ -155,12 +158,12 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     probes.npz instead of the JSON.
     """
     import torch
-    from actstore.store import ActivationStore, open_store
+    from actstore.store import open_store
     from probes import metrics
     from probes.kernels import resolve_backend
 
     t0 = time.perf_counter()
-    if not isinstance(store, ActivationStore):
+    if isinstance(store, (str, os.PathLike)):
         store = open_store(store)
     if precision not in ("float64", "float32"):
         raise FitError(f"precision must be 'float64' or 'float32', got {precision!r}")
@@ -211,10 +214,12 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
         fold_all = np.full(n, -1, dtype=np.int32)
         fold_all[train] = kfold_assignment(n_train, cv, shuffle=True, seed=seed)
     form = "dual" if n_train < d else "primal"
-    device = torch.device("cpu")
-    be = resolve_backend(backend, "cuda" if backend in ("cuda", "triton") else None)
-    if be in ("cuda", "triton"):
-        device = torch.device("cuda")
+    if device is None:
+        device = "cuda" if backend in ("cuda", "triton") else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FitError(f"backend {backend!r} / device {device} needs a CUDA GPU and none is available")
+    be = resolve_backend(backend, device)
 
     L = len(positions)
     coef = np.zeros((L, d, k))

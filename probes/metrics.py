@@ -85,6 +85,7 @@ def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
 
 
 def _distance_fn(metric: str):
+    """Reference distance functions (used by tests and for documentation of the metric)."""
     if metric == "haversine":
         # columns (latitude, longitude)
         return lambda a, b: haversine_km(a[..., 0], a[..., 1], b[..., 0], b[..., 1])
@@ -93,7 +94,12 @@ def _distance_fn(metric: str):
     raise MetricsError(f"unknown distance {metric!r}; choose 'euclidean' or 'haversine'")
 
 
-def proximity_error(y_true, y_pred, metric: str = "euclidean", chunk: int = 1024) -> np.ndarray:
+def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
+    la, lo = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=1)
+
+
+def proximity_error(y_true, y_pred, metric: str = "euclidean") -> np.ndarray:
     """Per-entity proximity error (Gurnee & Tegmark 2023, as in their code):
 
         prox_i = #{j : dist(true_i, pred_j) < dist(true_i, pred_i)} / n
@@ -101,24 +107,47 @@ def proximity_error(y_true, y_pred, metric: str = "euclidean", chunk: int = 1024
     the fraction of the n entities (i itself included in the count n; it never satisfies the
     strict inequality) whose PREDICTION lies closer to entity i's true position than i's own
     prediction does. 0 is perfect; a prediction no better than the others' scores ~0.5+.
-    ``metric``: "euclidean" in target units (for one target, |a - b|), or "haversine" in km with
-    columns (latitude, longitude) in degrees. Computed in row blocks of ``chunk``: O(chunk·n)
-    memory, never the n×n matrix. The reported split score is the mean over that split's entities,
-    both i and j ranging over the split only.
+    ``metric``: "euclidean" in target units (for one target, |a - b|), or "haversine"
+    (great-circle distance) with columns (latitude, longitude) in degrees. The reported split
+    score is the mean over that split's entities, both i and j ranging over the split only.
+
+    Computation, O(n) memory, never an n×n matrix: one target -> sort the predictions and count
+    those strictly inside (true_i - r_i, true_i + r_i), O(n log n); several targets -> a k-d tree
+    over the predictions, counting for each i the predictions within r_i (1 - 1e-12) of true_i
+    (the shrink makes the ball open, so exact ties never count). The great-circle distance is
+    monotone in the chord between unit vectors, so haversine uses a 3-D tree on the sphere.
     """
     t, p = _pair(y_true, y_pred)
-    if metric == "haversine" and t.shape[1] != 2:
+    n, k = t.shape
+    if metric not in ("euclidean", "haversine"):
+        raise MetricsError(f"unknown distance {metric!r}; choose 'euclidean' or 'haversine'")
+    if metric == "haversine" and k != 2:
         raise MetricsError("haversine proximity needs exactly (latitude, longitude) columns")
-    dist = _distance_fn(metric)
-    n = t.shape[0]
-    own = dist(t, p)                                                          # (n,)
-    out = np.empty(n, dtype=np.float64)
-    step = max(1, int(chunk))
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        d = dist(t[s:e, None, :], p[None, :, :])                              # (c, n)
-        out[s:e] = (d < own[s:e, None]).sum(1) / n
-    return out
+    if not (np.isfinite(t).all() and np.isfinite(p).all()):
+        raise MetricsError("proximity error needs finite true and predicted values")
+    if metric == "euclidean" and k == 1:
+        tt, pp = t[:, 0], p[:, 0]
+        r = np.abs(tt - pp)
+        ps = np.sort(pp)
+        # Slightly widened interval, then drop boundary elements that fail the exact test
+        # |t_i - p_j| < r_i (t ± r rounds, so the interval alone can misplace a tie).
+        pad = 4 * np.finfo(np.float64).eps * (np.abs(tt) + r + 1e-300)
+        lo = np.searchsorted(ps, tt - r - pad, side="left")
+        hi = np.searchsorted(ps, tt + r + pad, side="right")
+        while True:
+            m = (lo < hi) & (np.abs(tt - ps[np.minimum(lo, n - 1)]) >= r)
+            lo = lo + m
+            m2 = (lo < hi) & (np.abs(tt - ps[np.maximum(hi - 1, 0)]) >= r)
+            hi = hi - m2
+            if not (m.any() or m2.any()):
+                break
+        return (hi - lo) / n
+    from scipy.spatial import cKDTree
+    if metric == "haversine":
+        t, p = _unit_vectors(t), _unit_vectors(p)
+    r = np.sqrt(((t - p) ** 2).sum(1))
+    counts = cKDTree(p).query_ball_point(t, r * (1 - 1e-12), return_length=True, workers=-1)
+    return np.asarray(counts, dtype=np.float64) / n
 
 
 def _latlon(names) -> tuple[int, int] | None:

@@ -172,6 +172,11 @@ class LooAccumulator:
         self.dtype = torch.float32 if precision == "float32" else torch.float64
         self.Vc = factor.V.to(self.dtype)
         self.meanc = factor.mean.to(self.dtype)
+        # float64: project first and subtract the projected mean inside the same GEMM (baddbmm);
+        # float32: centre first so that a large mean cannot cancel away float32 digits.
+        self.mV = -(factor.mean[:, None, :] @ factor.V)                          # (B, 1, d)
+        self.inv_c = self.inv_t.to(self.dtype)
+        self.GA_c = self.GA.to(self.dtype)
         self.pred = (torch.zeros(B, n_rows, A, k, dtype=torch.float64, device=dev)
                      if keep_predictions else None)
 
@@ -182,14 +187,21 @@ class LooAccumulator:
         if X.device != self.f.lam.device:
             X = X.to(self.f.lam.device)
         r = X.shape[1]
-        Z = torch.matmul(X.to(self.dtype) - self.meanc[:, None, :], self.Vc).to(torch.float64)
-        h = 1.0 / self.f.n + torch.matmul(Z * Z, self.inv_t)                   # (B, r, A)
-        yhat = torch.matmul(Z, self.GA).reshape(self.B, r, self.A, self.k) + self.f.ybar
+        if self.dtype == torch.float64:
+            Z = torch.baddbmm(self.mV, X.to(torch.float64), self.Vc)
+        else:
+            Xc = X.to(torch.float32)
+            Xc -= self.meanc[:, None, :]
+            Z = torch.matmul(Xc, self.Vc)
+        yhat = torch.matmul(Z, self.GA_c)
+        Z.mul_(Z)
+        h = torch.matmul(Z, self.inv_c).to(torch.float64).add_(1.0 / self.f.n)   # (B, r, A)
+        yhat = yhat.to(torch.float64).reshape(self.B, r, self.A, self.k).add_(self.f.ybar)
         if self.pred is not None:
             self.pred[:, start:start + r] = yhat
-        train = torch.as_tensor(np.asarray(train, dtype=bool), device=Z.device)
+        train = torch.as_tensor(np.asarray(train, dtype=bool), device=yhat.device)
         if bool(train.any()):
-            Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64), device=Z.device)[train]
+            Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64), device=yhat.device)[train]
             e = (Yt[None, :, None, :] - yhat[:, train]) / (1.0 - h[:, train])[..., None]
             self.sse += (e * e).sum(1)
             self.n_train += int(train.sum())
@@ -295,7 +307,7 @@ def dual_loo(X, Y, alphas):
     """
     torch = _torch()
     X = torch.as_tensor(X, dtype=torch.float64)
-    Y = torch.as_tensor(Y, dtype=torch.float64)
+    Y = torch.as_tensor(Y, dtype=torch.float64, device=X.device)
     n = X.shape[0]
     if n < 3:
         raise RidgeError(f"need at least 3 training rows, got {n}")
@@ -328,7 +340,7 @@ def dual_kfold_scores(X, Y, fold, alphas):
     """Per-target k-fold R² (A, k), averaged over folds, in dual form. X (n, d), Y (n, k), fold (n,)."""
     torch = _torch()
     X = torch.as_tensor(X, dtype=torch.float64)
-    Y = torch.as_tensor(Y, dtype=torch.float64)
+    Y = torch.as_tensor(Y, dtype=torch.float64, device=X.device)
     fold = np.asarray(fold)
     a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), device=X.device)
     Xs = X - X.mean(0)                                                        # any fixed shift

@@ -1,0 +1,238 @@
+"""Benchmark: all-layer ridge probing, fastprobe vs a per-layer scikit-learn RidgeCV loop vs the
+float32 matmul floor, on the same synthetic fp16 activations.
+
+(a) sklearn: for each layer, ``RidgeCV(alphas).fit(X_train, z-scored y)`` on float64 copies of the
+    fp16 activations + predict the test rows (the paper's method).
+(b) ours: ``probes.fit_all_layers`` (statistics pass, batched eigendecomposition, projection
+    pass, metrics) on an in-memory store (the same reading API as ActivationStore).
+(c) floor: the float32 matrix products the method needs, timed with torch on this machine:
+    primal (n_train >= d): Gram XᵀX over the train rows + projection X·V over all rows
+    (2 n d² multiply-adds per layer); dual: the kernel X Xᵀ (n_train² d).
+
+Also checks that (a) and (b) choose identical alphas. Appends a section to bench/RESULTS.md.
+
+    python bench/probe.py                     # both shapes (slow parts measured on a few layers)
+    python bench/probe.py --shape small --sk-layers 30
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"smollm2": (30, 20_000, 576), "llama7b": (32, 4_000, 4_096)}
+ALPHAS = np.logspace(-2, 5, 25)
+
+
+class MemoryStore:
+    """The subset of ActivationStore that fit_all_layers reads, over an in-memory (L, n, d) array."""
+
+    def __init__(self, X: np.ndarray, ent: pd.DataFrame, targets, group_columns=()):
+        self._X = X
+        self.path = "<memory>"
+        self.n_layers, self.n_rows, self.d_model = X.shape
+        self.rows_done = self.n_rows
+        self.layers = list(range(1, self.n_layers + 1))
+        self.dtype = str(X.dtype)
+        self.rows_per_chunk = 1024
+        self.targets = tuple(targets)
+        self.group_columns = tuple(group_columns)
+        self.meta = {"model": "synthetic"}
+        self._ent = ent
+
+    @property
+    def entities(self):
+        return self._ent.copy()
+
+    def target_array(self, names=None):
+        return self._ent[list(names or self.targets)].to_numpy(dtype=np.float64)
+
+    @property
+    def is_test(self):
+        return self._ent["is_test"].to_numpy(dtype=bool)
+
+    def layer(self, i, array="resid", as_="numpy"):
+        return self._X[i]
+
+    def iter_chunks(self, rows=None, layers=None, array="resid", start=0, stop=None):
+        pos = list(range(self.n_layers)) if layers is None else list(layers)
+        step = rows or self.rows_per_chunk
+        end = self.rows_done if stop is None else min(stop, self.rows_done)
+        contiguous = pos == list(range(pos[0], pos[-1] + 1))
+        for s in range(start, end, step):
+            e = min(end, s + step)
+            yield s, (self._X[pos[0]:pos[-1] + 1, s:e] if contiguous else self._X[pos, s:e])
+
+
+def make_data(L, n, d, seed=0, test_frac=0.2):
+    """fp16 activations: a few directions carry (latitude, longitude) more clearly with depth,
+    plus a heavy-tailed spectrum of nuisance directions and isotropic noise."""
+    rng = np.random.default_rng(seed)
+    lat, lon = rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)
+    T = np.c_[(lat - 5) / 38, lon / 104, np.sin(np.radians(lon)), np.cos(np.radians(lat))]
+    ent = pd.DataFrame({"name": [f"e{i}" for i in range(n)], "latitude": lat, "longitude": lon,
+                        "is_test": rng.random(n) < test_frac, "entity_type": "place",
+                        "region": rng.choice(list("ABCDEF"), n)})
+    X = np.empty((L, n, d), dtype=np.float16)
+    r = 32
+    for l in range(L):
+        M = rng.standard_normal((4, d), dtype=np.float32) * (0.2 + 1.5 * l / L)
+        H = rng.standard_normal((n, r), dtype=np.float32) @ (
+            rng.standard_normal((r, d), dtype=np.float32) * (3.0 / np.arange(1, r + 1)[:, None]))
+        X[l] = (T.astype(np.float32) @ M + H + rng.standard_normal((n, d), dtype=np.float32)
+                + rng.standard_normal(d, dtype=np.float32) * 2)
+    return X, ent
+
+
+def run_sklearn(X, ent, layers):
+    from sklearn.linear_model import RidgeCV
+    Y = ent[["latitude", "longitude"]].to_numpy()
+    te = ent.is_test.to_numpy()
+    tr = ~te
+    mu, sd = Y[tr].mean(0), Y[tr].std(0)
+    alphas, t = [], []
+    for l in layers:
+        t0 = time.perf_counter()
+        Xl = X[l].astype(np.float64)
+        m = RidgeCV(alphas=ALPHAS).fit(Xl[tr], (Y[tr] - mu) / sd)
+        m.predict(Xl[te])
+        t.append(time.perf_counter() - t0)
+        alphas.append(float(m.alpha_))
+    return alphas, t
+
+
+def floor_seconds(X, ent, layers, repeat=1):
+    """float32 matmuls the method needs, per layer, torch on CPU (best of `repeat`)."""
+    import torch
+    tr = ~ent.is_test.to_numpy()
+    n_tr = int(tr.sum())
+    d = X.shape[2]
+    out = []
+    for l in layers:
+        Xa = torch.from_numpy(X[l]).float()
+        Xt = Xa[torch.from_numpy(tr)]
+        best = np.inf
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            if n_tr >= d:
+                G = Xt.T @ Xt
+                _ = Xa @ G                     # stands in for X·V (same shape and flops)
+            else:
+                _ = Xt @ Xt.T
+            best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    return out
+
+
+def machine():
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=0):
+    from probes.fit import fit_all_layers
+    print(f"== {name}: {L} layers x {n} rows x {d}", flush=True)
+    t0 = time.perf_counter()
+    X, ent = make_data(L, n, d, seed)
+    print(f"   data {time.perf_counter() - t0:.1f}s", flush=True)
+    store = MemoryStore(X, ent, ("latitude", "longitude"), ("region",))
+    ours_layers = list(range(min(L, our_layers)))
+    res = {}
+    for prec in precisions:
+        t0 = time.perf_counter()
+        r = fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec, layers=ours_layers)
+        el = time.perf_counter() - t0
+        res[prec] = (el, r)
+        print(f"   ours ({prec}, {len(ours_layers)} layers): {el:.2f}s  {r['seconds']}", flush=True)
+    sk_l = list(range(min(L, sk_layers)))
+    sk_alphas, sk_t = run_sklearn(X, ent, sk_l)
+    print(f"   sklearn ({len(sk_l)} layers): {sum(sk_t):.2f}s", flush=True)
+    fl = floor_seconds(X, ent, ours_layers)
+    print(f"   floor ({len(ours_layers)} layers): {sum(fl):.2f}s", flush=True)
+    scale_ours = L / len(ours_layers)
+    rows = []
+    for prec, (el, r) in res.items():
+        ours_alpha = r["arrays"]["alpha"][:, 0]
+        common = min(len(sk_l), len(ours_layers))
+        same = int(np.sum(np.asarray(sk_alphas[:common]) == ours_alpha[:common]))
+        ours_full = el * scale_ours
+        sk_full = sum(sk_t) * L / len(sk_l)
+        fl_full = sum(fl) * scale_ours
+        rows.append(dict(shape=name, L=L, n=n, d=d, n_train=r["n_train"], form=r["form"],
+                         precision=prec, backend=r["backend"], ours_s=ours_full, sklearn_s=sk_full,
+                         floor_s=fl_full, speedup=sk_full / ours_full, vs_floor=ours_full / fl_full,
+                         alphas_same=f"{same}/{common}", sk_layers=len(sk_l), our_layers=len(ours_layers),
+                         stages=r["seconds"]))
+    return rows
+
+
+def write_results_md(rows, path, note):
+    lines = [f"\n## Ridge probes on every layer (bench/probe.py) — {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC\n",
+             f"Machine: {machine()}. {note}\n",
+             "| shape (L x n x d) | form | precision | ours (s) | sklearn RidgeCV loop (s) | float32 floor (s) "
+             "| speed-up vs sklearn | ours / floor | same alphas |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ext = []
+        if r["sk_layers"] < r["L"]:
+            ext.append(f"sklearn measured on {r['sk_layers']} layers")
+        if r["our_layers"] < r["L"]:
+            ext.append(f"ours+floor measured on {r['our_layers']} layers")
+        tag = f" ({'; '.join(ext)}, scaled to {r['L']})" if ext else ""
+        lines.append(f"| {r['L']} x {r['n']} x {r['d']}{tag} | {r['form']} (n_train={r['n_train']}) | "
+                     f"{r['precision']} ({r['backend']}) | {r['ours_s']:.1f} | {r['sklearn_s']:.1f} | "
+                     f"{r['floor_s']:.1f} | {r['speedup']:.1f}x | {r['vs_floor']:.2f}x | {r['alphas_same']} |")
+    lines.append("")
+    lines.append("Stage seconds of our fit (measured layers): " + "; ".join(
+        f"{r['shape']}/{r['precision']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+        for r in rows))
+    lines.append("")
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["smollm2", "llama7b", "both"], default="both")
+    ap.add_argument("--sk-layers", type=int, default=None,
+                    help="layers for the sklearn loop (default 6 / 2), extrapolated to all")
+    ap.add_argument("--our-layers", type=int, default=None,
+                    help="layers for our fit and the floor (default all / 4), extrapolated")
+    ap.add_argument("--precision", default="float32,float64")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+    rows = []
+    shapes = ["smollm2", "llama7b"] if args.shape == "both" else [args.shape]
+    for s in shapes:
+        L, n, d = SHAPES[s]
+        sk = args.sk_layers or (6 if s == "smollm2" else 2)
+        ol = args.our_layers or (L if s == "smollm2" else 4)
+        rows += bench_shape(s, L, n, d, sk, ol, args.precision.split(","), args.backend)
+    if not args.no_write:
+        write_results_md(rows, ROOT / "bench" / "RESULTS.md", args.note)
+
+
+if __name__ == "__main__":
+    main()
