@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 # On the project's CPU machines this resolves to a local CPU wheel; override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
+DEMO_LIMIT ?= 1000
 PYTEST_ARGS ?=
 
 NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
@@ -35,7 +36,7 @@ test: native
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: native
-	$(VENV)/bin/actstore run demo --out $(DEMO_OUT)
+	$(VENV)/bin/actstore run --out $(DEMO_OUT) --limit $(DEMO_LIMIT)
 	@echo "report: $(DEMO_OUT)/report.md"
 
 bench: native

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("actstore.datasets", "actstore.extract")
+COMMANDS = ("actstore.datasets", "actstore.extract", "actstore.pipeline")
 
 EPILOG = """\
 examples:
