@@ -198,6 +198,16 @@ template <class T> void run(const Problem &P) {
   std::vector<T> shiftT(size_t(B * d));
   for (int64_t i = 0; i < B * d; ++i) shiftT[i] = static_cast<T>(P.shift[i]);
 
+  // One macro-tile accumulator per OpenMP thread, allocated here: nothing inside the parallel
+  // region may throw.
+#ifdef ACTSTORE_OPENMP
+  const int n_threads = omp_get_max_threads();
+#else
+  const int n_threads = 1;
+#endif
+  auto tile_bufs = aligned_array<T>(size_t(n_threads) * size_t(ldc) * ldc);
+  auto xy_bufs = aligned_array<double>(size_t(n_threads) * size_t(k) * W);
+
   // Macro tiles, largest first so the dynamic schedule ends balanced.
   std::vector<Tile> tiles_one_layer;
   for (int J = 0; J < n_mac; ++J)
@@ -226,7 +236,7 @@ template <class T> void run(const Problem &P) {
         const int64_t n_tiles = int64_t(tiles.size());
 
 #ifdef ACTSTORE_OPENMP
-#pragma omp parallel
+#pragma omp parallel num_threads(n_threads)
 #endif
         {
           // ---- 1a. convert + shift + pack, row-sequential reads of X (items: layer x row group).
@@ -262,13 +272,18 @@ template <class T> void run(const Problem &P) {
             const int w = int(std::min<int64_t>(W, d - j0));
             const T *src = packed_base + size_t(l) * layer_stride + size_t(p) * panel_stride;
             double sxl[W] = {};
-            std::vector<double> xyl(size_t(k) * W, 0.0);  // (k, W): vectorises over columns
+#ifdef ACTSTORE_OPENMP
+            double *const xyl = xy_bufs.get() + size_t(omp_get_thread_num()) * size_t(k) * W;
+#else
+            double *const xyl = xy_bufs.get();
+#endif
+            std::fill(xyl, xyl + size_t(k) * W, 0.0);  // (k, W): vectorises over columns
             for (int64_t t = 0; t < R; ++t) {
               const T *x = src + size_t(t) * W;
               for (int j = 0; j < W; ++j) sxl[j] += double(x[j]);
               const double *y = P.Y + ridx[t] * k;
               for (int64_t a = 0; a < k; ++a) {
-                double *xa = xyl.data() + a * W;
+                double *xa = xyl + a * W;
                 const double ya = y[a];
                 for (int j = 0; j < W; ++j) xa[j] += double(x[j]) * ya;
               }
@@ -282,7 +297,11 @@ template <class T> void run(const Problem &P) {
           }
 
           // ---- 2./3. SYRK over macro tiles, flush into the float64 totals (both halves).
-          auto cbuf = aligned_array<T>(size_t(ldc) * ldc);
+#ifdef ACTSTORE_OPENMP
+          T *const cbuf = tile_bufs.get() + size_t(omp_get_thread_num()) * size_t(ldc) * ldc;
+#else
+          T *const cbuf = tile_bufs.get();
+#endif
 #ifdef ACTSTORE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -292,7 +311,7 @@ template <class T> void run(const Problem &P) {
             const T *lp = packed_base + size_t(tl.layer) * layer_stride;
             const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
             const int64_t pi1 = std::min<int64_t>(pi0 + NPB, n_pan), pj1 = std::min<int64_t>(pj0 + NPB, n_pan);
-            T *C = cbuf.get();
+            T *C = cbuf;
             std::fill(C, C + size_t(ldc) * ldc, T(0));
             for (int64_t t0 = 0; t0 < R; t0 += KC) {
               const int kc = int(std::min<int64_t>(KC, R - t0));
