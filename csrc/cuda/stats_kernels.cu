@@ -218,7 +218,8 @@ __global__ void __launch_bounds__(MT) moments_kernel(const __half* __restrict__ 
 #pragma unroll
     for (int t = 0; t < KC; ++t) xy[q][t] = 0.f;
   }
-  for (int pos = lo; pos < hi; ++pos) {
+#pragma unroll 4
+  for (int pos = lo; pos < hi; ++pos) {  // unrolled: several 16-B loads in flight per thread
     const int64_t row = row_at(idx, pos);
     float x[V];
     if constexpr (V == 8) {

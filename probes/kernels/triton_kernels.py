@@ -3,12 +3,14 @@
 ``gram_update(stats, X, Y, fold)`` adds one chunk X (B, r, d) float16 CUDA, Y (r, k), fold (r,)
 (-1 = skip) into a :class:`probes.stats.GramStats` held in float64 on the same device.
 
-Kernel ``_gram_kernel``: one program per (upper-triangle tile pair (I, J) of the d x d Gram,
-layer b, fold f). It walks the fold's rows in blocks of BLOCK_R, loads the two fp16 column tiles,
+Kernel ``_gram_kernel``: one program per (BM x BN output tile (I, J) of the d x d Gram that
+holds entries with i <= j, layer b, fold f). It walks the fold's rows in blocks of BLOCK_R, loads the two fp16 column tiles,
 subtracts the float32 shift, rounds the shifted values to fp16 and accumulates XᵢᵀXⱼ in float32
-with ``tl.dot`` (tensor cores). Diagonal programs (I == J) also accumulate Σx and XᵀY (float32,
-IEEE dot) for their columns, so X is read by one kernel only. At the end each program adds its
-float32 tile into the float64 statistics (and the mirrored tile below the diagonal).
+with ``tl.dot`` (tensor cores). The first tile of each row block also accumulates Σx and XᵀY
+(float32, IEEE dot) for its columns, so X is read by one kernel only. At the end each program writes
+the i <= j part of its float32 tile, and the i < j part to the mirrored positions, into a
+float32 chunk Gram that is then added into the float64 totals (so they stay exactly
+symmetric). That add costs d² x 20 bytes per layer and chunk: use chunks of >= 8k rows.
 
 Precision (stated, tested): the shifted value x - c is rounded to fp16 before the product, a
 relative rounding of at most 2^-11 per value; with float32 accumulation the Gram agrees with the
@@ -50,32 +52,33 @@ def unavailable_reason() -> str:
 
 # ----------------------------------------------------------------------------------- kernels
 @triton.jit
-def _tile_of(pid, n_tiles):
-    """(I, J) with I <= J of the pid-th upper-triangle tile, row-major over I."""
+def _tile_of(pid, n_tm, n_tn, BM: tl.constexpr, BN: tl.constexpr):
+    """(I, J) of the pid-th tile, row-major over I, among the BM x BN tiles of a d x d matrix
+    that hold at least one entry with i <= j: row block I keeps J >= (BM * I) // BN."""
     ti = pid * 0
     rem = pid
-    while rem >= n_tiles - ti:
-        rem -= n_tiles - ti
+    while rem >= n_tn - (BM * ti) // BN:
+        rem -= n_tn - (BM * ti) // BN
         ti += 1
-    return ti, ti + rem
+    return ti, (BM * ti) // BN + rem
 
 
 @triton.jit
 def _gram_kernel(X, Y, IDX, OFF, SHIFT, SX, XTX, XTY,
-                 d, k, F, n_tiles,
+                 d, k, F, n_tm, n_tn,
                  s_xb, s_xr, s_xd, s_yr, s_yk,
-                 BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr,
                  GATHER: tl.constexpr, SHIFT_IN: tl.constexpr, DIAG_STATS: tl.constexpr):
     pid = tl.program_id(0)
     bf = tl.program_id(1)
     b = bf // F
     f = bf % F
-    ti, tj = _tile_of(pid, n_tiles)
+    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
     r0 = tl.load(OFF + f)
     r1 = tl.load(OFF + f + 1)
 
-    ci = ti * BLOCK + tl.arange(0, BLOCK)
-    cj = tj * BLOCK + tl.arange(0, BLOCK)
+    ci = ti * BM + tl.arange(0, BM)
+    cj = tj * BN + tl.arange(0, BN)
     mi = ci < d
     mj = cj < d
     kk = tl.arange(0, KP)
@@ -84,11 +87,12 @@ def _gram_kernel(X, Y, IDX, OFF, SHIFT, SX, XTX, XTY,
     if SHIFT_IN:
         shi = tl.load(SHIFT + b * d + ci, mask=mi, other=0.0)
         shj = tl.load(SHIFT + b * d + cj, mask=mj, other=0.0)
-    diag = ti == tj
+    # the first kept tile of each row block also sums Σx and XᵀY for the block's columns
+    owner = tj == (BM * ti) // BN
 
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    acc_s = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc_y = tl.zeros((BLOCK, KP), dtype=tl.float32)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_s = tl.zeros((BM,), dtype=tl.float32)
+    acc_y = tl.zeros((BM, KP), dtype=tl.float32)
     for r in range(r0, r1, BLOCK_R):
         rr = r + tl.arange(0, BLOCK_R)
         mr = rr < r1
@@ -108,26 +112,24 @@ def _gram_kernel(X, Y, IDX, OFF, SHIFT, SX, XTX, XTY,
             xi32 = xi.to(tl.float32)
             acc = tl.dot(tl.trans(xi), xj, acc)
         if DIAG_STATS:
-            if diag:
+            if owner:
                 acc_s += tl.sum(xi32, axis=0)
                 yv = tl.load(Y + rows[:, None] * s_yr + kk[None, :] * s_yk,
                              mask=mr[:, None] & mk[None, :], other=0.0)
                 acc_y = tl.dot(tl.trans(xi32), yv, acc_y, input_precision="ieee")
 
-    # diagonal tiles: average with the transpose so the totals are exactly symmetric
-    acc = tl.where(diag, (acc + tl.trans(acc)) * 0.5, acc)
+    # this chunk's Gram goes to a float32 buffer G (B*F, d, d), added into the float64 totals
+    # afterwards: a float64 read-modify-write here would need ~4x the registers and spill.
+    # Entries with i <= j go to (i, j), entries with i < j also to (j, i): every entry of G is
+    # written exactly once (no zeroing needed) and G is exactly symmetric.
     base = XTX + bf.to(tl.int64) * d * d
-    m2 = mi[:, None] & mj[None, :]
-    p = base + ci[:, None].to(tl.int64) * d + cj[None, :]
-    old = tl.load(p, mask=m2, other=0.0)
-    tl.store(p, old + acc.to(tl.float64), mask=m2)
-    if ti != tj:
-        pt = base + cj[:, None].to(tl.int64) * d + ci[None, :]
-        m2t = mj[:, None] & mi[None, :]
-        oldt = tl.load(pt, mask=m2t, other=0.0)
-        tl.store(pt, oldt + tl.trans(acc).to(tl.float64), mask=m2t)
+    upper = ci[:, None] <= cj[None, :]
+    tl.store(base + ci[:, None] * d + cj[None, :], acc, mask=mi[:, None] & mj[None, :] & upper)
+    if tj * BN + BN - 1 > ti * BM:      # the tile has entries strictly above the diagonal
+        tl.store(base + cj[:, None] * d + ci[None, :], tl.trans(acc),
+                 mask=mj[:, None] & mi[None, :] & (cj[:, None] > ci[None, :]))
     if DIAG_STATS:
-        if diag:
+        if owner:
             ps = SX + bf.to(tl.int64) * d + ci
             tl.store(ps, tl.load(ps, mask=mi, other=0.0) + acc_s.to(tl.float64), mask=mi)
             py = XTY + bf.to(tl.int64) * d * k + ci[:, None] * k + kk[None, :]
@@ -189,51 +191,61 @@ def _moments_kernel(X, Y, IDX, OFF, SHIFT, OUT,
 
 # ----------------------------------------------------------------------------------- configs
 class GramConfig(tuple):
-    """(BLOCK, BLOCK_R, num_warps, num_stages)."""
+    """(BM, BN, BLOCK_R, num_warps, num_stages, fused): output tile BM x BN, rows per step
+    BLOCK_R; fused: Σx and XᵀY in the Gram kernel (else in the moments kernel, one more read
+    of X but fewer registers in the Gram kernel)."""
 
-    def __new__(cls, block, block_r, warps, stages):
-        return super().__new__(cls, (block, block_r, warps, stages))
+    def __new__(cls, bm, bn, block_r, warps, stages, fused=True):
+        return super().__new__(cls, (bm, bn, block_r, warps, stages, bool(fused)))
 
 
 def gram_configs() -> list[GramConfig]:
-    """Candidate tilings: 128x128 tiles with 8 warps suit H100/H200 tensor cores; smaller for
-    small d and for the interpreter."""
+    """Candidate tilings for H100/H200 tensor cores, best guess first (chosen from the sm_90
+    compiler's register report: these keep the main loop free of spills), then a small tiling
+    for small d; one tiny tiling for the interpreter."""
     if INTERPRET:
-        return [GramConfig(16, 16, 1, 1)]
-    return [GramConfig(128, 64, 8, 3), GramConfig(128, 32, 8, 4), GramConfig(128, 64, 8, 4),
-            GramConfig(64, 64, 4, 3), GramConfig(128, 128, 8, 2)]
+        return [GramConfig(16, 32, 16, 1, 1, True)]
+    return [GramConfig(128, 128, 32, 8, 4, True), GramConfig(128, 128, 64, 8, 3, False),
+            GramConfig(128, 128, 32, 8, 4, False), GramConfig(128, 256, 32, 8, 3, False),
+            GramConfig(64, 64, 64, 4, 3, False)]
 
 
 _TUNED: dict = {}
+TUNE_LOG: dict = {}   # (d, device, shift_in_kernel) -> {config: median ms}
 
 
 def _default_config(d: int) -> GramConfig:
     if INTERPRET:
         return gram_configs()[0]
     if d <= 256:
-        return GramConfig(64, 64, 4, 3)
-    return GramConfig(128, 64, 8, 3)
+        return GramConfig(64, 64, 64, 4, 3, False)
+    return GramConfig(128, 128, 32, 8, 4, True)
 
 
 def tune_gram(d: int, device, B: int = 2, rows: int = 4096, configs=None, shift_in_kernel=True,
               verbose=False) -> GramConfig:
     """Time each candidate config on scratch outputs (never on real statistics) and remember the
     fastest for this (d, device). Returns it."""
+    if INTERPRET:
+        return _default_config(d)
     from triton.testing import do_bench
 
     configs = list(configs or gram_configs())
     X = torch.randn(B, rows, d, device=device).to(torch.float16)
     Y = torch.randn(rows, 2, device=device)
     best, best_t = None, float("inf")
+    timings = {}
     for cfg in configs:
         outs = _scratch(B, 1, d, 2, device)
         try:
-            t = do_bench(lambda: _launch_gram(X, Y, None, None, outs, cfg, shift_in_kernel, True),
+            t = do_bench(lambda: _launch_gram(X, Y, None, None, outs, cfg, shift_in_kernel, cfg[5],
+                                              with_moments=True),
                          warmup=5, rep=30, return_mode="median")
         except Exception as exc:  # noqa: BLE001 - a config may not fit this card (shared memory)
             if verbose:
                 print(f"  config {tuple(cfg)} failed: {type(exc).__name__}: {exc}")
             continue
+        timings[tuple(cfg)] = t
         if verbose:
             print(f"  config {tuple(cfg)}: {t:.3f} ms")
         if t < best_t:
@@ -241,12 +253,14 @@ def tune_gram(d: int, device, B: int = 2, rows: int = 4096, configs=None, shift_
     if best is None:
         best = _default_config(d)
     _TUNED[(d, str(device), shift_in_kernel)] = best
+    TUNE_LOG[(d, str(device), shift_in_kernel)] = timings
     return best
 
 
 def _scratch(B, F, d, k, device):
     z = dict(dtype=torch.float64, device=device)
-    return (torch.zeros(B, d, **z), torch.zeros(B * F, d, **z), torch.zeros(B * F, d, d, **z),
+    return (torch.zeros(B, d, dtype=torch.float32, device=device), torch.zeros(B * F, d, **z),
+            torch.empty(B * F, d, d, dtype=torch.float32, device=device),
             torch.zeros(B * F, d, k, **z))
 
 
@@ -254,8 +268,10 @@ def _kp(k: int) -> int:
     return max(16, triton.next_power_of_2(max(k, 1)))
 
 
-def _launch_gram(X, Y, idx, off, outs, cfg, shift_in_kernel, diag_stats):
-    """Run the Gram kernel. outs = (shift32 (B, d), sx (B*F, d), xtx (B*F, d, d), xty (B*F, d, k))."""
+def _launch_gram(X, Y, idx, off, outs, cfg, shift_in_kernel, diag_stats, with_moments=False):
+    """Run the Gram kernel. outs = (shift32 (B, d), sx (B*F, d) float64 (added to),
+    g32 (B*F, d, d) float32 (overwritten with this chunk's Gram), xty (B*F, d, k) float64
+    (added to)). ``with_moments`` (tuning only): also run the moments kernel when not fused."""
     shift, sx, xtx, xty = outs
     B, r, d = X.shape
     k = Y.shape[1]
@@ -266,15 +282,18 @@ def _launch_gram(X, Y, idx, off, outs, cfg, shift_in_kernel, diag_stats):
     else:
         gather = True
     F = off.numel() - 1
-    block, block_r, warps, stages = cfg
-    n_tiles = triton.cdiv(d, block)
-    grid = (n_tiles * (n_tiles + 1) // 2, B * F)
+    bm, bn, block_r, warps, stages = cfg[:5]
+    n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
+    n_prog = sum(n_tn - (bm * i) // bn for i in range(n_tm))
+    grid = (n_prog, B * F)
     _gram_kernel[grid](X, Y, idx, off, shift, sx, xtx, xty,
-                       d, k, F, n_tiles,
+                       d, k, F, n_tm, n_tn,
                        X.stride(0), X.stride(1), X.stride(2), Y.stride(0), Y.stride(1),
-                       BLOCK=block, BLOCK_R=block_r, KP=_kp(k), GATHER=gather,
+                       BM=bm, BN=bn, BLOCK_R=block_r, KP=_kp(k), GATHER=gather,
                        SHIFT_IN=bool(shift_in_kernel), DIAG_STATS=bool(diag_stats),
                        num_warps=warps, num_stages=stages)
+    if with_moments and not diag_stats:
+        moments(X, Y, shift, squares=False)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -354,30 +373,37 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool = 
     for name in ("sx", "xtx", "xty"):
         if not getattr(stats, name).is_contiguous():
             setattr(stats, name, getattr(stats, name).contiguous())
+    fused = bool(cfg[5]) if len(cfg) > 5 else True
+    # this chunk's sums about the kernel's shift (c, or 0 for raw products): float32 Gram,
+    # float64 Σx and Σxyᵀ
+    shift_k = shift32 if shift_in_kernel else torch.zeros_like(shift32)
+    g32 = torch.empty(B * F, d, d, dtype=torch.float32, device=dev)
+    s_c = torch.zeros(B * F, d, dtype=torch.float64, device=dev)
+    xy_c = torch.zeros(B * F, d, k, dtype=torch.float64, device=dev)
+    _launch_gram(X, Y32, idx, off, (shift_k, s_c, g32, xy_c), cfg, shift_in_kernel, fused)
+    if not fused:
+        sxm, _, sxym = moments(X, Y32, shift_k, fold=fold, n_folds=F, squares=False)
+        s_c, xy_c = sxm, sxym
+    s_c, xy_c = s_c.view(B, F, d), xy_c.view(B, F, d, k)
+    stats.xtx.view(B * F, d, d).add_(g32)
+    del g32
     if shift_in_kernel:
-        outs = (shift32, stats.sx.view(B * F, d), stats.xtx.view(B * F, d, d),
-                stats.xty.view(B * F, d, k))
-        _launch_gram(X, Y32, idx, off, outs, cfg, True, True)
+        stats.sx += s_c
+        stats.xty += xy_c
     else:
-        # raw sums of this chunk: Σx and ΣxyT into scratch, ΣxxT straight into the statistics;
-        # then re-express about c: Σ(x-c)(x-c)ᵀ = G - s cᵀ - c sᵀ + n c cᵀ, Σ(x-c) = s - n c,
-        # Σ(x-c)yᵀ = Σxyᵀ - c (Σy)ᵀ.
-        s_raw = torch.zeros(B * F, d, dtype=torch.float64, device=dev)
-        xy_raw = torch.zeros(B * F, d, k, dtype=torch.float64, device=dev)
-        outs = (shift32, s_raw, stats.xtx.view(B * F, d, d), xy_raw)
-        _launch_gram(X, Y32, idx, off, outs, cfg, False, True)
+        # re-express the raw sums about c: Σ(x-c)(x-c)ᵀ = G - s cᵀ - c sᵀ + n c cᵀ,
+        # Σ(x-c) = s - n c, Σ(x-c)yᵀ = Σxyᵀ - c (Σy)ᵀ
         c = stats.shift.to(torch.float64).unsqueeze(1)                       # (B, 1, d)
         n = torch.as_tensor(counts, dtype=torch.float64, device=dev).view(1, F, 1)
-        s = s_raw.view(B, F, d)
-        stats.xtx -= (s.unsqueeze(-1) * c.unsqueeze(-2) + c.unsqueeze(-1) * s.unsqueeze(-2)
+        stats.xtx -= (s_c.unsqueeze(-1) * c.unsqueeze(-2) + c.unsqueeze(-1) * s_c.unsqueeze(-2)
                       - n.unsqueeze(-1) * (c.unsqueeze(-1) * c.unsqueeze(-2)))
-        stats.sx += s - n * c
+        stats.sx += s_c - n * c
         sy_chunk = torch.zeros(F, k, dtype=torch.float64, device=dev)
         f = (torch.zeros(r, dtype=torch.long, device=dev) if fold is None else
              torch.as_tensor(fold).to(device=dev, dtype=torch.long).reshape(-1))
         keep = f >= 0
         sy_chunk.index_add_(0, f[keep], Yd[keep])
-        stats.xty += xy_raw.view(B, F, d, k) - c.unsqueeze(-1) * sy_chunk.view(1, F, 1, k)
+        stats.xty += xy_c - c.unsqueeze(-1) * sy_chunk.view(1, F, 1, k)
     _y_stats(stats, Yd, fold, counts, F)
     return stats
 
@@ -402,7 +428,7 @@ def moments(X, Y, shift, fold=None, n_folds: int = 1, squares: bool = True,
     if INTERPRET:
         bn, br, warps = block_n or 16, block_r or 8, 1
     else:
-        bn, br, warps = block_n or 256, block_r or 8, 8
+        bn, br, warps = block_n or 256, block_r or 16, 8
     n_cb = triton.cdiv(m, bn)
     max_rows = int(counts.max()) if len(counts) else 0
     if splits is None:
@@ -425,9 +451,9 @@ def moments(X, Y, shift, fold=None, n_folds: int = 1, squares: bool = True,
     return tot[..., 0], tot[..., 1], tot[..., 2:2 + k]
 
 
-def neuron_update(stats, X, Y, fold=None):
+def neuron_update(stats, X, Y, fold=None, **tiling):
     """Add X (B, r, m) fp16 neuron activations into a probes.neurons.NeuronStats (rows with
-    fold -1 skipped)."""
+    fold -1 skipped). ``tiling``: block_n, block_r, splits of :func:`moments`."""
     from probes.neurons import prepare_neuron_chunk
 
     X, Yc, keep, fold01 = prepare_neuron_chunk(stats, X, Y, fold)
@@ -436,6 +462,6 @@ def neuron_update(stats, X, Y, fold=None):
     X = _check_x(X)
     if X.device != stats.device:
         raise ValueError(f"X is on {X.device} but the statistics are on {stats.device}")
-    sx, sxx, sxy = moments(X, Yc, stats.shift, fold=fold01, n_folds=1)
+    sx, sxx, sxy = moments(X, Yc, stats.shift, fold=fold01, n_folds=1, **tiling)
     stats.add_moments(keep, sx[:, 0], sxx[:, 0], sxy[:, 0], Yc)
     return stats

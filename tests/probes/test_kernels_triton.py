@@ -101,6 +101,23 @@ def test_gram_accumulates_over_chunks_and_skips_rows():
         assert torch.equal(getattr(got, name), getattr(before, name)), name
 
 
+@pytest.mark.parametrize("cfg", [(32, 16, 16, 1, 1, True), (16, 16, 32, 1, 1, False)] if not CUDA
+                         else [(128, 256, 32, 8, 3, False), (64, 64, 64, 4, 3, False),
+                               (128, 128, 32, 8, 4, True), (128, 128, 64, 8, 3, False)])
+def test_gram_other_tilings(cfg):
+    # tall, square and wide tiles map the upper triangle differently; Σx and XᵀY come from the
+    # Gram kernel (fused) or the moments kernel; all must agree
+    B, r, d, k, F = (1, 21, 50, 2, 2) if not CUDA else (2, 700, 600, 2, 2)
+    gen = torch.Generator().manual_seed(sum(cfg))
+    X, Y, fold = make_chunk(B, r, d, k, F, gen)
+    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
+    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), config=tk.GramConfig(*cfg))
+    reference.gram_update(want, X, Y, fold)
+    check_close(got, want, 2e-3)
+
+
 def test_gram_rejects_non_fp16():
     st = GramStats.zeros(1, 8, 1, device=DEV)
     with pytest.raises(ValueError, match="float16"):

@@ -1,0 +1,439 @@
+"""GPU benchmarks of the statistics pass, the neuron correlations and the whole fit.
+
+Run on a GPU machine (bench/gpu_check.sh calls it); every section is independent: a failing
+section records its error and the others still run. Results go to --json after each section and
+a short table is printed at the end.
+
+Sections
+- ceilings: the card's two ceilings, measured here: a large fp16 matrix product (TFLOP/s, random
+  data, median of repeated runs timed with CUDA events) and a large device-to-device copy (GB/s,
+  bytes read + bytes written).
+- gram: the statistics pass on a Llama-2-7B-shaped synthetic set (--layers x --rows x --d fp16,
+  generated on the device in memory), every backend variant: achieved TFLOP/s counts the useful
+  work, B·n·d·(d+1) flops (the upper triangle of XᵀX incl. the diagonal, 2 flops per
+  multiply-add); target >= 60% of the matmul ceiling. Accuracy vs float64 on one layer.
+- fit: the whole fit --all-layers (25 alphas, exact LOO, primal form) = statistics pass (all
+  layers, measured) + batched eigendecomposition + LOO pass (measured on --fit-layers layers,
+  scaled linearly to all layers), next to a naive torch GPU fit (per layer float32 X.T @ X and
+  torch.linalg.solve per alpha; measured on --fit-layers layers, scaled).
+- neurons: Σx, Σx², Σxy over --layers x --rows x --neurons fp16 with 2 targets: achieved GB/s
+  (activation bytes read once) vs the copy ceiling (target >= 60%); Spearman for one layer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+DEV = "cuda"   # --device cpu (with TRITON_INTERPRET=1, tiny sizes) dry-runs the script's logic
+
+
+def cuda_time(fn, reps=5, warmup=1):
+    """Median milliseconds of fn() over reps runs (CUDA events), after warmup runs."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if DEV != "cuda":
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        ts.sort()
+        return ts[len(ts) // 2], ts
+    sync()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2], ts
+
+
+def sync():
+    import torch
+
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    import torch
+
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ------------------------------------------------------------------------------------ sections
+def sec_ceilings(args, res):
+    import torch
+
+    out = {}
+    n = 8192
+    a = torch.randn(n, n, device=DEV, dtype=torch.float16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.float16)
+    c = torch.empty(n, n, device=DEV, dtype=torch.float16)
+    ms, ts = cuda_time(lambda: torch.mm(a, b, out=c), reps=10, warmup=3)
+    out["matmul_fp16_tflops"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+    out["matmul_ms"] = ms
+    del a, b, c
+    nbytes = 4 << 30
+    src = torch.randn(nbytes // 4, device=DEV, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms, ts = cuda_time(lambda: dst.copy_(src), reps=10, warmup=3)
+    out["copy_gbs"] = 2 * nbytes / (ms * 1e-3) / 1e9
+    out["copy_ms"] = ms
+    del src, dst
+    empty_cache()
+    return out
+
+
+_DATA = {}
+
+
+def gram_data(args):
+    import torch
+
+    if "X" not in _DATA:
+        g = torch.Generator(device=DEV).manual_seed(1)
+        B, n, d = args.layers, args.rows, args.d
+        X = torch.randn(B, n, d, device=DEV, dtype=torch.float16, generator=g)
+        # per-column means and scales, like a residual stream (a few large-mean columns)
+        mu = torch.randn(B, 1, d, device=DEV, generator=g) * 0.5
+        mu[:, :, :4] += 20
+        X.mul_(1.5).add_(mu.to(torch.float16))
+        Y = torch.randn(n, 2, device=DEV, dtype=torch.float64, generator=g) * 30
+        _DATA["X"], _DATA["Y"] = X, Y
+    return _DATA["X"], _DATA["Y"]
+
+
+def sec_gram(args, res):
+    import torch
+
+    from probes.kernels import cuda as ck
+    from probes.kernels import triton_kernels as tk
+    from probes.stats import GramStats, choose_shift
+
+    X, Y = gram_data(args)
+    B, n, d = X.shape
+    k = Y.shape[1]
+    shift = choose_shift(X[:, :2048])
+    useful = B * n * d * (d + 1)
+    ceiling = res.get("ceilings", {}).get("matmul_fp16_tflops")
+    out = {"shape": [B, n, d], "useful_tflop": useful / 1e12, "variants": {}}
+
+    t0 = time.time()
+    tuned = {}
+    for sik in (True, False):
+        cfg = tk.tune_gram(d, X.device, B=2, rows=8192, shift_in_kernel=sik,
+                           configs=tk.gram_configs()[:args.tune_configs], verbose=True)
+        tuned[sik] = list(cfg)
+    out["tuned"] = {"shift_in_kernel": tuned[True], "raw": tuned[False],
+                    "seconds": time.time() - t0,
+                    "timings_ms": {("shift-in " if key[2] else "raw ") + str(c): t
+                                   for key, v in tk.TUNE_LOG.items() for c, t in v.items()}}
+
+    # float64 reference of layer 0 (on the GPU), for the accuracy column
+    Xd = X[0].double() - shift[0].to(DEV)
+    ref0 = Xd.T @ Xd
+    del Xd
+
+    variants = [("triton shift-in", lambda st, f=None: tk.gram_update(st, X, Y, f)),
+                ("triton raw+fix", lambda st, f=None: tk.gram_update(st, X, Y, f, shift_in_kernel=False))]
+    if ck.is_available():
+        variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, X, Y, f)))
+    for name, fn in variants:
+        try:
+            st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
+            fn(st)                                   # compile + correctness run
+            sync()
+            err = rel_err(st.xtx[0, 0], ref0)
+            ms, ts = cuda_time(lambda: fn(st), reps=args.reps, warmup=0)
+            tf = useful / (ms * 1e-3) / 1e12
+            out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
+                                     "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
+                                     "rel_err_xtx_layer0": err}
+            del st
+            empty_cache()
+        except Exception as exc:  # noqa: BLE001 - keep the other variants
+            out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+    # 5 folds with 20% test rows (gathered rows)
+    try:
+        g = torch.Generator(device=DEV).manual_seed(2)
+        fold = torch.randint(-1, 4, (n,), device=DEV, dtype=torch.int32, generator=g)
+        st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
+        tk.gram_update(st, X, Y, fold)
+        ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fold), reps=max(2, args.reps // 2),
+                           warmup=0)
+        kept = int((fold >= 0).sum())
+        out["variants"]["triton 4 folds + test rows"] = {
+            "ms": ms, "tflops": B * kept * d * (d + 1) / (ms * 1e-3) / 1e12,
+            "pct_of_matmul": (100 * B * kept * d * (d + 1) / (ms * 1e-3) / 1e12 / ceiling) if ceiling else None}
+        del st
+        empty_cache()
+    except Exception as exc:  # noqa: BLE001
+        out["variants"]["triton 4 folds + test rows"] = {"error": f"{type(exc).__name__}: {exc}"}
+        traceback.print_exc()
+    del ref0
+    return out
+
+
+def sec_fit(args, res):
+    import numpy as np
+    import torch
+
+    from probes.stats import GramStats, choose_shift
+
+    X, Y = gram_data(args)
+    B, n, d = X.shape
+    k = Y.shape[1]
+    L = min(args.fit_layers, B)
+    alphas = np.logspace(-2, 5, 25)
+    out = {"layers_measured": L, "alphas": len(alphas), "scaled_to": B}
+
+    # naive torch GPU: per layer float32 X.T @ X and one solve per alpha
+    def naive(layers):
+        for b in range(layers):
+            Xf = X[b].float()
+            mu = Xf.mean(0)
+            Xf -= mu
+            G = Xf.T @ Xf
+            R = Xf.T @ (Y.float() - Y.float().mean(0))
+            eye = torch.eye(d, device=DEV)
+            for a in alphas:
+                torch.linalg.solve(G + float(a) * eye, R)
+            del Xf, G
+
+    ms, _ = cuda_time(lambda: naive(L), reps=1, warmup=1)
+    out["naive_torch_s"] = ms / 1e3 * B / L
+
+    # ours: statistics pass for every layer (best measured variant), then eigh + LOO
+    gram = res.get("gram", {}).get("variants", {})
+    best = min((v["ms"] for v in gram.values() if "ms" in v), default=None)
+    out["stats_pass_s"] = best / 1e3 if best is not None else None
+    try:
+        from probes.ridge import LooAccumulator, primal_factor
+    except ImportError as exc:
+        out["error"] = f"probes.ridge not importable: {exc}"
+        return out
+    from probes.kernels import triton_kernels as tk
+
+    shift = choose_shift(X[:L, :2048])
+    st = GramStats.zeros(L, d, k, shift=shift, device=DEV)
+    tk.gram_update(st, X[:L], Y)
+    sync()
+
+    def solve():
+        f = primal_factor(st.n[0], st.sx[:, 0], st.xtx[:, 0], st.sy[0], st.xty[:, 0], shift=st.shift)
+        return f
+
+    t0 = time.time()
+    fac = solve()
+    sync()
+    out["eigh_s"] = (time.time() - t0) * B / L
+
+    def loo():
+        acc = LooAccumulator(fac, alphas, n, keep_predictions=False, precision="float32")
+        step = 8192
+        train = np.ones(step, dtype=bool)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            acc.update(s, X[:L, s:e], Y[s:e].cpu().numpy(), train[:e - s])
+        return acc.scores()
+
+    t0 = time.time()
+    sc = loo()
+    sync()
+    out["loo_pass_s"] = (time.time() - t0) * B / L
+    out["loo_finite"] = bool(torch.isfinite(sc).all())
+    if out["stats_pass_s"] is not None:
+        out["ours_total_s"] = out["stats_pass_s"] + out["eigh_s"] + out["loo_pass_s"]
+        out["speedup_vs_naive"] = out["naive_torch_s"] / out["ours_total_s"]
+    return out
+
+
+def sec_neurons(args, res):
+    import torch
+
+    from probes.kernels import cuda as ck
+    from probes.kernels import triton_kernels as tk
+    from probes.neurons import NeuronStats, reference_neuron_update, spearman
+
+    _DATA.clear()
+    empty_cache()
+    B, n, m = args.layers, args.rows, args.neurons
+    free = torch.cuda.mem_get_info()[0] if DEV == "cuda" else 8 << 30
+    need = B * n * m * 2
+    rows = n
+    if need > 0.8 * free:                       # keep within memory: fewer rows, said so
+        rows = int(n * 0.8 * free / need)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    X = torch.randn(B, rows, m, device=DEV, dtype=torch.float16, generator=g)
+    X.mul_(0.5).add_(0.1)
+    Y = torch.randn(rows, 2, device=DEV, dtype=torch.float64, generator=g) * 40
+    nbytes = X.numel() * 2
+    ceiling = res.get("ceilings", {}).get("copy_gbs")
+    out = {"shape": [B, rows, m], "rows_scaled_down": rows != n, "gbytes": nbytes / 1e9,
+           "variants": {}}
+    st_ref = NeuronStats.for_chunk(X[:1, :1024], Y[:1024], device=DEV)
+    reference_neuron_update(st_ref, X[:1], Y)
+    r_ref = st_ref.pearson()
+    import functools
+
+    variants = [(f"triton {bn}x{br}", functools.partial(tk.neuron_update, block_n=bn, block_r=br))
+                for bn, br in ((256, 16), (128, 32), (512, 8))]
+    if ck.is_available():
+        variants.append(("cuda", ck.neuron_update))
+    for name, fn in variants:
+        try:
+            st = NeuronStats.for_chunk(X[:, :1024], Y[:1024], device=DEV)
+            fn(st, X, Y)
+            sync()
+            err = float((st.pearson()[0] - r_ref[0]).abs().max())
+            ms, ts = cuda_time(lambda: fn(st, X, Y), reps=args.reps, warmup=0)
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            out["variants"][name] = {"ms": ms, "all_ms": ts, "gbs": gbs,
+                                     "pct_of_copy": (100 * gbs / ceiling) if ceiling else None,
+                                     "max_abs_err_pearson_layer0": err}
+        except Exception as exc:  # noqa: BLE001
+            out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+    try:
+        t0 = time.time()
+        rho = spearman(X[0], Y)
+        sync()
+        out["spearman_one_layer_s"] = time.time() - t0
+        out["spearman_finite"] = bool(torch.isfinite(rho).all())
+    except Exception as exc:  # noqa: BLE001
+        out["spearman_error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    del X
+    empty_cache()
+    return out
+
+
+SECTIONS = {"ceilings": sec_ceilings, "gram": sec_gram, "fit": sec_fit, "neurons": sec_neurons}
+
+
+# ------------------------------------------------------------------------------------ table
+def _f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def table(res) -> str:
+    lines = [f"device: {res.get('device')}  torch {res.get('torch')}  triton {res.get('triton')}"]
+    c = res.get("ceilings", {})
+    lines.append(f"ceiling fp16 matmul      {_f(c.get('matmul_fp16_tflops'))} TFLOP/s")
+    lines.append(f"ceiling d2d copy         {_f(c.get('copy_gbs'), '{:.0f}')} GB/s")
+    g = res.get("gram", {})
+    if "shape" in g:
+        lines.append(f"gram pass {'x'.join(map(str, g['shape']))} fp16  (target >= 60% of matmul)")
+    for name, v in g.get("variants", {}).items():
+        if "error" in v:
+            lines.append(f"  {name:28s} ERROR {v['error'][:90]}")
+        else:
+            lines.append(f"  {name:28s} {v['ms']:9.1f} ms {v['tflops']:7.1f} TFLOP/s "
+                         f"{_f(v.get('pct_of_matmul'))}%  relerr {_f(v.get('rel_err_xtx_layer0'), '{:.1e}')}")
+    if "error" in g:
+        lines.append(f"  gram ERROR {g['error'][:100]}")
+    f = res.get("fit", {})
+    if f:
+        lines.append(f"whole fit (25 alphas, LOO; eigh+LOO measured on {f.get('layers_measured')} "
+                     f"layers, scaled to {f.get('scaled_to')})")
+        lines.append(f"  ours: stats {_f(f.get('stats_pass_s'), '{:.2f}')} s + eigh "
+                     f"{_f(f.get('eigh_s'), '{:.2f}')} s + LOO {_f(f.get('loo_pass_s'), '{:.2f}')} s = "
+                     f"{_f(f.get('ours_total_s'), '{:.2f}')} s;  naive torch GPU "
+                     f"{_f(f.get('naive_torch_s'), '{:.2f}')} s;  speedup {_f(f.get('speedup_vs_naive'), '{:.1f}')}x")
+        if "error" in f:
+            lines.append(f"  fit ERROR {f['error'][:100]}")
+    nr = res.get("neurons", {})
+    if "shape" in nr:
+        lines.append(f"neurons {'x'.join(map(str, nr['shape']))} fp16, 2 targets "
+                     f"({nr['gbytes']:.1f} GB; target >= 60% of copy)"
+                     + ("  [rows scaled down to fit memory]" if nr.get("rows_scaled_down") else ""))
+    for name, v in nr.get("variants", {}).items():
+        if "error" in v:
+            lines.append(f"  {name:28s} ERROR {v['error'][:90]}")
+        else:
+            lines.append(f"  {name:28s} {v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s "
+                         f"{_f(v.get('pct_of_copy'))}%  max|dr| {_f(v.get('max_abs_err_pearson_layer0'), '{:.1e}')}")
+    if "spearman_one_layer_s" in nr:
+        lines.append(f"  spearman, one layer        {nr['spearman_one_layer_s']:.2f} s")
+    if "error" in nr:
+        lines.append(f"  neurons ERROR {nr['error'][:100]}")
+    for sec in SECTIONS:
+        if isinstance(res.get(sec), dict) and "traceback" in res[sec]:
+            lines.append(f"{sec}: FAILED {res[sec]['error'][:100]}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--rows", type=int, default=40000)
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--neurons", type=int, default=11008)
+    p.add_argument("--fit-layers", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--tune-configs", type=int, default=3)
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cuda", help="cpu: dry run of the logic (TRITON_INTERPRET=1)")
+    p.add_argument("--table-only", action="store_true", help="print the table of an existing --json")
+    args = p.parse_args(argv)
+    if args.table_only:
+        print(table(json.loads(Path(args.json).read_text())))
+        return 0
+    import torch
+    import triton
+
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "torch": torch.__version__, "triton": triton.__version__, "args": vars(args),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    global DEV
+    DEV = args.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 1
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+
+    for sec in [s for s in args.sections.split(",") if s]:
+        t0 = time.time()
+        print(f"=== {sec}", flush=True)
+        try:
+            res[sec] = SECTIONS[sec](args, res)
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            traceback.print_exc()
+            res[sec] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        res.setdefault("seconds", {})[sec] = time.time() - t0
+        print(f"=== {sec} done in {time.time() - t0:.1f} s", flush=True)
+        save()
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

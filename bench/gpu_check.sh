@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# One-shot GPU check: install the carried wheels, build the package against the machine's torch
+# (CUDA kernels for sm_90), run the GPU benchmarks and the GPU tests, and print a short table.
+#
+#   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
+#
+# Robust by design: every step runs even if an earlier one failed, each under its own time limit,
+# and all limits together stay inside GPU_CHECK_BUDGET seconds (default 330). Everything goes to
+# $OUT (default out/gpu_check): gpu_check.log (all output), steps.tsv, bench.json, pytest.txt,
+# summary.txt. Knobs (environment): BENCH_ARGS (extra args of bench/gpu_bench.py, e.g.
+# "--rows 20000"), EXTRACT_ARGS (extra args of bench/extract.py), PYTHON, GPU_CHECK_BUDGET.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/out/gpu_check}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+STEPS="$OUT/steps.tsv"
+: > "$LOG"
+: > "$STEPS"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-330}
+BENCH_ARGS=${BENCH_ARGS:-}
+EXTRACT_ARGS=${EXTRACT_ARGS:-}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+
+step() {  # step NAME LIMIT_S CMD...  (never fails; records rc and seconds)
+  local name=$1 limit=$2
+  shift 2
+  local left=$(( BUDGET - ($(date +%s) - T0) - 10 ))
+  if (( left < 15 )); then
+    echo "##### [$name] skipped: time budget spent" | tee -a "$LOG"
+    printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$STEPS"
+    return 0
+  fi
+  (( limit > left )) && limit=$left
+  local t=$(date +%s) tmp="/tmp/gpu_check_$name.log"
+  echo "##### [$name] $(date -u +%T) limit ${limit}s: $*" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" > "$tmp" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t ))
+  cat "$tmp" >> "$LOG"
+  echo "##### [$name] rc=$rc in ${dt}s" | tee -a "$LOG"
+  if (( rc != 0 )); then  # show the end of a failed step right away
+    tail -n 25 "$tmp" | sed "s/^/  [$name] /"
+  fi
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$dt" >> "$STEPS"
+  return 0
+}
+
+# ---------------------------------------------------------------------------------------- env
+step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
+  $PY -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())';
+  nvcc --version | tail -n 2; nproc; free -g | head -n 2;
+  $PY -m pip list 2>/dev/null | grep -i -E '^(scikit-build-core|pybind11|cmake|ninja|cupy|numpy|scipy) '"
+
+# ------------------------------------------------------------------------- carried wheels
+# zarr and its needs are not on the image; .whl is carried by the caller (git-ignored).
+if ls .whl/*.whl > /dev/null 2>&1; then
+  step wheels 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+       --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "##### [wheels] no .whl/ carried: zarr-dependent code will not import" | tee -a "$LOG"
+  printf '%s\t%s\t%s\n' wheels "missing" 0 >> "$STEPS"
+fi
+
+# ---------------------------------------------------------------------------------------- build
+# Editable, like `make native`: tests and benches run from the repo root and import the
+# compiled modules from build/. Only sm_90 to keep the compile short.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+step build 170 env ACTSTORE_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
+     $PY -m pip install --no-build-isolation --no-deps -e .
+if ! $PY -c "import actstore._native" > /dev/null 2>&1; then
+  step build_cpu_only 120 env ACTSTORE_CUDA=OFF $PY -m pip install --no-build-isolation --no-deps -e .
+fi
+step import 30 $PY -c "
+from actstore import native
+print('cpu module:', native.cpu.__file__, 'openmp', native.cpu.openmp)
+print('cuda module:', native.cuda and native.cuda.__file__, 'devices', native.cuda and native.cuda.device_count())
+from probes.kernels import available_backends; print('backends:', available_backends())
+import zarr; print('zarr', zarr.__version__)
+"
+
+# ---------------------------------------------------------------------------------------- bench
+step bench 240 $PY bench/gpu_bench.py --json "$OUT/bench.json" $BENCH_ARGS
+
+# ---------------------------------------------------------------------------------------- tests
+step tests_gpu_path 150 $PY -m pytest -q -rs -p no:cacheprovider \
+     tests/probes/test_kernels_cuda.py tests/probes/test_kernels_triton.py \
+     tests/probes/test_neurons.py tests/probes/test_stream.py
+cp /tmp/gpu_check_tests_gpu_path.log "$OUT/pytest.txt" 2>/dev/null
+
+if [[ -f bench/extract.py ]]; then
+  step extract 90 $PY bench/extract.py --device cuda --model-config llama2-7b --random-init $EXTRACT_ARGS
+else
+  printf '%s\t%s\t%s\n' extract "absent" 0 >> "$STEPS"
+fi
+
+step tests_gpu_marked 60 $PY -m pytest -q -rs -p no:cacheprovider -m gpu --continue-on-collection-errors \
+     tests --ignore=tests/probes/test_kernels_cuda.py --ignore=tests/probes/test_kernels_triton.py \
+     --ignore=tests/probes/test_neurons.py --ignore=tests/probes/test_stream.py
+cat /tmp/gpu_check_tests_gpu_marked.log >> "$OUT/pytest.txt" 2>/dev/null
+
+# ---------------------------------------------------------------------------------------- table
+{
+  echo "==================== gpu_check summary ($(date -u '+%F %T') UTC, $(( $(date +%s) - T0 )) s)"
+  printf '%-18s %-8s %s\n' step rc seconds
+  while IFS=$'\t' read -r n rc s; do printf '%-18s %-8s %s\n' "$n" "$rc" "$s"; done < "$STEPS"
+  for t in tests_gpu_path tests_gpu_marked; do
+    [[ -f /tmp/gpu_check_$t.log ]] && echo "$t: $(grep -E '(passed|failed|error)' /tmp/gpu_check_$t.log | tail -n 1)"
+  done
+  if [[ -f "$OUT/bench.json" ]]; then
+    $PY bench/gpu_bench.py --table-only --json "$OUT/bench.json" 2>&1
+  else
+    echo "no bench.json (bench step failed before its first section finished)"
+  fi
+} | tee "$OUT/summary.txt"

@@ -1,0 +1,123 @@
+"""Compile the GPU kernels for Hopper (sm_90) WITHOUT a GPU and report their resources.
+
+Triton kernels are compiled ahead of time for a given target (``triton.compile`` with a
+GPUTarget), then the cubin's registers, stack (spills), local loads/stores and whether the
+tensor-core instructions are Hopper's (HGMMA) are read with the cuobjdump shipped in Triton's
+package. The CUDA C++ file is compiled with nvcc -Xptxas -v when nvcc is on the PATH.
+
+    python bench/gpu_compile_check.py [--arch 90] [--quick]
+
+Exit status 1 if a kernel fails to compile. Spills are reported, not fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GRAM_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "SHIFT": "*fp32",
+            "SX": "*fp64", "XTX": "*fp32", "XTY": "*fp64", "d": "i32", "k": "i32", "F": "i32",
+            "n_tm": "i32", "n_tn": "i32", "s_xb": "i64", "s_xr": "i32", "s_xd": "i32",
+            "s_yr": "i32", "s_yk": "i32", "BM": "constexpr", "BN": "constexpr",
+            "BLOCK_R": "constexpr", "KP": "constexpr", "GATHER": "constexpr",
+            "SHIFT_IN": "constexpr", "DIAG_STATS": "constexpr"}
+MOM_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "SHIFT": "*fp32",
+           "OUT": "*fp32", "m": "i32", "k": "i32", "F": "i32", "rows_per_split": "i32",
+           "s_xb": "i64", "s_xr": "i32", "s_xd": "i32", "s_yr": "i32", "s_yk": "i32",
+           "BLOCK_N": "constexpr", "BLOCK_R": "constexpr", "KP": "constexpr",
+           "GATHER": "constexpr", "SQUARES": "constexpr"}
+
+
+def cubin_report(cubin: bytes, cuobjdump: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        name = f.name
+    try:
+        res = subprocess.run([cuobjdump, "-res-usage", name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    regs = f"regs {m.group(1)} stack {m.group(2)}B" if m else res.strip()[:80]
+    mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no-mma")
+    return f"{regs} LDL {sass.count('LDL')} STL {sass.count('STL')} {mma}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--quick", action="store_true", help="first two Gram configs only")
+    args = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from probes.kernels import triton_kernels as tk
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    target = GPUTarget("cuda", args.arch, 32)
+    failed = 0
+
+    def comp(fn, sig, consts, warps, stages, label):
+        nonlocal failed
+        t0 = time.time()
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                               options={"num_warps": warps, "num_stages": stages})
+            print(f"{label:48s} smem {k.metadata.shared:6d}  {cubin_report(k.asm['cubin'], cuobjdump)}"
+                  f"  ({time.time() - t0:.1f}s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report every failure
+            failed += 1
+            print(f"{label:48s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+    cfgs = tk.gram_configs()[:2] if args.quick else tk.gram_configs()
+    for cfg in cfgs:
+        bm, bn, br, warps, stages, fused = cfg
+        for sik in (True, False):
+            for gather in (False, True):
+                if gather and args.quick:
+                    continue
+                comp(tk._gram_kernel, GRAM_SIG,
+                     {"BM": bm, "BN": bn, "BLOCK_R": br, "KP": 16, "GATHER": gather,
+                      "SHIFT_IN": sik, "DIAG_STATS": fused},
+                     warps, stages, f"gram {tuple(cfg)} shift_in={sik} gather={gather}")
+    for bn, br in ((256, 16), (128, 32), (512, 8)):
+        comp(tk._moments_kernel, MOM_SIG,
+             {"BLOCK_N": bn, "BLOCK_R": br, "KP": 2, "GATHER": False, "SQUARES": True},
+             8, 3, f"moments {bn}x{br}")
+
+    nvcc = shutil.which("nvcc")
+    src = REPO / "csrc" / "cuda" / "stats_kernels.cu"
+    if nvcc and src.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            r = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{args.arch}", "-Xptxas", "-v",
+                                "-c", str(src), "-o", os.path.join(tmp, "k.o")],
+                               capture_output=True, text=True)
+        if r.returncode:
+            failed += 1
+            print("nvcc FAILED\n" + r.stderr[-2000:])
+        else:
+            names = re.findall(r"Compiling entry function '(\w+)'", r.stderr)
+            usage = re.findall(r"Used (\d+) registers.*", r.stderr)
+            spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
+            for n, u, sp in zip(names, usage, spills):
+                short = re.sub(r"_ZN13actstore_cuda\w*?(gram_kernel|moments_kernel)(ILb?i?(\w+?)E)?.*", r"\1<\3>", n)
+                print(f"cuda {short:43s} regs {u} spill stores {sp}B")
+    else:
+        print("nvcc not found: CUDA C++ not checked")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
