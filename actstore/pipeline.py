@@ -94,11 +94,12 @@ def _best(result: dict) -> dict:
 
 
 def _report(sections, model, prompt, limit, seconds, out: Path) -> str:
-    meta = sections[0][1].meta if sections else {}
+    model_meta = (sections[0][1].meta.get("model") or {}) if sections else {}
     lines = [
         "# actstore run: linear probes for space and time",
         "",
-        f"Model: `{meta.get('model_id', model)}`; prompt `{prompt}`; "
+        f"Model: `{model_meta.get('id', model)}`"
+        f"{' (' + model_meta['upstream_id'] + ')' if model_meta.get('upstream_id') else ''}; prompt `{prompt}`; "
         f"rows per dataset: {'all' if limit is None else f'first {limit}'}; "
         f"wall time {seconds:.0f} s (steps already done were reused).",
         "",
