@@ -21,6 +21,7 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+_SET_ENV = not CUDA and os.environ.get("TRITON_INTERPRET") is None
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
@@ -33,6 +34,15 @@ if not CUDA and not tk.INTERPRET:  # imported earlier in this process without th
     tk = importlib.reload(tk)
 
 DEV = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leave_triton_as_found():
+    """Other test modules must not see interpreted kernels or a 'triton available' on CPU."""
+    yield
+    if _SET_ENV:
+        os.environ.pop("TRITON_INTERPRET", None)
+        importlib.reload(tk)
 # (B, r, d, k, F): odd sizes, not multiples of the tiles; d > r; a single short chunk
 SHAPES_CPU = [(2, 37, 40, 3, 3), (1, 5, 33, 1, 1)]
 SHAPES_GPU = [(3, 1000, 300, 2, 2), (2, 777, 129, 3, 4), (1, 50, 520, 1, 1), (5, 64, 64, 2, 1)]
