@@ -242,6 +242,9 @@ def gram_update(stats, X, Y, fold=None, precision=None):
 
     from probes.stats import validate_chunk
 
+    if precision not in (None, "float32"):
+        raise ValueError(f"the cuda backend sums each chunk in float32 (into float64 totals); "
+                         f"precision={precision!r} needs backend='torch' or 'cpu'")
     r, k = validate_chunk(stats, X, Y, fold)
     Xt = _as_torch(X)
     if Xt.dtype != torch.float16:

@@ -354,6 +354,9 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool = 
     """
     from probes.stats import validate_chunk
 
+    if precision not in (None, "float32"):
+        raise ValueError(f"the triton backend sums each chunk in float32 (into float64 totals); "
+                         f"precision={precision!r} needs backend='torch' or 'cpu'")
     r, k = validate_chunk(stats, X, Y, fold)
     X = _check_x(X)
     dev = stats.device

@@ -160,3 +160,32 @@ def test_neuron_moments_match_reference(shape):
             assert rel(a, b) <= 1e-5, f"{name}: {rel(a, b):.3g}"
     if float(want.n) >= 2:
         assert (got.pearson().cpu() - want.pearson()).abs().max() < 1e-4
+
+
+def test_float64_precision_is_refused():
+    st = GramStats.zeros(1, 8, 1, device=DEV)
+    X = torch.randn(1, 4, 8).half().to(DEV)
+    with pytest.raises(ValueError, match="float32"):
+        tk.gram_update(st, X, torch.randn(4, 1, device=DEV), precision="float64")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; run bench/gpu_check.sh on a GPU machine")
+def test_auto_dispatch_on_cuda_picks_triton_and_matches():
+    from probes import kernels
+    from probes.neurons import NeuronStats, neuron_update, reference_neuron_update
+
+    assert kernels.resolve_backend("auto", torch.device("cuda")) == "triton"
+    gen = torch.Generator().manual_seed(21)
+    X, Y, fold = make_chunk(2, 3000, 4096, 2, 3, gen)
+    shift = choose_shift(make_chunk(2, 8, 4096, 2, 1, gen)[0])
+    got = GramStats.zeros(2, 4096, 2, 3, shift=shift, device="cuda")
+    want = GramStats.zeros(2, 4096, 2, 3, shift=shift, device="cuda")
+    kernels.gram_update(got, X.cuda(), Y.cuda(), fold.cuda())
+    reference.gram_update(want, X.cuda(), Y.cuda(), fold.cuda())
+    check_close(got, want, 2e-3)
+    ns = NeuronStats.for_chunk(X[:, :8], Y[:8], device="cuda")
+    nw = ns.clone()
+    neuron_update(ns, X.cuda(), Y.cuda(), fold.cuda())
+    reference_neuron_update(nw, X.cuda(), Y.cuda(), fold.cuda())
+    assert rel(ns.sxy, nw.sxy) < 1e-5 and rel(ns.sxx, nw.sxx) < 1e-5

@@ -93,3 +93,25 @@ def test_gpu_double_buffering_delivers_every_chunk_intact():
     kept = [t.clone() for _, t in stream_to_device(data[:4], device="cuda", dtype=torch.float32)]
     for (_, a), t in zip(data[:4], kept):
         assert np.array_equal(t.cpu().numpy(), a.astype(np.float32))
+
+
+@pytest.mark.gpu
+def test_gpu_stream_into_statistics_pass():
+    # store-like chunks (L, r, d) streamed to the GPU and accumulated: same as one float64 pass
+    from probes.kernels import gram_update, reference
+    from probes.stats import GramStats, choose_shift
+
+    g = np.random.default_rng(4)
+    L, d, k = 3, 520, 2
+    chunks = [(s, (g.standard_normal((L, 700, d)) + 2).astype(np.float16)) for s in range(0, 4200, 700)]
+    Y = g.standard_normal((4200, k))
+    shift = choose_shift(chunks[0][1])
+    got = GramStats.zeros(L, d, k, shift=shift, device="cuda")
+    want = GramStats.zeros(L, d, k, shift=shift)
+    Yc = torch.from_numpy(Y).cuda()
+    for start, X in stream_to_device(chunks, device="cuda"):
+        gram_update(got, X, Yc[start:start + X.shape[1]])
+    for start, X in chunks:
+        reference.gram_update(want, X, Y[start:start + X.shape[1]])
+    rel = float((got.xtx.cpu() - want.xtx).norm() / want.xtx.norm())
+    assert rel < 2e-3 and float(got.n.sum()) == 4200
