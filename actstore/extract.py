@@ -226,6 +226,13 @@ def _batch_tensors(seqs: list[list[int]], pad_id: int, side: str, device):
     return ids.to(device), mask.to(device), pos.to(device), last.to(device)
 
 
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of row positions for one window: longest first (stable, so equal lengths keep
+    dataset order and the plan is deterministic), ``batch_size`` rows each."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def _forward_base(model):
     """The decoder without the LM head (its logits are never needed)."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -413,22 +420,39 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     t0 = time.perf_counter()
     entities = ds.table["entity"].tolist()
     encode_many = getattr(pr, "encode_many", None)
+    on_gpu = dev.type == "cuda"
+    staging = None
+    if on_gpu:
+        # two pinned host buffers per array: batch k copies out while batch k-1 is checked
+        staging = [(torch.empty((L, batch_size, lm.d_model), dtype=comp_dtype, pin_memory=True),
+                    torch.empty((L, batch_size, d_mlp), dtype=comp_dtype, pin_memory=True)
+                    if neurons else None) for _ in range(2)]
     try:
         for w0 in range(start_row, end_row, R):
             w1 = min(n, w0 + R)
             ents = entities[w0:w1]
             seqs = encode_many(tok, ents) if encode_many else [pr.encode(tok, e) for e in ents]
-            # longest first, stable: equal lengths keep dataset order (deterministic batches)
-            order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
             bufs = free.get()
             if writer.error is not None:
                 break  # reported below, after the writer has stopped
             resid_buf, neu_buf = bufs
-            for b0 in range(0, len(order), batch_size):
-                rows = order[b0:b0 + batch_size]
-                batch = [seqs[i] for i in rows]
-                ids, mask, pos, last = _batch_tensors(batch, pad_id, side, dev)
-                real_tokens += int(mask.sum())
+            pending = None
+
+            def finish(item):
+                x, nx, rows, ev = item
+                if ev is not None:
+                    ev.synchronize()
+                _check_and_store(x, resid_buf, rows, dtype, layer_list, w0, entities,
+                                 "hidden state", native)
+                if nx is not None:
+                    _check_and_store(nx, neu_buf, rows, dtype, layer_list, w0, entities,
+                                     "MLP neuron activation", native)
+                if bar is not None:
+                    bar.update(len(rows))
+
+            for k, rows in enumerate(plan_batches([len(q) for q in seqs], batch_size)):
+                ids, mask, pos, last = _batch_tensors([seqs[i] for i in rows], pad_id, side, dev)
+                real_tokens += sum(len(seqs[i]) for i in rows)
                 total_slots += mask.numel()
                 B = len(rows)
                 cap.idx = last
@@ -440,13 +464,23 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
                         base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
                     except _Stop:
                         pass
-                _check_and_store(cap.resid, resid_buf, rows, dtype, layer_list, w0, entities,
-                                 "hidden state", native)
-                if neurons:
-                    _check_and_store(cap.neu, neu_buf, rows, dtype, layer_list, w0, entities,
-                                     "MLP neuron activation", native)
-                if bar is not None:
-                    bar.update(B)
+                if on_gpu:  # asynchronous copy out; checked one batch later
+                    hx, hn = staging[k % 2]
+                    hx = hx[:, :B]
+                    hx.copy_(cap.resid, non_blocking=True)
+                    if neurons:
+                        hn = hn[:, :B]
+                        hn.copy_(cap.neu, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    item = (hx, hn if neurons else None, rows, ev)
+                else:
+                    item = (cap.resid, cap.neu, rows, None)
+                if pending is not None:
+                    finish(pending)
+                pending = item
+            if pending is not None:
+                finish(pending)
             writer.q.put((w0, w1 - w0, bufs))
             if bar is not None:
                 bar.set_postfix(pad=f"{100 * (1 - real_tokens / max(1, total_slots)):.0f}%",

