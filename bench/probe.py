@@ -112,24 +112,27 @@ def run_sklearn(X, ent, layers):
     return alphas, t
 
 
-def floor_seconds(X, ent, layers, repeat=1):
-    """float32 matmuls the method needs, per layer, torch on CPU (best of `repeat`)."""
+def floor_seconds(X, ent, layers, repeat=2, device="cpu"):
+    """float32 matmuls the method needs, per layer, torch on `device` (best of `repeat`)."""
     import torch
     tr = ~ent.is_test.to_numpy()
     n_tr = int(tr.sum())
     d = X.shape[2]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out = []
     for l in layers:
-        Xa = torch.from_numpy(X[l]).float()
-        Xt = Xa[torch.from_numpy(tr)]
+        Xa = torch.from_numpy(X[l]).to(device).float()
+        Xt = Xa[torch.from_numpy(tr).to(device)]
         best = np.inf
         for _ in range(repeat):
+            sync()
             t0 = time.perf_counter()
             if n_tr >= d:
                 G = Xt.T @ Xt
                 _ = Xa @ G                     # stands in for X·V (same shape and flops)
             else:
                 _ = Xt @ Xt.T
+            sync()
             best = min(best, time.perf_counter() - t0)
         out.append(best)
     return out
@@ -145,28 +148,38 @@ def machine():
     except OSError:
         pass
     import torch
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    try:
+        load = "load average %.1f" % os.getloadavg()[0]
+    except OSError:
+        load = ""
+    return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {load}")
 
 
-def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=0):
+def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=0, device="cpu"):
     from probes.fit import fit_all_layers
     print(f"== {name}: {L} layers x {n} rows x {d}", flush=True)
     t0 = time.perf_counter()
-    X, ent = make_data(L, n, d, seed)
+    X, ent = make_data(max(min(L, our_layers), min(L, sk_layers)), n, d, seed)   # only layers timed
     print(f"   data {time.perf_counter() - t0:.1f}s", flush=True)
     store = MemoryStore(X, ent, ("latitude", "longitude"), ("region",))
     ours_layers = list(range(min(L, our_layers)))
     res = {}
     for prec in precisions:
         t0 = time.perf_counter()
-        r = fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec, layers=ours_layers)
-        el = time.perf_counter() - t0
+        if device == "cuda":       # warm-up: CUDA context, cuBLAS/cuSOLVER handles
+            fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec, layers=[0],
+                           device=device)
+        r = fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec,
+                           layers=ours_layers, device=device)
+        el = r["seconds"]["total"]          # inside the call: excludes first-import costs
         res[prec] = (el, r)
         print(f"   ours ({prec}, {len(ours_layers)} layers): {el:.2f}s  {r['seconds']}", flush=True)
     sk_l = list(range(min(L, sk_layers)))
     sk_alphas, sk_t = run_sklearn(X, ent, sk_l)
     print(f"   sklearn ({len(sk_l)} layers): {sum(sk_t):.2f}s", flush=True)
-    fl = floor_seconds(X, ent, ours_layers)
+    fl = floor_seconds(X, ent, ours_layers, device=device)
     print(f"   floor ({len(ours_layers)} layers): {sum(fl):.2f}s", flush=True)
     scale_ours = L / len(ours_layers)
     rows = []
@@ -177,9 +190,12 @@ def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=
         ours_full = el * scale_ours
         sk_full = sum(sk_t) * L / len(sk_l)
         fl_full = sum(fl) * scale_ours
+        fit_s = (el - r["seconds"]["metrics"]) * scale_ours
         rows.append(dict(shape=name, L=L, n=n, d=d, n_train=r["n_train"], form=r["form"],
-                         precision=prec, backend=r["backend"], ours_s=ours_full, sklearn_s=sk_full,
-                         floor_s=fl_full, speedup=sk_full / ours_full, vs_floor=ours_full / fl_full,
+                         precision=prec, backend=r["backend"] + ("@cuda" if device == "cuda" else ""),
+                         ours_s=ours_full, fit_s=fit_s, sklearn_s=sk_full,
+                         floor_s=fl_full, speedup=sk_full / ours_full, vs_floor=fit_s / fl_full,
+                         speedup_fit=sk_full / fit_s,
                          alphas_same=f"{same}/{common}", sk_layers=len(sk_l), our_layers=len(ours_layers),
                          stages=r["seconds"]))
     return rows
@@ -188,9 +204,10 @@ def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=
 def write_results_md(rows, path, note):
     lines = [f"\n## Ridge probes on every layer (bench/probe.py) — {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC\n",
              f"Machine: {machine()}. {note}\n",
-             "| shape (L x n x d) | form | precision | ours (s) | sklearn RidgeCV loop (s) | float32 floor (s) "
-             "| speed-up vs sklearn | ours / floor | same alphas |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| shape (L x n x d) | form | precision (stats backend) | ours: fit (s) | ours: + metrics (s) "
+             "| sklearn RidgeCV loop (s) | float32 floor (s) | fit speed-up vs sklearn "
+             "| fit / floor | same alphas |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ext = []
         if r["sk_layers"] < r["L"]:
@@ -199,8 +216,9 @@ def write_results_md(rows, path, note):
             ext.append(f"ours+floor measured on {r['our_layers']} layers")
         tag = f" ({'; '.join(ext)}, scaled to {r['L']})" if ext else ""
         lines.append(f"| {r['L']} x {r['n']} x {r['d']}{tag} | {r['form']} (n_train={r['n_train']}) | "
-                     f"{r['precision']} ({r['backend']}) | {r['ours_s']:.1f} | {r['sklearn_s']:.1f} | "
-                     f"{r['floor_s']:.1f} | {r['speedup']:.1f}x | {r['vs_floor']:.2f}x | {r['alphas_same']} |")
+                     f"{r['precision']} ({r['backend']}) | {r['fit_s']:.1f} | {r['ours_s']:.1f} | "
+                     f"{r['sklearn_s']:.1f} | {r['floor_s']:.2f} | {r['speedup_fit']:.1f}x | "
+                     f"{r['vs_floor']:.2f}x | {r['alphas_same']} |")
     lines.append("")
     lines.append("Stage seconds of our fit (measured layers): " + "; ".join(
         f"{r['shape']}/{r['precision']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
@@ -220,6 +238,10 @@ def main():
                     help="layers for our fit and the floor (default all / 4), extrapolated")
     ap.add_argument("--precision", default="float32,float64")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where our fit and the floor run (sklearn always runs on the CPU)")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"),
+                    help="markdown file the section is appended to")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
@@ -229,9 +251,10 @@ def main():
         L, n, d = SHAPES[s]
         sk = args.sk_layers or (6 if s == "smollm2" else 2)
         ol = args.our_layers or (L if s == "smollm2" else 4)
-        rows += bench_shape(s, L, n, d, sk, ol, args.precision.split(","), args.backend)
+        rows += bench_shape(s, L, n, d, sk, ol, args.precision.split(","), args.backend,
+                            device=args.device)
     if not args.no_write:
-        write_results_md(rows, ROOT / "bench" / "RESULTS.md", args.note)
+        write_results_md(rows, args.results, args.note)
 
 
 if __name__ == "__main__":

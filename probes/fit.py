@@ -254,7 +254,8 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     else:
         for j, p in enumerate(positions):
             ts = time.perf_counter()
-            X = _to_float(store.layer(p)[:n], store.dtype).to(torch.float64)
+            X = _to_float(store.layer(p)[:n], store.dtype).to(
+                torch.float32 if precision == "float32" else torch.float64)
             if not bool(torch.isfinite(X).all()):
                 _check_finite_layer(store, p, n)
             tick(n)
@@ -263,12 +264,13 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
             X = X.to(device)
             Xtr, Ytr = X[torch.as_tensor(train, device=device)], Yz[train]
             if cv == "loo":
-                scores, _, state = dual_loo(Xtr, Ytr, alphas)
+                scores, _, state = dual_loo(Xtr, Ytr, alphas, precision)
             else:
-                scores = dual_kfold_scores(Xtr, Ytr, fold_all[train], alphas)
-                _, _, state = dual_loo(Xtr, Ytr, alphas[:1])
+                scores = dual_kfold_scores(Xtr, Ytr, fold_all[train], alphas, precision)
+                _, _, state = dual_loo(Xtr, Ytr, alphas[:1], precision)
             idx, best = select_alpha(scores[None], alpha_per_target)
             w, b = dual_coef(state, alphas[idx[0]])
+            X = X.to(torch.float64)
             coef[j] = w.cpu().numpy()
             intercept[j] = b.cpu().numpy()
             preds[j] = (X @ w + b).cpu().numpy()
@@ -367,10 +369,10 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
         _check_finite_layer(store, bpos[int((~finite).nonzero()[0])], n)
     tot = stats.totals()
     fac = primal_factor(float(tot.n[0]), tot.sx[:, 0], tot.xtx[:, 0], tot.sy[0], tot.xty[:, 0],
-                        stats.shift)
+                        stats.shift, precision=precision)
     if cv != "loo":
         scores = kfold_scores_primal(stats.n, stats.sx, stats.xtx, stats.sy, stats.yty, stats.xty,
-                                     alphas)
+                                     alphas, precision=precision)
         idx, best = select_alpha(scores, alpha_per_target)
         W = fac.coef(alphas[idx])
         b = fac.intercept(W)

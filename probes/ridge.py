@@ -83,6 +83,23 @@ def _torch():
 
 # ----------------------------------------------------------------------------- primal form
 
+def _eigh(M, precision: str = "float64"):
+    """Eigendecomposition of a batch of symmetric PSD matrices, returned in float64.
+
+    ``precision="float32"`` decomposes in float32 (about 2x faster on CPU) and clamps eigenvalues
+    below the float32 noise floor (n·eps·λ_max, the guard) to 0; the eigenvectors are then
+    accurate to ~1e-6, so LOO scores and coefficients are too. float64 is exact to rounding.
+    """
+    torch = _torch()
+    if precision == "float32":
+        lam, V = torch.linalg.eigh(M.to(torch.float32))
+        lam, V = lam.to(torch.float64), V.to(torch.float64)
+        floor = M.shape[-1] * float(torch.finfo(torch.float32).eps) * lam[..., -1:].clamp_min(0)
+        return torch.where(lam < floor, torch.zeros_like(lam), lam), V
+    lam, V = torch.linalg.eigh(M)
+    return lam.clamp_min(0.0), V
+
+
 @dataclass
 class PrimalFactor:
     """Centred, eigendecomposed train statistics of a batch of B layers (float64 tensors).
@@ -120,7 +137,7 @@ def _centre(n, sx, xtx, sy, xty):
     return xbar, ybar, C, Cxy
 
 
-def primal_factor(n, sx, xtx, sy, xty, shift=None) -> PrimalFactor:
+def primal_factor(n, sx, xtx, sy, xty, shift=None, precision="float64") -> PrimalFactor:
     """Eigendecompose the centred train statistics of B layers at once.
 
     n: number of train rows; sx (B, d) Σx; xtx (B, d, d) Σxxᵀ; sy (k,) Σy; xty (B, d, k) Σxyᵀ,
@@ -137,8 +154,7 @@ def primal_factor(n, sx, xtx, sy, xty, shift=None) -> PrimalFactor:
             raise RidgeError(f"non-finite statistics ({name}) for layer positions {bad}: "
                              "the activations contain NaN or inf")
     xbar, ybar, C, Cxy = _centre(n, sx, xtx, sy, xty)
-    lam, V = torch.linalg.eigh(C)
-    lam = lam.clamp_min(0.0)
+    lam, V = _eigh(C, precision)
     G = V.transpose(1, 2) @ Cxy
     mean = xbar if shift is None else xbar + torch.as_tensor(shift, dtype=torch.float64)
     return PrimalFactor(n=n, mean=mean, ybar=ybar, lam=lam, V=V, G=G)
@@ -230,7 +246,7 @@ def select_alpha(scores, alpha_per_target: bool):
 
 # ----------------------------------------------------------------------------- k-fold, primal
 
-def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas):
+def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas, precision="float64"):
     """Per-target k-fold R² (B, A, k), averaged over folds, from per-fold statistics.
 
     n (F,), sx (B, F, d), xtx (B, F, d, d), sy (F, k), yty (F, k, k), xty (B, F, d, k): sums over the
@@ -252,7 +268,7 @@ def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas):
         if nt < 2:
             raise RidgeError(f"fold {f}: fewer than 2 training rows outside it")
         fac = primal_factor(nt, total[1] - sx[:, f], total[2] - xtx[:, f], total[3] - sy[f],
-                            total[4] - xty[:, f])
+                            total[4] - xty[:, f], precision=precision)
         mu, yb = fac.mean, fac.ybar                                           # (B, d), (k,)
         sxv, xtxv, syv, xtyv = sx[:, f], xtx[:, f], sy[f], xty[:, f]
         # Validation scatter about the TRAIN means.
@@ -291,15 +307,15 @@ def kfold_assignment(n: int, k: int, shuffle: bool = False, seed: int = 0) -> np
 
 # ----------------------------------------------------------------------------- dual form
 
-def _dual_eig(Xc):
+def _dual_eig(Xc, precision="float64"):
     torch = _torch()
-    K = Xc @ Xc.T
+    Xk = Xc.to(torch.float32) if precision == "float32" else Xc
+    K = Xk @ Xk.T
     K = 0.5 * (K + K.T)
-    lam, U = torch.linalg.eigh(K)
-    return lam.clamp_min(0.0), U
+    return _eigh(K.to(torch.float64), precision)
 
 
-def dual_loo(X, Y, alphas):
+def dual_loo(X, Y, alphas, precision="float64"):
     """Exact LOO of ridge with intercept from the n×n kernel (for n < d), one layer.
 
     X (n, d) float64 train rows, Y (n, k). Returns (scores (A, k) = -mean LOO e², fitted (n, A, k),
@@ -315,11 +331,13 @@ def dual_loo(X, Y, alphas):
     mean = X.mean(0)
     ybar = Y.mean(0)
     Xc = X - mean
-    lam, U = _dual_eig(Xc)
+    lam, U = _dual_eig(Xc, precision)
     UTy = U.T @ (Y - ybar)                                                    # (n, k)
     s = lam[None, :] / (lam[None, :] + a[:, None])                            # (A, n)
     h = 1.0 / n + (U * U) @ s.T                                               # (n, A)
-    fitted = torch.einsum("ij,aj,jk->iak", U, s, UTy) + ybar                  # (n, A, k)
+    k = Y.shape[1]
+    # one (n x n)(n x A·k) GEMM; never an (n, A, n) intermediate
+    fitted = (U @ (s.T[:, :, None] * UTy[:, None, :]).reshape(n, -1)).reshape(n, -1, k) + ybar
     e = (Y[:, None, :] - fitted) / (1.0 - h)[..., None]
     scores = -(e * e).mean(0)
     return scores, fitted, (mean, ybar, Xc, lam, U, UTy)
@@ -336,7 +354,7 @@ def dual_coef(state, alpha_per_t):
     return w, ybar - mean @ w
 
 
-def dual_kfold_scores(X, Y, fold, alphas):
+def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
     """Per-target k-fold R² (A, k), averaged over folds, in dual form. X (n, d), Y (n, k), fold (n,)."""
     torch = _torch()
     X = torch.as_tensor(X, dtype=torch.float64)
@@ -356,13 +374,14 @@ def dual_kfold_scores(X, Y, fold, alphas):
         mm = m[tr].mean()
         Kc = Kraw - m[:, None] - m[None, :] + mm                              # centred on μ_f
         Ktt = Kc[tr][:, tr]
-        lam, U = torch.linalg.eigh(0.5 * (Ktt + Ktt.T))
-        lam = lam.clamp_min(0.0)
+        lam, U = _eigh(0.5 * (Ktt + Ktt.T), precision)
         ybar = Y[tr].mean(0)
         UTy = U.T @ (Y[tr] - ybar)
         inv = 1.0 / (lam[None, :] + a[:, None])                               # (A, m)
         KvU = Kc[va][:, tr] @ U                                               # (v, m)
-        pred = torch.einsum("vj,aj,jk->vak", KvU, inv, UTy) + ybar
+        m = UTy.shape[0]
+        pred = (KvU @ (inv.T[:, :, None] * UTy[:, None, :]).reshape(m, -1)).reshape(
+            KvU.shape[0], -1, UTy.shape[1]) + ybar
         Yv = Y[va]
         sse = ((Yv[:, None, :] - pred) ** 2).sum(0)                           # (A, k)
         sst = ((Yv - Yv.mean(0)) ** 2).sum(0)

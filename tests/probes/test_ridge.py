@@ -220,3 +220,19 @@ def test_bad_inputs():
     m = RidgeProbeCV(ALPHAS).fit(X, Y)
     with pytest.raises(RidgeError, match="features"):
         m.predict(X[:, :3])
+
+
+def test_float32_eigh_dual_and_primal_close_to_float64():
+    """precision='float32' (float32 eigendecomposition with the guarded floor) stays ~1e-5."""
+    import torch
+    X, Y = make_data(40, 90, seed=12)
+    s64, f64, _ = dual_loo(X, Y, ALPHAS)
+    s32, f32, _ = dual_loo(X, Y, ALPHAS, precision="float32")
+    assert rel(s32.numpy(), s64.numpy()) < 1e-4 and rel(f32.numpy(), f64.numpy()) < 1e-4
+    assert not np.array_equal(s32.numpy(), s64.numpy())
+    X, Y = make_data(150, 30, seed=13)
+    Xs = X - X.mean(0)
+    args = (150, torch.tensor(Xs.sum(0))[None], torch.tensor(Xs.T @ Xs)[None],
+            torch.tensor(Y.sum(0)), torch.tensor(Xs.T @ Y)[None])
+    a, b = primal_factor(*args), primal_factor(*args, precision="float32")
+    assert rel(b.coef(np.full((1, 2), 1.0)).numpy(), a.coef(np.full((1, 2), 1.0)).numpy()) < 1e-4
