@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["NeuronStats", "NeuronStatsError", "neuron_update", "reference_neuron_update",
-           "rank_transform", "spearman", "pearson_from_moments", "prepare_neuron_chunk"]
+           "rank_transform", "spearman", "pearson_from_moments", "prepare_neuron_chunk",
+           "neuron_correlations"]
 
 
 class NeuronStatsError(ValueError):
@@ -321,3 +322,57 @@ def spearman(X, Y, mask=None, column_block: int = 4096) -> Tensor:
         out[j0:j0 + column_block] = torch.where(den > 0, num / torch.where(den > 0, den, 1.0),
                                                 torch.zeros_like(num))
     return out.clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ stores
+def neuron_correlations(store, Y, rows_mask=None, layers=None, backend: str = "auto",
+                        device=None, method=("pearson", "spearman"), chunk_rows: int | None = None,
+                        array: str = "neurons", prefetch: int = 2) -> dict:
+    """Correlations of every neuron of every (selected) layer of ``store`` with each target.
+
+    Y (n_rows, k) targets aligned with the store's rows; ``rows_mask`` (n_rows,) bool selects
+    rows (None = all); ``layers``: layer POSITIONS (None = all). Pearson comes from one streaming
+    pass (chunks read ahead on threads and sent to ``device`` double-buffered, moments by
+    ``backend``); Spearman reads one whole layer at a time (ranks need every row) and ranks on
+    ``device``. Returns {"pearson": (L, m, k), "spearman": (L, m, k)} float64 CPU tensors (for
+    the requested methods), "n_rows", "layers" (hidden-state indices).
+    """
+    from probes.stream import stream_to_device
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    n = int(store.rows_done)
+    Yn = np.array(Y, dtype=np.float64)      # a private, writable copy
+    if Yn.ndim == 1:
+        Yn = Yn.reshape(-1, 1)
+    if Yn.shape[0] < n:
+        raise NeuronStatsError(f"Y has {Yn.shape[0]} rows but the store has {n} rows done")
+    Yn = Yn[:n]
+    if not np.isfinite(Yn).all():
+        raise NeuronStatsError("Y contains NaN or inf")
+    mask = np.ones(n, dtype=bool) if rows_mask is None else np.asarray(rows_mask, dtype=bool)[:n]
+    fold = np.where(mask, 0, -1).astype(np.int32)
+    pos = list(range(store.n_layers)) if layers is None else [int(p) for p in layers]
+    out = {"n_rows": int(mask.sum()), "layers": [store.layers[p] for p in pos]}
+    methods = (method,) if isinstance(method, str) else tuple(method)
+    if "pearson" in methods:
+        Yd = torch.from_numpy(Yn).to(dev)
+        st = None
+        chunks = store.iter_chunks(rows=chunk_rows, layers=pos, array=array)
+        for start, X in stream_to_device(chunks, device=dev, prefetch=prefetch):
+            r = X.shape[1]
+            f = fold[start:start + r]
+            if st is None:
+                st = NeuronStats.for_chunk(X, Yd[start:start + r], f, device=dev)
+            neuron_update(st, X, Yd[start:start + r], f, backend=backend)
+        if st is None:
+            raise NeuronStatsError("the store has no rows written")
+        out["pearson"] = st.pearson().cpu()
+    if "spearman" in methods:
+        Yd = torch.from_numpy(Yn).to(dev)
+        md = torch.from_numpy(mask).to(dev)
+        out["spearman"] = torch.stack([
+            spearman(store.layer(p, array=array, as_="torch").to(dev), Yd, mask=md).cpu()
+            for p in pos])
+    return out

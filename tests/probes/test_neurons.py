@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from probes.neurons import (NeuronStats, NeuronStatsError, neuron_update, rank_transform,
-                            reference_neuron_update, spearman)
+from probes.neurons import (NeuronStats, NeuronStatsError, neuron_correlations, neuron_update,
+                            rank_transform, reference_neuron_update, spearman)
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -128,3 +128,34 @@ def test_spearman_matches_scipy():
             want = scipy_stats.spearmanr(X[mask, j].astype(np.float64), Y[mask, t]).statistic
             assert abs(got[j, t] - want) < 1e-12
     assert got[0, 0] > 0.95
+
+
+def test_neuron_correlations_from_a_store(tmp_path):
+    pd = pytest.importorskip("pandas")
+    from actstore.store import create_store
+
+    g = np.random.default_rng(6)
+    L, n, d, m = 2, 45, 8, 19
+    ent = pd.DataFrame({"name": [f"e{i}" for i in range(n)], "latitude": g.uniform(-60, 60, n),
+                        "longitude": g.uniform(-180, 180, n), "is_test": g.random(n) < 0.3})
+    st = create_store(tmp_path / "s.zarr", layers=[1, 2], n_rows=n, d_model=d, entities=ent,
+                      targets=("latitude", "longitude"), group_columns=(), meta={}, d_mlp=m,
+                      rows_per_chunk=16)
+    neur = (g.standard_normal((L, n, m)) + ent["latitude"].to_numpy()[None, :, None] / 30
+            ).astype(np.float16)
+    for s0 in range(0, n, 16):
+        s1 = min(n, s0 + 16)
+        st.write_rows(s0, g.standard_normal((L, s1 - s0, d)).astype(np.float16), neur[:, s0:s1])
+    st.mark_done(n)
+    Y = ent[["latitude", "longitude"]].to_numpy()
+    train = ~ent["is_test"].to_numpy()
+    res = neuron_correlations(st, Y, rows_mask=train, backend="torch", device="cpu", chunk_rows=16)
+    assert res["layers"] == [1, 2] and res["n_rows"] == int(train.sum())
+    for b in range(L):
+        for j in (0, 7, m - 1):
+            for t in range(2):
+                x = neur[b, train, j].astype(np.float64)
+                assert abs(float(res["pearson"][b, j, t]) - np.corrcoef(x, Y[train, t])[0, 1]) < 1e-9
+                want = scipy_stats.spearmanr(x, Y[train, t]).statistic
+                assert abs(float(res["spearman"][b, j, t]) - want) < 1e-12
+    assert float(res["pearson"][:, :, 0].mean()) > 0.3      # the planted latitude signal
