@@ -87,8 +87,9 @@ def _eigh(M, precision: str = "float64"):
     """Eigendecomposition of a batch of symmetric PSD matrices, returned in float64.
 
     ``precision="float32"`` decomposes in float32 (about 2x faster on CPU) and clamps eigenvalues
-    below the float32 noise floor (n·eps·λ_max, the guard) to 0; the eigenvectors are then
-    accurate to ~1e-6, so LOO scores and coefficients are too. float64 is exact to rounding.
+    below the float32 noise floor (n·eps·λ_max, the guard) to 0. Scores and coefficients are
+    then accurate to ~1e-6 for alphas well above eps32·λ_max, degrading (to ~1e-3) for alphas far
+    below it, where the smallest eigenvalues are float32 noise. float64 is exact to rounding.
     """
     torch = _torch()
     if precision == "float32":
