@@ -130,12 +130,11 @@ def test_spearman_matches_scipy():
     assert got[0, 0] > 0.95
 
 
-def test_neuron_correlations_from_a_store(tmp_path):
+def small_store(tmp_path, L=2, n=45, d=8, m=19):
     pd = pytest.importorskip("pandas")
     from actstore.store import create_store
 
     g = np.random.default_rng(6)
-    L, n, d, m = 2, 45, 8, 19
     ent = pd.DataFrame({"name": [f"e{i}" for i in range(n)], "latitude": g.uniform(-60, 60, n),
                         "longitude": g.uniform(-180, 180, n), "is_test": g.random(n) < 0.3})
     st = create_store(tmp_path / "s.zarr", layers=[1, 2], n_rows=n, d_model=d, entities=ent,
@@ -147,6 +146,12 @@ def test_neuron_correlations_from_a_store(tmp_path):
         s1 = min(n, s0 + 16)
         st.write_rows(s0, g.standard_normal((L, s1 - s0, d)).astype(np.float16), neur[:, s0:s1])
     st.mark_done(n)
+    return st, ent, neur
+
+
+def test_neuron_correlations_from_a_store(tmp_path):
+    L, m = 2, 19
+    st, ent, neur = small_store(tmp_path, L=L, m=m)
     Y = ent[["latitude", "longitude"]].to_numpy()
     train = ~ent["is_test"].to_numpy()
     res = neuron_correlations(st, Y, rows_mask=train, backend="torch", device="cpu", chunk_rows=16)
@@ -159,3 +164,16 @@ def test_neuron_correlations_from_a_store(tmp_path):
                 want = scipy_stats.spearmanr(x, Y[train, t]).statistic
                 assert abs(float(res["spearman"][b, j, t]) - want) < 1e-12
     assert float(res["pearson"][:, :, 0].mean()) > 0.3      # the planted latitude signal
+
+
+@pytest.mark.gpu
+def test_neuron_correlations_on_gpu_match_cpu(tmp_path):
+    st, ent, _ = small_store(tmp_path, L=3, n=300, d=16, m=1037)
+    Y = ent[["latitude", "longitude"]].to_numpy()
+    mask = ~ent["is_test"].to_numpy()
+    cpu = neuron_correlations(st, Y, rows_mask=mask, backend="torch", device="cpu", chunk_rows=64)
+    for backend in ("auto", "triton", "cuda"):
+        gpu = neuron_correlations(st, Y, rows_mask=mask, backend=backend, device="cuda",
+                                  chunk_rows=64)
+        assert (gpu["pearson"] - cpu["pearson"]).abs().max() < 1e-5, backend
+        assert (gpu["spearman"] - cpu["spearman"]).abs().max() < 1e-12, backend
