@@ -5,7 +5,8 @@
 //
 // Layout of the work (per fold, per block of <= block_rows rows of that fold, per group of layers):
 //  1. pack: fp16 -> float (F16C), subtract the shift, store column panels P[p][t][W] (W columns
-//     of every row, contiguous), and add Σx and ΣxyT of those columns in double on the way;
+//     of every row, contiguous); X is read row by row (threads split rows), then Σx and ΣxyT of
+//     each panel's columns are added in double from the packed rows (threads split panels);
 //  2. SYRK: the upper triangle of panel pairs, split into macro tiles of NPB x NPB panels, each a
 //     work item of the OpenMP loop; a register-tiled FMA micro-kernel (4 rows x 3 vectors)
 //     accumulates a macro tile over the whole row block in the accumulation type T (float or

@@ -243,3 +243,13 @@ def test_cpu_rejects_bad_input():
     with pytest.raises(ValueError, match="float64"):
         native.gram_update(X, np.zeros((3, 1)), np.zeros(3, np.int32), s.shift.numpy(), s.n.numpy(),
                            s.sx.numpy().astype(np.float32), s.xtx.numpy(), s.sy.numpy(), s.yty.numpy(), s.xty.numpy())
+
+
+def test_benchmark_callable_reports_both_floors():
+    from probes.kernels import benchmark_gram_update
+
+    res = benchmark_gram_update(2, 40, 30, k=1, n_folds=2, backend="cpu", repeat=1)
+    assert res["backend"] == "cpu" and res["precision"] == "float32"
+    for key in ("seconds", "floor_syrk_seconds", "floor_gemm_seconds", "gflops", "ratio_gemm"):
+        assert res[key] > 0
+    assert res["gflops"] == pytest.approx(2 * 2 * 40 * 30 * 30 / res["seconds"] / 1e9)
