@@ -19,7 +19,8 @@ import importlib
 from types import ModuleType
 
 __all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "resolve_backend",
-           "get_backend", "gram_update", "benchmark_gram_update"]
+           "get_backend", "gram_update", "benchmark_gram_update", "preferred_chunk_rows",
+           "GRAM_BLOCK_ROWS"]
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _MODULES = {
@@ -184,3 +185,23 @@ def benchmark_gram_update(B: int, r: int, d: int, k: int = 2, n_folds: int = 1, 
         "floor_gemm_seconds": t_gemm, "floor_gemm_gflops": flops / t_gemm / 1e9,
         "ratio_gemm": t_ours / t_gemm, "ratio_syrk": t_ours / t_syrk,
     }
+
+
+#: rows the compiled CPU kernel sums in float32 before adding into the float64 totals
+GRAM_BLOCK_ROWS = 2048
+
+
+def preferred_chunk_rows(d: int, B: int = 1, n_folds: int = 1, max_bytes: int | None = None,
+                         itemsize: int = 2) -> int:
+    """Rows per ``gram_update`` call that keep the CPU kernel near its peak.
+
+    Each call ends by adding its sums into the float64 totals (B·F·d² values read and written), so
+    small calls at large d are memory-bound: at d = 4096, 128-row calls take about twice as long as
+    2048-row calls. The answer is GRAM_BLOCK_ROWS rows per fold (rows are split among folds),
+    lowered if one chunk of B layers would exceed ``max_bytes`` (at ``itemsize`` bytes a value),
+    never below 64. Small d (<= 256) gains nothing from large chunks: 512.
+    """
+    rows = GRAM_BLOCK_ROWS * max(1, int(n_folds)) if d > 256 else 512
+    if max_bytes is not None:
+        rows = min(rows, int(max_bytes) // max(1, int(B) * int(d) * int(itemsize)))
+    return max(64, int(rows))

@@ -233,3 +233,13 @@ def test_all_reduce_single_rank_keeps_stats():
         dist.destroy_process_group()
     for name in ("shift", "n", "sx", "xtx", "sy", "yty", "xty"):
         assert torch.equal(getattr(s, name), getattr(before, name))
+
+
+def test_preferred_chunk_rows():
+    from probes.kernels import GRAM_BLOCK_ROWS, preferred_chunk_rows
+
+    assert preferred_chunk_rows(4096) == GRAM_BLOCK_ROWS
+    assert preferred_chunk_rows(4096, n_folds=5) == 5 * GRAM_BLOCK_ROWS
+    assert preferred_chunk_rows(4096, B=32, max_bytes=64 << 20) == (64 << 20) // (32 * 4096 * 2)
+    assert preferred_chunk_rows(4096, B=32, max_bytes=1) == 64
+    assert preferred_chunk_rows(100) == 512
