@@ -38,6 +38,10 @@ if str(REPO) not in sys.path:
 DEV = "cuda"   # --device cpu (with TRITON_INTERPRET=1, tiny sizes) dry-runs the script's logic
 
 
+class _Skip(Exception):
+    pass
+
+
 def cuda_time(fn, reps=5, warmup=1):
     """Median milliseconds of fn() over reps runs (CUDA events), after warmup runs."""
     import torch
@@ -141,26 +145,34 @@ def sec_gram(args, res):
     ceiling = res.get("ceilings", {}).get("matmul_fp16_tflops")
     out = {"shape": [B, n, d], "useful_tflop": useful / 1e12, "variants": {}}
 
-    t0 = time.time()
-    tuned = {}
-    for sik in (True, False):
-        cfg = tk.tune_gram(d, X.device, B=2, rows=8192, shift_in_kernel=sik,
-                           configs=tk.gram_configs()[:args.tune_configs], verbose=True)
-        tuned[sik] = list(cfg)
-    out["tuned"] = {"shift_in_kernel": tuned[True], "raw": tuned[False],
-                    "seconds": time.time() - t0,
-                    "timings_ms": {("shift-in " if key[2] else "raw ") + str(c): t
-                                   for key, v in tk.TUNE_LOG.items() for c, t in v.items()}}
+    use_triton, use_cuda = "triton" in args.backends, "cuda" in args.backends
+    if use_triton:
+        t0 = time.time()
+        tuned = {}
+        for sik in (True, False):
+            cfg = tk.tune_gram(d, X.device, B=2, rows=8192, shift_in_kernel=sik,
+                               configs=tk.gram_configs()[:args.tune_configs], verbose=True)
+            tuned[sik] = list(cfg)
+        out["tuned"] = {"shift_in_kernel": tuned[True], "raw": tuned[False],
+                        "seconds": time.time() - t0,
+                        "timings_ms": {("shift-in " if key[2] else "raw ") + str(c): t
+                                       for key, v in tk.TUNE_LOG.items() for c, t in v.items()}}
 
     # float64 reference of layer 0 (on the GPU), for the accuracy column
     Xd = X[0].double() - shift[0].to(DEV)
     ref0 = Xd.T @ Xd
     del Xd
 
-    variants = [("triton shift-in", lambda st, f=None: tk.gram_update(st, X, Y, f)),
-                ("triton raw+fix", lambda st, f=None: tk.gram_update(st, X, Y, f, shift_in_kernel=False))]
-    if ck.is_available():
-        variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, X, Y, f)))
+    variants = []
+    if use_triton:
+        variants += [("triton shift-in", lambda st, f=None: tk.gram_update(st, X, Y, f)),
+                     ("triton raw+fix",
+                      lambda st, f=None: tk.gram_update(st, X, Y, f, shift_in_kernel=False))]
+    if use_cuda:
+        if ck.is_available():
+            variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, X, Y, f)))
+        else:
+            out["variants"]["cuda wmma"] = {"error": ck.unavailable_reason()}
     for name, fn in variants:
         try:
             st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
@@ -177,8 +189,10 @@ def sec_gram(args, res):
         except Exception as exc:  # noqa: BLE001 - keep the other variants
             out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
-    # 5 folds with 20% test rows (gathered rows)
+    # 4 folds with 20% test rows (gathered rows)
     try:
+        if not use_triton:
+            raise _Skip
         g = torch.Generator(device=DEV).manual_seed(2)
         fold = torch.randint(-1, 4, (n,), device=DEV, dtype=torch.int32, generator=g)
         st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
@@ -191,6 +205,8 @@ def sec_gram(args, res):
             "pct_of_matmul": (100 * B * kept * d * (d + 1) / (ms * 1e-3) / 1e12 / ceiling) if ceiling else None}
         del st
         empty_cache()
+    except _Skip:
+        pass
     except Exception as exc:  # noqa: BLE001
         out["variants"]["triton 4 folds + test rows"] = {"error": f"{type(exc).__name__}: {exc}"}
         traceback.print_exc()
@@ -300,10 +316,16 @@ def sec_neurons(args, res):
     r_ref = st_ref.pearson()
     import functools
 
-    variants = [(f"triton {bn}x{br}", functools.partial(tk.neuron_update, block_n=bn, block_r=br))
-                for bn, br in ((256, 16), (128, 32), (512, 8))]
-    if ck.is_available():
-        variants.append(("cuda", ck.neuron_update))
+    variants = []
+    if "triton" in args.backends:
+        variants += [(f"triton {bn}x{br}",
+                      functools.partial(tk.neuron_update, block_n=bn, block_r=br))
+                     for bn, br in ((256, 16), (128, 32), (512, 8))]
+    if "cuda" in args.backends:
+        if ck.is_available():
+            variants.append(("cuda", ck.neuron_update))
+        else:
+            out["variants"]["cuda"] = {"error": ck.unavailable_reason()}
     for name, fn in variants:
         try:
             st = NeuronStats.for_chunk(X[:, :1024], Y[:1024], device=DEV)
@@ -384,6 +406,8 @@ def table(res) -> str:
     for sec in SECTIONS:
         if isinstance(res.get(sec), dict) and "traceback" in res[sec]:
             lines.append(f"{sec}: FAILED {res[sec]['error'][:100]}")
+        for e in (res.get(sec) or {}).get("merge_errors", []) if isinstance(res.get(sec), dict) else []:
+            lines.append(f"{sec} (second process): FAILED {e[:100]}")
     return "\n".join(lines)
 
 
@@ -399,6 +423,10 @@ def main(argv=None):
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda", help="cpu: dry run of the logic (TRITON_INTERPRET=1)")
+    p.add_argument("--backends", default="triton,cuda", help="kernel variants to time")
+    p.add_argument("--merge", action="store_true",
+                   help="add to an existing --json (e.g. the CUDA variants from a second process, "
+                        "so a crash there cannot take the Triton numbers with it)")
     p.add_argument("--table-only", action="store_true", help="print the table of an existing --json")
     args = p.parse_args(argv)
     if args.table_only:
@@ -410,6 +438,10 @@ def main(argv=None):
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "torch": torch.__version__, "triton": triton.__version__, "args": vars(args),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if args.merge and args.json and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        old.setdefault("merged_args", []).append(vars(args))
+        res = old
     global DEV
     DEV = args.device
     if DEV == "cuda" and not torch.cuda.is_available():
@@ -424,10 +456,18 @@ def main(argv=None):
         t0 = time.time()
         print(f"=== {sec}", flush=True)
         try:
-            res[sec] = SECTIONS[sec](args, res)
+            new = SECTIONS[sec](args, res)
+            if args.merge and isinstance(res.get(sec), dict) and "variants" in res[sec]:
+                res[sec]["variants"].update(new.get("variants", {}))
+            else:
+                res[sec] = new
         except Exception as exc:  # noqa: BLE001 - record and go on
             traceback.print_exc()
-            res[sec] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            err = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            if args.merge and isinstance(res.get(sec), dict):
+                res[sec].setdefault("merge_errors", []).append(err["error"])
+            else:
+                res[sec] = err
         res.setdefault("seconds", {})[sec] = time.time() - t0
         print(f"=== {sec} done in {time.time() - t0:.1f} s", flush=True)
         save()

@@ -93,13 +93,17 @@ import zarr; print('zarr', zarr.__version__)
 "
 
 # ---------------------------------------------------------------------------------------- bench
-step bench 240 $PY bench/gpu_bench.py --json "$OUT/bench.json" $BENCH_ARGS
+# Triton variants, the whole fit and the ceilings first; the CUDA C++ variants in a second
+# process merged into the same JSON (a crash there cannot take the Triton numbers with it)
+step bench 200 $PY bench/gpu_bench.py --json "$OUT/bench.json" --backends triton $BENCH_ARGS
+step bench_cuda 80 $PY bench/gpu_bench.py --json "$OUT/bench.json" --merge --backends cuda \
+     --sections gram,neurons $BENCH_ARGS
 
 # ---------------------------------------------------------------------------------------- tests
-step tests_gpu_path 150 $PY -m pytest -q -rs -p no:cacheprovider \
-     tests/probes/test_kernels_cuda.py tests/probes/test_kernels_triton.py \
-     tests/probes/test_neurons.py tests/probes/test_stream.py
-cp /tmp/gpu_check_tests_gpu_path.log "$OUT/pytest.txt" 2>/dev/null
+step tests_triton 120 $PY -m pytest -q -rs -p no:cacheprovider \
+     tests/probes/test_kernels_triton.py tests/probes/test_stream.py tests/probes/test_neurons.py
+step tests_cuda 60 $PY -m pytest -q -rs -p no:cacheprovider tests/probes/test_kernels_cuda.py
+cat /tmp/gpu_check_tests_triton.log /tmp/gpu_check_tests_cuda.log > "$OUT/pytest.txt" 2>/dev/null
 
 # extraction benchmark (bench/extract.py, the extract engineer's): a random-init Llama-2-7B shape
 # on the GPU; the paper CSV is carried in .whl/ (../shared does not travel)
@@ -122,7 +126,7 @@ cat /tmp/gpu_check_tests_gpu_marked.log >> "$OUT/pytest.txt" 2>/dev/null
   echo "==================== gpu_check summary ($(date -u '+%F %T') UTC, $(( $(date +%s) - T0 )) s)"
   printf '%-18s %-8s %s\n' step rc seconds
   while IFS=$'\t' read -r n rc s; do printf '%-18s %-8s %s\n' "$n" "$rc" "$s"; done < "$STEPS"
-  for t in tests_gpu_path tests_gpu_marked; do
+  for t in tests_triton tests_cuda tests_gpu_marked; do
     [[ -f /tmp/gpu_check_$t.log ]] && echo "$t: $(grep -E '(passed|failed|error)' /tmp/gpu_check_$t.log | tail -n 1)"
   done
   if [[ -f "$OUT/bench.json" ]]; then
