@@ -243,3 +243,42 @@ def test_preferred_chunk_rows():
     assert preferred_chunk_rows(4096, B=32, max_bytes=64 << 20) == (64 << 20) // (32 * 4096 * 2)
     assert preferred_chunk_rows(4096, B=32, max_bytes=1) == 64
     assert preferred_chunk_rows(100) == 512
+
+
+def _rank_main(rank, world, store_path, chunks, shifts, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        X, Y, fold = chunks[rank]
+        s = GramStats.zeros(X.shape[0], X.shape[2], Y.shape[1], 2, shift=shifts[rank])
+        reference.gram_update(s, X, Y, fold)
+        s.all_reduce_()
+        if rank == 1:
+            torch.save({name: getattr(s, name) for name in ("shift", "n", "sx", "xtx", "sy", "yty", "xty")},
+                       out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~10 s on the 2-core CI machine
+def test_all_reduce_two_ranks_with_different_shifts(tmp_path):
+    """Two processes with their own rows and shifts end with the statistics of all rows, about
+    rank 0's shift."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    rng = np.random.default_rng(7)
+    chunks = [_chunk(rng, 2, 30, 5, 2, 2, offset=40.0), _chunk(rng, 2, 25, 5, 2, 2, offset=40.0)]
+    shifts = [choose_shift(c[0]) for c in chunks]
+    out = tmp_path / "rank1.pt"
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), chunks, shifts, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    want = GramStats.zeros(2, 5, 2, 2, shift=shifts[0])
+    reference.gram_update(want, np.concatenate([c[0] for c in chunks], 1), np.concatenate([c[1] for c in chunks]),
+                          np.concatenate([c[2] for c in chunks]))
+    assert torch.equal(got["shift"], shifts[0])
+    for name in ("n", "sx", "xtx", "sy", "yty", "xty"):
+        _close(got[name], getattr(want, name), 1e-11)
