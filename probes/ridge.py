@@ -87,7 +87,7 @@ def _eigh(M, precision: str = "float64"):
     """Eigendecomposition of a batch of symmetric PSD matrices, returned in float64.
 
     ``precision="float32"`` decomposes in float32 (about 2x faster on CPU) and clamps eigenvalues
-    below the float32 noise floor (n·eps·λ_max, the guard) to 0. Scores and coefficients are
+    below the float32 noise floor (8·eps32·λ_max, the guard) to 0. Scores and coefficients are
     then accurate to ~1e-6 for alphas well above eps32·λ_max, degrading (to ~1e-3) for alphas far
     below it, where the smallest eigenvalues are float32 noise. float64 is exact to rounding.
     """
@@ -95,7 +95,7 @@ def _eigh(M, precision: str = "float64"):
     if precision == "float32":
         lam, V = torch.linalg.eigh(M.to(torch.float32))
         lam, V = lam.to(torch.float64), V.to(torch.float64)
-        floor = M.shape[-1] * float(torch.finfo(torch.float32).eps) * lam[..., -1:].clamp_min(0)
+        floor = 8 * float(torch.finfo(torch.float32).eps) * lam[..., -1:].clamp_min(0)
         return torch.where(lam < floor, torch.zeros_like(lam), lam), V
     lam, V = torch.linalg.eigh(M)
     return lam.clamp_min(0.0), V
@@ -308,12 +308,24 @@ def kfold_assignment(n: int, k: int, shuffle: bool = False, seed: int = 0) -> np
 
 # ----------------------------------------------------------------------------- dual form
 
+def _zero_intercept_direction(lam, U):
+    """The centred kernel has the constant vector in its null space (the intercept direction,
+    unpenalised): set the eigenvalue of the eigenvector closest to it to exactly 0, as sklearn's
+    GCV does, instead of trusting a rounding-level value (which matters in float32)."""
+    torch = _torch()
+    i = int(torch.argmax(U.sum(0).abs()))
+    lam = lam.clone()
+    lam[i] = 0.0
+    return lam
+
+
 def _dual_eig(Xc, precision="float64"):
     torch = _torch()
     Xk = Xc.to(torch.float32) if precision == "float32" else Xc
     K = Xk @ Xk.T
     K = 0.5 * (K + K.T)
-    return _eigh(K.to(torch.float64), precision)
+    lam, U = _eigh(K.to(torch.float64), precision)
+    return _zero_intercept_direction(lam, U), U
 
 
 def dual_loo(X, Y, alphas, precision="float64"):
@@ -376,6 +388,7 @@ def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
         Kc = Kraw - m[:, None] - m[None, :] + mm                              # centred on μ_f
         Ktt = Kc[tr][:, tr]
         lam, U = _eigh(0.5 * (Ktt + Ktt.T), precision)
+        lam = _zero_intercept_direction(lam, U)
         ybar = Y[tr].mean(0)
         UTy = U.T @ (Y[tr] - ybar)
         inv = 1.0 / (lam[None, :] + a[:, None])                               # (A, m)
