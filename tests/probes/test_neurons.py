@@ -137,7 +137,7 @@ def small_store(tmp_path, L=2, n=45, d=8, m=19):
     g = np.random.default_rng(6)
     ent = pd.DataFrame({"name": [f"e{i}" for i in range(n)], "latitude": g.uniform(-60, 60, n),
                         "longitude": g.uniform(-180, 180, n), "is_test": g.random(n) < 0.3})
-    st = create_store(tmp_path / "s.zarr", layers=[1, 2], n_rows=n, d_model=d, entities=ent,
+    st = create_store(tmp_path / "s.zarr", layers=list(range(1, L + 1)), n_rows=n, d_model=d, entities=ent,
                       targets=("latitude", "longitude"), group_columns=(), meta={}, d_mlp=m,
                       rows_per_chunk=16)
     neur = (g.standard_normal((L, n, m)) + ent["latitude"].to_numpy()[None, :, None] / 30
