@@ -202,7 +202,7 @@ def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=
 
 
 def write_results_md(rows, path, note):
-    lines = [f"\n## Ridge probes on every layer (bench/probe.py) — {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC\n",
+    lines = [f"\n## Ridge probes on every layer (bench/probe.py) — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
              f"Machine: {machine()}. {note}\n",
              "| shape (L x n x d) | form | precision (stats backend) | ours: fit (s) | ours: + metrics (s) "
              "| sklearn RidgeCV loop (s) | float32 floor (s) | fit speed-up vs sklearn "
