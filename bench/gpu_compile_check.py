@@ -37,6 +37,22 @@ MOM_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "SHIFT": "*
            "BLOCK_N": "constexpr", "BLOCK_R": "constexpr", "KP": "constexpr",
            "GATHER": "constexpr", "SQUARES": "constexpr"}
 
+PREP_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "OFFP": "*i32",
+            "SHIFT": "*fp32", "XS": "*fp16", "OUT": "*fp32", "d": "i32", "d_pad": "i32", "k": "i32",
+            "F": "i32", "rows_tot": "i32", "rows_per_split": "i32", "s_xb": "i64", "s_xr": "i32",
+            "s_xd": "i32", "s_yr": "i32", "s_yk": "i32", "BLOCK_N": "constexpr",
+            "BLOCK_R": "constexpr", "KP": "constexpr", "GATHER": "constexpr"}
+PRE_SIG = {"XS": "*fp16", "OFFP": "*i32", "G": "*fp32", "d": "i32", "d_pad": "i32",
+           "rows_tot": "i32", "F": "i32", "n_tm": "i32", "n_tn": "i32",
+           "BM": "constexpr", "BN": "constexpr", "BLOCK_R": "constexpr"}
+
+
+def tma_sig(bm, bn, br):
+    return {"DA": f"tensordesc<fp16[{br}, {bm}]>", "DB": f"tensordesc<fp16[{br}, {bn}]>",
+            "OFFP": "*i32", "G": "*fp32", "d": "i32", "rows_tot": "i32", "F": "i32",
+            "n_tm": "i32", "n_tn": "i32", "BM": "constexpr", "BN": "constexpr",
+            "BLOCK_R": "constexpr"}
+
 
 def cubin_report(cubin: bytes, cuobjdump: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -57,6 +73,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--quick", action="store_true", help="first two Gram configs only")
+    p.add_argument("--preshift-only", action="store_true", help="only the preshift-mode kernels")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -80,6 +97,24 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - report every failure
             failed += 1
             print(f"{label:48s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+    # preshift mode (the default): pre-shift pass + plain / TMA Gram on the padded copy
+    for cfg in (tk.preshift_configs()[:2] if args.quick else tk.preshift_configs()):
+        bm, bn, br, warps, stages, tma = cfg
+        consts = {"BM": bm, "BN": bn, "BLOCK_R": br}
+        if tma:
+            comp(tk._gram_tma_kernel, tma_sig(bm, bn, br), consts, warps, stages,
+                 f"gram preshift {tuple(cfg)} tma")
+        else:
+            comp(tk._gram_pre_kernel, PRE_SIG, consts, warps, stages,
+                 f"gram preshift {tuple(cfg)} ptr")
+    for gather in (False, True):
+        for kp in (2, 4):
+            comp(tk._prep_kernel, PREP_SIG,
+                 {"BLOCK_N": 128, "BLOCK_R": 32, "KP": kp, "GATHER": gather}, 4, 1,
+                 f"prep 128x32 KP={kp} gather={gather}")
+    if args.preshift_only:
+        return 1 if failed else 0
 
     cfgs = tk.gram_configs()[:2] if args.quick else tk.gram_configs()
     for cfg in cfgs:

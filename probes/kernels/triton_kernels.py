@@ -19,6 +19,15 @@ roundings average out. ``shift_in_kernel=False`` instead multiplies the raw fp16
 products) and re-expresses the chunk about the shift in float64 afterwards: better when the
 shift is small relative to the spread, and faster on tensor cores (no conversion in the loop).
 
+Default mode "preshift" (``gram_update(..., mode="preshift")``): ``_prep_kernel`` reads the chunk
+once and writes a copy XS = fp16(x - c) with the rows of each fold contiguous (test rows dropped),
+each fold's rows padded with zero rows to a multiple of BLOCK_R and the columns padded with zeros
+to a multiple of the tile; the same pass sums Σ(x - c) and Σ(x - c)yᵀ in float32 from the exact
+x - c. Then ``_gram_tma_kernel`` (Hopper TMA descriptor loads) or ``_gram_pre_kernel`` (pointer
+loads) is a plain, mask-free tensor-core Gram per (tile, layer, fold) over the fold's row range.
+Precision as "shift-in" (the same fp16 rounding of x - c), speed of a plain GEMM plus one
+read + write of the chunk; costs a second copy of the chunk in GPU memory.
+
 Kernel ``_moments_kernel`` (neurons, and Σx / XᵀY in the raw mode): for every column of every
 layer, Σx, Σx², Σx·y_t over a row range; programs split rows for parallelism and write float32
 partials that are summed in float64.
@@ -37,7 +46,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["gram_update", "neuron_update", "is_available", "unavailable_reason",
-           "gram_configs", "GramConfig", "moments"]
+           "gram_configs", "GramConfig", "preshift_configs", "PreConfig", "MODES", "moments"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -135,6 +144,126 @@ def _gram_kernel(X, Y, IDX, OFF, SHIFT, SX, XTX, XTY,
             py = XTY + bf.to(tl.int64) * d * k + ci[:, None] * k + kk[None, :]
             my = mi[:, None] & mk[None, :]
             tl.store(py, tl.load(py, mask=my, other=0.0) + acc_y.to(tl.float64), mask=my)
+
+
+@triton.jit
+def _prep_kernel(X, Y, IDX, OFF, OFFP, SHIFT, XS, OUT,
+                 d, d_pad, k, F, rows_tot, rows_per_split,
+                 s_xb, s_xr, s_xd, s_yr, s_yk,
+                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr,
+                 GATHER: tl.constexpr):
+    """Pre-shift pass of the "preshift" mode: XS[b, OFFP[f] + q, :] = fp16(x - c) for the q-th
+    kept row of fold f (rows in fold order, test rows dropped), zero rows up to the padded end
+    OFFP[f + 1] and zero columns up to d_pad, so the Gram kernel needs no masks. Also
+    OUT[split, b, f, j, :] = [Σ(x-c), Σ(x-c)·y_0 ..] (float32, exact x - c) over its rows."""
+    pid_n = tl.program_id(0)
+    bf = tl.program_id(1)
+    sp = tl.program_id(2)
+    b = bf // F
+    f = bf % F
+    r0 = tl.load(OFF + f)
+    n_f = tl.load(OFF + f + 1) - r0
+    p0 = tl.load(OFFP + f)
+    n_p = tl.load(OFFP + f + 1) - p0
+    lo = sp * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, n_p)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mc = cols < d
+    mcp = cols < d_pad
+    kk = tl.arange(0, KP)
+    mk = kk < k
+    sh = tl.load(SHIFT + b * d + cols, mask=mc, other=0.0)
+    xb = X + b.to(tl.int64) * s_xb
+    ob = XS + (b.to(tl.int64) * rows_tot + p0) * d_pad
+
+    a_s = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    a_xy = tl.zeros((BLOCK_R, BLOCK_N, KP), dtype=tl.float32)
+    for q in range(lo, hi, BLOCK_R):
+        qq = q + tl.arange(0, BLOCK_R)
+        mr = qq < n_f
+        if GATHER:
+            rows = tl.load(IDX + r0 + qq, mask=mr, other=0).to(tl.int64)
+        else:
+            rows = (r0 + qq).to(tl.int64)
+        mm = mr[:, None] & mc[None, :]
+        x = tl.load(xb + rows[:, None] * s_xr + cols[None, :] * s_xd, mask=mm, other=0.0)
+        xs = tl.where(mm, x.to(tl.float32) - sh[None, :], 0.0)
+        tl.store(ob + qq[:, None].to(tl.int64) * d_pad + cols[None, :], xs.to(tl.float16),
+                 mask=(qq < hi)[:, None] & mcp[None, :])
+        yv = tl.load(Y + rows[:, None] * s_yr + kk[None, :] * s_yk,
+                     mask=mr[:, None] & mk[None, :], other=0.0)
+        a_s += xs
+        a_xy += xs[:, :, None] * yv[:, None, :]
+
+    W = 1 + KP
+    o = OUT + ((sp * tl.num_programs(1) + bf).to(tl.int64) * d + cols) * W
+    tl.store(o, tl.sum(a_s, axis=0), mask=mc)
+    tl.store(o[:, None] + 1 + kk[None, :], tl.sum(a_xy, axis=0), mask=mc[:, None] & mk[None, :])
+
+
+@triton.jit
+def _store_gram_tile(G, acc, bf, ti, tj, d, BM: tl.constexpr, BN: tl.constexpr):
+    """Write the i <= j part of a float32 tile to (i, j) and the i < j part to (j, i) of the
+    bf-th d x d matrix of G: every entry is written once and G is exactly symmetric."""
+    ci = ti * BM + tl.arange(0, BM)
+    cj = tj * BN + tl.arange(0, BN)
+    mi = ci < d
+    mj = cj < d
+    base = G + bf.to(tl.int64) * d * d
+    upper = ci[:, None] <= cj[None, :]
+    tl.store(base + ci[:, None] * d + cj[None, :], acc, mask=mi[:, None] & mj[None, :] & upper)
+    if tj * BN + BN - 1 > ti * BM:      # the tile has entries strictly above the diagonal
+        tl.store(base + cj[:, None] * d + ci[None, :], tl.trans(acc),
+                 mask=mj[:, None] & mi[None, :] & (cj[:, None] > ci[None, :]))
+
+
+@triton.jit
+def _gram_pre_kernel(XS, OFFP, G, d, d_pad, rows_tot, F, n_tm, n_tn,
+                     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Plain Gram of the pre-shifted, padded fp16 copy (see _prep_kernel): fold f of layer b
+    is the contiguous row range [OFFP[f], OFFP[f+1]) (a multiple of BLOCK_R) and columns are
+    padded with zeros to d_pad (a multiple of BM and BN), so no load is masked."""
+    pid = tl.program_id(0)
+    bf = tl.program_id(1)
+    b = bf // F
+    f = bf % F
+    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
+    p0 = tl.load(OFFP + f)
+    p1 = tl.load(OFFP + f + 1)
+    rr = tl.arange(0, BLOCK_R).to(tl.int64)
+    base = XS + b.to(tl.int64) * rows_tot * d_pad
+    pa = base + (p0 + rr)[:, None] * d_pad + (ti * BM + tl.arange(0, BM))[None, :]
+    pb = base + (p0 + rr)[:, None] * d_pad + (tj * BN + tl.arange(0, BN))[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r in range(p0, p1, BLOCK_R):
+        a = tl.load(pa)
+        c = tl.load(pb)
+        acc = tl.dot(tl.trans(a), c, acc)
+        pa += BLOCK_R * d_pad
+        pb += BLOCK_R * d_pad
+    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN)
+
+
+@triton.jit
+def _gram_tma_kernel(DA, DB, OFFP, G, d, rows_tot, F, n_tm, n_tn,
+                     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr):
+    """As _gram_pre_kernel, loading through Hopper TMA tensor descriptors DA (block BLOCK_R x
+    BM) and DB (BLOCK_R x BN) over the (B * rows_tot, d_pad) view of the pre-shifted copy."""
+    pid = tl.program_id(0)
+    bf = tl.program_id(1)
+    b = bf // F
+    f = bf % F
+    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
+    p0 = tl.load(OFFP + f)
+    p1 = tl.load(OFFP + f + 1)
+    row0 = b * rows_tot
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r in range(p0, p1, BLOCK_R):
+        a = DA.load([row0 + r, ti * BM])
+        c = DB.load([row0 + r, tj * BN])
+        acc = tl.dot(tl.trans(a), c, acc)
+    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN)
 
 
 @triton.jit
@@ -296,6 +425,130 @@ def _launch_gram(X, Y, idx, off, outs, cfg, shift_in_kernel, diag_stats, with_mo
         moments(X, Y, shift, squares=False)
 
 
+class PreConfig(tuple):
+    """Tiling of the "preshift" mode: (BM, BN, BLOCK_R, num_warps, num_stages, tma): output tile
+    BM x BN, rows per step BLOCK_R (= the padding unit of each fold's rows), TMA descriptor
+    loads (Hopper) or plain pointer loads."""
+
+    def __new__(cls, bm, bn, block_r, warps, stages, tma=False):
+        return super().__new__(cls, (bm, bn, block_r, warps, stages, bool(tma)))
+
+
+def preshift_configs() -> list[PreConfig]:
+    """Candidates for H100/H200, best guess first (sm_90 compile check: no spills, HGMMA)."""
+    if INTERPRET:
+        return [PreConfig(16, 32, 16, 1, 1, False)]
+    return [PreConfig(128, 256, 64, 8, 3, True), PreConfig(128, 128, 64, 8, 4, True),
+            PreConfig(256, 128, 64, 8, 3, True), PreConfig(128, 128, 64, 8, 3, False)]
+
+
+# pointer-load tiling used when TMA descriptors fail on this Triton/driver (no spills on sm_90)
+_PTR_FALLBACK = PreConfig(128, 128, 64, 8, 3, False)
+
+
+def _default_pre_config(d: int) -> PreConfig:
+    if INTERPRET:
+        return preshift_configs()[0]
+    if d <= 256:
+        return PreConfig(64, 64, 64, 4, 3, False)
+    return preshift_configs()[0]
+
+
+def tune_preshift(d: int, device, B: int = 2, rows: int = 8192, configs=None, verbose=False):
+    """Time each preshift tiling on scratch statistics; remember and return the fastest."""
+    if INTERPRET:
+        return _default_pre_config(d)
+    from triton.testing import do_bench
+
+    from probes.stats import GramStats
+
+    X = torch.randn(B, rows, d, device=device).to(torch.float16)
+    Y = torch.randn(rows, 2, device=device)
+    best, best_t, timings = None, float("inf"), {}
+    for cfg in list(configs or preshift_configs()):
+        st = GramStats.zeros(B, d, 2, device=device)
+        try:
+            t = do_bench(lambda: gram_update(st, X, Y, mode="preshift", config=cfg),
+                         warmup=5, rep=30, return_mode="median")
+        except Exception as exc:  # noqa: BLE001 - a config may not fit this card
+            if verbose:
+                print(f"  preshift {tuple(cfg)} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        timings[tuple(cfg)] = t
+        if verbose:
+            print(f"  preshift {tuple(cfg)}: {t:.3f} ms")
+        if t < best_t:
+            best, best_t = cfg, t
+    best = best or _default_pre_config(d)
+    _TUNED[(d, str(device), "preshift")] = best
+    TUNE_LOG[(d, str(device), "preshift")] = timings
+    return best
+
+
+def _prep_tiling(B, F, d_pad, n_pad_max, device):
+    """(BLOCK_N, BLOCK_R, warps, splits, rows_per_split) of the pre-shift pass: row splits so
+    that the grid fills the card several times over."""
+    if INTERPRET:
+        bn, br, warps = 16, 8, 1
+    else:
+        bn, br, warps = 128, 16, 4       # 127 registers on sm_90: 4 blocks per SM
+    n_cb = triton.cdiv(d_pad, bn)
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 2)
+    want = 16 * sms
+    splits = max(1, min(triton.cdiv(want, n_cb * B * F), triton.cdiv(max(n_pad_max, 1), 8 * br)))
+    rps = triton.cdiv(triton.cdiv(max(n_pad_max, 1), splits), br) * br
+    splits = max(1, triton.cdiv(max(n_pad_max, 1), rps))
+    return bn, br, warps, splits, rps
+
+
+def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg):
+    """Pre-shift mode of one chunk: returns (g32 (B*F, d, d) float32, s_c (B, F, d) float64,
+    xy_c (B, F, d, k) float64), all about the shift."""
+    B, r, d = X.shape
+    k = Y32.shape[1]
+    dev = X.device
+    F = len(counts)
+    bm, bn, block_r, warps, stages, tma = cfg
+    unit = max(bm, bn)
+    d_pad = triton.cdiv(d, unit) * unit
+    cnt_pad = [triton.cdiv(int(c), block_r) * block_r for c in counts]
+    offp_h = np.zeros(F + 1, dtype=np.int32)
+    offp_h[1:] = np.cumsum(cnt_pad)
+    rows_tot = int(offp_h[-1])
+    offp = torch.from_numpy(offp_h).to(dev)
+    gather = idx is not None
+    if not gather:
+        off = torch.tensor([0, r], dtype=torch.int32, device=dev)
+        idx = off
+    KP = triton.next_power_of_2(max(k, 1))
+    XS = torch.empty(B, rows_tot, d_pad, dtype=torch.float16, device=dev)
+    pbn, pbr, pw, splits, rps = _prep_tiling(B, F, d_pad, max(cnt_pad), dev)
+    part = torch.empty(splits, B * F, d, 1 + KP, dtype=torch.float32, device=dev)
+    _prep_kernel[(triton.cdiv(d_pad, pbn), B * F, splits)](
+        X, Y32, idx, off, offp, shift32, XS, part, d, d_pad, k, F, rows_tot, rps,
+        X.stride(0), X.stride(1), X.stride(2), Y32.stride(0), Y32.stride(1),
+        BLOCK_N=pbn, BLOCK_R=pbr, KP=KP, GATHER=gather, num_warps=pw)
+    tot = part.to(torch.float64).sum(0).view(B, F, d, 1 + KP)
+    n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
+    n_prog = sum(n_tn - (bm * i) // bn for i in range(n_tm))
+    g32 = torch.empty(B * F, d, d, dtype=torch.float32, device=dev)
+    grid = (n_prog, B * F)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        xs2 = XS.view(B * rows_tot, d_pad)
+        da = TensorDescriptor.from_tensor(xs2, [block_r, bm])
+        db = TensorDescriptor.from_tensor(xs2, [block_r, bn])
+        _gram_tma_kernel[grid](da, db, offp, g32, d, rows_tot, F, n_tm, n_tn,
+                               BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    else:
+        _gram_pre_kernel[grid](XS, offp, g32, d, d_pad, rows_tot, F, n_tm, n_tn,
+                               BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    del XS
+    return g32, tot[..., 0], tot[..., 1:1 + k]
+
+
 # ----------------------------------------------------------------------------------- helpers
 def _fold_index(fold, r: int, F: int, device):
     """Rows grouped by fold: (idx int32 (n_kept,), off int32 (F+1,), counts (F,)) or
@@ -343,14 +596,20 @@ def _y_stats(stats, Yd, fold, counts, F):
 
 
 # ----------------------------------------------------------------------------------- public
-def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool = True,
-                config=None):
+MODES = ("preshift", "shift-in", "raw")
+
+
+def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | None = None,
+                config=None, mode: str | None = None):
     """Add X (B, r, d) fp16, Y (r, k), fold (r,) (-1 = skip) into ``stats`` (float64, same device).
 
-    ``shift_in_kernel``: subtract the shift before the fp16 product (default) or multiply raw
-    values and move the chunk to the shift in float64 afterwards (see the module docstring).
-    ``config``: a GramConfig; default: the tuned one for this d if ``tune_gram`` ran, else a
-    fixed sensible tiling.
+    ``mode`` (see the module docstring): "preshift" (default) writes a shifted, fold-ordered,
+    padded fp16 copy of the chunk and runs a plain Gram on it; "shift-in" subtracts the shift
+    inside the Gram kernel; "raw" multiplies raw values and moves the chunk to the shift in
+    float64 afterwards. ``shift_in_kernel`` (older spelling): True = "shift-in", False = "raw".
+    ``config``: a PreConfig (preshift) or GramConfig (the other modes; a GramConfig alone
+    selects "shift-in"); default: the tuned one for this d if ``tune_*`` ran, else a fixed
+    sensible tiling.
     """
     from probes.stats import validate_chunk
 
@@ -371,11 +630,34 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool = 
         return stats
     Y32 = Yd.to(torch.float32).contiguous()
     shift32 = stats.shift.to(torch.float32).contiguous()
-    cfg = config or _TUNED.get((d, str(dev), bool(shift_in_kernel))) or _default_config(d)
-
+    if mode is None:
+        if shift_in_kernel is not None:
+            mode = "shift-in" if shift_in_kernel else "raw"
+        else:
+            mode = "shift-in" if isinstance(config, GramConfig) else "preshift"
+    if mode not in MODES:
+        raise ValueError(f"unknown triton Gram mode {mode!r}; one of {MODES}")
     for name in ("sx", "xtx", "xty"):
         if not getattr(stats, name).is_contiguous():
             setattr(stats, name, getattr(stats, name).contiguous())
+    if mode == "preshift":
+        key = (d, str(dev), "preshift")
+        cfg = PreConfig(*(config or _TUNED.get(key) or _default_pre_config(d)))
+        try:
+            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg)
+        except Exception:  # noqa: BLE001 - TMA descriptors unsupported here: pointer loads
+            if config is not None or not cfg[5] or INTERPRET:
+                raise
+            _TUNED[key] = _PTR_FALLBACK
+            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, _PTR_FALLBACK)
+        stats.xtx.view(B * F, d, d).add_(g32)
+        del g32
+        stats.sx += s_c
+        stats.xty += xy_c
+        _y_stats(stats, Yd, fold, counts, F)
+        return stats
+    shift_in_kernel = mode == "shift-in"
+    cfg = config or _TUNED.get((d, str(dev), bool(shift_in_kernel))) or _default_config(d)
     fused = bool(cfg[5]) if len(cfg) > 5 else True
     # this chunk's sums about the kernel's shift (c, or 0 for raw products): float32 Gram,
     # float64 Σx and Σxyᵀ

@@ -5,8 +5,9 @@ the kernels module is imported: ``triton.jit`` reads it when a kernel is defined
 On a GPU the same tests run compiled, on somewhat larger shapes.
 
 Error bounds (relative Frobenius norm against float64):
-- XᵀX with the shift applied in the kernel: the shifted value is rounded to fp16 (2^-11 relative)
-  before the tensor-core product, products accumulate in float32: bound 2e-3.
+- XᵀX with the shift applied in the kernel or in the pre-shift pass ("preshift", the default): the
+  shifted value is rounded to fp16 (2^-11 relative) before the tensor-core product, products
+  accumulate in float32: bound 2e-3.
 - XᵀX on raw fp16 values (exact products, float32 accumulation, shift applied in float64): 1e-5
   on data whose mean is comparable to its spread (as here).
 - Σx, XᵀY, neuron moments (float32 accumulation of exact-ish terms): 1e-5.
@@ -77,19 +78,49 @@ def check_close(got: GramStats, want: GramStats, xtx_tol):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("shift_in_kernel", [True, False])
-def test_gram_matches_reference(shape, shift_in_kernel):
+@pytest.mark.parametrize("mode", ["preshift", "shift-in", "raw"])
+def test_gram_matches_reference(shape, mode):
     B, r, d, k, F = shape
-    gen = torch.Generator().manual_seed(hash((shape, shift_in_kernel)) % 2**31)
+    gen = torch.Generator().manual_seed(hash((shape, mode)) % 2**31)
     X, Y, fold = make_chunk(B, r, d, k, F, gen, skip=F > 1 or r > 10)
     # the shift of a pass comes from its first chunk: here another draw, so sums are not ~0
     shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
     got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
     want = GramStats.zeros(B, d, k, F, shift=shift)
-    tk.gram_update(got, X.to(DEV), Y.to(DEV), None if fold is None else fold.to(DEV),
-                   shift_in_kernel=shift_in_kernel)
+    tk.gram_update(got, X.to(DEV), Y.to(DEV), None if fold is None else fold.to(DEV), mode=mode)
     reference.gram_update(want, X, Y, fold)
-    check_close(got, want, 2e-3 if shift_in_kernel else 1e-5)
+    check_close(got, want, 1e-5 if mode == "raw" else 2e-3)
+
+
+def test_shift_in_kernel_flag_selects_the_mode():
+    B, r, d, k, F = 1, 19, 20, 2, 1
+    gen = torch.Generator().manual_seed(5)
+    X, Y, _ = make_chunk(B, r, d, k, F, gen)
+    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
+    a, b = (GramStats.zeros(B, d, k, shift=shift, device=DEV) for _ in range(2))
+    tk.gram_update(a, X.to(DEV), Y.to(DEV), shift_in_kernel=False)
+    tk.gram_update(b, X.to(DEV), Y.to(DEV), mode="raw")
+    assert torch.equal(a.xtx, b.xtx)
+    with pytest.raises(ValueError, match="mode"):
+        tk.gram_update(a, X.to(DEV), Y.to(DEV), mode="bogus")
+
+
+@pytest.mark.parametrize("cfg", [(16, 32, 16, 1, 1, True), (32, 16, 16, 1, 1, False),
+                                 (16, 16, 32, 1, 1, True)] if not CUDA
+                         else [tuple(c) for c in tk.preshift_configs()] + [(64, 64, 64, 4, 3, False)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_preshift_tilings(cfg, k):
+    # TMA descriptor and pointer loads, tall/wide/square tiles, folds with test rows dropped
+    # (each fold's rows padded to BLOCK_R), d not a multiple of the tile
+    B, r, d, F = (2, 29, 45, 3) if not CUDA else (2, 1100, 600, 3)
+    gen = torch.Generator().manual_seed(sum(cfg) + k)
+    X, Y, fold = make_chunk(B, r, d, k, F, gen)
+    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
+    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), config=tk.PreConfig(*cfg))
+    reference.gram_update(want, X, Y, fold)
+    check_close(got, want, 2e-3)
 
 
 def test_gram_accumulates_over_chunks_and_skips_rows():
