@@ -130,6 +130,11 @@ def gram_data(args):
     return _DATA["X"], _DATA["Y"]
 
 
+def _cfg_name(cfg) -> str:
+    bm, bn, br, warps, stages, tma = cfg
+    return f"{bm}x{bn}x{br} w{warps} s{stages} {'tma' if tma else 'ptr'}"
+
+
 def sec_gram(args, res):
     import torch
 
@@ -146,7 +151,7 @@ def sec_gram(args, res):
     out = {"shape": [B, n, d], "useful_tflop": useful / 1e12, "variants": {}}
 
     use_triton, use_cuda = "triton" in args.backends, "cuda" in args.backends
-    if use_triton:
+    if use_triton and args.tune_configs > 0:
         t0 = time.time()
         tuned = {}
         for sik in (True, False):
@@ -165,9 +170,14 @@ def sec_gram(args, res):
 
     variants = []
     if use_triton:
-        variants += [("triton shift-in", lambda st, f=None: tk.gram_update(st, X, Y, f)),
-                     ("triton raw+fix",
-                      lambda st, f=None: tk.gram_update(st, X, Y, f, shift_in_kernel=False))]
+        # the default mode: pre-shift pass + plain Gram, every tiling timed on the full shape
+        for cfg in tk.preshift_configs():
+            variants.append((f"triton preshift {_cfg_name(cfg)}",
+                             lambda st, f=None, cfg=cfg: tk.gram_update(st, X, Y, f, mode="preshift",
+                                                                        config=cfg)))
+        if not args.no_old_modes:
+            variants += [("triton shift-in", lambda st, f=None: tk.gram_update(st, X, Y, f, mode="shift-in")),
+                         ("triton raw+fix", lambda st, f=None: tk.gram_update(st, X, Y, f, mode="raw"))]
     if use_cuda:
         if ck.is_available():
             variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, X, Y, f)))
@@ -189,29 +199,65 @@ def sec_gram(args, res):
         except Exception as exc:  # noqa: BLE001 - keep the other variants
             out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
-    # 4 folds with 20% test rows (gathered rows)
-    try:
-        if not use_triton:
-            raise _Skip
-        g = torch.Generator(device=DEV).manual_seed(2)
-        fold = torch.randint(-1, 4, (n,), device=DEV, dtype=torch.int32, generator=g)
-        st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
-        tk.gram_update(st, X, Y, fold)
-        ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fold), reps=max(2, args.reps // 2),
-                           warmup=0)
-        kept = int((fold >= 0).sum())
-        out["variants"]["triton 4 folds + test rows"] = {
-            "ms": ms, "tflops": B * kept * d * (d + 1) / (ms * 1e-3) / 1e12,
-            "pct_of_matmul": (100 * B * kept * d * (d + 1) / (ms * 1e-3) / 1e12 / ceiling) if ceiling else None}
-        del st
-        empty_cache()
-    except _Skip:
-        pass
-    except Exception as exc:  # noqa: BLE001
-        out["variants"]["triton 4 folds + test rows"] = {"error": f"{type(exc).__name__}: {exc}"}
-        traceback.print_exc()
+    # the fastest preshift tiling becomes the default of gram_update for this d (fit section)
+    pre = {n: v["ms"] for n, v in out["variants"].items()
+           if n.startswith("triton preshift") and "ms" in v}
+    if pre:
+        best_name = min(pre, key=pre.get)
+        best_cfg = next(c for c in tk.preshift_configs() if best_name.endswith(_cfg_name(c)))
+        tk._TUNED[(d, str(X.device), "preshift")] = best_cfg
+        out["best_preshift"] = {"name": best_name, "config": list(best_cfg), "ms": pre[best_name]}
+    # 4 folds with 20% test rows: preshift (rows sorted by fold in the pre-shift pass, one
+    # plain Gram per fold's contiguous row range) and the older gathered shift-in kernel
+    g = torch.Generator(device=DEV).manual_seed(2)
+    fold = torch.randint(-1, 4, (n,), device=DEV, dtype=torch.int32, generator=g)
+    kept = int((fold >= 0).sum())
+    fold_modes = [("preshift", "triton 4 folds + test rows")]
+    if not args.no_old_modes:
+        fold_modes.append(("shift-in", "triton 4 folds (shift-in)"))
+    for mode, name in (fold_modes if use_triton else []):
+        try:
+            st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
+            tk.gram_update(st, X, Y, fold, mode=mode)
+            ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fold, mode=mode),
+                               reps=max(2, args.reps // 2), warmup=0)
+            tf = B * kept * d * (d + 1) / (ms * 1e-3) / 1e12
+            out["variants"][name] = {"ms": ms, "tflops": tf,
+                                     "pct_of_matmul": (100 * tf / ceiling) if ceiling else None}
+            del st
+            empty_cache()
+        except Exception as exc:  # noqa: BLE001
+            out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
     del ref0
     return out
+
+
+def _loo_fp16(fac, alphas, X, Y, step=8192):
+    """LOO scores like probes.ridge.LooAccumulator, but Z = (X - x̄)V on fp16 tensor cores
+    (X - x̄ and V rounded to fp16, float32 accumulation); the rest in float32/float64. For the
+    accuracy/speed comparison only (not in probes.ridge)."""
+    import torch
+
+    B, d = fac.lam.shape
+    k = fac.G.shape[2]
+    A = len(alphas)
+    a = torch.as_tensor(alphas, device=fac.lam.device, dtype=torch.float64)
+    inv = 1.0 / (fac.lam[:, None, :] + a[None, :, None])                     # (B, A, d)
+    inv_t = inv.transpose(1, 2).contiguous().float()
+    GA = (inv[:, :, :, None] * fac.G[:, None, :, :]).permute(0, 2, 1, 3).reshape(B, d, A * k).float()
+    V16 = fac.V.to(torch.float16)
+    mean16 = fac.mean.to(torch.float16)[:, None, :]
+    sse = torch.zeros(B, A, k, dtype=torch.float64, device=fac.lam.device)
+    n = X.shape[1]
+    for s in range(0, n, step):
+        Xc = X[:, s:s + step] - mean16
+        Z = torch.matmul(Xc, V16).float()
+        yhat = torch.matmul(Z, GA).double().reshape(B, -1, A, k).add_(fac.ybar)
+        h = torch.matmul(Z * Z, inv_t).double().add_(1.0 / fac.n)
+        e = (Y[None, s:s + step, None, :] - yhat) / (1.0 - h)[..., None]
+        sse += (e * e).sum(1)
+    return -(sse / n)
 
 
 def sec_fit(args, res):
@@ -220,12 +266,19 @@ def sec_fit(args, res):
 
     from probes.stats import GramStats, choose_shift
 
-    X, Y = gram_data(args)
+    X, _ = gram_data(args)
     B, n, d = X.shape
-    k = Y.shape[1]
     L = min(args.fit_layers, B)
     alphas = np.logspace(-2, 5, 25)
     out = {"layers_measured": L, "alphas": len(alphas), "scaled_to": B}
+    # targets with a planted linear signal in the first layers (noise level differs by target),
+    # so the chosen alphas are not all the largest one and the accuracy comparison means something
+    g = torch.Generator(device=DEV).manual_seed(4)
+    w = torch.randn(d, 2, device=DEV, generator=g) / d ** 0.5
+    Y = (X[0].float() @ w + X[min(1, B - 1)].float() @ w.flip(1)).double()
+    Y += torch.randn(n, 2, device=DEV, dtype=torch.float64, generator=g) * Y.std(0) * torch.tensor(
+        [0.5, 2.0], device=DEV, dtype=torch.float64)
+    k = Y.shape[1]
 
     # naive torch GPU: per layer float32 X.T @ X and one solve per alpha
     def naive(layers):
@@ -243,9 +296,10 @@ def sec_fit(args, res):
     ms, _ = cuda_time(lambda: naive(L), reps=1, warmup=1)
     out["naive_torch_s"] = ms / 1e3 * B / L
 
-    # ours: statistics pass for every layer (best measured variant), then eigh + LOO
+    # ours: statistics pass for every layer (best measured Triton variant), then eigh + LOO
     gram = res.get("gram", {}).get("variants", {})
-    best = min((v["ms"] for v in gram.values() if "ms" in v), default=None)
+    best = min((v["ms"] for name, v in gram.items() if "ms" in v and "folds" not in name),
+               default=None)
     out["stats_pass_s"] = best / 1e3 if best is not None else None
     try:
         from probes.ridge import LooAccumulator, primal_factor
@@ -258,33 +312,75 @@ def sec_fit(args, res):
     st = GramStats.zeros(L, d, k, shift=shift, device=DEV)
     tk.gram_update(st, X[:L], Y)
     sync()
+    torch.linalg.eigh(torch.eye(64, device=DEV, dtype=torch.float64))      # cusolver start-up
+    torch.linalg.eigh(torch.eye(64, device=DEV, dtype=torch.float32))
 
-    def solve():
-        f = primal_factor(st.n[0], st.sx[:, 0], st.xtx[:, 0], st.sy[0], st.xty[:, 0], shift=st.shift)
-        return f
+    facs = {}
+    for prec in ("float64", "float32"):
+        t0 = time.time()
+        facs[prec] = primal_factor(st.n[0], st.sx[:, 0], st.xtx[:, 0], st.sy[0], st.xty[:, 0],
+                                   shift=st.shift, precision=prec)
+        sync()
+        out[f"eigh_{prec}_s"] = (time.time() - t0) * B / L
 
-    t0 = time.time()
-    fac = solve()
-    sync()
-    out["eigh_s"] = (time.time() - t0) * B / L
+    Yh = Y.cpu().numpy()
+    train = np.ones(n, dtype=bool)
 
-    def loo():
-        acc = LooAccumulator(fac, alphas, n, keep_predictions=False, precision="float32")
+    def loo(fac, precision):
+        acc = LooAccumulator(fac, alphas, n, keep_predictions=False, precision=precision)
         step = 8192
-        train = np.ones(step, dtype=bool)
         for s in range(0, n, step):
             e = min(n, s + step)
-            acc.update(s, X[:L, s:e], Y[s:e].cpu().numpy(), train[:e - s])
+            acc.update(s, X[:L, s:e], Yh[s:e], train[s:e])
         return acc.scores()
 
-    t0 = time.time()
-    sc = loo()
-    sync()
-    out["loo_pass_s"] = (time.time() - t0) * B / L
-    out["loo_finite"] = bool(torch.isfinite(sc).all())
-    if out["stats_pass_s"] is not None:
-        out["ours_total_s"] = out["stats_pass_s"] + out["eigh_s"] + out["loo_pass_s"]
-        out["speedup_vs_naive"] = out["naive_torch_s"] / out["ours_total_s"]
+    # (name, factor precision, LOO flavour): flavours float64 / float32 (TF32 off) / tf32 /
+    # fp16 (bench-local, tensor cores for Z)
+    combos = [("float64", "float64", "float64"), ("float64 eigh + float32 LOO", "float64", "float32"),
+              ("float32", "float32", "float32"), ("float32 + TF32", "float32", "tf32"),
+              ("float32 + fp16 Z", "float32", "fp16")]
+    out["combos"] = {}
+    ref_scores = None
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    for name, fprec, lflav in combos:
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = lflav == "tf32"
+            fac = facs[fprec]
+            run = (lambda: _loo_fp16(fac, alphas, X[:L], Y)) if lflav == "fp16" else \
+                (lambda: loo(fac, "float64" if lflav == "float64" else "float32"))
+            sc = run()                                   # warm-up (and the scores)
+            sync()
+            t0 = time.time()
+            sc = run()
+            sync()
+            loo_s = (time.time() - t0) * B / L
+            sc = sc.double()
+            c = {"eigh_s": out[f"eigh_{fprec}_s"], "loo_s": loo_s,
+                 "finite": bool(torch.isfinite(sc).all())}
+            if ref_scores is None:
+                ref_scores = sc
+            # chosen alpha per layer (shared by the targets, as the paper) and per target
+            pick = sc.mean(2).argmax(1)
+            pick_ref = ref_scores.mean(2).argmax(1)
+            c["alpha_choices_identical"] = bool(torch.equal(pick, pick_ref))
+            c["alpha_per_target_identical"] = bool(torch.equal(sc.argmax(1), ref_scores.argmax(1)))
+            c["max_rel_score_diff"] = float(((sc - ref_scores).abs() / ref_scores.abs()).max())
+            c["chosen_alpha_index"] = pick.tolist()
+            if out["stats_pass_s"] is not None:
+                c["total_s"] = out["stats_pass_s"] + c["eigh_s"] + loo_s
+                c["speedup_vs_naive"] = out["naive_torch_s"] / c["total_s"]
+            out["combos"][name] = c
+        except Exception as exc:  # noqa: BLE001
+            out["combos"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    # the older summary fields: float64 factor + float32 LOO (the fit's default on GPU)
+    c = out["combos"].get("float64 eigh + float32 LOO", {})
+    out["eigh_s"], out["loo_pass_s"] = c.get("eigh_s"), c.get("loo_s")
+    if "total_s" in c:
+        out["ours_total_s"], out["speedup_vs_naive"] = c["total_s"], c["speedup_vs_naive"]
+        out["loo_finite"] = c["finite"]
     return out
 
 
@@ -372,10 +468,13 @@ def table(res) -> str:
         lines.append(f"gram pass {'x'.join(map(str, g['shape']))} fp16  (target >= 60% of matmul)")
     for name, v in g.get("variants", {}).items():
         if "error" in v:
-            lines.append(f"  {name:28s} ERROR {v['error'][:90]}")
+            lines.append(f"  {name:38s} ERROR {v['error'][:90]}")
         else:
-            lines.append(f"  {name:28s} {v['ms']:9.1f} ms {v['tflops']:7.1f} TFLOP/s "
+            lines.append(f"  {name:38s} {v['ms']:9.1f} ms {v['tflops']:7.1f} TFLOP/s "
                          f"{_f(v.get('pct_of_matmul'))}%  relerr {_f(v.get('rel_err_xtx_layer0'), '{:.1e}')}")
+    if "best_preshift" in g:
+        lines.append(f"  best preshift tiling (now gram_update's default for this d): "
+                     f"{g['best_preshift']['name']}")
     if "error" in g:
         lines.append(f"  gram ERROR {g['error'][:100]}")
     f = res.get("fit", {})
@@ -386,6 +485,14 @@ def table(res) -> str:
                      f"{_f(f.get('eigh_s'), '{:.2f}')} s + LOO {_f(f.get('loo_pass_s'), '{:.2f}')} s = "
                      f"{_f(f.get('ours_total_s'), '{:.2f}')} s;  naive torch GPU "
                      f"{_f(f.get('naive_torch_s'), '{:.2f}')} s;  speedup {_f(f.get('speedup_vs_naive'), '{:.1f}')}x")
+        for name, c in f.get("combos", {}).items():
+            if "error" in c:
+                lines.append(f"  {name:28s} ERROR {c['error'][:90]}")
+                continue
+            lines.append(f"  {name:28s} eigh {c['eigh_s']:.2f} s + LOO {c['loo_s']:.2f} s = "
+                         f"{_f(c.get('total_s'), '{:.2f}')} s ({_f(c.get('speedup_vs_naive'), '{:.1f}')}x naive); "
+                         f"alphas same: {c['alpha_choices_identical']}/{c['alpha_per_target_identical']}"
+                         f" max|dscore| {c['max_rel_score_diff']:.1e}")
         if "error" in f:
             lines.append(f"  fit ERROR {f['error'][:100]}")
     nr = res.get("neurons", {})
@@ -419,7 +526,10 @@ def main(argv=None):
     p.add_argument("--neurons", type=int, default=11008)
     p.add_argument("--fit-layers", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--tune-configs", type=int, default=3)
+    p.add_argument("--tune-configs", type=int, default=0,
+                   help="tune the older shift-in/raw kernels over this many configs first")
+    p.add_argument("--no-old-modes", action="store_true",
+                   help="time only the preshift mode (not shift-in / raw+fix)")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda", help="cpu: dry run of the logic (TRITON_INTERPRET=1)")
