@@ -132,6 +132,8 @@ class ExtractResult:
     padding_fraction: float
     bytes: int
     resumed_from: int
+    forward_seconds: float = 0.0   # inside the model's forward calls (CPU: compute; GPU: launch)
+    write_seconds: float = 0.0     # writer thread busy writing (overlapped with the forwards)
 
     @property
     def rows_per_s(self) -> float:
@@ -417,6 +419,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         bar = tqdm(total=n, initial=start_row, unit="row", desc=f"extract {out.name}",
                    dynamic_ncols=True, smoothing=0.1)
     real_tokens = total_slots = 0
+    forward_s = 0.0
     t0 = time.perf_counter()
     entities = ds.table["entity"].tolist()
     encode_many = getattr(pr, "encode_many", None)
@@ -459,11 +462,13 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
                 cap.resid = torch.empty((L, B, lm.d_model), dtype=comp_dtype, device=dev)
                 cap.neu = (torch.empty((L, B, d_mlp), dtype=comp_dtype, device=dev)
                            if neurons else None)
+                tf = time.perf_counter()
                 with torch.inference_mode():
                     try:
                         base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
                     except _Stop:
                         pass
+                forward_s += time.perf_counter() - tf  # on GPU: launch time only (async)
                 if on_gpu:  # asynchronous copy out; checked one batch later
                     hx, hn = staging[k % 2]
                     hx = hx[:, :B]
@@ -508,7 +513,8 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     result = ExtractResult(store=open_store(out), rows=rows_done - start_row, rows_done=rows_done,
                            seconds=seconds,
                            padding_fraction=1 - real_tokens / total_slots if total_slots else 0.0,
-                           bytes=nbytes, resumed_from=start_row)
+                           bytes=nbytes, resumed_from=start_row, forward_seconds=forward_s,
+                           write_seconds=writer.write_seconds)
     return result
 
 

@@ -266,7 +266,7 @@ def test_kill_9_then_resume_gives_identical_store(tmp_path, tiny_model_dir, make
     out = tmp_path / "k.zarr"
     rng = np.random.default_rng()
     kills = 0
-    for _ in range(3):
+    for _ in range(2):
         p = _cli(*args, "--out", str(out))
         start = max(0, _rows_done(out))
         target = start + 8 * int(rng.integers(1, 6))
@@ -334,3 +334,22 @@ def test_embedded_smollm2_matches_unpadded(tmp_path, make_world_csv):
     # fp16 keeps ~3 significant digits; SmolLM2's residual has a few large outlier dims
     np.testing.assert_allclose(got, want, rtol=3e-3, atol=3e-3 * np.abs(want).max())
     assert s.n_layers == 30 and s.d_model == 576
+
+
+@pytest.mark.gpu
+def test_cuda_extraction_matches_cpu(tmp_path, tiny_model, tiny_tokenizer, world_csv):
+    """GPU path (pinned staging, copy-out one batch late) stores what the CPU path stores."""
+    import copy
+    kw = dict(batch_size=7, rows_per_chunk=16, progress=False, neurons=True)
+    cpu = extract((tiny_model, tiny_tokenizer), world_csv, "coords", tmp_path / "c.zarr", **kw)
+    gpu_model = copy.deepcopy(tiny_model).to("cuda")
+    gpu = extract((gpu_model, tiny_tokenizer), world_csv, "coords", tmp_path / "g.zarr", **kw)
+    for arr in ("resid", "neurons"):
+        np.testing.assert_allclose(gpu.store.read(slice(0, 40), array=arr).astype(np.float32),
+                                   cpu.store.read(slice(0, 40), array=arr).astype(np.float32),
+                                   rtol=5e-3, atol=1e-2)
+    half = extract((gpu_model.half(), tiny_tokenizer), world_csv, "coords", tmp_path / "h.zarr",
+                   **kw)
+    np.testing.assert_allclose(half.store.read(slice(0, 40)).astype(np.float32),
+                               cpu.store.read(slice(0, 40)).astype(np.float32),
+                               rtol=5e-2, atol=5e-2)
