@@ -502,9 +502,13 @@ def _prep_tiling(B, F, d_pad, n_pad_max, device):
     return bn, br, warps, splits, rps
 
 
-def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg):
+def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1):
     """Pre-shift mode of one chunk: returns (g32 (B*F, d, d) float32, s_c (B, F, d) float64,
-    xy_c (B, F, d, k) float64), all about the shift."""
+    xy_c (B, F, d, k) float64), all about the shift.
+
+    ``groups`` > 1: the layers go in that many groups; the pre-shift pass of group g+1 runs on a
+    side stream while the Gram of group g runs (the Gram is compute-bound and leaves room on
+    each SM for a pre-shift block), and the padded copy is held for two groups only."""
     B, r, d = X.shape
     k = Y32.shape[1]
     dev = X.device
@@ -522,30 +526,74 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg):
         off = torch.tensor([0, r], dtype=torch.int32, device=dev)
         idx = off
     KP = triton.next_power_of_2(max(k, 1))
-    XS = torch.empty(B, rows_tot, d_pad, dtype=torch.float16, device=dev)
-    pbn, pbr, pw, splits, rps = _prep_tiling(B, F, d_pad, max(cnt_pad), dev)
-    part = torch.empty(splits, B * F, d, 1 + KP, dtype=torch.float32, device=dev)
-    _prep_kernel[(triton.cdiv(d_pad, pbn), B * F, splits)](
-        X, Y32, idx, off, offp, shift32, XS, part, d, d_pad, k, F, rows_tot, rps,
-        X.stride(0), X.stride(1), X.stride(2), Y32.stride(0), Y32.stride(1),
-        BLOCK_N=pbn, BLOCK_R=pbr, KP=KP, GATHER=gather, num_warps=pw)
-    tot = part.to(torch.float64).sum(0).view(B, F, d, 1 + KP)
+    groups = max(1, min(int(groups), B))
+    gsz = triton.cdiv(B, groups)
+    bounds = [(b0, min(B, b0 + gsz)) for b0 in range(0, B, gsz)]
+    n_slots = min(2, len(bounds))
+    slots = [torch.empty(gsz, rows_tot, d_pad, dtype=torch.float16, device=dev)
+             for _ in range(n_slots)]
+    pbn, pbr, pw, splits, rps = _prep_tiling(gsz, F, d_pad, max(cnt_pad), dev)
+    W = 1 + KP
+    # per group a contiguous (splits, layers_in_group * F, d, W) block of float32 partial sums
+    part = torch.empty(splits * B * F * d * W, dtype=torch.float32, device=dev)
+    parts = [part[splits * b0 * F * d * W:splits * b1 * F * d * W].view(splits, (b1 - b0) * F, d, W)
+             for b0, b1 in bounds]
     n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
     n_prog = sum(n_tn - (bm * i) // bn for i in range(n_tm))
     g32 = torch.empty(B * F, d, d, dtype=torch.float32, device=dev)
-    grid = (n_prog, B * F)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        xs2 = XS.view(B * rows_tot, d_pad)
-        da = TensorDescriptor.from_tensor(xs2, [block_r, bm])
-        db = TensorDescriptor.from_tensor(xs2, [block_r, bn])
-        _gram_tma_kernel[grid](da, db, offp, g32, d, rows_tot, F, n_tm, n_tn,
-                               BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    def prep(gi):
+        b0, b1 = bounds[gi]
+        XS = slots[gi % n_slots]
+        pg = parts[gi]
+        _prep_kernel[(triton.cdiv(d_pad, pbn), (b1 - b0) * F, splits)](
+            X[b0:b1], Y32, idx, off, offp, shift32[b0:b1], XS, pg, d, d_pad, k, F, rows_tot, rps,
+            X.stride(0), X.stride(1), X.stride(2), Y32.stride(0), Y32.stride(1),
+            BLOCK_N=pbn, BLOCK_R=pbr, KP=KP, GATHER=gather, num_warps=pw)
+
+    def gram(gi):
+        b0, b1 = bounds[gi]
+        XS = slots[gi % n_slots]
+        grid = (n_prog, (b1 - b0) * F)
+        gg = g32[b0 * F:b1 * F]
+        if tma:
+            xs2 = XS.view(gsz * rows_tot, d_pad)
+            da = TensorDescriptor.from_tensor(xs2, [block_r, bm])
+            db = TensorDescriptor.from_tensor(xs2, [block_r, bn])
+            _gram_tma_kernel[grid](da, db, offp, gg, d, rows_tot, F, n_tm, n_tn,
+                                   BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps,
+                                   num_stages=stages)
+        else:
+            _gram_pre_kernel[grid](XS, offp, gg, d, d_pad, rows_tot, F, n_tm, n_tn,
+                                   BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps,
+                                   num_stages=stages)
+
+    if len(bounds) == 1 or dev.type != "cuda":
+        for gi in range(len(bounds)):
+            prep(gi)
+            gram(gi)
     else:
-        _gram_pre_kernel[grid](XS, offp, g32, d, d_pad, rows_tot, F, n_tm, n_tn,
-                               BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
-    del XS
+        main = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(main)                       # inputs and buffers are ready
+        prepped = [torch.cuda.Event() for _ in bounds]
+        grammed = [torch.cuda.Event() for _ in bounds]
+        for gi in range(len(bounds)):
+            with torch.cuda.stream(side):
+                if gi >= n_slots:                    # the slot's previous Gram must be done
+                    side.wait_event(grammed[gi - n_slots])
+                prep(gi)
+                prepped[gi].record(side)
+            main.wait_event(prepped[gi])
+            gram(gi)
+            grammed[gi].record(main)
+        main.wait_stream(side)
+        for t in slots + [part]:
+            t.record_stream(side)
+    del slots
+    tot = torch.cat([p.to(torch.float64).sum(0) for p in parts]).view(B, F, d, W)
     return g32, tot[..., 0], tot[..., 1:1 + k]
 
 
@@ -600,13 +648,15 @@ MODES = ("preshift", "shift-in", "raw")
 
 
 def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | None = None,
-                config=None, mode: str | None = None):
+                config=None, mode: str | None = None, groups: int | None = None):
     """Add X (B, r, d) fp16, Y (r, k), fold (r,) (-1 = skip) into ``stats`` (float64, same device).
 
     ``mode`` (see the module docstring): "preshift" (default) writes a shifted, fold-ordered,
     padded fp16 copy of the chunk and runs a plain Gram on it; "shift-in" subtracts the shift
     inside the Gram kernel; "raw" multiplies raw values and moves the chunk to the shift in
     float64 afterwards. ``shift_in_kernel`` (older spelling): True = "shift-in", False = "raw".
+    ``groups`` (preshift): pipeline the pre-shift pass of the next group of layers with the Gram
+    of this one on two streams (default: the tuned value for this d, else 1).
     ``config``: a PreConfig (preshift) or GramConfig (the other modes; a GramConfig alone
     selects "shift-in"); default: the tuned one for this d if ``tune_*`` ran, else a fixed
     sensible tiling.
@@ -643,13 +693,14 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
     if mode == "preshift":
         key = (d, str(dev), "preshift")
         cfg = PreConfig(*(config or _TUNED.get(key) or _default_pre_config(d)))
+        ng = groups or _TUNED.get(key + ("groups",), 1)
         try:
-            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg)
+            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, ng)
         except Exception:  # noqa: BLE001 - TMA descriptors unsupported here: pointer loads
             if config is not None or not cfg[5] or INTERPRET:
                 raise
             _TUNED[key] = _PTR_FALLBACK
-            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, _PTR_FALLBACK)
+            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, _PTR_FALLBACK, ng)
         stats.xtx.view(B * F, d, d).add_(g32)
         del g32
         stats.sx += s_c
