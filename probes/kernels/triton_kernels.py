@@ -438,8 +438,9 @@ def preshift_configs() -> list[PreConfig]:
     """Candidates for H100/H200, best guess first (sm_90 compile check: no spills, HGMMA)."""
     if INTERPRET:
         return [PreConfig(16, 32, 16, 1, 1, False)]
-    return [PreConfig(128, 256, 64, 8, 3, True), PreConfig(128, 128, 64, 8, 4, True),
-            PreConfig(256, 128, 64, 8, 3, True), PreConfig(128, 128, 64, 8, 3, False)]
+    return [PreConfig(128, 256, 64, 8, 3, True), PreConfig(128, 256, 64, 8, 4, True),
+            PreConfig(128, 128, 64, 8, 4, True), PreConfig(256, 128, 64, 8, 3, True),
+            PreConfig(128, 128, 64, 8, 3, False)]
 
 
 # pointer-load tiling used when TMA descriptors fail on this Triton/driver (no spills on sm_90)
