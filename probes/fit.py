@@ -320,6 +320,7 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
         "target_std": sd.tolist(),
         "backend": be,
         "precision": precision,
+        "stats_precision": precision if be in ("cpu", "torch") else "float32",
         "form": form,
         "best_layer": best["layer"],
         "best_position": best["position"],
@@ -343,6 +344,11 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
 
     B, d, k, A = len(bpos), store.d_model, Yz.shape[1], len(alphas)
     F = 1 if cv == "loo" else cv
+    if chunk_rows is None:
+        from probes.kernels import preferred_chunk_rows
+        chunk_rows = preferred_chunk_rows(d, B, F, max_bytes=64 << 20)
+    # GPU kernels sum each chunk in float32 (into float64 totals) and refuse "float64".
+    stats_precision = precision if be in ("cpu", "torch") else None
     ts = time.perf_counter()
     stats = None
     for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
@@ -359,7 +365,7 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
             except ValueError:
                 shift = None               # non-finite first chunk: found below, per layer
             stats = GramStats.zeros(B, d, k, F, shift=shift, device=device)
-        gram_update(stats, X, Yz[start:start + r], fold, backend=be, precision=precision)
+        gram_update(stats, X, Yz[start:start + r], fold, backend=be, precision=stats_precision)
         tick(r)
     timings["stats"] += time.perf_counter() - ts
 
