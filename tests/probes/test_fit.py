@@ -252,3 +252,22 @@ def test_bad_inputs(tmp_path):
                    corrupt=(1, 33, 2))
         with pytest.raises(FitError, match=r"layer 2 .*NaN or inf.*row 33, dim 2"):
             fit_all_layers(tmp_path / f"nan{form_d}.zarr", alphas=ALPHAS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [24, 96])            # primal and dual
+def test_gpu_fit_matches_cpu(tmp_path, d):
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ent = entity_table(80, seed=10)
+    make_store(tmp_path / "s.zarr", ent, d=d, L=2)
+    ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch")
+    gpu = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", device="cuda")
+    np.testing.assert_array_equal(gpu["arrays"]["alpha"], ref["arrays"]["alpha"])
+    np.testing.assert_allclose(gpu["arrays"]["coef"], ref["arrays"]["coef"], rtol=1e-7,
+                               atol=1e-9 * np.abs(ref["arrays"]["coef"]).max())
+    auto = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="auto", device="cuda")
+    assert auto["backend"] in ("triton", "cuda", "cpu")
+    np.testing.assert_allclose(auto["arrays"]["predictions"], ref["arrays"]["predictions"],
+                               rtol=1e-3, atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
