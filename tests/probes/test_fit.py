@@ -261,13 +261,13 @@ def test_gpu_fit_matches_cpu(tmp_path, d):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     ent = entity_table(80, seed=10)
-    make_store(tmp_path / "s.zarr", ent, d=d, L=2)
-    ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch")
-    gpu = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", device="cuda")
+    make_store(tmp_path / "s.h5", ent, d=d, L=2)
+    ref = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, backend="torch")
+    gpu = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, backend="torch", device="cuda")
     np.testing.assert_array_equal(gpu["arrays"]["alpha"], ref["arrays"]["alpha"])
     np.testing.assert_allclose(gpu["arrays"]["coef"], ref["arrays"]["coef"], rtol=1e-7,
                                atol=1e-9 * np.abs(ref["arrays"]["coef"]).max())
-    auto = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="auto", device="cuda")
+    auto = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, backend="auto", device="cuda")
     assert auto["backend"] in ("triton", "cuda", "cpu")
     np.testing.assert_allclose(auto["arrays"]["predictions"], ref["arrays"]["predictions"],
                                rtol=1e-3, atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
