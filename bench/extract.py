@@ -418,7 +418,8 @@ peak RSS: each mode alone in a fresh process.
 Ours / floor = **{ours['x_floor']:.3f}x** on the fastest rounds, {med['ours'] / med['floor']:.3f}x on the medians
 (target <= 1.10x); paper / ours = {paper['seconds'] / ours['seconds']:.2f}x time ({med['paper'] / med['ours']:.2f}x medians).
 """ + (f"""Within each of our runs, total / time inside the forward calls = {_fmt(over)} (CPU; the
-writer thread's busy time {_fmt(inter.get('ours_write_s', []))} s overlaps the forwards).
+writer thread's busy time {_fmt(inter.get('ours_write_s', []))} s overlaps the forwards). On a shared
+machine rounds vary by tens of percent; this per-run ratio is the contention-proof overhead.
 """ if over and args.device == "cpu" else "") + f"""
 floor = bare decoder forward; ours = `actstore.extract.extract` end to end (tokenising, hooks,
 fp16 check, store writes on the writer thread, final drain); paper = full-model
