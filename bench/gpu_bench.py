@@ -176,8 +176,14 @@ def sec_gram(args, res):
                              lambda st, f=None, cfg=cfg: tk.gram_update(st, X, Y, f, mode="preshift",
                                                                         config=cfg)))
         if not args.no_old_modes:
-            variants += [("triton shift-in", lambda st, f=None: tk.gram_update(st, X, Y, f, mode="shift-in")),
-                         ("triton raw+fix", lambda st, f=None: tk.gram_update(st, X, Y, f, mode="raw"))]
+            # the older modes with the tiling the H200 run of 27 Nov 2026 tuned for both
+            h200 = None if tk.INTERPRET else tk.GramConfig(128, 128, 64, 8, 3, False)
+            old = tk._TUNED.get((d, str(X.device), True)) or h200
+            old_raw = tk._TUNED.get((d, str(X.device), False)) or h200
+            variants += [("triton shift-in", lambda st, f=None: tk.gram_update(
+                              st, X, Y, f, mode="shift-in", config=old)),
+                         ("triton raw+fix", lambda st, f=None: tk.gram_update(
+                             st, X, Y, f, mode="raw", config=old_raw))]
     if use_cuda:
         if ck.is_available():
             variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, X, Y, f)))
@@ -244,8 +250,10 @@ def sec_gram(args, res):
     for mode, name in (fold_modes if use_triton else []):
         try:
             st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
-            tk.gram_update(st, X, Y, fold, mode=mode)
-            ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fold, mode=mode),
+            cfg = (None if mode == "preshift" or tk.INTERPRET
+                   else tk.GramConfig(128, 128, 64, 8, 3, False))
+            tk.gram_update(st, X, Y, fold, mode=mode, config=cfg)
+            ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fold, mode=mode, config=cfg),
                                reps=max(2, args.reps // 2), warmup=0)
             tf = B * kept * d * (d + 1) / (ms * 1e-3) / 1e12
             out["variants"][name] = {"ms": ms, "tflops": tf,

@@ -109,10 +109,11 @@ def main(argv=None) -> int:
             comp(tk._gram_pre_kernel, PRE_SIG, consts, warps, stages,
                  f"gram preshift {tuple(cfg)} ptr")
     for gather in (False, True):
-        for kp in (2, 4):
+        for kp in (1, 2, 4, 8, 16):
+            pbn, pbr, pw = 128, max(1, min(16, 64 // kp)), 4   # as tk._prep_tiling on a GPU
             comp(tk._prep_kernel, PREP_SIG,
-                 {"BLOCK_N": 128, "BLOCK_R": 32, "KP": kp, "GATHER": gather}, 4, 1,
-                 f"prep 128x32 KP={kp} gather={gather}")
+                 {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": kp, "GATHER": gather}, pw, 1,
+                 f"prep {pbn}x{pbr} w{pw} KP={kp} gather={gather}")
     if args.preshift_only:
         return 1 if failed else 0
 

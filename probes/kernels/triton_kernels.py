@@ -486,13 +486,15 @@ def tune_preshift(d: int, device, B: int = 2, rows: int = 8192, configs=None, ve
     return best
 
 
-def _prep_tiling(B, F, d_pad, n_pad_max, device):
+def _prep_tiling(B, F, d_pad, n_pad_max, device, KP=2):
     """(BLOCK_N, BLOCK_R, warps, splits, rows_per_split) of the pre-shift pass: row splits so
     that the grid fills the card several times over."""
     if INTERPRET:
         bn, br, warps = 16, 8, 1
     else:
-        bn, br, warps = 128, 16, 4       # 127 registers on sm_90: 4 blocks per SM
+        # <= 181 registers on sm_90 without spills (KP <= 4 at 16 rows; fewer rows for more
+        # targets keep the (rows, 128, KP) accumulator the same size)
+        bn, br, warps = 128, max(1, min(16, 64 // KP)), 4
     n_cb = triton.cdiv(d_pad, bn)
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 2)
@@ -533,7 +535,7 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1):
     n_slots = min(2, len(bounds))
     slots = [torch.empty(gsz, rows_tot, d_pad, dtype=torch.float16, device=dev)
              for _ in range(n_slots)]
-    pbn, pbr, pw, splits, rps = _prep_tiling(gsz, F, d_pad, max(cnt_pad), dev)
+    pbn, pbr, pw, splits, rps = _prep_tiling(gsz, F, d_pad, max(cnt_pad), dev, KP)
     W = 1 + KP
     # per group a contiguous (splits, layers_in_group * F, d, W) block of float32 partial sums
     part = torch.empty(splits * B * F * d * W, dtype=torch.float32, device=dev)
