@@ -12,10 +12,19 @@ Sections
   generated on the device in memory), every backend variant: achieved TFLOP/s counts the useful
   work, B·n·d·(d+1) flops (the upper triangle of XᵀX incl. the diagonal, 2 flops per
   multiply-add); target >= 60% of the matmul ceiling. Accuracy vs float64 on one layer.
+  Variants: the preshift mode (default of the triton backend) at every candidate tiling, timed
+  on the full shape (the fastest becomes gram_update's default in this process), then that
+  tiling with the pre-shift pass overlapped by layer groups (--groups); the older shift-in and
+  raw+fix modes (unless --no-old-modes); 4 folds with 20% test rows (preshift and shift-in).
 - fit: the whole fit --all-layers (25 alphas, exact LOO, primal form) = statistics pass (all
-  layers, measured) + batched eigendecomposition + LOO pass (measured on --fit-layers layers,
-  scaled linearly to all layers), next to a naive torch GPU fit (per layer float32 X.T @ X and
-  torch.linalg.solve per alpha; measured on --fit-layers layers, scaled).
+  layers, best measured variant) + batched eigendecomposition + LOO pass (measured on
+  --fit-layers layers, scaled linearly to all layers), next to a naive torch GPU fit (per layer
+  float32 X.T @ X and torch.linalg.solve per alpha; measured on --fit-layers layers, scaled).
+  Targets carry a planted linear signal. Combos: eigh float64|float32 (probes.ridge's guarded
+  floor) x LOO projection float64|float32|TF32|fp16 (fp16: bench-local copy of the LOO maths
+  with Z = (X - x̄)V on fp16 tensor cores); for each, whether the chosen alphas (per layer and
+  per target) equal the float64 ones and the largest relative score difference. eigh is also
+  timed with MAGMA.
 - neurons: Σx, Σx², Σxy over --layers x --rows x --neurons fp16 with 2 targets: achieved GB/s
   (activation bytes read once) vs the copy ceiling (target >= 60%); Spearman for one layer.
 """
@@ -357,6 +366,25 @@ def sec_fit(args, res):
         sync()
         out[f"eigh_{prec}_s"] = (time.time() - t0) * B / L
 
+    # the same factorisation with MAGMA instead of cuSOLVER (timing only)
+    if DEV == "cuda":
+        lib = torch.backends.cuda.preferred_linalg_library()
+        try:
+            torch.backends.cuda.preferred_linalg_library("magma")
+            for prec in ("float64", "float32"):
+                primal_factor(st.n[0], st.sx[:1, 0], st.xtx[:1, 0], st.sy[0], st.xty[:1, 0],
+                              shift=st.shift[:1], precision=prec)          # start-up
+                sync()
+                t0 = time.time()
+                primal_factor(st.n[0], st.sx[:, 0], st.xtx[:, 0], st.sy[0], st.xty[:, 0],
+                              shift=st.shift, precision=prec)
+                sync()
+                out[f"eigh_{prec}_magma_s"] = (time.time() - t0) * B / L
+        except Exception as exc:  # noqa: BLE001
+            out["magma_error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            torch.backends.cuda.preferred_linalg_library(lib)
+
     Yh = Y.cpu().numpy()
     train = np.ones(n, dtype=bool)
 
@@ -519,6 +547,10 @@ def table(res) -> str:
                      f"{_f(f.get('eigh_s'), '{:.2f}')} s + LOO {_f(f.get('loo_pass_s'), '{:.2f}')} s = "
                      f"{_f(f.get('ours_total_s'), '{:.2f}')} s;  naive torch GPU "
                      f"{_f(f.get('naive_torch_s'), '{:.2f}')} s;  speedup {_f(f.get('speedup_vs_naive'), '{:.1f}')}x")
+        lines.append(f"  eigh of {f.get('scaled_to')} layers: cuSOLVER float64 {_f(f.get('eigh_float64_s'), '{:.2f}')} s, "
+                     f"float32 {_f(f.get('eigh_float32_s'), '{:.2f}')} s; MAGMA float64 "
+                     f"{_f(f.get('eigh_float64_magma_s'), '{:.2f}')} s, float32 "
+                     f"{_f(f.get('eigh_float32_magma_s'), '{:.2f}')} s")
         for name, c in f.get("combos", {}).items():
             if "error" in c:
                 lines.append(f"  {name:28s} ERROR {c['error'][:90]}")
