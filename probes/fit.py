@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.ridge import (DEFAULT_ALPHAS, RidgeError, LooAccumulator, dual_coef, dual_kfold_scores,
+from probes.ridge import (DEFAULT_ALPHAS, LooAccumulator, dual_coef, dual_kfold_scores,
                           dual_loo, kfold_assignment, kfold_scores_primal, parse_alphas,
                           primal_factor, select_alpha)
 

@@ -84,16 +84,6 @@ def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
-def _distance_fn(metric: str):
-    """Reference distance functions (used by tests and for documentation of the metric)."""
-    if metric == "haversine":
-        # columns (latitude, longitude)
-        return lambda a, b: haversine_km(a[..., 0], a[..., 1], b[..., 0], b[..., 1])
-    if metric == "euclidean":
-        return lambda a, b: np.sqrt(((a - b) ** 2).sum(-1))
-    raise MetricsError(f"unknown distance {metric!r}; choose 'euclidean' or 'haversine'")
-
-
 def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
     la, lo = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
     return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=1)

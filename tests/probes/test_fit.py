@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import Ridge, RidgeCV
 
-from actstore.store import create_store, open_store
+from actstore.store import create_store
 from probes.fit import FitError, fit_all_layers
 from probes.kernels import available_backends
 from probes.ridge import kfold_assignment
