@@ -64,7 +64,7 @@ def _cmd_fit(args) -> int:
     result = fit_all_layers(
         args.store, targets=args.target, alphas=args.alphas, cv=args.cv,
         alpha_per_target=args.alpha_per_target, split=args.split, backend=args.backend,
-        out=args.out, layers=layers, precision=args.precision,
+        out=args.out, layers=layers, precision=args.precision, device=args.device,
         progress=not args.quiet and sys.stderr.isatty(), seed=args.seed)
     print(format_table(result))
     if args.out:
@@ -117,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="statistics kernel: C++/OpenMP (cpu), torch float64 reference, CUDA, "
                         "Triton; auto picks the fastest available (default)")
     p.add_argument("--precision", default="float64", choices=["float64", "float32"],
-                   help="float64 (exact, default) or float32 statistics blocks and projections "
-                        "(faster, ~1e-6 relative)")
+                   help="float64 (exact, default) or float32 statistics blocks, eigendecomposition "
+                        "and projections (about 2x faster; ~1e-6 relative, less exact for alphas far "
+                        "below the float32 noise floor)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where the solve runs (default: cuda for --backend cuda/triton, else cpu; "
+                        "--backend torch --device cuda runs the float64 reference on the GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the k-fold shuffle (default 0)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output directory for results.json, probes.npz and PNG plots")
