@@ -439,8 +439,8 @@ def preshift_configs() -> list[PreConfig]:
     if INTERPRET:
         return [PreConfig(16, 32, 16, 1, 1, False)]
     return [PreConfig(128, 256, 64, 8, 3, True), PreConfig(128, 256, 64, 8, 4, True),
-            PreConfig(128, 128, 64, 8, 4, True), PreConfig(256, 128, 64, 8, 3, True),
-            PreConfig(128, 128, 64, 8, 3, False)]
+            PreConfig(128, 128, 64, 8, 4, True), PreConfig(128, 128, 128, 8, 3, True),
+            PreConfig(256, 128, 64, 8, 3, True), PreConfig(128, 128, 64, 8, 3, False)]
 
 
 # pointer-load tiling used when TMA descriptors fail on this Triton/driver (no spills on sm_90)
