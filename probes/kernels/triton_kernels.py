@@ -683,11 +683,14 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         return stats
     Y32 = Yd.to(torch.float32).contiguous()
     shift32 = stats.shift.to(torch.float32).contiguous()
+    defaulted = mode is None and shift_in_kernel is None and config is None
     if mode is None:
         if shift_in_kernel is not None:
             mode = "shift-in" if shift_in_kernel else "raw"
+        elif isinstance(config, GramConfig):
+            mode = "shift-in"
         else:
-            mode = "shift-in" if isinstance(config, GramConfig) else "preshift"
+            mode = _TUNED.get((d, str(dev), "mode"), "preshift")
     if mode not in MODES:
         raise ValueError(f"unknown triton Gram mode {mode!r}; one of {MODES}")
     for name in ("sx", "xtx", "xty"):
@@ -698,12 +701,23 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         cfg = PreConfig(*(config or _TUNED.get(key) or _default_pre_config(d)))
         ng = groups or _TUNED.get(key + ("groups",), 1)
         try:
-            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, ng)
-        except Exception:  # noqa: BLE001 - TMA descriptors unsupported here: pointer loads
-            if config is not None or not cfg[5] or INTERPRET:
+            try:
+                g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, ng)
+            except Exception:  # noqa: BLE001 - TMA descriptors unsupported here: pointer loads
+                if config is not None or not cfg[5] or INTERPRET:
+                    raise
+                _TUNED[key] = _PTR_FALLBACK
+                g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32,
+                                                _PTR_FALLBACK, ng)
+        except Exception as exc:  # noqa: BLE001 - last resort for the default: the older mode
+            if not defaulted or INTERPRET or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
-            _TUNED[key] = _PTR_FALLBACK
-            g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, _PTR_FALLBACK, ng)
+            import warnings
+
+            warnings.warn(f"triton preshift Gram failed ({type(exc).__name__}: {exc}); "
+                          f"using the shift-in kernel for d={d} from now on", RuntimeWarning)
+            _TUNED[(d, str(dev), "mode")] = "shift-in"
+            return gram_update(stats, X, Y, fold, precision=precision, mode="shift-in")
         stats.xtx.view(B * F, d, d).add_(g32)
         del g32
         stats.sx += s_c
