@@ -65,6 +65,7 @@ def _cmd_fit(args) -> int:
         args.store, targets=args.target, alphas=args.alphas, cv=args.cv,
         alpha_per_target=args.alpha_per_target, split=args.split, backend=args.backend,
         out=args.out, layers=layers, precision=args.precision, device=args.device,
+        memory_bytes=int(args.memory_gb * (1 << 30)),
         progress=not args.quiet and sys.stderr.isatty(), seed=args.seed)
     print(format_table(result))
     if args.out:
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="where the solve runs (default: cuda for --backend cuda/triton, else cpu; "
                         "--backend torch --device cuda runs the float64 reference on the GPU)")
+    p.add_argument("--memory-gb", type=float, default=2.0, metavar="GB",
+                   help="memory for one batch of layers' statistics + eigenvectors + per-alpha "
+                        "predictions; fewer layers per pass when it is small (default 2; at least "
+                        "one layer is always taken)")
     p.add_argument("--seed", type=int, default=0, help="seed of the k-fold shuffle (default 0)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output directory for results.json, probes.npz and PNG plots")

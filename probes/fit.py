@@ -150,6 +150,8 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     in float64) or "float32" (float32 statistics blocks and projections, ~1e-6 relative).
     device: where the solve runs (default: cuda for the cuda/triton backends, else cpu; the torch
     backend runs on either). store may also be any object with the ActivationStore reading API.
+    memory_bytes: budget for one batch of layers (statistics, eigenvectors, per-alpha
+    predictions); layers are processed in as many batches as needed, at least one layer each.
     layers: layer positions to fit (default all). out: directory for results.json, probes.npz,
     the best layer's predictions and PNG plots.
 
