@@ -1,25 +1,30 @@
 """Shared test configuration: paths to the real paper CSVs and GPU skipping."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Without a GPU, Triton kernels run under its interpreter. triton.jit (its standard library
+# included) reads TRITON_INTERPRET when triton is first imported, so it is set here, before any
+# test module can import triton; a later switch cannot undo already-compiled helpers.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (CI lays a copy there too); never copied into the repo.
 PAPER_DATA = REPO.parent / "shared" / "datasets" / "paper"
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def pytest_collection_modifyitems(config, items):
-    if _cuda_available():
+    if _HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run bench/gpu_check.sh on a GPU machine")
     for item in items:
