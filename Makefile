@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: venv native demo test test-fast bench clean
+.PHONY: venv native demo test bench clean
 
 venv: $(VENV)/.deps
 
@@ -39,8 +39,10 @@ demo: native
 	$(VENV)/bin/actstore run --out $(DEMO_OUT) --limit $(DEMO_LIMIT)
 	@echo "report: $(DEMO_OUT)/report.md"
 
+# CPU benchmarks (numbers go to bench/RESULTS.md); the GPU ones run through bench/gpu_check.sh.
 bench: native
-	$(PY) bench/run_all.py
+	$(PY) bench/extract.py
+	$(PY) bench/probe.py --shape smollm2
 
 clean:
 	rm -rf build $(DEMO_OUT) .pytest_cache

@@ -124,8 +124,10 @@ def _report(sections, model, prompt, limit, seconds, out: Path) -> str:
                   f"{store.d_model}, {store.dtype}); probes in `{probe_dir}`.", "",
                   "| layer | alpha | R² train | R² test |", "|---|---|---|---|"]
         for e in res["layers"]:
-            alpha = e["alpha"] if not isinstance(e["alpha"], list) else e["alpha"][0]
-            lines.append(f"| {e['layer']} | {alpha:.3g} | {e['train']['r2']:.3f} | "
+            alpha = e["alpha"]  # one per layer, or {target: alpha} with alpha_per_target
+            alpha = (", ".join(f"{t} {a:.3g}" for t, a in alpha.items())
+                     if isinstance(alpha, dict) else f"{alpha:.3g}")
+            lines.append(f"| {e['layer']} | {alpha} | {e['train']['r2']:.3f} | "
                          f"{e['test']['r2']:.3f} |")
         lines.append("")
         for png in sorted(probe_dir.glob("*.png")):
