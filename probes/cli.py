@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and projections (about 2x faster; ~1e-6 relative, less exact for alphas far "
                         "below the float32 noise floor)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="where the solve runs (default: cuda for --backend cuda/triton, else cpu; "
+                   help="where the solve runs (default: cuda for --backend cuda/triton, and for auto "
+                        "when a GPU is present, else cpu; "
                         "--backend torch --device cuda runs the float64 reference on the GPU)")
     p.add_argument("--memory-gb", type=float, default=2.0, metavar="GB",
                    help="memory for one batch of layers' statistics + eigenvectors + per-alpha "

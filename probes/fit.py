@@ -125,6 +125,18 @@ def _to_float(block: np.ndarray, dtype: str):
     return torch.from_numpy(np.ascontiguousarray(block))
 
 
+def _default_device(backend) -> str:
+    """Where the solve runs when no device is given: cuda for the cuda/triton backends and for
+    auto when a GPU is present (so auto picks a GPU kernel), else cpu."""
+    import torch
+    name = "auto" if backend is None else str(backend).lower()
+    if name in ("cuda", "triton"):
+        return "cuda"
+    if name == "auto" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def _check_finite_layer(store, pos: int, n: int):
     """Find the first non-finite activation of one layer (only called once one was detected)."""
     x = np.asarray(store.layer(pos)[:n], dtype=np.float32)
@@ -148,8 +160,8 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     per target instead of one per layer. split: see :func:`parse_split`. backend: statistics
     backend (auto|cpu|torch|cuda|triton). precision: "float64" (exact; statistics and projections
     in float64) or "float32" (float32 statistics blocks and projections, ~1e-6 relative).
-    device: where the solve runs (default: cuda for the cuda/triton backends, else cpu; the torch
-    backend runs on either). store may also be any object with the ActivationStore reading API.
+    device: where the solve runs (default: cuda for the cuda/triton backends and for auto when a
+    GPU is present, else cpu; the torch backend runs on either). store may also be any object with the ActivationStore reading API.
     memory_bytes: budget for one batch of layers (statistics, eigenvectors, per-alpha
     predictions); layers are processed in as many batches as needed, at least one layer each.
     layers: layer positions to fit (default all). out: directory for results.json, probes.npz,
@@ -217,7 +229,7 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
         fold_all[train] = kfold_assignment(n_train, cv, shuffle=True, seed=seed)
     form = "dual" if n_train < d else "primal"
     if device is None:
-        device = "cuda" if backend in ("cuda", "triton") else "cpu"
+        device = _default_device(backend)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FitError(f"backend {backend!r} / device {device} needs a CUDA GPU and none is available")
