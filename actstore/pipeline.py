@@ -5,7 +5,9 @@
     dataset --extract--> OUT/stores/NAME.zarr --fastprobe fit--> OUT/probes/NAME/ --> OUT/report.md
 
 Each step is resumable: an interrupted extraction resumes from its store's ``rows_done``; a
-probe whose ``results.json`` already covers the finished store is not fitted again.
+probe fitted on the same finished store with the same options (``source.json``) is not fitted
+again. Changing the model, prompt, dataset or limit under the same OUT is refused with the list
+of differences: choose another OUT.
 """
 from __future__ import annotations
 
@@ -20,16 +22,23 @@ class PipelineError(ValueError):
     """A user-facing error of ``actstore run``."""
 
 
-def _probe_is_current(probe_dir: Path, store) -> bool:
-    """True when probe_dir/results.json was fitted on this store in its finished state."""
-    results = probe_dir / "results.json"
-    if not results.exists() or store.rows_done < store.n_rows:
-        return False
+SOURCE_FILE = "source.json"  # beside results.json: which store state the probes were fitted on
+
+
+def _store_state(store, cv, backend) -> dict:
+    """What makes a fit current: the store's identity and progress, and the fit's options."""
+    meta = store.meta
+    return {"store": str(store.path), "created": meta.get("created"),
+            "dataset_sha256": (meta.get("dataset") or {}).get("sha256"),
+            "rows_done": store.rows_done, "cv": cv, "backend": backend}
+
+
+def _probe_is_current(probe_dir: Path, state: dict) -> bool:
     try:
-        saved = json.loads(results.read_text())
+        saved = json.loads((probe_dir / SOURCE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return saved.get("n_rows") == store.rows_done and saved.get("store") == str(store.path)
+    return saved == state and (probe_dir / "results.json").exists()
 
 
 def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", limit=None,
@@ -46,7 +55,6 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", lim
     from actstore.datasets import load_dataset
     from actstore.extract import extract
     from actstore.models import load_model
-    from actstore.store import open_store
     from probes.fit import fit_all_layers
     from probes.report import format_table
 
@@ -55,7 +63,7 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", lim
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    loaded = None  # load the model once, only if some store is unfinished
+    loaded = None  # loaded once; extract() also checks that an existing store matches
     sections = []
     for spec in datasets:
         ds = load_dataset(spec)
@@ -64,24 +72,25 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", lim
         store_path = out / "stores" / f"{ds.name}.zarr"
         store_path.parent.mkdir(parents=True, exist_ok=True)
         probe_dir = out / "probes" / ds.name
-        store = open_store(store_path) if store_path.exists() else None
-        if store is None or store.rows_done < store.n_rows:
-            if loaded is None:
-                log(f"loading model {model or 'smollm2-135m (embedded)'} ...")
-                loaded = load_model(model, device=device)
-            log(f"[{ds.name}] extracting {len(ds)} rows ({ds.kind}, prompt {prompt!r})")
-            res = extract(loaded, ds, prompt, store_path, batch_size=batch_size, device=device,
-                          progress=progress)
-            log(f"[{ds.name}] {res.summary()}")
-            store = res.store
-        else:
-            log(f"[{ds.name}] store complete: {store_path}")
-        if _probe_is_current(probe_dir, store):
+        if loaded is None:
+            log(f"loading model {model or 'smollm2-135m (embedded)'} ...")
+            loaded = load_model(model, device=device)
+        # A finished store made the same way is reused as it is; one made with another model,
+        # prompt, dataset or limit is refused by extract() with the list of differences.
+        log(f"[{ds.name}] {len(ds)} rows ({ds.kind}, prompt {prompt!r}) -> {store_path}")
+        res = extract(loaded, ds, prompt, store_path, batch_size=batch_size, device=device,
+                      progress=progress)
+        log(f"[{ds.name}] " + ("store complete, nothing to extract" if res.rows == 0
+                               else res.summary()))
+        store = res.store
+        state = _store_state(store, cv, backend)
+        if _probe_is_current(probe_dir, state):
             log(f"[{ds.name}] probes up to date: {probe_dir}")
             result = json.loads((probe_dir / "results.json").read_text())
         else:
             log(f"[{ds.name}] fitting ridge probes on {store.n_layers} layers")
             result = fit_all_layers(store, cv=cv, backend=backend, out=probe_dir, progress=progress)
+            (probe_dir / SOURCE_FILE).write_text(json.dumps(state, indent=1))
         log(format_table(result))
         sections.append((ds, store, probe_dir, result))
     report = out / "report.md"

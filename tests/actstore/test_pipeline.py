@@ -28,6 +28,19 @@ def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, m
     assert any("probes up to date" in m for m in logs)
     assert (out / "probes" / "world_place" / "results.json").stat().st_mtime_ns == first
 
+    # another fit option refits; another prompt or limit under the same OUT is refused
+    logs.clear()
+    run_pipeline(out, model=str(tiny_model_dir), datasets=[str(csv)], device="cpu", cv=3,
+                 progress=False, log=logs.append)
+    assert any("fitting ridge probes" in m for m in logs)
+    assert json.loads((out / "probes" / "world_place" / "results.json").read_text())["cv"] == 3
+    with pytest.raises(ValueError, match="prompt"):
+        run_pipeline(out, model=str(tiny_model_dir), datasets=[str(csv)], prompt="coords",
+                     device="cpu", progress=False, log=logs.append)
+    with pytest.raises(ValueError, match="n_rows"):
+        run_pipeline(out, model=str(tiny_model_dir), datasets=[str(csv)], limit=30,
+                     device="cpu", progress=False, log=logs.append)
+
 
 def test_run_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "o"), "--limit", "2"]) == 2
