@@ -104,8 +104,9 @@ def proximity_error(y_true, y_pred, metric: str = "euclidean") -> np.ndarray:
     Computation, O(n) memory, never an n×n matrix: one target -> sort the predictions and count
     those strictly inside (true_i - r_i, true_i + r_i), O(n log n); several targets -> a k-d tree
     over the predictions, counting for each i the predictions within r_i (1 - 1e-12) of true_i
-    (the shrink makes the ball open, so exact ties never count). The great-circle distance is
-    monotone in the chord between unit vectors, so haversine uses a 3-D tree on the sphere.
+    (the shrink makes the ball open, so exact ties never count; r_i = 0 counts nothing). The
+    great-circle distance is monotone in the chord between unit vectors, so haversine uses a 3-D
+    tree on the sphere.
     """
     t, p = _pair(y_true, y_pred)
     n, k = t.shape
@@ -137,6 +138,9 @@ def proximity_error(y_true, y_pred, metric: str = "euclidean") -> np.ndarray:
         t, p = _unit_vectors(t), _unit_vectors(p)
     r = np.sqrt(((t - p) ** 2).sum(1))
     counts = cKDTree(p).query_ball_point(t, r * (1 - 1e-12), return_length=True, workers=-1)
+    # the tree's ball is closed: at r_i = 0 it still holds pred_i (and any pred equal to true_i),
+    # but nothing is strictly closer than a perfect prediction
+    counts = np.where(r > 0, counts, 0)
     return np.asarray(counts, dtype=np.float64) / n
 
 

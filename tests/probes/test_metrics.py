@@ -84,6 +84,24 @@ def test_proximity_error_hand_example():
     assert proximity_error([0, 0], [5, 5]).tolist() == [0, 0]
 
 
+def test_proximity_error_perfect_predictions_in_two_dimensions():
+    # the k-d tree path (2-D euclidean, haversine): a perfect prediction has nothing strictly
+    # closer, not even itself
+    rng = np.random.default_rng(3)
+    true = np.c_[rng.uniform(-60, 70, 25), rng.uniform(-180, 180, 25)]
+    for metric in ("euclidean", "haversine"):
+        assert proximity_error(true, true.copy(), metric).tolist() == [0.0] * 25
+    # mixed: some perfect, some not; a duplicate true position predicted exactly by another row
+    pred = true + rng.normal(size=true.shape) * 20
+    pred[::3] = true[::3]
+    pred[4] = true[6]
+    bh = brute_proximity(true, pred, brute_haversine)
+    be = brute_proximity(true, pred, lambda a, b: np.linalg.norm(a - b))
+    assert bh[::3].tolist() == [0.0] * 9 and be[::3].tolist() == [0.0] * 9
+    np.testing.assert_array_equal(proximity_error(true, pred, "haversine"), bh)
+    np.testing.assert_array_equal(proximity_error(true, pred, "euclidean"), be)
+
+
 def test_proximity_error_memory_is_linear():
     """n = 6000 as an n x n float64 matrix would take 288 MB; the traced peak must stay small."""
     import tracemalloc
