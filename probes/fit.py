@@ -125,6 +125,25 @@ def _to_float(block: np.ndarray, dtype: str):
     return torch.from_numpy(np.ascontiguousarray(block))
 
 
+def _check_positions(store, layers) -> list[int]:
+    """Layer positions (indices into ``store.layers``; negative counts from the end), each in
+    range and named once."""
+    L = store.n_layers
+    pos = [int(p) for p in ([layers] if isinstance(layers, (int, np.integer)) else layers)]
+    bad = [p for p in pos if not -L <= p < L]
+    if bad:
+        raise FitError(f"layer position(s) {bad} out of range: the store has {L} layers, "
+                       f"positions 0..{L - 1} (or -{L}..-1) for hidden-state indices "
+                       f"{list(store.layers)}")
+    pos = [p % L for p in pos]
+    dup = sorted({p for p in pos if pos.count(p) > 1})
+    if dup:
+        raise FitError(f"layer position(s) {dup} given more than once in layers={list(layers)}")
+    if not pos:
+        raise FitError("layers=[] selects no layer")
+    return pos
+
+
 def _default_device(backend) -> str:
     """Where the solve runs when no device is given: cuda for the cuda/triton backends and for
     auto when a GPU is present (so auto picks a GPU kernel), else cpu."""
@@ -217,8 +236,7 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
         raise FitError(f"target(s) {const} are constant on the training rows")
     Yz = (Y - mu) / sd
 
-    positions = list(range(store.n_layers)) if layers is None else [int(p) % store.n_layers
-                                                                     for p in layers]
+    positions = list(range(store.n_layers)) if layers is None else _check_positions(store, layers)
     d, k, A = store.d_model, len(names), len(alphas)
     if cv == "loo":
         fold_all = np.where(train, 0, -1).astype(np.int32)

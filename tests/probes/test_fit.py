@@ -229,6 +229,13 @@ def test_bad_inputs(tmp_path):
         fit_all_layers(p, alphas=ALPHAS, cv="many")
     with pytest.raises(ValueError, match="alpha"):
         fit_all_layers(p, alphas="1:2")
+    with pytest.raises(FitError, match=r"position\(s\) \[2\] out of range.*2 layers, positions 0..1"):
+        fit_all_layers(p, alphas=ALPHAS, layers=[0, 2])
+    with pytest.raises(FitError, match=r"out of range"):
+        fit_all_layers(p, alphas=ALPHAS, layers=[-3])
+    with pytest.raises(FitError, match=r"position\(s\) \[1\] given more than once"):
+        fit_all_layers(p, alphas=ALPHAS, layers=[1, -1])
+    assert [e["position"] for e in fit_all_layers(p, alphas=ALPHAS, layers=[-1])["layers"]] == [1]
 
     few = entity_table(40, seed=9)
     few["is_test"] = True
