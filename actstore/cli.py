@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = ("actstore.datasets", "actstore.extract", "actstore.pipeline")
@@ -47,19 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str) -> int:
-    """Parse, dispatch, and turn expected errors into one line on stderr."""
+    """Parse, dispatch, and turn expected errors into one line on stderr.
+
+    Our validation errors subclass ValueError (DatasetError, StoreError, FitError, ...) and
+    carry the whole message; set ACTSTORE_DEBUG=1 to get the traceback instead.
+    """
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    debug = os.environ.get("ACTSTORE_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted; work already stored is kept: re-run the same command to "
+              "resume", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError) as exc:
-        # ValueError subclasses are our validation errors (DatasetError, StoreError, ...).
+    except (CLIError, ValueError, OSError) as exc:
+        if debug:
+            raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if debug or "out of memory" not in str(exc).lower():
+            raise
+        print(f"{prog}: error: out of memory ({str(exc).splitlines()[0]}); lower --batch-size "
+              "(or --memory-gb), or use a larger device", file=sys.stderr)
         return 2
 
 

@@ -54,3 +54,9 @@ def test_run_help_teaches(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_cli_debug_env_shows_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSTORE_DEBUG", "1")
+    with pytest.raises(ValueError, match="--limit must be at least 3"):
+        main(["run", "--out", str(tmp_path / "o"), "--limit", "2"])
