@@ -207,8 +207,8 @@ class LooAccumulator:
         if self.dtype == torch.float64:
             Z = torch.baddbmm(self.mV, X.to(torch.float64), self.Vc)
         else:
-            Xc = X.to(torch.float32)
-            Xc -= self.meanc[:, None, :]
+            # out of place: X may be the caller's float32 tensor (to() would return it as is)
+            Xc = X.to(torch.float32) - self.meanc[:, None, :]
             Z = torch.matmul(Xc, self.Vc)
         yhat = torch.matmul(Z, self.GA_c)
         Z.mul_(Z)

@@ -170,6 +170,12 @@ def test_float32_projection_close_to_float64():
         out[prec] = acc.scores().numpy()
     assert rel(out["float32"], out["float64"]) < 1e-4
     assert not np.array_equal(out["float32"], out["float64"])
+    # the caller's chunk is not modified (a float32 input used to be centred in place)
+    for prec in ("float64", "float32"):
+        for x in (torch.tensor(X, dtype=torch.float32)[None], X.astype(np.float32)[None]):
+            before = x.clone() if isinstance(x, torch.Tensor) else x.copy()
+            LooAccumulator(fac, ALPHAS, 200, precision=prec).update(0, x, Y, np.ones(200, bool))
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(before))
 
 
 def test_estimator_in_pipeline_and_cross_val_score():
