@@ -377,7 +377,13 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         try:
             store = open_store(out, mode="a")
         except StoreError as exc:
-            raise ExtractError(f"{exc}; use --overwrite to replace it") from None
+            # --overwrite only for a store of ours (other version, interrupted creation):
+            # anything else at --out is not ours to delete
+            if exc.is_store:
+                hint = "" if "--overwrite" in str(exc) else "; use --overwrite to replace it"
+            else:
+                hint = "; choose another --out"
+            raise ExtractError(f"{exc}{hint}") from None
         diff = _differences(store.meta, meta)
         if store.d_model != lm.d_model:
             diff.append(f"d_model: {store.d_model} -> {lm.d_model}")

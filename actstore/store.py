@@ -43,7 +43,15 @@ COMPRESSIONS = ("none", "zstd", "blosc")
 
 
 class StoreError(ValueError):
-    """A store that cannot be created, opened or written as asked (message says why)."""
+    """A store that cannot be created, opened or written as asked (message says why).
+
+    ``is_store``: the path holds an activation store that cannot be used as it is (another
+    format version, an interrupted creation), so replacing it (--overwrite) is safe to suggest.
+    """
+
+    def __init__(self, message: str, is_store: bool = False):
+        super().__init__(message)
+        self.is_store = is_store
 
 
 def default_rows_per_chunk(d: int) -> int:
@@ -81,13 +89,58 @@ def _format_from_path(path: Path, format: str | None) -> str:
     return "hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "zarr"
 
 
-def remove_store(path) -> None:
-    """Delete a store (directory or file) if it exists."""
-    path = Path(path)
+# What an interrupted Zarr creation can leave at the top level of the store directory.
+_ZARR_ENTRIES = {"zarr.json", "resid", "neurons", "layer", "entities"}
+
+
+def _is_store_or_empty(path: Path) -> bool:
+    """True for an activation store of any version, complete or not, and an empty directory:
+    the only things ``overwrite`` may delete (never a user's other files)."""
+    if path.is_dir():
+        entries = {p.name for p in path.iterdir()}
+        if not entries:
+            return True
+        try:
+            node = json.loads((path / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(node, dict) or node.get("node_type") != "group":
+            return False
+        attrs = node.get("attributes") or {}
+        head = attrs.get("actstore")
+        if isinstance(head, dict) and head.get("format") == FORMAT_NAME:
+            return True
+        # a creation killed before its attributes were written: our entries and nothing else
+        return not attrs and entries <= _ZARR_ENTRIES
+    if path.is_file():
+        try:
+            import h5py
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("actstore")
+            head = json.loads(raw) if raw is not None else None
+        except Exception:  # noqa: BLE001 - not HDF5, unreadable, locked: not provably ours
+            return False
+        return isinstance(head, dict) and head.get("format") == FORMAT_NAME
+    return False
+
+
+def _delete(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_store(path) -> None:
+    """Delete the activation store at ``path`` (any version, complete or not) or an empty
+    directory; nothing if ``path`` does not exist. Anything else raises :class:`StoreError`."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not _is_store_or_empty(path):
+        raise StoreError(f"refusing to delete {path}: not an activation store; "
+                         "choose another path (or delete it yourself)")
+    _delete(path)
 
 
 # ----------------------------------------------------------------------------- entity table
@@ -444,14 +497,15 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
         else:
             handle = _create_hdf5(path, header, arrays, L, int(n_rows), R, npdt, ent, kinds)
     except OSError as exc:
-        remove_store(path)
+        _delete(path)  # the half-created store this call just made
         raise StoreError(f"cannot create store {path}: {exc.strerror or exc}") from None
     return ActivationStore(path, fmt, header, handle, "a")
 
 
 def _create_zarr(path, header, arrays, L, N, R, npdt, comp, ent, kinds):
     import zarr
-    g = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    # the header first (an interrupted creation is recognisable as a store), rows_done last
+    g = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={"actstore": header})
     for name, d in arrays.items():
         # chunk (1, R, d): one layer's rows read contiguously; shard (L, R, d): one row block
         # of every layer is one file, written whole (no read-modify-write of shards).
@@ -469,7 +523,7 @@ def _create_zarr(path, header, arrays, L, N, R, npdt, comp, ent, kinds):
                             dimension_names=["row"])
         a[:] = vals
     # rows_done last: a store without it was never fully created
-    g.attrs.update({"actstore": header, "rows_done": 0})
+    g.attrs.update({"rows_done": 0})
     return g
 
 
@@ -477,6 +531,8 @@ def _create_hdf5(path, header, arrays, L, N, R, npdt, ent, kinds):
     import h5py
     f = h5py.File(path, "w-")
     try:
+        # the header first (an interrupted creation is recognisable), rows_done last
+        f.attrs["actstore"] = json.dumps(header)
         for name, d in arrays.items():
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -491,7 +547,6 @@ def _create_hdf5(path, header, arrays, L, N, R, npdt, ent, kinds):
                 eg.create_dataset(c, data=vals.astype(object), dtype=h5py.string_dtype("utf-8"))
             else:
                 eg.create_dataset(c, data=vals)
-        f.attrs["actstore"] = json.dumps(header)
         f.create_dataset("rows_done", data=np.zeros(1, dtype=np.int64))
         f.flush()
     except BaseException:
@@ -521,7 +576,7 @@ def open_store(path, mode: str = "r") -> ActivationStore:
         header = attrs.get("actstore")
         if "rows_done" not in attrs and header is not None:
             raise StoreError(f"{path}: incomplete store (creation was interrupted); "
-                             "re-create it with --overwrite")
+                             "re-create it with --overwrite", is_store=True)
         if mode == "a":
             _remove_partials(path)
     else:
@@ -538,22 +593,22 @@ def open_store(path, mode: str = "r") -> ActivationStore:
         if header is not None and "rows_done" not in handle:
             handle.close()
             raise StoreError(f"{path}: incomplete store (creation was interrupted); "
-                             "re-create it with --overwrite")
+                             "re-create it with --overwrite", is_store=True)
     _check_header(path, header, handle if fmt == "hdf5" else None)
     return ActivationStore(path, fmt, header, handle, mode)
 
 
 def _check_header(path, header, h5handle=None):
-    def fail(msg):
+    def fail(msg, is_store=False):
         if h5handle is not None:
             h5handle.close()
-        raise StoreError(msg)
+        raise StoreError(msg, is_store=is_store)
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         fail(f"{path}: not an activation store (no '{FORMAT_NAME}' header)")
     v = header.get("format_version")
     if v != FORMAT_VERSION:
         fail(f"{path}: store format version {v} is not supported (this actstore reads "
-             f"version {FORMAT_VERSION}); re-extract it with this version")
+             f"version {FORMAT_VERSION}); re-extract it with this version", is_store=True)
 
 
 def _remove_partials(path: Path) -> None:

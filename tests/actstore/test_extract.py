@@ -143,6 +143,25 @@ def test_mismatched_store_refused_and_overwrite(tmp_path, tiny_model, tiny_token
     assert again.rows == 0 and again.resumed_from == 8
 
 
+def test_overwrite_never_deletes_a_non_store(tmp_path, tiny_model, tiny_tokenizer, world_csv):
+    lm = (tiny_model, tiny_tokenizer)
+    user = tmp_path / "mydir"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ExtractError, match="refusing to delete .*mydir: not an activation store"):
+        extract(lm, world_csv, "coords", user, progress=False, limit=4, overwrite=True)
+    assert (user / "notes.txt").read_text() == "keep me"
+    # without --overwrite: not a store, so suggest another --out, never --overwrite
+    with pytest.raises(ExtractError, match="not a Zarr v3 store") as ei:
+        extract(lm, world_csv, "coords", user, progress=False, limit=4)
+    assert "choose another --out" in str(ei.value) and "--overwrite" not in str(ei.value)
+    f = tmp_path / "data.h5"
+    f.write_bytes(b"plain bytes")
+    with pytest.raises(ExtractError, match="refusing to delete"):
+        extract(lm, world_csv, "coords", f, progress=False, limit=4, overwrite=True)
+    assert f.read_bytes() == b"plain bytes"
+
+
 def test_fp16_overflow_is_an_error_naming_layer_and_row(tmp_path, tiny_tokenizer, world_csv,
                                                        make_llama):
     m = make_llama(len(tiny_tokenizer), seed=1)

@@ -217,3 +217,83 @@ def test_default_rows_per_chunk():
     assert default_rows_per_chunk(4096) == 128
     assert default_rows_per_chunk(16) == 1024
     assert default_rows_per_chunk(100000) == 64
+
+
+@pytest.mark.parametrize("fmt,name", [("zarr", "o.zarr"), ("hdf5", "o.h5")])
+def test_overwrite_deletes_only_stores(tmp_path, fmt, name):
+    """overwrite replaces a store (also another version or an interrupted creation) or an empty
+    directory, and refuses, deleting nothing, anything else at the path."""
+    from actstore.store import remove_store
+    user = tmp_path / name
+    if fmt == "zarr":
+        user.mkdir()
+        (user / "thesis.tex").write_text("years of work")
+    else:
+        user.write_bytes(b"not hdf5 at all")
+    with pytest.raises(StoreError, match=f"refusing to delete {user}: not an activation store"):
+        _make(user, fmt=fmt, overwrite=True)
+    assert (user / "thesis.tex").read_text() == "years of work" if fmt == "zarr" \
+        else user.read_bytes() == b"not hdf5 at all"
+    if fmt == "zarr":  # a plain zarr group of someone else's is not ours either
+        import zarr
+        g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+        g.create_array("data", shape=(3,), dtype="int8")
+        with pytest.raises(StoreError, match="refusing to delete"):
+            remove_store(tmp_path / "g.zarr")
+        assert (tmp_path / "g.zarr" / "data").exists()
+        user = tmp_path / "empty"
+        user.mkdir()
+        _make(user, fmt=fmt, overwrite=True)[0].close()  # an empty directory: fine
+    # another format version, and a store whose creation was interrupted: replaced
+    for p in (tmp_path / ("v" + name), tmp_path / ("i" + name)):
+        _make(p, fmt=fmt)[0].close()
+        if p.name.startswith("i"):
+            if fmt == "zarr":
+                meta = json.loads((p / "zarr.json").read_text())
+                del meta["attributes"]["rows_done"]
+                (p / "zarr.json").write_text(json.dumps(meta))
+            else:
+                import h5py
+                with h5py.File(p, "r+") as f:
+                    del f["rows_done"]
+            with pytest.raises(StoreError, match="incomplete store") as ei:
+                open_store(p)
+        else:
+            _bump_version(p, fmt)
+            with pytest.raises(StoreError, match="not supported") as ei:
+                open_store(p)
+        assert ei.value.is_store
+        st, _ = _make(p, fmt=fmt, overwrite=True)
+        assert st.rows_done == 0
+        st.close()
+
+
+def _bump_version(path, fmt):
+    if fmt == "zarr":
+        meta = json.loads((path / "zarr.json").read_text())
+        meta["attributes"]["actstore"]["format_version"] = FORMAT_VERSION + 1
+        (path / "zarr.json").write_text(json.dumps(meta))
+    else:
+        import h5py
+        with h5py.File(path, "r+") as f:
+            hdr = json.loads(f.attrs["actstore"])
+            hdr["format_version"] = FORMAT_VERSION + 1
+            f.attrs["actstore"] = json.dumps(hdr)
+
+
+def test_interrupted_zarr_creation_is_recognised(tmp_path, monkeypatch):
+    """The header is written first: a creation killed half-way is an incomplete store (which
+    overwrite may replace), not 'not an activation store'."""
+    import zarr
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(zarr.Group, "create_array", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _make(tmp_path / "k.zarr")
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="incomplete store") as ei:
+        open_store(tmp_path / "k.zarr")
+    assert ei.value.is_store
+    st, _ = _make(tmp_path / "k.zarr", overwrite=True)
+    assert st.rows_done == 0
