@@ -435,11 +435,15 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
         W = fac.coef(alphas[idx])
         b = fac.intercept(W)
     else:
+        # centre first, (X - x̄)W + ȳ, as the LOO pass does: X W + b cancels away float32 digits
+        # when the activations have a large mean
         Wd = W.to(torch.float32 if precision == "float32" else torch.float64)
+        md = fac.mean.to(Wd.dtype)[:, None, :]
         for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
             r = block.shape[1]
             X = _to_float(block, store.dtype).to(device=device, dtype=Wd.dtype)
-            preds[:, start:start + r] = (torch.matmul(X, Wd).to(torch.float64) + b[:, None, :]).cpu().numpy()
+            preds[:, start:start + r] = (torch.matmul(X - md, Wd).to(torch.float64)
+                                         + fac.ybar).cpu().numpy()
             tick(r)
     timings["projection"] += time.perf_counter() - ts
     # Test rows never enter the statistics; a non-finite one shows up in its prediction.

@@ -29,15 +29,15 @@ def entity_table(n, seed=0, lat=None, lon=None):
 
 
 def make_store(path, ent, d=16, L=3, seed=0, targets=("latitude", "longitude"), rows=None,
-               R=32, dtype="float16", corrupt=None):
-    """Activations: a noisy linear code of the targets, clearer in deeper layers."""
+               R=32, dtype="float16", corrupt=None, offset=0.0):
+    """Activations: a noisy linear code of the targets, clearer in deeper layers (+ offset)."""
     rng = np.random.default_rng(seed)
     n = len(ent)
     T = ent[list(targets)].to_numpy(dtype=np.float64) if targets else rng.normal(size=(n, 1))
     T = (T - T.mean(0)) / (T.std(0) + 1e-12)
     M = rng.normal(size=(T.shape[1], d))
     X = np.stack([T @ M * (l + 1) / L + rng.normal(size=(n, d)) + rng.normal(size=d) * 4
-                  for l in range(L)]).astype(np.float32)
+                  for l in range(L)]).astype(np.float32) + np.float32(offset)
     if corrupt is not None:
         X[corrupt] = np.nan
     s = create_store(path, layers=list(range(1, L + 1)), n_rows=n, d_model=d, entities=ent,
@@ -123,6 +123,19 @@ def test_layer_batches_and_float32_give_same_fit(tmp_path):
     assert [e["layer"] for e in c["layers"]] == [2, 4]
     np.testing.assert_allclose(c["arrays"]["predictions"], a["arrays"]["predictions"][[1, 3]],
                                rtol=1e-3, atol=1e-3 * np.abs(a["arrays"]["predictions"]).max())
+
+
+@pytest.mark.parametrize("cv", ["loo", 3])
+def test_float32_predictions_with_large_activation_mean(tmp_path, cv):
+    """float32 predictions are computed from centred activations: a mean of 3e4 (small signal
+    on top) must not cancel them away."""
+    ent = entity_table(120, seed=11)
+    make_store(tmp_path / "s.zarr", ent, d=12, L=2, dtype="float32", offset=3e4)
+    ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, cv=cv)
+    got = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, cv=cv, precision="float32")
+    np.testing.assert_array_equal(got["arrays"]["alpha"], ref["arrays"]["alpha"])
+    p, q = got["arrays"]["predictions"], ref["arrays"]["predictions"]
+    assert np.abs(p - q).max() <= 3e-4 * np.abs(q - q.mean(1, keepdims=True)).max()
 
 
 def test_results_json_and_plots(tmp_path):
