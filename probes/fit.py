@@ -58,11 +58,16 @@ def resolve_targets(store, targets=None) -> list[str]:
         raise FitError("no target names given")
     if len(set(names)) != len(names):
         raise FitError(f"duplicate target names in {names}")
-    cols = list(store.entities.columns)
+    import pandas as pd
+    ent = store.entities
+    cols = list(ent.columns)
     for n in names:
         if n not in cols:
             raise FitError(f"unknown target {n!r}: the store's targets are {have}"
                            f" (entity columns: {cols})")
+        if not pd.api.types.is_numeric_dtype(ent[n]) or pd.api.types.is_bool_dtype(ent[n]):
+            raise FitError(f"target column {n!r} is not numeric (dtype {ent[n].dtype}); a probe "
+                           f"target must be a number per entity (the store's targets: {have})")
     return names
 
 
@@ -229,6 +234,9 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     if n_test == 0:
         raise FitError(f"split {split!r} gives an empty test split (no test rows among {n}); "
                        "use --split random:0.2:0 or a group split")
+    if n_test < 2:
+        raise FitError(f"split {split!r} gives {n_test} test row among {n}; the test metrics "
+                       "need at least 2 (use a larger test fraction)")
     mu = Y[train].mean(0)
     sd = Y[train].std(0)
     const = [names[i] for i in np.nonzero(sd == 0)[0]]

@@ -65,6 +65,8 @@ def test_fit_options(store, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--target", "altitude"], "unknown target 'altitude'"),
+    (["--target", "country"], "target column 'country' is not numeric"),
+    (["--layers", "0,7"], "out of range"),
     (["--split", "random:0.0001:0"], "empty test split"),
     (["--cv", "x"], "cv must be"),
     (["--alphas", "1:2"], "alpha grid"),

@@ -234,6 +234,10 @@ def test_bad_inputs(tmp_path):
         fit_all_layers(p, targets="altitude", alphas=ALPHAS)
     with pytest.raises(FitError, match="empty test split"):
         fit_all_layers(p, alphas=ALPHAS, split="random:0.001:0")
+    with pytest.raises(FitError, match=r"split 'random:0.025:0' gives 1 test row .*at least 2"):
+        fit_all_layers(p, alphas=ALPHAS, split="random:0.025:0")
+    with pytest.raises(FitError, match="target column 'country' is not numeric"):
+        fit_all_layers(p, targets="latitude,country", alphas=ALPHAS)
     with pytest.raises(FitError, match="bad split"):
         fit_all_layers(p, alphas=ALPHAS, split="sometimes")
     with pytest.raises(FitError, match="no column 'planet'"):
