@@ -28,7 +28,11 @@ HOOK_POINT = ("residual stream after each decoder block, before the final norm "
               "(HF output_hidden_states indexing: 0 = embeddings, i = output of block i-1); "
               "neurons: input of the MLP down projection")
 TOKEN_RULE = "last token of the entity (last non-padding position of BOS + prompt + entity)"
-IDENTITY_KEYS = ("model", "prompt", "dataset", "layers", "dtype", "neurons")
+# batch_size, padding_side and compute_dtype change values at rounding level: a resume must
+# use the ones the store was made with to reproduce an uninterrupted run bit for bit.
+IDENTITY_KEYS = ("model", "prompt", "dataset", "layers", "dtype", "neurons", "compute_dtype",
+                 "batch_size", "padding_side")
+DEFAULT_BATCH_SIZE = 32
 
 
 class ExtractError(ValueError):
@@ -88,6 +92,9 @@ def _identity(meta: dict) -> dict:
         "layers": meta["layers"],
         "dtype": meta["dtype"],
         "neurons": meta["neurons"],
+        "compute_dtype": m.get("compute_dtype"),
+        "batch_size": meta.get("batch_size"),
+        "padding_side": meta.get("padding_side"),
     }
 
 
@@ -289,7 +296,7 @@ def _write_error(exc: BaseException, store, path) -> ExtractError:
 # ----------------------------------------------------------------------------- the API
 
 def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
-            dtype: str = "float16", format: str | None = None, batch_size: int = 32,
+            dtype: str = "float16", format: str | None = None, batch_size: int | None = None,
             device: str = "auto", compute_dtype: str = "auto", limit: int | None = None,
             kind: str | None = None, overwrite: bool = False, rows_per_chunk: int | None = None,
             compression: str | None = None, padding_side: str | None = None,
@@ -301,8 +308,10 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     ``EntityDataset``. prompt: a prompt name or a ``Prompt``. layers: "all" (blocks 1..N),
     "all+emb", "0,5,10-20" or a list of hidden-state indices. dtype: stored dtype. An existing
     store at ``out`` is resumed if it was made with the same model, prompt, dataset, layers,
-    dtype and neuron setting, refused otherwise (``overwrite=True`` replaces it).
-    ``padding_side``: "right"/"left" (default: the tokenizer's). ``stop_after_rows``: stop
+    dtype, neuron setting, compute dtype, batch size and padding side, refused otherwise
+    (``overwrite=True`` replaces it). ``batch_size`` (default 32) and ``padding_side``
+    ("right"/"left", default: the tokenizer's) left as None on a resume are taken from the
+    store, so the resumed rows equal an uninterrupted run's. ``stop_after_rows``: stop
     (cleanly, resumable) once this many rows are stored (for tests and budgets).
     Returns an :class:`ExtractResult` whose ``store`` is open read-only.
     """
@@ -317,7 +326,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ExtractError(f"unknown --dtype {dtype!r}; choose float16, bfloat16 or float32")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ExtractError("--batch-size must be at least 1")
     if padding_side not in (None, "left", "right"):
         raise ExtractError("padding_side must be 'left' or 'right'")
@@ -365,7 +374,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         "token_rule": TOKEN_RULE,
         "tokenizer": lm.info.get("tokenizer"),
         "padding_side": side,
-        "batch_size": int(batch_size),
+        "batch_size": int(batch_size or DEFAULT_BATCH_SIZE),
         "package": {"name": "actstore", "version": _package_version(),
                     "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -384,13 +393,21 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
             else:
                 hint = "; choose another --out"
             raise ExtractError(f"{exc}{hint}") from None
+        # not given: resume with the store's batching (same batches -> same values)
+        if batch_size is None and store.meta.get("batch_size"):
+            meta["batch_size"] = int(store.meta["batch_size"])
+        if padding_side is None and store.meta.get("padding_side") in ("left", "right"):
+            meta["padding_side"] = store.meta["padding_side"]
         diff = _differences(store.meta, meta)
         if store.d_model != lm.d_model:
             diff.append(f"d_model: {store.d_model} -> {lm.d_model}")
         if diff:
             store.close()
-            raise ExtractError(f"{out} was made with different settings ({'; '.join(diff)}); "
-                               "use --overwrite to replace it, or another --out")
+            hint = (" (leave --batch-size / padding_side unset to resume with the store's)"
+                    if any(d.startswith(("batch_size", "padding_side")) for d in diff) else "")
+            raise ExtractError(f"{out} was made with different settings ({'; '.join(diff)})"
+                               f"{hint}; use --overwrite to replace it, or another --out")
+    batch_size, side = meta["batch_size"], meta["padding_side"]
     if store is None:
         try:
             store = create_store(out, layers=layer_list, n_rows=n, d_model=lm.d_model,
@@ -563,8 +580,8 @@ examples:
   actstore extract --model google/gemma-2b --dtype bfloat16 --dataset us_places --prompt empty --out g.zarr
 
 Re-running the same command resumes an interrupted run (Ctrl-C, kill -9, full disk) where it
-stopped; a store made with another model, prompt, dataset, layer list or dtype is refused
-(--overwrite replaces it). Then:
+stopped, with the store's batch size; a store made with another model, prompt, dataset, layer
+list, dtype or compute dtype is refused (--overwrite replaces it). Then:
   python -c "import actstore; s = actstore.open('w.zarr'); print(s, s.entities.head())"
 """
 
@@ -589,7 +606,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="STORE",
                    help="store path: a directory (Zarr v3) or a .h5 file (HDF5)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N entities only")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help=f"rows per forward pass (default {DEFAULT_BATCH_SIZE}; a resume uses "
+                   "the store's)")
     p.add_argument("--layers", default="all", help="'all' (blocks 1..N, default), 'all+emb' "
                    "(also the embeddings, 0) or a list like 0,5,10-20 (hidden-state indices)")
     p.add_argument("--neurons", action="store_true",

@@ -116,6 +116,34 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model, tiny_tokenizer, world
     np.testing.assert_array_equal(res.store.read(slice(0, 40)), full.store.read(slice(0, 40)))
 
 
+def test_resume_takes_batching_from_the_store(tmp_path, tiny_model, tiny_tokenizer, world_csv,
+                                              make_llama):
+    """batch_size and padding_side change values at rounding level (visible in float32): a
+    resume that does not pass them uses the store's, one that passes others is refused."""
+    lm = (tiny_model, tiny_tokenizer)
+    kw = dict(rows_per_chunk=8, progress=False, dtype="float32")
+    full = extract(lm, world_csv, "coords", tmp_path / "a.zarr", batch_size=5,
+                   padding_side="left", **kw).store
+    part = extract(lm, world_csv, "coords", tmp_path / "b.zarr", batch_size=5,
+                   padding_side="left", stop_after_rows=16, **kw)
+    assert part.rows_done == 16
+    res = extract(lm, world_csv, "coords", tmp_path / "b.zarr", **kw)  # defaults: the store's
+    assert res.resumed_from == 16 and res.store.complete
+    np.testing.assert_array_equal(res.store.read(slice(0, 40)), full.read(slice(0, 40)))
+    for change, msg in ((dict(batch_size=7), "batch_size: 5 -> 7"),
+                        (dict(padding_side="right"), "padding_side: 'left' -> 'right'")):
+        with pytest.raises(ExtractError, match="different settings") as ei:
+            extract(lm, world_csv, "coords", tmp_path / "a.zarr", **kw, **change)
+        assert msg in str(ei.value) and "leave --batch-size" in str(ei.value)
+    # the same values passed explicitly are fine
+    assert extract(lm, world_csv, "coords", tmp_path / "a.zarr", batch_size=5,
+                   padding_side="left", **kw).rows == 0
+    # another compute dtype: refused
+    m64 = make_llama(len(tiny_tokenizer)).double()
+    with pytest.raises(ExtractError, match="compute_dtype: 'float32' -> 'float64'"):
+        extract((m64, tiny_tokenizer), world_csv, "coords", tmp_path / "a.zarr", **kw)
+
+
 def test_mismatched_store_refused_and_overwrite(tmp_path, tiny_model, tiny_tokenizer, world_csv,
                                                 make_world_csv):
     lm = (tiny_model, tiny_tokenizer)
