@@ -298,14 +298,16 @@ def _write_error(exc: BaseException, store, path) -> ExtractError:
 def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
             dtype: str = "float16", format: str | None = None, batch_size: int | None = None,
             device: str = "auto", compute_dtype: str = "auto", limit: int | None = None,
-            kind: str | None = None, overwrite: bool = False, rows_per_chunk: int | None = None,
+            kind: str | None = None, drop_invalid: bool = False, overwrite: bool = False,
+            rows_per_chunk: int | None = None,
             compression: str | None = None, padding_side: str | None = None,
             progress: bool = True, stop_after_rows: int | None = None) -> ExtractResult:
     """Extract last-entity-token hidden states of ``dataset`` under ``prompt`` into ``out``.
 
     model: a name/path (see :func:`actstore.models.load_model`), a ``LoadedModel``, or a
     ``(model, tokenizer)`` pair. dataset: a name/path for ``load_dataset`` or an
-    ``EntityDataset``. prompt: a prompt name or a ``Prompt``. layers: "all" (blocks 1..N),
+    ``EntityDataset``; ``drop_invalid`` (with a name/path) drops invalid CSV rows instead of
+    refusing the file. prompt: a prompt name or a ``Prompt``. layers: "all" (blocks 1..N),
     "all+emb", "0,5,10-20" or a list of hidden-state indices. dtype: stored dtype. An existing
     store at ``out`` is resumed if it was made with the same model, prompt, dataset, layers,
     dtype, neuron setting, compute dtype, batch size and padding side, refused otherwise
@@ -333,7 +335,8 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     out = Path(out)
 
     # -- dataset and prompt first: cheap, and their errors should not wait for a model load
-    ds = dataset if not isinstance(dataset, (str, Path)) else load_dataset(str(dataset), kind=kind)
+    ds = (dataset if not isinstance(dataset, (str, Path))
+          else load_dataset(str(dataset), kind=kind, drop_invalid=drop_invalid))
     if limit is not None:
         if limit < 1:
             raise ExtractError("--limit must be at least 1")
@@ -601,6 +604,9 @@ def add_cli(subparsers) -> None:
                    help="a built-in (world_cities, us_places, nobel), a paper kind "
                    "(world_place, ...) or a CSV path; see `actstore datasets list`")
     p.add_argument("--kind", default=None, help="dataset kind when a CSV's columns are ambiguous")
+    p.add_argument("--drop-invalid", action="store_true",
+                   help="drop CSV rows with invalid values (missing name, bad coordinates or "
+                   "dates) instead of refusing the file; the count goes into the store's meta")
     p.add_argument("--prompt", required=True, help="prompt name (coords, where_is, empty, random, "
                    "all_caps, ...); unknown names list the valid ones")
     p.add_argument("--out", required=True, metavar="STORE",
@@ -635,6 +641,7 @@ def _cli(args) -> int:
                   neurons=args.neurons, dtype=args.dtype, format=args.format,
                   batch_size=args.batch_size, device=args.device,
                   compute_dtype=args.compute_dtype, limit=args.limit, kind=args.kind,
+                  drop_invalid=args.drop_invalid,
                   overwrite=args.overwrite, rows_per_chunk=args.rows_per_chunk,
                   compression=args.compression, progress=not args.no_progress)
     print(res.summary())

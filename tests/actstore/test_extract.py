@@ -361,6 +361,25 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, world_csv, capsys):
     assert rc == 2 and "cannot load model 'no-such-org/no-such-model-xyz'" in err
 
 
+def test_cli_drop_invalid(tmp_path, tiny_model_dir, world_csv, capsys):
+    """The dataset error tells users to pass --drop-invalid: extract accepts it."""
+    import pandas as pd
+    from actstore.cli import main
+    bad = tmp_path / "bad.csv"
+    t = pd.read_csv(world_csv)
+    t.loc[3, "latitude"] = 123.0  # not a latitude
+    t.to_csv(bad, index=False)
+    args = ["extract", "--model", str(tiny_model_dir), "--dataset", str(bad), "--prompt",
+            "coords", "--out", str(tmp_path / "d.zarr"), "--no-progress", "--device", "cpu"]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and "--drop-invalid" in err and "latitude" in err
+    assert main(args + ["--drop-invalid"]) == 0
+    s = actstore.open(tmp_path / "d.zarr")
+    assert s.n_rows == 39 and s.meta["dataset"]["n_dropped"] == 1
+    assert t.loc[3, "name"] not in set(s.entities["name"])
+
+
 def test_cli_help_teaches():
     p = _cli("extract", "--help")
     so, se = p.communicate(timeout=120)
