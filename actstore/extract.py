@@ -351,7 +351,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     elif isinstance(model, tuple):
         lm = wrap_model(*model)
     else:
-        lm = load_model(model, device=device, compute_dtype=compute_dtype)
+        lm = load_model(model, device=device, compute_dtype=compute_dtype, store_dtype=dtype)
     net, tok = lm.model, lm.tokenizer
     dev = next(net.parameters()).device
     n_blocks = lm.n_layers
@@ -472,10 +472,10 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
                 if ev is not None:
                     ev.synchronize()
                 _check_and_store(x, resid_buf, rows, dtype, layer_list, w0, entities,
-                                 "hidden state", native)
+                                 "hidden state", native, comp_dtype)
                 if nx is not None:
                     _check_and_store(nx, neu_buf, rows, dtype, layer_list, w0, entities,
-                                     "MLP neuron activation", native)
+                                     "MLP neuron activation", native, comp_dtype)
                 if bar is not None:
                     bar.update(len(rows))
 
@@ -544,7 +544,8 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     return result
 
 
-def _check_and_store(x, buf, rows, dtype, layer_list, w0, entities, what, native):
+def _check_and_store(x, buf, rows, dtype, layer_list, w0, entities, what, native,
+                     comp_dtype=None):
     """Refuse values the stored dtype cannot hold, then narrow x (L, B, d) into buf rows."""
     import torch
     x = x.detach()
@@ -561,8 +562,15 @@ def _check_and_store(x, buf, rows, dtype, layer_list, w0, entities, what, native
         li, bi, di = flat // (B * d), (flat // d) % B, flat % d
         row = w0 + rows[bi]
         val = float(x.reshape(-1)[flat])
-        hint = ("; extract with --dtype bfloat16 or --dtype float32" if dtype == "float16"
-                else "; the model produced non-finite values (try --compute-dtype float32)")
+        fp16_compute = comp_dtype == torch.float16
+        if dtype == "float16":
+            # computing in float16 overflows as well: a wider stored dtype alone does not help
+            hint = ("; extract with --dtype bfloat16 --compute-dtype bfloat16 (the model "
+                    "computes in float16, which overflows too) or --dtype float32"
+                    if fp16_compute else "; extract with --dtype bfloat16 or --dtype float32")
+        else:
+            hint = ("; the model produced non-finite values (try --compute-dtype "
+                    + ("bfloat16 or float32)" if fp16_compute else "float32)"))
         raise ExtractError(
             f"{what} {val:g} at layer {layer_list[li]}, row {row} ({entities[row]!r}), dim {di} "
             f"does not fit {dtype}" + (f" (|x| > 65504)" if dtype == "float16" else "") + hint)
@@ -622,7 +630,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="stored dtype (default float16; overflow is detected, never stored)")
     p.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "float16",
-                   "bfloat16"), help="model dtype (auto: float32 on CPU, float16 on GPU)")
+                   "bfloat16"), help="model dtype (auto: float32 on CPU; on GPU float16, or bfloat16 "
+                   "with --dtype bfloat16/float32)")
     p.add_argument("--format", default=None, choices=("zarr", "hdf5"),
                    help="store format (default: zarr, or hdf5 for a .h5/.hdf5 path)")
     p.add_argument("--compression", default=None, choices=("none", "zstd", "blosc"),

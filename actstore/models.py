@@ -145,12 +145,18 @@ def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:
     raise ModelError(f"{fname} is missing from the {pkg} package")
 
 
-def _resolve_dtype(compute_dtype: str, device: str):
+def _resolve_dtype(compute_dtype: str, device: str, store_dtype: str | None = None):
+    """"auto": float32 on CPU; on CUDA bfloat16 when the store keeps bfloat16 or float32 (its
+    range: models that overflow float16 are why one picks those), else float16."""
     import torch
     if compute_dtype not in COMPUTE_DTYPES:
         raise ModelError(f"unknown compute dtype {compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
     if compute_dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
+        if device == "cpu":
+            return torch.float32
+        if device.startswith("cuda") and store_dtype in ("bfloat16", "float32"):
+            return torch.bfloat16
+        return torch.float16
     return getattr(torch, compute_dtype)
 
 
@@ -253,17 +259,18 @@ def load_tokenizer(name_or_path: str | None = None):
 
 
 def load_model(name_or_path: str | None = None, *, device: str = "cpu",
-               compute_dtype: str = "auto") -> LoadedModel:
+               compute_dtype: str = "auto", store_dtype: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode on ``device``.
 
     ``name_or_path``: None or "smollm2-135m" (embedded default), a local directory, or a Hugging
-    Face id. ``compute_dtype``: "auto" = float32 on CPU, float16 on GPU.
+    Face id. ``compute_dtype``: "auto" = float32 on CPU; on CUDA float16, or bfloat16 when
+    ``store_dtype`` (the dtype the activations will be stored in) is bfloat16 or float32.
     """
     import torch
 
     name = name_or_path or DEFAULT_MODEL
     device = resolve_device(device)
-    torch_dtype = _resolve_dtype(compute_dtype, device)
+    torch_dtype = _resolve_dtype(compute_dtype, device, store_dtype)
     _quiet_transformers()
     info: dict = {"id": name}
     if name in EMBEDDED:

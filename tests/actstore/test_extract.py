@@ -207,6 +207,24 @@ def test_fp16_overflow_is_an_error_naming_layer_and_row(tmp_path, tiny_tokenizer
     assert np.abs(s.layer(1)).max() > 65504 and np.isfinite(s.layer(2)).all()
 
 
+def test_fp16_compute_overflow_suggests_bfloat16_compute(tmp_path, tiny_tokenizer, world_csv,
+                                                         make_llama):
+    """A model computing in float16 (CUDA auto) overflows inside the forward pass: a wider
+    stored dtype alone does not help, so the message names --compute-dtype bfloat16."""
+    m = make_llama(len(tiny_tokenizer), seed=1)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(1e5)
+    m16 = m.half()
+    with pytest.raises(ExtractError) as ei:
+        extract((m16, tiny_tokenizer), world_csv, "coords", tmp_path / "o.zarr", progress=False,
+                limit=8)
+    assert "--compute-dtype bfloat16" in str(ei.value) and "layer 2" in str(ei.value)
+    with pytest.raises(ExtractError) as ei:
+        extract((m16, tiny_tokenizer), world_csv, "coords", tmp_path / "p.zarr", progress=False,
+                limit=8, dtype="float32")
+    assert "--compute-dtype bfloat16 or float32" in str(ei.value)
+
+
 def test_bad_inputs(tmp_path, tiny_model, tiny_tokenizer, world_csv):
     lm = (tiny_model, tiny_tokenizer)
     from actstore.datasets import DatasetError

