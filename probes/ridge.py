@@ -247,6 +247,15 @@ def select_alpha(scores, alpha_per_target: bool):
 
 # ----------------------------------------------------------------------------- k-fold, primal
 
+def _check_fold_variance(f, sst, yty):
+    """R² on a fold whose targets do not vary is undefined (0/0): say so instead of letting
+    NaN/-inf scores pick the first alpha. sst is "zero" below rounding of Σy² - (Σy)²/n."""
+    bad = (sst <= 1e-9 * yty).nonzero().ravel().tolist()
+    if bad:
+        raise RidgeError(f"fold {f}: target column(s) {bad} are constant on its validation rows; "
+                         "R² is undefined there (use fewer folds or shuffle)")
+
+
 def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas, precision="float64"):
     """Per-target k-fold R² (B, A, k), averaged over folds, from per-fold statistics.
 
@@ -263,8 +272,9 @@ def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas, precision="float64"):
     r2 = None
     for f in range(F):
         nv = float(n[f])
-        if nv < 1:
-            raise RidgeError(f"fold {f} is empty")
+        if nv < 2:
+            raise RidgeError(f"fold {f} has {int(nv)} validation row(s); its R² needs at least 2 "
+                             "(use fewer folds)")
         nt = float(total[0] - n[f])
         if nt < 2:
             raise RidgeError(f"fold {f}: fewer than 2 training rows outside it")
@@ -279,6 +289,7 @@ def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas, precision="float64"):
               + nv * mu[:, :, None] * yb[None, None, :])
         cv = torch.diagonal(yty[f]) - 2 * yb * syv + nv * yb * yb             # (k,)
         sst = torch.diagonal(yty[f]) - syv * syv / nv                         # (k,)
+        _check_fold_variance(f, sst, torch.diagonal(yty[f]))
         Ap = fac.V.transpose(1, 2) @ Av @ fac.V                               # (B, d, d)
         bp = fac.V.transpose(1, 2) @ bv                                       # (B, d, k)
         inv = 1.0 / (fac.lam[:, None, :] + a[None, :, None])                  # (B, A, d)
@@ -381,8 +392,11 @@ def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
     for f in range(F):
         tr = torch.as_tensor(np.nonzero(fold != f)[0], device=X.device)
         va = torch.as_tensor(np.nonzero(fold == f)[0], device=X.device)
-        if len(va) == 0 or len(tr) < 2:
-            raise RidgeError(f"fold {f} is empty or leaves fewer than 2 training rows")
+        if len(va) < 2:
+            raise RidgeError(f"fold {f} has {len(va)} validation row(s); its R² needs at least 2 "
+                             "(use fewer folds)")
+        if len(tr) < 2:
+            raise RidgeError(f"fold {f} leaves fewer than 2 training rows")
         m = Kraw[:, tr].mean(1)                                               # x_aᵀμ_f, (n,)
         mm = m[tr].mean()
         Kc = Kraw - m[:, None] - m[None, :] + mm                              # centred on μ_f
@@ -399,6 +413,7 @@ def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
         Yv = Y[va]
         sse = ((Yv[:, None, :] - pred) ** 2).sum(0)                           # (A, k)
         sst = ((Yv - Yv.mean(0)) ** 2).sum(0)
+        _check_fold_variance(f, sst, (Yv * Yv).sum(0))
         fr2 = 1.0 - sse / sst
         r2 = fr2 if r2 is None else r2 + fr2
     return r2 / F

@@ -136,6 +136,19 @@ def test_kfold_equals_sklearn_and_brute_force(n, d, K):
         np.testing.assert_array_equal(np.atleast_1d(m.alpha_) * np.ones(2), ALPHAS[idx])
 
 
+@pytest.mark.parametrize("d", [4, 20])                  # primal and dual
+def test_kfold_degenerate_validation_fold_raises(d):
+    X, Y = make_data(16, d, seed=4)
+    # 16 rows in 5 folds: sizes 4, 3, 3, 3, 3; rows 0..3 are fold 0
+    Yc = Y.copy()
+    Yc[:4, 1] = 2.5
+    with pytest.raises(RidgeError, match=r"fold 0: target column\(s\) \[1\] are constant"):
+        RidgeProbeCV(ALPHAS, cv=5, standardize_targets=False).fit(X, Yc)
+    # 5 rows in 4 folds: sizes 2, 1, 1, 1
+    with pytest.raises(RidgeError, match=r"fold 1 has 1 validation row"):
+        RidgeProbeCV(ALPHAS, cv=4).fit(X[:5], Y[:5])
+
+
 def test_kfold_primal_and_dual_agree_with_shuffled_folds():
     import torch
     X, Y = make_data(45, 30, seed=5)
