@@ -307,10 +307,19 @@ class ActivationStore:
         return self._to_out(x, as_)
 
     def read(self, rows: slice, layers=None, array: str = "resid") -> np.ndarray:
-        """(L, r, d) for a row slice and layer POSITIONS (default all), stored dtype."""
+        """(L, r, d) for a row slice and layer POSITIONS (default all), stored dtype.
+
+        Only rows ``[0, rows_done)`` are readable (later rows are not written yet; in HDF5 they
+        are uninitialised bytes): an open-ended slice stops at ``rows_done`` and negative
+        indices count from it; an explicit stop past ``rows_done`` is an error."""
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise StoreError("rows must be a contiguous slice, e.g. slice(0, 1024)")
-        start, stop, _ = rows.indices(self.n_rows)
+        done = self.rows_done
+        if rows.stop is not None and rows.stop > done:
+            raise StoreError(f"{self.path}: rows {rows.start or 0}:{rows.stop} go past rows_done="
+                             f"{done} (of {self.n_rows}); rows at or after it are not written "
+                             "yet (resume the extraction to complete the store)")
+        start, stop, _ = rows.indices(done)
         arr = self._array(array)
         pos = self._positions(layers)
         if not pos:

@@ -85,6 +85,16 @@ def test_partial_store_reads_stop_at_rows_done(tmp_path):
     assert s2.rows_done == 16 and not s2.complete
     assert s2.layer(0).shape == (16, 10)
     assert [s for s, _ in s2.iter_chunks()] == [0, 8]
+    # read never returns rows past rows_done (uninitialised bytes in HDF5)
+    assert s2.read(slice(0, None)).shape == (3, 16, 10)
+    assert s2.read(slice(None)).shape == (3, 16, 10)
+    np.testing.assert_array_equal(s2.read(slice(8, None))[:, :, 0], 2)
+    np.testing.assert_array_equal(s2.read(slice(-8, None))[:, :, 0], 2)  # counted from rows_done
+    assert s2.read(slice(0, 16)).shape == (3, 16, 10)
+    with pytest.raises(StoreError, match="go past rows_done=16"):
+        s2.read(slice(8, 24))
+    with pytest.raises(StoreError, match="go past rows_done=16"):
+        s2.read(slice(0, 37))
 
 
 def test_plain_zarr_can_read_it(tmp_path):
