@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import zlib
 
 import pytest
 import torch
@@ -81,7 +82,8 @@ def check_close(got: GramStats, want: GramStats, xtx_tol):
 @pytest.mark.parametrize("mode", ["preshift", "shift-in", "raw"])
 def test_gram_matches_reference(shape, mode):
     B, r, d, k, F = shape
-    gen = torch.Generator().manual_seed(hash((shape, mode)) % 2**31)
+    # crc32, not hash(): str hashes are salted per process, so failures would not reproduce
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, mode)).encode()))
     X, Y, fold = make_chunk(B, r, d, k, F, gen, skip=F > 1 or r > 10)
     # the shift of a pass comes from its first chunk: here another draw, so sums are not ~0
     shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
