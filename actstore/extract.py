@@ -321,10 +321,10 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
 
     from actstore import native
     from actstore.datasets import load_dataset
-    from actstore.models import LoadedModel, load_model, mlp_width, wrap_model
+    from actstore.models import LoadedModel, decoder_layers, load_model, mlp_width, wrap_model
     from actstore.prompts import get_prompt
     from actstore.store import (StoreError, _numpy_dtype, create_store, default_rows_per_chunk,
-                                open_store, remove_store)
+                                open_store)
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ExtractError(f"unknown --dtype {dtype!r}; choose float16, bfloat16 or float32")
@@ -359,7 +359,6 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     if neurons and 0 in layer_list:
         raise ExtractError("--neurons needs layers >= 1 (the embeddings have no MLP); "
                            "drop layer 0 from --layers")
-    from actstore.models import decoder_layers
     d_mlp = mlp_width(decoder_layers(net)[0]) if neurons else None
     side = padding_side or getattr(tok, "padding_side", "right") or "right"
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -448,7 +447,6 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     forward_s = 0.0
     t0 = time.perf_counter()
     entities = ds.table["entity"].tolist()
-    encode_many = getattr(pr, "encode_many", None)
     on_gpu = dev.type == "cuda"
     staging = None
     if on_gpu:
@@ -460,7 +458,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         for w0 in range(start_row, end_row, R):
             w1 = min(n, w0 + R)
             ents = entities[w0:w1]
-            seqs = encode_many(tok, ents) if encode_many else [pr.encode(tok, e) for e in ents]
+            seqs = pr.encode_many(tok, ents)
             bufs = free.get()
             if writer.error is not None:
                 break  # reported below, after the writer has stopped

