@@ -393,9 +393,7 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     stats = None
     for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
         r = block.shape[1]
-        X = _to_float(block, store.dtype)
-        if X.dtype == torch.bfloat16:
-            X = X.float()
+        X = _to_float(block, store.dtype)          # bfloat16 arrives as float32
         if device.type == "cuda":
             X = X.to(device)
         fold = fold_all[start:start + r]

@@ -44,8 +44,14 @@ def make_store(path, ent, d=16, L=3, seed=0, targets=("latitude", "longitude"), 
                      targets=tuple(targets), group_columns=("country",), meta={"model": "toy"},
                      rows_per_chunk=R, dtype=dtype)
     done = n if rows is None else rows
+    if dtype == "bfloat16":                        # stored as its raw 16 bits
+        import torch
+        xb = torch.from_numpy(X).to(torch.bfloat16)
+        Xs, X = xb.view(torch.int16).numpy().view(np.uint16), xb.to(torch.float32).numpy()
+    else:
+        Xs = X.astype(np.float16 if dtype == "float16" else np.float32)
     for st in range(0, done, R):
-        s.write_rows(st, X[:, st:st + R].astype(np.float16 if dtype == "float16" else np.float32))
+        s.write_rows(st, Xs[:, st:st + R])
     s.mark_done(done)
     s.close()
     return X.astype(np.float16).astype(np.float64) if dtype == "float16" else X.astype(np.float64)
@@ -76,6 +82,23 @@ def test_loo_primal_matches_sklearn(tmp_path, backend, apt):
     res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, alpha_per_target=apt, backend=backend)
     assert res["form"] == "primal" and res["backend"] == backend
     check_vs_sklearn(res, X, ent[["latitude", "longitude"]].to_numpy(), ent.is_test.to_numpy(), apt)
+
+
+@pytest.mark.parametrize("cv", ["loo", 3])
+def test_bfloat16_store_matches_sklearn(tmp_path, cv):
+    ent = entity_table(90, seed=12)
+    X = make_store(tmp_path / "s.zarr", ent, d=8, L=2, dtype="bfloat16")
+    res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, cv=cv)
+    if cv == "loo":
+        check_vs_sklearn(res, X, ent[["latitude", "longitude"]].to_numpy(),
+                         ent.is_test.to_numpy(), False)
+    else:                                          # predictions of the chosen alpha's full fit
+        Y, tr = ent[["latitude", "longitude"]].to_numpy(), ~ent.is_test.to_numpy()
+        mu, sd = Y[tr].mean(0), Y[tr].std(0)
+        for j in range(2):
+            a = res["arrays"]["alpha"][j][0]
+            pt = Ridge(alpha=a).fit(X[j][tr], (Y[tr] - mu) / sd).predict(X[j]) * sd + mu
+            assert np.abs(res["arrays"]["predictions"][j] - pt).max() <= 1e-6 * np.abs(pt).max()
 
 
 @pytest.mark.parametrize("apt", [False, True])
