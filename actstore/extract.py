@@ -388,9 +388,9 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         try:
             store = open_store(out, mode="a")
         except StoreError as exc:
-            # --overwrite only for a store of ours (other version, interrupted creation):
-            # anything else at --out is not ours to delete
-            if exc.is_store:
+            # --overwrite only for what it may delete (a store of ours of another version, an
+            # interrupted creation, an empty directory): anything else is not ours to delete
+            if exc.replaceable:
                 hint = "" if "--overwrite" in str(exc) else "; use --overwrite to replace it"
             else:
                 hint = "; choose another --out"

@@ -45,13 +45,14 @@ COMPRESSIONS = ("none", "zstd", "blosc")
 class StoreError(ValueError):
     """A store that cannot be created, opened or written as asked (message says why).
 
-    ``is_store``: the path holds an activation store that cannot be used as it is (another
-    format version, an interrupted creation), so replacing it (--overwrite) is safe to suggest.
+    ``replaceable``: the path holds what ``overwrite`` may delete (an activation store of
+    another format version, an interrupted creation, an empty directory), so suggesting
+    --overwrite is safe; for anything else it is not.
     """
 
-    def __init__(self, message: str, is_store: bool = False):
+    def __init__(self, message: str, replaceable: bool = False):
         super().__init__(message)
-        self.is_store = is_store
+        self.replaceable = replaceable
 
 
 def default_rows_per_chunk(d: int) -> int:
@@ -71,7 +72,8 @@ def _detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "zarr.json").exists():
             return "zarr"
-        raise StoreError(f"{path}: a directory but not a Zarr v3 store (no zarr.json)")
+        raise StoreError(f"{path}: a directory but not a Zarr v3 store (no zarr.json)",
+                         replaceable=not any(path.iterdir()))
     if path.is_file():
         with open(path, "rb") as f:
             head = f.read(8)
@@ -585,7 +587,7 @@ def open_store(path, mode: str = "r") -> ActivationStore:
         header = attrs.get("actstore")
         if "rows_done" not in attrs and header is not None:
             raise StoreError(f"{path}: incomplete store (creation was interrupted); "
-                             "re-create it with --overwrite", is_store=True)
+                             "re-create it with --overwrite", replaceable=True)
         if mode == "a":
             _remove_partials(path)
     else:
@@ -602,22 +604,23 @@ def open_store(path, mode: str = "r") -> ActivationStore:
         if header is not None and "rows_done" not in handle:
             handle.close()
             raise StoreError(f"{path}: incomplete store (creation was interrupted); "
-                             "re-create it with --overwrite", is_store=True)
+                             "re-create it with --overwrite", replaceable=True)
     _check_header(path, header, handle if fmt == "hdf5" else None)
     return ActivationStore(path, fmt, header, handle, mode)
 
 
 def _check_header(path, header, h5handle=None):
-    def fail(msg, is_store=False):
+    def fail(msg, replaceable=False):
         if h5handle is not None:
             h5handle.close()
-        raise StoreError(msg, is_store=is_store)
+        raise StoreError(msg, replaceable=replaceable)
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         fail(f"{path}: not an activation store (no '{FORMAT_NAME}' header)")
     v = header.get("format_version")
     if v != FORMAT_VERSION:
         fail(f"{path}: store format version {v} is not supported (this actstore reads "
-             f"version {FORMAT_VERSION}); re-extract it with this version", is_store=True)
+             f"version {FORMAT_VERSION}); re-extract it with this version",
+             replaceable=True)
 
 
 def _remove_partials(path: Path) -> None:

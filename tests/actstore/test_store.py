@@ -272,7 +272,7 @@ def test_overwrite_deletes_only_stores(tmp_path, fmt, name):
             _bump_version(p, fmt)
             with pytest.raises(StoreError, match="not supported") as ei:
                 open_store(p)
-        assert ei.value.is_store
+        assert ei.value.replaceable
         st, _ = _make(p, fmt=fmt, overwrite=True)
         assert st.rows_done == 0
         st.close()
@@ -304,6 +304,6 @@ def test_interrupted_zarr_creation_is_recognised(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(StoreError, match="incomplete store") as ei:
         open_store(tmp_path / "k.zarr")
-    assert ei.value.is_store
+    assert ei.value.replaceable
     st, _ = _make(tmp_path / "k.zarr", overwrite=True)
     assert st.rows_done == 0
