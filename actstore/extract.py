@@ -627,9 +627,10 @@ def add_cli(subparsers) -> None:
                    help="also store MLP neuron activations (input of the down projection)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="stored dtype (default float16; overflow is detected, never stored)")
-    p.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "float16",
-                   "bfloat16"), help="model dtype (auto: float32 on CPU; on GPU float16, or bfloat16 "
-                   "with --dtype bfloat16/float32)")
+    p.add_argument("--compute-dtype", default="auto",
+                   choices=("auto", "float32", "float16", "bfloat16"),
+                   help="model dtype (auto: float32 on CPU; on GPU float16, or bfloat16 with "
+                   "--dtype bfloat16/float32)")
     p.add_argument("--format", default=None, choices=("zarr", "hdf5"),
                    help="store format (default: zarr, or hdf5 for a .h5/.hdf5 path)")
     p.add_argument("--compression", default=None, choices=("none", "zstd", "blosc"),
