@@ -42,12 +42,13 @@ def _probe_is_current(probe_dir: Path, state: dict) -> bool:
 
 
 def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", limit=None,
-                 batch_size=32, device="auto", backend="auto", cv="loo", progress=True,
-                 log=print) -> Path:
+                 batch_size=None, device="auto", backend="auto", cv="loo", drop_invalid=False,
+                 progress=True, log=print) -> Path:
     """Run extract -> fit --all-layers for every dataset and write ``out/report.md``.
 
     model: name or path (default: the embedded SmolLM2). datasets: names or CSV paths understood
-    by :func:`actstore.datasets.load_dataset`. prompt: a prompt name applied to every dataset
+    by :func:`actstore.datasets.load_dataset` (``drop_invalid`` drops and counts bad rows).
+    prompt: a prompt name applied to every dataset
     ("empty" = BOS + entity, the paper's main setting). limit: first N rows of each dataset
     (the built-ins and the paper CSVs are shuffled; the test split is kept within those rows).
     Returns the report's path.
@@ -66,7 +67,7 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", lim
     loaded = None  # loaded once; extract() also checks that an existing store matches
     sections = []
     for spec in datasets:
-        ds = load_dataset(spec)
+        ds = load_dataset(spec, drop_invalid=drop_invalid)
         if limit is not None:
             ds = ds.head(limit)
         store_path = out / "stores" / f"{ds.name}.zarr"
@@ -165,7 +166,10 @@ def add_cli(subparsers) -> None:
                    help="comma-separated dataset names or CSV paths (default: %(default)s)")
     p.add_argument("--prompt", default="empty", help="prompt name for every dataset (default: empty)")
     p.add_argument("--limit", type=int, default=None, help="use the first N rows of each dataset")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per forward pass (default 32; a resumed store keeps its own)")
+    p.add_argument("--drop-invalid", action="store_true",
+                   help="drop (and count) dataset rows that fail validation instead of stopping")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--backend", default="auto", help="statistics backend: auto|cpu|torch|cuda|triton")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -178,6 +182,7 @@ def _cli(args) -> int:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     report = run_pipeline(args.out, model=args.model, datasets=datasets, prompt=args.prompt,
                           limit=args.limit, batch_size=args.batch_size, device=args.device,
+                          drop_invalid=args.drop_invalid,
                           backend=args.backend, progress=not args.no_progress)
     print(f"report: {report}")
     return 0
