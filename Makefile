@@ -37,7 +37,6 @@ test: native
 
 demo: native
 	$(VENV)/bin/actstore run --out $(DEMO_OUT) --limit $(DEMO_LIMIT)
-	@echo "report: $(DEMO_OUT)/report.md"
 
 # CPU benchmarks (numbers go to bench/RESULTS.md); the GPU ones run through bench/gpu_check.sh.
 bench: native

@@ -111,7 +111,7 @@ def _report(sections, model, prompt, limit, seconds, out: Path) -> str:
         f"Model: `{model_meta.get('id', model)}`"
         f"{' (' + model_meta['upstream_id'] + ')' if model_meta.get('upstream_id') else ''}; prompt `{prompt}`; "
         f"rows per dataset: {'all' if limit is None else f'first {limit}'}; "
-        f"wall time {seconds:.0f} s (steps already done were reused).",
+        f"wall time {seconds:.0f} s.",
         "",
         "Best layer by test R² (ridge, alpha by exact leave-one-out on the train split):",
         "",
