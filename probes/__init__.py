@@ -1,9 +1,10 @@
 """fastprobe: batched ridge probes and neuron correlations over every layer of an activation store."""
 
-__all__ = ["RidgeProbeCV", "fit_all_layers"]
+__all__ = ["RidgeProbeCV", "fit_all_layers", "neuron_report"]
 
 # Lazy exports: `fastprobe --help` must not pay for sklearn/torch imports.
-_LAZY = {"RidgeProbeCV": "probes.ridge", "fit_all_layers": "probes.fit"}
+_LAZY = {"RidgeProbeCV": "probes.ridge", "fit_all_layers": "probes.fit",
+         "neuron_report": "probes.neurons"}
 
 
 def __getattr__(name):

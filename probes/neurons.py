@@ -30,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["NeuronStats", "NeuronStatsError", "neuron_update", "reference_neuron_update",
            "rank_transform", "spearman", "pearson_from_moments", "prepare_neuron_chunk",
-           "neuron_correlations"]
+           "neuron_correlations", "NeuronReportError", "neuron_report"]
 
 
 class NeuronStatsError(ValueError):
@@ -376,3 +376,148 @@ def neuron_correlations(store, Y, rows_mask=None, layers=None, backend: str = "a
             spearman(store.layer(p, array=array, as_="torch").to(dev), Yd, mask=md).cpu()
             for p in pos])
     return out
+
+
+# ------------------------------------------------------------------------------------ report
+NEURONS_JSON = "neurons.json"
+NEURONS_NPZ = "neurons.npz"
+SPLITS = ("all", "is_test", "train")
+
+
+class NeuronReportError(ValueError):
+    """A neuron report that cannot run on this store (message says what is wrong)."""
+
+
+def _top_neurons(pear: np.ndarray, spear: np.ndarray, layers: list[int], top: int) -> list[dict]:
+    """The ``top`` neurons of one target by |Spearman| (ties: lower layer, then lower index)."""
+    L, m = spear.shape
+    flat = np.abs(spear).reshape(-1)
+    order = np.argsort(-flat, kind="stable")[:top]
+    return [{"rank": i + 1, "layer": int(layers[f // m]), "position": int(f // m),
+             "index": int(f % m), "pearson": float(pear.reshape(-1)[f]),
+             "spearman": float(spear.reshape(-1)[f])} for i, f in enumerate(order)]
+
+
+def neuron_report(store, targets=None, top: int = 50, split: str = "all", backend: str = "auto",
+                  device=None, out=None, layers=None, chunk_rows: int | None = None) -> dict:
+    """Pearson and Spearman correlation of every stored MLP neuron of every layer with each
+    target, and the ``top`` neurons per target ranked by |Spearman|.
+
+    store: path or ActivationStore with neurons (``actstore extract --neurons``). targets: names
+    (default: the store's own). split: rows used: "all", "is_test" (the test rows) or "train"
+    (the others). backend: moments kernel (auto|cpu|torch|triton|cuda); device: where moments
+    and ranks are computed (default: cuda for cuda/triton, and for auto with a GPU; else cpu).
+    layers: layer positions (default all). out: directory for neurons.json, neurons.npz and one
+    PNG per target of its best neuron's activation.
+
+    Returns the neurons.json dict plus ``result["arrays"]`` = {"pearson", "spearman"}: (L, d_mlp,
+    k) float64 numpy arrays (saved to neurons.npz).
+    """
+    import os
+    import time
+
+    from actstore.store import open_store
+    from probes.fit import _default_device, resolve_targets
+    from probes.kernels import resolve_backend
+
+    t0 = time.perf_counter()
+    if isinstance(store, (str, os.PathLike)):
+        store = open_store(store)
+    if store.d_mlp is None:
+        raise NeuronReportError(f"{store.path}: this store has no neuron activations; re-extract "
+                                "with `actstore extract --neurons`")
+    n = int(store.rows_done)
+    if n == 0:
+        raise NeuronReportError(f"{store.path}: the store has no completed rows")
+    if int(top) < 1:
+        raise NeuronReportError(f"top must be >= 1, got {top}")
+    names = resolve_targets(store, targets)
+    Y = store.target_array(names)[:n]
+    if split not in SPLITS:
+        raise NeuronReportError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    mask = np.ones(n, dtype=bool) if split == "all" else np.asarray(store.is_test[:n], dtype=bool)
+    if split == "train":
+        mask = ~mask
+    if mask.sum() < 3:
+        raise NeuronReportError(f"split {split!r} selects {int(mask.sum())} of {n} rows; "
+                                "correlations need at least 3")
+    bad = ~np.isfinite(Y[mask])
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise NeuronReportError(f"target {names[c]!r} is missing or not finite at row "
+                                f"{int(np.nonzero(mask)[0][r])}")
+    const = [names[i] for i in np.nonzero(Y[mask].std(0) == 0)[0]]
+    if const:
+        raise NeuronReportError(f"target(s) {const} are constant on the {split!r} rows; a "
+                                "correlation with a constant is undefined")
+    Y = np.where(mask[:, None], Y, 0.0)   # skipped rows: any finite value
+
+    dev = torch.device(device if device is not None else _default_device(backend))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NeuronReportError(f"backend {backend!r} / device {dev} needs a CUDA GPU and none "
+                                "is available")
+    be = resolve_backend(backend, dev)
+    if be != "torch" and store.dtype != "float16":
+        if (backend or "auto") != "auto":
+            raise NeuronReportError(f"backend {be!r} needs float16 activations; this store is "
+                                    f"{store.dtype}: use --backend torch")
+        be = "torch"   # the compiled kernels read float16 only
+    kw = dict(rows_mask=mask, layers=layers, backend=be, device=dev, chunk_rows=chunk_rows)
+    t1 = time.perf_counter()
+    got = neuron_correlations(store, Y, method="pearson", **kw)
+    t2 = time.perf_counter()
+    sp = neuron_correlations(store, Y, method="spearman", **kw)["spearman"]
+    t3 = time.perf_counter()
+    pear, spear = got["pearson"].numpy(), sp.numpy()
+    lay = got["layers"]
+    top = min(int(top), pear.shape[0] * pear.shape[1])
+    result = {
+        "store": str(store.path), "targets": names, "n_rows": int(mask.sum()), "split": split,
+        "layers": lay, "d_mlp": int(store.d_mlp), "backend": be, "device": str(dev),
+        "top": top,
+        "top_neurons": {t: _top_neurons(pear[..., i], spear[..., i], lay, top)
+                        for i, t in enumerate(names)},
+        "arrays": {"pearson": pear, "spearman": spear},
+    }
+    if out is not None:
+        write_neuron_report(result, out, store, mask, Y)
+    t4 = time.perf_counter()
+    result["seconds"] = {"pearson": t2 - t1, "spearman": t3 - t2, "outputs": t4 - t3,
+                         "total": t4 - t0}
+    if out is not None:   # rewrite the JSON with the timings
+        _write_json(result, out)
+    return result
+
+
+def _write_json(result: dict, out):
+    import json
+    from pathlib import Path
+
+    doc = {k: v for k, v in result.items() if k != "arrays"}
+    (Path(out) / NEURONS_JSON).write_text(json.dumps(doc, indent=1))
+
+
+def write_neuron_report(result: dict, out, store, mask, Y) -> list:
+    """neurons.json, neurons.npz and the best-neuron PNGs (see :func:`neuron_report`)."""
+    from pathlib import Path
+
+    from probes.report import plot_best_neuron
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(result, out)
+    np.savez_compressed(out / NEURONS_NPZ, layers=np.asarray(result["layers"]),
+                        targets=np.asarray(result["targets"]), **result["arrays"])
+    written = [out / NEURONS_JSON, out / NEURONS_NPZ]
+    names = result["targets"]
+    coords = None
+    low = [t.lower() for t in names]
+    if "latitude" in low and "longitude" in low:
+        coords = (Y[mask, low.index("longitude")], Y[mask, low.index("latitude")])
+    for i, t in enumerate(names):
+        best = result["top_neurons"][t][0]
+        a = store.layer(best["position"], array="neurons", as_="torch")[:, best["index"]]
+        act = a.to(torch.float32).numpy()[mask]
+        written.append(plot_best_neuron(out / f"neuron_{t}.png", t, Y[mask, i], act, best,
+                                        lonlat=coords))
+    return written

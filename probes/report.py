@@ -7,6 +7,10 @@ PNG files written by :func:`make_plots`:
   layer, coloured by a group column (region, country...), true positions in light grey;
 * ``year_best_layer.png``: time targets (``year``) — predicted vs true year, with the y = x line;
 * ``pred_vs_true_best_layer.png``: any other targets — predicted vs true, one panel per target.
+
+For ``fastprobe neurons``: :func:`format_neuron_table` (ranked top neurons per target) and
+:func:`plot_best_neuron` (``neuron_<target>.png``: the best neuron's activation against the target;
+for places a longitude/latitude map coloured by the activation).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["format_table", "make_plots"]
+__all__ = ["format_table", "make_plots", "format_neuron_table", "plot_best_neuron"]
 
 MAX_GROUPS = 10
 
@@ -160,3 +164,52 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
         plt.close(fig)
         written.append(p)
     return written
+
+
+def format_neuron_table(result: dict) -> str:
+    """The ranked table of top neurons per target printed by ``fastprobe neurons``."""
+    head = ["rank", "layer", "neuron", "spearman", "pearson"]
+    out = [f"store {result['store']}  targets {','.join(result['targets'])}  "
+           f"{result['n_rows']} rows ({result['split']})  {len(result['layers'])} layers x "
+           f"{result['d_mlp']} neurons  backend {result['backend']}"]
+    for t in result["targets"]:
+        rows = [[str(e["rank"]), str(e["layer"]), str(e["index"]), _fmt(e["spearman"]),
+                 _fmt(e["pearson"])] for e in result["top_neurons"][t]]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+        out += ["", f"{t}: top {len(rows)} neurons by |spearman|", line(head),
+                line(["-" * w for w in widths])] + [line(r) for r in rows]
+    if "seconds" in result:
+        out.append(f"({result['seconds']['total']:.1f} s)")
+    return "\n".join(out)
+
+
+def plot_best_neuron(path, target: str, y, act, best: dict, lonlat=None) -> Path:
+    """PNG of one neuron's activation ``act`` against ``target`` values ``y`` (same rows);
+    with ``lonlat`` = (longitude, latitude) arrays: a map coloured by the activation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = (f"layer {best['layer']} neuron {best['index']}: spearman {best['spearman']:.3f}, "
+             f"pearson {best['pearson']:.3f} with {target}")
+    if lonlat is not None:
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        sc = ax.scatter(lonlat[0], lonlat[1], c=act, s=5, cmap="coolwarm", rasterized=True)
+        fig.colorbar(sc, ax=ax, label="activation")
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.scatter(y, act, s=5, alpha=0.6, rasterized=True)
+        ax.set_xlabel(target)
+        ax.set_ylabel("activation")
+        ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
