@@ -1,4 +1,4 @@
-"""`fastprobe` command line: ridge probes on every layer of an activation store.
+"""`fastprobe` command line: ridge probes and neuron correlations on every layer of a store.
 
 Thin wrapper over :func:`probes.fit.fit_all_layers`; errors are reported by ``actstore.cli.run``
 (one line, exit status 2). Heavy imports happen inside the handlers so ``--help`` is fast.
@@ -27,6 +27,7 @@ examples:
   fastprobe fit --all-layers w.zarr --split group:country --out heldout-countries
   fastprobe fit --all-layers w.zarr --split random:0.2:0 --backend torch --out o3
   fastprobe show probe-out          # reprint the table of an earlier fit
+  fastprobe neurons w.zarr --top 20 --out neurons-out   # neurons most correlated with lat/lon
 
 Python: probes.fit_all_layers(store, ...) (same options) and probes.RidgeProbeCV, a
 scikit-learn estimator (fit/predict/score) with the same solver, for plain arrays.
@@ -70,6 +71,41 @@ def _cmd_fit(args) -> int:
     print(format_table(result))
     if args.out:
         print(f"wrote {args.out}/results.json and plots")
+    return 0
+
+
+NEURONS_DESCRIPTION = """\
+Correlate every stored MLP neuron of every layer (a store extracted with
+`actstore extract --neurons`) with each target: Pearson from one streaming pass over the store,
+Spearman (Pearson of average ranks) one layer at a time. Neurons are ranked by |Spearman|."""
+
+NEURONS_EPILOG = """\
+examples:
+  fastprobe neurons w.zarr --out neurons-out
+      latitude and longitude (a place store's own targets), all rows, top 50 per target
+  fastprobe neurons figures.zarr --target year --top 20 --out year-neurons
+  fastprobe neurons w.zarr --split train --backend torch --device cpu --out n2
+
+output (DIR):
+  neurons.json          per target: the top neurons (rank, layer, index, pearson, spearman);
+                        store, targets, n_rows, split, backend, seconds
+  neurons.npz           pearson and spearman, (layers, d_mlp, targets) float64; layers, targets
+  neuron_<target>.png   the best neuron's activation against the target (for places: a
+                        longitude/latitude map coloured by the activation)
+
+Python: probes.neuron_report(store, targets=..., top=..., split=..., out=...).
+"""
+
+
+def _cmd_neurons(args) -> int:
+    from probes.neurons import neuron_report
+    from probes.report import format_neuron_table
+
+    result = neuron_report(args.store, targets=args.target, top=args.top, split=args.split,
+                           backend=args.backend, device=args.device, out=args.out)
+    print(format_neuron_table(result))
+    if args.out:
+        print(f"wrote {args.out}/neurons.json, neurons.npz and plots")
     return 0
 
 
@@ -134,6 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory for results.json, probes.npz and PNG plots")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fit)
+
+    n = sub.add_parser("neurons", help="correlate every stored MLP neuron with the targets",
+                       description=NEURONS_DESCRIPTION, epilog=NEURONS_EPILOG, formatter_class=fmt)
+    n.add_argument("store", metavar="STORE", help="activation store with neurons (Zarr or .h5)")
+    n.add_argument("--target", metavar="NAMES", default=None,
+                   help="comma-separated target columns, e.g. latitude,longitude or year "
+                        "(default: the store's own targets)")
+    n.add_argument("--top", type=int, default=50, metavar="K",
+                   help="neurons listed per target, by |spearman| (default %(default)s)")
+    n.add_argument("--split", default="all", choices=["all", "is_test", "train"],
+                   help="rows to correlate over: all (default), the is_test rows, or the others")
+    n.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda", "triton"],
+                   help="moments kernel; auto picks the fastest available (default)")
+    n.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where moments and ranks are computed (default: cuda when the backend "
+                        "or a present GPU calls for it, else cpu)")
+    n.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory for neurons.json, neurons.npz and PNG plots")
+    n.set_defaults(func=_cmd_neurons)
 
     s = sub.add_parser("show", help="reprint the table of a finished fit",
                        description="Reprint the per-layer table from DIR/results.json.",
