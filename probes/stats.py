@@ -22,7 +22,7 @@ Definitions (sums run over the rows of one fold; x is shifted, y is raw)::
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -268,6 +268,22 @@ class GramStats:
         mean_y = sy / n
         Syy = t.yty[0] - torch.outer(sy, sy) / n
         return CenteredStats(int(round(n)), mean_x, Sxx, Sxy, mean_y, Syy)
+
+    def add_targets(self, Y: Tensor, fold, counts) -> None:
+        """Add a chunk's target moments (Σy, ΣyyT per fold, in float64) and the per-fold row
+        ``counts`` that a kernel reported; the GPU backends share this small part.
+        Y: (r, k) on this device; fold: (r,) ids with -1 = skip, or None (all fold 0)."""
+        dev = self.device
+        if fold is None:
+            f = torch.zeros(Y.shape[0], dtype=torch.long, device=dev)
+        else:
+            f = fold if isinstance(fold, torch.Tensor) else torch.from_numpy(np.asarray(fold))
+            f = f.to(device=dev, dtype=torch.long).reshape(-1)
+        keep = f >= 0
+        fk, Yk = f[keep], Y[keep].to(self.dtype)
+        self.n += torch.as_tensor(counts, dtype=self.dtype).to(dev)
+        self.sy.index_add_(0, fk, Yk)
+        self.yty.index_add_(0, fk, Yk.unsqueeze(-1) * Yk.unsqueeze(-2))
 
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).numel() * getattr(self, f.name).element_size()

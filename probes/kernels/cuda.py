@@ -265,13 +265,7 @@ def gram_update(stats, X, Y, fold=None, precision=None):
     fold_t = None if fold is None else _as_torch(fold)
     counts = gram(Xt, shift32, stats.xtx, fold=fold_t, n_folds=F)
     moments(Xt, Y32, shift32, stats.sx, stats.xty, None, fold=fold_t, n_folds=F)
-    f = (torch.zeros(r, dtype=torch.long, device=dev) if fold_t is None
-         else fold_t.to(device=dev, dtype=torch.long).reshape(-1))
-    keep = f >= 0
-    fk, Yk = f[keep], Yd[keep]
-    stats.n += torch.as_tensor(counts, dtype=stats.dtype).to(dev)
-    stats.sy.index_add_(0, fk, Yk)
-    stats.yty.index_add_(0, fk, Yk.unsqueeze(-1) * Yk.unsqueeze(-2))
+    stats.add_targets(Yd, fold_t, counts)
     return stats
 
 

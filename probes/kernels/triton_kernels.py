@@ -631,21 +631,6 @@ def _check_x(X, d_expected=None):
     return X
 
 
-def _y_stats(stats, Yd, fold, counts, F):
-    """n, Σy, ΣyyT per fold in float64 (tiny)."""
-    dev = stats.device
-    if fold is None:
-        f = torch.zeros(Yd.shape[0], dtype=torch.long, device=dev)
-    else:
-        f = (fold if isinstance(fold, torch.Tensor) else torch.from_numpy(np.asarray(fold)))
-        f = f.to(device=dev, dtype=torch.long).reshape(-1)
-    keep = f >= 0
-    fk, Yk = f[keep], Yd[keep]
-    stats.n += torch.as_tensor(counts, dtype=stats.dtype).to(dev)
-    stats.sy.index_add_(0, fk, Yk)
-    stats.yty.index_add_(0, fk, Yk.unsqueeze(-1) * Yk.unsqueeze(-2))
-
-
 # ----------------------------------------------------------------------------------- public
 MODES = ("preshift", "shift-in", "raw")
 
@@ -722,7 +707,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         del g32
         stats.sx += s_c
         stats.xty += xy_c
-        _y_stats(stats, Yd, fold, counts, F)
+        stats.add_targets(Yd, fold, counts)
         return stats
     shift_in_kernel = mode == "shift-in"
     cfg = config or _TUNED.get((d, str(dev), bool(shift_in_kernel))) or _default_config(d)
@@ -757,7 +742,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         keep = f >= 0
         sy_chunk.index_add_(0, f[keep], Yd[keep])
         stats.xty += xy_c - c.unsqueeze(-1) * sy_chunk.view(1, F, 1, k)
-    _y_stats(stats, Yd, fold, counts, F)
+    stats.add_targets(Yd, fold, counts)
     return stats
 
 
