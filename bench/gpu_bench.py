@@ -256,6 +256,32 @@ def sec_gram(args, res):
         tk._TUNED[key + ("groups",)] = best_groups
         out["best_preshift"] = {"name": best_name, "config": list(best_cfg), "groups": best_groups,
                                 "ms": best_ms}
+        # the float32 chunk Gram + separate float64 add (the older epilogue) for comparison,
+        # and where the time of the best variant goes, kernel by kernel (torch profiler)
+        name = "triton preshift best, separate add"
+        try:
+            st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
+            fn = lambda: tk.gram_update(st, X, Y, mode="preshift", config=best_cfg,  # noqa: E731
+                                        groups=best_groups, fused_add=False)
+            fn()
+            ms, ts = cuda_time(fn, reps=args.reps, warmup=0)
+            tf = useful / (ms * 1e-3) / 1e12
+            out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
+                                     "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
+                                     "rel_err_xtx_layer0": None}
+            del st
+            empty_cache()
+        except Exception as exc:  # noqa: BLE001
+            out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        if DEV == "cuda":
+            try:
+                out["best_preshift"]["kernels_ms"] = _profile_kernels(
+                    lambda st: tk.gram_update(st, X, Y, mode="preshift", config=best_cfg,
+                                              groups=best_groups),
+                    lambda: GramStats.zeros(B, d, k, shift=shift, device=DEV))
+            except Exception as exc:  # noqa: BLE001
+                out["best_preshift"]["kernels_ms"] = {"error": f"{type(exc).__name__}: {exc}"}
     # 4 folds with 20% test rows: preshift (rows sorted by fold in the pre-shift pass, one
     # plain Gram per fold's contiguous row range) and the older gathered shift-in kernel
     g = torch.Generator(device=DEV).manual_seed(2)
@@ -281,6 +307,31 @@ def sec_gram(args, res):
             out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
     del ref0
+    return out
+
+
+def _profile_kernels(fn, make_stats, top: int = 6) -> dict:
+    """GPU milliseconds per kernel (name -> ms) of one fn(stats) call, the largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    st = make_stats()
+    fn(st)                                                   # compiled and warm
+    sync()
+    st = make_stats()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(st)
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.key and not ev.key.startswith(("cudaDeviceSynchronize", "cudaStream")):
+            rows.append((ev.key[:60], t / 1e3))
+    rows.sort(key=lambda kv: -kv[1])
+    out = dict(rows[:top])
+    out["(sum of all kernels)"] = sum(t for _, t in rows)
     return out
 
 
@@ -546,6 +597,11 @@ def table(res) -> str:
     if "best_preshift" in g:
         lines.append(f"  best preshift (gram_update's default for this d in this process): "
                      f"{g['best_preshift']['name']}, {g['best_preshift'].get('groups', 1)} group(s)")
+        km = g["best_preshift"].get("kernels_ms")
+        if isinstance(km, dict):
+            lines.append("  its GPU time by kernel (profiler, one call): " + "; ".join(
+                f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} {ms}"
+                for name, ms in km.items()))
     if "error" in g:
         lines.append(f"  gram ERROR {g['error'][:100]}")
     f = res.get("fit", {})

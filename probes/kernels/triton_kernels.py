@@ -203,24 +203,37 @@ def _prep_kernel(X, Y, IDX, OFF, OFFP, SHIFT, XS, OUT,
 
 
 @triton.jit
-def _store_gram_tile(G, acc, bf, ti, tj, d, BM: tl.constexpr, BN: tl.constexpr):
+def _store_gram_tile(G, acc, bf, ti, tj, d, BM: tl.constexpr, BN: tl.constexpr,
+                     ACC: tl.constexpr = False):
     """Write the i <= j part of a float32 tile to (i, j) and the i < j part to (j, i) of the
-    bf-th d x d matrix of G: every entry is written once and G is exactly symmetric."""
+    bf-th d x d matrix of G: every entry is written once and G is exactly symmetric.
+    ACC: G holds the float64 totals and the tile is added into them (no float32 chunk Gram, no
+    separate add pass; each entry belongs to exactly one tile, so there is no race)."""
     ci = ti * BM + tl.arange(0, BM)
     cj = tj * BN + tl.arange(0, BN)
     mi = ci < d
     mj = cj < d
     base = G + bf.to(tl.int64) * d * d
     upper = ci[:, None] <= cj[None, :]
-    tl.store(base + ci[:, None] * d + cj[None, :], acc, mask=mi[:, None] & mj[None, :] & upper)
+    m = mi[:, None] & mj[None, :] & upper
+    p = base + ci[:, None].to(tl.int64) * d + cj[None, :]
+    if ACC:
+        tl.store(p, tl.load(p, mask=m, other=0.0) + acc.to(tl.float64), mask=m)
+    else:
+        tl.store(p, acc, mask=m)
     if tj * BN + BN - 1 > ti * BM:      # the tile has entries strictly above the diagonal
-        tl.store(base + cj[:, None] * d + ci[None, :], tl.trans(acc),
-                 mask=mj[:, None] & mi[None, :] & (cj[:, None] > ci[None, :]))
+        mt = mj[:, None] & mi[None, :] & (cj[:, None] > ci[None, :])
+        pt = base + cj[:, None].to(tl.int64) * d + ci[None, :]
+        if ACC:
+            tl.store(pt, tl.load(pt, mask=mt, other=0.0) + tl.trans(acc).to(tl.float64), mask=mt)
+        else:
+            tl.store(pt, tl.trans(acc), mask=mt)
 
 
 @triton.jit
 def _gram_pre_kernel(XS, OFFP, G, d, d_pad, rows_tot, F, n_tm, n_tn,
-                     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr,
+                     ACC: tl.constexpr = False):
     """Plain Gram of the pre-shifted, padded fp16 copy (see _prep_kernel): fold f of layer b
     is the contiguous row range [OFFP[f], OFFP[f+1]) (a multiple of BLOCK_R) and columns are
     padded with zeros to d_pad (a multiple of BM and BN), so no load is masked."""
@@ -242,12 +255,13 @@ def _gram_pre_kernel(XS, OFFP, G, d, d_pad, rows_tot, F, n_tm, n_tn,
         acc = tl.dot(tl.trans(a), c, acc)
         pa += BLOCK_R * d_pad
         pb += BLOCK_R * d_pad
-    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN)
+    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN, ACC)
 
 
 @triton.jit
 def _gram_tma_kernel(DA, DB, OFFP, G, d, rows_tot, F, n_tm, n_tn,
-                     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr,
+                     ACC: tl.constexpr = False):
     """As _gram_pre_kernel, loading through Hopper TMA tensor descriptors DA (block BLOCK_R x
     BM) and DB (BLOCK_R x BN) over the (B * rows_tot, d_pad) view of the pre-shifted copy."""
     pid = tl.program_id(0)
@@ -263,7 +277,7 @@ def _gram_tma_kernel(DA, DB, OFFP, G, d, rows_tot, F, n_tm, n_tn,
         a = DA.load([row0 + r, ti * BM])
         c = DB.load([row0 + r, tj * BN])
         acc = tl.dot(tl.trans(a), c, acc)
-    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN)
+    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN, ACC)
 
 
 @triton.jit
@@ -505,9 +519,10 @@ def _prep_tiling(B, F, d_pad, n_pad_max, device, KP=2):
     return bn, br, warps, splits, rps
 
 
-def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1):
+def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into=None):
     """Pre-shift mode of one chunk: returns (g32 (B*F, d, d) float32, s_c (B, F, d) float64,
-    xy_c (B, F, d, k) float64), all about the shift.
+    xy_c (B, F, d, k) float64), all about the shift. ``into`` (a float64 (B*F, d, d) tensor,
+    the totals): the Gram kernel adds its tiles into it directly and g32 is None.
 
     ``groups`` > 1: the layers go in that many groups; the pre-shift pass of group g+1 runs on a
     side stream while the Gram of group g runs (the Gram is compute-bound and leaves room on
@@ -543,7 +558,8 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1):
              for b0, b1 in bounds]
     n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
     n_prog = sum(n_tn - (bm * i) // bn for i in range(n_tm))
-    g32 = torch.empty(B * F, d, d, dtype=torch.float32, device=dev)
+    g32 = (torch.empty(B * F, d, d, dtype=torch.float32, device=dev) if into is None else into)
+    acc = into is not None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -566,11 +582,11 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1):
             da = TensorDescriptor.from_tensor(xs2, [block_r, bm])
             db = TensorDescriptor.from_tensor(xs2, [block_r, bn])
             _gram_tma_kernel[grid](da, db, offp, gg, d, rows_tot, F, n_tm, n_tn,
-                                   BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps,
+                                   BM=bm, BN=bn, BLOCK_R=block_r, ACC=acc, num_warps=warps,
                                    num_stages=stages)
         else:
             _gram_pre_kernel[grid](XS, offp, gg, d, d_pad, rows_tot, F, n_tm, n_tn,
-                                   BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps,
+                                   BM=bm, BN=bn, BLOCK_R=block_r, ACC=acc, num_warps=warps,
                                    num_stages=stages)
 
     if len(bounds) == 1 or dev.type != "cuda":
@@ -597,7 +613,7 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1):
             t.record_stream(side)
     del slots
     tot = torch.cat([p.to(torch.float64).sum(0) for p in parts]).view(B, F, d, W)
-    return g32, tot[..., 0], tot[..., 1:1 + k]
+    return (None if acc else g32), tot[..., 0], tot[..., 1:1 + k]
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -636,7 +652,8 @@ MODES = ("preshift", "shift-in", "raw")
 
 
 def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | None = None,
-                config=None, mode: str | None = None, groups: int | None = None):
+                config=None, mode: str | None = None, groups: int | None = None,
+                fused_add: bool = True):
     """Add X (B, r, d) fp16, Y (r, k), fold (r,) (-1 = skip) into ``stats`` (float64, same device).
 
     ``mode`` (see the module docstring): "preshift" (default) writes a shifted, fold-ordered,
@@ -645,6 +662,8 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
     float64 afterwards. ``shift_in_kernel`` (older spelling): True = "shift-in", False = "raw".
     ``groups`` (preshift): pipeline the pre-shift pass of the next group of layers with the Gram
     of this one on two streams (default: the tuned value for this d, else 1).
+    ``fused_add`` (preshift): the Gram kernel adds its float32 tiles straight into the float64
+    totals (default) instead of writing a float32 chunk Gram that a second pass adds.
     ``config``: a PreConfig (preshift) or GramConfig (the other modes; a GramConfig alone
     selects "shift-in"); default: the tuned one for this d if ``tune_*`` ran, else a fixed
     sensible tiling.
@@ -685,15 +704,16 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         key = (d, str(dev), "preshift")
         cfg = PreConfig(*(config or _TUNED.get(key) or _default_pre_config(d)))
         ng = groups or _TUNED.get(key + ("groups",), 1)
+        into = stats.xtx.view(B * F, d, d) if fused_add else None
         try:
             try:
-                g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, ng)
+                g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, ng, into)
             except Exception:  # noqa: BLE001 - TMA descriptors unsupported here: pointer loads
                 if config is not None or not cfg[5] or INTERPRET:
                     raise
                 _TUNED[key] = _PTR_FALLBACK
                 g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32,
-                                                _PTR_FALLBACK, ng)
+                                                _PTR_FALLBACK, ng, into)
         except Exception as exc:  # noqa: BLE001 - last resort for the default: the older mode
             if not defaulted or INTERPRET or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
@@ -703,8 +723,9 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
                           f"using the shift-in kernel for d={d} from now on", RuntimeWarning)
             _TUNED[(d, str(dev), "mode")] = "shift-in"
             return gram_update(stats, X, Y, fold, precision=precision, mode="shift-in")
-        stats.xtx.view(B * F, d, d).add_(g32)
-        del g32
+        if g32 is not None:
+            stats.xtx.view(B * F, d, d).add_(g32)
+            del g32
         stats.sx += s_c
         stats.xty += xy_c
         stats.add_targets(Yd, fold, counts)

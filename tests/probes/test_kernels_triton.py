@@ -242,3 +242,22 @@ def test_auto_dispatch_on_cuda_picks_triton_and_matches():
     neuron_update(ns, X.cuda(), Y.cuda(), fold.cuda())
     reference_neuron_update(nw, X.cuda(), Y.cuda(), fold.cuda())
     assert rel(ns.sxy, nw.sxy) < 1e-5 and rel(ns.sxx, nw.sxx) < 1e-5
+
+
+def test_preshift_fused_add_equals_separate_add():
+    # the Gram kernel adding its tiles into the float64 totals (default) gives exactly what a
+    # float32 chunk Gram added afterwards gives, over two chunks (non-zero totals), with folds
+    B, r, d, k, F = (2, 19, 37, 2, 2) if not CUDA else (3, 900, 520, 2, 2)
+    gen = torch.Generator().manual_seed(77)
+    chunks = [make_chunk(B, r, d, k, F, gen), make_chunk(B, r + 5, d, k, F, gen, mean=0.7)]
+    shift = choose_shift(chunks[0][0], chunks[0][2])
+    fused = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    apart = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    for X, Y, f in chunks:
+        tk.gram_update(fused, X.to(DEV), Y.to(DEV), f.to(DEV), mode="preshift")
+        tk.gram_update(apart, X.to(DEV), Y.to(DEV), f.to(DEV), mode="preshift", fused_add=False)
+        reference.gram_update(want, X, Y, f)
+    assert torch.equal(fused.xtx, apart.xtx)
+    assert torch.equal(fused.xtx, fused.xtx.transpose(-1, -2))   # exactly symmetric
+    check_close(fused, want, 2e-3)
