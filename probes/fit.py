@@ -125,9 +125,25 @@ def parse_split(spec: str, store, n: int) -> np.ndarray:
 def _to_float(block: np.ndarray, dtype: str):
     """A stored block as a torch tensor (float16/float32 as stored; bfloat16 from its raw bits)."""
     import torch
+    if isinstance(block, torch.Tensor):
+        return block
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(block).view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.ascontiguousarray(block))
+
+
+def _chunks(store, rows, layers, n, device):
+    """(row_start, block) of the store's rows [0, n) for these layers: read ahead on CPU threads
+    (decompression and disk overlap the compute) and, for a CUDA device, sent through pinned
+    double buffers on a side stream (probes.stream), so the copy of chunk i+1 overlaps the
+    kernels of chunk i. Blocks arrive as numpy (CPU) or device tensors (CUDA); a block is valid
+    until the iteration after next."""
+    from probes.stream import read_ahead, stream_to_device
+
+    source = store.iter_chunks(rows=rows, layers=layers, stop=n)
+    if device.type == "cuda" and store.dtype != "bfloat16":
+        return stream_to_device(source, device)
+    return read_ahead(source)
 
 
 def _check_positions(store, layers) -> list[int]:
@@ -391,7 +407,7 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     stats_precision = precision if be in ("cpu", "torch") else None
     ts = time.perf_counter()
     stats = None
-    for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
+    for start, block in _chunks(store, chunk_rows, bpos, n, device):
         r = block.shape[1]
         X = _to_float(block, store.dtype)          # bfloat16 arrives as float32
         if device.type == "cuda":
@@ -427,7 +443,7 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     preds = np.zeros((B, n, k))
     if cv == "loo":
         acc = LooAccumulator(fac, alphas, n, keep_predictions=True, precision=precision)
-        for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
+        for start, block in _chunks(store, chunk_rows, bpos, n, device):
             r = block.shape[1]
             acc.update(start, _to_float(block, store.dtype), Yz[start:start + r],
                        train[start:start + r])
@@ -445,7 +461,7 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
         # when the activations have a large mean
         Wd = W.to(torch.float32 if precision == "float32" else torch.float64)
         md = fac.mean.to(Wd.dtype)[:, None, :]
-        for start, block in store.iter_chunks(rows=chunk_rows, layers=bpos, stop=n):
+        for start, block in _chunks(store, chunk_rows, bpos, n, device):
             r = block.shape[1]
             X = _to_float(block, store.dtype).to(device=device, dtype=Wd.dtype)
             preds[:, start:start + r] = (torch.matmul(X - md, Wd).to(torch.float64)
