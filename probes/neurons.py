@@ -19,9 +19,17 @@ GPU when the data is there) rather than streaming.
 ``neuron_update(stats, X, Y, fold=None, backend="auto")`` adds one chunk X (B, r, m) float16;
 backends as for the Gram statistics: "torch" (float64 reference, here), "cpu" (C++/OpenMP in
 ``actstore._native``), "triton", "cuda".
+
+:func:`neuron_report` (``fastprobe neurons``) takes the neurons either from the store
+(method "stored", ``actstore extract --neurons``) or computes them the paper's way from the stored
+residual stream and the model's MLP input weights (method "projection"), feeds both through the
+same moments and ranks, and can add each top neuron's output-weight cosine with a fitted probe.
+Layer naming for both: a neuron's "layer" is the hidden-state index its MLP writes into (block b
+-> layer b+1), which is where the stored method keeps it and which probe it is compared with.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -30,7 +38,9 @@ from torch import Tensor
 
 __all__ = ["NeuronStats", "NeuronStatsError", "neuron_update", "reference_neuron_update",
            "rank_transform", "spearman", "pearson_from_moments", "prepare_neuron_chunk",
-           "neuron_correlations", "NeuronReportError", "neuron_report"]
+           "neuron_correlations", "NeuronReportError", "neuron_report", "METHODS",
+           "projection_correlations", "projected_neuron", "resolve_model", "load_probe",
+           "add_probe_cosines", "write_neuron_report"]
 
 
 class NeuronStatsError(ValueError):
@@ -378,6 +388,341 @@ def neuron_correlations(store, Y, rows_mask=None, layers=None, backend: str = "a
     return out
 
 
+# ------------------------------------------------------------------------------------ projection
+METHODS = ("stored", "projection")
+NEURON_LAYER_RULE = ("layer = hidden-state index the neuron's MLP writes into: the neurons of "
+                     "decoder block b are listed as layer b+1 (stored: input of block b's "
+                     "down_proj, kept with hidden state b+1; projection: computed from hidden "
+                     "state b, the input of block b)")
+
+
+def _mlp_parts(block):
+    """(norm, gate_proj, up_proj, act_fn) of a gated-MLP decoder block (Llama, Mistral, Qwen2,
+    Gemma...). The norm is the one in front of the MLP: ``pre_feedforward_layernorm`` where the
+    block has it (Gemma 2/3, whose ``post_attention_layernorm`` normalises the attention output),
+    else ``post_attention_layernorm``."""
+    mlp = getattr(block, "mlp", None)
+    parts = {"mlp.gate_proj": getattr(mlp, "gate_proj", None),
+             "mlp.up_proj": getattr(mlp, "up_proj", None),
+             "mlp.act_fn": getattr(mlp, "act_fn", None)}
+    norm = getattr(block, "pre_feedforward_layernorm", None)
+    if norm is None:
+        norm = getattr(block, "post_attention_layernorm", None)
+    parts["post_attention_layernorm"] = norm
+    missing = [k for k, v in parts.items() if v is None]
+    if missing:
+        raise NeuronReportError(
+            f"--method projection needs a gated MLP behind an RMS norm (Llama, Mistral, Qwen2, "
+            f"Gemma...); {type(block).__name__} has no {', '.join(missing)}")
+    return norm, parts["mlp.gate_proj"], parts["mlp.up_proj"], parts["mlp.act_fn"]
+
+
+class _BlockProjector:
+    """Neuron activations of one block's MLP from residual vectors, in float32 on ``device``:
+    act(gate(norm(x))) * up(norm(x)), with float32 copies of the block's own norm module and
+    projection weights (only this block's MLP input side is on the device)."""
+
+    def __init__(self, block, device, index=None):
+        import copy
+
+        norm, gate, up, act = _mlp_parts(block)
+        f32 = dict(device=device, dtype=torch.float32)
+        self.norm = copy.deepcopy(norm).to(**f32)
+        sel = (lambda t: t) if index is None else (lambda t: t[index])
+        self.wg = sel(gate.weight.detach()).to(**f32)
+        self.wu = sel(up.weight.detach()).to(**f32)
+        self.bg = None if gate.bias is None else sel(gate.bias.detach()).to(**f32)
+        self.bu = None if up.bias is None else sel(up.bias.detach()).to(**f32)
+        self.act = act
+        self.m = int(self.wg.shape[0])
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        import torch.nn.functional as F
+
+        h = self.norm(x.to(torch.float32))
+        return self.act(F.linear(h, self.wg, self.bg)) * F.linear(h, self.wu, self.bu)
+
+
+def _chunks_as_tensors(store, positions, chunk_rows):
+    """store.iter_chunks for these positions as CPU tensors (bfloat16 bits -> torch.bfloat16)."""
+    for s, X in store.iter_chunks(rows=chunk_rows, layers=positions):
+        if store.dtype == "bfloat16":
+            yield s, torch.from_numpy(np.ascontiguousarray(X).view(np.int16)).view(
+                torch.bfloat16).to(torch.float32)
+        else:
+            yield s, torch.from_numpy(np.ascontiguousarray(X))
+
+
+def projection_sources(store, n_blocks: int, layers=None) -> list[int]:
+    """Store positions usable by the projection method: hidden state l feeds block l, so the
+    last hidden state (l = n_blocks, after the last block) has no MLP to project through."""
+    pos = list(range(store.n_layers)) if layers is None else [int(p) for p in layers]
+    return [p for p in pos if int(store.layers[p]) < n_blocks]
+
+
+def projection_correlations(store, model, Y, rows_mask=None, layers=None, device="cpu",
+                            chunk_rows: int | None = None, prefetch: int = 2) -> dict:
+    """Pearson and Spearman of the paper's projected MLP neurons with each target.
+
+    For each selected store position p with hidden-state index l = store.layers[p] < number of
+    blocks: the stored residual h_l (the input of block l) is normalised by block l's own
+    pre-MLP RMS norm module (``post_attention_layernorm``: x / sqrt(mean(x²) + eps) * w) and
+    projected through block l's ``mlp.gate_proj`` and ``mlp.up_proj``: a = act(gate) * up
+    (float32). This equals block l's true neuron activations when the attention of block l
+    adds nothing (h_mid = h_l); otherwise it approximates them by skipping block l's
+    attention, as the paper projects the residual stream onto the neurons' input weights.
+
+    The rows stream in chunks of one layer at a time; each chunk's activations go through the
+    same :class:`NeuronStats` moments (:func:`neuron_update`, float64 reference) as stored
+    neurons, and into a (rows, d_mlp) float32 buffer of that layer for the Spearman ranks
+    (memory: one layer's neurons, as the stored method's Spearman). Y, rows_mask: as
+    :func:`neuron_correlations`. Returns {"pearson", "spearman": (L, m, k) float64 CPU tensors,
+    "layers": neuron layer labels (l + 1, see NEURON_LAYER_RULE), "source_layers": l,
+    "positions": store positions, "n_rows", "d_mlp"}.
+    """
+    from actstore.models import decoder_layers
+    from probes.stream import stream_to_device
+
+    dev = torch.device(device)
+    net = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
+    blocks = decoder_layers(net)
+    n = int(store.rows_done)
+    Yn = np.array(Y, dtype=np.float64)
+    Yn = (Yn.reshape(-1, 1) if Yn.ndim == 1 else Yn)[:n]
+    mask = np.ones(n, dtype=bool) if rows_mask is None else np.asarray(rows_mask, dtype=bool)[:n]
+    fold = np.where(mask, 0, -1).astype(np.int32)
+    pos = projection_sources(store, len(blocks), layers)
+    if not pos:
+        raise NeuronReportError(
+            f"{store.path}: no stored layer feeds a decoder block (layers {store.layers}, "
+            f"{len(blocks)} blocks): the projection method needs hidden states < {len(blocks)}")
+    Yd = torch.from_numpy(Yn).to(dev)
+    md = torch.from_numpy(mask).to(dev)
+    pear, spear = [], []
+    for p in pos:
+        l = int(store.layers[p])
+        proj = _BlockProjector(blocks[l], dev)
+        buf = torch.empty(n, proj.m, dtype=torch.float32, device=dev)
+        st = None
+        for start, X in stream_to_device(_chunks_as_tensors(store, [p], chunk_rows), device=dev,
+                                         prefetch=prefetch):
+            r = X.shape[1]
+            a = proj(X[0])
+            if not torch.isfinite(a).all():
+                raise NeuronReportError(f"{store.path}: projected neurons of layer {l + 1} are "
+                                        f"not finite in rows {start}..{start + r - 1}")
+            buf[start:start + r] = a
+            f = fold[start:start + r]
+            if st is None:
+                st = NeuronStats.for_chunk(a[None], Yd[start:start + r], f, device=dev)
+            neuron_update(st, a[None], Yd[start:start + r], f, backend="torch")
+        pear.append(st.pearson()[0].cpu())
+        spear.append(spearman(buf, Yd, mask=md).cpu())
+        del buf
+    return {"pearson": torch.stack(pear), "spearman": torch.stack(spear),
+            "layers": [int(store.layers[p]) + 1 for p in pos],
+            "source_layers": [int(store.layers[p]) for p in pos], "positions": pos,
+            "n_rows": int(mask.sum()), "d_mlp": int(pear[0].shape[0])}
+
+
+def projected_neuron(store, model, position: int, index: int, device="cpu",
+                     chunk_rows: int | None = None) -> np.ndarray:
+    """(rows_done,) float32 projected activation of neuron ``index`` of the block fed by the
+    store's layer position ``position`` (see :func:`projection_correlations`)."""
+    from actstore.models import decoder_layers
+
+    net = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
+    block = decoder_layers(net)[int(store.layers[position])]
+    proj = _BlockProjector(block, torch.device(device), index=[int(index)])
+    out = np.empty(int(store.rows_done), dtype=np.float32)
+    for s, X in _chunks_as_tensors(store, [position], chunk_rows):
+        out[s:s + X.shape[1]] = proj(X[0].to(device))[:, 0].cpu().numpy()
+    return out
+
+
+# ------------------------------------------------------------------------------------ models
+_MODEL_KEYS = ("architecture", "n_layers", "d_model")
+_WEIGHT_KEYS = ("file_sha256", "files_sha256")
+
+
+def _store_model_meta(store) -> dict:
+    meta = store.meta if isinstance(store.meta, dict) else {}
+    m = meta.get("model")
+    return m if isinstance(m, dict) else {}
+
+
+def resolve_model(store, model=None):
+    """(HF model, info dict) for the projection method and probe cosines.
+
+    model: None (the model named in the store's metadata), a name/path for
+    :func:`actstore.models.load_model` (loaded on CPU in float32), a ``LoadedModel``, or a
+    loaded HF model. The model must agree with the store (d_model, blocks, architecture, MLP
+    width, weight file hashes where both sides record them), else NeuronReportError."""
+    from actstore.models import LoadedModel, ModelError, load_model
+
+    meta = _store_model_meta(store)
+    if model is None:
+        if not meta.get("id"):
+            raise NeuronReportError(f"{store.path}: the store records no model; pass the model it "
+                                    "was extracted with (--model NAME_OR_PATH)")
+        if meta.get("source") == "in-memory":
+            raise NeuronReportError(
+                f"{store.path}: the store was extracted from an in-memory model "
+                f"({meta.get('id')!r}) that cannot be reloaded by name; pass --model NAME_OR_PATH "
+                "(or model=<the HF model> in Python)")
+        model = meta.get("path") if meta.get("source") == "local" and meta.get("path") else meta["id"]
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            lm = load_model(str(model), device="cpu", compute_dtype="float32")
+        except ModelError as exc:
+            raise NeuronReportError(f"cannot load model {str(model)!r} for the neuron weights: "
+                                    f"{exc}") from None
+        net, info = lm.model, lm.info
+    elif isinstance(model, LoadedModel):
+        net, info = model.model, dict(model.info)
+    elif hasattr(model, "config") and hasattr(model, "modules"):
+        net, info = model, {"id": getattr(model.config, "_name_or_path", None) or
+                            type(model).__name__, "source": "in-memory"}
+    else:
+        raise NeuronReportError(f"model must be a name/path or a loaded model, got "
+                                f"{type(model).__name__}")
+    _check_model(store, net, info, meta)
+    return net, info
+
+
+def _check_model(store, net, info, meta) -> None:
+    from actstore.models import decoder_layers, mlp_width
+
+    blocks = decoder_layers(net)
+    have = {"architecture": type(net).__name__, "n_layers": len(blocks),
+            "d_model": int(net.config.hidden_size)}
+    diffs = []
+    if have["d_model"] != store.d_model:
+        diffs.append(f"d_model {have['d_model']} vs the store's {store.d_model}")
+    for k in ("architecture", "n_layers"):
+        if meta.get(k) is not None and meta[k] != have[k]:
+            diffs.append(f"{k} {have[k]} vs the store's {meta[k]}")
+    if max(store.layers) > len(blocks):
+        diffs.append(f"{len(blocks)} blocks but the store has hidden state {max(store.layers)}")
+    if store.d_mlp is not None and not diffs:
+        try:
+            m = mlp_width(blocks[0])
+        except ValueError:
+            m = None
+        if m is not None and m != store.d_mlp:
+            diffs.append(f"d_mlp {m} vs the store's {store.d_mlp}")
+    for k in _WEIGHT_KEYS:
+        if info.get(k) and meta.get(k) and info[k] != meta[k]:
+            diffs.append("different weight files (sha256)")
+    if diffs:
+        raise NeuronReportError(
+            f"model mismatch: {info.get('id')!r} is not the model {store.path} was extracted with "
+            f"({meta.get('id')!r}): {'; '.join(diffs)}")
+
+
+# ------------------------------------------------------------------------------------ probes
+def _same_path(a, b) -> bool:
+    from pathlib import Path
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, TypeError):
+        return False
+
+
+def load_probe(probe_dir, store) -> dict:
+    """Probe directions from a ``fastprobe fit --out`` directory made on ``store``.
+
+    Returns {"dir", "store", "targets", "layers" (hidden-state indices), "coef": (L, d, k)
+    float64}; coef[:, :, t] is the probe's weight vector of target t in target units
+    (prediction = x · coef + intercept), i.e. its direction in residual space.
+
+    The fit must come from this store: its results.json names the store's path; when the path
+    differs (a copy, a moved store) the store there, if any, must have the same dataset sha256
+    and creation time, and in any case the same model, d_model and row count. Otherwise
+    NeuronReportError says what differs."""
+    from pathlib import Path
+
+    from probes.fit import ARRAYS_FILE, FitError, load_results
+
+    pdir = Path(probe_dir)
+    try:
+        res = load_results(pdir)
+    except FitError as exc:
+        raise NeuronReportError(f"--probe {pdir}: {exc}") from None
+    npz = (pdir if pdir.is_dir() else pdir.parent) / ARRAYS_FILE
+    if not npz.exists():
+        raise NeuronReportError(f"--probe {pdir}: no {ARRAYS_FILE} beside results.json (the "
+                                "probe coefficients)")
+    with np.load(npz) as z:
+        coef = np.asarray(z["coef"], dtype=np.float64)
+        lay = [int(x) for x in z["layers"]]
+    what = f"--probe {pdir} was fit on {res.get('store')!r}, not on {store.path}"
+    if coef.ndim != 3 or coef.shape[1] != store.d_model:
+        raise NeuronReportError(f"{what}: its probes have width {coef.shape[1:2]}, the store's "
+                                f"d_model is {store.d_model}")
+    meta = store.meta if isinstance(store.meta, dict) else {}
+    smodel = _store_model_meta(store)
+    pmodel = res.get("model") if isinstance(res.get("model"), dict) else {}
+    diffs = [f"model {pmodel.get(k)!r} vs {smodel.get(k)!r}" for k in ("id",) + _WEIGHT_KEYS
+             if pmodel.get(k) and smodel.get(k) and pmodel[k] != smodel[k]]
+    if not _same_path(res.get("store", ""), store.path):
+        if res.get("n_rows") is not None and int(res["n_rows"]) != int(store.rows_done):
+            diffs.append(f"{res['n_rows']} rows vs {store.rows_done}")
+        other = Path(str(res.get("store", "")))
+        if str(res.get("store", "")) and other.exists():
+            from actstore.store import StoreError, open_store
+            try:
+                ometa = open_store(other).meta or {}
+            except (StoreError, OSError):
+                ometa = {}
+            for k, get in (("dataset sha256", lambda m: (m.get("dataset") or {}).get("sha256")),
+                           ("created", lambda m: m.get("created"))):
+                if get(ometa) != get(meta):
+                    diffs.append(f"{k} {get(ometa)!r} vs {get(meta)!r}")
+    if diffs:
+        raise NeuronReportError(f"{what}: {'; '.join(diffs)}")
+    return {"dir": str(pdir), "store": res.get("store"), "targets": list(res["targets"]),
+            "layers": lay, "coef": coef}
+
+
+def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
+    """Add to every listed neuron "probe_layer" and "probe_cosine" = {target: cos} for each
+    target of the probe: cos(w_j, c) = w_j · c / (|w_j| |c|), w_j = column j of the down_proj
+    weight of the neuron's block (its output direction in residual space) and c the probe's
+    coefficient vector at hidden state ``layer`` (the state that block writes into). None where
+    the probe has no such layer or either vector is zero."""
+    from actstore.models import decoder_layers, down_projection
+
+    net = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
+    blocks = decoder_layers(net)
+    d = probe["coef"].shape[1]
+    cache = {}
+
+    def out_weights(b):
+        if b not in cache:
+            w = down_projection(blocks[b]).weight.detach().to(torch.float64).cpu().numpy()
+            cache[b] = w if w.shape[0] == d else w.T   # GPT-2 Conv1D stores (in, out)
+        return cache[b]
+
+    where = {l: i for i, l in enumerate(probe["layers"])}
+    for entries in top_neurons.values():
+        for e in entries:
+            L = int(e["layer"])
+            e["probe_layer"] = L
+            if L not in where:
+                e["probe_cosine"] = {t: None for t in probe["targets"]}
+                continue
+            w = out_weights(L - 1)[:, int(e["index"])]
+            nw = float(np.linalg.norm(w))
+            cos = {}
+            for ti, t in enumerate(probe["targets"]):
+                c = probe["coef"][where[L], :, ti]
+                den = nw * float(np.linalg.norm(c))
+                cos[t] = float(np.dot(w, c) / den) if den > 0 else None
+            e["probe_cosine"] = cos
+
+
 # ------------------------------------------------------------------------------------ report
 NEURONS_JSON = "neurons.json"
 NEURONS_NPZ = "neurons.npz"
@@ -388,50 +733,80 @@ class NeuronReportError(ValueError):
     """A neuron report that cannot run on this store (message says what is wrong)."""
 
 
-def _top_neurons(pear: np.ndarray, spear: np.ndarray, layers: list[int], top: int) -> list[dict]:
+def _top_neurons(pear: np.ndarray, spear: np.ndarray, layers: list[int], top: int,
+                 positions=None, sources=None) -> list[dict]:
     """The ``top`` neurons of one target by |Spearman| (ties: lower layer, then lower index)."""
     L, m = spear.shape
     flat = np.abs(spear).reshape(-1)
     order = np.argsort(-flat, kind="stable")[:top]
-    return [{"rank": i + 1, "layer": int(layers[f // m]), "position": int(f // m),
+    out = []
+    for i, f in enumerate(order):
+        b = int(f // m)
+        e = {"rank": i + 1, "layer": int(layers[b]),
+             "position": int(b if positions is None else positions[b]),
              "index": int(f % m), "pearson": float(pear.reshape(-1)[f]),
-             "spearman": float(spear.reshape(-1)[f])} for i, f in enumerate(order)]
+             "spearman": float(spear.reshape(-1)[f])}
+        if sources is not None:
+            e["source_layer"] = int(sources[b])
+        out.append(e)
+    return out
 
 
 def neuron_report(store, targets=None, top: int = 50, split: str = "all", backend: str = "auto",
-                  device=None, out=None, layers=None, chunk_rows: int | None = None) -> dict:
-    """Pearson and Spearman correlation of every stored MLP neuron of every layer with each
-    target, and the ``top`` neurons per target ranked by |Spearman|.
+                  device=None, out=None, method: str = "stored", model=None, probe_dir=None,
+                  layers=None, chunk_rows: int | None = None) -> dict:
+    """Pearson and Spearman correlation of every MLP neuron of every layer with each target,
+    and the ``top`` neurons per target ranked by |Spearman|.
 
-    store: path or ActivationStore with neurons (``actstore extract --neurons``). targets: names
-    (default: the store's own). split: rows used: "all", "is_test" (the test rows) or "train"
-    (the others). backend: moments kernel (auto|cpu|torch|triton|cuda); device: where moments
-    and ranks are computed (default: cuda for cuda/triton, and for auto with a GPU; else cpu).
-    layers: layer positions (default all). out: directory for neurons.json, neurons.npz and one
-    PNG per target of its best neuron's activation.
+    method: "stored" = the neuron activations the store holds (``actstore extract --neurons``:
+    the input of each block's down_proj); "projection" = the paper's way, computed from the
+    stored residual stream and the model's MLP input weights (see
+    :func:`projection_correlations`; needs ``model``). Either way a neuron's "layer" is the
+    hidden-state index its MLP writes into (block b's neurons are layer b+1; projection entries
+    also give "source_layer" = b, the residual they were computed from; "position" is the store
+    position of the stored neurons, resp. of the source residual).
+
+    store: path or ActivationStore. targets: names (default: the store's own). split: rows
+    used: "all", "is_test" (the test rows) or "train" (the others). backend: moments kernel
+    (auto|cpu|torch|triton|cuda; projection: its float32 activations use the float64 torch
+    reference, the projection matmuls dominate the cost); device: where moments, ranks and
+    projections are computed (default: cuda for cuda/triton, and for auto with a GPU; else
+    cpu). model: name/path, LoadedModel or HF model (default: the model in the store's
+    metadata); needed by projection and probe_dir. probe_dir: a ``fastprobe fit --out``
+    directory of this store: every listed neuron gets "probe_cosine" (see
+    :func:`add_probe_cosines`). layers: store positions (default all; projection skips the
+    last block's output, which feeds no MLP). out: directory for neurons.json, neurons.npz and
+    one PNG per target of its best neuron's activation.
 
     Returns the neurons.json dict plus ``result["arrays"]`` = {"pearson", "spearman"}: (L, d_mlp,
     k) float64 numpy arrays (saved to neurons.npz).
     """
-    import os
     import time
 
     from actstore.store import open_store
-    from probes.fit import _default_device, resolve_targets
+    from probes.fit import FitError, _default_device, resolve_targets
     from probes.kernels import resolve_backend
 
     t0 = time.perf_counter()
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store)
-    if store.d_mlp is None:
-        raise NeuronReportError(f"{store.path}: this store has no neuron activations; re-extract "
-                                "with `actstore extract --neurons`")
+    method = "stored" if method is None else str(method).lower()
+    if method not in METHODS:
+        raise NeuronReportError(f"unknown method {method!r}; choose stored or projection")
+    if method == "stored" and store.d_mlp is None:
+        raise NeuronReportError(
+            f"{store.path}: this store has no neuron activations; use --method projection "
+            "(computes them from the stored residual stream with the model's MLP weights) or "
+            "re-extract with `actstore extract --neurons`")
     n = int(store.rows_done)
     if n == 0:
         raise NeuronReportError(f"{store.path}: the store has no completed rows")
     if int(top) < 1:
         raise NeuronReportError(f"top must be >= 1, got {top}")
-    names = resolve_targets(store, targets)
+    try:
+        names = resolve_targets(store, targets)
+    except FitError as exc:
+        raise NeuronReportError(str(exc)) from None
     Y = store.target_array(names)[:n]
     if split not in SPLITS:
         raise NeuronReportError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -456,34 +831,65 @@ def neuron_report(store, targets=None, top: int = 50, split: str = "all", backen
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NeuronReportError(f"backend {backend!r} / device {dev} needs a CUDA GPU and none "
                                 "is available")
-    be = resolve_backend(backend, dev)
-    if be != "torch" and store.dtype != "float16":
-        if (backend or "auto") != "auto":
-            raise NeuronReportError(f"backend {be!r} needs float16 activations; this store is "
-                                    f"{store.dtype}: use --backend torch")
-        be = "torch"   # the compiled kernels read float16 only
-    kw = dict(rows_mask=mask, layers=layers, backend=be, device=dev, chunk_rows=chunk_rows)
+    probe = load_probe(probe_dir, store) if probe_dir is not None else None
+    net = info = None
+    if method == "projection" or probe is not None:
+        net, info = resolve_model(store, model)
+    kw = dict(rows_mask=mask, layers=layers, device=dev, chunk_rows=chunk_rows)
     t1 = time.perf_counter()
-    got = neuron_correlations(store, Y, method="pearson", **kw)
-    t2 = time.perf_counter()
-    sp = neuron_correlations(store, Y, method="spearman", **kw)["spearman"]
+    if method == "stored":
+        be = resolve_backend(backend, dev)
+        if be != "torch" and store.dtype != "float16":
+            if (backend or "auto") != "auto":
+                raise NeuronReportError(f"backend {be!r} needs float16 activations; this store "
+                                        f"is {store.dtype}: use --backend torch")
+            be = "torch"   # the compiled kernels read float16 only
+        got = neuron_correlations(store, Y, method="pearson", backend=be, **kw)
+        t2 = time.perf_counter()
+        sp = neuron_correlations(store, Y, method="spearman", backend=be, **kw)["spearman"]
+        pear, spear = got["pearson"].numpy(), sp.numpy()
+        lay, sources = got["layers"], None
+        positions = list(range(store.n_layers)) if layers is None else [int(p) for p in layers]
+        d_mlp = int(store.d_mlp)
+    else:
+        if (backend or "auto") not in ("auto", "torch"):
+            raise NeuronReportError(f"--method projection computes float32 activations; their "
+                                    f"moments use the torch reference, not {backend!r} (use "
+                                    "--backend auto or torch)")
+        be = "torch"
+        got = projection_correlations(store, net, Y, **kw)
+        t2 = time.perf_counter()
+        pear, spear = got["pearson"].numpy(), got["spearman"].numpy()
+        lay, sources, positions = got["layers"], got["source_layers"], got["positions"]
+        d_mlp = got["d_mlp"]
     t3 = time.perf_counter()
-    pear, spear = got["pearson"].numpy(), sp.numpy()
-    lay = got["layers"]
     top = min(int(top), pear.shape[0] * pear.shape[1])
     result = {
-        "store": str(store.path), "targets": names, "n_rows": int(mask.sum()), "split": split,
-        "layers": lay, "d_mlp": int(store.d_mlp), "backend": be, "device": str(dev),
-        "top": top,
-        "top_neurons": {t: _top_neurons(pear[..., i], spear[..., i], lay, top)
+        "store": str(store.path), "method": method, "targets": names,
+        "n_rows": int(mask.sum()), "split": split, "layers": lay, "d_mlp": d_mlp,
+        "layer_rule": NEURON_LAYER_RULE, "backend": be, "device": str(dev), "top": top,
+        "model": None if info is None else info.get("id"),
+        "top_neurons": {t: _top_neurons(pear[..., i], spear[..., i], lay, top, positions, sources)
                         for i, t in enumerate(names)},
         "arrays": {"pearson": pear, "spearman": spear},
     }
+    if sources is not None:
+        result["source_layers"] = sources
+    if probe is not None:
+        add_probe_cosines(result["top_neurons"], net, probe)
+        result["probe"] = {"dir": probe["dir"], "store": probe["store"],
+                           "targets": probe["targets"], "layers": probe["layers"]}
     if out is not None:
-        write_neuron_report(result, out, store, mask, Y)
+        acts = None
+        if method == "projection":
+            acts = {t: projected_neuron(store, net, e[0]["position"], e[0]["index"], dev,
+                                        chunk_rows)
+                    for t, e in result["top_neurons"].items()}
+        write_neuron_report(result, out, store, mask, Y, activations=acts)
     t4 = time.perf_counter()
-    result["seconds"] = {"pearson": t2 - t1, "spearman": t3 - t2, "outputs": t4 - t3,
-                         "total": t4 - t0}
+    result["seconds"] = {"pearson" if method == "stored" else "correlations": t2 - t1,
+                         "spearman" if method == "stored" else "ranking": t3 - t2,
+                         "outputs": t4 - t3, "total": t4 - t0}
     if out is not None:   # rewrite the JSON with the timings
         _write_json(result, out)
     return result
@@ -497,8 +903,11 @@ def _write_json(result: dict, out):
     (Path(out) / NEURONS_JSON).write_text(json.dumps(doc, indent=1))
 
 
-def write_neuron_report(result: dict, out, store, mask, Y) -> list:
-    """neurons.json, neurons.npz and the best-neuron PNGs (see :func:`neuron_report`)."""
+def write_neuron_report(result: dict, out, store, mask, Y, activations=None) -> list:
+    """neurons.json, neurons.npz and the best-neuron PNGs (see :func:`neuron_report`).
+
+    activations: {target: (rows_done,) activation of that target's best neuron}; None reads
+    them from the store's stored neurons (method "stored")."""
     from pathlib import Path
 
     from probes.report import plot_best_neuron
@@ -506,8 +915,10 @@ def write_neuron_report(result: dict, out, store, mask, Y) -> list:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(result, out)
+    extra = ({"source_layers": np.asarray(result["source_layers"])}
+             if "source_layers" in result else {})
     np.savez_compressed(out / NEURONS_NPZ, layers=np.asarray(result["layers"]),
-                        targets=np.asarray(result["targets"]), **result["arrays"])
+                        targets=np.asarray(result["targets"]), **extra, **result["arrays"])
     written = [out / NEURONS_JSON, out / NEURONS_NPZ]
     names = result["targets"]
     coords = None
@@ -516,8 +927,11 @@ def write_neuron_report(result: dict, out, store, mask, Y) -> list:
         coords = (Y[mask, low.index("longitude")], Y[mask, low.index("latitude")])
     for i, t in enumerate(names):
         best = result["top_neurons"][t][0]
-        a = store.layer(best["position"], array="neurons", as_="torch")[:, best["index"]]
-        act = a.to(torch.float32).numpy()[mask]
+        if activations is not None:
+            act = np.asarray(activations[t], dtype=np.float32)[:len(mask)][mask]
+        else:
+            a = store.layer(best["position"], array="neurons", as_="torch")[:, best["index"]]
+            act = a.to(torch.float32).numpy()[mask]
         written.append(plot_best_neuron(out / f"neuron_{t}.png", t, Y[mask, i], act, best,
                                         lonlat=coords))
     return written

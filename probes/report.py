@@ -8,7 +8,8 @@ PNG files written by :func:`make_plots`:
 * ``year_best_layer.png``: time targets (``year``) — predicted vs true year, with the y = x line;
 * ``pred_vs_true_best_layer.png``: any other targets — predicted vs true, one panel per target.
 
-For ``fastprobe neurons``: :func:`format_neuron_table` (ranked top neurons per target) and
+For ``fastprobe neurons``: :func:`format_neuron_table` (ranked top neurons per target, with the
+probe cosine column when a probe was given) and
 :func:`plot_best_neuron` (``neuron_<target>.png``: the best neuron's activation against the target;
 for places a longitude/latitude map coloured by the activation).
 """
@@ -167,20 +168,36 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
 
 
 def format_neuron_table(result: dict) -> str:
-    """The ranked table of top neurons per target printed by ``fastprobe neurons``."""
-    head = ["rank", "layer", "neuron", "spearman", "pearson"]
-    out = [f"store {result['store']}  targets {','.join(result['targets'])}  "
+    """The ranked table of top neurons per target printed by ``fastprobe neurons``; with a
+    probe (``--probe``) a ``cos(probe)`` column: the cosine of the neuron's output weights with
+    the probe direction of the same target at the layer the neuron writes into."""
+    probe = "probe" in result
+    head = ["rank", "layer", "neuron", "spearman", "pearson"] + (["cos(probe)"] if probe else [])
+    method = result.get("method", "stored")
+    out = [f"store {result['store']}  method {method}  targets {','.join(result['targets'])}  "
            f"{result['n_rows']} rows ({result['split']})  {len(result['layers'])} layers x "
            f"{result['d_mlp']} neurons  backend {result['backend']}"]
     for t in result["targets"]:
-        rows = [[str(e["rank"]), str(e["layer"]), str(e["index"]), _fmt(e["spearman"]),
-                 _fmt(e["pearson"])] for e in result["top_neurons"][t]]
+        rows = []
+        for e in result["top_neurons"][t]:
+            row = [str(e["rank"]), str(e["layer"]), str(e["index"]), _fmt(e["spearman"]),
+                   _fmt(e["pearson"])]
+            if probe:
+                row.append(_fmt((e.get("probe_cosine") or {}).get(t)))
+            rows.append(row)
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
         out += ["", f"{t}: top {len(rows)} neurons by |spearman|", line(head),
                 line(["-" * w for w in widths])] + [line(r) for r in rows]
+    notes = ["layer = hidden state the neuron's MLP writes into (block layer-1)"]
+    if method == "projection":
+        notes.append("projected from the residual of hidden state layer-1")
+    if probe:
+        notes.append(f"cos(probe): output weights vs the probe of {result['probe']['dir']}, "
+                     "same target and layer ('-': no probe there)")
     if "seconds" in result:
-        out.append(f"({result['seconds']['total']:.1f} s)")
+        notes.append(f"{result['seconds']['total']:.1f} s")
+    out.append("(" + "; ".join(notes) + ")")
     return "\n".join(out)
 
 
@@ -191,8 +208,10 @@ def plot_best_neuron(path, target: str, y, act, best: dict, lonlat=None) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title = (f"layer {best['layer']} neuron {best['index']}: spearman {best['spearman']:.3f}, "
-             f"pearson {best['pearson']:.3f} with {target}")
+    how = (f" (projected from hidden state {best['source_layer']})"
+           if "source_layer" in best else "")
+    title = (f"layer {best['layer']} neuron {best['index']}{how}: spearman "
+             f"{best['spearman']:.3f}, pearson {best['pearson']:.3f} with {target}")
     if lonlat is not None:
         fig, ax = plt.subplots(figsize=(10, 5.5))
         sc = ax.scatter(lonlat[0], lonlat[1], c=act, s=5, cmap="coolwarm", rasterized=True)

@@ -1,0 +1,246 @@
+"""`fastprobe neurons --method projection` and `--probe` on stores extracted from a tiny random Llama.
+
+* projection vs a float64 numpy reference of the projection (RMS norm with block l's
+  post_attention_layernorm, gate/up, SiLU) with numpy Pearson and scipy Spearman;
+* exactness case: with every attention output projection zeroed the MLP of block l sees exactly
+  the normalised hidden state l, so projection from hidden state l equals the stored neurons of
+  layer l+1 (float32 store, same labels);
+* probe cosines on planted probe directions with known cosines, and the clear errors.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from probes.cli import main
+from probes.neurons import NeuronReportError, load_probe, neuron_report
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+_spec = importlib.util.spec_from_file_location(
+    "actstore_test_fixtures", Path(__file__).resolve().parents[1] / "actstore" / "conftest.py")
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+
+N = 40
+CPU = dict(backend="torch", device="cpu")
+
+
+def _save(model, tok, d):
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A model whose attention output projections are zero, its float32 store with neurons
+    (extracted by path, so the store names the model), and a float16 copy of its residual
+    stream without neurons (the projection method's usual input)."""
+    from actstore.extract import extract
+    from actstore.store import create_store
+
+    root = tmp_path_factory.mktemp("proj")
+    tok = fx.make_tokenizer()
+    csv = fx.write_world_csv(root / "world.csv", n=N)
+    model = fx.make_tiny_llama(len(tok), seed=1)
+    with torch.no_grad():
+        for blk in model.model.layers:
+            blk.self_attn.o_proj.weight.zero_()
+    mdir = _save(model, tok, root / "model")
+    s_exact = extract(str(mdir), csv, "coords", root / "exact.zarr", neurons=True,
+                      dtype="float32", batch_size=8, rows_per_chunk=16, progress=False,
+                      device="cpu").store
+    s_plain = create_store(root / "plain.zarr", layers=s_exact.layers, n_rows=N,
+                           d_model=s_exact.d_model, entities=s_exact.entities,
+                           targets=tuple(s_exact.targets),
+                           group_columns=tuple(s_exact.group_columns),
+                           meta={**s_exact.meta, "neurons": False,
+                                 "created": "2026-01-01T00:00:00Z"}, rows_per_chunk=16)
+    s_plain.write_rows(0, s_exact.read(slice(0, N)).astype(np.float16))
+    s_plain.mark_done(N)
+    # same shapes, other weights: a model the stores were not extracted with
+    other = _save(fx.make_tiny_llama(len(tok), seed=2), tok, root / "other-model")
+    return dict(root=root, tok=tok, model=model, mdir=mdir, other=other,
+                s_plain=s_plain, s_exact=s_exact)
+
+
+def _reference(store, model, p):
+    """float64 projected neurons of the block fed by store position p."""
+    blk = model.model.layers[store.layers[p]]
+    x = store.layer(p).astype(np.float64)
+    w = blk.post_attention_layernorm.weight.detach().double().numpy()
+    eps = blk.post_attention_layernorm.variance_epsilon
+    h = x / np.sqrt((x * x).mean(1, keepdims=True) + eps) * w
+    g = h @ blk.mlp.gate_proj.weight.detach().double().numpy().T
+    u = h @ blk.mlp.up_proj.weight.detach().double().numpy().T
+    return g / (1 + np.exp(-g)) * u
+
+
+def _corr(a, y):
+    a = a - a.mean(0)
+    y = y - y.mean(0)
+    return (a.T @ y) / np.outer(np.linalg.norm(a, axis=0), np.linalg.norm(y, axis=0))
+
+
+def test_projection_matches_float64_reference(env):
+    s = env["s_plain"]
+    assert s.d_mlp is None and s.layers == [1, 2, 3]
+    res = neuron_report(s, method="projection", top=3, **CPU)
+    # hidden states 1, 2 feed blocks 1, 2, whose neurons write into hidden states 2, 3
+    assert res["method"] == "projection" and res["layers"] == [2, 3]
+    assert res["source_layers"] == [1, 2] and res["d_mlp"] == 64
+    assert res["model"] == str(env["mdir"])
+    Y = s.target_array(["latitude", "longitude"])
+    P, S = res["arrays"]["pearson"], res["arrays"]["spearman"]
+    assert P.shape == S.shape == (2, 64, 2)
+    for b, p in enumerate([0, 1]):
+        a = _reference(s, env["model"], p)
+        assert np.abs(a).max() > 1
+        assert np.abs(P[b] - _corr(a, Y)).max() < 1e-5
+        ranks = np.apply_along_axis(scipy_stats.rankdata, 0, a)
+        yr = np.apply_along_axis(scipy_stats.rankdata, 0, Y)
+        assert np.abs(S[b] - _corr(ranks, yr)).max() < 1e-5
+    best = res["top_neurons"]["latitude"][0]
+    assert abs(best["spearman"]) == pytest.approx(np.abs(S[..., 0]).max())
+    assert best["layer"] == best["source_layer"] + 1 and best["position"] == best["source_layer"] - 1
+
+
+def test_projection_equals_stored_when_attention_adds_nothing(env):
+    s = env["s_exact"]
+    assert s.dtype == "float32" and s.d_mlp == 64
+    st = neuron_report(s, top=200, **CPU)
+    pr = neuron_report(s, method="projection", top=200, **CPU)
+    assert st["method"] == "stored" and st["layers"] == [1, 2, 3] and pr["layers"] == [2, 3]
+    for k in ("pearson", "spearman"):
+        assert np.abs(pr["arrays"][k] - st["arrays"][k][1:]).max() < 1e-5
+    # the activations themselves: projected neuron == stored neuron column
+    from probes.neurons import projected_neuron
+    a = projected_neuron(s, env["model"], 0, 5)
+    want = s.layer(1, array="neurons")[:, 5]
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # same neurons in the same order, once stored layer 1 (no projection source) is left out
+    for t in ("latitude", "longitude"):
+        keep = [(e["layer"], e["index"]) for e in st["top_neurons"][t] if e["layer"] > 1]
+        got = [(e["layer"], e["index"]) for e in pr["top_neurons"][t]][:len(keep)]
+        assert got[:10] == keep[:10]
+
+
+def _fit(store, out):
+    from probes.fit import fit_all_layers, write_results
+    res = fit_all_layers(store, alphas=[1.0, 10.0], backend="torch", device="cpu")
+    write_results(res, out)   # results.json + probes.npz (no plots: store not passed)
+    return out
+
+
+def _plant(fit_dir, model, layer, j, rng):
+    """Rewrite probes.npz: at hidden state ``layer`` the latitude probe is 3 * w_j (cosine 1)
+    and the longitude probe 0.6 w/|w| + 0.8 u, u a unit vector orthogonal to w (cosine 0.6)."""
+    z = dict(np.load(fit_dir / "probes.npz"))
+    w = model.model.layers[layer - 1].mlp.down_proj.weight.detach().double().numpy()[:, j]
+    u = rng.standard_normal(w.shape)
+    u -= (u @ w) / (w @ w) * w
+    u /= np.linalg.norm(u)
+    i = list(z["layers"]).index(layer)
+    z["coef"][i, :, 0] = 3 * w
+    z["coef"][i, :, 1] = 0.6 * w / np.linalg.norm(w) + 0.8 * u
+    np.savez_compressed(fit_dir / "probes.npz", **z)
+
+
+def test_probe_cosine_planted(env, tmp_path):
+    s, model = env["s_plain"], env["model"]
+    fit = _fit(s, tmp_path / "fit")
+    _plant(fit, model, 3, 11, np.random.default_rng(0))
+    res = neuron_report(s, method="projection", top=128, probe_dir=fit, **CPU)
+    assert res["probe"]["layers"] == [1, 2, 3]
+    ent = {(e["layer"], e["index"]): e for e in res["top_neurons"]["latitude"]}
+    assert len(ent) == 128
+    e = ent[(3, 11)]
+    assert e["probe_layer"] == 3
+    assert e["probe_cosine"]["latitude"] == pytest.approx(1.0, abs=1e-6)
+    assert e["probe_cosine"]["longitude"] == pytest.approx(0.6, abs=1e-6)
+    # an unplanted neuron against the real fitted probe at hidden state 2
+    coef = np.load(fit / "probes.npz")["coef"][1].astype(np.float64)
+    w = model.model.layers[1].mlp.down_proj.weight.detach().double().numpy()[:, 40]
+    want = coef.T @ w / (np.linalg.norm(coef, axis=0) * np.linalg.norm(w))
+    got = ent[(2, 40)]["probe_cosine"]
+    assert [got["latitude"], got["longitude"]] == pytest.approx(list(want), abs=1e-9)
+    assert abs(want).max() > 1e-3   # a real, non-trivial comparison
+    # stored method: layer 2 = block 1's neurons, compared with the probe at hidden state 2
+    s2 = env["s_exact"]
+    fit2 = _fit(s2, tmp_path / "fit2")
+    _plant(fit2, model, 2, 7, np.random.default_rng(1))
+    st = neuron_report(s2, top=192, probe_dir=fit2, **CPU)
+    assert st["model"] == str(env["mdir"])
+    e = next(e for e in st["top_neurons"]["longitude"] if (e["layer"], e["index"]) == (2, 7))
+    assert e["probe_cosine"]["longitude"] == pytest.approx(0.6, abs=1e-6)
+    assert e["probe_cosine"]["latitude"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_errors(env, tmp_path):
+    s, s2 = env["s_plain"], env["s_exact"]
+    with pytest.raises(NeuronReportError, match="use --method projection .* or re-extract"):
+        neuron_report(s, **CPU)
+    with pytest.raises(NeuronReportError, match="unknown target 'altitude'"):
+        neuron_report(s, method="projection", targets="altitude", **CPU)
+    with pytest.raises(NeuronReportError, match="unknown method"):
+        neuron_report(s, method="gradient", **CPU)
+    # probe dir of another store (same model and rows, another creation)
+    fit2 = _fit(s2, tmp_path / "fit2")
+    with pytest.raises(NeuronReportError, match="was fit on .*exact.zarr.*, not on"):
+        load_probe(fit2, s)
+    with pytest.raises(NeuronReportError, match="no such results file"):
+        load_probe(tmp_path / "nowhere", s)
+    # model mismatch: other weights of the same shape, and another width
+    with pytest.raises(NeuronReportError, match="model mismatch: .*different weight files"):
+        neuron_report(s, method="projection", model=str(env["other"]), **CPU)
+    small = fx.make_tiny_llama(len(env["tok"]), hidden=16)
+    with pytest.raises(NeuronReportError, match="model mismatch: .*d_model 16 vs the store's 32"):
+        neuron_report(s, method="projection", model=small, **CPU)
+    from actstore.store import create_store
+    bare = create_store(tmp_path / "bare.zarr", layers=s.layers, n_rows=N, d_model=s.d_model,
+                        entities=s.entities, targets=tuple(s.targets), group_columns=(),
+                        meta={}, rows_per_chunk=16)
+    bare.write_rows(0, s.read(slice(0, N)))
+    bare.mark_done(N)
+    with pytest.raises(NeuronReportError, match="records no model; pass .*--model"):
+        neuron_report(bare, method="projection", **CPU)
+    with pytest.raises(NeuronReportError, match="cannot load model"):
+        neuron_report(s, method="projection", model=str(tmp_path / "no-model"), **CPU)
+    with pytest.raises(NeuronReportError, match="moments use the torch reference"):
+        neuron_report(s, method="projection", backend="cpu", device="cpu")
+
+
+def test_cli_projection_with_probe(env, tmp_path, capsys):
+    s = env["s_plain"]
+    fit = _fit(s, tmp_path / "fit")
+    out = tmp_path / "o"
+    assert main(["neurons", str(s.path), "--method", "projection", "--probe", str(fit),
+                 "--top", "3", "--backend", "torch", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "method projection" in text and "cos(probe)" in text
+    doc = json.loads((out / "neurons.json").read_text())
+    assert doc["method"] == "projection" and doc["layers"] == [2, 3]
+    e = doc["top_neurons"]["latitude"][0]
+    assert set(e["probe_cosine"]) == {"latitude", "longitude"}
+    z = np.load(out / "neurons.npz")
+    assert list(z["source_layers"]) == [1, 2] and z["pearson"].shape == (2, 64, 2)
+    for t in ("latitude", "longitude"):
+        assert (out / f"neuron_{t}.png").read_bytes()[:4] == b"\x89PNG"
+    # a store without neurons, no --method: one line naming both ways out
+    assert main(["neurons", str(s.path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--method projection" in err and "--neurons" in err
+
+
+def test_help_shows_both_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["neurons", "--help"])
+    text = capsys.readouterr().out
+    assert "--method projection" in text and "--probe" in text and "--model" in text
