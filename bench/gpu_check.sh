@@ -9,7 +9,7 @@
 # took 116 s with the older, shorter benchmark). Everything goes to
 # $OUT (default out/gpu_check): gpu_check.log (all output), steps.tsv, bench.json, pytest.txt,
 # summary.txt. Knobs (environment): BENCH_ARGS (extra args of bench/gpu_bench.py, e.g.
-# "--rows 20000"), EXTRACT_ARGS (args of bench/extract.py after the fixed ones; default
+# "--rows 20000"), ONLY (comma-separated step names to run), EXTRACT_ARGS (args of bench/extract.py after the fixed ones; default
 # "--rows 1024 --batch-size 64 --rss-rows="), PYTHON, GPU_CHECK_BUDGET.
 #
 # Before the run, on the machine with network access, fill the git-ignored .whl/ (carried):
@@ -31,6 +31,7 @@ STEPS="$OUT/steps.tsv"
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-230}
 BENCH_ARGS=${BENCH_ARGS:-}
+ONLY=${ONLY:-}   # e.g. ONLY=bench,tests_triton: run just these steps (env, wheels, build, import always)
 EXTRACT_ARGS=${EXTRACT_ARGS:-}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -38,6 +39,9 @@ T0=$(date +%s)
 step() {  # step NAME LIMIT_S CMD...  (never fails; records rc and seconds)
   local name=$1 limit=$2
   shift 2
+  if [[ -n $ONLY && ! ,$ONLY,env,wheels,build,build_cpu_only,import, == *,$name,* ]]; then
+    return 0                                   # not selected by ONLY
+  fi
   local left=$(( BUDGET - ($(date +%s) - T0) - 10 ))
   if (( left < 15 )); then
     echo "##### [$name] skipped: time budget spent" | tee -a "$LOG"
@@ -112,7 +116,7 @@ DATA=.whl/world_place.csv
 [[ -f $DATA ]] || DATA=../shared/datasets/paper/world_place.csv
 if [[ -f bench/extract.py ]]; then
   step extract 60 $PY bench/extract.py --device cuda --model-config llama2-7b --random-init \
-       --dataset "$DATA" --tmp /tmp --no-results ${EXTRACT_ARGS:---rows 1024 --batch-size 64 --rss-rows=}
+       --dataset "$DATA" --tmp /tmp --no-results ${EXTRACT_ARGS:---rows 2048 --batch-size 64 --rss-rows= --timing-only}
 else
   printf '%s\t%s\t%s\n' extract "absent" 0 >> "$STEPS"
 fi

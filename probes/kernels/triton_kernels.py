@@ -595,7 +595,7 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into
             gram(gi)
     else:
         main = torch.cuda.current_stream(dev)
-        side = torch.cuda.Stream(device=dev)
+        side = torch.cuda.Stream(device=dev, priority=-1)   # prep blocks first as SMs free up
         side.wait_stream(main)                       # inputs and buffers are ready
         prepped = [torch.cuda.Event() for _ in bounds]
         grammed = [torch.cuda.Event() for _ in bounds]
