@@ -16,6 +16,7 @@ same windows and batches, so it produces the same values as an uninterrupted run
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import threading
 import time
@@ -141,6 +142,8 @@ class ExtractResult:
     resumed_from: int
     forward_seconds: float = 0.0   # inside the model's forward calls (CPU: compute; GPU: launch)
     write_seconds: float = 0.0     # writer thread busy writing (overlapped with the forwards)
+    processes: int = 1             # ranks of a distributed run (rows: computed by all of them)
+    rank: int = 0
 
     @property
     def rows_per_s(self) -> float:
@@ -151,6 +154,7 @@ class ExtractResult:
         return (f"{self.rows_done}/{s.n_rows} rows x {s.n_layers} layers x {s.d_model} "
                 f"({self.bytes / 2**20:.1f} MiB {s.dtype}) -> {s.path} in {self.seconds:.1f} s "
                 f"({self.rows_per_s:.1f} rows/s, padding {100 * self.padding_fraction:.1f}%"
+                + (f", {self.processes} processes" if self.processes > 1 else "")
                 + (f", resumed at row {self.resumed_from}" if self.resumed_from else "") + ")")
 
 
@@ -254,9 +258,12 @@ class _Writer(threading.Thread):
     """Writes finished windows in order, then advances rows_done. Errors are kept for the
     main thread, which re-raises them."""
 
-    def __init__(self, store, free: queue.Queue):
+    def __init__(self, store, free: queue.Queue, record, crash_after: int | None = None):
         super().__init__(daemon=True, name="actstore-writer")
         self.store = store
+        self.record = record          # record(start, stop): the block is durable
+        self.crash_after = crash_after
+        self.windows = 0
         self.q: queue.Queue = queue.Queue()
         self.free = free
         self.error: BaseException | None = None
@@ -274,7 +281,11 @@ class _Writer(threading.Thread):
                     resid, neu = bufs
                     self.store.write_rows(start, resid[:, :r],
                                           None if neu is None else neu[:, :r])
-                    self.store.mark_done(start + r)
+                    self.windows += 1
+                    if self.windows == self.crash_after:
+                        # test hook: die like kill -9 with a block written but not recorded
+                        os._exit(75)
+                    self.record(start, start + r)
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                     self.error = exc
                 self.write_seconds += time.perf_counter() - t
@@ -301,7 +312,8 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
             kind: str | None = None, drop_invalid: bool = False, overwrite: bool = False,
             rows_per_chunk: int | None = None,
             compression: str | None = None, padding_side: str | None = None,
-            progress: bool = True, stop_after_rows: int | None = None) -> ExtractResult:
+            progress: bool = True, stop_after_rows: int | None = None,
+            device_map: str | None = None) -> ExtractResult:
     """Extract last-entity-token hidden states of ``dataset`` under ``prompt`` into ``out``.
 
     model: a name/path (see :func:`actstore.models.load_model`), a ``LoadedModel``, or a
@@ -315,16 +327,25 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     ("right"/"left", default: the tokenizer's) left as None on a resume are taken from the
     store, so the resumed rows equal an uninterrupted run's. ``stop_after_rows``: stop
     (cleanly, resumable) once this many rows are stored (for tests and budgets).
+    ``device_map`` ("auto"): let transformers/accelerate spread a Hugging Face model over the
+    visible GPUs (models too big for one).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs this function: rank 0 creates or
+    validates the store, the unfinished row windows are dealt to the ranks as contiguous runs,
+    each rank writes its own windows (whole shards: no two ranks touch one file) and records
+    its progress in its own per-range record; at the end rank 0 folds the records into
+    ``rows_done``. Zarr stores only (HDF5 allows one writer). See docs/scale-out.md.
     Returns an :class:`ExtractResult` whose ``store`` is open read-only.
     """
     import torch
 
     from actstore import native
     from actstore.datasets import load_dataset
+    from actstore.distributed import context, segments, split_windows, todo_windows
     from actstore.models import LoadedModel, decoder_layers, load_model, mlp_width, wrap_model
     from actstore.prompts import get_prompt
-    from actstore.store import (StoreError, _numpy_dtype, create_store, default_rows_per_chunk,
-                                open_store)
+    from actstore.store import (StoreError, _format_from_path, _numpy_dtype, create_store,
+                                default_rows_per_chunk, open_store)
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ExtractError(f"unknown --dtype {dtype!r}; choose float16, bfloat16 or float32")
@@ -333,6 +354,11 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     if padding_side not in (None, "left", "right"):
         raise ExtractError("padding_side must be 'left' or 'right'")
     out = Path(out)
+    ctx = context(use_cuda=False)   # control messages only (gloo); None: one process
+    if ctx is not None and device_map is None and device in ("auto", "cuda") \
+            and torch.cuda.is_available():
+        device = f"cuda:{ctx.local_rank % torch.cuda.device_count()}"  # one GPU per rank
+    rank = 0 if ctx is None else ctx.rank
 
     # -- dataset and prompt first: cheap, and their errors should not wait for a model load
     ds = (dataset if not isinstance(dataset, (str, Path))
@@ -351,7 +377,8 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     elif isinstance(model, tuple):
         lm = wrap_model(*model)
     else:
-        lm = load_model(model, device=device, compute_dtype=compute_dtype, store_dtype=dtype)
+        lm = load_model(model, device=device, compute_dtype=compute_dtype, store_dtype=dtype,
+                        device_map=device_map)
     net, tok = lm.model, lm.tokenizer
     dev = next(net.parameters()).device
     n_blocks = lm.n_layers
@@ -382,66 +409,121 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
-    # -- store: resume, refuse or create
-    store = None
-    if out.exists() and not overwrite:
+    # -- store: resume, refuse or create (rank 0 alone when distributed; the others wait)
+    def prepare():
+        store = None
+        if ctx is not None and _format_from_path(out, format) == "hdf5" and (
+                not out.exists() or out.is_file()):
+            raise ExtractError(f"{out}: distributed extraction writes Zarr stores only (an HDF5 "
+                               "file allows one writer, and parallel HDF5 is not supported); "
+                               "use a directory path / --format zarr, or run one process")
+        if out.exists() and not overwrite:
+            try:
+                store = open_store(out, mode="a")   # exclusive: folds range records, if any
+            except StoreError as exc:
+                # --overwrite only for what it may delete (a store of ours of another version,
+                # an interrupted creation, an empty directory): anything else is not ours
+                if exc.replaceable:
+                    hint = "" if "--overwrite" in str(exc) else "; use --overwrite to replace it"
+                else:
+                    hint = "; choose another --out"
+                raise ExtractError(f"{exc}{hint}") from None
+            if ctx is not None and store.format != "zarr":
+                store.close()
+                raise ExtractError(f"{out}: distributed extraction writes Zarr stores only "
+                                   "(this store is HDF5, which allows one writer); resume it "
+                                   "with one process")
+            # not given: resume with the store's batching (same batches -> same values)
+            if batch_size is None and store.meta.get("batch_size"):
+                meta["batch_size"] = int(store.meta["batch_size"])
+            if padding_side is None and store.meta.get("padding_side") in ("left", "right"):
+                meta["padding_side"] = store.meta["padding_side"]
+            diff = _differences(store.meta, meta)
+            if store.d_model != lm.d_model:
+                diff.append(f"d_model: {store.d_model} -> {lm.d_model}")
+            if diff:
+                store.close()
+                hint = (" (leave --batch-size / padding_side unset to resume with the store's)"
+                        if any(d.startswith(("batch_size", "padding_side")) for d in diff)
+                        else "")
+                raise ExtractError(f"{out} was made with different settings ("
+                                   f"{'; '.join(diff)}){hint}; use --overwrite to replace it, "
+                                   "or another --out")
+        if store is None:
+            try:
+                store = create_store(
+                    out, layers=layer_list, n_rows=n, d_model=lm.d_model, entities=ds.table,
+                    targets=tuple(ds.targets), group_columns=tuple(ds.group_columns), meta=meta,
+                    format=format, dtype=dtype, d_mlp=d_mlp,
+                    rows_per_chunk=rows_per_chunk or default_rows_per_chunk(lm.d_model),
+                    compression=compression, overwrite=overwrite)
+            except StoreError as exc:
+                raise ExtractError(str(exc)) from None
+        todo = todo_windows(n, store.rows_per_chunk, store.done_intervals())
+        if ctx is not None and todo:
+            store.begin_ranges()
+        return store, todo
+
+    if ctx is None:
+        store, todo = prepare()
+    elif ctx.is_main:
         try:
-            store = open_store(out, mode="a")
+            store, todo = prepare()
+        except BaseException as exc:
+            ctx.broadcast(("error", str(exc)))  # the other ranks stop with the same message
+            raise
+        ctx.broadcast(("ok", todo, meta["batch_size"], meta["padding_side"]))
+    else:
+        msg = ctx.broadcast(None)   # waits until rank 0 has the store ready
+        if msg[0] == "error":
+            raise ExtractError(msg[1])
+        _, todo, meta["batch_size"], meta["padding_side"] = msg
+        try:
+            store = open_store(out, mode="a", exclusive=False)
         except StoreError as exc:
-            # --overwrite only for what it may delete (a store of ours of another version, an
-            # interrupted creation, an empty directory): anything else is not ours to delete
-            if exc.replaceable:
-                hint = "" if "--overwrite" in str(exc) else "; use --overwrite to replace it"
-            else:
-                hint = "; choose another --out"
-            raise ExtractError(f"{exc}{hint}") from None
-        # not given: resume with the store's batching (same batches -> same values)
-        if batch_size is None and store.meta.get("batch_size"):
-            meta["batch_size"] = int(store.meta["batch_size"])
-        if padding_side is None and store.meta.get("padding_side") in ("left", "right"):
-            meta["padding_side"] = store.meta["padding_side"]
-        diff = _differences(store.meta, meta)
-        if store.d_model != lm.d_model:
-            diff.append(f"d_model: {store.d_model} -> {lm.d_model}")
-        if diff:
-            store.close()
-            hint = (" (leave --batch-size / padding_side unset to resume with the store's)"
-                    if any(d.startswith(("batch_size", "padding_side")) for d in diff) else "")
-            raise ExtractError(f"{out} was made with different settings ({'; '.join(diff)})"
-                               f"{hint}; use --overwrite to replace it, or another --out")
+            raise ExtractError(f"{exc} (rank {ctx.rank}: is {out} on a file system that every "
+                               "node sees?)") from None
     batch_size, side = meta["batch_size"], meta["padding_side"]
-    if store is None:
-        try:
-            store = create_store(out, layers=layer_list, n_rows=n, d_model=lm.d_model,
-                                 entities=ds.table, targets=tuple(ds.targets),
-                                 group_columns=tuple(ds.group_columns), meta=meta, format=format,
-                                 dtype=dtype, d_mlp=d_mlp,
-                                 rows_per_chunk=rows_per_chunk or default_rows_per_chunk(lm.d_model),
-                                 compression=compression, overwrite=overwrite)
-        except StoreError as exc:
-            raise ExtractError(str(exc)) from None
-    start_row = store.rows_done
     R = store.rows_per_chunk
     L = len(layer_list)
     npdt = _numpy_dtype(dtype)
     itemsize = npdt.itemsize
     nbytes = L * n * (lm.d_model + (d_mlp or 0)) * itemsize
-    end_row = n if stop_after_rows is None else min(n, max(start_row, int(stop_after_rows)))
+    start_row = n - sum(min(n, w + R) - w for w in todo)   # rows stored before this run
+    if stop_after_rows is not None:
+        todo = [w for w in todo if w < int(stop_after_rows)]
+    mine = todo if ctx is None else split_windows(todo, ctx.world)[ctx.rank]
+    my_rows = sum(min(n, w + R) - w for w in mine)
+    if ctx is None:
+        record = store.mark_rows   # single writer: rows_done (and ranges_done) attributes
+    else:
+        owner = {}
+        for a, b in segments(mine, R, n):
+            rec = store.range_record(a, b)
+            for w in range(a, b, R):
+                owner[w] = rec
+
+        def record(start, stop):
+            owner[start].update(stop)
+    crash = os.environ.get("ACTSTORE_TEST_CRASH_AFTER_WINDOWS", "")  # "RANK:K" (tests)
+    crash_after = (int(crash.split(":")[1]) if crash and int(crash.split(":")[0]) == rank
+                   else None)
 
     # -- run
     free: queue.Queue = queue.Queue()
     for _ in range(2):  # two window buffers: one being filled, one being written
         free.put((np.empty((L, R, lm.d_model), dtype=npdt),
                   np.empty((L, R, d_mlp), dtype=npdt) if neurons else None))
-    writer = _Writer(store, free)
+    writer = _Writer(store, free, record, crash_after)
     writer.start()
     cap = _Capture(net, layer_list, neurons)
     base = _forward_base(net)
     comp_dtype = next(net.parameters()).dtype
     bar = None
-    if progress and end_row > start_row:
+    if progress and mine and rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n, initial=start_row, unit="row", desc=f"extract {out.name}",
+        total = n if ctx is None else my_rows  # distributed: rank 0 shows its own share
+        bar = tqdm(total=total, initial=total - my_rows, unit="row", desc=f"extract {out.name}",
                    dynamic_ncols=True, smoothing=0.1)
     real_tokens = total_slots = 0
     forward_s = 0.0
@@ -455,7 +537,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
                     torch.empty((L, batch_size, d_mlp), dtype=comp_dtype, pin_memory=True)
                     if neurons else None) for _ in range(2)]
     try:
-        for w0 in range(start_row, end_row, R):
+        for w0 in mine:
             w1 = min(n, w0 + R)
             ents = entities[w0:w1]
             seqs = pr.encode_many(tok, ents)
@@ -531,14 +613,23 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         err = _write_error(writer.error, store, out)
         store.close()
         raise err from None
+    rows = my_rows
+    if ctx is not None:
+        # every rank's windows are durable and recorded; then rank 0 alone folds the records
+        # into rows_done (the only writer of the group attributes) while the others wait
+        rows = ctx.sum_int(my_rows)
+        if ctx.is_main:
+            store.finalize_ranges()
+        ctx.barrier()
     seconds = time.perf_counter() - t0
-    rows_done = store.rows_done
     store.close()
-    result = ExtractResult(store=open_store(out), rows=rows_done - start_row, rows_done=rows_done,
+    final = open_store(out)
+    result = ExtractResult(store=final, rows=rows, rows_done=final.rows_done,
                            seconds=seconds,
                            padding_fraction=1 - real_tokens / total_slots if total_slots else 0.0,
                            bytes=nbytes, resumed_from=start_row, forward_seconds=forward_s,
-                           write_seconds=writer.write_seconds)
+                           write_seconds=writer.write_seconds,
+                           processes=1 if ctx is None else ctx.world, rank=rank)
     return result
 
 
@@ -638,19 +729,35 @@ def add_cli(subparsers) -> None:
                    "compress; see bench/RESULTS.md)")
     p.add_argument("--rows-per-chunk", type=int, default=None, metavar="R",
                    help="rows per chunk and per write (default: ~1 MiB chunks)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default); under "
+                   "torchrun each rank takes GPU LOCAL_RANK")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="'auto': transformers/accelerate spread a Hugging Face model over all "
+                   "visible GPUs (models too big for one; see docs/scale-out.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
+    from actstore.distributed import env_world
+    try:
+        return _cli_run(args)
+    except ValueError:
+        if env_world()[0] != 0:
+            return 2   # rank 0 reports the same error once
+        raise
+
+
+def _cli_run(args) -> int:
     res = extract(args.model, args.dataset, args.prompt, args.out, layers=args.layers,
                   neurons=args.neurons, dtype=args.dtype, format=args.format,
                   batch_size=args.batch_size, device=args.device,
                   compute_dtype=args.compute_dtype, limit=args.limit, kind=args.kind,
                   drop_invalid=args.drop_invalid,
                   overwrite=args.overwrite, rows_per_chunk=args.rows_per_chunk,
-                  compression=args.compression, progress=not args.no_progress)
-    print(res.summary())
+                  compression=args.compression, progress=not args.no_progress,
+                  device_map=args.device_map)
+    if res.rank == 0:   # under torchrun the other ranks stay quiet
+        print(res.summary())
     return 0

@@ -262,16 +262,25 @@ def load_tokenizer(name_or_path: str | None = None):
 
 
 def load_model(name_or_path: str | None = None, *, device: str = "cpu",
-               compute_dtype: str = "auto", store_dtype: str | None = None) -> LoadedModel:
+               compute_dtype: str = "auto", store_dtype: str | None = None,
+               device_map: str | dict | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode on ``device``.
 
     ``name_or_path``: None or "smollm2-135m" (embedded default), a local directory, or a Hugging
     Face id. ``compute_dtype``: "auto" = float32 on CPU; on CUDA float16, or bfloat16 when
     ``store_dtype`` (the dtype the activations will be stored in) is bfloat16 or float32.
+    ``device_map`` (Hugging Face models only): passed to ``from_pretrained`` so transformers /
+    accelerate place the layers over several GPUs (``"auto"``) for models too big for one;
+    ``device`` is then not applied.
     """
     import torch
 
     name = name_or_path or DEFAULT_MODEL
+    if device_map is not None and name in EMBEDDED:
+        raise ModelError(f"--device-map is for Hugging Face models too big for one device; "
+                         f"the embedded {name} fits on one (use --device)")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModelError("--device-map needs the 'accelerate' package (pip install accelerate)")
     device = resolve_device(device)
     torch_dtype = _resolve_dtype(compute_dtype, device, store_dtype)
     _quiet_transformers()
@@ -292,16 +301,18 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
         # Try the local HF cache first; go online only when the hub answers at all (offline,
         # huggingface_hub retries for ~30 s before giving up).
         online = not local.exists() and _hub_reachable()
+        placement = {} if device_map is None else {"device_map": device_map}
         try:
             try:
                 tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
                 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype,
-                                                             local_files_only=True)
+                                                             local_files_only=True, **placement)
             except OSError:
                 if not online:
                     raise
                 tok = AutoTokenizer.from_pretrained(src)
-                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype,
+                                                             **placement)
         except (OSError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             where = ("local directory" if local.exists() else
@@ -319,7 +330,10 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
             info.update({"source": "hub",
                          "revision": getattr(model.config, "_commit_hash", None)})
     model.eval()
-    model.to(device)
+    if device_map is None:
+        model.to(device)
+    else:
+        info["device_map"] = device_map if isinstance(device_map, str) else "custom"
     blocks = decoder_layers(model)
     info.update({
         "architecture": type(model).__name__,

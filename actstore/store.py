@@ -92,7 +92,51 @@ def _format_from_path(path: Path, format: str | None) -> str:
 
 
 # What an interrupted Zarr creation can leave at the top level of the store directory.
-_ZARR_ENTRIES = {"zarr.json", "resid", "neurons", "layer", "entities"}
+_ZARR_ENTRIES = {"zarr.json", "resid", "neurons", "layer", "entities", "progress"}
+# Per-range progress records of distributed writers: zarr groups progress/<start>-<stop>/
+# whose zarr.json attribute "actstore_range" each belongs to exactly one writer process.
+PROGRESS_GROUP = "progress"
+RANGE_KEY = "actstore_range"
+
+
+def merge_intervals(intervals) -> list[tuple[int, int]]:
+    """Sorted, merged half-open row intervals (touching ones join; empty ones dropped)."""
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in intervals if int(b) > int(a)):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    # temporary + rename, as zarr writes its own files: a killed writer leaves the old record
+    # or the new one (a leftover *.partial is removed by the next exclusive open)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+class RangeRecord:
+    """Progress of one writer over the window-aligned row range ``[start, stop)``: rows
+    ``[start, done)`` are written and durable. Each record has one writer process, so no two
+    processes ever rewrite the same file (zarr attribute updates are read-modify-write)."""
+
+    def __init__(self, store_path: Path, start: int, stop: int):
+        self.start, self.stop = int(start), int(stop)
+        self.dir = Path(store_path) / PROGRESS_GROUP / f"{self.start}-{self.stop}"
+        self.done = self.start
+
+    def update(self, done: int) -> None:
+        done = int(done)
+        if not self.start <= done <= self.stop:
+            raise StoreError(f"range record [{self.start}, {self.stop}): done={done} outside it")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.dir / "zarr.json", {
+            "zarr_format": 3, "node_type": "group",
+            "attributes": {RANGE_KEY: {"start": self.start, "stop": self.stop, "done": done}}})
+        self.done = done
 
 
 def _is_store_or_empty(path: Path) -> bool:
@@ -395,6 +439,93 @@ class ActivationStore:
             self._h["rows_done"][0] = rows_done      # in-place raw write, pre-allocated
             self._h.flush()
 
+    # -- row ranges (distributed extraction; docs/store-format.md "Row ranges")
+    @property
+    def ranges_done(self) -> list[tuple[int, int]]:
+        """Finished row intervals ``[start, stop)`` past ``rows_done`` (left by a distributed
+        extraction that stopped early; empty for a complete or prefix-written store). Readers
+        of this API still see only ``[0, rows_done)``."""
+        if self.format != "zarr":
+            return []
+        return [(int(a), int(b)) for a, b in self._h.attrs.get("ranges_done", [])]
+
+    def range_records(self) -> list[tuple[int, int, int]]:
+        """(start, stop, done) of every per-range progress record (writers running or killed)."""
+        if self.format != "zarr":
+            return []
+        out = []
+        for f in sorted((self.path / PROGRESS_GROUP).glob("*/zarr.json")):
+            try:
+                r = json.loads(f.read_text())["attributes"][RANGE_KEY]
+                out.append((int(r["start"]), int(r["stop"]), int(r["done"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a record is only a hint that rows are done: ignoring one is safe
+        return out
+
+    def done_intervals(self) -> list[tuple[int, int]]:
+        """Every written, durable row interval: ``[0, rows_done)``, ``ranges_done`` and the
+        per-range records, merged and sorted."""
+        iv = [(0, self.rows_done)] + self.ranges_done
+        iv += [(a, d) for a, _, d in self.range_records()]
+        return merge_intervals(iv)
+
+    def _set_done(self, intervals) -> None:
+        iv = merge_intervals(intervals)
+        prefix = iv[0][1] if iv and iv[0][0] == 0 else 0
+        rest = [[a, b] for a, b in iv if a > 0]
+        if self.format != "zarr":
+            if rest:
+                raise StoreError(f"{self.path}: HDF5 stores record only a rows_done prefix; "
+                                 f"rows {rest} are not adjacent to it")
+            self.mark_done(prefix)
+            return
+        attrs = dict(self._h.attrs)
+        new = {k: v for k, v in attrs.items() if k != "ranges_done"}
+        new["rows_done"] = int(min(prefix, self.n_rows))
+        if rest:
+            new["ranges_done"] = rest
+        if new != attrs:
+            self._h.attrs.put(new)  # one atomic rewrite of zarr.json
+
+    def mark_rows(self, start: int, stop: int) -> None:
+        """Record that rows ``[start, stop)`` are written (the single-writer form of
+        :meth:`mark_done` for blocks that need not extend the prefix). Only one process may
+        call it on a store: it rewrites the group attributes."""
+        self._check_writable()
+        if not 0 <= int(start) <= int(stop) <= self.n_rows:
+            raise StoreError(f"rows [{start}, {stop}) outside [0, {self.n_rows}]")
+        self._set_done([(0, self.rows_done), (start, stop)] + self.ranges_done)
+
+    def range_record(self, start: int, stop: int) -> RangeRecord:
+        """A progress record for one writer's range (distributed extraction). Call
+        :meth:`begin_ranges` once (one process) before writers create records."""
+        if self.format != "zarr":
+            raise StoreError(f"{self.path}: only Zarr stores take parallel writers "
+                             "(HDF5 files allow one writer)")
+        return RangeRecord(self.path, start, stop)
+
+    def begin_ranges(self) -> None:
+        """Create the (zarr group) directory that holds per-range records (one process)."""
+        self._check_writable()
+        g = self.path / PROGRESS_GROUP
+        g.mkdir(exist_ok=True)
+        if not (g / "zarr.json").exists():
+            _write_json_atomic(g / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                                 "attributes": {}})
+
+    def finalize_ranges(self) -> int:
+        """Fold the per-range records into ``rows_done`` / ``ranges_done`` and delete them;
+        returns ``rows_done`` (``n_rows`` once every range is complete). One process only, with
+        no writer running: rank 0 after the others finished, or an exclusive ``open_store``."""
+        self._check_writable()
+        if self.format != "zarr":
+            return self.rows_done
+        self._set_done(self.done_intervals())
+        g = self.path / PROGRESS_GROUP
+        if g.exists():
+            shutil.rmtree(g)
+        return self.rows_done
+
     def close(self) -> None:
         if self.format == "hdf5" and self._h is not None:
             try:
@@ -566,11 +697,14 @@ def _create_hdf5(path, header, arrays, L, N, R, npdt, ent, kinds):
     return f
 
 
-def open_store(path, mode: str = "r") -> ActivationStore:
+def open_store(path, mode: str = "r", exclusive: bool = True) -> ActivationStore:
     """Open an existing store. ``mode``: "r" (read-only) or "a" (read/write, for resuming).
 
     Refuses, with :class:`StoreError`, anything that is not an activation store of this
-    format version.
+    format version. ``exclusive`` (mode "a"): this process is the store's only writer, so it
+    removes temporaries a killed writer left and folds per-range progress records into
+    ``rows_done`` (:meth:`ActivationStore.finalize_ranges`). Parallel writers (distributed
+    extraction ranks other than 0) open with ``exclusive=False``, which touches nothing.
     """
     path = Path(path)
     if mode not in ("r", "a", "r+"):
@@ -588,7 +722,7 @@ def open_store(path, mode: str = "r") -> ActivationStore:
         if "rows_done" not in attrs and header is not None:
             raise StoreError(f"{path}: incomplete store (creation was interrupted); "
                              "re-create it with --overwrite", replaceable=True)
-        if mode == "a":
+        if mode == "a" and exclusive:
             _remove_partials(path)
     else:
         import h5py
@@ -606,7 +740,10 @@ def open_store(path, mode: str = "r") -> ActivationStore:
             raise StoreError(f"{path}: incomplete store (creation was interrupted); "
                              "re-create it with --overwrite", replaceable=True)
     _check_header(path, header, handle if fmt == "hdf5" else None)
-    return ActivationStore(path, fmt, header, handle, mode)
+    store = ActivationStore(path, fmt, header, handle, mode)
+    if mode == "a" and exclusive and fmt == "zarr" and (path / PROGRESS_GROUP).exists():
+        store.finalize_ranges()
+    return store
 
 
 def _check_header(path, header, h5handle=None):

@@ -1,0 +1,154 @@
+"""torch.distributed plumbing shared by distributed extraction and fitting (docs/scale-out.md).
+
+A job is distributed when it runs under ``torchrun`` (or any launcher that sets the
+torch.distributed environment: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``). :func:`context` then joins the process group once and returns a
+:class:`Context`; outside such a launcher it returns None and everything runs as one process.
+
+Work is divided in *windows*: blocks of ``rows_per_chunk`` rows, which are also the store's
+shards, so two ranks never write the same file. :func:`todo_windows` lists the windows a store
+still needs (from its durable row intervals, so a restart redoes only unfinished rows, with any
+number of ranks) and :func:`split_windows` deals them to ranks as contiguous, balanced runs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+# Ranks wait for one another at the end of a job (the slowest rank sets the pace); the
+# default collective timeout (10-30 min) would abort long, slightly unbalanced jobs.
+DEFAULT_TIMEOUT_S = 6 * 3600
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torch.distributed environment (0, 1, 0 without)."""
+    def get(name, default):
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+    return get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0)
+
+
+def is_distributed() -> bool:
+    """True under a launcher with more than one process (or an initialised group of > 1)."""
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size() > 1
+    except ImportError:  # pragma: no cover
+        pass
+    return env_world()[1] > 1
+
+
+@dataclass
+class Context:
+    """This process's place in a distributed job: ``rank`` of ``world`` processes,
+    ``local_rank`` on its node (its GPU index)."""
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (any picklable object)."""
+        import torch.distributed as dist
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=_cpu_group())
+        return box[0]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+        dist.barrier(group=_cpu_group())
+
+    def sum_int(self, value: int) -> int:
+        """Sum of an integer over the ranks."""
+        import torch
+        import torch.distributed as dist
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_cpu_group())
+        return int(t[0])
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for control messages (Python objects, counters) when the default group
+    is NCCL-only; None (= the default group) when it already speaks gloo."""
+    global _CPU_GROUP
+    import torch.distributed as dist
+    if dist.get_backend() == "gloo" or "gloo" in str(dist.get_backend()):
+        return None
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def context(use_cuda: bool | None = None) -> Context | None:
+    """Join the torch.distributed job this process was launched in (once) and return its
+    :class:`Context`; None when not distributed. ``use_cuda``: bind this rank to GPU
+    ``LOCAL_RANK`` and use NCCL for tensors on it (default: when CUDA is available); control
+    messages always go over gloo. ``ACTSTORE_DIST_TIMEOUT_S`` sets the collective timeout."""
+    if not is_distributed():
+        return None
+    import torch
+    import torch.distributed as dist
+    rank, world, local = env_world()
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    if use_cuda and torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get("ACTSTORE_DIST_TIMEOUT_S",
+                                                         DEFAULT_TIMEOUT_S)))
+        backend = "cpu:gloo,cuda:nccl" if use_cuda and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return Context(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+
+
+# ----------------------------------------------------------------------------- work division
+
+def todo_windows(n_rows: int, rows_per_chunk: int, done) -> list[int]:
+    """Start rows of the windows ``[w, min(w + R, n))`` not inside a ``done`` interval."""
+    R = int(rows_per_chunk)
+    out = []
+    iv = sorted((int(a), int(b)) for a, b in done)
+    j = 0
+    for w in range(0, int(n_rows), R):
+        e = min(int(n_rows), w + R)
+        while j < len(iv) and iv[j][1] < e:
+            j += 1
+        if not (j < len(iv) and iv[j][0] <= w and e <= iv[j][1]):
+            out.append(w)
+    return out
+
+
+def split_windows(windows: list[int], world: int) -> list[list[int]]:
+    """Deal ``windows`` (sorted) to ``world`` ranks: contiguous runs whose sizes differ by at
+    most one window, rank 0 first (so a fresh store gives rank r one contiguous row range)."""
+    n, world = len(windows), max(1, int(world))
+    base, extra = divmod(n, world)
+    out, i = [], 0
+    for r in range(world):
+        k = base + (1 if r < extra else 0)
+        out.append(list(windows[i:i + k]))
+        i += k
+    return out
+
+
+def segments(windows: list[int], rows_per_chunk: int, n_rows: int) -> list[tuple[int, int]]:
+    """Maximal contiguous row ranges ``[start, stop)`` covered by ``windows`` (sorted)."""
+    R = int(rows_per_chunk)
+    out: list[list[int]] = []
+    for w in windows:
+        e = min(int(n_rows), w + R)
+        if out and out[-1][1] == w:
+            out[-1][1] = e
+        else:
+            out.append([w, e])
+    return [(a, b) for a, b in out]
