@@ -472,6 +472,11 @@ def projection_correlations(store, model, Y, rows_mask=None, layers=None, device
     (float32). This equals block l's true neuron activations when the attention of block l
     adds nothing (h_mid = h_l); otherwise it approximates them by skipping block l's
     attention, as the paper projects the residual stream onto the neurons' input weights.
+    (The paper's code RMS-normalises without the norm weight and correlates the up_proj and
+    gate_proj reads separately; here the block's own norm, weight and eps included, and the
+    whole neuron act(gate) * up: the quantity the stored method holds, so the two methods are
+    comparable and agree exactly in the case above. On SmolLM2-135M the per-neuron
+    correlations of the two methods agree to r ~ 0.95 at layer 7, see the slow test.)
 
     The rows stream in chunks of one layer at a time; each chunk's activations go through the
     same :class:`NeuronStats` moments (:func:`neuron_update`, float64 reference) as stored

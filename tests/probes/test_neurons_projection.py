@@ -213,6 +213,8 @@ def test_errors(env, tmp_path):
         neuron_report(bare, method="projection", **CPU)
     with pytest.raises(NeuronReportError, match="cannot load model"):
         neuron_report(s, method="projection", model=str(tmp_path / "no-model"), **CPU)
+    with pytest.raises(NeuronReportError, match="no stored layer feeds a decoder block"):
+        neuron_report(s, method="projection", layers=[2], **CPU)   # hidden state 3: the last
     with pytest.raises(NeuronReportError, match="moments use the torch reference"):
         neuron_report(s, method="projection", backend="cpu", device="cpu")
 
@@ -244,3 +246,22 @@ def test_help_shows_both_methods(capsys):
         main(["neurons", "--help"])
     text = capsys.readouterr().out
     assert "--method projection" in text and "--probe" in text and "--model" in text
+
+
+@pytest.mark.slow
+def test_smollm2_projection_tracks_stored_neurons(tmp_path):
+    """The embedded model by name: the store's model is found and checked (file sha256), and
+    the projection's per-neuron correlations follow the stored neurons' (attention skipped:
+    not equal, but r ~ 0.95 across the 1536 neurons of layer 7)."""
+    from actstore.extract import extract
+
+    csv = fx.write_world_csv(tmp_path / "w.csv", n=32)
+    s = extract("smollm2-135m", csv, "coords", tmp_path / "s.zarr", layers="6,7", neurons=True,
+                dtype="float32", progress=False, device="cpu").store
+    st = neuron_report(s, top=5, **CPU)
+    pr = neuron_report(s, method="projection", top=5, **CPU)
+    assert pr["model"] == "smollm2-135m" and pr["layers"] == [7, 8] and st["layers"] == [6, 7]
+    for k in ("pearson", "spearman"):
+        for t in range(2):
+            r = np.corrcoef(pr["arrays"][k][0, :, t], st["arrays"][k][1, :, t])[0, 1]
+            assert r > 0.8, (k, t, r)
