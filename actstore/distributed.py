@@ -152,3 +152,73 @@ def segments(windows: list[int], rows_per_chunk: int, n_rows: int) -> list[tuple
         else:
             out.append([w, e])
     return [(a, b) for a, b in out]
+
+
+# ----------------------------------------------------------------------------- local launcher
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, args, rank, world, port, env):
+    import sys
+    import traceback
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    os.environ.update(env or {})
+    code = 0
+    try:
+        import torch
+        torch.set_num_threads(1)   # as torchrun's OMP_NUM_THREADS=1; also fork-safe OpenMP
+        fn(*args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - reported, then the exit status says it
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)   # no interpreter teardown: a peer may be dead, collectives must not wait
+
+
+def launch_local(fn, world: int, args=(), env: dict | None = None,
+                 timeout: float = 300.0) -> list[int]:
+    """Run ``fn(*args)`` in ``world`` forked processes on this machine as one torch.distributed
+    job (ranks 0..world-1, gloo on CPU), like ``torchrun --nproc-per-node world`` without
+    re-importing anything; returns the exit codes by rank. As torchrun does, when one rank
+    fails the others are stopped. For tests and notebooks; POSIX only (fork).
+
+    ``fn`` runs with the torchrun environment set (so :func:`context` joins the job) and one
+    CPU thread; ``env`` adds variables. Results travel through files (e.g. the store).
+    """
+    import multiprocessing as mp
+    import signal
+    import time
+    mpc = mp.get_context("fork")
+    port = _free_port()
+    procs = [mpc.Process(target=_rank_main, args=(fn, args, r, int(world), port, env),
+                         daemon=True) for r in range(int(world))]
+    for p in procs:
+        p.start()
+    t0 = time.monotonic()
+    try:
+        while any(p.exitcode is None for p in procs):
+            failed = any(p.exitcode not in (None, 0) for p in procs)
+            if failed or time.monotonic() - t0 > timeout:
+                for p in procs:
+                    if p.exitcode is None:
+                        os.kill(p.pid, signal.SIGKILL)
+                if not failed:
+                    raise TimeoutError(f"launch_local: ranks still running after {timeout} s")
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.exitcode is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.join()
+    return [p.exitcode for p in procs]

@@ -413,7 +413,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     def prepare():
         store = None
         if ctx is not None and _format_from_path(out, format) == "hdf5" and (
-                not out.exists() or out.is_file()):
+                overwrite or not out.exists()):
             raise ExtractError(f"{out}: distributed extraction writes Zarr stores only (an HDF5 "
                                "file allows one writer, and parallel HDF5 is not supported); "
                                "use a directory path / --format zarr, or run one process")
