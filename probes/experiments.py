@@ -789,8 +789,9 @@ def _plot(result: dict, path: Path) -> None:
         a1.legend(fontsize=8)
         M = np.array([[np.nan if v is None else v for v in row] for row in result["transfer"]["r2"]],
                      dtype=float)
-        im = a2.imshow(M, cmap="viridis", vmin=min(0.0, np.nanmin(M)) if np.isfinite(M).any() else 0,
-                       vmax=1)
+        # transfer across prompts can be far below 0; clip the colour scale at -1
+        lo = max(-1.0, min(0.0, float(np.nanmin(M)))) if np.isfinite(M).any() else 0.0
+        im = a2.imshow(M, cmap="viridis", vmin=lo, vmax=1)
         fig.colorbar(im, ax=a2, label="test R²")
         a2.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
         a2.set_yticks(range(len(labels)),
@@ -900,8 +901,8 @@ def format_experiment(result: dict) -> str:
         places = any("heldout_km_error_median" in r for r in result["groups"])
         out.append(f"block hold-out by {result['group_column']} ({result['group_source']})  "
                    f"targets {tg}  layer {result['layer']} ({result['layer_choice']})  "
-                   f"{result['n_groups'] if 'n_groups' in result else len(result['groups'])} "
-                   f"groups of {result['n_distinct_groups']}  alpha {result['alpha_mode']}")
+                   f"{len(result['groups'])} groups of {result['n_distinct_groups']}  "
+                   f"alpha {result['alpha_mode']}  nominal split {result['split']}")
         head = ["group", "rows", "nominal rows", "prox nominal", "prox held-out"]
         if places:
             head += ["km nominal", "km held-out"]
@@ -914,7 +915,7 @@ def format_experiment(result: dict) -> str:
                         _f(r["heldout_km_error_median"], ".0f")]
             rows.append(row)
         s = result["summary"]
-        mean = ["mean", "", str(s["n_groups_with_nominal"]), _f(s["nominal_proximity_error"]),
+        mean = [f"mean of {s['n_groups_with_nominal']}", "", "", _f(s["nominal_proximity_error"]),
                 _f(s["heldout_proximity_error"])] + (["", ""] if places else [])
         out += _table(head, rows + [mean])
         out.append("proximity error: fraction of all entities whose prediction is closer to an "
