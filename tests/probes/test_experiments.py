@@ -336,3 +336,26 @@ def test_cli_experiments_end_to_end(tmp_path, place_store, capsys):
     assert main(["experiment", "prompts", str(paths["empty"]), str(paths["coords"]),
                  "--names", "x"]) == 2
     assert "--names gives 1 names for 2 stores" in capsys.readouterr().err
+
+
+def test_cli_help_has_examples_for_every_experiment(capsys):
+    from probes.cli import build_parser
+    parser = build_parser()
+    for kind in ("prompts", "holdout", "entity-type", "nonlinear", "pca"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["experiment", kind, "--help"])
+        text = capsys.readouterr().out
+        assert "example" in text and f"fastprobe experiment {kind}" in text, kind
+    with pytest.raises(SystemExit):
+        parser.parse_args(["experiment", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"fastprobe experiment {k}" in text
+               for k in ("prompts", "holdout", "entity-type", "nonlinear", "pca"))
+
+
+def test_prompt_labels_disambiguated(tmp_path):
+    paths, ent, Xs = prompt_stores(tmp_path, n=40, d=4)
+    twin = save(tmp_path / "twin.zarr", Xs["empty"], ent, meta={**META, "prompt": {"name": "empty"}})
+    r = ex.prompt_experiment([paths["empty"], twin], alphas=ALPHAS)
+    assert r["prompts"] == ["empty", "empty (twin)"]
+    assert r["transfer"]["r2"][0][1] == pytest.approx(r["transfer"]["r2"][0][0], abs=1e-12)
