@@ -51,7 +51,9 @@ km error = great-circle distance between true and predicted (latitude, longitude
 
 
 def _cmd_fit(args) -> int:
-    from probes.fit import fit_all_layers
+    # fit_all_layers itself in one process; under torchrun the ranks share the rows (rank 0
+    # prints and writes, the others return None)
+    from probes.distributed import cli_fit as fit_all_layers
     from probes.report import format_table
 
     if not args.all_layers and args.layers is None:
@@ -68,6 +70,8 @@ def _cmd_fit(args) -> int:
         out=args.out, layers=layers, precision=args.precision, device=args.device,
         memory_bytes=int(args.memory_gb * (1 << 30)),
         progress=not args.quiet and sys.stderr.isatty(), seed=args.seed)
+    if result is None:
+        return 0
     print(format_table(result))
     if args.out:
         print(f"wrote {args.out}/results.json and plots")

@@ -132,7 +132,7 @@ def _to_float(block: np.ndarray, dtype: str):
     return torch.from_numpy(np.ascontiguousarray(block))
 
 
-def _chunks(store, rows, layers, n, device):
+def _chunks(store, rows, layers, n, device, start=0):
     """(row_start, block) of the store's rows [0, n) for these layers: read ahead on CPU threads
     (decompression and disk overlap the compute) and, for a CUDA device, sent through pinned
     double buffers on a side stream (probes.stream), so the copy of chunk i+1 overlaps the
@@ -140,7 +140,7 @@ def _chunks(store, rows, layers, n, device):
     until the iteration after next."""
     from probes.stream import read_ahead, stream_to_device
 
-    source = store.iter_chunks(rows=rows, layers=layers, stop=n)
+    source = store.iter_chunks(rows=rows, layers=layers, start=start, stop=n)
     if device.type == "cuda" and store.dtype != "bfloat16":
         return stream_to_device(source, device)
     return read_ahead(source)
@@ -191,7 +191,7 @@ def _check_finite_layer(store, pos: int, n: int):
 def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_per_target=False,
                    split="is_test", backend="auto", out=None, layers=None,
                    precision="float64", memory_bytes=2 << 30, chunk_rows=None,
-                   progress=False, seed=0, device=None) -> dict:
+                   progress=False, seed=0, device=None, shard=None) -> dict:
     """Fit a ridge probe with CV-chosen alpha on every layer of ``store``; score and report it.
 
     store: path or ActivationStore. targets: names (default: the store's). alphas: grid (see
@@ -206,6 +206,10 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     predictions); layers are processed in as many batches as needed, at least one layer each.
     layers: layer positions to fit (default all). out: directory for results.json, probes.npz,
     the best layer's predictions and PNG plots.
+
+    shard: a :class:`probes.distributed.RowShard` (torchrun; use
+    :func:`probes.distributed.fit_all_layers_distributed`): this rank's statistics and
+    projections cover its own rows, merged across ranks; ranks other than 0 return None.
 
     Returns the results dict (also written to out/results.json); ``result["arrays"]`` holds numpy
     arrays (coef (L, d, k), intercept (L, k), alpha (L, k), predictions (L, n, k)) that are saved to
@@ -270,6 +274,10 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
         fold_all = np.full(n, -1, dtype=np.int32)
         fold_all[train] = kfold_assignment(n_train, cv, shuffle=True, seed=seed)
     form = "dual" if n_train < d else "primal"
+    if shard is not None and form == "dual":
+        if not shard.is_main:
+            return None          # n < d rows fit in memory: rank 0 reads them all (dual form)
+        shard = None
     if device is None:
         device = _default_device(backend)
     device = torch.device(device)
@@ -304,7 +312,7 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
             bpos = positions[b0:b0 + batch]
             sl = slice(b0, b0 + len(bpos))
             res = _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_target,
-                                be, precision, device, chunk_rows, timings, tick)
+                                be, precision, device, chunk_rows, timings, tick, shard)
             coef[sl], intercept[sl], alpha_idx[sl], cv_scores[sl], preds[sl], bs = res
             best_scores.extend(bs)
     else:
@@ -336,6 +344,8 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
             timings["solve"] += time.perf_counter() - ts
     if bar is not None:
         bar.close()
+    if shard is not None and not shard.is_main:
+        return None              # rank 0 scores and writes the merged results
 
     # back to target units
     coef *= sd[None, None, :]
@@ -392,7 +402,7 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
 
 
 def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_target, be,
-                  precision, device, chunk_rows, timings, tick):
+                  precision, device, chunk_rows, timings, tick, shard=None):
     """Statistics pass + solve + projection pass for one batch of layer positions."""
     import torch
     from probes.kernels import gram_update
@@ -407,7 +417,8 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     stats_precision = precision if be in ("cpu", "torch") else None
     ts = time.perf_counter()
     stats = None
-    for start, block in _chunks(store, chunk_rows, bpos, n, device):
+    lo, hi = (0, n) if shard is None else shard.rows(n)   # distributed: this rank's rows
+    for start, block in _chunks(store, chunk_rows, bpos, hi, device, lo):
         r = block.shape[1]
         X = _to_float(block, store.dtype)          # bfloat16 arrives as float32
         if device.type == "cuda":
@@ -421,6 +432,8 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
             stats = GramStats.zeros(B, d, k, F, shift=shift, device=device)
         gram_update(stats, X, Yz[start:start + r], fold, backend=be, precision=stats_precision)
         tick(r)
+    if shard is not None:
+        stats = shard.reduce_stats(stats, B, d, k, F, device)   # all-reduce over the ranks
     timings["stats"] += time.perf_counter() - ts
 
     ts = time.perf_counter()
@@ -443,11 +456,13 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     preds = np.zeros((B, n, k))
     if cv == "loo":
         acc = LooAccumulator(fac, alphas, n, keep_predictions=True, precision=precision)
-        for start, block in _chunks(store, chunk_rows, bpos, n, device):
+        for start, block in _chunks(store, chunk_rows, bpos, hi, device, lo):
             r = block.shape[1]
             acc.update(start, _to_float(block, store.dtype), Yz[start:start + r],
                        train[start:start + r])
             tick(r)
+        if shard is not None:
+            shard.reduce_loo(acc)    # LOO residual sums everywhere, predictions on rank 0
         scores = acc.scores()
         idx, best = select_alpha(scores, alpha_per_target)
         sel = torch.as_tensor(idx, device=acc.pred.device)                        # (B, k)
@@ -461,12 +476,14 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
         # when the activations have a large mean
         Wd = W.to(torch.float32 if precision == "float32" else torch.float64)
         md = fac.mean.to(Wd.dtype)[:, None, :]
-        for start, block in _chunks(store, chunk_rows, bpos, n, device):
+        for start, block in _chunks(store, chunk_rows, bpos, hi, device, lo):
             r = block.shape[1]
             X = _to_float(block, store.dtype).to(device=device, dtype=Wd.dtype)
             preds[:, start:start + r] = (torch.matmul(X - md, Wd).to(torch.float64)
                                          + fac.ybar).cpu().numpy()
             tick(r)
+        if shard is not None:
+            preds = shard.reduce_predictions(preds, device)   # rank 0 gets every row
     timings["projection"] += time.perf_counter() - ts
     # Test rows never enter the statistics; a non-finite one shows up in its prediction.
     bad = ~np.isfinite(preds).reshape(B, -1).all(1)
