@@ -245,7 +245,7 @@ def test_auto_dispatch_on_cuda_picks_triton_and_matches():
 
 
 def test_preshift_fused_add_equals_separate_add():
-    # the Gram kernel adding its tiles into the float64 totals (default) gives exactly what a
+    # the Gram kernel adding its tiles into the float64 totals gives exactly what a
     # float32 chunk Gram added afterwards gives, over two chunks (non-zero totals), with folds
     B, r, d, k, F = (2, 19, 37, 2, 2) if not CUDA else (3, 900, 520, 2, 2)
     gen = torch.Generator().manual_seed(77)
@@ -255,7 +255,7 @@ def test_preshift_fused_add_equals_separate_add():
     apart = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
     want = GramStats.zeros(B, d, k, F, shift=shift)
     for X, Y, f in chunks:
-        tk.gram_update(fused, X.to(DEV), Y.to(DEV), f.to(DEV), mode="preshift")
+        tk.gram_update(fused, X.to(DEV), Y.to(DEV), f.to(DEV), mode="preshift", fused_add=True)
         tk.gram_update(apart, X.to(DEV), Y.to(DEV), f.to(DEV), mode="preshift", fused_add=False)
         reference.gram_update(want, X, Y, f)
     assert torch.equal(fused.xtx, apart.xtx)
