@@ -9,6 +9,10 @@ One store holds, for one model + prompt + dataset:
 * the entity table (every column of ``EntityDataset.table``) and all metadata.
 * ``rows_done``: rows ``[0, rows_done)`` are complete and durable; the resume point.
 
+Several processes may write disjoint row blocks of one Zarr store at once (distributed
+extraction); their progress is kept in per-range records folded into ``rows_done`` by one
+process (``finalize_ranges``; docs/store-format.md, "Row ranges").
+
 Two formats with one interface: Zarr v3 (default; a directory, readable by plain ``zarr.open``)
 and HDF5 (one file, via h5py). docs/store-format.md is the specification.
 
