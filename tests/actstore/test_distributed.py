@@ -284,3 +284,19 @@ def test_torchrun_cli_kill_and_restart(tmp_path, tiny_model_dir, csv, reference)
 def _port():
     from actstore.distributed import _free_port
     return _free_port()
+
+
+# ----------------------------------------------------------------------------- device_map
+
+def test_device_map_passes_through_to_transformers(tmp_path, tiny_model_dir, csv, reference):
+    """--device-map auto: accelerate places the model (here: all on the CPU); same bytes."""
+    pytest.importorskip("accelerate")
+    from actstore.models import ModelError, load_model
+    lm = load_model(str(tiny_model_dir), device="cpu", device_map="auto")
+    assert lm.info["device_map"] == "auto"
+    assert {p.device.type for p in lm.model.parameters()} == {"cpu"}
+    with one_thread():
+        s = extract(lm, csv, "coords", tmp_path / "m.zarr", **KW).store
+    np.testing.assert_array_equal(s.read(slice(0, N)), reference.read(slice(0, N)))
+    with pytest.raises(ModelError, match="device-map is for Hugging Face models"):
+        load_model("smollm2-135m", device_map="auto")
