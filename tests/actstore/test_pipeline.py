@@ -60,3 +60,115 @@ def test_cli_debug_env_shows_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("ACTSTORE_DEBUG", "1")
     with pytest.raises(ValueError, match="--limit must be at least 3"):
         main(["run", "--out", str(tmp_path / "o"), "--limit", "2"])
+
+
+# ----------------------------------------------------------------------------- the paper recipe
+
+def _two_type_world_csv(make_world_csv, path, n):
+    """The synthetic world CSV with two entity types (so the entity-type hold-out runs)."""
+    import pandas as pd
+    make_world_csv(path, n=n)
+    df = pd.read_csv(path)
+    df["entity_type"] = ["populated_place" if i % 3 else "structure" for i in range(n)]
+    df.to_csv(path, index=False)
+    return path
+
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "report.md" and p.name != "r2_by_layer.png"}
+
+
+def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world_csv):
+    csv = _two_type_world_csv(make_world_csv, tmp_path / "world_place.csv", n=90)
+    out = tmp_path / "paper"
+    logs = []
+    kw = dict(model=str(tiny_model_dir), datasets=[str(csv)], prompts="empty,coords",
+              device="cpu", progress=False, log=logs.append)
+    report = run_pipeline(out, recipe="paper", batch_size=16, **kw)
+    text = report.read_text()
+
+    # one store and one probe dir per prompt; the main prompt keeps the plain name
+    assert (out / "stores" / "world_place.zarr").is_dir()
+    assert (out / "stores" / "world_place__coords.zarr").is_dir()
+    assert (out / "probes" / "world_place__coords" / "results.json").exists()
+    # neurons: projected through the tiny model's MLPs (no stored neurons), with probe cosines
+    nj = json.loads((out / "neurons" / "world_place" / "neurons.json").read_text())
+    assert nj["method"] == "projection" and nj["targets"] == ["latitude", "longitude"]
+    assert "probe_cosine" in nj["top_neurons"]["latitude"][0]
+    assert (out / "neurons" / "world_place" / "neuron_latitude.png").exists()
+    # every experiment wrote its JSON and plot
+    edir = out / "experiments" / "world_place"
+    for stem in ("prompts", "holdout_country", "entity_type", "nonlinear", "pca"):
+        assert (edir / f"{stem}.json").exists() and (edir / f"{stem}.png").exists(), stem
+    ho = json.loads((edir / "holdout_country.json").read_text())
+    assert sorted(g["group"] for g in ho["groups"]) == ["Brazil", "France", "Japan"]
+    pr = json.loads((edir / "prompts.json").read_text())
+    assert pr["prompts"] == ["empty", "coords"]
+    # the experiments ran at the main fit's best leave-one-out layer
+    res = json.loads((out / "probes" / "world_place" / "results.json").read_text())
+    best_loo = max(res["layers"], key=lambda e: (e["cv_score"], -e["position"]))["layer"]
+    assert json.loads((edir / "pca.json").read_text())["layer"] == best_loo
+
+    # the report holds every section, with numbers from those files
+    for heading in ("## world_place", "### Neurons", "### Prompt variants", "### Block hold-out",
+                    "### Entity-type hold-out", "### Nonlinear (MLP) probe vs linear",
+                    "### PCA-k probes", "Experiments at a glance"):
+        assert heading in text, heading
+    assert "| world_place | world_place | coords |" in text
+    assert f"nominal **{ho['summary']['nominal_proximity_error']:.3f}**" in text
+    assert "experiments/world_place/pca.png" in text and "map_best_layer.png" in text
+    assert (out / "r2_by_layer.png").exists()
+
+    # a re-run redoes nothing: every file but the report keeps its timestamp
+    before = _mtimes(out)
+    logs.clear()
+    report2 = run_pipeline(out, recipe="paper", **kw)
+    assert _mtimes(out) == before
+    assert sum("up to date" in m for m in logs) == 2 + 1 + 5   # 2 fits, neurons, 5 experiments
+    assert not any("fitting ridge" in m for m in logs)
+    assert report2.read_text().split("wall time")[1].split("\n", 1)[1] == \
+        text.split("wall time")[1].split("\n", 1)[1]
+
+    # a step whose output went missing is redone, and only that one
+    (out / "experiments" / "world_place" / "pca.png").unlink()
+    logs.clear()
+    run_pipeline(out, recipe="paper", **kw)
+    assert [m.split(" ...")[0] for m in logs if m.endswith(" ...") and "experiments" in m] == \
+        ["[experiments 1/1] world_place pca"]
+    assert (out / "experiments" / "world_place" / "pca.png").exists()
+
+
+def test_paper_recipe_skips_what_a_dataset_lacks(tmp_path, tiny_model_dir, make_world_csv):
+    """One prompt, one entity type, one country: notes instead of failures."""
+    import pandas as pd
+    csv = make_world_csv(tmp_path / "blocks.csv", n=40)
+    df = pd.read_csv(csv)
+    df["country"] = "France"
+    df.to_csv(csv, index=False)
+    out = tmp_path / "o"
+    report = run_pipeline(out, recipe="paper", model=str(tiny_model_dir), datasets=[str(csv)],
+                          experiments="prompts,holdout,entity-type", device="cpu",
+                          progress=False, log=lambda m: None)
+    text = report.read_text()
+    assert "Skipped: one prompt only" in text
+    assert "Skipped: one entity type (populated_place)" in text
+    assert "Skipped: " in text.split("### Block hold-out")[1] and "has only one group" in text
+    assert not (out / "experiments" / "blocks" / "nonlinear.source.json").exists()
+
+
+def test_paper_recipe_bad_options_are_clear(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["run", "paper", "--out", out, "--experiments", "pca,bogus"]) == 2
+    assert "unknown experiment 'bogus'" in capsys.readouterr().err
+    assert main(["run", "--out", out, "--experiments", "pca"]) == 2
+    assert "--experiments needs the paper recipe" in capsys.readouterr().err
+    assert main(["run", "paper", "--out", out, "--prompts", "empty,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown prompt 'nope'" in err and "Traceback" not in err
+    assert main(["run", "paper", "--out", out, "--prompts", "coords", "--datasets", "nobel"]) == 2
+    assert "main prompt 'coords' does not apply to dataset 'nobel'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "papr", "--out", out])
+    assert "invalid choice: 'papr'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()   # nothing was started
