@@ -12,6 +12,9 @@ dataset order in a window buffer. A finished window is handed to a writer thread
 in rotation, so memory is bounded and the next window's forward passes overlap the write), and
 ``rows_done`` advances only after the window's write returned. A resumed run re-creates the
 same windows and batches, so it produces the same values as an uninterrupted run.
+
+Under torchrun the windows are dealt to the ranks (actstore.distributed; docs/scale-out.md):
+each rank computes and writes its own windows exactly as above, so the store is the same.
 """
 from __future__ import annotations
 
@@ -255,8 +258,8 @@ def _forward_base(model):
 # ----------------------------------------------------------------------------- writer
 
 class _Writer(threading.Thread):
-    """Writes finished windows in order, then advances rows_done. Errors are kept for the
-    main thread, which re-raises them."""
+    """Writes finished windows in order, then records them (``record``: rows_done, or this
+    rank's range record). Errors are kept for the main thread, which re-raises them."""
 
     def __init__(self, store, free: queue.Queue, record, crash_after: int | None = None):
         super().__init__(daemon=True, name="actstore-writer")
@@ -357,7 +360,9 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     ctx = context(use_cuda=False)   # control messages only (gloo); None: one process
     if ctx is not None and device_map is None and device in ("auto", "cuda") \
             and torch.cuda.is_available():
-        device = f"cuda:{ctx.local_rank % torch.cuda.device_count()}"  # one GPU per rank
+        gpu = ctx.local_rank % torch.cuda.device_count()   # one GPU per rank
+        torch.cuda.set_device(gpu)
+        device = f"cuda:{gpu}"
     rank = 0 if ctx is None else ctx.rank
 
     # -- dataset and prompt first: cheap, and their errors should not wait for a model load
@@ -583,7 +588,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
                         hn = hn[:, :B]
                         hn.copy_(cap.neu, non_blocking=True)
                     ev = torch.cuda.Event()
-                    ev.record()
+                    ev.record(torch.cuda.current_stream(dev))  # dev's stream, not device 0's
                     item = (hx, hn if neurons else None, rows, ev)
                 else:
                     item = (cap.resid, cap.neu, rows, None)
