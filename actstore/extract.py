@@ -667,7 +667,7 @@ def _check_and_store(x, buf, rows, dtype, layer_list, w0, entities, what, native
                     + ("bfloat16 or float32)" if fp16_compute else "float32)"))
         raise ExtractError(
             f"{what} {val:g} at layer {layer_list[li]}, row {row} ({entities[row]!r}), dim {di} "
-            f"does not fit {dtype}" + (f" (|x| > 65504)" if dtype == "float16" else "") + hint)
+            f"does not fit {dtype}" + (" (|x| > 65504)" if dtype == "float16" else "") + hint)
     buf[:, list(rows)] = _to_numpy_storage(x, dtype)
 
 
