@@ -16,9 +16,18 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-# Ranks wait for one another at the end of a job (the slowest rank sets the pace); the
-# default collective timeout (10-30 min) would abort long, slightly unbalanced jobs.
-DEFAULT_TIMEOUT_S = 6 * 3600
+# The collective timeout only ends a *hung* job: a rank that fails tells the others through
+# the next status exchange (:func:`agree`), and a rank that dies closes its connections, which
+# its peers see at once. It must still cover the longest legitimate wait: the other ranks
+# wait in a broadcast while rank 0 validates or creates the store after loading the model
+# (a large model from a slow file system), and at the end for the slowest rank.
+DEFAULT_TIMEOUT_S = 2 * 3600
+
+
+class PeerError(Exception):
+    """Marker (mixed into a ValueError subclass): this rank stops because of an error that
+    another rank met and reports itself, e.g. the copy of rank 0's error that the others get.
+    The distributed CLIs print it on rank 0 only."""
 
 
 def env_world() -> tuple[int, int, int]:
@@ -65,6 +74,13 @@ class Context:
         import torch.distributed as dist
         dist.barrier(group=_cpu_group())
 
+    def all_gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), by rank, on every rank."""
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=_cpu_group())
+        return out
+
     def sum_int(self, value: int) -> int:
         """Sum of an integer over the ranks."""
         import torch
@@ -93,7 +109,8 @@ def context(use_cuda: bool | None = None) -> Context | None:
     """Join the torch.distributed job this process was launched in (once) and return its
     :class:`Context`; None when not distributed. ``use_cuda``: bind this rank to GPU
     ``LOCAL_RANK`` and use NCCL for tensors on it (default: when CUDA is available); control
-    messages always go over gloo. ``ACTSTORE_DIST_TIMEOUT_S`` sets the collective timeout."""
+    messages always go over gloo. ``ACTSTORE_DIST_TIMEOUT_S`` sets the collective timeout
+    (default :data:`DEFAULT_TIMEOUT_S`)."""
     if not is_distributed():
         return None
     import torch
@@ -109,6 +126,69 @@ def context(use_cuda: bool | None = None) -> Context | None:
         backend = "cpu:gloo,cuda:nccl" if use_cuda and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timeout)
     return Context(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def describe(exc: BaseException) -> str:
+    """One line for an error: the message of our ValueErrors, else 'Type: message'."""
+    return str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+
+
+def mark_all_ranks(exc: BaseException) -> BaseException:
+    """Note on ``exc`` that every rank of the job is raising an error now (so the CLI may wait
+    at a barrier for every rank to print before exiting); returns ``exc``."""
+    exc.actstore_all_ranks = True
+    return exc
+
+
+def agree(ctx: Context, error: BaseException | None, copy_type) -> None:
+    """A status exchange: every rank calls it at the same point of its program, with the
+    error it met (None: none). When no rank met one it returns; otherwise every rank raises:
+    a rank with its own error raises that (ranks other than 0 raise a ``copy_type`` copy,
+    a :class:`PeerError`, when it is the same as rank 0's), the others raise
+    ``copy_type("rank K failed: ...")`` for the first failed rank K."""
+    msgs = ctx.all_gather(None if error is None else describe(error))
+    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if not failed:
+        return
+    if error is not None:
+        if ctx.rank != 0 and msgs[0] == msgs[ctx.rank]:
+            raise mark_all_ranks(copy_type(msgs[0])) from error
+        raise mark_all_ranks(error)
+    r, m = failed[0]
+    raise mark_all_ranks(copy_type(f"rank {r} failed: {m}"))
+
+
+def cli_call(fn, *args, prog: str = "actstore", **kwargs):
+    """Run a distributed command for its CLI, reporting errors per rank: rank 0 prints its
+    error as the CLI always does; rank k > 0 prints its own errors prefixed ``[rank k]`` and
+    stays silent for :class:`PeerError` copies (rank 0 reports those). Exit status 2. When
+    every rank is failing together, they wait for one another (barrier) after printing, so a
+    launcher that stops the job at the first exit loses no message. One process: ``fn`` as is.
+    """
+    import sys
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("ACTSTORE_DEBUG", "") not in ("", "0"):
+            raise
+        rank = env_world()[0]
+        if rank == 0:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+        elif not isinstance(exc, PeerError):
+            print(f"[rank {rank}] {prog}: error: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        if getattr(exc, "actstore_all_ranks", False):
+            try:
+                import torch.distributed as dist
+                if dist.is_initialized():
+                    dist.barrier(group=_cpu_group())
+            except Exception:  # noqa: BLE001 - a peer is gone: nothing left to wait for
+                pass
+        raise SystemExit(2) from None
 
 
 # ----------------------------------------------------------------------------- work division

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from actstore.distributed import PeerError
+
 HOOK_POINT = ("residual stream after each decoder block, before the final norm "
               "(HF output_hidden_states indexing: 0 = embeddings, i = output of block i-1); "
               "neurons: input of the MLP down projection")
@@ -41,6 +43,11 @@ DEFAULT_BATCH_SIZE = 32
 
 class ExtractError(ValueError):
     """A user-facing extraction failure (message says what and what to do)."""
+
+
+class _PeerCopy(ExtractError, PeerError):
+    """Another rank's error (rank 0's, or "rank K failed: ..."), raised so that every rank
+    stops; the CLI prints it on rank 0 only (the failing rank prints its own)."""
 
 
 class _Stop(Exception):
@@ -295,16 +302,23 @@ class _Writer(threading.Thread):
             self.free.put(bufs)
 
 
-def _write_error(exc: BaseException, store, path) -> ExtractError:
+def _write_error(exc: BaseException, store, path, distributed: bool = False) -> ExtractError:
     import errno
-    done = store.rows_done
+    if distributed:
+        # each rank records its own ranges; rows_done is folded only at the end of the job
+        kept = "The finished row ranges are recorded"
+    else:
+        kept = f"Rows 0..{store.rows_done} are stored"
     if isinstance(exc, OSError):
         what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"
                 }.get(exc.errno, exc.strerror or str(exc))
-        return ExtractError(f"cannot write to {path}: {what}. Rows 0..{done} are stored and "
-                            "intact; fix this and re-run the same command to resume")
-    return ExtractError(f"writing {path} failed after {done} rows: {exc!r}")
+        return ExtractError(f"cannot write to {path}: {what}. {kept} and intact; fix this "
+                            "and re-run the same command to resume")
+    if distributed:
+        return ExtractError(f"writing {path} failed: {exc!r}. {kept}; re-run the same "
+                            "command to resume")
+    return ExtractError(f"writing {path} failed after {store.rows_done} rows: {exc!r}")
 
 
 # ----------------------------------------------------------------------------- the API
@@ -344,7 +358,8 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
 
     from actstore import native
     from actstore.datasets import load_dataset
-    from actstore.distributed import context, segments, split_windows, todo_windows
+    from actstore.distributed import (context, mark_all_ranks, segments, split_windows,
+                                      todo_windows)
     from actstore.models import LoadedModel, decoder_layers, load_model, mlp_width, wrap_model
     from actstore.prompts import get_prompt
     from actstore.store import (StoreError, _format_from_path, _numpy_dtype, create_store,
@@ -476,156 +491,164 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
             store, todo = prepare()
         except BaseException as exc:
             ctx.broadcast(("error", str(exc)))  # the other ranks stop with the same message
+            mark_all_ranks(exc)
             raise
         ctx.broadcast(("ok", todo, meta["batch_size"], meta["padding_side"]))
     else:
         msg = ctx.broadcast(None)   # waits until rank 0 has the store ready
         if msg[0] == "error":
-            raise ExtractError(msg[1])
+            raise mark_all_ranks(_PeerCopy(msg[1]))   # rank 0 reports it
         _, todo, meta["batch_size"], meta["padding_side"] = msg
-        try:
-            store = open_store(out, mode="a", exclusive=False)
-        except StoreError as exc:
-            raise ExtractError(f"{exc} (rank {ctx.rank}: is {out} on a file system that every "
-                               "node sees?)") from None
-    batch_size, side = meta["batch_size"], meta["padding_side"]
-    R = store.rows_per_chunk
-    L = len(layer_list)
-    npdt = _numpy_dtype(dtype)
-    itemsize = npdt.itemsize
-    nbytes = L * n * (lm.d_model + (d_mlp or 0)) * itemsize
-    start_row = n - sum(min(n, w + R) - w for w in todo)   # rows stored before this run
-    if stop_after_rows is not None:
-        todo = [w for w in todo if w < int(stop_after_rows)]
-    mine = todo if ctx is None else split_windows(todo, ctx.world)[ctx.rank]
-    my_rows = sum(min(n, w + R) - w for w in mine)
-    if ctx is None:
-        record = store.mark_rows   # single writer: rows_done (and ranges_done) attributes
-    else:
-        owner = {}
-        for a, b in segments(mine, R, n):
-            rec = store.range_record(a, b)
-            for w in range(a, b, R):
-                owner[w] = rec
-
-        def record(start, stop):
-            owner[start].update(stop)
-    crash = os.environ.get("ACTSTORE_TEST_CRASH_AFTER_WINDOWS", "")  # "RANK:K" (tests)
-    crash_after = (int(crash.split(":")[1]) if crash and int(crash.split(":")[0]) == rank
-                   else None)
-
-    # -- run
-    free: queue.Queue = queue.Queue()
-    for _ in range(2):  # two window buffers: one being filled, one being written
-        free.put((np.empty((L, R, lm.d_model), dtype=npdt),
-                  np.empty((L, R, d_mlp), dtype=npdt) if neurons else None))
-    writer = _Writer(store, free, record, crash_after)
-    writer.start()
-    cap = _Capture(net, layer_list, neurons)
-    base = _forward_base(net)
-    comp_dtype = next(net.parameters()).dtype
-    bar = None
-    if progress and mine and rank == 0:
-        from tqdm.auto import tqdm
-        total = n if ctx is None else my_rows  # distributed: rank 0 shows its own share
-        bar = tqdm(total=total, initial=total - my_rows, unit="row", desc=f"extract {out.name}",
-                   dynamic_ncols=True, smoothing=0.1)
-    real_tokens = total_slots = 0
-    forward_s = 0.0
-    t0 = time.perf_counter()
-    entities = ds.table["entity"].tolist()
-    on_gpu = dev.type == "cuda"
-    staging = None
-    if on_gpu:
-        # two pinned host buffers per array: batch k copies out while batch k-1 is checked
-        staging = [(torch.empty((L, batch_size, lm.d_model), dtype=comp_dtype, pin_memory=True),
-                    torch.empty((L, batch_size, d_mlp), dtype=comp_dtype, pin_memory=True)
-                    if neurons else None) for _ in range(2)]
+        store = None
+    # From here on an error on one rank must not leave the others waiting: every rank ends at
+    # the same status exchange (_finish_ranks), failed or not.
+    failure, owner, my_rows = None, {}, 0
     try:
-        for w0 in mine:
-            w1 = min(n, w0 + R)
-            ents = entities[w0:w1]
-            seqs = pr.encode_many(tok, ents)
-            bufs = free.get()
-            if writer.error is not None:
-                break  # reported below, after the writer has stopped
-            resid_buf, neu_buf = bufs
-            pending = None
+        if store is None:
+            try:
+                store = open_store(out, mode="a", exclusive=False)
+            except StoreError as exc:
+                raise ExtractError(f"{exc} (rank {ctx.rank}: is {out} on a file system that "
+                                   "every node sees?)") from None
+        batch_size, side = meta["batch_size"], meta["padding_side"]
+        R = store.rows_per_chunk
+        L = len(layer_list)
+        npdt = _numpy_dtype(dtype)
+        itemsize = npdt.itemsize
+        nbytes = L * n * (lm.d_model + (d_mlp or 0)) * itemsize
+        start_row = n - sum(min(n, w + R) - w for w in todo)   # rows stored before this run
+        if stop_after_rows is not None:
+            todo = [w for w in todo if w < int(stop_after_rows)]
+        mine = todo if ctx is None else split_windows(todo, ctx.world)[ctx.rank]
+        my_rows = sum(min(n, w + R) - w for w in mine)
+        if ctx is None:
+            record = store.mark_rows   # single writer: rows_done (and ranges_done) attributes
+        else:
+            for a, b in segments(mine, R, n):
+                rec = store.range_record(a, b)
+                for w in range(a, b, R):
+                    owner[w] = rec
 
-            def finish(item):
-                x, nx, rows, ev = item
-                if ev is not None:
-                    ev.synchronize()
-                _check_and_store(x, resid_buf, rows, dtype, layer_list, w0, entities,
-                                 "hidden state", native, comp_dtype)
-                if nx is not None:
-                    _check_and_store(nx, neu_buf, rows, dtype, layer_list, w0, entities,
-                                     "MLP neuron activation", native, comp_dtype)
-                if bar is not None:
-                    bar.update(len(rows))
+            def record(start, stop):
+                owner[start].update(stop)
+        crash = os.environ.get("ACTSTORE_TEST_CRASH_AFTER_WINDOWS", "")  # "RANK:K" (tests)
+        crash_after = (int(crash.split(":")[1]) if crash and int(crash.split(":")[0]) == rank
+                       else None)
 
-            for k, rows in enumerate(plan_batches([len(q) for q in seqs], batch_size)):
-                ids, mask, pos, last = _batch_tensors([seqs[i] for i in rows], pad_id, side, dev)
-                real_tokens += sum(len(seqs[i]) for i in rows)
-                total_slots += mask.numel()
-                B = len(rows)
-                cap.idx = last
-                cap.resid = torch.empty((L, B, lm.d_model), dtype=comp_dtype, device=dev)
-                cap.neu = (torch.empty((L, B, d_mlp), dtype=comp_dtype, device=dev)
-                           if neurons else None)
-                tf = time.perf_counter()
-                with torch.inference_mode():
-                    try:
-                        base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-                    except _Stop:
-                        pass
-                forward_s += time.perf_counter() - tf  # on GPU: launch time only (async)
-                if on_gpu:  # asynchronous copy out; checked one batch later
-                    hx, hn = staging[k % 2]
-                    hx = hx[:, :B]
-                    hx.copy_(cap.resid, non_blocking=True)
-                    if neurons:
-                        hn = hn[:, :B]
-                        hn.copy_(cap.neu, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(torch.cuda.current_stream(dev))  # dev's stream, not device 0's
-                    item = (hx, hn if neurons else None, rows, ev)
-                else:
-                    item = (cap.resid, cap.neu, rows, None)
+        # -- run
+        free: queue.Queue = queue.Queue()
+        for _ in range(2):  # two window buffers: one being filled, one being written
+            free.put((np.empty((L, R, lm.d_model), dtype=npdt),
+                      np.empty((L, R, d_mlp), dtype=npdt) if neurons else None))
+        writer = _Writer(store, free, record, crash_after)
+        writer.start()
+        cap = _Capture(net, layer_list, neurons)
+        base = _forward_base(net)
+        comp_dtype = next(net.parameters()).dtype
+        bar = None
+        if progress and mine and rank == 0:
+            from tqdm.auto import tqdm
+            total = n if ctx is None else my_rows  # distributed: rank 0 shows its own share
+            bar = tqdm(total=total, initial=total - my_rows, unit="row",
+                       desc=f"extract {out.name}", dynamic_ncols=True, smoothing=0.1)
+        real_tokens = total_slots = 0
+        forward_s = 0.0
+        t0 = time.perf_counter()
+        entities = ds.table["entity"].tolist()
+        on_gpu = dev.type == "cuda"
+        staging = None
+        if on_gpu:
+            # two pinned host buffers per array: batch k copies out while batch k-1 is checked
+            staging = [(torch.empty((L, batch_size, lm.d_model), dtype=comp_dtype,
+                                    pin_memory=True),
+                        torch.empty((L, batch_size, d_mlp), dtype=comp_dtype, pin_memory=True)
+                        if neurons else None) for _ in range(2)]
+        try:
+            for w0 in mine:
+                w1 = min(n, w0 + R)
+                ents = entities[w0:w1]
+                seqs = pr.encode_many(tok, ents)
+                bufs = free.get()
+                if writer.error is not None:
+                    break  # reported below, after the writer has stopped
+                resid_buf, neu_buf = bufs
+                pending = None
+
+                def finish(item):
+                    x, nx, rows, ev = item
+                    if ev is not None:
+                        ev.synchronize()
+                    _check_and_store(x, resid_buf, rows, dtype, layer_list, w0, entities,
+                                     "hidden state", native, comp_dtype)
+                    if nx is not None:
+                        _check_and_store(nx, neu_buf, rows, dtype, layer_list, w0, entities,
+                                         "MLP neuron activation", native, comp_dtype)
+                    if bar is not None:
+                        bar.update(len(rows))
+
+                for k, rows in enumerate(plan_batches([len(q) for q in seqs], batch_size)):
+                    ids, mask, pos, last = _batch_tensors([seqs[i] for i in rows], pad_id,
+                                                          side, dev)
+                    real_tokens += sum(len(seqs[i]) for i in rows)
+                    total_slots += mask.numel()
+                    B = len(rows)
+                    cap.idx = last
+                    cap.resid = torch.empty((L, B, lm.d_model), dtype=comp_dtype, device=dev)
+                    cap.neu = (torch.empty((L, B, d_mlp), dtype=comp_dtype, device=dev)
+                               if neurons else None)
+                    tf = time.perf_counter()
+                    with torch.inference_mode():
+                        try:
+                            base(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                 use_cache=False)
+                        except _Stop:
+                            pass
+                    forward_s += time.perf_counter() - tf  # on GPU: launch time only (async)
+                    if on_gpu:  # asynchronous copy out; checked one batch later
+                        hx, hn = staging[k % 2]
+                        hx = hx[:, :B]
+                        hx.copy_(cap.resid, non_blocking=True)
+                        if neurons:
+                            hn = hn[:, :B]
+                            hn.copy_(cap.neu, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(torch.cuda.current_stream(dev))  # dev's stream, not device 0's
+                        item = (hx, hn if neurons else None, rows, ev)
+                    else:
+                        item = (cap.resid, cap.neu, rows, None)
+                    if pending is not None:
+                        finish(pending)
+                    pending = item
                 if pending is not None:
                     finish(pending)
-                pending = item
-            if pending is not None:
-                finish(pending)
-            writer.q.put((w0, w1 - w0, bufs))
+                writer.q.put((w0, w1 - w0, bufs))
+                if bar is not None:
+                    bar.set_postfix(pad=f"{100 * (1 - real_tokens / max(1, total_slots)):.0f}%",
+                                    refresh=False)
+        except BaseException:
+            writer.q.put(None)
+            writer.join()
+            cap.remove()
             if bar is not None:
-                bar.set_postfix(pad=f"{100 * (1 - real_tokens / max(1, total_slots)):.0f}%",
-                                refresh=False)
-    except BaseException:
+                bar.close()
+            store.close()
+            raise
         writer.q.put(None)
         writer.join()
         cap.remove()
         if bar is not None:
             bar.close()
-        store.close()
-        raise
-    writer.q.put(None)
-    writer.join()
-    cap.remove()
-    if bar is not None:
-        bar.close()
-    if writer.error is not None:
-        err = _write_error(writer.error, store, out)
-        store.close()
-        raise err from None
+        if writer.error is not None:
+            err = _write_error(writer.error, store, out, distributed=ctx is not None)
+            store.close()
+            raise err from None
+    except BaseException as exc:
+        if ctx is None:
+            raise
+        failure = exc
     rows = my_rows
     if ctx is not None:
-        # every rank's windows are durable and recorded; then rank 0 alone folds the records
-        # into rows_done (the only writer of the group attributes) while the others wait
-        rows = ctx.sum_int(my_rows)
-        if ctx.is_main:
-            store.finalize_ranges()
-        ctx.barrier()
+        rows = _finish_ranks(ctx, store, failure, my_rows, owner)
     seconds = time.perf_counter() - t0
     store.close()
     final = open_store(out)
@@ -636,6 +659,40 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
                            write_seconds=writer.write_seconds,
                            processes=1 if ctx is None else ctx.world, rank=rank)
     return result
+
+
+def _finish_ranks(ctx, store, failure, my_rows: int, owner: dict) -> int:
+    """The end of a distributed extraction, reached by every rank whether it failed or not
+    (``failure``: its error, or None), so that no rank is left waiting for a failed one.
+
+    One exchange gives every rank each rank's status, row count and finished row ranges;
+    rank 0 folds the ranges into ``rows_done``/``ranges_done`` (it alone writes the group
+    attributes; learning the ranges from the ranks, not from a directory listing, is safe on
+    NFS) and removes the records. Then every rank raises if any failed: its own error, or a
+    copy naming the failed rank. Returns the rows computed by all ranks."""
+    from actstore.distributed import describe, mark_all_ranks
+    finished = sorted({(rec.start, rec.done) for rec in owner.values() if rec.done > rec.start})
+    mine = (None if failure is None else describe(failure), int(my_rows), finished)
+    try:
+        status = ctx.all_gather(mine)
+    except Exception:
+        if failure is not None:
+            raise failure from None   # the exchange failed (a peer died): report our own
+        raise
+    failed = [(r, m) for r, (m, _, _) in enumerate(status) if m is not None]
+    if ctx.is_main and store is not None:
+        try:
+            store.finalize_ranges([iv for _, _, f in status for iv in f])
+        except Exception:
+            if not failed:
+                raise   # else the records stay; the next run's exclusive open folds them
+    if failed:
+        if failure is not None:
+            raise mark_all_ranks(failure)
+        r, m = failed[0]
+        raise mark_all_ranks(_PeerCopy(f"rank {r} failed: {m}"))
+    ctx.barrier()   # the others open the store after rank 0 has folded the records
+    return sum(s[1] for s in status)
 
 
 def _check_and_store(x, buf, rows, dtype, layer_list, w0, entities, what, native,
@@ -745,13 +802,10 @@ def add_cli(subparsers) -> None:
 
 
 def _cli(args) -> int:
-    from actstore.distributed import env_world
-    try:
-        return _cli_run(args)
-    except ValueError:
-        if env_world()[0] != 0:
-            return 2   # rank 0 reports the same error once
-        raise
+    # under torchrun: each rank prints its own errors ("[rank k] ..."), copies of another
+    # rank's error only on rank 0 (actstore.distributed.cli_call)
+    from actstore.distributed import cli_call
+    return cli_call(_cli_run, args, prog="actstore")
 
 
 def _cli_run(args) -> int:

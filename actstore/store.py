@@ -517,17 +517,29 @@ class ActivationStore:
             _write_json_atomic(g / "zarr.json", {"zarr_format": 3, "node_type": "group",
                                                  "attributes": {}})
 
-    def finalize_ranges(self) -> int:
+    def finalize_ranges(self, finished=None) -> int:
         """Fold the per-range records into ``rows_done`` / ``ranges_done`` and delete them;
         returns ``rows_done`` (``n_rows`` once every range is complete). One process only, with
-        no writer running: rank 0 after the others finished, or an exclusive ``open_store``."""
+        no writer running: rank 0 after the others finished, or an exclusive ``open_store``.
+
+        ``finished``: the durable ``(start, stop)`` row ranges the writers of this run report
+        (rank 0 gathers them over the process group). They are folded instead of listing the
+        records: on a network file system (NFS attribute caching) a directory listing may miss
+        a record another node has just written. None: list the records (an exclusive open,
+        e.g. after a crash, when every record is long written)."""
         self._check_writable()
         if self.format != "zarr":
             return self.rows_done
-        self._set_done(self.done_intervals())
+        if finished is None:
+            self._set_done(self.done_intervals())
+        else:
+            self._set_done([(0, self.rows_done)] + self.ranges_done
+                           + [(int(a), int(b)) for a, b in finished])
         g = self.path / PROGRESS_GROUP
         if g.exists():
-            shutil.rmtree(g)
+            # the records are folded: a leftover (an NFS silly-rename file) is only a hint
+            # that the next exclusive open folds again, so failing to delete one is harmless
+            shutil.rmtree(g, ignore_errors=finished is not None)
         return self.rows_done
 
     def close(self) -> None:

@@ -21,7 +21,15 @@ float64 summation (~1e-12 relative).
 """
 from __future__ import annotations
 
+from actstore.distributed import PeerError
+from probes.fit import FitError
+
 __all__ = ["RowShard", "fit_all_layers_distributed", "cli_fit"]
+
+
+class _PeerCopy(FitError, PeerError):
+    """Another rank's error (the same one, or "rank K failed: ..."), raised so that every rank
+    stops together; the CLI prints it on rank 0 only."""
 
 
 class RowShard:
@@ -33,6 +41,37 @@ class RowShard:
 
     def __init__(self, rank: int, world: int, rows_per_chunk: int, group=None):
         self.rank, self.world, self.R, self.group = int(rank), int(world), int(rows_per_chunk), group
+        self.agreed = False   # the first status exchange (agree) is behind this rank
+
+    def agree(self, error: BaseException | None = None) -> None:
+        """The status exchange every rank reaches once its checks are done, before the first
+        reduction: returns when no rank met an error, else every rank raises (its own error, or
+        a copy of the failed rank's). Errors raised before it are sent here by
+        :func:`fit_all_layers_distributed`, so no rank waits in a collective for a failed one."""
+        from actstore.distributed import Context, agree
+        self.agreed = True
+        agree(Context(self.rank, self.world, self.rank), error, _PeerCopy)
+
+    def alike(self, err: BaseException) -> BaseException:
+        """``err``, which every rank meets at the same point (it comes from reduced data): to
+        raise on this rank, a silent copy on ranks other than 0 (rank 0 reports it)."""
+        from actstore.distributed import mark_all_ranks
+        if not self.is_main:
+            copy = _PeerCopy(str(err))
+            copy.__cause__ = err
+            err = copy
+        return mark_all_ranks(err)
+
+    def any_bad(self, bad):
+        """Per-layer flags (B,) checked on rank 0's reduced predictions (all rows; the other
+        ranks' buffers are partial) -> the same flags on every rank."""
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+        local = np.asarray(bad, dtype=bool)
+        t = torch.from_numpy((local if self.is_main else np.zeros_like(local)).astype(np.int64))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t.numpy().astype(bool)
 
     @property
     def is_main(self) -> bool:
@@ -89,7 +128,7 @@ def fit_all_layers_distributed(store, **kwargs):
     dict on rank 0 (which alone writes ``out``) and None on the other ranks. On GPUs each rank
     uses GPU ``LOCAL_RANK`` and the tensors are reduced with NCCL; on CPU with gloo.
     """
-    from actstore.distributed import context
+    from actstore.distributed import agree, context
     from actstore.store import open_store
     from probes.fit import fit_all_layers
 
@@ -97,23 +136,28 @@ def fit_all_layers_distributed(store, **kwargs):
     ctx = context(use_cuda=cuda)
     if ctx is None:
         return fit_all_layers(store, **kwargs)
-    # context() bound this rank to GPU LOCAL_RANK: device "cuda" now means that one
-    if isinstance(store, (str, bytes)) or hasattr(store, "__fspath__"):
-        store = open_store(store)
-    shard = RowShard(ctx.rank, ctx.world, store.rows_per_chunk)
-    if not ctx.is_main:
-        kwargs["out"] = None
-        kwargs["progress"] = False
-    return fit_all_layers(store, shard=shard, **kwargs)
+    shard = None
+    try:
+        # context() bound this rank to GPU LOCAL_RANK: device "cuda" now means that one
+        if isinstance(store, (str, bytes)) or hasattr(store, "__fspath__"):
+            store = open_store(store)
+        shard = RowShard(ctx.rank, ctx.world, store.rows_per_chunk)
+        if not ctx.is_main:
+            kwargs["out"] = None
+            kwargs["progress"] = False
+        return fit_all_layers(store, shard=shard, **kwargs)
+    except BaseException as exc:
+        if shard is None or not shard.agreed:
+            # failed before the first exchange (a bad argument, a store this node cannot
+            # open): meet the other ranks there, so that every rank stops with a message
+            agree(ctx, exc, _PeerCopy)
+        raise
 
 
 def cli_fit(store, **kwargs):
-    """``fastprobe fit`` under torchrun: rank 0 returns the result; other ranks return None and
-    leave errors (which every rank meets alike) to rank 0 to report, exiting with status 2."""
-    from actstore.distributed import env_world
-    try:
-        return fit_all_layers_distributed(store, **kwargs)
-    except ValueError:
-        if env_world()[0] != 0:
-            raise SystemExit(2) from None
-        raise
+    """``fastprobe fit`` under torchrun: rank 0 returns the result; other ranks return None.
+    An error every rank meets (unknown target, NaN activations) is printed once, by rank 0;
+    a rank's own error is printed by that rank, prefixed ``[rank k]``; exit status 2
+    (:func:`actstore.distributed.cli_call`)."""
+    from actstore.distributed import cli_call
+    return cli_call(fit_all_layers_distributed, store, prog="fastprobe", **kwargs)

@@ -177,13 +177,15 @@ def _default_device(backend) -> str:
     return "cpu"
 
 
-def _check_finite_layer(store, pos: int, n: int):
-    """Find the first non-finite activation of one layer (only called once one was detected)."""
+def _check_finite_layer(store, pos: int, n: int, shard=None):
+    """Find the first non-finite activation of one layer (only called once one was detected;
+    distributed: on every rank at once, see RowShard.alike)."""
     x = np.asarray(store.layer(pos)[:n], dtype=np.float32)
     bad = np.argwhere(~np.isfinite(x))
     row, col = (int(bad[0][0]), int(bad[0][1])) if len(bad) else (-1, -1)
-    raise FitError(f"{store.path}: layer {store.layers[pos]} (position {pos}) has NaN or inf "
+    err = FitError(f"{store.path}: layer {store.layers[pos]} (position {pos}) has NaN or inf "
                    f"activations, first at row {row}, dim {col}")
+    raise err if shard is None else shard.alike(err)
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -274,6 +276,8 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
         fold_all = np.full(n, -1, dtype=np.int32)
         fold_all[train] = kfold_assignment(n_train, cv, shuffle=True, seed=seed)
     form = "dual" if n_train < d else "primal"
+    if shard is not None:
+        shard.agree()            # every rank got here without an error (else all raise)
     if shard is not None and form == "dual":
         if not shard.is_main:
             return None          # n < d rows fit in memory: rank 0 reads them all (dual form)
@@ -439,7 +443,7 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     ts = time.perf_counter()
     finite = torch.isfinite(stats.xtx.reshape(B, -1)).all(1) & torch.isfinite(stats.sx.reshape(B, -1)).all(1)
     if not bool(finite.all()):
-        _check_finite_layer(store, bpos[int((~finite).nonzero()[0])], n)
+        _check_finite_layer(store, bpos[int((~finite).nonzero()[0])], n, shard)
     tot = stats.totals()
     fac = primal_factor(float(tot.n[0]), tot.sx[:, 0], tot.xtx[:, 0], tot.sy[0], tot.xty[:, 0],
                         stats.shift, precision=precision)
@@ -487,8 +491,10 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     timings["projection"] += time.perf_counter() - ts
     # Test rows never enter the statistics; a non-finite one shows up in its prediction.
     bad = ~np.isfinite(preds).reshape(B, -1).all(1)
+    if shard is not None:
+        bad = shard.any_bad(bad)   # rank 0 holds every row: every rank raises, none waits
     if bad.any():
-        _check_finite_layer(store, bpos[int(np.nonzero(bad)[0][0])], n)
+        _check_finite_layer(store, bpos[int(np.nonzero(bad)[0][0])], n, shard)
     return (W.cpu().numpy(), b.cpu().numpy(), idx, scores.cpu().numpy(), preds,
             [best[i] for i in range(B)])
 

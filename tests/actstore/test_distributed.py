@@ -165,6 +165,58 @@ def test_a_settings_mismatch_stops_every_rank(tmp_path, tiny_model, tiny_tokeniz
         assert "batch_size: 3 -> 5" in Path(f"{out}.err{r}").read_text()
 
 
+def _cli_rank(model, tok, csv, out, fail_rank):
+    """`actstore extract` as the CLI runs it, stderr to a file per rank; rank ``fail_rank``'s
+    shard writes fail as on a full disk (an error only that rank meets)."""
+    import errno
+    from argparse import Namespace
+    from contextlib import redirect_stderr
+
+    from actstore.extract import _cli
+    from actstore.store import ActivationStore
+    rank = int(os.environ["RANK"])
+    if rank == fail_rank:
+        def full(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        ActivationStore.write_rows = full
+    args = Namespace(model=(model, tok), dataset=str(csv), prompt="coords", out=str(out),
+                     layers="all", neurons=True, dtype="float16", format=None, batch_size=3,
+                     device="cpu", compute_dtype="auto", limit=None, kind=None,
+                     drop_invalid=False, overwrite=False, rows_per_chunk=R, compression=None,
+                     no_progress=True, device_map=None)
+    with open(f"{out}.stderr{rank}", "w", buffering=1) as f, redirect_stderr(f):
+        try:
+            code = _cli(args)
+        except SystemExit as exc:
+            code = exc.code
+    raise SystemExit(code)
+
+
+@pytest.mark.parametrize("fail_rank", [1, 0])
+def test_a_rank_local_error_is_reported_and_stops_every_rank(tmp_path, tiny_model,
+                                                            tiny_tokenizer, csv, fail_rank):
+    """A write error on one rank only: that rank prints it (rank k > 0 prefixed "[rank k]"),
+    rank 0 says which rank failed, nobody waits for a collective timeout, and the other
+    rank's finished windows are folded into the store (resume redoes only the rest)."""
+    out = tmp_path / "e.zarr"
+    codes = launch_local(_cli_rank, 2, (tiny_model, tiny_tokenizer, csv, out, fail_rank),
+                         timeout=120)
+    assert codes == [2, 2]
+    err = [Path(f"{out}.stderr{r}").read_text() for r in (0, 1)]
+    want = (f"cannot write to {out}: the disk is full. The finished row ranges are recorded "
+            "and intact; fix this and re-run the same command to resume")
+    if fail_rank == 1:
+        assert err[1].strip() == f"[rank 1] actstore: error: {want}"
+        assert err[0].strip() == f"actstore: error: rank 1 failed: {want}"
+    else:
+        assert err[0].strip() == f"actstore: error: {want}"
+        assert err[1] == ""            # the copy of rank 0's error is not printed twice
+    s = open_store(out)
+    ok = (40, 70) if fail_rank == 0 else (0, 40)   # the windows of the rank that did not fail
+    assert s.done_intervals() == [ok] and s.range_records() == []
+    assert not (out / "progress").exists()
+
+
 # ----------------------------------------------------------------------------- pure parts
 
 def test_work_division():
@@ -224,6 +276,18 @@ def test_range_records_fold_into_rows_done(tmp_path):
     np.testing.assert_array_equal(s2.read(slice(24, 32)), block * 25)
     with pytest.raises(StoreError, match="outside"):
         ra.update(17)
+
+
+def test_finalize_folds_the_ranges_it_is_given(tmp_path):
+    """Distributed: rank 0 folds the ranges the ranks report over the process group, not a
+    directory listing (which may miss a record just written on another NFS client)."""
+    s = _small_store(tmp_path / "s.zarr")
+    s.begin_ranges()
+    s.write_rows(0, np.ones((2, 16, 4), dtype=np.float16))
+    s.write_rows(24, np.ones((2, 8, 4), dtype=np.float16))
+    s.range_record(24, 40).update(32)     # on disk, but not reported: not folded
+    assert s.finalize_ranges([(0, 8), (8, 16)]) == 16
+    assert s.ranges_done == [] and not (tmp_path / "s.zarr" / "progress").exists()
 
 
 def test_hdf5_has_no_parallel_writers(tmp_path):

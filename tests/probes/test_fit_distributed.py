@@ -114,6 +114,77 @@ def test_one_process_is_plain_fit_all_layers(tmp_path):
     np.testing.assert_array_equal(a["arrays"]["predictions"], b["arrays"]["predictions"])
 
 
+def _fit_rank_error(store, out, kw):
+    """Every rank must stop with the FitError (none left waiting in a collective)."""
+    from probes.fit import FitError
+    rank = int(os.environ["RANK"])
+    try:
+        fit_all_layers_distributed(store, **kw)
+    except FitError as exc:
+        Path(f"{out}.err{rank}").write_text(f"{type(exc).__name__}: {exc}")
+        return
+    raise AssertionError("no error")
+
+
+def test_nan_test_row_on_rank_0_stops_every_rank(tmp_path):
+    """k-fold, one layer per batch: a non-finite *test* row in rank 0's rows shows up only in
+    rank 0's reduced predictions; the other rank must not go on to the next batch's
+    all-reduce and wait there."""
+    path = make_store(tmp_path / "s.zarr", n=40, R=16)      # rank 0: rows 0..32, rank 1: 32..40
+    st = open_store(path, mode="a")
+    row = int(np.nonzero(st.is_test[:16])[0][0])
+    block = st.read(slice(0, 16))
+    block[0, row, 3] = np.inf                             # layer position 0 (the first batch)
+    st.write_rows(0, block)
+    st.close()
+    out = tmp_path / "r"
+    kw = dict(backend="torch", cv=3, memory_bytes=1)
+    assert launch_local(_fit_rank_error, 2, (path, out, kw), timeout=120) == [0, 0]
+    want = f"position 0) has NaN or inf activations, first at row {row}, dim 3"
+    e0, e1 = (Path(f"{out}.err{r}").read_text() for r in (0, 1))
+    assert e0.startswith("FitError: ") and want in e0
+    assert e1.startswith("_PeerCopy: ") and want in e1   # printed by rank 0 only
+
+
+def _cli_fit_rank(store, out, kw, fail_rank):
+    """`fastprobe fit` as the CLI runs it (stderr to a file per rank); rank ``fail_rank`` cannot
+    open the store (as when it is not on a file system that every node sees)."""
+    from contextlib import redirect_stderr
+
+    from actstore.store import StoreError
+    from probes.distributed import cli_fit
+    rank = int(os.environ["RANK"])
+    if rank == fail_rank:
+        def cannot(path, *a, **k):
+            raise StoreError(f"{path}: no such store")
+        import actstore.store
+        actstore.store.open_store = cannot
+    with open(f"{out}.stderr{rank}", "w", buffering=1) as f, redirect_stderr(f):
+        try:
+            cli_fit(store, **kw)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    raise SystemExit(code)
+
+
+@pytest.mark.parametrize("case", ["rank-local", "every rank"])
+def test_cli_errors_are_printed_by_the_rank_that_meets_them(tmp_path, case):
+    path = make_store(tmp_path / "s.zarr", n=40, R=16)
+    out = tmp_path / "o"
+    if case == "rank-local":
+        args = (path, out, dict(backend="torch"), 1)
+    else:
+        args = (path, out, dict(backend="torch", targets=["nope"]), None)
+    assert launch_local(_cli_fit_rank, 2, args, timeout=120) == [2, 2]
+    e0, e1 = (Path(f"{out}.stderr{r}").read_text().strip() for r in (0, 1))
+    if case == "rank-local":
+        assert e1 == f"[rank 1] fastprobe: error: {path}: no such store"
+        assert e0 == f"fastprobe: error: rank 1 failed: {path}: no such store"
+    else:
+        assert e0.startswith("fastprobe: error: unknown target 'nope'") and e1 == ""
+
+
 @pytest.mark.slow
 def test_torchrun_fastprobe_fit_cli(tmp_path):
     store = make_store(tmp_path / "s.zarr")
