@@ -21,7 +21,9 @@ Common conventions (those of ``fastprobe fit``):
 * ``layer`` is a layer POSITION (index into ``store.layers``; negative counts from the end).
   ``layer=None`` takes the best LOO layer: the layer whose chosen alpha has the best LOO score
   (-mean squared LOO residual in z units over train rows and targets), so the choice never sees
-  the test rows. Results report both the hidden-state index (``layer``) and the ``position``;
+  the test rows. Results report both the hidden-state index (``layer``) and the ``position``.
+  The hold-out chooses each held-out probe's layer by LOO on that probe's own rows (outside the
+  held-out group; ``layer_selection`` in its result);
 * metrics are those of :mod:`probes.metrics`: R² (mean over targets), Spearman (mean over
   targets), proximity error (haversine when the targets include latitude and longitude, else
   euclidean over the targets, |a - b| for one target).
@@ -401,6 +403,34 @@ def group_labels(store, column: str):
     return lab, name, f"floor({base} / {unit}) * {unit}"
 
 
+LAYER_GIVEN = ("given: the nominal and every held-out probe use the layer the caller chose "
+               "(the caller is responsible for choosing it without the held-out groups)")
+LAYER_PER_FIT = ("per fit, by LOO on that fit's own rows: the nominal probe at the best LOO layer "
+                 "over the split's train rows (`layer`); each held-out probe at the best LOO "
+                 "layer over the rows outside its group (`heldout_layer`), so a held-out group "
+                 "never influences the layer of the probe it is tested with")
+
+
+def _heldout_fits(store, Y, masks, grid, backend, positions) -> dict:
+    """For each group g (masks: g -> (n,) bool rows of g): the ridge probe fitted on the rows
+    outside g (alpha by LOO over ``grid`` on those rows) at the position of ``positions`` whose
+    chosen alpha has the best LOO score on those same rows (ties: the lowest position), with
+    its predictions for every row. Each layer is read once; one fit per group and layer.
+    Returns g -> {"position", "alpha", "cv_score", "P" (n, k)}."""
+    n = Y.shape[0]
+    best = {}
+    for p in positions:
+        X = _layer_x(store, p)
+        for g, m in masks.items():
+            probe = _ridge(grid, backend).fit(X[~m], Y[~m])
+            sc = float(probe.best_score_)
+            if g not in best or sc > best[g]["cv_score"]:
+                best[g] = {"position": int(p), "alpha": float(probe.alpha_), "cv_score": sc,
+                           "P": probe.predict(X).reshape(n, -1)}
+        del X
+    return best
+
+
 def holdout_experiment(store, group_column, layer=None, targets=None, min_group_size=10,
                        max_groups=None, alphas=DEFAULT_ALPHAS, backend="auto", split="is_test",
                        alpha=None, groups=None) -> dict:
@@ -411,7 +441,15 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
     ``min_group_size`` rows (and leaving >= 3 rows outside), largest first, at most
     ``max_groups`` (None = all); or exactly the values in ``groups``.
 
-    Exact definitions, for one layer (``layer``; None = the best LOO layer of the nominal fit):
+    Layer (``layer_selection`` in the result): ``layer`` given: every probe at that position.
+    ``layer=None``: each probe's layer is chosen by LOO on that probe's own fitting rows, as its
+    alpha: the nominal probe at the best LOO layer over the train rows of ``split`` (``layer``,
+    ``position``), each held-out probe at the best LOO layer over the rows outside its group
+    (per group ``heldout_layer``, ``heldout_position``, ``heldout_cv_score``), so no held-out
+    row influences the layer of the probe that predicts it (costs one ridge fit per group and
+    layer).
+
+    Exact definitions:
 
     * nominal probe: ridge fitted on the train rows of ``split`` (the standard split: a random
       split of the dataset that contains every group), alpha by LOO on those rows
@@ -475,19 +513,23 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
     P_nom = res["arrays"]["predictions"][j]
     is_test = parse_split(split, store, n)
     prox_nom = proximity_rows(Y, P_nom, names)
-    X = _layer_x(store, pos)
     ll = _latlon(names)
+    masks = {g: lab == g for g in chosen}
+    positions = [pos] if layer is not None else list(range(store.n_layers))
+    heldout = _heldout_fits(store, Y, masks, grid, backend, positions)
 
     rows = []
     for g in chosen:
-        m = lab == g
-        probe = _ridge(grid, backend).fit(X[~m], Y[~m])
-        P = probe.predict(X).reshape(n, -1)
+        m = masks[g]
+        h = heldout[g]
+        P = h["P"]
         prox = proximity_rows(Y, P, names)
         nm = m & is_test
         entry = {
             "group": g, "n": int(m.sum()), "n_nominal": int(nm.sum()),
-            "alpha": float(probe.alpha_),
+            "alpha": h["alpha"],
+            "heldout_layer": int(store.layers[h["position"]]),
+            "heldout_position": int(h["position"]), "heldout_cv_score": h["cv_score"],
             "heldout_proximity_error": float(prox[m].mean()),
             "nominal_proximity_error": float(prox_nom[nm].mean()) if nm.any() else None,
             "heldout_mae_per_target": {t: float(v) for t, v in
@@ -521,6 +563,7 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
         "targets": names, "split": split, "n_rows": n,
         "n_train": int((~is_test).sum()), "n_test": int(is_test.sum()),
         **_layer_info(store, pos), "layer_choice": "given" if layer is not None else "best LOO",
+        "layer_selection": (LAYER_GIVEN if layer is not None else LAYER_PER_FIT),
         "alpha_mode": "fixed" if fixed else "LOO",
         "nominal_alpha": res["layers"][j]["alpha"],
         "min_group_size": int(min_group_size) if groups is None else None,
@@ -546,7 +589,9 @@ def entity_type_experiment(store, layer=None, targets=None, min_group_size=10, m
 def _train_mlp(Xf, Yf, Xv, Yv, hidden, wd, lr, batch_size, max_epochs, patience, seed, device):
     """One MLP (d -> hidden ReLU -> k), AdamW, minibatches, early stopping on validation MSE.
 
-    Returns (model at its best validation epoch, best val loss, epochs run, val loss curve)."""
+    A non-finite validation loss (divergence) counts as +inf: never the best epoch.
+    Returns (model at its best validation epoch, best val loss, epochs run, val loss curve);
+    when no epoch had a finite validation loss (diverged): (None, inf, epochs, curve)."""
     import torch
     torch.manual_seed(seed)
     d, k = Xf.shape[1], Yf.shape[1]
@@ -569,6 +614,8 @@ def _train_mlp(Xf, Yf, Xv, Yv, hidden, wd, lr, batch_size, max_epochs, patience,
         with torch.no_grad():
             v = float(torch.nn.functional.mse_loss(net(Xv), Yv))
         curve.append(v)
+        if not math.isfinite(v):
+            v = math.inf                  # diverged (NaN / inf): never the best epoch
         if v < best - 1e-12:
             best, bad = v, 0
             best_state = {k_: t.detach().clone() for k_, t in net.state_dict().items()}
@@ -576,6 +623,8 @@ def _train_mlp(Xf, Yf, Xv, Yv, hidden, wd, lr, batch_size, max_epochs, patience,
             bad += 1
             if bad >= patience:
                 break
+    if best_state is None:
+        return None, math.inf, len(curve), curve
     net.load_state_dict(best_state)
     return net, best, len(curve), curve
 
@@ -594,7 +643,10 @@ def nonlinear_experiment(store, layer=None, targets=None, hidden=256, seed=0,
     seeded with ``seed``, AdamW(lr, weight_decay), shuffled minibatches of ``batch_size``, MSE
     loss; after each epoch the validation MSE; training stops after ``patience`` epochs without
     improvement or ``max_epochs``, and the best-validation-epoch weights are kept. The weight
-    decay with the lowest best validation MSE wins (no refit on the validation rows).
+    decay with the lowest best validation MSE wins (no refit on the validation rows). A run
+    whose validation loss is NaN or inf in every epoch (divergence; non-finite losses count as
+    +inf) is recorded with ``"diverged": true`` and ``best_val_mse`` None and is skipped;
+    ExperimentError when every weight decay diverges.
     Both probes are scored on the same test rows (and train rows): r2, spearman, proximity error.
     Deterministic for a given seed on one machine (float32, CPU or the GPU when ``device`` /
     backend says so).
@@ -653,12 +705,18 @@ def nonlinear_experiment(store, layer=None, targets=None, hidden=256, seed=0,
             net, v, ep, curve = _train_mlp(Xs[fi], Ys[fi], Xs[vi], Ys[vi], int(hidden), wd,
                                            float(lr), int(batch_size), int(max_epochs),
                                            int(patience), seed, dev)
-            runs.append({"weight_decay": wd, "best_val_mse": v, "epochs": ep, "val_curve": curve})
-            if best is None or v < best[1]:
+            diverged = net is None
+            runs.append({"weight_decay": wd, "best_val_mse": None if diverged else v,
+                         "epochs": ep, "val_curve": curve, "diverged": diverged})
+            if not diverged and (best is None or v < best[1]):
                 best = (net, v, wd)
     finally:
         if small:
             torch.set_num_threads(threads)
+    if best is None:
+        raise ExperimentError(
+            f"the MLP probe diverged (validation loss NaN or inf in every epoch) for every weight "
+            f"decay {wds} at lr {float(lr):g}; lower the learning rate (--lr)")
     with torch.no_grad():
         P_mlp = best[0](Xs).double().cpu().numpy() * sy + my
     trm = ~is_test
@@ -814,7 +872,9 @@ def _plot(result: dict, path: Path) -> None:
         ax.bar(x + 0.2, [r["heldout_proximity_error"] for r in rows], 0.4, label="held out")
         ax.set_xticks(x, [str(r["group"])[:18] for r in rows], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("mean proximity error (lower is better)")
-        ax.set_title(f"block hold-out by {result['group_column']}, layer {result['layer']}")
+        ax.set_title(f"block hold-out by {result['group_column']}, layer {result['layer']}"
+                     + (" (held out: per-group LOO layer)"
+                        if result.get("layer_choice") == "best LOO" else ""))
         ax.grid(alpha=0.3, axis="y")
         ax.legend()
     elif kind == "nonlinear":
@@ -903,25 +963,34 @@ def format_experiment(result: dict) -> str:
                    f"targets {tg}  layer {result['layer']} ({result['layer_choice']})  "
                    f"{len(result['groups'])} groups of {result['n_distinct_groups']}  "
                    f"alpha {result['alpha_mode']}  nominal split {result['split']}")
+        per_fit = result.get("layer_choice") == "best LOO" and all(
+            "heldout_layer" in r for r in result["groups"])
         head = ["group", "rows", "nominal rows", "prox nominal", "prox held-out"]
+        if per_fit:
+            head.append("held-out layer")
         if places:
             head += ["km nominal", "km held-out"]
         rows = []
         for r in result["groups"]:
             row = [str(r["group"])[:28], str(r["n"]), str(r["n_nominal"]),
                    _f(r["nominal_proximity_error"]), _f(r["heldout_proximity_error"])]
+            if per_fit:
+                row.append(str(r["heldout_layer"]))
             if places:
                 row += [_f(r["nominal_km_error_median"], ".0f"),
                         _f(r["heldout_km_error_median"], ".0f")]
             rows.append(row)
         s = result["summary"]
         mean = [f"mean of {s['n_groups_with_nominal']}", "", "", _f(s["nominal_proximity_error"]),
-                _f(s["heldout_proximity_error"])] + (["", ""] if places else [])
+                _f(s["heldout_proximity_error"])] + ([""] if per_fit else []) \
+            + (["", ""] if places else [])
         out += _table(head, rows + [mean])
         out.append("proximity error: fraction of all entities whose prediction is closer to an "
                    "entity's true value than its own prediction (0 is perfect); nominal = the "
                    "group's test rows under the standard split, held-out = the whole group, "
-                   "probe fitted without it; mean over groups with nominal rows")
+                   "probe fitted without it; mean over groups with nominal rows"
+                   + ("; each held-out probe's layer is chosen by LOO without its group"
+                      if per_fit else ""))
     elif kind == "nonlinear":
         m = result["mlp"]
         out.append(f"nonlinear probe  targets {tg}  layer {result['layer']} "
@@ -933,8 +1002,9 @@ def format_experiment(result: dict) -> str:
             for name, key in ((f"linear (alpha {result['linear']['alpha']:.3g})", "linear"),
                               (f"MLP {m['hidden']} (wd {m['weight_decay']:g})", "mlp"))])
         out.append("MLP weight decays: " + ", ".join(
-            f"{r['weight_decay']:g}: val MSE {r['best_val_mse']:.4f} ({r['epochs']} epochs)"
-            for r in m["runs"]))
+            f"{r['weight_decay']:g}: " + ("diverged" if r.get("diverged") else
+                                          f"val MSE {_f(r['best_val_mse'], '.4f')}")
+            + f" ({r['epochs']} epochs)" for r in m["runs"]))
     elif kind == "pca":
         out.append(f"PCA probes  targets {tg}  layer {result['layer']} ({result['layer_choice']})  "
                    f"d={result['d_model']}  train {result['n_train']} / test {result['n_test']}")

@@ -377,6 +377,7 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
     result = {
         "store": str(store.path),
         "model": (store.meta or {}).get("model") if isinstance(store.meta, dict) else None,
+        "store_identity": store_identity(store),
         "n_rows": n,
         "d_model": d,
         "targets": names,
@@ -505,10 +506,31 @@ def _jsonable(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "arrays"}
 
 
+def store_identity(store) -> dict:
+    """What identifies the store a fit was made on (results.json ``store_identity``): its
+    metadata's creation time, dataset sha256, prompt name and model id, and its completed rows.
+    ``fastprobe neurons --probe`` compares these with the store it is given (same path or not),
+    so a store re-extracted at the same path with another prompt or dataset is caught."""
+    meta = store.meta if isinstance(getattr(store, "meta", None), dict) else {}
+    ds, pr, mo = meta.get("dataset"), meta.get("prompt"), meta.get("model")
+    return {
+        "created": meta.get("created"),
+        "dataset_sha256": ds.get("sha256") if isinstance(ds, dict) else None,
+        "prompt": pr.get("name") if isinstance(pr, dict) else (pr if isinstance(pr, str) else None),
+        "model_id": mo.get("id") if isinstance(mo, dict) else (mo if isinstance(mo, str) else None),
+        "n_rows": int(store.rows_done),
+    }
+
+
 def write_results(result: dict, out, store=None) -> Path:
-    """Write results.json, probes.npz, the best layer's predictions CSV and the PNG plots."""
+    """Write results.json, probes.npz, the best layer's predictions CSV and the PNG plots.
+
+    results.json records ``store_identity`` (:func:`store_identity`; taken from ``store`` when
+    the result lacks it)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if store is not None and "store_identity" not in result:
+        result = {**result, "store_identity": store_identity(store)}
     (out / RESULTS_FILE).write_text(json.dumps(_jsonable(result), indent=1, allow_nan=True))
     arr = result.get("arrays")
     if arr is not None:

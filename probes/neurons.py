@@ -40,7 +40,8 @@ __all__ = ["NeuronStats", "NeuronStatsError", "neuron_update", "reference_neuron
            "rank_transform", "spearman", "pearson_from_moments", "prepare_neuron_chunk",
            "neuron_correlations", "NeuronReportError", "neuron_report", "METHODS",
            "projection_correlations", "projected_neuron", "resolve_model", "load_probe",
-           "add_probe_cosines", "write_neuron_report"]
+           "add_probe_cosines", "write_neuron_report", "PRE_MLP_NORM", "pre_mlp_norm_name",
+           "output_weights"]
 
 
 class NeuronStatsError(ValueError):
@@ -396,38 +397,72 @@ NEURON_LAYER_RULE = ("layer = hidden-state index the neuron's MLP writes into: t
                      "state b, the input of block b)")
 
 
+# Which norm module feeds each architecture's MLP, by decoder-block class (read from the
+# installed transformers' modeling_*.py): "post_attention_layernorm" in the pre-norm blocks
+# (Llama, SmolLM2 = Llama, Mistral, Qwen2/3, Gemma 1, OLMo 1), "pre_feedforward_layernorm" in
+# Gemma 2/3 (whose post_attention_layernorm normalises the attention OUTPUT), None in OLMo 2/3
+# (post-norm: post_attention_layernorm normalises the attention output and the MLP reads the
+# raw residual). Unknown blocks are refused: guessing a norm gives silently wrong neurons.
+PRE_MLP_NORM = {
+    "LlamaDecoderLayer": "post_attention_layernorm",
+    "MistralDecoderLayer": "post_attention_layernorm",
+    "Qwen2DecoderLayer": "post_attention_layernorm",
+    "Qwen3DecoderLayer": "post_attention_layernorm",
+    "SmolLM3DecoderLayer": "post_attention_layernorm",
+    "GemmaDecoderLayer": "post_attention_layernorm",
+    "OlmoDecoderLayer": "post_attention_layernorm",
+    "Gemma2DecoderLayer": "pre_feedforward_layernorm",
+    "Gemma3DecoderLayer": "pre_feedforward_layernorm",
+    "Olmo2DecoderLayer": None,
+    "Olmo3DecoderLayer": None,
+}
+
+
+def pre_mlp_norm_name(block):
+    """Attribute name of the norm in front of ``block``'s MLP (None: the MLP reads the raw
+    residual), from :data:`PRE_MLP_NORM` by the block's class (or a base class); unknown layouts
+    raise NeuronReportError."""
+    for cls in type(block).__mro__:
+        if cls.__name__ in PRE_MLP_NORM:
+            return PRE_MLP_NORM[cls.__name__]
+    raise NeuronReportError(
+        f"--method projection does not know which norm feeds the MLP of {type(block).__name__} "
+        f"blocks (known: {', '.join(sorted(PRE_MLP_NORM))}); refusing to guess. Extract the "
+        "neurons instead (`actstore extract --neurons`, method stored)")
+
+
 def _mlp_parts(block):
-    """(norm, gate_proj, up_proj, act_fn) of a gated-MLP decoder block (Llama, Mistral, Qwen2,
-    Gemma...). The norm is the one in front of the MLP: ``pre_feedforward_layernorm`` where the
-    block has it (Gemma 2/3, whose ``post_attention_layernorm`` normalises the attention output),
-    else ``post_attention_layernorm``."""
+    """(norm or None, gate_proj, up_proj, act_fn) of a gated-MLP decoder block of a known
+    architecture (:data:`PRE_MLP_NORM`): the norm is the module in front of the MLP, None where
+    the MLP reads the raw residual (OLMo 2)."""
+    norm_name = pre_mlp_norm_name(block)
     mlp = getattr(block, "mlp", None)
     parts = {"mlp.gate_proj": getattr(mlp, "gate_proj", None),
              "mlp.up_proj": getattr(mlp, "up_proj", None),
              "mlp.act_fn": getattr(mlp, "act_fn", None)}
-    norm = getattr(block, "pre_feedforward_layernorm", None)
-    if norm is None:
-        norm = getattr(block, "post_attention_layernorm", None)
-    parts["post_attention_layernorm"] = norm
+    if norm_name is not None:
+        parts[norm_name] = getattr(block, norm_name, None)
     missing = [k for k, v in parts.items() if v is None]
     if missing:
         raise NeuronReportError(
-            f"--method projection needs a gated MLP behind an RMS norm (Llama, Mistral, Qwen2, "
-            f"Gemma...); {type(block).__name__} has no {', '.join(missing)}")
+            f"--method projection needs a gated MLP (Llama, Mistral, Qwen2, Gemma, OLMo 2...); "
+            f"{type(block).__name__} has no {', '.join(missing)}")
+    norm = None if norm_name is None else parts[norm_name]
     return norm, parts["mlp.gate_proj"], parts["mlp.up_proj"], parts["mlp.act_fn"]
 
 
 class _BlockProjector:
     """Neuron activations of one block's MLP from residual vectors, in float32 on ``device``:
-    act(gate(norm(x))) * up(norm(x)), with float32 copies of the block's own norm module and
-    projection weights (only this block's MLP input side is on the device)."""
+    act(gate(norm(x))) * up(norm(x)), with float32 copies of the block's own pre-MLP norm module
+    (none where the MLP reads the raw residual, OLMo 2) and projection weights (only this
+    block's MLP input side is on the device)."""
 
     def __init__(self, block, device, index=None):
         import copy
 
         norm, gate, up, act = _mlp_parts(block)
         f32 = dict(device=device, dtype=torch.float32)
-        self.norm = copy.deepcopy(norm).to(**f32)
+        self.norm = (lambda x: x) if norm is None else copy.deepcopy(norm).to(**f32)
         sel = (lambda t: t) if index is None else (lambda t: t[index])
         self.wg = sel(gate.weight.detach()).to(**f32)
         self.wu = sel(up.weight.detach()).to(**f32)
@@ -467,10 +502,13 @@ def projection_correlations(store, model, Y, rows_mask=None, layers=None, device
 
     For each selected store position p with hidden-state index l = store.layers[p] < number of
     blocks: the stored residual h_l (the input of block l) is normalised by block l's own
-    pre-MLP RMS norm module (``post_attention_layernorm``: x / sqrt(mean(x²) + eps) * w) and
-    projected through block l's ``mlp.gate_proj`` and ``mlp.up_proj``: a = act(gate) * up
-    (float32). This equals block l's true neuron activations when the attention of block l
-    adds nothing (h_mid = h_l); otherwise it approximates them by skipping block l's
+    pre-MLP norm module, the one the model applies in front of the MLP (:data:`PRE_MLP_NORM`:
+    ``post_attention_layernorm`` in Llama-style blocks, x / sqrt(mean(x²) + eps) * w;
+    ``pre_feedforward_layernorm`` in Gemma 2/3; none in OLMo 2, whose MLP reads the raw
+    residual; other architectures are refused) and projected through block l's
+    ``mlp.gate_proj`` and ``mlp.up_proj``: a = act(gate) * up (float32). This equals block
+    l's true neuron activations when the attention of block l adds nothing (h_mid = h_l);
+    otherwise it approximates them by skipping block l's
     attention, as the paper projects the residual stream onto the neurons' input weights.
     (The paper's code RMS-normalises without the norm weight and correlates the up_proj and
     gate_proj reads separately; here the block's own norm, weight and eps included, and the
@@ -642,10 +680,13 @@ def load_probe(probe_dir, store) -> dict:
     float64}; coef[:, :, t] is the probe's weight vector of target t in target units
     (prediction = x · coef + intercept), i.e. its direction in residual space.
 
-    The fit must come from this store: its results.json names the store's path; when the path
-    differs (a copy, a moved store) the store there, if any, must have the same dataset sha256
-    and creation time, and in any case the same model, d_model and row count. Otherwise
-    NeuronReportError says what differs."""
+    The fit must come from this store: results.json's ``store_identity`` (written by
+    ``fastprobe fit``: the store's creation time, dataset sha256, prompt name, model id and
+    completed rows) must equal this store's, whatever the paths, so a copy or a moved store is
+    accepted and a store re-extracted at the same path with another prompt or dataset is not.
+    Older results.json without it: when the path differs, the store there, if any, must have the
+    same dataset sha256 and creation time, and the row count must agree. In any case the same
+    model and d_model. Otherwise NeuronReportError says what differs."""
     from pathlib import Path
 
     from probes.fit import ARRAYS_FILE, FitError, load_results
@@ -671,7 +712,17 @@ def load_probe(probe_dir, store) -> dict:
     pmodel = res.get("model") if isinstance(res.get("model"), dict) else {}
     diffs = [f"model {pmodel.get(k)!r} vs {smodel.get(k)!r}" for k in ("id",) + _WEIGHT_KEYS
              if pmodel.get(k) and smodel.get(k) and pmodel[k] != smodel[k]]
-    if not _same_path(res.get("store", ""), store.path):
+    ident = res.get("store_identity")
+    if isinstance(ident, dict):
+        from probes.fit import store_identity
+        have = store_identity(store)
+        for k, label in (("created", "created"), ("dataset_sha256", "dataset sha256"),
+                         ("prompt", "prompt"), ("model_id", "model id"), ("n_rows", "rows")):
+            if k == "model_id" and any(x.startswith("model ") for x in diffs):
+                continue   # already said
+            if k in ident and ident[k] != have[k]:
+                diffs.append(f"{label} {ident[k]!r} vs {have[k]!r}")
+    elif not _same_path(res.get("store", ""), store.path):   # results.json without identity
         if res.get("n_rows") is not None and int(res["n_rows"]) != int(store.rows_done):
             diffs.append(f"{res['n_rows']} rows vs {store.rows_done}")
         other = Path(str(res.get("store", "")))
@@ -686,9 +737,35 @@ def load_probe(probe_dir, store) -> dict:
                 if get(ometa) != get(meta):
                     diffs.append(f"{k} {get(ometa)!r} vs {get(meta)!r}")
     if diffs:
+        if _same_path(res.get("store", ""), store.path):
+            what = (f"--probe {pdir} was fit on another store at the same path {store.path} "
+                    "(re-extracted since)")
         raise NeuronReportError(f"{what}: {'; '.join(diffs)}")
     return {"dir": str(pdir), "store": res.get("store"), "targets": list(res["targets"]),
             "layers": lay, "coef": coef}
+
+
+def output_weights(block, d_model: int) -> np.ndarray:
+    """(d_model, d_mlp) float64 output weights of ``block``'s MLP: column j is neuron j's
+    direction in residual space. The orientation comes from the module type, never from the
+    shape (which is ambiguous when d_model == d_mlp): ``nn.Linear`` stores (out, in), GPT-2's
+    ``Conv1D`` (in, out); other module types are refused."""
+    from actstore.models import down_projection
+
+    mod = down_projection(block)
+    w = mod.weight.detach().to(torch.float64).cpu().numpy()
+    if isinstance(mod, torch.nn.Linear):
+        out = w
+    elif any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+             for c in type(mod).__mro__):
+        out = w.T
+    else:
+        raise NeuronReportError(f"unknown MLP output projection type {type(mod).__name__} in "
+                                f"{type(block).__name__}: cannot tell its weight orientation")
+    if out.shape[0] != d_model:
+        raise NeuronReportError(f"the MLP output projection of {type(block).__name__} maps to "
+                                f"width {out.shape[0]}, the probes have width {d_model}")
+    return out
 
 
 def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
@@ -697,7 +774,7 @@ def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
     weight of the neuron's block (its output direction in residual space) and c the probe's
     coefficient vector at hidden state ``layer`` (the state that block writes into). None where
     the probe has no such layer or either vector is zero."""
-    from actstore.models import decoder_layers, down_projection
+    from actstore.models import decoder_layers
 
     net = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
     blocks = decoder_layers(net)
@@ -706,8 +783,7 @@ def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
 
     def out_weights(b):
         if b not in cache:
-            w = down_projection(blocks[b]).weight.detach().to(torch.float64).cpu().numpy()
-            cache[b] = w if w.shape[0] == d else w.T   # GPT-2 Conv1D stores (in, out)
+            cache[b] = output_weights(blocks[b], d)
         return cache[b]
 
     where = {l: i for i, l in enumerate(probe["layers"])}

@@ -120,6 +120,45 @@ def test_holdout_loo_alpha_and_best_layer(place_store):
         assert g["alpha"] == ref.alpha_
 
 
+def test_holdout_layer_chosen_without_the_held_out_group(tmp_path):
+    """layer=None: the held-out probe's layer comes from LOO on the rows outside its group.
+    Planted: position 0 encodes the targets of group A only (B rows: pure noise), position 1
+    weakly encodes every row. The nominal fit (60% A rows) picks position 0; holding out A
+    leaves only B rows, on which position 0 is noise, so A's probe must use position 1."""
+    ent = places(240, seed=5, countries=("A", "B"), p=[.6, .4])
+    rng = np.random.default_rng(0)
+    T = ent[["latitude", "longitude"]].to_numpy(float)
+    T = (T - T.mean(0)) / T.std(0)
+    M = rng.normal(size=(2, 10))
+    inA = (ent["country"] == "A").to_numpy()[:, None]
+    X0 = np.where(inA, T @ M * 3, 0) + rng.normal(size=(240, 10))
+    X1 = T @ M * 0.3 + rng.normal(size=(240, 10))
+    X = np.stack([X0, X1])
+    path = save(tmp_path / "h.zarr", X, ent)
+    Y = ent[["latitude", "longitude"]].to_numpy(float)
+    r = ex.holdout_experiment(path, "country", alphas=ALPHAS, min_group_size=5)
+    assert r["layer"] == 1 and r["position"] == 0 and r["layer_choice"] == "best LOO"
+    assert "outside its group" in r["layer_selection"]
+    got = {g["group"]: g for g in r["groups"]}
+    assert got["A"]["heldout_position"] == 1 and got["A"]["heldout_layer"] == 2
+    assert got["B"]["heldout_position"] == 0
+    for g, e in got.items():
+        m = ent["country"].to_numpy() == g
+        Xs = X.astype(np.float32).astype(np.float64)
+        refs = [z_ridge(Xs[p][~m], Y[~m], Xs[p]) for p in range(2)]
+        scores = [ref.best_score_ for _, ref in refs]      # sklearn LOO: -MSE (z units)
+        assert e["heldout_position"] == int(np.argmax(scores))
+        assert e["heldout_cv_score"] == pytest.approx(max(scores), rel=1e-6)
+        P = refs[e["heldout_position"]][0]
+        prox = brute_prox(Y, P)
+        assert e["heldout_proximity_error"] == pytest.approx(prox[m].mean(), abs=1e-9)
+    assert "held-out layer" in ex.format_experiment(r)
+    # a given layer: every probe there, and the result says so
+    r1 = ex.holdout_experiment(path, "country", layer=0, alphas=ALPHAS, min_group_size=5)
+    assert {g["heldout_position"] for g in r1["groups"]} == {0}
+    assert r1["layer_selection"].startswith("given")
+
+
 def test_holdout_time_target_derived_century(tmp_path):
     ent = places(200, seed=5)
     X = linear_code(ent, 6, [2.0], cols=("year",))
@@ -231,6 +270,29 @@ def test_nonlinear_planted_signals(tmp_path):
     Y = ent[["latitude"]].to_numpy(float)
     _, ref = z_ridge(X[~test], Y[~test], X)
     assert quad["linear"]["alpha"] == ref.alpha_
+
+
+def test_nonlinear_divergence_is_recorded_not_a_crash(tmp_path):
+    """An absurd learning rate makes every validation loss NaN/inf: that weight decay is
+    recorded as diverged and skipped; when every one diverges, a clear ExperimentError."""
+    rng = np.random.default_rng(4)
+    n, d = 120, 4
+    ent = places(n, seed=4)
+    X = rng.normal(size=(n, d))
+    ent["year"] = 3 * X[:, 0] + 0.1 * rng.normal(size=n)
+    path = save(tmp_path / "d.zarr", X[None], ent, targets=("year",))
+    kw = dict(hidden=8, max_epochs=4, patience=2, batch_size=32, alphas=ALPHAS)
+    with pytest.raises(ExperimentError, match="diverged .* every weight decay"):
+        ex.nonlinear_experiment(path, weight_decays=(0.01, 0.1), lr=1e30, **kw)
+    # a weight decay of 1e30 makes AdamW's decoupled decay blow the weights up: only it diverges
+    r = ex.nonlinear_experiment(path, weight_decays=(0.01, 1e30), lr=1e-2, **kw)
+    runs = {run["weight_decay"]: run for run in r["mlp"]["runs"]}
+    assert runs[1e30]["diverged"] is True and runs[1e30]["best_val_mse"] is None
+    assert runs[0.01]["diverged"] is False and runs[0.01]["best_val_mse"] > 0
+    assert r["mlp"]["weight_decay"] == 0.01 and r["mlp"]["test"]["r2"] > 0
+    assert "1e+30: diverged" in ex.format_experiment(r)
+    out = ex.write_experiment(r, tmp_path / "o")
+    assert json.loads(out[0].read_text())["mlp"]["runs"][1]["diverged"] is True
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -189,6 +189,32 @@ def test_results_json_and_plots(tmp_path):
     assert res["arrays"]["predictions"].shape == (3, 100, 2)
 
 
+def test_results_json_records_store_identity(tmp_path):
+    """results.json names the store it was fit on by identity, not only by path (so
+    `fastprobe neurons --probe` catches a store re-extracted at the same path)."""
+    from probes.fit import store_identity, write_results
+
+    ent = entity_table(40, seed=6)
+    s = create_store(tmp_path / "s.zarr", layers=[1], n_rows=40, d_model=4, entities=ent,
+                     targets=("latitude", "longitude"), group_columns=("country",),
+                     meta={"model": {"id": "toy-model"}, "prompt": {"name": "coords"},
+                           "dataset": {"name": "w", "sha256": "cd" * 32},
+                           "created": "2026-11-27T14:00:00Z"}, rows_per_chunk=32)
+    s.write_rows(0, np.random.default_rng(0).normal(size=(1, 40, 4)).astype(np.float16))
+    s.mark_done(30)
+    want = {"created": "2026-11-27T14:00:00Z", "dataset_sha256": "cd" * 32,
+            "prompt": "coords", "model_id": "toy-model", "n_rows": 30}
+    assert store_identity(s) == want
+    res = fit_all_layers(s, alphas="1e-2:1e2:3", backend="torch", device="cpu",
+                         out=tmp_path / "out")
+    assert res["store_identity"] == want
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["store_identity"] == want
+    # a result without it (an older fit) gets it from the store passed to write_results
+    old = {k: v for k, v in res.items() if k != "store_identity"}
+    write_results(old, tmp_path / "out2", store=s)
+    assert json.loads((tmp_path / "out2" / "results.json").read_text())["store_identity"] == want
+
+
 def test_time_target_and_year_plot(tmp_path):
     rng = np.random.default_rng(6)
     n = 80

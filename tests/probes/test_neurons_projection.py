@@ -265,3 +265,156 @@ def test_smollm2_projection_tracks_stored_neurons(tmp_path):
         for t in range(2):
             r = np.corrcoef(pr["arrays"][k][0, :, t], st["arrays"][k][1, :, t])[0, 1]
             assert r > 0.8, (k, t, r)
+
+
+# ------------------------------------------------------------------ per-architecture pre-MLP norm
+def _tiny(arch, seed=0):
+    """A tiny random model of ``arch`` (2 blocks, d=32, d_mlp=48) whose attention adds nothing
+    (o_proj zeroed), so each block's MLP reads a function of the block input alone."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                  initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+                "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM)}[arch]
+    extra = {"head_dim": 8} if arch == "gemma2" else {}
+    model = cls(cfg(**common, **extra)).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for blk in model.model.layers:
+            blk.self_attn.o_proj.weight.zero_()
+            for name in ("post_attention_layernorm", "pre_feedforward_layernorm"):
+                if hasattr(blk, name):   # non-trivial norm weights
+                    getattr(blk, name).weight.normal_(1.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "olmo2"])
+def test_projection_reads_the_true_mlp_input(arch):
+    """The projector applied to a block's input residual equals that block's MLP neurons (the
+    down_proj input) computed in float64 from the MLP input the model really feeds it: OLMo 2's
+    MLP reads the raw residual (its post_attention_layernorm normalises the attention output),
+    Gemma 2's reads pre_feedforward_layernorm(x), Llama's post_attention_layernorm(x)."""
+    import copy
+
+    from probes.neurons import _BlockProjector
+
+    model = _tiny(arch)
+    blk = model.model.layers[1]
+    seen = {}
+    h1 = blk.register_forward_pre_hook(
+        lambda m, a, kw: seen.__setitem__("x", (a[0] if a else kw["hidden_states"]).detach()),
+        with_kwargs=True)
+    h2 = blk.mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp_in", a[0].detach()))
+    ids = torch.randint(3, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h1.remove()
+    h2.remove()
+    x, mlp_in = seen["x"].reshape(-1, 32), seen["mlp_in"].reshape(-1, 32)
+    # float64 reference: block.mlp as the model applies it, neurons = its down_proj input
+    mlp64 = copy.deepcopy(blk.mlp).double()
+    ref = {}
+    mlp64.down_proj.register_forward_pre_hook(lambda m, a: ref.__setitem__("a", a[0]))
+    with torch.no_grad():
+        mlp64(mlp_in.double())
+    want = ref["a"].numpy()
+    got = _BlockProjector(blk, torch.device("cpu"))(x).double().numpy()
+    assert np.abs(want).max() > 0.05
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    from probes.neurons import pre_mlp_norm_name
+    assert pre_mlp_norm_name(blk) == {"llama": "post_attention_layernorm",
+                                      "gemma2": "pre_feedforward_layernorm", "olmo2": None}[arch]
+
+
+def test_projection_refuses_unknown_block_layout():
+    from probes.neurons import _BlockProjector
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(8, 12)
+            self.up_proj = torch.nn.Linear(8, 12)
+            self.down_proj = torch.nn.Linear(12, 8)
+            self.act_fn = torch.nn.SiLU()
+
+    class MysteryDecoderLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = Mlp()
+            self.post_attention_layernorm = torch.nn.LayerNorm(8)
+
+    with pytest.raises(NeuronReportError, match="does not know which norm feeds the MLP of "
+                                                "MysteryDecoderLayer.*refusing to guess"):
+        _BlockProjector(MysteryDecoderLayer(), torch.device("cpu"))
+
+
+def test_probe_cosine_orientation_when_d_model_equals_d_mlp():
+    """GPT-2's Conv1D stores (in, out): with d_model == d_mlp the shape cannot tell, the module
+    type does. A probe planted on neuron j's output direction gets cosine 1 (Conv1D and Linear)."""
+    import transformers as tf
+
+    from probes.neurons import add_probe_cosines
+
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_inner=32, n_layer=2,
+                                            n_head=4, n_positions=64)).eval()
+    llama = fx.make_tiny_llama(64, layers=2, hidden=32)
+    for blk in llama.model.layers:   # a square MLP: d_mlp = d_model = 32
+        blk.mlp.down_proj = torch.nn.Linear(32, 32, bias=False)
+    cases = ((gpt2, gpt2.transformer.h[0].mlp.c_proj.weight.detach().double().numpy()[5]),
+             (llama, llama.model.layers[0].mlp.down_proj.weight.detach().double().numpy()[:, 5]))
+    for model, direction in cases:
+        coef = np.zeros((1, 32, 1))
+        coef[0, :, 0] = 2.0 * direction
+        top = {"t": [{"layer": 1, "index": 5}, {"layer": 1, "index": 6}]}
+        add_probe_cosines(top, model, {"targets": ["t"], "layers": [1], "coef": coef})
+        assert top["t"][0]["probe_cosine"]["t"] == pytest.approx(1.0, abs=1e-9), type(model)
+        assert abs(top["t"][1]["probe_cosine"]["t"]) < 0.9
+
+
+# ------------------------------------------------------------------ probe / store identity
+def _copy_store(src, path, prompt, created):
+    from actstore.store import create_store
+
+    s = create_store(path, layers=src.layers, n_rows=N, d_model=src.d_model,
+                     entities=src.entities, targets=tuple(src.targets),
+                     group_columns=tuple(src.group_columns),
+                     meta={**src.meta, "neurons": False, "created": created,
+                           "prompt": {"name": prompt}}, rows_per_chunk=16)
+    s.write_rows(0, src.read(slice(0, N)).astype(np.float16))
+    s.mark_done(N)
+    return s
+
+
+def test_probe_identity_catches_a_store_re_extracted_at_the_same_path(env, tmp_path):
+    import shutil
+
+    from actstore.store import open_store
+
+    path = tmp_path / "same.zarr"
+    s = _copy_store(env["s_plain"], path, "coords", "2026-01-01T00:00:00Z")
+    fit = _fit(s, tmp_path / "fit")
+    doc = json.loads((fit / "results.json").read_text())
+    ident = doc["store_identity"]
+    assert ident == {"created": "2026-01-01T00:00:00Z", "prompt": "coords", "n_rows": N,
+                     "model_id": str(env["mdir"]),
+                     "dataset_sha256": s.meta["dataset"]["sha256"]}
+    assert ident["dataset_sha256"]
+    assert load_probe(fit, s)["layers"] == [1, 2, 3]
+    # a copy elsewhere: same identity, accepted
+    shutil.copytree(path, tmp_path / "copy.zarr")
+    load_probe(fit, open_store(tmp_path / "copy.zarr"))
+    # re-extracted at the same path with another prompt (even with the same timestamp)
+    shutil.rmtree(path)
+    s2 = _copy_store(env["s_plain"], path, "empty", "2026-01-01T00:00:00Z")
+    with pytest.raises(NeuronReportError, match="same path .*prompt 'coords' vs 'empty'"):
+        load_probe(fit, s2)
+    with pytest.raises(NeuronReportError, match="prompt 'coords' vs 'empty'"):
+        neuron_report(s2, method="projection", probe_dir=fit, top=2, **CPU)
+    # an old results.json without the identity: today's path-based checks (same path: accepted)
+    del doc["store_identity"]
+    (fit / "results.json").write_text(json.dumps(doc))
+    load_probe(fit, s2)
