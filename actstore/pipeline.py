@@ -264,7 +264,8 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
             _neurons_step(sec, out, f"{n}/{len(sections)}", get_model, device, backend, log)
     if "experiments" in steps and exps:
         for n, sec in enumerate(sections, 1):
-            _experiments_step(sec, out, exps, f"{n}/{len(sections)}", device, backend, log)
+            _experiments_step(sec, out, exps, f"{n}/{len(sections)}", device, backend, log,
+                              all_experiments=experiments in (None, "all"))
     log("[report] writing " + str(out / "report.md"))
     _plot_all_layers(sections, out / "r2_by_layer.png")
     report = out / "report.md"
@@ -345,8 +346,10 @@ def _neurons_step(sec: _Section, out: Path, counter, get_model, device, backend,
         sec.neurons_note = rec.get("note")
 
 
-def _experiment_plan(sec: _Section, exps, device, backend):
-    """[(key, options, callable or None, note)] for one dataset."""
+def _experiment_plan(sec: _Section, exps, device, backend, all_experiments=False):
+    """[(key, options, callable or None, note)] for one dataset. With ``all_experiments``
+    (the default list, not named by the user), a dataset with one prompt plans no prompts
+    comparison rather than a skip note."""
     from probes import experiments as ex
 
     job = sec.main
@@ -358,6 +361,8 @@ def _experiment_plan(sec: _Section, exps, device, backend):
         opts, fn, note = {"layer_position": pos}, None, None
         if key == "prompts":
             opts = {}
+            if len(sec.jobs) < 2 and all_experiments and not sec.skipped_prompts:
+                continue
             if len(sec.jobs) < 2:
                 note = ("one prompt only" + (f" ({', '.join(sec.skipped_prompts)} do not apply "
                         f"to {sec.ds.kind})" if sec.skipped_prompts else
@@ -390,12 +395,13 @@ def _experiment_plan(sec: _Section, exps, device, backend):
     return plan
 
 
-def _experiments_step(sec: _Section, out: Path, exps, counter, device, backend, log) -> None:
+def _experiments_step(sec: _Section, out: Path, exps, counter, device, backend, log,
+                      all_experiments=False) -> None:
     from probes import experiments as ex
 
     edir = out / "experiments" / sec.ds.name
     stores = [_store_ident(j.store) for j in sec.jobs]
-    for key, opts, fn, note in _experiment_plan(sec, exps, device, backend):
+    for key, opts, fn, note in _experiment_plan(sec, exps, device, backend, all_experiments):
         inputs = {"experiment": key, "stores": stores if key == "prompts" else stores[:1],
                   "backend": backend, **opts}
         rec_path = edir / f"{key}.source.json"
@@ -468,7 +474,7 @@ def _img(out: Path, path: Path, alt: str) -> list[str]:
     return [f"![{alt}]({path.relative_to(out)})", ""] if path.exists() else []
 
 
-def _glance(sec: _Section) -> list:
+def _glance(sec: _Section, with_prompts: bool) -> list:
     """One row of the experiments-at-a-glance table."""
     def get(key):
         return sec.experiments.get(key, (None, "not run", []))
@@ -491,8 +497,9 @@ def _glance(sec: _Section) -> list:
     else:
         cells.append("–")
     pr, _, _ = get("prompts")
-    cells.append(", ".join(f"{lbl} {_f(pr['transfer']['r2'][i][i])}"
-                           for i, lbl in enumerate(pr["prompts"])) if pr else "–")
+    if with_prompts:
+        cells.append(", ".join(f"{lbl} {_f(pr['transfer']['r2'][i][i])}"
+                               for i, lbl in enumerate(pr["prompts"])) if pr else "–")
     layer = (nl or pc or ho or {}).get("layer")
     cells.insert(1, "–" if layer is None else str(layer))
     return cells
@@ -592,9 +599,11 @@ def _report(sections, model, prompts, limit, recipe, seconds, out: Path) -> str:
     if any(sec.experiments for sec in sections):
         lines += ["Experiments at a glance (layer = best leave-one-out layer of the main "
                   "prompt's fit; proximity error: nominal → held out, 0 is perfect):", ""]
+        with_prompts = any(sec.experiments.get("prompts", (None,))[0] for sec in sections)
         lines += _md(["dataset", "layer", "block hold-out", "entity-type hold-out",
-                      "linear / MLP test R²", "PCA test R²", "prompts (test R²)"],
-                     [_glance(sec) for sec in sections])
+                      "linear / MLP test R²", "PCA test R²"]
+                     + (["prompts (test R² at each best layer)"] if with_prompts else []),
+                     [_glance(sec, with_prompts) for sec in sections])
     for sec in sections:
         lines += _dataset_section(sec, out)
     return "\n".join(lines) + "\n"
@@ -689,7 +698,7 @@ def add_cli(subparsers) -> None:
         "--datasets world_place,us_place --out l7b\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("recipe", nargs="?", default="probes", choices=tuple(RECIPES),
+    p.add_argument("recipe", nargs="?", default="probes", choices=tuple(RECIPES), metavar="RECIPE",
                    help="probes (default: extract, fit, report) or paper (adds neurons and "
                    "experiments)")
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
