@@ -139,17 +139,32 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     assert (out / "experiments" / "world_place" / "pca.png").exists()
 
 
-def test_paper_recipe_skips_what_a_dataset_lacks(tmp_path, tiny_model_dir, make_world_csv):
-    """One prompt, one entity type, one country: notes instead of failures."""
+def test_paper_recipe_skips_what_a_dataset_lacks(tmp_path, tiny_model_dir, make_world_csv,
+                                                 monkeypatch):
+    """One prompt, one entity type, one country: notes instead of failures. Also: a run
+    interrupted in the neurons step resumes there."""
     import pandas as pd
+
+    import probes.neurons
     csv = make_world_csv(tmp_path / "blocks.csv", n=40)
     df = pd.read_csv(csv)
     df["country"] = "France"
     df.to_csv(csv, index=False)
     out = tmp_path / "o"
-    report = run_pipeline(out, recipe="paper", model=str(tiny_model_dir), datasets=[str(csv)],
-                          experiments="prompts,holdout,entity-type", device="cpu",
-                          progress=False, log=lambda m: None)
+    kw = dict(recipe="paper", model=str(tiny_model_dir), datasets=[str(csv)],
+              experiments="prompts,holdout,entity-type", device="cpu", progress=False)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(probes.neurons, "neuron_report", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(out, log=lambda m: None, **kw)
+    assert not (out / "neurons").exists() and not (out / "report.md").exists()
+    logs = []
+    report = run_pipeline(out, log=logs.append, **kw)
+    assert any("store complete" in m for m in logs) and any("probes up to date" in m for m in logs)
+    assert (out / "neurons" / "blocks" / "neurons.json").exists()
     text = report.read_text()
     assert "Skipped: one prompt only" in text
     assert "Skipped: one entity type (populated_place)" in text
