@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # On the project's CPU machines this resolves to a local CPU wheel; override for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
-DEMO_LIMIT ?= 2000
+DEMO_LIMIT ?= 1000
 PYTEST_ARGS ?=
 
 NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
@@ -36,7 +36,7 @@ test: native
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: native
-	$(VENV)/bin/actstore run --out $(DEMO_OUT) --limit $(DEMO_LIMIT)
+	$(VENV)/bin/actstore run paper --out $(DEMO_OUT) --limit $(DEMO_LIMIT)
 
 # CPU benchmarks (numbers go to bench/RESULTS.md); the GPU ones run through bench/gpu_check.sh.
 bench: native
