@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["gram_update", "neuron_update", "is_available", "unavailable_reason",
-           "gram_configs", "GramConfig", "preshift_configs", "PreConfig", "MODES", "moments"]
+           "gram_configs", "GramConfig", "preshift_configs", "PreConfig", "MODES", "moments",
+           "prep_tilings", "PrepTiling"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -500,30 +501,48 @@ def tune_preshift(d: int, device, B: int = 2, rows: int = 8192, configs=None, ve
     return best
 
 
-def _prep_tiling(B, F, d_pad, n_pad_max, device, KP=2):
+class PrepTiling(tuple):
+    """Tiling of the pre-shift pass: BLOCK_N columns x BLOCK_R rows per step (BLOCK_R for up to
+    four targets, fewer rows for more targets so BLOCK_R x targets stays bounded), warps, and at
+    most ``rows`` rows per program (more programs, shorter ones)."""
+
+    def __new__(cls, bn, br, warps, rows):
+        return super().__new__(cls, (int(bn), int(br), int(warps), int(rows)))
+
+
+def prep_tilings() -> list[PrepTiling]:
+    """Candidates the GPU bench times (the first is the default). On an H200 the default moved
+    21 GB in 12.5 ms (40 % of the copy ceiling); 64-row steps on 8 warps with per-step row sums
+    took 22.3 ms."""
+    if INTERPRET:
+        return [PrepTiling(16, 8, 1, 2048), PrepTiling(32, 4, 1, 16)]
+    return [PrepTiling(128, 16, 4, 2048), PrepTiling(256, 16, 8, 2048),
+            PrepTiling(128, 32, 8, 2048), PrepTiling(64, 32, 4, 2048),
+            PrepTiling(128, 16, 4, 512), PrepTiling(128, 8, 4, 2048)]
+
+
+def _prep_tiling(B, F, d_pad, n_pad_max, device, KP=2, tiling=None):
     """(BLOCK_N, BLOCK_R, warps, splits, rows_per_split) of the pre-shift pass: row splits so
     that the grid fills the card several times over."""
-    if INTERPRET:
-        bn, br, warps = 16, 8, 1
-    else:
-        # <= 181 registers on sm_90 without spills (KP <= 4 at 16 rows; fewer rows for more
-        # targets keep the (rows, 128, KP) accumulator the same size). Measured on an H200:
-        # 64-row steps on 8 warps with per-step row sums ran 22.3 ms against 12.8 ms for this
-        bn, br, warps = 128, max(1, min(16, 64 // KP)), 4
+    # <= 181 registers on sm_90 without spills at the default (KP <= 4 at 16 rows; fewer rows
+    # for more targets keep the (rows, BLOCK_N, KP) accumulator the same size)
+    bn, br2, warps, rows_prog = tiling or prep_tilings()[0]
+    br = max(1, min(br2, (4 * br2) // KP))
     n_cb = triton.cdiv(d_pad, bn)
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 2)
     want = 16 * sms
-    # many short programs (<= ~2k rows each): a grid of only ~1.5 waves of long programs left
-    # half the card idle in its last wave (H200 profile: 13.5 ms for a 21 GB read + write)
-    splits = max(triton.cdiv(want, n_cb * B * F), triton.cdiv(max(n_pad_max, 1), 2048))
+    # many short programs: a grid of only ~1.5 waves of long programs left half the card idle
+    # in its last wave
+    splits = max(triton.cdiv(want, n_cb * B * F), triton.cdiv(max(n_pad_max, 1), rows_prog))
     splits = max(1, min(splits, triton.cdiv(max(n_pad_max, 1), 8 * br)))
     rps = triton.cdiv(triton.cdiv(max(n_pad_max, 1), splits), br) * br
     splits = max(1, triton.cdiv(max(n_pad_max, 1), rps))
     return bn, br, warps, splits, rps
 
 
-def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into=None):
+def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into=None,
+                   prep=None):
     """Pre-shift mode of one chunk: returns (g32 (B*F, d, d) float32, s_c (B, F, d) float64,
     xy_c (B, F, d, k) float64), all about the shift. ``into`` (a float64 (B*F, d, d) tensor,
     the totals): the Gram kernel adds its tiles into it directly and g32 is None.
@@ -554,7 +573,8 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into
     n_slots = min(2, len(bounds))
     slots = [torch.empty(gsz, rows_tot, d_pad, dtype=torch.float16, device=dev)
              for _ in range(n_slots)]
-    pbn, pbr, pw, splits, rps = _prep_tiling(gsz, F, d_pad, max(cnt_pad), dev, KP)
+    prep = prep or _TUNED.get((d, str(dev), "prep"))
+    pbn, pbr, pw, splits, rps = _prep_tiling(gsz, F, d_pad, max(cnt_pad), dev, KP, prep)
     W = 1 + KP
     # per group a contiguous (splits, layers_in_group * F, d, W) block of float32 partial sums
     part = torch.empty(splits * B * F * d * W, dtype=torch.float32, device=dev)
@@ -657,7 +677,7 @@ MODES = ("preshift", "shift-in", "raw")
 
 def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | None = None,
                 config=None, mode: str | None = None, groups: int | None = None,
-                fused_add: bool = False):
+                fused_add: bool = False, prep=None):
     """Add X (B, r, d) fp16, Y (r, k), fold (r,) (-1 = skip) into ``stats`` (float64, same device).
 
     ``mode`` (see the module docstring): "preshift" (default) writes a shifted, fold-ordered,
@@ -670,6 +690,8 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
     totals instead of writing a float32 chunk Gram that a second pass adds (the default: on an
     H200 the float64 read-modify-write in the epilogue, tensor cores idle, cost 58.8 ms against
     53.4 ms for the separate add at 32 x 40000 x 4096).
+    ``prep`` (preshift): a PrepTiling for the pre-shift pass (default: the tuned one for this d,
+    else ``prep_tilings()[0]``).
     ``config``: a PreConfig (preshift) or GramConfig (the other modes; a GramConfig alone
     selects "shift-in"); default: the tuned one for this d if ``tune_*`` ran, else a fixed
     sensible tiling.
@@ -713,13 +735,14 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         into = stats.xtx.view(B * F, d, d) if fused_add else None
         try:
             try:
-                g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, ng, into)
+                g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, ng, into,
+                                                prep)
             except Exception:  # noqa: BLE001 - TMA descriptors unsupported here: pointer loads
                 if config is not None or not cfg[5] or INTERPRET:
                     raise
                 _TUNED[key] = _PTR_FALLBACK
                 g32, s_c, xy_c = _gram_preshift(X, Y32, idx, off, counts, shift32,
-                                                _PTR_FALLBACK, ng, into)
+                                                _PTR_FALLBACK, ng, into, prep)
         except Exception as exc:  # noqa: BLE001 - last resort for the default: the older mode
             if not defaulted or INTERPRET or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise

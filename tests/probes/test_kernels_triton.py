@@ -261,3 +261,19 @@ def test_preshift_fused_add_equals_separate_add():
     assert torch.equal(fused.xtx, apart.xtx)
     assert torch.equal(fused.xtx, fused.xtx.transpose(-1, -2))   # exactly symmetric
     check_close(fused, want, 2e-3)
+
+
+@pytest.mark.parametrize("prep", [tuple(t) for t in tk.prep_tilings()])
+def test_preshift_prep_tilings(prep):
+    # every pre-shift tiling the GPU bench tries gives the reference statistics: columns and
+    # rows not multiples of the block, several programs per fold, test rows dropped
+    B, r, d, k, F = (2, 37, 45, 3, 2) if not CUDA else (2, 2100, 600, 3, 2)
+    gen = torch.Generator().manual_seed(sum(prep))
+    X, Y, fold = make_chunk(B, r, d, k, F, gen)
+    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
+    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), mode="preshift",
+                   prep=tk.PrepTiling(*prep))
+    reference.gram_update(want, X, Y, fold)
+    check_close(got, want, 2e-3)
