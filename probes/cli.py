@@ -28,6 +28,7 @@ examples:
   fastprobe fit --all-layers w.zarr --split random:0.2:0 --backend torch --out o3
   fastprobe show probe-out          # reprint the table of an earlier fit
   fastprobe neurons w.zarr --top 20 --out neurons-out   # neurons most correlated with lat/lon
+  fastprobe experiment holdout w.zarr --group country --out exp-out   # the paper's block hold-out
 
 Python: probes.fit_all_layers(store, ...) (same options) and probes.RidgeProbeCV, a
 scikit-learn estimator (fit/predict/score) with the same solver, for plain arrays.
