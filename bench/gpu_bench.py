@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 import traceback
@@ -206,22 +204,32 @@ def sec_gram(args, res):
             variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, X, Y, f)))
         else:
             out["variants"]["cuda wmma"] = {"error": ck.unavailable_reason()}
-    for name, fn in variants:
+    def timed(name, fn, check=True):
+        """Time fn(stats) on fresh statistics (one untimed call first: compile + accuracy);
+        record it under ``name``; return the milliseconds, or None when it failed."""
         try:
             st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
-            fn(st)                                   # compile + correctness run
+            fn(st)
             sync()
-            err = None if name.startswith("cublas") else rel_err(st.xtx[0, 0], ref0)
+            err = rel_err(st.xtx[0, 0], ref0) if check else None
             ms, ts = cuda_time(lambda: fn(st), reps=args.reps, warmup=0)
             tf = useful / (ms * 1e-3) / 1e12
             out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
                                      "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
                                      "rel_err_xtx_layer0": err}
-            del st
+            st = None
             empty_cache()
+            return ms
         except Exception as exc:  # noqa: BLE001 - keep the other variants
             out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
+            return None
+
+    def preshift(cfg, **kw):
+        return lambda st: tk.gram_update(st, X, Y, mode="preshift", config=cfg, **kw)
+
+    for name, fn in variants:
+        timed(name, fn, check=not name.startswith("cublas"))
     # the fastest preshift tiling becomes the default of gram_update for this d (fit section);
     # then the same tiling with the pre-shift pass of the next layer group overlapping the Gram
     pre = {n: v["ms"] for n, v in out["variants"].items()
@@ -236,86 +244,35 @@ def sec_gram(args, res):
         # an H200, at 40 % of the copy ceiling); the fastest becomes the default here
         prep_ms = {}
         for prep in tk.prep_tilings():
-            name = "triton preshift best, prep {}x{} w{} rows{}".format(*prep)
-            try:
-                st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
-                tk.gram_update(st, X, Y, mode="preshift", config=best_cfg, prep=prep)
-                sync()
-                ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, mode="preshift",
-                                                          config=best_cfg, prep=prep),
-                                   reps=args.reps, warmup=0)
-                tf = useful / (ms * 1e-3) / 1e12
-                out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
-                                         "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
-                                         "rel_err_xtx_layer0": None}
+            ms = timed("triton preshift best, prep {}x{} w{} rows{}".format(*prep),
+                       preshift(best_cfg, prep=prep), check=False)
+            if ms is not None:
                 prep_ms[prep] = ms
-                del st
-                empty_cache()
-            except Exception as exc:  # noqa: BLE001 - a tiling may not fit this card
-                out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
         if prep_ms:
             best_prep = min(prep_ms, key=prep_ms.get)
             tk._TUNED[(d, str(X.device), "prep")] = best_prep
             out["best_prep"] = list(best_prep)
-            if prep_ms[best_prep] < best_ms:
-                best_ms = prep_ms[best_prep]
+            best_ms = min(best_ms, prep_ms[best_prep])
         for groups in [int(x) for x in args.groups.split(",") if x]:
-            name = f"triton preshift best, {groups} layer groups"
-            try:
-                st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
-                tk.gram_update(st, X, Y, mode="preshift", config=best_cfg, groups=groups)
-                sync()
-                err = rel_err(st.xtx[0, 0], ref0)
-                ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, mode="preshift",
-                                                          config=best_cfg, groups=groups),
-                                   reps=args.reps, warmup=0)
-                tf = useful / (ms * 1e-3) / 1e12
-                out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
-                                         "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
-                                         "rel_err_xtx_layer0": err}
-                if ms < best_ms:
-                    best_groups, best_ms = groups, ms
-                del st
-                empty_cache()
-            except Exception as exc:  # noqa: BLE001
-                out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
+            ms = timed(f"triton preshift best, {groups} layer groups",
+                       preshift(best_cfg, groups=groups))
+            if ms is not None and ms < best_ms:
+                best_groups, best_ms = groups, ms
         tk._TUNED[key + ("groups",)] = best_groups
         out["best_preshift"] = {"name": best_name, "config": list(best_cfg), "groups": best_groups,
                                 "prep": out.get("best_prep"), "ms": best_ms}
-        # the Gram kernel adding its tiles into the float64 totals (fused epilogue) for comparison,
-        # and where the time of the best variant goes, kernel by kernel (torch profiler)
-        name = "triton preshift best, fused float64 add"
-        try:
-            # the best variant re-timed right here, so the two epilogues compare under the same
-            # card state (clocks drift by several percent between minutes)
-            st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
-            ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, mode="preshift", config=best_cfg,
-                                                      groups=best_groups), reps=args.reps)
-            tf = useful / (ms * 1e-3) / 1e12
-            out["variants"]["triton preshift best (separate add), re-timed"] = {
-                "ms": ms, "all_ms": ts, "tflops": tf,
-                "pct_of_matmul": (100 * tf / ceiling) if ceiling else None, "rel_err_xtx_layer0": None}
-            del st
-            st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
-            fn = lambda: tk.gram_update(st, X, Y, mode="preshift", config=best_cfg,  # noqa: E731
-                                        groups=best_groups, fused_add=True)
-            fn()
-            ms, ts = cuda_time(fn, reps=args.reps, warmup=0)
-            tf = useful / (ms * 1e-3) / 1e12
-            out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
-                                     "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
-                                     "rel_err_xtx_layer0": None}
-            del st
-            empty_cache()
-        except Exception as exc:  # noqa: BLE001
-            out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-            traceback.print_exc()
+        # the best variant re-timed right here next to the Gram kernel adding its tiles into the
+        # float64 totals (fused epilogue), so the two epilogues compare under the same card state
+        # (clocks drift by several percent between minutes); then where the best variant's time
+        # goes, kernel by kernel (torch profiler)
+        timed("triton preshift best (separate add), re-timed", preshift(best_cfg, groups=best_groups),
+              check=False)
+        timed("triton preshift best, fused float64 add",
+              preshift(best_cfg, groups=best_groups, fused_add=True), check=False)
         if DEV == "cuda":
             try:
                 out["best_preshift"]["kernels_ms"] = _profile_kernels(
-                    lambda st: tk.gram_update(st, X, Y, mode="preshift", config=best_cfg,
-                                              groups=best_groups),
+                    preshift(best_cfg, groups=best_groups),
                     lambda: GramStats.zeros(B, d, k, shift=shift, device=DEV))
             except Exception as exc:  # noqa: BLE001
                 out["best_preshift"]["kernels_ms"] = {"error": f"{type(exc).__name__}: {exc}"}
