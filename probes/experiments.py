@@ -67,18 +67,11 @@ def _open(store):
 
 def _targets_and_y(store, targets):
     """Validated target names and the (rows_done, k) float64 target matrix."""
-    from probes.fit import resolve_targets
-    names = resolve_targets(store, targets)
-    n = int(store.rows_done)
-    if n == 0:
-        raise ExperimentError(f"{store.path}: the store has no completed rows")
-    Y = store.target_array(names)[:n]
-    bad = ~np.isfinite(Y)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise ExperimentError(f"{store.path}: target {names[c]!r} is missing or not finite at row "
-                              f"{r} ({int(bad.any(1).sum())} rows affected)")
-    return names, Y
+    from probes.fit import FitError, target_matrix
+    try:
+        return target_matrix(store, targets)
+    except FitError as exc:
+        raise ExperimentError(str(exc)) from None
 
 
 def _layer_x(store, pos: int) -> np.ndarray:

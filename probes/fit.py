@@ -71,6 +71,22 @@ def resolve_targets(store, targets=None) -> list[str]:
     return names
 
 
+def target_matrix(store, targets=None) -> tuple[list[str], np.ndarray]:
+    """Validated target names and the (rows_done, k) float64 target matrix; FitError for a
+    store without completed rows or a missing / non-finite target value."""
+    n = int(store.rows_done)
+    if n == 0:
+        raise FitError(f"{store.path}: the store has no completed rows")
+    names = resolve_targets(store, targets)
+    Y = store.target_array(names)[:n]
+    bad = ~np.isfinite(Y)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise FitError(f"{store.path}: target {names[c]!r} is missing or not finite at row {r} "
+                       f"({int(bad.any(1).sum())} rows affected)")
+    return names, Y
+
+
 def parse_split(spec: str, store, n: int) -> np.ndarray:
     """Boolean test mask (n,) from a split spec.
 
@@ -238,16 +254,8 @@ def fit_all_layers(store, targets=None, alphas=DEFAULT_ALPHAS, cv="loo", alpha_p
         if cv < 2:
             raise FitError(f"cv must be 'loo' or an integer K >= 2, got {cv}")
 
-    n = int(store.rows_done)
-    if n == 0:
-        raise FitError(f"{store.path}: the store has no completed rows")
-    names = resolve_targets(store, targets)
-    Y = store.target_array(names)[:n]
-    bad = ~np.isfinite(Y)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise FitError(f"target {names[c]!r} is missing or not finite at row {r} "
-                       f"({int(bad.any(1).sum())} rows affected)")
+    names, Y = target_matrix(store, targets)
+    n = len(Y)
     is_test = parse_split(split, store, n)
     train = ~is_test
     n_train, n_test = int(train.sum()), int(is_test.sum())
@@ -413,7 +421,7 @@ def _primal_batch(store, bpos, n, Yz, fold_all, train, alphas, cv, alpha_per_tar
     from probes.kernels import gram_update
     from probes.stats import GramStats, choose_shift
 
-    B, d, k, A = len(bpos), store.d_model, Yz.shape[1], len(alphas)
+    B, d, k = len(bpos), store.d_model, Yz.shape[1]
     F = 1 if cv == "loo" else cv
     if chunk_rows is None:
         from probes.kernels import preferred_chunk_rows
