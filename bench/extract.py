@@ -38,6 +38,8 @@ CONFIGS = {
     # random-init Llama shapes; vocab comes from the tokenizer
     "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=4),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -30,14 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PAPER_CSV = REPO.parent / "shared" / "datasets" / "paper" / "world_place.csv"
-
-CONFIGS = {
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
-                  num_attention_heads=8, num_key_value_heads=4),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3),
-}
+from bench.extract import CONFIGS, PAPER_CSV  # noqa: E402  (random-init Llama shapes, shared)
 
 
 def make_model_dir(path: Path, config: str, entities: list[str]) -> Path:
