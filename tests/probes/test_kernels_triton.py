@@ -78,6 +78,19 @@ def check_close(got: GramStats, want: GramStats, xtx_tol):
     assert torch.equal(x, x.transpose(-1, -2))
 
 
+def check_chunk_vs_reference(B, r, d, k, F, seed, **update):
+    """One random chunk (folds and skipped rows) through tk.gram_update(**update) against the
+    float64 reference; the shift comes from a separate small chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    X, Y, fold = make_chunk(B, r, d, k, F, gen)
+    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
+    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), **update)
+    reference.gram_update(want, X, Y, fold)
+    check_close(got, want, 2e-3)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", ["preshift", "shift-in", "raw"])
 def test_gram_matches_reference(shape, mode):
@@ -115,14 +128,7 @@ def test_preshift_tilings(cfg, k):
     # TMA descriptor and pointer loads, tall/wide/square tiles, folds with test rows dropped
     # (each fold's rows padded to BLOCK_R), d not a multiple of the tile
     B, r, d, F = (2, 29, 45, 3) if not CUDA else (2, 1100, 600, 3)
-    gen = torch.Generator().manual_seed(sum(cfg) + k)
-    X, Y, fold = make_chunk(B, r, d, k, F, gen)
-    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
-    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
-    want = GramStats.zeros(B, d, k, F, shift=shift)
-    tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), config=tk.PreConfig(*cfg))
-    reference.gram_update(want, X, Y, fold)
-    check_close(got, want, 2e-3)
+    check_chunk_vs_reference(B, r, d, k, F, sum(cfg) + k, config=tk.PreConfig(*cfg))
 
 
 def test_gram_accumulates_over_chunks_and_skips_rows():
@@ -151,14 +157,7 @@ def test_gram_other_tilings(cfg):
     # tall, square and wide tiles map the upper triangle differently; Σx and XᵀY come from the
     # Gram kernel (fused) or the moments kernel; all must agree
     B, r, d, k, F = (1, 21, 50, 2, 2) if not CUDA else (2, 700, 600, 2, 2)
-    gen = torch.Generator().manual_seed(sum(cfg))
-    X, Y, fold = make_chunk(B, r, d, k, F, gen)
-    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
-    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
-    want = GramStats.zeros(B, d, k, F, shift=shift)
-    tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), config=tk.GramConfig(*cfg))
-    reference.gram_update(want, X, Y, fold)
-    check_close(got, want, 2e-3)
+    check_chunk_vs_reference(B, r, d, k, F, sum(cfg), config=tk.GramConfig(*cfg))
 
 
 @pytest.mark.parametrize("groups", [2, 3])
@@ -268,12 +267,4 @@ def test_preshift_prep_tilings(prep):
     # every pre-shift tiling the GPU bench tries gives the reference statistics: columns and
     # rows not multiples of the block, several programs per fold, test rows dropped
     B, r, d, k, F = (2, 37, 45, 3, 2) if not CUDA else (2, 2100, 600, 3, 2)
-    gen = torch.Generator().manual_seed(sum(prep))
-    X, Y, fold = make_chunk(B, r, d, k, F, gen)
-    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
-    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
-    want = GramStats.zeros(B, d, k, F, shift=shift)
-    tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), mode="preshift",
-                   prep=tk.PrepTiling(*prep))
-    reference.gram_update(want, X, Y, fold)
-    check_close(got, want, 2e-3)
+    check_chunk_vs_reference(B, r, d, k, F, sum(prep), mode="preshift", prep=tk.PrepTiling(*prep))
