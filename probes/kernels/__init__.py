@@ -205,3 +205,21 @@ def preferred_chunk_rows(d: int, B: int = 1, n_folds: int = 1, max_bytes: int | 
     if max_bytes is not None:
         rows = min(rows, int(max_bytes) // max(1, int(B) * int(d) * int(itemsize)))
     return max(64, int(rows))
+
+
+def fold_groups(f, n_folds: int):
+    """Rows grouped by fold, on the host: ``f`` (r,) integer fold ids (-1 = skip) as numpy.
+    Returns (order, counts, off): ``order`` int32 row indices sorted by fold with skipped rows
+    dropped, or None when every row is in fold 0 (no gather needed); ``counts`` (F,) int64;
+    ``off`` (F+1,) int64 offsets of each fold in ``order``. The GPU backends move ``order``
+    to the device their own way (torch or CuPy)."""
+    import numpy as np
+
+    f = np.asarray(f).astype(np.int64).reshape(-1)
+    counts = np.bincount(f[f >= 0], minlength=n_folds)[:n_folds]
+    off = np.zeros(n_folds + 1, dtype=np.int64)
+    off[1:] = np.cumsum(counts)
+    if n_folds == 1 and counts[0] == len(f):
+        return None, counts, off
+    order = np.argsort(f, kind="stable")
+    return order[f[order] >= 0].astype(np.int32), counts, off

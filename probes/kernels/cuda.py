@@ -127,12 +127,12 @@ def _fold_rows(fold, r, n_folds, like):
         raise ValueError(f"fold must have shape ({r},), got {f.shape}")
     if r and (f.min() < -1 or f.max() >= n_folds):
         raise ValueError(f"fold ids must lie in [-1, {n_folds}), got [{f.min()}, {f.max()}]")
-    counts = np.bincount(f[f >= 0], minlength=n_folds)[:n_folds]
-    off = [0] + np.cumsum(counts).tolist()
-    if n_folds == 1 and counts[0] == r:
+    from probes.kernels import fold_groups
+
+    order, counts, off = fold_groups(f, n_folds)
+    off = off.tolist()
+    if order is None:
         return None, off, counts
-    order = np.argsort(f, kind="stable")
-    order = order[f[order] >= 0].astype(np.int32)
     if like.lib == "torch":
         import torch
 

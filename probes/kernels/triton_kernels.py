@@ -646,17 +646,14 @@ def _fold_index(fold, r: int, F: int, device):
     (None, None, counts) when every row is in fold 0 (contiguous, no gather)."""
     if fold is None:
         return None, None, np.array([r], dtype=np.int64)
+    from probes.kernels import fold_groups
+
     f = fold.detach().cpu().numpy() if isinstance(fold, torch.Tensor) else np.asarray(fold)
-    f = f.astype(np.int64).reshape(-1)
-    counts = np.bincount(f[f >= 0], minlength=F)[:F]
-    if F == 1 and counts[0] == r:
+    order, counts, off = fold_groups(f, F)
+    if order is None:
         return None, None, counts
-    order = np.argsort(f, kind="stable")
-    order = order[f[order] >= 0]
-    off = np.zeros(F + 1, dtype=np.int32)
-    off[1:] = np.cumsum(counts)
-    return (torch.from_numpy(order.astype(np.int32)).to(device),
-            torch.from_numpy(off).to(device), counts)
+    return (torch.from_numpy(order).to(device),
+            torch.from_numpy(off.astype(np.int32)).to(device), counts)
 
 
 def _check_x(X, d_expected=None):
