@@ -307,3 +307,88 @@ def test_interrupted_zarr_creation_is_recognised(tmp_path, monkeypatch):
     assert ei.value.replaceable
     st, _ = _make(tmp_path / "k.zarr", overwrite=True)
     assert st.rows_done == 0
+
+
+def _shard_files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("dtype,n", [("float16", 37), ("bfloat16", 40), ("float32", 24)])
+def test_direct_shard_files_equal_zarrs_own_bytes(tmp_path, dtype, n):
+    """ShardFiles writes exactly the files zarr writes for the same blocks (including the
+    zero-padded edge shard and the CRC32C-checked index), and zarr reads them back."""
+    import zarr
+
+    from actstore.store import ShardFiles, _numpy_dtype
+
+    rng = np.random.default_rng(7)
+    L, d, dm, R = 3, 10, 14, 8
+    npdt = _numpy_dtype(dtype)
+    full = rng.standard_normal((L, n, d)).astype(np.float32)
+    neu = rng.standard_normal((L, n, dm)).astype(np.float32)
+    if npdt == np.uint16:                       # bfloat16 bits: the top half of float32
+        full, neu = (a.view(np.uint32) >> 16 for a in (full, neu))
+    full, neu = full.astype(npdt), neu.astype(npdt)
+    st, _ = _make(tmp_path / "ours.zarr", n, L, d, R, d_mlp=dm, dtype=dtype)
+    assert all(ShardFiles.for_array(st._h[a]) is not None for a in ("resid", "neurons"))
+    for s in range(0, n, 2 * R):                # windows of two shards, the last one short
+        e = min(n, s + 2 * R)
+        st.write_rows(s, full[:, s:e], neurons=neu[:, s:e])
+    st.close()
+    # zarr's own writer, same layout, same blocks
+    g = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="w", zarr_format=3)
+    for name, x in (("resid", full), ("neurons", neu)):
+        a = g.create_array(name, shape=x.shape, dtype=npdt, chunks=(1, R, x.shape[2]),
+                           shards=(L, R, x.shape[2]), compressors=None, fill_value=0)
+        a = a.with_config({"write_empty_chunks": True})
+        for s in range(0, n, R):
+            a[:, s:s + R] = x[:, s:s + R]
+        ours = _shard_files(tmp_path / "ours.zarr" / name / "c")
+        theirs = _shard_files(tmp_path / "zarr.zarr" / name / "c")
+        assert len(ours) == -(-n // R) and ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key] == theirs[key], f"{name}/c/{key} differs from zarr's bytes"
+    z = zarr.open_group(str(tmp_path / "ours.zarr"), mode="r")
+    np.testing.assert_array_equal(z["resid"][:], full)
+    np.testing.assert_array_equal(z["neurons"][:], neu)
+    assert not list((tmp_path / "ours.zarr").rglob("*.partial"))
+
+
+def test_direct_shard_files_only_for_our_layout(tmp_path):
+    """Compressed stores and foreign layouts keep zarr's own write path."""
+    import zarr
+
+    from actstore.store import ShardFiles
+
+    st, _ = _make(tmp_path / "c.zarr", n=16, R=8, compression="zstd")
+    assert ShardFiles.for_array(st._h["resid"]) is None
+    g = zarr.open_group(str(tmp_path / "f.zarr"), mode="w", zarr_format=3)
+    plain = g.create_array("x", shape=(3, 16, 10), dtype="float16", chunks=(1, 8, 10),
+                           compressors=None)
+    assert ShardFiles.for_array(plain) is None
+    other = g.create_array("y", shape=(3, 16, 10), dtype="float16", chunks=(1, 8, 5),
+                           shards=(3, 8, 10), compressors=None)
+    assert ShardFiles.for_array(other) is None
+
+
+def test_failed_shard_write_leaves_old_shard_and_no_temporary(tmp_path, monkeypatch):
+    """A write that dies mid-shard (full disk) leaves the previous shard file intact."""
+    from actstore import store as store_mod
+
+    rng = np.random.default_rng(4)
+    st, _ = _make(tmp_path / "s.zarr", n=16, R=8)
+    first = rng.standard_normal((3, 8, 10)).astype(np.float16)
+    st.write_rows(0, first)
+    st.mark_done(8)
+    real_replace = store_mod.os.replace
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        st.write_rows(0, rng.standard_normal((3, 8, 10)).astype(np.float16))
+    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))
+    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").read(slice(0, 8)), first)
