@@ -14,8 +14,10 @@ Sections
   multiply-add); target >= 60% of the matmul ceiling. Accuracy vs float64 on one layer.
   Variants: the preshift mode (default of the triton backend) at every candidate tiling, timed
   on the full shape (the fastest becomes gram_update's default in this process), then that
-  tiling with the pre-shift pass overlapped by layer groups (--groups); the older shift-in and
-  raw+fix modes (unless --no-old-modes); 4 folds with 20% test rows (preshift and shift-in).
+  tiling with the pre-shift pass overlapped by layer groups (--groups); the rawtma mode (no
+  pre-shift pass) at every TMA tiling, made the default when faster; the older shift-in and
+  raw+fix modes (unless --no-old-modes); 4 folds with 20% test rows (preshift, rawtma on rows
+  sorted by fold, shift-in).
 - fit: the whole fit --all-layers (25 alphas, exact LOO, primal form) = statistics pass (all
   layers, best measured variant) + batched eigendecomposition + LOO pass (measured on
   --fit-layers layers, scaled linearly to all layers), next to a naive torch GPU fit (per layer
@@ -265,6 +267,29 @@ def sec_gram(args, res):
         # float64 totals (fused epilogue), so the two epilogues compare under the same card state
         # (clocks drift by several percent between minutes); then where the best variant's time
         # goes, kernel by kernel (torch profiler)
+        # "rawtma": no pre-shift pass at all (the raw chunk read in place through TMA, centred
+        # in float64 in the add pass); every TMA tiling, and if the fastest beats preshift it
+        # becomes gram_update's default mode for this d (so the fit section uses it)
+        raw_ms = {}
+        for cfg in tk.rawtma_configs():
+            ms = timed(f"triton rawtma {_cfg_name(cfg)}",
+                       lambda st, cfg=cfg: tk.gram_update(st, X, Y, mode="rawtma", config=cfg))
+            if ms is not None:
+                raw_ms[cfg] = ms
+        if raw_ms:
+            best_raw = min(raw_ms, key=raw_ms.get)
+            tk._TUNED[(d, str(X.device), "rawtma")] = best_raw
+            out["best_rawtma"] = {"config": list(best_raw), "ms": raw_ms[best_raw]}
+            if raw_ms[best_raw] < best_ms:
+                tk._TUNED[(d, str(X.device), "mode")] = "rawtma"
+            out["default_mode"] = tk._TUNED.get((d, str(X.device), "mode"), "preshift")
+            if DEV == "cuda":
+                try:
+                    out["best_rawtma"]["kernels_ms"] = _profile_kernels(
+                        lambda st: tk.gram_update(st, X, Y, mode="rawtma", config=best_raw),
+                        lambda: GramStats.zeros(B, d, k, shift=shift, device=DEV))
+                except Exception as exc:  # noqa: BLE001
+                    out["best_rawtma"]["kernels_ms"] = {"error": f"{type(exc).__name__}: {exc}"}
         timed("triton preshift best (separate add), re-timed", preshift(best_cfg, groups=best_groups),
               check=False)
         timed("triton preshift best, fused float64 add",
@@ -282,15 +307,20 @@ def sec_gram(args, res):
     fold = torch.randint(-1, 4, (n,), device=DEV, dtype=torch.int32, generator=g)
     kept = int((fold >= 0).sum())
     fold_modes = [("preshift", "triton 4 folds + test rows")]
+    if "best_rawtma" in out:
+        # rawtma needs each fold's rows contiguous: the same fold sizes, rows sorted by fold
+        fold_sorted = torch.sort(fold).values.to(torch.int32)
+        fold_modes.append(("rawtma", "triton rawtma 4 folds (rows sorted by fold) + test rows"))
     if not args.no_old_modes:
         fold_modes.append(("shift-in", "triton 4 folds (shift-in)"))
     for mode, name in (fold_modes if use_triton else []):
         try:
             st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
-            cfg = (None if mode == "preshift" or tk.INTERPRET
+            cfg = (None if mode in ("preshift", "rawtma") or tk.INTERPRET
                    else tk.GramConfig(128, 128, 64, 8, 3, False))
-            tk.gram_update(st, X, Y, fold, mode=mode, config=cfg)
-            ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fold, mode=mode, config=cfg),
+            fm = fold_sorted if mode == "rawtma" else fold
+            tk.gram_update(st, X, Y, fm, mode=mode, config=cfg)
+            ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fm, mode=mode, config=cfg),
                                reps=max(2, args.reps // 2), warmup=0)
             tf = B * kept * d * (d + 1) / (ms * 1e-3) / 1e12
             out["variants"][name] = {"ms": ms, "tflops": tf,
@@ -593,6 +623,15 @@ def table(res) -> str:
                      f"{g['best_preshift']['name']}, {g['best_preshift'].get('groups', 1)} group(s), "
                      f"pre-shift tiling {g['best_preshift'].get('prep')}")
         km = g["best_preshift"].get("kernels_ms")
+        if isinstance(km, dict):
+            lines.append("  its GPU time by kernel (profiler, one call): " + "; ".join(
+                f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} {ms}"
+                for name, ms in km.items()))
+    if "best_rawtma" in g:
+        br = g["best_rawtma"]
+        lines.append(f"  best rawtma: {_cfg_name(br['config'])} {br['ms']:.1f} ms; default mode now "
+                     f"{g.get('default_mode')}")
+        km = br.get("kernels_ms")
         if isinstance(km, dict):
             lines.append("  its GPU time by kernel (profiler, one call): " + "; ".join(
                 f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} {ms}"

@@ -28,7 +28,18 @@ loads) is a plain, mask-free tensor-core Gram per (tile, layer, fold) over the f
 Precision as "shift-in" (the same fp16 rounding of x - c), speed of a plain GEMM plus one
 read + write of the chunk; costs a second copy of the chunk in GPU memory.
 
-Kernel ``_moments_kernel`` (neurons, and Σx / XᵀY in the raw mode): for every column of every
+Mode "rawtma" (``mode="rawtma"``; the GPU bench makes it the default when it measures faster):
+no copy at all. ``_gram_raw_tma_kernel`` reads the raw fp16 chunk in place through TMA
+descriptors over its (B * r, d) view (each fold's rows must be one contiguous range of the
+chunk; the last partial row block of a fold is read with masked loads), multiplies raw values (exact
+products, float32 sums); ``_add_centred_kernel`` then adds the chunk into the float64 totals
+re-expressed about the shift c, Σ(x-c)(x-c)ᵀ = G - (s cᵀ + c sᵀ) + n c cᵀ, in the same single
+pass the plain add costs. Σ(x - c), Σ(x - c)², Σ(x - c)yᵀ come from ``_moments_kernel`` (one
+read of the chunk). Centring raw float32 sums magnifies their rounding by Σx² / Σ(x - x̄)² per
+column, so a chunk with any column above RAW_MAX_RATIO (a mean beyond ~16 standard deviations,
+or a constant column) is done by "preshift" instead: the mode is never less accurate than that.
+
+Kernel ``_moments_kernel`` (neurons, and Σx / XᵀY in the raw modes): for every column of every
 layer, Σx, Σx², Σx·y_t over a row range; programs split rows for parallelism and write float32
 partials that are summed in float64.
 
@@ -47,7 +58,7 @@ import triton.language as tl
 
 __all__ = ["gram_update", "neuron_update", "is_available", "unavailable_reason",
            "gram_configs", "GramConfig", "preshift_configs", "PreConfig", "MODES", "moments",
-           "prep_tilings", "PrepTiling"]
+           "prep_tilings", "PrepTiling", "rawtma_configs", "RAW_MAX_RATIO"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -282,6 +293,69 @@ def _gram_tma_kernel(DA, DB, OFFP, G, d, rows_tot, F, n_tm, n_tn,
 
 
 @triton.jit
+def _gram_raw_tma_kernel(DA, DB, X, RANGES, G, d, r, F, n_tm, n_tn,
+                         BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Gram of the RAW fp16 rows of fold f of layer b ("rawtma" mode), read in place: DA / DB
+    are TMA descriptors (blocks BLOCK_R x BM / BN) over the contiguous chunk viewed as
+    (B * r, d); fold f is the contiguous row range RANGES[f] = (first, stop) of every layer.
+    Whole BLOCK_R-row blocks stream through TMA (which zero-fills columns >= d); the last,
+    shorter block is read with masked pointer loads, because TMA would read on into the next
+    fold's rows. Writes float32 tile (I, J) of matrix b * F + f of G."""
+    pid = tl.program_id(0)
+    bf = tl.program_id(1)
+    b = bf // F
+    f = bf % F
+    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
+    r0 = tl.load(RANGES + 2 * f)
+    r1 = tl.load(RANGES + 2 * f + 1)
+    n_full = (r1 - r0) // BLOCK_R * BLOCK_R
+    row0 = b * r + r0
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for q in range(0, n_full, BLOCK_R):
+        a = DA.load([row0 + q, ti * BM])
+        c = DB.load([row0 + q, tj * BN])
+        acc = tl.dot(tl.trans(a), c, acc)
+    if n_full < r1 - r0:
+        rows = (row0 + n_full + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mr = rows < b * r + r1
+        ci = ti * BM + tl.arange(0, BM)
+        cj = tj * BN + tl.arange(0, BN)
+        a = tl.load(X + rows[:, None] * d + ci[None, :], mask=mr[:, None] & (ci < d)[None, :],
+                    other=0.0)
+        c = tl.load(X + rows[:, None] * d + cj[None, :], mask=mr[:, None] & (cj < d)[None, :],
+                    other=0.0)
+        acc = tl.dot(tl.trans(a), c, acc)
+    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN)
+
+
+@triton.jit
+def _add_centred_kernel(XTX, G, S, C, NF, d, F, BLOCK: tl.constexpr):
+    """XTX[bf] += G[bf] - (s cᵀ + c sᵀ) + n c cᵀ in float64, bf = b * F + f: adds a chunk's
+    raw float32 Gram G = Σ x xᵀ into totals kept about the shift c (B, d), given the chunk's raw
+    Σx S (B*F, d) and row counts NF (F,). One pass over G and XTX (the plain add's traffic);
+    (i, j) and (j, i) get bit-identical values, so XTX stays exactly symmetric."""
+    pi = tl.program_id(0)
+    pj = tl.program_id(1)
+    bf = tl.program_id(2)
+    b = bf // F
+    n = tl.load(NF + bf % F)
+    i = pi * BLOCK + tl.arange(0, BLOCK)
+    j = pj * BLOCK + tl.arange(0, BLOCK)
+    mi = i < d
+    mj = j < d
+    s_i = tl.load(S + bf * d + i, mask=mi, other=0.0)
+    s_j = tl.load(S + bf * d + j, mask=mj, other=0.0)
+    c_i = tl.load(C + b * d + i, mask=mi, other=0.0)
+    c_j = tl.load(C + b * d + j, mask=mj, other=0.0)
+    off = bf.to(tl.int64) * d * d + i[:, None].to(tl.int64) * d + j[None, :]
+    m = mi[:, None] & mj[None, :]
+    g = tl.load(G + off, mask=m, other=0.0).to(tl.float64)
+    x = tl.load(XTX + off, mask=m, other=0.0)
+    fix = (s_i[:, None] * c_j[None, :] + c_i[:, None] * s_j[None, :]) - n * (c_i[:, None] * c_j[None, :])
+    tl.store(XTX + off, x + (g - fix), mask=m)
+
+
+@triton.jit
 def _moments_kernel(X, Y, IDX, OFF, SHIFT, OUT,
                     m, k, F, rows_per_split,
                     s_xb, s_xr, s_xd, s_yr, s_yk,
@@ -456,6 +530,12 @@ def preshift_configs() -> list[PreConfig]:
     return [PreConfig(128, 256, 64, 8, 3, True), PreConfig(128, 256, 64, 8, 4, True),
             PreConfig(128, 128, 64, 8, 4, True), PreConfig(128, 128, 128, 8, 3, True),
             PreConfig(256, 128, 64, 8, 3, True), PreConfig(128, 128, 64, 8, 3, False)]
+
+
+def rawtma_configs() -> list[PreConfig]:
+    """Tilings the GPU bench tries for "rawtma" (always TMA loads; the tma flag is ignored):
+    the TMA tilings of preshift_configs() (the interpreter's tiny one on CPU)."""
+    return [c for c in preshift_configs() if c[5]] or preshift_configs()[:1]
 
 
 # pointer-load tiling used when TMA descriptors fail on this Triton/driver (no spills on sm_90)
@@ -656,6 +736,91 @@ def _fold_index(fold, r: int, F: int, device):
             torch.from_numpy(off.astype(np.int32)).to(device), counts)
 
 
+def _fold_ranges(fold, r: int, F: int):
+    """[(first_row, n_rows)] of each fold when every fold's rows are one contiguous range of
+    the chunk (fold None, or ids sorted by fold with skipped rows anywhere outside the ranges),
+    else None."""
+    if fold is None:
+        return [(0, r)] if F == 1 else None
+    f = fold.detach().cpu().numpy() if isinstance(fold, torch.Tensor) else np.asarray(fold)
+    f = f.astype(np.int64).reshape(-1)
+    out = []
+    for g in range(F):
+        rows = np.flatnonzero(f == g)
+        if len(rows) and rows[-1] - rows[0] + 1 != len(rows):
+            return None
+        out.append((int(rows[0]) if len(rows) else 0, len(rows)))
+    return out
+
+
+#: "rawtma" multiplies raw fp16 values and centres the float32 sums in float64 afterwards, which
+#: magnifies their float32 rounding by Σx² / Σ(x - x̄)² of the column (1 + mean² / variance).
+#: Chunks with any column above this bound (|mean| > ~16 standard deviations, or a constant
+#: column) go through "preshift" instead; at the bound the centred Gram keeps about the accuracy
+#: of preshift's fp16 rounding of x - c. Real SmolLM2 world_place layers: at most 143.
+RAW_MAX_RATIO = 256.0
+
+
+def _raw_accurate(counts, s_c, q_c, shift) -> bool:
+    """The accuracy guard of "rawtma" (see RAW_MAX_RATIO) from a chunk's column moments about
+    the shift c: s_c = Σ(x - c), q_c = Σ(x - c)² (B, F, d) float64; folds without rows skipped."""
+    n = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=s_c.device).view(1, -1, 1)
+    c = shift.to(torch.float64).unsqueeze(1)
+    live = n > 0
+    spread = q_c - s_c * s_c / n.clamp(min=1)                   # Σ(x - x̄)²
+    raw_sq = q_c + 2 * c * s_c + n * c * c                        # Σx²
+    ok = (spread > 0) & (raw_sq <= RAW_MAX_RATIO * spread)
+    return bool((ok | ~live).all())
+
+
+def _add_centred(xtx, g32, s_raw, shift, counts):
+    """xtx (B*F, d, d) float64 += g32 - (s cᵀ + c sᵀ) + n c cᵀ (see _add_centred_kernel);
+    s_raw (B*F, d) float64 raw Σx of the chunk, shift (B, d), counts (F,)."""
+    BF, d, _ = xtx.shape
+    F = len(counts)
+    nf = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=xtx.device)
+    c = shift.to(torch.float64).contiguous()
+    blk = 16 if INTERPRET else 64
+    _add_centred_kernel[(triton.cdiv(d, blk), triton.cdiv(d, blk), BF)](
+        xtx, g32, s_raw.contiguous(), c, nf, d, F, BLOCK=blk, num_warps=4)
+
+
+def _tma_ready(X) -> bool:
+    """A chunk TMA can read in place as (B * r, d): contiguous, rows 16-byte aligned."""
+    return X.is_contiguous() and X.shape[2] % 8 == 0 and X.data_ptr() % 16 == 0
+
+
+def _gram_rawtma(stats, X, Y32, Yd, fold, counts, ranges, shift32, cfg) -> bool:
+    """"rawtma" mode for one chunk (see gram_update). Returns False, having added nothing,
+    when the chunk fails the accuracy guard (the caller then uses preshift)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, r, d = X.shape
+    F = len(ranges)
+    sx_c, sxx_c, sxy_c = moments(X, Y32, shift32, fold=fold, n_folds=F, squares=True)
+    if not _raw_accurate(counts, sx_c, sxx_c, stats.shift):
+        return False
+    bm, bn, block_r, warps, stages = cfg[:5]
+    n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
+    n_prog = sum(n_tn - (bm * i) // bn for i in range(n_tm))
+    rng = torch.tensor([[r0, r0 + nf] for r0, nf in ranges], dtype=torch.int32, device=X.device)
+    X2 = X.view(B * r, d)
+    da = TensorDescriptor.from_tensor(X2, [block_r, bm])
+    db = TensorDescriptor.from_tensor(X2, [block_r, bn])
+    g32 = torch.empty(B * F, d, d, dtype=torch.float32, device=X.device)
+    _gram_raw_tma_kernel[(n_prog, B * F)](da, db, X2, rng, g32, d, r, F, n_tm, n_tn,
+                                          BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps,
+                                          num_stages=stages)
+    nf = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=X.device).view(1, F, 1)
+    s_raw = sx_c + nf * stats.shift.to(torch.float64).unsqueeze(1)
+    _add_centred(stats.xtx.view(B * F, d, d), g32, s_raw.view(B * F, d), stats.shift, counts)
+    del g32
+    stats.sx += sx_c
+    stats.xty += sxy_c
+    stats.add_targets(Yd, fold, counts)
+    return True
+
+
 def _check_x(X, d_expected=None):
     if not isinstance(X, torch.Tensor):
         X = torch.as_tensor(np.asarray(X))
@@ -669,7 +834,7 @@ def _check_x(X, d_expected=None):
 
 
 # ----------------------------------------------------------------------------------- public
-MODES = ("preshift", "shift-in", "raw")
+MODES = ("preshift", "rawtma", "shift-in", "raw")
 
 
 def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | None = None,
@@ -678,7 +843,9 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
     """Add X (B, r, d) fp16, Y (r, k), fold (r,) (-1 = skip) into ``stats`` (float64, same device).
 
     ``mode`` (see the module docstring): "preshift" (default) writes a shifted, fold-ordered,
-    padded fp16 copy of the chunk and runs a plain Gram on it; "shift-in" subtracts the shift
+    padded fp16 copy of the chunk and runs a plain Gram on it; "rawtma" reads the raw chunk in
+    place through TMA and centres in float64 (needs each fold's rows contiguous; chunks that fail
+    its accuracy guard go through preshift); "shift-in" subtracts the shift
     inside the Gram kernel; "raw" multiplies raw values and moves the chunk to the shift in
     float64 afterwards. ``shift_in_kernel`` (older spelling): True = "shift-in", False = "raw".
     ``groups`` (preshift): pipeline the pre-shift pass of the next group of layers with the Gram
@@ -722,9 +889,34 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
             mode = _TUNED.get((d, str(dev), "mode"), "preshift")
     if mode not in MODES:
         raise ValueError(f"unknown triton Gram mode {mode!r}; one of {MODES}")
+    defaulted_to_raw = mode == "rawtma" and defaulted   # tuned default, not asked for by name
     for name in ("sx", "xtx", "xty"):
         if not getattr(stats, name).is_contiguous():
             setattr(stats, name, getattr(stats, name).contiguous())
+    if mode == "rawtma":
+        ranges = _fold_ranges(fold, r, F)
+        usable = ranges is not None and _tma_ready(X)
+        if not usable and not defaulted_to_raw:
+            raise ValueError("mode='rawtma' needs each fold's rows contiguous in the chunk "
+                             "(sort the rows by fold) and a contiguous chunk with d a "
+                             "multiple of 8 (TMA needs 16-byte aligned rows); use "
+                             "mode='preshift'")
+        if usable:
+            cfg = PreConfig(*(config or _TUNED.get((d, str(dev), "rawtma"))
+                              or _default_pre_config(d)))
+            try:
+                if _gram_rawtma(stats, X, Y32, Yd, fold, counts, ranges, shift32, cfg):
+                    return stats
+            except Exception as exc:  # noqa: BLE001 - e.g. no TMA on this card: use preshift
+                if not defaulted_to_raw or INTERPRET:
+                    raise
+                import warnings
+
+                warnings.warn(f"triton rawtma Gram failed ({type(exc).__name__}: {exc}); "
+                              f"using preshift for d={d} from now on", RuntimeWarning)
+                _TUNED[(d, str(dev), "mode")] = "preshift"
+        # the accuracy guard refused this chunk (or its layout does not suit TMA): preshift
+        mode, config = "preshift", None
     if mode == "preshift":
         key = (d, str(dev), "preshift")
         cfg = PreConfig(*(config or _TUNED.get(key) or _default_pre_config(d)))
@@ -770,18 +962,16 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         sxm, _, sxym = moments(X, Y32, shift_k, fold=fold, n_folds=F, squares=False)
         s_c, xy_c = sxm, sxym
     s_c, xy_c = s_c.view(B, F, d), xy_c.view(B, F, d, k)
-    stats.xtx.view(B * F, d, d).add_(g32)
-    del g32
     if shift_in_kernel:
+        stats.xtx.view(B * F, d, d).add_(g32)
         stats.sx += s_c
         stats.xty += xy_c
     else:
         # re-express the raw sums about c: Σ(x-c)(x-c)ᵀ = G - s cᵀ - c sᵀ + n c cᵀ,
         # Σ(x-c) = s - n c, Σ(x-c)yᵀ = Σxyᵀ - c (Σy)ᵀ
+        _add_centred(stats.xtx.view(B * F, d, d), g32, s_c.reshape(B * F, d), stats.shift, counts)
         c = stats.shift.to(torch.float64).unsqueeze(1)                       # (B, 1, d)
         n = torch.as_tensor(counts, dtype=torch.float64, device=dev).view(1, F, 1)
-        stats.xtx -= (s_c.unsqueeze(-1) * c.unsqueeze(-2) + c.unsqueeze(-1) * s_c.unsqueeze(-2)
-                      - n.unsqueeze(-1) * (c.unsqueeze(-1) * c.unsqueeze(-2)))
         stats.sx += s_c - n * c
         sy_chunk = torch.zeros(F, k, dtype=torch.float64, device=dev)
         f = (torch.zeros(r, dtype=torch.long, device=dev) if fold is None else
@@ -789,6 +979,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         keep = f >= 0
         sy_chunk.index_add_(0, f[keep], Yd[keep])
         stats.xty += xy_c - c.unsqueeze(-1) * sy_chunk.view(1, F, 1, k)
+    del g32
     stats.add_targets(Yd, fold, counts)
     return stats
 

@@ -268,3 +268,80 @@ def test_preshift_prep_tilings(prep):
     # rows not multiples of the block, several programs per fold, test rows dropped
     B, r, d, k, F = (2, 37, 45, 3, 2) if not CUDA else (2, 2100, 600, 3, 2)
     check_chunk_vs_reference(B, r, d, k, F, sum(prep), mode="preshift", prep=tk.PrepTiling(*prep))
+
+
+def sorted_folds(r, F, gen):
+    """Fold ids whose rows are contiguous per fold (what "rawtma" reads in place), with skipped
+    rows (-1) before, between and after the folds' ranges."""
+    sizes = torch.randint(1, 2 * r // (F + 1) + 2, (F,), generator=gen).tolist()
+    ids = [-1] * 2
+    for f, n in enumerate(sizes):
+        ids += [f] * n + [-1] * (f % 2)
+    ids += [-1] * 3
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("cfg", [(16, 32, 16, 1, 1), (32, 16, 16, 1, 1), (16, 16, 32, 1, 1)]
+                         if not CUDA else [tuple(c)[:5] for c in tk.rawtma_configs()])
+@pytest.mark.parametrize("F", [1, 3])
+def test_rawtma_matches_reference(cfg, F):
+    # raw chunk read in place through 3-D TMA descriptors, one per fold's contiguous rows;
+    # rows and columns not multiples of the tiles; two chunks, so the float64 re-centring adds
+    # into non-zero totals
+    B, r, d, k = (2, 29, 40, 3) if not CUDA else (3, 1100, 600, 2)
+    gen = torch.Generator().manual_seed(sum(cfg) + F)
+    shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
+    got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
+    want = GramStats.zeros(B, d, k, F, shift=shift)
+    for _ in range(2):
+        fold = sorted_folds(r, F, gen) if F > 1 else None
+        rr = r if fold is None else len(fold)
+        X, Y, _ = make_chunk(B, rr, d, k, 1, gen)
+        tk.gram_update(got, X.to(DEV), Y.to(DEV), None if fold is None else fold.to(DEV),
+                       mode="rawtma", config=tk.PreConfig(*cfg, True))
+        reference.gram_update(want, X, Y, fold)
+    check_close(got, want, 1e-5)
+
+
+def test_rawtma_guard_hands_far_off_mean_columns_to_preshift():
+    # a column whose mean is 200 standard deviations away (and a constant one): centring raw
+    # float32 sums would lose it, so the chunk goes through preshift, bit for bit
+    B, r, d, k = 1, 24, 16, 2
+    gen = torch.Generator().manual_seed(3)
+    X, Y, _ = make_chunk(B, r, d, k, 1, gen)
+    shift = choose_shift(X)
+    for col, values in ((3, 1000.0 + torch.randn(r, generator=gen) * 5), (5, torch.full((r,), 7.0))):
+        Xb = X.clone()
+        Xb[0, :, col] = values.to(torch.float16)
+        a, b = (GramStats.zeros(B, d, k, shift=shift, device=DEV) for _ in range(2))
+        tk.gram_update(a, Xb.to(DEV), Y.to(DEV), mode="rawtma")
+        tk.gram_update(b, Xb.to(DEV), Y.to(DEV), mode="preshift")
+        assert torch.equal(a.xtx, b.xtx) and torch.equal(a.sx, b.sx)
+    # the same data without those columns passes the guard (raw products, not preshift's)
+    a, b = (GramStats.zeros(B, d, k, shift=shift, device=DEV) for _ in range(2))
+    tk.gram_update(a, X.to(DEV), Y.to(DEV), mode="rawtma")
+    tk.gram_update(b, X.to(DEV), Y.to(DEV), mode="preshift")
+    assert not torch.equal(a.xtx, b.xtx)
+
+
+def test_rawtma_layout_rules():
+    B, r, d, k = 1, 20, 16, 1
+    gen = torch.Generator().manual_seed(9)
+    X, Y, _ = make_chunk(B, r, d, k, 1, gen)
+    st = GramStats.zeros(B, d, k, 2, device=DEV)
+    interleaved = torch.tensor([0, 1] * 10, dtype=torch.int32)
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.gram_update(st, X.to(DEV), Y.to(DEV), interleaved.to(DEV), mode="rawtma")
+    odd = GramStats.zeros(B, 13, k, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tk.gram_update(odd, X[:, :, :13].contiguous().to(DEV), Y.to(DEV), mode="rawtma")
+    # as the tuned default it falls back to preshift quietly (interleaved folds, here)
+    key = (d, str(st.device), "mode")
+    tk._TUNED[key] = "rawtma"
+    try:
+        a, b = (GramStats.zeros(B, d, k, 2, device=DEV) for _ in range(2))
+        tk.gram_update(a, X.to(DEV), Y.to(DEV), interleaved.to(DEV))
+        tk.gram_update(b, X.to(DEV), Y.to(DEV), interleaved.to(DEV), mode="preshift")
+        assert torch.equal(a.xtx, b.xtx)
+    finally:
+        tk._TUNED.pop(key, None)
