@@ -44,17 +44,31 @@ PREP_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "OFFP": "*
             "BLOCK_R": "constexpr", "KP": "constexpr", "GATHER": "constexpr"}
 PRE_SIG = {"XS": "*fp16", "OFFP": "*i32", "G": "*fp32", "d": "i32", "d_pad": "i32",
            "rows_tot": "i32", "F": "i32", "n_tm": "i32", "n_tn": "i32",
-           "BM": "constexpr", "BN": "constexpr", "BLOCK_R": "constexpr"}
+           "BM": "constexpr", "BN": "constexpr", "BLOCK_R": "constexpr", "ACC": "constexpr"}
 
 
 def tma_sig(bm, bn, br):
     return {"DA": f"tensordesc<fp16[{br}, {bm}]>", "DB": f"tensordesc<fp16[{br}, {bn}]>",
             "OFFP": "*i32", "G": "*fp32", "d": "i32", "rows_tot": "i32", "F": "i32",
             "n_tm": "i32", "n_tn": "i32", "BM": "constexpr", "BN": "constexpr",
+            "BLOCK_R": "constexpr", "ACC": "constexpr"}
+
+
+def raw_tma_sig(bm, bn, br):
+    return {"DA": f"tensordesc<fp16[{br}, {bm}]>", "DB": f"tensordesc<fp16[{br}, {bn}]>",
+            "TA": f"tensordesc<fp16[1, {br}, {bm}]>", "TB": f"tensordesc<fp16[1, {br}, {bn}]>",
+            "G": "*fp32", "d": "i32", "r": "i32", "r0": "i32", "nf": "i32", "F": "i32", "f": "i32",
+            "n_tm": "i32", "n_tn": "i32", "BM": "constexpr", "BN": "constexpr",
             "BLOCK_R": "constexpr"}
 
 
-def cubin_report(cubin: bytes, cuobjdump: str) -> str:
+ADD_SIG = {"XTX": "*fp64", "G": "*fp32", "S": "*fp64", "C": "*fp64", "NF": "*fp64", "d": "i32",
+           "F": "i32", "BLOCK": "constexpr"}
+
+
+def cubin_resources(cubin: bytes, cuobjdump: str) -> dict:
+    """regs, stack bytes, local loads/stores (spills), tensor-core kind and TMA loads of a
+    compiled kernel, read with cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         name = f.name
@@ -64,9 +78,30 @@ def cubin_report(cubin: bytes, cuobjdump: str) -> str:
     finally:
         os.unlink(name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
-    regs = f"regs {m.group(1)} stack {m.group(2)}B" if m else res.strip()[:80]
-    mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no-mma")
-    return f"{regs} LDL {sass.count('LDL')} STL {sass.count('STL')} {mma}"
+    return {"regs": int(m.group(1)) if m else None, "stack": int(m.group(2)) if m else None,
+            "LDL": sass.count("LDL"), "STL": sass.count("STL"),
+            "mma": "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no-mma"),
+            "UTMALDG": sass.count("UTMALDG")}
+
+
+def cubin_report(cubin: bytes, cuobjdump: str) -> str:
+    r = cubin_resources(cubin, cuobjdump)
+    tma = f" UTMALDG {r['UTMALDG']}" if r["UTMALDG"] else ""
+    return (f"regs {r['regs']} stack {r['stack']}B LDL {r['LDL']} STL {r['STL']} "
+            f"{r['mma']}{tma}")
+
+
+def compile_for(fn, sig, consts, warps, stages, arch: int = 90):
+    """triton.compile of one kernel for sm_<arch> without a GPU; returns (kernel, resources)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    return k, cubin_resources(k.asm["cubin"], cuobjdump)
 
 
 def main(argv=None) -> int:
@@ -76,24 +111,19 @@ def main(argv=None) -> int:
     p.add_argument("--preshift-only", action="store_true", help="only the preshift-mode kernels")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from probes.kernels import triton_kernels as tk
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    target = GPUTarget("cuda", args.arch, 32)
     failed = 0
 
     def comp(fn, sig, consts, warps, stages, label):
         nonlocal failed
         t0 = time.time()
         try:
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                               options={"num_warps": warps, "num_stages": stages})
-            print(f"{label:48s} smem {k.metadata.shared:6d}  {cubin_report(k.asm['cubin'], cuobjdump)}"
-                  f"  ({time.time() - t0:.1f}s)", flush=True)
+            k, r = compile_for(fn, sig, consts, warps, stages, args.arch)
+            tma = f" UTMALDG {r['UTMALDG']}" if r["UTMALDG"] else ""
+            print(f"{label:48s} smem {k.metadata.shared:6d}  regs {r['regs']} stack {r['stack']}B "
+                  f"LDL {r['LDL']} STL {r['STL']} {r['mma']}{tma}  ({time.time() - t0:.1f}s)",
+                  flush=True)
         except Exception as exc:  # noqa: BLE001 - report every failure
             failed += 1
             print(f"{label:48s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
@@ -101,13 +131,19 @@ def main(argv=None) -> int:
     # preshift mode (the default): pre-shift pass + plain / TMA Gram on the padded copy
     for cfg in (tk.preshift_configs()[:2] if args.quick else tk.preshift_configs()):
         bm, bn, br, warps, stages, tma = cfg
-        consts = {"BM": bm, "BN": bn, "BLOCK_R": br}
+        consts = {"BM": bm, "BN": bn, "BLOCK_R": br, "ACC": False}
         if tma:
             comp(tk._gram_tma_kernel, tma_sig(bm, bn, br), consts, warps, stages,
                  f"gram preshift {tuple(cfg)} tma")
         else:
             comp(tk._gram_pre_kernel, PRE_SIG, consts, warps, stages,
                  f"gram preshift {tuple(cfg)} ptr")
+    # rawtma mode: the raw chunk through TMA, then the float64 re-centring add
+    for cfg in (tk.rawtma_configs()[:2] if args.quick else tk.rawtma_configs()):
+        bm, bn, br, warps, stages = cfg[:5]
+        comp(tk._gram_raw_tma_kernel, raw_tma_sig(bm, bn, br), {"BM": bm, "BN": bn, "BLOCK_R": br},
+             warps, stages, f"gram rawtma {tuple(cfg[:5])}")
+    comp(tk._add_centred_kernel, ADD_SIG, {"BLOCK": 32}, 4, 1, "add_centred 32x32")
     for gather in (False, True):
         for kp in (1, 2, 4, 8, 16):
             pbn, pbr, pw = 128, max(1, min(16, 64 // kp)), 4   # as tk._prep_tiling on a GPU

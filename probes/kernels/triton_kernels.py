@@ -31,7 +31,8 @@ read + write of the chunk; costs a second copy of the chunk in GPU memory.
 Mode "rawtma" (``mode="rawtma"``; the GPU bench makes it the default when it measures faster):
 no copy at all. ``_gram_raw_tma_kernel`` reads the raw fp16 chunk in place through TMA
 descriptors over its (B * r, d) view (each fold's rows must be one contiguous range of the
-chunk; the last partial row block of a fold is read with masked loads), multiplies raw values (exact
+chunk; a fold's last partial row block comes through a 3-D descriptor over just that fold's
+rows, which TMA zero-fills past the fold's end), multiplies raw values (exact
 products, float32 sums); ``_add_centred_kernel`` then adds the chunk into the float64 totals
 re-expressed about the shift c, Σ(x-c)(x-c)ᵀ = G - (s cᵀ + c sᵀ) + n c cᵀ, in the same single
 pass the plain add costs. Σ(x - c), Σ(x - c)², Σ(x - c)yᵀ come from ``_moments_kernel`` (one
@@ -293,39 +294,30 @@ def _gram_tma_kernel(DA, DB, OFFP, G, d, rows_tot, F, n_tm, n_tn,
 
 
 @triton.jit
-def _gram_raw_tma_kernel(DA, DB, X, RANGES, G, d, r, F, n_tm, n_tn,
+def _gram_raw_tma_kernel(DA, DB, TA, TB, G, d, r, r0, nf, F, f, n_tm, n_tn,
                          BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Gram of the RAW fp16 rows of fold f of layer b ("rawtma" mode), read in place: DA / DB
-    are TMA descriptors (blocks BLOCK_R x BM / BN) over the contiguous chunk viewed as
-    (B * r, d); fold f is the contiguous row range RANGES[f] = (first, stop) of every layer.
-    Whole BLOCK_R-row blocks stream through TMA (which zero-fills columns >= d); the last,
-    shorter block is read with masked pointer loads, because TMA would read on into the next
-    fold's rows. Writes float32 tile (I, J) of matrix b * F + f of G."""
+    """Gram of the RAW fp16 rows [r0, r0 + nf) of every layer b (fold f, "rawtma" mode), read
+    in place. Whole BLOCK_R-row blocks stream through DA / DB, TMA descriptors (blocks
+    BLOCK_R x BM / BN) over the contiguous chunk viewed as (B * r, d); the last, shorter block
+    through TA / TB, 3-D descriptors (blocks 1 x BLOCK_R x BM / BN) over just the fold's rows
+    (B, nf, d), so TMA zero-fills past the fold's end instead of reading the next fold's rows
+    (masked pointer loads there made the kernel spill registers on sm_90). TMA also zero-fills
+    columns >= d. Writes float32 tile (I, J) of matrix b * F + f of G."""
     pid = tl.program_id(0)
-    bf = tl.program_id(1)
-    b = bf // F
-    f = bf % F
+    b = tl.program_id(1)
     ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
-    r0 = tl.load(RANGES + 2 * f)
-    r1 = tl.load(RANGES + 2 * f + 1)
-    n_full = (r1 - r0) // BLOCK_R * BLOCK_R
+    n_full = nf // BLOCK_R * BLOCK_R
     row0 = b * r + r0
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for q in range(0, n_full, BLOCK_R):
         a = DA.load([row0 + q, ti * BM])
         c = DB.load([row0 + q, tj * BN])
         acc = tl.dot(tl.trans(a), c, acc)
-    if n_full < r1 - r0:
-        rows = (row0 + n_full + tl.arange(0, BLOCK_R)).to(tl.int64)
-        mr = rows < b * r + r1
-        ci = ti * BM + tl.arange(0, BM)
-        cj = tj * BN + tl.arange(0, BN)
-        a = tl.load(X + rows[:, None] * d + ci[None, :], mask=mr[:, None] & (ci < d)[None, :],
-                    other=0.0)
-        c = tl.load(X + rows[:, None] * d + cj[None, :], mask=mr[:, None] & (cj < d)[None, :],
-                    other=0.0)
+    if n_full < nf:
+        a = TA.load([b, n_full, ti * BM]).reshape(BLOCK_R, BM)
+        c = TB.load([b, n_full, tj * BN]).reshape(BLOCK_R, BN)
         acc = tl.dot(tl.trans(a), c, acc)
-    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN)
+    _store_gram_tile(G, acc, b * F + f, ti, tj, d, BM, BN)
 
 
 @triton.jit
@@ -773,6 +765,9 @@ def _raw_accurate(counts, s_c, q_c, shift) -> bool:
     return bool((ok | ~live).all())
 
 
+ADD_BLOCK = 32    # tile of _add_centred_kernel: 64 x 64 float64 tiles spill on sm_90
+
+
 def _add_centred(xtx, g32, s_raw, shift, counts):
     """xtx (B*F, d, d) float64 += g32 - (s cᵀ + c sᵀ) + n c cᵀ (see _add_centred_kernel);
     s_raw (B*F, d) float64 raw Σx of the chunk, shift (B, d), counts (F,)."""
@@ -780,7 +775,7 @@ def _add_centred(xtx, g32, s_raw, shift, counts):
     F = len(counts)
     nf = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=xtx.device)
     c = shift.to(torch.float64).contiguous()
-    blk = 16 if INTERPRET else 64
+    blk = 16 if INTERPRET else ADD_BLOCK
     _add_centred_kernel[(triton.cdiv(d, blk), triton.cdiv(d, blk), BF)](
         xtx, g32, s_raw.contiguous(), c, nf, d, F, BLOCK=blk, num_warps=4)
 
@@ -803,12 +798,18 @@ def _gram_rawtma(stats, X, Y32, Yd, fold, counts, ranges, shift32, cfg) -> bool:
     bm, bn, block_r, warps, stages = cfg[:5]
     n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
     n_prog = sum(n_tn - (bm * i) // bn for i in range(n_tm))
-    rng = torch.tensor([[r0, r0 + nf] for r0, nf in ranges], dtype=torch.int32, device=X.device)
     X2 = X.view(B * r, d)
     da = TensorDescriptor.from_tensor(X2, [block_r, bm])
     db = TensorDescriptor.from_tensor(X2, [block_r, bn])
     g32 = torch.empty(B * F, d, d, dtype=torch.float32, device=X.device)
-    _gram_raw_tma_kernel[(n_prog, B * F)](da, db, X2, rng, g32, d, r, F, n_tm, n_tn,
+    for f, (r0, nf) in enumerate(ranges):
+        if nf == 0:
+            g32.view(B, F, d, d)[:, f].zero_()
+            continue
+        Xf = X[:, r0:r0 + nf]
+        ta = TensorDescriptor(Xf, list(Xf.shape), list(Xf.stride()), [1, block_r, bm])
+        tb = TensorDescriptor(Xf, list(Xf.shape), list(Xf.stride()), [1, block_r, bn])
+        _gram_raw_tma_kernel[(n_prog, B)](da, db, ta, tb, g32, d, r, r0, nf, F, f, n_tm, n_tn,
                                           BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps,
                                           num_stages=stages)
     nf = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=X.device).view(1, F, 1)
