@@ -45,6 +45,9 @@ if str(REPO) not in sys.path:
 
 
 DEV = "cuda"   # --device cpu (with TRITON_INTERPRET=1, tiny sizes) dry-runs the script's logic
+# main() points this at its JSON writer: sections call it after each variant, so a run cut off by
+# a time limit keeps every number measured so far
+CHECKPOINT = lambda: None  # noqa: E731
 
 
 class _Skip(Exception):
@@ -158,6 +161,8 @@ def sec_gram(args, res):
     useful = B * n * d * (d + 1)
     ceiling = res.get("ceilings", {}).get("matmul_fp16_tflops")
     out = {"shape": [B, n, d], "useful_tflop": useful / 1e12, "variants": {}}
+    if not args.merge:
+        res["gram"] = out          # partial results reach the JSON at every checkpoint
 
     use_triton, use_cuda = "triton" in args.backends, "cuda" in args.backends
     if use_triton and args.tune_configs > 0:
@@ -219,6 +224,8 @@ def sec_gram(args, res):
             out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
                                      "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
                                      "rel_err_xtx_layer0": err}
+            print(f"  {name}: {ms:.2f} ms, {tf:.1f} TFLOP/s", flush=True)
+            CHECKPOINT()
             st = None
             empty_cache()
             return ms
@@ -232,44 +239,40 @@ def sec_gram(args, res):
 
     for name, fn in variants:
         timed(name, fn, check=not name.startswith("cublas"))
-    # the fastest preshift tiling becomes the default of gram_update for this d (fit section);
-    # then the same tiling with the pre-shift pass of the next layer group overlapping the Gram
+    # the fastest preshift tiling becomes the default of gram_update for this d (fit section)
     pre = {n: v["ms"] for n, v in out["variants"].items()
            if n.startswith("triton preshift") and "ms" in v}
-    if pre:
-        best_name = min(pre, key=pre.get)
-        best_cfg = next(c for c in tk.preshift_configs() if best_name.endswith(_cfg_name(c)))
-        key = (d, str(X.device), "preshift")
-        tk._TUNED[key] = best_cfg
-        best_groups, best_ms = 1, pre[best_name]
-        # the pre-shift pass's tilings with that Gram tiling (the pass took 12.5 ms of 53.7 on
-        # an H200, at 40 % of the copy ceiling); the fastest becomes the default here
-        prep_ms = {}
-        for prep in tk.prep_tilings():
-            ms = timed("triton preshift best, prep {}x{} w{} rows{}".format(*prep),
-                       preshift(best_cfg, prep=prep), check=False)
-            if ms is not None:
-                prep_ms[prep] = ms
-        if prep_ms:
-            best_prep = min(prep_ms, key=prep_ms.get)
-            tk._TUNED[(d, str(X.device), "prep")] = best_prep
-            out["best_prep"] = list(best_prep)
-            best_ms = min(best_ms, prep_ms[best_prep])
-        for groups in [int(x) for x in args.groups.split(",") if x]:
-            ms = timed(f"triton preshift best, {groups} layer groups",
-                       preshift(best_cfg, groups=groups))
-            if ms is not None and ms < best_ms:
-                best_groups, best_ms = groups, ms
-        tk._TUNED[key + ("groups",)] = best_groups
-        out["best_preshift"] = {"name": best_name, "config": list(best_cfg), "groups": best_groups,
-                                "prep": out.get("best_prep"), "ms": best_ms}
-        # the best variant re-timed right here next to the Gram kernel adding its tiles into the
-        # float64 totals (fused epilogue), so the two epilogues compare under the same card state
-        # (clocks drift by several percent between minutes); then where the best variant's time
-        # goes, kernel by kernel (torch profiler)
-        # "rawtma": no pre-shift pass at all (the raw chunk read in place through TMA, centred
-        # in float64 in the add pass); every TMA tiling, and if the fastest beats preshift it
-        # becomes gram_update's default mode for this d (so the fit section uses it)
+    best_raw = None
+    if use_triton:
+        # "rawtma" next (the likeliest to reach the target, so a cut-off run still has it): no
+        # pre-shift pass at all, the raw chunk read in place through TMA and centred in float64
+        # in the add pass. Its column sums come from the moments kernel: that kernel's tilings
+        # on this data first (GB/s of the chunk read once), the fastest becomes its default.
+        Y32 = Y.to(torch.float32)
+        sh32 = shift.to(device=X.device, dtype=torch.float32)
+        mom = {}
+        copy_ceiling = res.get("ceilings", {}).get("copy_gbs")
+        out["moments"] = {}
+        for t in tk.moments_tilings():
+            name = "triton moments {}x{} w{} stages{}".format(*t)
+            try:
+                tk.moments(X, Y32, sh32, squares=True, tiling=t)
+                ms, ts = cuda_time(lambda t=t: tk.moments(X, Y32, sh32, squares=True, tiling=t),
+                                   reps=args.reps, warmup=0)
+                gbs = X.numel() * 2 / (ms * 1e-3) / 1e9
+                out["moments"][name] = {"ms": ms, "all_ms": ts, "gbs": gbs,
+                                        "pct_of_copy": (100 * gbs / copy_ceiling)
+                                        if copy_ceiling else None}
+                print(f"  {name}: {ms:.2f} ms, {gbs:.0f} GB/s", flush=True)
+                CHECKPOINT()
+                mom[t] = ms
+            except Exception as exc:  # noqa: BLE001
+                out["moments"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                traceback.print_exc()
+        if mom:
+            best_mom = min(mom, key=mom.get)
+            tk._TUNED[(d, str(X.device), "moments")] = best_mom
+            out["best_moments"] = {"tiling": list(best_mom), "ms": mom[best_mom]}
         raw_ms = {}
         for cfg in tk.rawtma_configs():
             ms = timed(f"triton rawtma {_cfg_name(cfg)}",
@@ -280,9 +283,6 @@ def sec_gram(args, res):
             best_raw = min(raw_ms, key=raw_ms.get)
             tk._TUNED[(d, str(X.device), "rawtma")] = best_raw
             out["best_rawtma"] = {"config": list(best_raw), "ms": raw_ms[best_raw]}
-            if raw_ms[best_raw] < best_ms:
-                tk._TUNED[(d, str(X.device), "mode")] = "rawtma"
-            out["default_mode"] = tk._TUNED.get((d, str(X.device), "mode"), "preshift")
             if DEV == "cuda":
                 try:
                     out["best_rawtma"]["kernels_ms"] = _profile_kernels(
@@ -290,6 +290,44 @@ def sec_gram(args, res):
                         lambda: GramStats.zeros(B, d, k, shift=shift, device=DEV))
                 except Exception as exc:  # noqa: BLE001
                     out["best_rawtma"]["kernels_ms"] = {"error": f"{type(exc).__name__}: {exc}"}
+            CHECKPOINT()
+    if pre:
+        best_name = min(pre, key=pre.get)
+        best_cfg = next(c for c in tk.preshift_configs() if best_name.endswith(_cfg_name(c)))
+        key = (d, str(X.device), "preshift")
+        tk._TUNED[key] = best_cfg
+        best_groups, best_ms = 1, pre[best_name]
+        # the pre-shift pass's tilings with that Gram tiling (the pass took 12.5 ms of 53.7 on
+        # an H200, at 40 % of the copy ceiling); the fastest becomes the default here
+        prep_ms = {}
+        for prep in tk.prep_tilings():
+            ms = timed("triton preshift best, prep {}x{} w{} rows{} stages{}".format(*prep),
+                       preshift(best_cfg, prep=prep), check=False)
+            if ms is not None:
+                prep_ms[prep] = ms
+        if prep_ms:
+            best_prep = min(prep_ms, key=prep_ms.get)
+            tk._TUNED[(d, str(X.device), "prep")] = best_prep
+            out["best_prep"] = list(best_prep)
+            best_ms = min(best_ms, prep_ms[best_prep])
+        # the same tiling with the pre-shift pass of the next layer group overlapping the Gram
+        for groups in [int(x) for x in args.groups.split(",") if x]:
+            ms = timed(f"triton preshift best, {groups} layer groups",
+                       preshift(best_cfg, groups=groups))
+            if ms is not None and ms < best_ms:
+                best_groups, best_ms = groups, ms
+        tk._TUNED[key + ("groups",)] = best_groups
+        out["best_preshift"] = {"name": best_name, "config": list(best_cfg), "groups": best_groups,
+                                "prep": out.get("best_prep"), "ms": best_ms}
+        # the faster mode becomes gram_update's default for this d (the fit section uses it)
+        if best_raw is not None and out["best_rawtma"]["ms"] < best_ms:
+            tk._TUNED[(d, str(X.device), "mode")] = "rawtma"
+        out["default_mode"] = tk._TUNED.get((d, str(X.device), "mode"), "preshift")
+        CHECKPOINT()
+        # the best variant re-timed right here next to the Gram kernel adding its tiles into the
+        # float64 totals (fused epilogue), so the two epilogues compare under the same card state
+        # (clocks drift by several percent between minutes); then where the best variant's time
+        # goes, kernel by kernel (torch profiler)
         timed("triton preshift best (separate add), re-timed", preshift(best_cfg, groups=best_groups),
               check=False)
         timed("triton preshift best, fused float64 add",
@@ -560,9 +598,9 @@ def sec_neurons(args, res):
 
     variants = []
     if "triton" in args.backends:
-        variants += [(f"triton {bn}x{br}",
-                      functools.partial(tk.neuron_update, block_n=bn, block_r=br))
-                     for bn, br in ((256, 16), (128, 32), (512, 8))]
+        variants += [("triton {}x{} w{} stages{}".format(*t),
+                      functools.partial(tk.neuron_update, tiling=t))
+                     for t in tk.moments_tilings()]
     if "cuda" in args.backends:
         if ck.is_available():
             variants.append(("cuda", ck.neuron_update))
@@ -627,6 +665,15 @@ def table(res) -> str:
             lines.append("  its GPU time by kernel (profiler, one call): " + "; ".join(
                 f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} {ms}"
                 for name, ms in km.items()))
+    for name, v in g.get("moments", {}).items():
+        if "error" in v:
+            lines.append(f"  {name:38s} ERROR {v['error'][:90]}")
+        else:
+            lines.append(f"  {name:38s} {v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s "
+                         f"{_f(v.get('pct_of_copy'))}% of copy")
+    if "best_moments" in g:
+        lines.append(f"  best moments tiling (rawtma's sums): {g['best_moments']['tiling']} "
+                     f"{g['best_moments']['ms']:.1f} ms")
     if "best_rawtma" in g:
         br = g["best_rawtma"]
         lines.append(f"  best rawtma: {_cfg_name(br['config'])} {br['ms']:.1f} ms; default mode now "
@@ -728,6 +775,9 @@ def main(argv=None):
     def save():
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+
+    global CHECKPOINT
+    CHECKPOINT = save
 
     for sec in [s for s in args.sections.split(",") if s]:
         t0 = time.time()

@@ -10,7 +10,9 @@
 # $OUT (default out/gpu_check): gpu_check.log (all output), steps.tsv, bench.json, pytest.txt,
 # summary.txt. Knobs (environment): BENCH_ARGS (extra args of bench/gpu_bench.py, e.g.
 # "--rows 20000"), ONLY (comma-separated step names to run), EXTRACT_ARGS (args of bench/extract.py after the fixed ones; default
-# "--rows 1024 --batch-size 64 --rss-rows="), PYTHON, GPU_CHECK_BUDGET.
+# "--rows 1024 --batch-size 64 --rss-rows="), PYTHON, GPU_CHECK_BUDGET, BENCH_LIMIT (seconds of the
+# Triton bench step, default 130; the bench saves its JSON after every variant, so a cut-off run
+# keeps what it measured).
 #
 # Before the run, on the machine with network access, fill the git-ignored .whl/ (carried):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -100,7 +102,7 @@ import zarr; print('zarr', zarr.__version__)
 # ---------------------------------------------------------------------------------------- bench
 # Triton variants, the whole fit and the ceilings first; the CUDA C++ variants in a second
 # process merged into the same JSON (a crash there cannot take the Triton numbers with it)
-step bench 130 $PY bench/gpu_bench.py --json "$OUT/bench.json" --backends triton $BENCH_ARGS
+step bench ${BENCH_LIMIT:-130} $PY bench/gpu_bench.py --json "$OUT/bench.json" --backends triton $BENCH_ARGS
 step bench_cuda 50 $PY bench/gpu_bench.py --json "$OUT/bench.json" --merge --backends cuda \
      --sections gram,neurons $BENCH_ARGS
 

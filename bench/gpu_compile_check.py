@@ -35,13 +35,13 @@ MOM_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "SHIFT": "*
            "OUT": "*fp32", "m": "i32", "k": "i32", "F": "i32", "rows_per_split": "i32",
            "s_xb": "i64", "s_xr": "i32", "s_xd": "i32", "s_yr": "i32", "s_yk": "i32",
            "BLOCK_N": "constexpr", "BLOCK_R": "constexpr", "KP": "constexpr",
-           "GATHER": "constexpr", "SQUARES": "constexpr"}
+           "GATHER": "constexpr", "SQUARES": "constexpr", "NS": "constexpr"}
 
 PREP_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "OFFP": "*i32",
             "SHIFT": "*fp32", "XS": "*fp16", "OUT": "*fp32", "d": "i32", "d_pad": "i32", "k": "i32",
             "F": "i32", "rows_tot": "i32", "rows_per_split": "i32", "s_xb": "i64", "s_xr": "i32",
             "s_xd": "i32", "s_yr": "i32", "s_yk": "i32", "BLOCK_N": "constexpr",
-            "BLOCK_R": "constexpr", "KP": "constexpr", "GATHER": "constexpr"}
+            "BLOCK_R": "constexpr", "KP": "constexpr", "GATHER": "constexpr", "NS": "constexpr"}
 PRE_SIG = {"XS": "*fp16", "OFFP": "*i32", "G": "*fp32", "d": "i32", "d_pad": "i32",
            "rows_tot": "i32", "F": "i32", "n_tm": "i32", "n_tn": "i32",
            "BM": "constexpr", "BN": "constexpr", "BLOCK_R": "constexpr", "ACC": "constexpr"}
@@ -81,7 +81,8 @@ def cubin_resources(cubin: bytes, cuobjdump: str) -> dict:
     return {"regs": int(m.group(1)) if m else None, "stack": int(m.group(2)) if m else None,
             "LDL": sass.count("LDL"), "STL": sass.count("STL"),
             "mma": "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no-mma"),
-            "UTMALDG": sass.count("UTMALDG")}
+            "UTMALDG": sass.count("UTMALDG"), "LDGSTS": sass.count("LDGSTS"),
+            "LDG128": sass.count("LDG.E.128")}
 
 
 def cubin_report(cubin: bytes, cuobjdump: str) -> str:
@@ -91,14 +92,29 @@ def cubin_report(cubin: bytes, cuobjdump: str) -> str:
             f"{r['mma']}{tma}")
 
 
+# what a real launch specialises (Triton marks integers divisible by 16 and pointers aligned to
+# 16 bytes, and turns an integer equal to 1 into a constant): without it, loads along a
+# runtime stride are not vectorised and the report misleads
+LAUNCH_DIV16 = ("d", "m", "d_pad", "s_xb", "s_xr", "rows_per_split", "rows_tot")
+LAUNCH_ONES = ("s_xd",)
+
+
 def compile_for(fn, sig, consts, warps, stages, arch: int = 90):
-    """triton.compile of one kernel for sm_<arch> without a GPU; returns (kernel, resources)."""
+    """triton.compile of one kernel for sm_<arch> without a GPU, specialised as a launch on a
+    contiguous d = 4096 chunk would be; returns (kernel, resources)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+    names = fn.arg_names
+    sig, consts = dict(sig), dict(consts)
+    for n in LAUNCH_ONES:
+        if n in sig:
+            sig[n], consts[n] = "constexpr", 1
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*") or (n in LAUNCH_DIV16 and t.startswith("i"))}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": warps, "num_stages": stages})
     return k, cubin_resources(k.asm["cubin"], cuobjdump)
@@ -121,6 +137,8 @@ def main(argv=None) -> int:
         try:
             k, r = compile_for(fn, sig, consts, warps, stages, args.arch)
             tma = f" UTMALDG {r['UTMALDG']}" if r["UTMALDG"] else ""
+            tma += f" LDGSTS {r['LDGSTS']}" if r["LDGSTS"] else ""
+            tma += f" LDG.128 {r['LDG128']}" if r["LDG128"] else ""
             print(f"{label:48s} smem {k.metadata.shared:6d}  regs {r['regs']} stack {r['stack']}B "
                   f"LDL {r['LDL']} STL {r['STL']} {r['mma']}{tma}  ({time.time() - t0:.1f}s)",
                   flush=True)
@@ -148,8 +166,13 @@ def main(argv=None) -> int:
         for kp in (1, 2, 4, 8, 16):
             pbn, pbr, pw = 128, max(1, min(16, 64 // kp)), 4   # as tk._prep_tiling on a GPU
             comp(tk._prep_kernel, PREP_SIG,
-                 {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": kp, "GATHER": gather}, pw, 1,
+                 {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": kp, "GATHER": gather, "NS": 1}, pw, 1,
                  f"prep {pbn}x{pbr} w{pw} KP={kp} gather={gather}")
+    for t in tk.prep_tilings():
+        pbn, pbr, pw, _, pns = t
+        comp(tk._prep_kernel, PREP_SIG,
+             {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": 2, "GATHER": False, "NS": pns}, pw, 1,
+             f"prep tiling {tuple(t)} KP=2")
     if args.preshift_only:
         return 1 if failed else 0
 
@@ -164,10 +187,11 @@ def main(argv=None) -> int:
                      {"BM": bm, "BN": bn, "BLOCK_R": br, "KP": 16, "GATHER": gather,
                       "SHIFT_IN": sik, "DIAG_STATS": fused},
                      warps, stages, f"gram {tuple(cfg)} shift_in={sik} gather={gather}")
-    for bn, br in ((256, 16), (128, 32), (512, 8)):
+    for t in tk.moments_tilings():
+        bn, br, w, ns = t
         comp(tk._moments_kernel, MOM_SIG,
-             {"BLOCK_N": bn, "BLOCK_R": br, "KP": 2, "GATHER": False, "SQUARES": True},
-             8, 3, f"moments {bn}x{br}")
+             {"BLOCK_N": bn, "BLOCK_R": br, "KP": 2, "GATHER": False, "SQUARES": True, "NS": ns},
+             w, 3, f"moments {tuple(t)}")
 
     nvcc = shutil.which("nvcc")
     src = REPO / "csrc" / "cuda" / "stats_kernels.cu"

@@ -59,7 +59,8 @@ import triton.language as tl
 
 __all__ = ["gram_update", "neuron_update", "is_available", "unavailable_reason",
            "gram_configs", "GramConfig", "preshift_configs", "PreConfig", "MODES", "moments",
-           "prep_tilings", "PrepTiling", "rawtma_configs", "RAW_MAX_RATIO"]
+           "prep_tilings", "PrepTiling", "rawtma_configs", "RAW_MAX_RATIO",
+           "moments_tilings", "MomentsTiling"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -164,7 +165,7 @@ def _prep_kernel(X, Y, IDX, OFF, OFFP, SHIFT, XS, OUT,
                  d, d_pad, k, F, rows_tot, rows_per_split,
                  s_xb, s_xr, s_xd, s_yr, s_yk,
                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr,
-                 GATHER: tl.constexpr):
+                 GATHER: tl.constexpr, NS: tl.constexpr = 1):
     """Pre-shift pass of the "preshift" mode: XS[b, OFFP[f] + q, :] = fp16(x - c) for the q-th
     kept row of fold f (rows in fold order, test rows dropped), zero rows up to the padded end
     OFFP[f + 1] and zero columns up to d_pad, so the Gram kernel needs no masks. Also
@@ -192,7 +193,7 @@ def _prep_kernel(X, Y, IDX, OFF, OFFP, SHIFT, XS, OUT,
 
     a_s = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     a_xy = tl.zeros((BLOCK_R, BLOCK_N, KP), dtype=tl.float32)
-    for q in range(lo, hi, BLOCK_R):
+    for q in tl.range(lo, hi, BLOCK_R, num_stages=NS):   # NS > 1: loads ahead via cp.async
         qq = q + tl.arange(0, BLOCK_R)
         mr = qq < n_f
         if GATHER:
@@ -352,8 +353,10 @@ def _moments_kernel(X, Y, IDX, OFF, SHIFT, OUT,
                     m, k, F, rows_per_split,
                     s_xb, s_xr, s_xd, s_yr, s_yk,
                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr,
-                    GATHER: tl.constexpr, SQUARES: tl.constexpr):
-    """OUT[split, b, f, j, :] = [Σx, Σx², Σx·y_0 .. Σx·y_{KP-1}] (float32) over one row range."""
+                    GATHER: tl.constexpr, SQUARES: tl.constexpr, NS: tl.constexpr = 1):
+    """OUT[split, b, f, j, :] = [Σx, Σx², Σx·y_0 .. Σx·y_{KP-1}] (float32) over one row range.
+    NS > 1 software-pipelines the row loop: NS - 1 row blocks are loaded ahead (cp.async into
+    shared memory), for more bytes in flight than one block per program."""
     pid_n = tl.program_id(0)
     bf = tl.program_id(1)
     sp = tl.program_id(2)
@@ -374,7 +377,7 @@ def _moments_kernel(X, Y, IDX, OFF, SHIFT, OUT,
     a_s = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     a_ss = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     a_xy = tl.zeros((BLOCK_R, BLOCK_N, KP), dtype=tl.float32)
-    for r in range(lo, hi, BLOCK_R):
+    for r in tl.range(lo, hi, BLOCK_R, num_stages=NS):
         rr = r + tl.arange(0, BLOCK_R)
         mr = rr < hi
         if GATHER:
@@ -575,11 +578,12 @@ def tune_preshift(d: int, device, B: int = 2, rows: int = 8192, configs=None, ve
 
 class PrepTiling(tuple):
     """Tiling of the pre-shift pass: BLOCK_N columns x BLOCK_R rows per step (BLOCK_R for up to
-    four targets, fewer rows for more targets so BLOCK_R x targets stays bounded), warps, and at
-    most ``rows`` rows per program (more programs, shorter ones)."""
+    four targets, fewer rows for more targets so BLOCK_R x targets stays bounded), warps, at
+    most ``rows`` rows per program (more programs, shorter ones), and ``stages`` of the row loop
+    (> 1: row blocks loaded ahead through cp.async)."""
 
-    def __new__(cls, bn, br, warps, rows):
-        return super().__new__(cls, (int(bn), int(br), int(warps), int(rows)))
+    def __new__(cls, bn, br, warps, rows, stages=1):
+        return super().__new__(cls, (int(bn), int(br), int(warps), int(rows), int(stages)))
 
 
 def prep_tilings() -> list[PrepTiling]:
@@ -587,18 +591,21 @@ def prep_tilings() -> list[PrepTiling]:
     21 GB in 12.5 ms (40 % of the copy ceiling); 64-row steps on 8 warps with per-step row sums
     took 22.3 ms."""
     if INTERPRET:
-        return [PrepTiling(16, 8, 1, 2048), PrepTiling(32, 4, 1, 16)]
+        return [PrepTiling(16, 8, 1, 2048), PrepTiling(32, 4, 1, 16, 2)]
+    # the pipelined ones compile for sm_90 without spills (bench/gpu_compile_check.py)
     return [PrepTiling(128, 16, 4, 2048), PrepTiling(256, 16, 8, 2048),
             PrepTiling(128, 32, 8, 2048), PrepTiling(64, 32, 4, 2048),
-            PrepTiling(128, 16, 4, 512), PrepTiling(128, 8, 4, 2048)]
+            PrepTiling(128, 16, 4, 512), PrepTiling(128, 8, 4, 2048),
+            PrepTiling(128, 16, 4, 2048, 3), PrepTiling(256, 16, 8, 2048, 3),
+            PrepTiling(128, 8, 4, 2048, 4)]
 
 
 def _prep_tiling(B, F, d_pad, n_pad_max, device, KP=2, tiling=None):
-    """(BLOCK_N, BLOCK_R, warps, splits, rows_per_split) of the pre-shift pass: row splits so
-    that the grid fills the card several times over."""
+    """(BLOCK_N, BLOCK_R, warps, splits, rows_per_split, stages) of the pre-shift pass: row
+    splits so that the grid fills the card several times over."""
     # <= 181 registers on sm_90 without spills at the default (KP <= 4 at 16 rows; fewer rows
     # for more targets keep the (rows, BLOCK_N, KP) accumulator the same size)
-    bn, br2, warps, rows_prog = tiling or prep_tilings()[0]
+    bn, br2, warps, rows_prog, stages = PrepTiling(*(tiling or prep_tilings()[0]))
     br = max(1, min(br2, (4 * br2) // KP))
     n_cb = triton.cdiv(d_pad, bn)
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
@@ -610,7 +617,7 @@ def _prep_tiling(B, F, d_pad, n_pad_max, device, KP=2, tiling=None):
     splits = max(1, min(splits, triton.cdiv(max(n_pad_max, 1), 8 * br)))
     rps = triton.cdiv(triton.cdiv(max(n_pad_max, 1), splits), br) * br
     splits = max(1, triton.cdiv(max(n_pad_max, 1), rps))
-    return bn, br, warps, splits, rps
+    return bn, br, warps, splits, rps, stages
 
 
 def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into=None,
@@ -646,7 +653,7 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into
     slots = [torch.empty(gsz, rows_tot, d_pad, dtype=torch.float16, device=dev)
              for _ in range(n_slots)]
     prep = prep or _TUNED.get((d, str(dev), "prep"))
-    pbn, pbr, pw, splits, rps = _prep_tiling(gsz, F, d_pad, max(cnt_pad), dev, KP, prep)
+    pbn, pbr, pw, splits, rps, pns = _prep_tiling(gsz, F, d_pad, max(cnt_pad), dev, KP, prep)
     W = 1 + KP
     # per group a contiguous (splits, layers_in_group * F, d, W) block of float32 partial sums
     part = torch.empty(splits * B * F * d * W, dtype=torch.float32, device=dev)
@@ -666,7 +673,7 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into
         _prep_kernel[(triton.cdiv(d_pad, pbn), (b1 - b0) * F, splits)](
             X[b0:b1], Y32, idx, off, offp, shift32[b0:b1], XS, pg, d, d_pad, k, F, rows_tot, rps,
             X.stride(0), X.stride(1), X.stride(2), Y32.stride(0), Y32.stride(1),
-            BLOCK_N=pbn, BLOCK_R=pbr, KP=KP, GATHER=gather, num_warps=pw)
+            BLOCK_N=pbn, BLOCK_R=pbr, KP=KP, GATHER=gather, NS=pns, num_warps=pw)
 
     def gram(gi):
         b0, b1 = bounds[gi]
@@ -985,11 +992,34 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
     return stats
 
 
+class MomentsTiling(tuple):
+    """Tiling of the moments kernel: BLOCK_N columns x BLOCK_R rows per step, warps, and
+    ``stages`` of the row loop (> 1: row blocks loaded ahead through cp.async)."""
+
+    def __new__(cls, bn, br, warps, stages=1):
+        return super().__new__(cls, (int(bn), int(br), int(warps), int(stages)))
+
+
+def moments_tilings() -> list[MomentsTiling]:
+    """Candidates the GPU bench times (the first is the default). On an H200 the first three
+    read 11008-column neuron activations at ~805 GB/s (19 % of the copy ceiling), where the
+    CUDA kernel (one 16-byte load per thread and row, 4 rows in flight) reached 67 %; the
+    pipelined ones keep more bytes in flight (no spills on sm_90, bench/gpu_compile_check.py)."""
+    if INTERPRET:
+        return [MomentsTiling(16, 8, 1), MomentsTiling(32, 4, 1, 2)]
+    return [MomentsTiling(256, 16, 8), MomentsTiling(128, 32, 8), MomentsTiling(512, 8, 4),
+            MomentsTiling(256, 16, 8, 3), MomentsTiling(256, 16, 8, 4),
+            MomentsTiling(1024, 4, 4), MomentsTiling(256, 8, 4, 4)]
+
+
 def moments(X, Y, shift, fold=None, n_folds: int = 1, squares: bool = True,
-            block_n: int | None = None, block_r: int | None = None, splits: int | None = None):
+            block_n: int | None = None, block_r: int | None = None, splits: int | None = None,
+            stages: int | None = None, tiling=None):
     """Per-column moments of X (B, r, m) fp16 about ``shift`` (B, m) over rows grouped by fold.
 
     Returns float64 tensors sx (B, F, m), sxx (B, F, m) (zeros if not squares), sxy (B, F, m, k).
+    ``tiling``: a MomentsTiling (default: the one tuned for this m on this device, else
+    moments_tilings()[0]); block_n, block_r, stages override its fields.
     """
     X = _check_x(X)
     B, r, m = X.shape
@@ -1002,10 +1032,8 @@ def moments(X, Y, shift, fold=None, n_folds: int = 1, squares: bool = True,
         off = torch.tensor([0, r], dtype=torch.int32, device=dev)
         idx = off
     KP = triton.next_power_of_2(max(k, 1))
-    if INTERPRET:
-        bn, br, warps = block_n or 16, block_r or 8, 1
-    else:
-        bn, br, warps = block_n or 256, block_r or 16, 8
+    t = MomentsTiling(*(tiling or _TUNED.get((m, str(dev), "moments")) or moments_tilings()[0]))
+    bn, br, warps, ns = block_n or t[0], block_r or t[1], t[2], stages or t[3]
     n_cb = triton.cdiv(m, bn)
     max_rows = int(counts.max()) if len(counts) else 0
     if splits is None:
@@ -1023,14 +1051,14 @@ def moments(X, Y, shift, fold=None, n_folds: int = 1, squares: bool = True,
     _moments_kernel[grid](X, Y32, idx, off, shift32, out, m, k, F, rows_per_split,
                           X.stride(0), X.stride(1), X.stride(2), Y32.stride(0), Y32.stride(1),
                           BLOCK_N=bn, BLOCK_R=br, KP=KP, GATHER=gather, SQUARES=bool(squares),
-                          num_warps=warps)
+                          NS=ns, num_warps=warps)
     tot = out.to(torch.float64).sum(0).view(B, F, m, 2 + KP)
     return tot[..., 0], tot[..., 1], tot[..., 2:2 + k]
 
 
 def neuron_update(stats, X, Y, fold=None, **tiling):
     """Add X (B, r, m) fp16 neuron activations into a probes.neurons.NeuronStats (rows with
-    fold -1 skipped). ``tiling``: block_n, block_r, splits of :func:`moments`."""
+    fold -1 skipped). ``tiling``: block_n, block_r, splits, stages, tiling of :func:`moments`."""
     from probes.neurons import prepare_neuron_chunk
 
     X, Yc, keep, fold01 = prepare_neuron_chunk(stats, X, Y, fold)

@@ -214,6 +214,28 @@ def test_neuron_moments_match_reference(shape):
         assert (got.pearson().cpu() - want.pearson()).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("tiling", [tuple(t) for t in tk.moments_tilings()])
+def test_moments_tilings(tiling):
+    # every moments tiling the GPU bench tries (pipelined row loops included) gives the float64
+    # sums: columns not a multiple of BLOCK_N, rows not a multiple of BLOCK_R, two folds, rows
+    # skipped
+    B, r, m, k, F = (2, 37, 45, 3, 2) if not CUDA else (3, 2100, 1100, 2, 2)
+    gen = torch.Generator().manual_seed(sum(tiling))
+    X = (torch.randn(B, r, m, generator=gen) * 1.5 + 0.7).to(torch.float16)
+    Y = torch.randn(r, k, generator=gen, dtype=torch.float64) * 5 + 40
+    fold = torch.randint(-1, F, (r,), generator=gen, dtype=torch.int32)
+    shift = (torch.randn(B, m, generator=gen) * 0.3 + 0.7).to(torch.float32)
+    sx, sxx, sxy = tk.moments(X.to(DEV), Y.to(DEV), shift.to(DEV), fold=fold.to(DEV), n_folds=F,
+                              tiling=tk.MomentsTiling(*tiling))
+    x = X.double() - shift.double()[:, None, :]
+    for f in range(F):
+        keep = fold == f
+        xf, yf = x[:, keep], Y[keep]
+        assert rel(sx[:, f].cpu(), xf.sum(1)) <= 1e-5
+        assert rel(sxx[:, f].cpu(), (xf * xf).sum(1)) <= 1e-5
+        assert rel(sxy[:, f].cpu(), torch.einsum("brm,rk->bmk", xf, yf)) <= 1e-5
+
+
 def test_float64_precision_is_refused():
     st = GramStats.zeros(1, 8, 1, device=DEV)
     X = torch.randn(1, 4, 8).half().to(DEV)
