@@ -642,6 +642,21 @@ def _f(x, fmt="{:.1f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _rows(variants: dict, fmt) -> list[str]:
+    """One table line per variant: fmt(v) for a measured one, its error otherwise."""
+    return [f"  {name:38s} ERROR {v['error'][:90]}" if "error" in v else f"  {name:38s} {fmt(v)}"
+            for name, v in variants.items()]
+
+
+def _kernels_line(km) -> list[str]:
+    """The profiler's per-kernel milliseconds of one call, as one line (nothing if absent)."""
+    if not isinstance(km, dict):
+        return []
+    return ["  its GPU time by kernel (profiler, one call): " + "; ".join(
+        f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} {ms}"
+        for name, ms in km.items())]
+
+
 def table(res) -> str:
     lines = [f"device: {res.get('device')}  torch {res.get('torch')}  triton {res.get('triton')}"]
     c = res.get("ceilings", {})
@@ -650,27 +665,16 @@ def table(res) -> str:
     g = res.get("gram", {})
     if "shape" in g:
         lines.append(f"gram pass {'x'.join(map(str, g['shape']))} fp16  (target >= 60% of matmul)")
-    for name, v in g.get("variants", {}).items():
-        if "error" in v:
-            lines.append(f"  {name:38s} ERROR {v['error'][:90]}")
-        else:
-            lines.append(f"  {name:38s} {v['ms']:9.1f} ms {v['tflops']:7.1f} TFLOP/s "
-                         f"{_f(v.get('pct_of_matmul'))}%  relerr {_f(v.get('rel_err_xtx_layer0'), '{:.1e}')}")
+    lines += _rows(g.get("variants", {}), lambda v: (
+        f"{v['ms']:9.1f} ms {v['tflops']:7.1f} TFLOP/s {_f(v.get('pct_of_matmul'))}%  "
+        f"relerr {_f(v.get('rel_err_xtx_layer0'), '{:.1e}')}"))
     if "best_preshift" in g:
         lines.append(f"  best preshift (gram_update's default for this d in this process): "
                      f"{g['best_preshift']['name']}, {g['best_preshift'].get('groups', 1)} group(s), "
                      f"pre-shift tiling {g['best_preshift'].get('prep')}")
-        km = g["best_preshift"].get("kernels_ms")
-        if isinstance(km, dict):
-            lines.append("  its GPU time by kernel (profiler, one call): " + "; ".join(
-                f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} {ms}"
-                for name, ms in km.items()))
-    for name, v in g.get("moments", {}).items():
-        if "error" in v:
-            lines.append(f"  {name:38s} ERROR {v['error'][:90]}")
-        else:
-            lines.append(f"  {name:38s} {v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s "
-                         f"{_f(v.get('pct_of_copy'))}% of copy")
+        lines += _kernels_line(g["best_preshift"].get("kernels_ms"))
+    lines += _rows(g.get("moments", {}), lambda v: (
+        f"{v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s {_f(v.get('pct_of_copy'))}% of copy"))
     if "best_moments" in g:
         lines.append(f"  best moments tiling (rawtma's sums): {g['best_moments']['tiling']} "
                      f"{g['best_moments']['ms']:.1f} ms")
@@ -678,11 +682,7 @@ def table(res) -> str:
         br = g["best_rawtma"]
         lines.append(f"  best rawtma: {_cfg_name(br['config'])} {br['ms']:.1f} ms; default mode now "
                      f"{g.get('default_mode')}")
-        km = br.get("kernels_ms")
-        if isinstance(km, dict):
-            lines.append("  its GPU time by kernel (profiler, one call): " + "; ".join(
-                f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} {ms}"
-                for name, ms in km.items()))
+        lines += _kernels_line(br.get("kernels_ms"))
     if "error" in g:
         lines.append(f"  gram ERROR {g['error'][:100]}")
     f = res.get("fit", {})
@@ -712,12 +712,9 @@ def table(res) -> str:
         lines.append(f"neurons {'x'.join(map(str, nr['shape']))} fp16, 2 targets "
                      f"({nr['gbytes']:.1f} GB; target >= 60% of copy)"
                      + ("  [rows scaled down to fit memory]" if nr.get("rows_scaled_down") else ""))
-    for name, v in nr.get("variants", {}).items():
-        if "error" in v:
-            lines.append(f"  {name:28s} ERROR {v['error'][:90]}")
-        else:
-            lines.append(f"  {name:28s} {v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s "
-                         f"{_f(v.get('pct_of_copy'))}%  max|dr| {_f(v.get('max_abs_err_pearson_layer0'), '{:.1e}')}")
+    lines += _rows(nr.get("variants", {}), lambda v: (
+        f"{v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s {_f(v.get('pct_of_copy'))}%  "
+        f"max|dr| {_f(v.get('max_abs_err_pearson_layer0'), '{:.1e}')}"))
     if "spearman_one_layer_s" in nr:
         lines.append(f"  spearman, one layer        {nr['spearman_one_layer_s']:.2f} s")
     if "error" in nr:
