@@ -250,18 +250,23 @@ def _on_cuda(X) -> bool:
     return hasattr(X, "__cuda_array_interface__")
 
 
+#: auto's order for the moments on a GPU: the CUDA kernel read 11008-column activations at 67 %
+#: of the H200's copy ceiling, the Triton one at 19 % (bench/RESULTS.md, 27 Nov 2026)
+NEURON_GPU_ORDER = ("cuda", "triton")
+
+
 def neuron_update(stats: NeuronStats, X, Y, fold=None, backend: str = "auto") -> NeuronStats:
     """Add one chunk X (B, r, m) float16 with targets Y (r, k) into ``stats``.
 
-    backend: auto (triton, then cuda, for CUDA data; else cpu, else torch) | torch | cpu |
-    triton | cuda.
+    backend: auto (for CUDA data the first of NEURON_GPU_ORDER that runs; else cpu, else
+    torch) | torch | cpu | triton | cuda.
     """
     from probes.kernels import BackendUnavailable, get_backend
 
     name = (backend or "auto").lower()
     if name == "auto":
         if _on_cuda(X):
-            for cand in ("triton", "cuda"):
+            for cand in NEURON_GPU_ORDER:
                 try:
                     return get_backend(cand).neuron_update(stats, X, Y, fold)
                 except (BackendUnavailable, ImportError):
@@ -919,7 +924,7 @@ def neuron_report(store, targets=None, top: int = 50, split: str = "all", backen
     kw = dict(rows_mask=mask, layers=layers, device=dev, chunk_rows=chunk_rows)
     t1 = time.perf_counter()
     if method == "stored":
-        be = resolve_backend(backend, dev)
+        be = resolve_backend(backend, dev, gpu_order=NEURON_GPU_ORDER)
         if be != "torch" and store.dtype != "float16":
             if (backend or "auto") != "auto":
                 raise NeuronReportError(f"backend {be!r} needs float16 activations; this store "

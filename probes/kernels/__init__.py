@@ -66,11 +66,11 @@ def _device_type(device) -> str:
     return torch.device(device).type
 
 
-def resolve_backend(name: str = "auto", device=None) -> str:
+def resolve_backend(name: str = "auto", device=None, gpu_order=("triton", "cuda")) -> str:
     """The concrete backend for ``name`` given the data's device (torch.device, str or None).
 
-    auto: "triton" if the data is on CUDA and Triton works, else "cuda" if the data is on CUDA and
-    the CUDA module was built, else "cpu" (or "torch" when the compiled kernel is missing).
+    auto: for data on CUDA the first of ``gpu_order`` that can run (the Gram statistics: Triton,
+    then the CUDA module), else "cpu" (or "torch" when the compiled kernel is missing).
     A named backend that cannot run raises BackendUnavailable with the reason.
     """
     if name is None:
@@ -78,7 +78,7 @@ def resolve_backend(name: str = "auto", device=None) -> str:
     name = str(name).lower()
     if name == "auto":
         if _device_type(device) == "cuda":
-            for cand in ("triton", "cuda"):
+            for cand in gpu_order:
                 if _load(cand)[0] is not None:
                     return cand
         return "cpu" if _load("cpu")[0] is not None else "torch"

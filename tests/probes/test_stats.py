@@ -198,6 +198,21 @@ def test_choose_shift_is_float32_mean_of_kept_rows():
         choose_shift(np.full((1, 2, 2), np.inf, np.float16))
 
 
+def test_auto_on_a_gpu_takes_the_first_runnable_of_gpu_order(monkeypatch):
+    # the Gram statistics prefer Triton, the neuron moments the CUDA module (measured faster);
+    # a backend that cannot run is skipped
+    import probes.kernels as kernels
+    from probes.neurons import NEURON_GPU_ORDER
+
+    runnable = {"triton", "cuda", "cpu", "torch"}
+    monkeypatch.setattr(kernels, "_load", lambda n: (object(), "") if n in runnable else (None, "no"))
+    assert kernels.resolve_backend("auto", "cuda") == "triton"
+    assert kernels.resolve_backend("auto", "cuda", gpu_order=NEURON_GPU_ORDER) == "cuda"
+    assert kernels.resolve_backend("auto", "cpu", gpu_order=NEURON_GPU_ORDER) == "cpu"
+    runnable.discard("cuda")
+    assert kernels.resolve_backend("auto", "cuda", gpu_order=NEURON_GPU_ORDER) == "triton"
+
+
 def test_dispatch_resolution():
     names = available_backends()
     assert names[0] == "torch"
