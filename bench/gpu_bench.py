@@ -346,17 +346,20 @@ def sec_gram(args, res):
     kept = int((fold >= 0).sum())
     fold_modes = [("preshift", "triton 4 folds + test rows")]
     if "best_rawtma" in out:
-        # rawtma needs each fold's rows contiguous: the same fold sizes, rows sorted by fold
+        # rawtma reads each fold's rows in place when they are contiguous (rows sorted by
+        # fold), else after one gather copy (the fit's case: test rows among train rows)
         fold_sorted = torch.sort(fold).values.to(torch.int32)
-        fold_modes.append(("rawtma", "triton rawtma 4 folds (rows sorted by fold) + test rows"))
+        fold_modes += [("rawtma-sorted", "triton rawtma 4 folds (rows sorted by fold) + test rows"),
+                       ("rawtma", "triton rawtma 4 folds + test rows (one gather copy)")]
     if not args.no_old_modes:
         fold_modes.append(("shift-in", "triton 4 folds (shift-in)"))
     for mode, name in (fold_modes if use_triton else []):
         try:
             st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
-            cfg = (None if mode in ("preshift", "rawtma") or tk.INTERPRET
+            cfg = (None if mode.startswith(("preshift", "rawtma")) or tk.INTERPRET
                    else tk.GramConfig(128, 128, 64, 8, 3, False))
-            fm = fold_sorted if mode == "rawtma" else fold
+            fm = fold_sorted if mode == "rawtma-sorted" else fold
+            mode = mode.replace("-sorted", "")
             tk.gram_update(st, X, Y, fm, mode=mode, config=cfg)
             ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fm, mode=mode, config=cfg),
                                reps=max(2, args.reps // 2), warmup=0)

@@ -30,9 +30,10 @@ read + write of the chunk; costs a second copy of the chunk in GPU memory.
 
 Mode "rawtma" (``mode="rawtma"``; the GPU bench makes it the default when it measures faster):
 no copy at all. ``_gram_raw_tma_kernel`` reads the raw fp16 chunk in place through TMA
-descriptors over its (B * r, d) view (each fold's rows must be one contiguous range of the
-chunk; a fold's last partial row block comes through a 3-D descriptor over just that fold's
-rows, which TMA zero-fills past the fold's end), multiplies raw values (exact
+descriptors over its (B * r, d) view (when the folds' rows are interleaved, e.g. test rows among
+train rows, one gather copy first puts each fold's rows together; a fold's last partial row
+block comes through a 3-D descriptor over just that fold's rows, which TMA zero-fills past the
+fold's end), multiplies raw values (exact
 products, float32 sums); ``_add_centred_kernel`` then adds the chunk into the float64 totals
 re-expressed about the shift c, Σ(x-c)(x-c)ᵀ = G - (s cᵀ + c sᵀ) + n c cᵀ, in the same single
 pass the plain add costs. Σ(x - c), Σ(x - c)², Σ(x - c)yᵀ come from ``_moments_kernel`` (one
@@ -792,14 +793,31 @@ def _tma_ready(X) -> bool:
     return X.is_contiguous() and X.shape[2] % 8 == 0 and X.data_ptr() % 16 == 0
 
 
-def _gram_rawtma(stats, X, Y32, Yd, fold, counts, ranges, shift32, cfg) -> bool:
+def _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, shift32, cfg) -> bool:
     """"rawtma" mode for one chunk (see gram_update). Returns False, having added nothing,
-    when the chunk fails the accuracy guard (the caller then uses preshift)."""
+    when the chunk fails the accuracy guard (the caller then uses preshift). ``idx``: the
+    chunk's kept rows in fold order (from _fold_index), None when all rows are fold 0."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    F = len(counts)
+    ranges = _fold_ranges(fold, X.shape[1], F)
+    fold_k = fold                      # the fold ids of the rows the kernels read
+    if ranges is None or not _tma_ready(X):
+        if idx is not None:
+            # folds interleaved (test rows among train rows, k-fold ids): one gather copy puts
+            # each fold's rows together and drops skipped rows, as the pre-shift pass would
+            X = X.index_select(1, idx.long())
+            Y32 = Y32.index_select(0, idx.long())
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            ranges = [(int(a), int(c)) for a, c in zip(starts, counts)]
+            fold_k = None if F == 1 else torch.repeat_interleave(
+                torch.arange(F, dtype=torch.int32, device=X.device),
+                torch.as_tensor(counts, device=X.device))
+        else:                          # every row in fold 0, but a strided or unaligned view
+            X = X.contiguous() if not X.is_contiguous() else X.clone()
+            ranges, fold_k = [(0, X.shape[1])], None
     B, r, d = X.shape
-    F = len(ranges)
-    sx_c, sxx_c, sxy_c = moments(X, Y32, shift32, fold=fold, n_folds=F, squares=True)
+    sx_c, sxx_c, sxy_c = moments(X, Y32, shift32, fold=fold_k, n_folds=F, squares=True)
     if not _raw_accurate(counts, sx_c, sxx_c, stats.shift):
         return False
     bm, bn, block_r, warps, stages = cfg[:5]
@@ -852,8 +870,9 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
 
     ``mode`` (see the module docstring): "preshift" (default) writes a shifted, fold-ordered,
     padded fp16 copy of the chunk and runs a plain Gram on it; "rawtma" reads the raw chunk in
-    place through TMA and centres in float64 (needs each fold's rows contiguous; chunks that fail
-    its accuracy guard go through preshift); "shift-in" subtracts the shift
+    place through TMA and centres in float64 (in place when each fold's rows are contiguous, else
+    after one gather copy; d a multiple of 8; chunks that fail its accuracy guard go through
+    preshift); "shift-in" subtracts the shift
     inside the Gram kernel; "raw" multiplies raw values and moves the chunk to the shift in
     float64 afterwards. ``shift_in_kernel`` (older spelling): True = "shift-in", False = "raw".
     ``groups`` (preshift): pipeline the pre-shift pass of the next group of layers with the Gram
@@ -902,18 +921,15 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         if not getattr(stats, name).is_contiguous():
             setattr(stats, name, getattr(stats, name).contiguous())
     if mode == "rawtma":
-        ranges = _fold_ranges(fold, r, F)
-        usable = ranges is not None and _tma_ready(X)
+        usable = X.shape[2] % 8 == 0
         if not usable and not defaulted_to_raw:
-            raise ValueError("mode='rawtma' needs each fold's rows contiguous in the chunk "
-                             "(sort the rows by fold) and a contiguous chunk with d a "
-                             "multiple of 8 (TMA needs 16-byte aligned rows); use "
-                             "mode='preshift'")
+            raise ValueError("mode='rawtma' needs d a multiple of 8 (TMA reads 16-byte aligned "
+                             "rows); use mode='preshift'")
         if usable:
             cfg = PreConfig(*(config or _TUNED.get((d, str(dev), "rawtma"))
                               or _default_pre_config(d)))
             try:
-                if _gram_rawtma(stats, X, Y32, Yd, fold, counts, ranges, shift32, cfg):
+                if _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, shift32, cfg):
                     return stats
             except Exception as exc:  # noqa: BLE001 - e.g. no TMA on this card: use preshift
                 if not defaulted_to_raw or INTERPRET:
@@ -923,7 +939,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
                 warnings.warn(f"triton rawtma Gram failed ({type(exc).__name__}: {exc}); "
                               f"using preshift for d={d} from now on", RuntimeWarning)
                 _TUNED[(d, str(dev), "mode")] = "preshift"
-        # the accuracy guard refused this chunk (or its layout does not suit TMA): preshift
+        # the accuracy guard refused this chunk (or d does not suit TMA): preshift
         mode, config = "preshift", None
     if mode == "preshift":
         key = (d, str(dev), "preshift")

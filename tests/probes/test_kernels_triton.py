@@ -346,24 +346,34 @@ def test_rawtma_guard_hands_far_off_mean_columns_to_preshift():
     assert not torch.equal(a.xtx, b.xtx)
 
 
+def test_rawtma_interleaved_folds_and_test_rows():
+    # folds interleaved with skipped (test) rows: one gather copy, then the same kernels
+    for B, r, d, k, F in ((2, 37, 24, 2, 3), (1, 30, 16, 1, 1)) if not CUDA else ((3, 1500, 520, 2, 4),):
+        check_chunk_vs_reference(B, r, d, k, F, 100 + F, mode="rawtma")
+
+
 def test_rawtma_layout_rules():
     B, r, d, k = 1, 20, 16, 1
     gen = torch.Generator().manual_seed(9)
     X, Y, _ = make_chunk(B, r, d, k, 1, gen)
-    st = GramStats.zeros(B, d, k, 2, device=DEV)
-    interleaved = torch.tensor([0, 1] * 10, dtype=torch.int32)
-    with pytest.raises(ValueError, match="contiguous"):
-        tk.gram_update(st, X.to(DEV), Y.to(DEV), interleaved.to(DEV), mode="rawtma")
     odd = GramStats.zeros(B, 13, k, device=DEV)
     with pytest.raises(ValueError, match="multiple of 8"):
         tk.gram_update(odd, X[:, :, :13].contiguous().to(DEV), Y.to(DEV), mode="rawtma")
-    # as the tuned default it falls back to preshift quietly (interleaved folds, here)
-    key = (d, str(st.device), "mode")
+    # as the tuned default it falls back to preshift quietly (d = 13, here)
+    key = (13, str(odd.device), "mode")
     tk._TUNED[key] = "rawtma"
     try:
-        a, b = (GramStats.zeros(B, d, k, 2, device=DEV) for _ in range(2))
-        tk.gram_update(a, X.to(DEV), Y.to(DEV), interleaved.to(DEV))
-        tk.gram_update(b, X.to(DEV), Y.to(DEV), interleaved.to(DEV), mode="preshift")
+        a, b = (GramStats.zeros(B, 13, k, device=DEV) for _ in range(2))
+        tk.gram_update(a, X[:, :, :13].contiguous().to(DEV), Y.to(DEV))
+        tk.gram_update(b, X[:, :, :13].contiguous().to(DEV), Y.to(DEV), mode="preshift")
         assert torch.equal(a.xtx, b.xtx)
     finally:
         tk._TUNED.pop(key, None)
+    # a strided view of the chunk (every row in fold 0) is copied, then read through TMA
+    wide = make_chunk(B, r, 2 * d, k, 1, gen)[0]
+    view = wide[:, :, :d]
+    got = GramStats.zeros(B, d, k, device=DEV)
+    want = GramStats.zeros(B, d, k)
+    tk.gram_update(got, view.to(DEV), Y.to(DEV), mode="rawtma")
+    reference.gram_update(want, view.contiguous(), Y, None)
+    check_close(got, want, 1e-5)
