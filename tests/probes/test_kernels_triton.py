@@ -377,3 +377,30 @@ def test_rawtma_layout_rules():
     tk.gram_update(got, view.to(DEV), Y.to(DEV), mode="rawtma")
     reference.gram_update(want, view.contiguous(), Y, None)
     check_close(got, want, 1e-5)
+
+@pytest.mark.parametrize("mode", ["rawtma", "preshift"])
+def test_fit_all_layers_through_the_triton_modes(tmp_path, mode):
+    # the whole fit with the Triton statistics as its tuned default mode: many chunks, test rows
+    # (fold -1) among the train rows, three folds; same alphas and predictions as float64 torch
+    import numpy as np
+
+    from probes.fit import fit_all_layers
+    from test_fit import ALPHAS, entity_table, make_store
+
+    ent = entity_table(150 if not CUDA else 600, seed=12)
+    make_store(tmp_path / "s.zarr", ent, d=24 if not CUDA else 200, L=2, R=32)
+    d = 24 if not CUDA else 200
+    key = (d, "cuda:0" if CUDA else "cpu", "mode")
+    tk._TUNED[key] = mode
+    try:
+        for cv in ("loo", 3):
+            ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", cv=cv,
+                                 chunk_rows=37)
+            got = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="triton",
+                                 device=DEV, cv=cv, chunk_rows=37)
+            np.testing.assert_array_equal(got["arrays"]["alpha"], ref["arrays"]["alpha"])
+            np.testing.assert_allclose(got["arrays"]["predictions"], ref["arrays"]["predictions"],
+                                       rtol=1e-3,
+                                       atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
+    finally:
+        tk._TUNED.pop(key, None)
