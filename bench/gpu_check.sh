@@ -25,8 +25,8 @@
 # The full Gram section now times ~35 kernel variants (each compiled once, a few seconds), more
 # than the default budget holds. With 15 device minutes, measure in two calls on one warm machine
 # (the build stays between calls):
-#   1. ONLY=bench BENCH_ARGS="--sections ceilings,gram --no-old-modes" BENCH_LIMIT=330 \
-#      GPU_CHECK_BUDGET=480 bash bench/gpu_check.sh        # the 60 % target: preshift vs rawtma
+#   1. ONLY=bench BENCH_ARGS="--sections ceilings,gram,fit --no-old-modes" BENCH_LIMIT=400 \
+#      GPU_CHECK_BUDGET=540 bash bench/gpu_check.sh   # the 60 % target (preshift vs rawtma), whole fit
 #   2. ONLY=bench_cuda,tests_triton,tests_cuda,extract BENCH_ARGS="--sections ceilings,neurons" \
 #      GPU_CHECK_BUDGET=400 bash bench/gpu_check.sh        # tests, CUDA kernels, extraction
 set -u
