@@ -269,10 +269,34 @@ def sec_gram(args, res):
             except Exception as exc:  # noqa: BLE001
                 out["moments"][name] = {"error": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()
+        if ck.is_available():
+            # the CUDA module's moments kernel (67 % of copy on the H200) as rawtma's sums
+            name = "cuda moments (for rawtma's sums)"
+            try:
+                z = dict(dtype=torch.float64, device=X.device)
+
+                def cuda_sums():
+                    ck.moments(X, Y32, sh32, torch.zeros(B, 1, d, **z),
+                               torch.zeros(B, 1, d, k, **z), torch.zeros(B, 1, d, **z))
+                cuda_sums()
+                ms, ts = cuda_time(cuda_sums, reps=args.reps, warmup=0)
+                gbs = X.numel() * 2 / (ms * 1e-3) / 1e9
+                out["moments"][name] = {"ms": ms, "all_ms": ts, "gbs": gbs,
+                                        "pct_of_copy": (100 * gbs / copy_ceiling)
+                                        if copy_ceiling else None}
+                print(f"  {name}: {ms:.2f} ms, {gbs:.0f} GB/s", flush=True)
+                CHECKPOINT()
+                if not mom or ms < min(mom.values()):
+                    tk._TUNED[(d, str(X.device), "rawtma_sums")] = "cuda"
+                    out["rawtma_sums"] = "cuda"
+            except Exception as exc:  # noqa: BLE001
+                out["moments"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                traceback.print_exc()
         if mom:
             best_mom = min(mom, key=mom.get)
             tk._TUNED[(d, str(X.device), "moments")] = best_mom
-            out["best_moments"] = {"tiling": list(best_mom), "ms": mom[best_mom]}
+            out["best_moments"] = {"tiling": list(best_mom), "ms": mom[best_mom],
+                                   "rawtma_sums": out.get("rawtma_sums", "triton")}
         raw_ms = {}
         for cfg in tk.rawtma_configs():
             ms = timed(f"triton rawtma {_cfg_name(cfg)}",
@@ -679,8 +703,9 @@ def table(res) -> str:
     lines += _rows(g.get("moments", {}), lambda v: (
         f"{v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s {_f(v.get('pct_of_copy'))}% of copy"))
     if "best_moments" in g:
-        lines.append(f"  best moments tiling (rawtma's sums): {g['best_moments']['tiling']} "
-                     f"{g['best_moments']['ms']:.1f} ms")
+        lines.append(f"  best Triton moments tiling: {g['best_moments']['tiling']} "
+                     f"{g['best_moments']['ms']:.1f} ms; rawtma's sums from "
+                     f"{g['best_moments'].get('rawtma_sums', 'triton')}")
     if "best_rawtma" in g:
         br = g["best_rawtma"]
         lines.append(f"  best rawtma: {_cfg_name(br['config'])} {br['ms']:.1f} ms; default mode now "

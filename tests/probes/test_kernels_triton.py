@@ -404,3 +404,20 @@ def test_fit_all_layers_through_the_triton_modes(tmp_path, mode):
                                        atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
     finally:
         tk._TUNED.pop(key, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; run bench/gpu_check.sh on a GPU machine")
+def test_rawtma_with_the_cuda_modules_sums():
+    # rawtma takes its column sums from the CUDA module's moments kernel when the bench tuned it
+    from probes.kernels import cuda as ck
+    if not ck.is_available():
+        pytest.skip(ck.unavailable_reason())
+    B, r, d, k, F = 3, 1500, 520, 2, 3
+    key = (d, "cuda:0", "rawtma_sums")
+    tk._TUNED[key] = "cuda"
+    try:
+        check_chunk_vs_reference(B, r, d, k, F, 321, mode="rawtma")
+        check_chunk_vs_reference(B, r, d, k, 1, 322, mode="rawtma")
+    finally:
+        tk._TUNED.pop(key, None)
