@@ -109,6 +109,11 @@ def test_rank_transform_matches_scipy_with_ties():
     x2 = g.standard_normal((5, 40))
     assert np.array_equal(rank_transform(torch.from_numpy(x2), dim=1).numpy(),
                           np.stack([scipy_stats.rankdata(row) for row in x2]))
+    x3 = g.integers(0, 4, size=(3, 17, 4)).astype(np.float64)  # a middle dimension, ties
+    assert np.array_equal(rank_transform(torch.from_numpy(x3), dim=1).numpy(),
+                          scipy_stats.rankdata(x3, axis=1))
+    assert rank_transform(torch.zeros(0, 3)).shape == (0, 3)
+    assert torch.equal(rank_transform(torch.tensor([[2.0, 5.0]])), torch.ones(1, 2, dtype=torch.float64))
 
 
 def test_spearman_matches_scipy():
