@@ -250,48 +250,42 @@ def sec_gram(args, res):
         # on this data first (GB/s of the chunk read once), the fastest becomes its default.
         Y32 = Y.to(torch.float32)
         sh32 = shift.to(device=X.device, dtype=torch.float32)
-        mom = {}
         copy_ceiling = res.get("ceilings", {}).get("copy_gbs")
         out["moments"] = {}
-        for t in tk.moments_tilings():
-            name = "triton moments {}x{} w{} stages{}".format(*t)
+
+        def time_pass(name, fn):
+            """Milliseconds of fn() (one untimed call first), recorded with the GB/s of the
+            chunk read once; None when it failed."""
             try:
-                tk.moments(X, Y32, sh32, squares=True, tiling=t)
-                ms, ts = cuda_time(lambda t=t: tk.moments(X, Y32, sh32, squares=True, tiling=t),
-                                   reps=args.reps, warmup=0)
-                gbs = X.numel() * 2 / (ms * 1e-3) / 1e9
-                out["moments"][name] = {"ms": ms, "all_ms": ts, "gbs": gbs,
-                                        "pct_of_copy": (100 * gbs / copy_ceiling)
-                                        if copy_ceiling else None}
-                print(f"  {name}: {ms:.2f} ms, {gbs:.0f} GB/s", flush=True)
-                CHECKPOINT()
-                mom[t] = ms
+                fn()
+                ms, ts = cuda_time(fn, reps=args.reps, warmup=0)
             except Exception as exc:  # noqa: BLE001
                 out["moments"][name] = {"error": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()
+                return None
+            gbs = X.numel() * 2 / (ms * 1e-3) / 1e9
+            out["moments"][name] = {"ms": ms, "all_ms": ts, "gbs": gbs,
+                                    "pct_of_copy": (100 * gbs / copy_ceiling)
+                                    if copy_ceiling else None}
+            print(f"  {name}: {ms:.2f} ms, {gbs:.0f} GB/s", flush=True)
+            CHECKPOINT()
+            return ms
+
+        mom = {}
+        for t in tk.moments_tilings():
+            ms = time_pass("triton moments {}x{} w{} stages{}".format(*t),
+                           lambda t=t: tk.moments(X, Y32, sh32, squares=True, tiling=t))
+            if ms is not None:
+                mom[t] = ms
         if ck.is_available():
             # the CUDA module's moments kernel (67 % of copy on the H200) as rawtma's sums
-            name = "cuda moments (for rawtma's sums)"
-            try:
-                z = dict(dtype=torch.float64, device=X.device)
-
-                def cuda_sums():
-                    ck.moments(X, Y32, sh32, torch.zeros(B, 1, d, **z),
-                               torch.zeros(B, 1, d, k, **z), torch.zeros(B, 1, d, **z))
-                cuda_sums()
-                ms, ts = cuda_time(cuda_sums, reps=args.reps, warmup=0)
-                gbs = X.numel() * 2 / (ms * 1e-3) / 1e9
-                out["moments"][name] = {"ms": ms, "all_ms": ts, "gbs": gbs,
-                                        "pct_of_copy": (100 * gbs / copy_ceiling)
-                                        if copy_ceiling else None}
-                print(f"  {name}: {ms:.2f} ms, {gbs:.0f} GB/s", flush=True)
-                CHECKPOINT()
-                if not mom or ms < min(mom.values()):
-                    tk._TUNED[(d, str(X.device), "rawtma_sums")] = "cuda"
-                    out["rawtma_sums"] = "cuda"
-            except Exception as exc:  # noqa: BLE001
-                out["moments"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
+            z = dict(dtype=torch.float64, device=X.device)
+            ms = time_pass("cuda moments (for rawtma's sums)", lambda: ck.moments(
+                X, Y32, sh32, torch.zeros(B, 1, d, **z), torch.zeros(B, 1, d, k, **z),
+                torch.zeros(B, 1, d, **z)))
+            if ms is not None and (not mom or ms < min(mom.values())):
+                tk._TUNED[(d, str(X.device), "rawtma_sums")] = "cuda"
+                out["rawtma_sums"] = "cuda"
         if mom:
             best_mom = min(mom, key=mom.get)
             tk._TUNED[(d, str(X.device), "moments")] = best_mom
