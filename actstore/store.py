@@ -174,7 +174,7 @@ class ShardFiles:
                     "index_codecs": [little, {"name": "crc32c"}], "index_location": "end"}}],
                 "storage_transformers": [],
             }
-            if any(meta.get(k) != v for k, v in want.items()):
+            if any(meta.get(k) != v for k, v in want.items()) or float(meta["fill_value"]) != 0:
                 return None
             return cls(Path(arr.store.root) / arr.path, arr.shape, R, arr.dtype.itemsize)
         except Exception:  # noqa: BLE001 - anything unexpected: zarr's own path is always right

@@ -294,7 +294,7 @@ def writer_table(L: int, rows: int, d: int, R: int, tmp: str | None, repeats: in
             path = root / f"plain{k}" / str(w)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
-                f.write(block.data)
+                f.write(np.ascontiguousarray(block[:, :min(R, rows - w)]).data)
 
     def zarr_own(k, config):
         g = zarr.open_group(str(root / f"z{k}.zarr"), mode="w", zarr_format=3)
@@ -302,7 +302,7 @@ def writer_table(L: int, rows: int, d: int, R: int, tmp: str | None, repeats: in
                            shards=(L, R, d), compressors=None, fill_value=0)
         a = a.with_config(config) if config else a
         for w in range(0, rows, R):
-            a[:, w:w + R] = block
+            a[:, w:w + R] = block[:, :min(R, rows - w)]
 
     def ours(k):
         ent = {"name": [str(i) for i in range(rows)], "entity": [str(i) for i in range(rows)],
@@ -312,8 +312,9 @@ def writer_table(L: int, rows: int, d: int, R: int, tmp: str | None, repeats: in
                           entities=pd.DataFrame(ent), targets=("y",), group_columns=(), meta={},
                           rows_per_chunk=R)
         for w in range(0, rows, R):
-            st.write_rows(w, block)
-            st.mark_done(w + R)
+            e = min(rows, w + R)
+            st.write_rows(w, block[:, :e - w])
+            st.mark_done(e)
         st.close()
 
     modes = [("plain files (disk pace)", plain),

@@ -82,14 +82,13 @@ def cubin_resources(cubin: bytes, cuobjdump: str) -> dict:
             "LDL": sass.count("LDL"), "STL": sass.count("STL"),
             "mma": "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no-mma"),
             "UTMALDG": sass.count("UTMALDG"), "LDGSTS": sass.count("LDGSTS"),
-            "LDG128": sass.count("LDG.E.128")}
+            "LDG128": sass.count("LDG.E.128"), "DFMA": sass.count("DFMA")}
 
 
-def cubin_report(cubin: bytes, cuobjdump: str) -> str:
-    r = cubin_resources(cubin, cuobjdump)
-    tma = f" UTMALDG {r['UTMALDG']}" if r["UTMALDG"] else ""
-    return (f"regs {r['regs']} stack {r['stack']}B LDL {r['LDL']} STL {r['STL']} "
-            f"{r['mma']}{tma}")
+def resources_line(r: dict) -> str:
+    extra = "".join(f" {name} {r[key]}" for key, name in
+                    (("UTMALDG", "UTMALDG"), ("LDGSTS", "LDGSTS"), ("LDG128", "LDG.128")) if r[key])
+    return f"regs {r['regs']} stack {r['stack']}B LDL {r['LDL']} STL {r['STL']} {r['mma']}{extra}"
 
 
 # what a real launch specialises (Triton marks integers divisible by 16 and pointers aligned to
@@ -99,7 +98,7 @@ LAUNCH_DIV16 = ("d", "m", "d_pad", "s_xb", "s_xr", "rows_per_split", "rows_tot")
 LAUNCH_ONES = ("s_xd",)
 
 
-def compile_for(fn, sig, consts, warps, stages, arch: int = 90):
+def compile_for(fn, sig, consts, warps, stages, arch: int = 90, **options):
     """triton.compile of one kernel for sm_<arch> without a GPU, specialised as a launch on a
     contiguous d = 4096 chunk would be; returns (kernel, resources)."""
     import triton
@@ -116,7 +115,7 @@ def compile_for(fn, sig, consts, warps, stages, arch: int = 90):
              if t.startswith("*") or (n in LAUNCH_DIV16 and t.startswith("i"))}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": warps, "num_stages": stages})
+                       options={"num_warps": warps, "num_stages": stages, **options})
     return k, cubin_resources(k.asm["cubin"], cuobjdump)
 
 
@@ -131,17 +130,13 @@ def main(argv=None) -> int:
 
     failed = 0
 
-    def comp(fn, sig, consts, warps, stages, label):
+    def comp(fn, sig, consts, warps, stages, label, **options):
         nonlocal failed
         t0 = time.time()
         try:
-            k, r = compile_for(fn, sig, consts, warps, stages, args.arch)
-            tma = f" UTMALDG {r['UTMALDG']}" if r["UTMALDG"] else ""
-            tma += f" LDGSTS {r['LDGSTS']}" if r["LDGSTS"] else ""
-            tma += f" LDG.128 {r['LDG128']}" if r["LDG128"] else ""
-            print(f"{label:48s} smem {k.metadata.shared:6d}  regs {r['regs']} stack {r['stack']}B "
-                  f"LDL {r['LDL']} STL {r['STL']} {r['mma']}{tma}  ({time.time() - t0:.1f}s)",
-                  flush=True)
+            k, r = compile_for(fn, sig, consts, warps, stages, args.arch, **options)
+            print(f"{label:48s} smem {k.metadata.shared:6d}  {resources_line(r)}"
+                  f"  ({time.time() - t0:.1f}s)", flush=True)
         except Exception as exc:  # noqa: BLE001 - report every failure
             failed += 1
             print(f"{label:48s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
@@ -161,7 +156,8 @@ def main(argv=None) -> int:
         bm, bn, br, warps, stages = cfg[:5]
         comp(tk._gram_raw_tma_kernel, raw_tma_sig(bm, bn, br), {"BM": bm, "BN": bn, "BLOCK_R": br},
              warps, stages, f"gram rawtma {tuple(cfg[:5])}")
-    comp(tk._add_centred_kernel, ADD_SIG, {"BLOCK": 32}, 4, 1, "add_centred 32x32")
+    comp(tk._add_centred_kernel, ADD_SIG, {"BLOCK": tk.ADD_BLOCK}, 4, 1, "add_centred",
+         enable_fp_fusion=False)
     for gather in (False, True):
         for kp in (1, 2, 4, 8, 16):
             pbn, pbr, pw = 128, max(1, min(16, 64 // kp)), 4   # as tk._prep_tiling on a GPU

@@ -296,7 +296,7 @@ def rank_transform(x: Tensor, dim: int = 0) -> Tensor:
     if n == 0:
         return torch.zeros(x.shape, dtype=torch.float64, device=x.device).movedim(-1, dim)
     s, order = torch.sort(x, dim=-1)
-    pos = torch.arange(n, device=x.device, dtype=torch.int32 if n < 2**31 else torch.long)
+    pos = torch.arange(n, device=x.device, dtype=torch.int32 if n < 2**30 else torch.long)
     pos = pos.expand_as(s)
     new = torch.ones_like(s, dtype=torch.bool)            # first of its tie group
     new[..., 1:] = s[..., 1:] != s[..., :-1]

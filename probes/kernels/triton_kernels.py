@@ -50,6 +50,7 @@ on CPU tensors; the tests use that on tiny shapes.
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
@@ -761,10 +762,15 @@ def _fold_ranges(fold, r: int, F: int):
 RAW_MAX_RATIO = 256.0
 
 
+def _counts(counts, device):
+    """Per-fold row counts (F,) as a float64 tensor on the device."""
+    return torch.as_tensor(np.asarray(counts, dtype=np.float64), device=device)
+
+
 def _raw_accurate(counts, s_c, q_c, shift) -> bool:
     """The accuracy guard of "rawtma" (see RAW_MAX_RATIO) from a chunk's column moments about
     the shift c: s_c = Σ(x - c), q_c = Σ(x - c)² (B, F, d) float64; folds without rows skipped."""
-    n = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=s_c.device).view(1, -1, 1)
+    n = _counts(counts, s_c.device).view(1, -1, 1)
     c = shift.to(torch.float64).unsqueeze(1)
     live = n > 0
     spread = q_c - s_c * s_c / n.clamp(min=1)                   # Σ(x - x̄)²
@@ -781,11 +787,13 @@ def _add_centred(xtx, g32, s_raw, shift, counts):
     s_raw (B*F, d) float64 raw Σx of the chunk, shift (B, d), counts (F,)."""
     BF, d, _ = xtx.shape
     F = len(counts)
-    nf = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=xtx.device)
     c = shift.to(torch.float64).contiguous()
     blk = 16 if INTERPRET else ADD_BLOCK
+    # no fused multiply-add: fma(s_i, c_j, c_i * s_j) rounds the two products differently for
+    # (i, j) and (j, i), and the totals must stay exactly symmetric
     _add_centred_kernel[(triton.cdiv(d, blk), triton.cdiv(d, blk), BF)](
-        xtx, g32, s_raw.contiguous(), c, nf, d, F, BLOCK=blk, num_warps=4)
+        xtx, g32, s_raw.contiguous(), c, _counts(counts, xtx.device), d, F, BLOCK=blk,
+        num_warps=4, enable_fp_fusion=False)
 
 
 def _tma_ready(X) -> bool:
@@ -834,7 +842,10 @@ def _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, shift32, cfg) -> bool:
             ranges, fold_k = [(0, X.shape[1])], None
     B, r, d = X.shape
     sx_c, sxx_c, sxy_c = _rawtma_sums(X, Y32, shift32, fold_k, F)
-    if not _raw_accurate(counts, sx_c, sxx_c, stats.shift):
+    # the kernels subtract the shift rounded to float32 (as in every mode; choose_shift gives
+    # float32-exact shifts), so the raw sums are rebuilt about that same value
+    c32 = shift32.to(torch.float64)
+    if not _raw_accurate(counts, sx_c, sxx_c, c32):
         return False
     bm, bn, block_r, warps, stages = cfg[:5]
     n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
@@ -853,9 +864,8 @@ def _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, shift32, cfg) -> bool:
         _gram_raw_tma_kernel[(n_prog, B)](da, db, ta, tb, g32, d, r, r0, nf, F, f, n_tm, n_tn,
                                           BM=bm, BN=bn, BLOCK_R=block_r, num_warps=warps,
                                           num_stages=stages)
-    nf = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=X.device).view(1, F, 1)
-    s_raw = sx_c + nf * stats.shift.to(torch.float64).unsqueeze(1)
-    _add_centred(stats.xtx.view(B * F, d, d), g32, s_raw.view(B * F, d), stats.shift, counts)
+    s_raw = sx_c + _counts(counts, X.device).view(1, F, 1) * c32.unsqueeze(1)
+    _add_centred(stats.xtx.view(B * F, d, d), g32, s_raw.view(B * F, d), c32, counts)
     del g32
     stats.sx += sx_c
     stats.xty += sxy_c
@@ -877,6 +887,9 @@ def _check_x(X, d_expected=None):
 
 # ----------------------------------------------------------------------------------- public
 MODES = ("preshift", "rawtma", "shift-in", "raw")
+#: how many chunks took each path of gram_update in this process (rawtma hands a chunk to
+#: preshift when its accuracy guard refuses it): the bench and the tests read it
+PATHS: collections.Counter = collections.Counter()
 
 
 def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | None = None,
@@ -946,15 +959,21 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
                               or _default_pre_config(d)))
             try:
                 if _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, shift32, cfg):
+                    PATHS["rawtma"] += 1
                     return stats
+                PATHS["rawtma refused by the accuracy guard: preshift"] += 1
             except Exception as exc:  # noqa: BLE001 - e.g. no TMA on this card: use preshift
-                if not defaulted_to_raw or INTERPRET:
+                if (not defaulted_to_raw or INTERPRET
+                        or isinstance(exc, torch.cuda.OutOfMemoryError)):
                     raise
+                PATHS["rawtma failed: preshift"] += 1
                 import warnings
 
                 warnings.warn(f"triton rawtma Gram failed ({type(exc).__name__}: {exc}); "
                               f"using preshift for d={d} from now on", RuntimeWarning)
                 _TUNED[(d, str(dev), "mode")] = "preshift"
+        else:
+            PATHS["rawtma unusable (d % 8): preshift"] += 1
         # the accuracy guard refused this chunk (or d does not suit TMA): preshift
         mode, config = "preshift", None
     if mode == "preshift":
@@ -987,6 +1006,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         stats.sx += s_c
         stats.xty += xy_c
         stats.add_targets(Yd, fold, counts)
+        PATHS["preshift"] += 1
         return stats
     shift_in_kernel = mode == "shift-in"
     cfg = config or _TUNED.get((d, str(dev), bool(shift_in_kernel))) or _default_config(d)

@@ -370,6 +370,12 @@ def test_direct_shard_files_only_for_our_layout(tmp_path):
     other = g.create_array("y", shape=(3, 16, 10), dtype="float16", chunks=(1, 8, 5),
                            shards=(3, 8, 10), compressors=None)
     assert ShardFiles.for_array(other) is None
+    ones = g.create_array("z", shape=(3, 16, 10), dtype="float16", chunks=(1, 8, 10),
+                          shards=(3, 8, 10), compressors=None, fill_value=1)
+    assert ShardFiles.for_array(ones) is None       # edge shards are padded with zeros
+    ours = g.create_array("w", shape=(3, 16, 10), dtype="float16", chunks=(1, 8, 10),
+                          shards=(3, 8, 10), compressors=None, fill_value=0)
+    assert ShardFiles.for_array(ours) is not None
 
 
 def test_failed_shard_write_leaves_old_shard_and_no_temporary(tmp_path, monkeypatch):

@@ -35,7 +35,8 @@ out["gram preshift tma"] = compile_for(tk._gram_tma_kernel, tma_sig(bm, bn, br),
 bm, bn, br, w, st, _ = tk.rawtma_configs()[0]
 out["gram rawtma"] = compile_for(tk._gram_raw_tma_kernel, raw_tma_sig(bm, bn, br),
                                  {"BM": bm, "BN": bn, "BLOCK_R": br}, w, st)[1]
-out["add_centred"] = compile_for(tk._add_centred_kernel, ADD_SIG, {"BLOCK": tk.ADD_BLOCK}, 4, 1)[1]
+out["add_centred"] = compile_for(tk._add_centred_kernel, ADD_SIG, {"BLOCK": tk.ADD_BLOCK}, 4, 1,
+                                 enable_fp_fusion=False)[1]
 for t in tk.prep_tilings():
     out[f"prep {tuple(t)}"] = compile_for(tk._prep_kernel, PREP_SIG, {
         "BLOCK_N": t[0], "BLOCK_R": t[1], "KP": 2, "GATHER": True, "NS": t[4]}, t[2], 1)[1]
@@ -63,6 +64,11 @@ def test_gram_kernels_use_hopper_tensor_cores_and_tma_without_spills(compiled, n
     r = compiled[name]
     assert r["mma"] == "HGMMA" and r["UTMALDG"] > 0, r
     assert r["LDL"] == 0 and r["STL"] == 0 and r["stack"] == 0, f"{name} spills: {r}"
+
+
+def test_centred_add_has_no_fused_multiply_add(compiled):
+    # fma would round (i, j) and (j, i) differently: the float64 totals must stay symmetric
+    assert compiled["add_centred"]["DFMA"] == 0, compiled["add_centred"]
 
 
 def test_bandwidth_kernels_do_not_spill(compiled):

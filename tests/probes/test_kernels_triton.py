@@ -78,7 +78,7 @@ def check_close(got: GramStats, want: GramStats, xtx_tol):
     assert torch.equal(x, x.transpose(-1, -2))
 
 
-def check_chunk_vs_reference(B, r, d, k, F, seed, **update):
+def check_chunk_vs_reference(B, r, d, k, F, seed, xtx_tol=2e-3, **update):
     """One random chunk (folds and skipped rows) through tk.gram_update(**update) against the
     float64 reference; the shift comes from a separate small chunk."""
     gen = torch.Generator().manual_seed(seed)
@@ -88,7 +88,12 @@ def check_chunk_vs_reference(B, r, d, k, F, seed, **update):
     want = GramStats.zeros(B, d, k, F, shift=shift)
     tk.gram_update(got, X.to(DEV), Y.to(DEV), fold.to(DEV), **update)
     reference.gram_update(want, X, Y, fold)
-    check_close(got, want, 2e-3)
+    check_close(got, want, xtx_tol)
+
+
+def rawtma_chunks():
+    """Chunks that took the rawtma path so far (it hands refused chunks to preshift)."""
+    return tk.PATHS["rawtma"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -315,6 +320,7 @@ def test_rawtma_matches_reference(cfg, F):
     shift = choose_shift(make_chunk(B, 8, d, k, 1, gen)[0])
     got = GramStats.zeros(B, d, k, F, shift=shift, device=DEV)
     want = GramStats.zeros(B, d, k, F, shift=shift)
+    before = rawtma_chunks()
     for _ in range(2):
         fold = sorted_folds(r, F, gen) if F > 1 else None
         rr = r if fold is None else len(fold)
@@ -323,6 +329,7 @@ def test_rawtma_matches_reference(cfg, F):
                        mode="rawtma", config=tk.PreConfig(*cfg, True))
         reference.gram_update(want, X, Y, fold)
     check_close(got, want, 1e-5)
+    assert rawtma_chunks() == before + 2
 
 
 def test_rawtma_guard_hands_far_off_mean_columns_to_preshift():
@@ -336,7 +343,9 @@ def test_rawtma_guard_hands_far_off_mean_columns_to_preshift():
         Xb = X.clone()
         Xb[0, :, col] = values.to(torch.float16)
         a, b = (GramStats.zeros(B, d, k, shift=shift, device=DEV) for _ in range(2))
+        refused = tk.PATHS["rawtma refused by the accuracy guard: preshift"]
         tk.gram_update(a, Xb.to(DEV), Y.to(DEV), mode="rawtma")
+        assert tk.PATHS["rawtma refused by the accuracy guard: preshift"] == refused + 1
         tk.gram_update(b, Xb.to(DEV), Y.to(DEV), mode="preshift")
         assert torch.equal(a.xtx, b.xtx) and torch.equal(a.sx, b.sx)
     # the same data without those columns passes the guard (raw products, not preshift's)
@@ -349,7 +358,9 @@ def test_rawtma_guard_hands_far_off_mean_columns_to_preshift():
 def test_rawtma_interleaved_folds_and_test_rows():
     # folds interleaved with skipped (test) rows: one gather copy, then the same kernels
     for B, r, d, k, F in ((2, 37, 24, 2, 3), (1, 30, 16, 1, 1)) if not CUDA else ((3, 1500, 520, 2, 4),):
-        check_chunk_vs_reference(B, r, d, k, F, 100 + F, mode="rawtma")
+        before = rawtma_chunks()
+        check_chunk_vs_reference(B, r, d, k, F, 100 + F, xtx_tol=1e-5, mode="rawtma")
+        assert rawtma_chunks() == before + 1
 
 
 def test_rawtma_layout_rules():
@@ -392,6 +403,7 @@ def test_fit_all_layers_through_the_triton_modes(tmp_path, mode):
     d = 24 if not CUDA else 200
     key = (d, "cuda:0" if CUDA else "cpu", "mode")
     tk._TUNED[key] = mode
+    before = dict(tk.PATHS)
     try:
         for cv in ("loo", 3):
             ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", cv=cv,
@@ -402,6 +414,12 @@ def test_fit_all_layers_through_the_triton_modes(tmp_path, mode):
             np.testing.assert_allclose(got["arrays"]["predictions"], ref["arrays"]["predictions"],
                                        rtol=1e-3,
                                        atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
+        took = {p: n - before.get(p, 0) for p, n in tk.PATHS.items() if n != before.get(p, 0)}
+        # the chunks went that way (rawtma's guard may hand a chunk whose fold has only a few
+        # rows, so a noisy spread, to preshift), and nothing failed
+        assert took.get(mode, 0) >= 4 and not any("failed" in p for p in took), took
+        if mode == "preshift":
+            assert set(took) == {"preshift"}, took
     finally:
         tk._TUNED.pop(key, None)
 
@@ -417,7 +435,9 @@ def test_rawtma_with_the_cuda_modules_sums():
     key = (d, "cuda:0", "rawtma_sums")
     tk._TUNED[key] = "cuda"
     try:
-        check_chunk_vs_reference(B, r, d, k, F, 321, mode="rawtma")
-        check_chunk_vs_reference(B, r, d, k, 1, 322, mode="rawtma")
+        before = rawtma_chunks()
+        check_chunk_vs_reference(B, r, d, k, F, 321, xtx_tol=1e-5, mode="rawtma")
+        check_chunk_vs_reference(B, r, d, k, 1, 322, xtx_tol=1e-5, mode="rawtma")
+        assert rawtma_chunks() == before + 2
     finally:
         tk._TUNED.pop(key, None)
