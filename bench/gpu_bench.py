@@ -142,6 +142,14 @@ def gram_data(args):
     return _DATA["X"], _DATA["Y"]
 
 
+def _paths_since(before: dict) -> dict:
+    """How many chunks took each gram_update path since ``before`` (a copy of the Triton
+    backend's PATHS): rawtma hands chunks its accuracy guard refuses to preshift."""
+    from probes.kernels import triton_kernels as tk
+
+    return {p: n - before.get(p, 0) for p, n in tk.PATHS.items() if n != before.get(p, 0)}
+
+
 def _cfg_name(cfg) -> str:
     bm, bn, br, warps, stages, tma = cfg
     return f"{bm}x{bn}x{br} w{warps} s{stages} {'tma' if tma else 'ptr'}"
@@ -220,8 +228,7 @@ def sec_gram(args, res):
             paths = dict(tk.PATHS)
             fn(st)
             sync()
-            # which way gram_update took (rawtma hands chunks its guard refuses to preshift)
-            took = {p: n - paths.get(p, 0) for p, n in tk.PATHS.items() if n != paths.get(p, 0)}
+            took = _paths_since(paths)
             err = rel_err(st.xtx[0, 0], ref0) if check else None
             ms, ts = cuda_time(lambda: fn(st), reps=args.reps, warmup=0)
             tf = useful / (ms * 1e-3) / 1e12
@@ -385,7 +392,7 @@ def sec_gram(args, res):
             mode = mode.replace("-sorted", "")
             paths = dict(tk.PATHS)
             tk.gram_update(st, X, Y, fm, mode=mode, config=cfg)
-            took = {p: n - paths.get(p, 0) for p, n in tk.PATHS.items() if n != paths.get(p, 0)}
+            took = _paths_since(paths)
             ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fm, mode=mode, config=cfg),
                                reps=max(2, args.reps // 2), warmup=0)
             tf = B * kept * d * (d + 1) / (ms * 1e-3) / 1e12

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.metrics import _latlon
+
 __all__ = [
     "ExperimentError", "DEFAULT_ALPHAS", "prompt_experiment", "holdout_experiment",
     "entity_type_experiment", "nonlinear_experiment", "pca_experiment", "write_experiment",
@@ -121,13 +123,6 @@ def _probe_at(store, names, alphas, split, backend, layer):
         raise ExperimentError(f"layer must be a layer position (an int), got {layer!r}")
     res = _fit_layers(store, names, alphas, split, backend, [int(layer)])
     return res, 0
-
-
-def _latlon(names):
-    low = [n.lower() for n in names]
-    if "latitude" in low and "longitude" in low:
-        return low.index("latitude"), low.index("longitude")
-    return None
 
 
 def proximity_rows(Y, P, names) -> np.ndarray:
@@ -308,11 +303,11 @@ def prompt_experiment(stores, targets=None, layers=None, alphas=DEFAULT_ALPHAS, 
     n = Y.shape[0]
     is_test = parse_split(split, first, n)
 
-    per_prompt, fits = {}, {}
+    per_prompt, fits, best = {}, {}, {}
     for lbl in labels:
         res = _fit_layers(opened[lbl], names, alphas, split, backend, layers)
         fits[lbl] = res
-        j = _best_loo_index(res["layers"])
+        j = best[lbl] = _best_loo_index(res["layers"])
         per_prompt[lbl] = {
             "store": str(opened[lbl].path),
             "best_layer": res["layers"][j]["layer"],
@@ -326,22 +321,20 @@ def prompt_experiment(stores, targets=None, layers=None, alphas=DEFAULT_ALPHAS, 
         }
     P = len(labels)
     mats = {m: [[None] * P for _ in range(P)] for m in ("r2", "spearman", "proximity_error")}
-    xcache = {}
-    for a, la in enumerate(labels):
-        res = fits[la]
-        j = _best_loo_index(res["layers"])
-        pos = res["layers"][j]["position"]
-        W = res["arrays"]["coef"][j]                       # (d, k), target units
-        b = res["arrays"]["intercept"][j]
-        for c, lb in enumerate(labels):
-            key = (lb, pos)
-            if key not in xcache:
-                xcache[key] = _layer_x(opened[lb], pos)[is_test]
-            pred = xcache[key] @ W + b
-            s = _summary(Y[is_test], pred, names)
-            for m in mats:
-                mats[m][a][c] = s[m]
-        xcache = {k: v for k, v in xcache.items() if k[1] != pos}
+    # train prompts grouped by their best layer: each store's test rows of a layer read once
+    pos_of = {la: per_prompt[la]["best_position"] for la in labels}
+    for pos in dict.fromkeys(pos_of.values()):
+        xs = {lb: _layer_x(opened[lb], pos)[is_test] for lb in labels}
+        for a, la in enumerate(labels):
+            if pos_of[la] != pos:
+                continue
+            W = fits[la]["arrays"]["coef"][best[la]]           # (d, k), target units
+            b = fits[la]["arrays"]["intercept"][best[la]]
+            for c, lb in enumerate(labels):
+                s = _summary(Y[is_test], xs[lb] @ W + b, names)
+                for m in mats:
+                    mats[m][a][c] = s[m]
+        del xs
     return {
         "experiment": "prompts", "name": "prompts",
         "prompts": labels, "targets": names, "split": split, "n_rows": n,
@@ -678,9 +671,8 @@ def nonlinear_experiment(store, layer=None, targets=None, hidden=256, seed=0,
     if np.any(sy == 0):
         raise ExperimentError("a target is constant on the MLP's fitting rows")
     if device is None:
-        b = str(backend or "auto").lower()
-        device = "cuda" if (b in ("cuda", "triton") or (b == "auto" and torch.cuda.is_available())) \
-            else "cpu"
+        from probes.fit import _default_device
+        device = _default_device(backend)
     dev = torch.device(device)
     Xs = torch.as_tensor((X - mx) / sx, dtype=torch.float32, device=dev)
     Ys = torch.as_tensor((Y - my) / sy, dtype=torch.float32, device=dev)

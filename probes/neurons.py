@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probes.metrics import _latlon
+
 __all__ = ["NeuronStats", "NeuronStatsError", "neuron_update", "reference_neuron_update",
            "rank_transform", "spearman", "pearson_from_moments", "prepare_neuron_chunk",
            "neuron_correlations", "NeuronReportError", "neuron_report", "METHODS",
@@ -490,13 +492,11 @@ class _BlockProjector:
 
 
 def _chunks_as_tensors(store, positions, chunk_rows):
-    """store.iter_chunks for these positions as CPU tensors (bfloat16 bits -> torch.bfloat16)."""
+    """store.iter_chunks for these positions as CPU tensors (bfloat16 arrives as float32)."""
+    from probes.fit import _to_float
+
     for s, X in store.iter_chunks(rows=chunk_rows, layers=positions):
-        if store.dtype == "bfloat16":
-            yield s, torch.from_numpy(np.ascontiguousarray(X).view(np.int16)).view(
-                torch.bfloat16).to(torch.float32)
-        else:
-            yield s, torch.from_numpy(np.ascontiguousarray(X))
+        yield s, _to_float(X, store.dtype)
 
 
 def projection_sources(store, n_blocks: int, layers=None) -> list[int]:
@@ -579,19 +579,35 @@ def projection_correlations(store, model, Y, rows_mask=None, layers=None, device
             "n_rows": int(mask.sum()), "d_mlp": int(pear[0].shape[0])}
 
 
-def projected_neuron(store, model, position: int, index: int, device="cpu",
+def projected_neuron(store, model, position: int, index, device="cpu",
                      chunk_rows: int | None = None) -> np.ndarray:
     """(rows_done,) float32 projected activation of neuron ``index`` of the block fed by the
-    store's layer position ``position`` (see :func:`projection_correlations`)."""
+    store's layer position ``position`` (see :func:`projection_correlations`); a list of
+    indices gives (rows_done, len(index)) from one pass over the layer."""
     from actstore.models import decoder_layers
 
     net = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
     block = decoder_layers(net)[int(store.layers[position])]
-    proj = _BlockProjector(block, torch.device(device), index=[int(index)])
-    out = np.empty(int(store.rows_done), dtype=np.float32)
+    one = isinstance(index, (int, np.integer))
+    idx = [int(index)] if one else [int(i) for i in index]
+    proj = _BlockProjector(block, torch.device(device), index=idx)
+    out = np.empty((int(store.rows_done), len(idx)), dtype=np.float32)
     for s, X in _chunks_as_tensors(store, [position], chunk_rows):
-        out[s:s + X.shape[1]] = proj(X[0].to(device))[:, 0].cpu().numpy()
-    return out
+        out[s:s + X.shape[1]] = proj(X[0].to(device)).cpu().numpy()
+    return out[:, 0] if one else out
+
+
+def _best_activations(top_neurons: dict, read) -> dict:
+    """{target: activation of its best neuron}, reading each layer position once:
+    read(position, indices) -> (rows, len(indices))."""
+    by_pos: dict = {}
+    for t, entries in top_neurons.items():
+        by_pos.setdefault(entries[0]["position"], []).append(t)
+    acts = {}
+    for pos, ts in by_pos.items():
+        cols = read(pos, [top_neurons[t][0]["index"] for t in ts])
+        acts.update({t: cols[:, i] for i, t in enumerate(ts)})
+    return acts
 
 
 # ------------------------------------------------------------------------------------ models
@@ -973,9 +989,8 @@ def neuron_report(store, targets=None, top: int = 50, split: str = "all", backen
     if out is not None:
         acts = None
         if method == "projection":
-            acts = {t: projected_neuron(store, net, e[0]["position"], e[0]["index"], dev,
-                                        chunk_rows)
-                    for t, e in result["top_neurons"].items()}
+            acts = _best_activations(result["top_neurons"], lambda pos, idx: projected_neuron(
+                store, net, pos, idx, dev, chunk_rows))
         write_neuron_report(result, out, store, mask, Y, activations=acts)
     t4 = time.perf_counter()
     result["seconds"] = {"pearson" if method == "stored" else "correlations": t2 - t1,
@@ -1012,17 +1027,14 @@ def write_neuron_report(result: dict, out, store, mask, Y, activations=None) -> 
                         targets=np.asarray(result["targets"]), **extra, **result["arrays"])
     written = [out / NEURONS_JSON, out / NEURONS_NPZ]
     names = result["targets"]
-    coords = None
-    low = [t.lower() for t in names]
-    if "latitude" in low and "longitude" in low:
-        coords = (Y[mask, low.index("longitude")], Y[mask, low.index("latitude")])
+    ll = _latlon(names)
+    coords = None if ll is None else (Y[mask, ll[1]], Y[mask, ll[0]])
+    if activations is None:                  # stored neurons: each layer read once
+        activations = _best_activations(result["top_neurons"], lambda pos, idx: store.layer(
+            pos, array="neurons", as_="torch")[:, idx].to(torch.float32).numpy())
     for i, t in enumerate(names):
         best = result["top_neurons"][t][0]
-        if activations is not None:
-            act = np.asarray(activations[t], dtype=np.float32)[:len(mask)][mask]
-        else:
-            a = store.layer(best["position"], array="neurons", as_="torch")[:, best["index"]]
-            act = a.to(torch.float32).numpy()[mask]
+        act = np.asarray(activations[t], dtype=np.float32)[:len(mask)][mask]
         written.append(plot_best_neuron(out / f"neuron_{t}.png", t, Y[mask, i], act, best,
                                         lonlat=coords))
     return written

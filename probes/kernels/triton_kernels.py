@@ -723,35 +723,24 @@ def _gram_preshift(X, Y32, idx, off, counts, shift32, cfg, groups: int = 1, into
 
 # ----------------------------------------------------------------------------------- helpers
 def _fold_index(fold, r: int, F: int, device):
-    """Rows grouped by fold: (idx int32 (n_kept,), off int32 (F+1,), counts (F,)) or
-    (None, None, counts) when every row is in fold 0 (contiguous, no gather)."""
+    """Rows grouped by fold: (idx int32 (n_kept,), off int32 (F+1,), counts (F,), ranges) or
+    (None, None, counts, ranges) when every row is in fold 0 (contiguous, no gather). ``ranges``:
+    [(first_row, n_rows)] per fold when each fold's rows are one contiguous range of the chunk
+    (what "rawtma" reads in place), else None."""
     if fold is None:
-        return None, None, np.array([r], dtype=np.int64)
+        return None, None, np.array([r], dtype=np.int64), [(0, r)]
     from probes.kernels import fold_groups
 
     f = fold.detach().cpu().numpy() if isinstance(fold, torch.Tensor) else np.asarray(fold)
     order, counts, off = fold_groups(f, F)
     if order is None:
-        return None, None, counts
+        return None, None, counts, [(0, r)]
+    # order lists each fold's rows ascending: a fold is contiguous iff first + count - 1 == last
+    ranges = [(int(order[a]) if c else 0, int(c)) for a, c in zip(off[:-1], counts)]
+    if any(c and order[a + c - 1] - order[a] + 1 != c for a, c in zip(off[:-1], counts)):
+        ranges = None
     return (torch.from_numpy(order).to(device),
-            torch.from_numpy(off.astype(np.int32)).to(device), counts)
-
-
-def _fold_ranges(fold, r: int, F: int):
-    """[(first_row, n_rows)] of each fold when every fold's rows are one contiguous range of
-    the chunk (fold None, or ids sorted by fold with skipped rows anywhere outside the ranges),
-    else None."""
-    if fold is None:
-        return [(0, r)] if F == 1 else None
-    f = fold.detach().cpu().numpy() if isinstance(fold, torch.Tensor) else np.asarray(fold)
-    f = f.astype(np.int64).reshape(-1)
-    out = []
-    for g in range(F):
-        rows = np.flatnonzero(f == g)
-        if len(rows) and rows[-1] - rows[0] + 1 != len(rows):
-            return None
-        out.append((int(rows[0]) if len(rows) else 0, len(rows)))
-    return out
+            torch.from_numpy(off.astype(np.int32)).to(device), counts, ranges)
 
 
 #: "rawtma" multiplies raw fp16 values and centres the float32 sums in float64 afterwards, which
@@ -817,14 +806,14 @@ def _rawtma_sums(X, Y32, shift32, fold, F):
     return moments(X, Y32, shift32, fold=fold, n_folds=F, squares=True)
 
 
-def _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, shift32, cfg) -> bool:
+def _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, ranges, shift32, cfg) -> bool:
     """"rawtma" mode for one chunk (see gram_update). Returns False, having added nothing,
-    when the chunk fails the accuracy guard (the caller then uses preshift). ``idx``: the
-    chunk's kept rows in fold order (from _fold_index), None when all rows are fold 0."""
+    when the chunk fails the accuracy guard (the caller then uses preshift). ``idx``, ``ranges``:
+    from _fold_index (the kept rows in fold order, None when all rows are fold 0; each fold's
+    contiguous row range, None when the folds interleave)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     F = len(counts)
-    ranges = _fold_ranges(fold, X.shape[1], F)
     fold_k = fold                      # the fold ids of the rows the kernels read
     if ranges is None or not _tma_ready(X):
         if idx is not None:
@@ -930,7 +919,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
     F = stats.n_folds
     Yd = (Y if isinstance(Y, torch.Tensor) else torch.from_numpy(np.asarray(Y)))
     Yd = Yd.to(device=dev, dtype=torch.float64).reshape(r, k)
-    idx, off, counts = _fold_index(fold, r, F, dev)
+    idx, off, counts, ranges = _fold_index(fold, r, F, dev)
     if r == 0 or counts.sum() == 0:
         return stats
     Y32 = Yd.to(torch.float32).contiguous()
@@ -958,7 +947,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
             cfg = PreConfig(*(config or _TUNED.get((d, str(dev), "rawtma"))
                               or _default_pre_config(d)))
             try:
-                if _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, shift32, cfg):
+                if _gram_rawtma(stats, X, Y32, Yd, fold, idx, counts, ranges, shift32, cfg):
                     PATHS["rawtma"] += 1
                     return stats
                 PATHS["rawtma refused by the accuracy guard: preshift"] += 1
@@ -1031,7 +1020,7 @@ def gram_update(stats, X, Y, fold=None, precision=None, shift_in_kernel: bool | 
         # Σ(x-c) = s - n c, Σ(x-c)yᵀ = Σxyᵀ - c (Σy)ᵀ
         _add_centred(stats.xtx.view(B * F, d, d), g32, s_c.reshape(B * F, d), stats.shift, counts)
         c = stats.shift.to(torch.float64).unsqueeze(1)                       # (B, 1, d)
-        n = torch.as_tensor(counts, dtype=torch.float64, device=dev).view(1, F, 1)
+        n = _counts(counts, dev).view(1, F, 1)
         stats.sx += s_c - n * c
         sy_chunk = torch.zeros(F, k, dtype=torch.float64, device=dev)
         f = (torch.zeros(r, dtype=torch.long, device=dev) if fold is None else
@@ -1078,7 +1067,7 @@ def moments(X, Y, shift, fold=None, n_folds: int = 1, squares: bool = True,
     k = Y.shape[1]
     dev = X.device
     F = n_folds
-    idx, off, counts = _fold_index(fold, r, F, dev)
+    idx, off, counts, _ = _fold_index(fold, r, F, dev)
     gather = idx is not None
     if not gather:
         off = torch.tensor([0, r], dtype=torch.int32, device=dev)
