@@ -81,14 +81,6 @@ class Context:
         dist.all_gather_object(out, obj, group=_cpu_group())
         return out
 
-    def sum_int(self, value: int) -> int:
-        """Sum of an integer over the ranks."""
-        import torch
-        import torch.distributed as dist
-        t = torch.tensor([int(value)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_cpu_group())
-        return int(t[0])
-
 
 _CPU_GROUP = None
 
@@ -98,7 +90,7 @@ def _cpu_group():
     is NCCL-only; None (= the default group) when it already speaks gloo."""
     global _CPU_GROUP
     import torch.distributed as dist
-    if dist.get_backend() == "gloo" or "gloo" in str(dist.get_backend()):
+    if "gloo" in str(dist.get_backend()):
         return None
     if _CPU_GROUP is None:
         _CPU_GROUP = dist.new_group(backend="gloo")

@@ -98,10 +98,10 @@ def _load_record(path: Path, inputs: dict) -> dict | None:
 def _save_record(path: Path, inputs: dict, outputs=(), **extra) -> dict:
     rec = {"inputs": _jsonable(inputs), "outputs": [Path(p).name for p in outputs],
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+    from actstore.store import _write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)   # a record is whole or absent
+    _write_json_atomic(path, rec, indent=1)   # a record is whole or absent
     return rec
 
 
@@ -163,16 +163,6 @@ def _experiment_list(experiments, recipe) -> list[str]:
     if experiments == "none" or experiments == []:
         return []
     return parse_list(experiments, "experiment", EXPERIMENTS)
-
-
-def _best_loo_position(result: dict) -> int:
-    """Store position of the layer with the best cross-validation score (chosen on the train
-    rows only: the experiments' default layer)."""
-    def score(e):
-        s = e["cv_score"]
-        return sum(s.values()) / len(s) if isinstance(s, dict) else s
-    best = max(result["layers"], key=lambda e: (score(e), -e["position"]))
-    return int(best["position"])
 
 
 def _holdout_column(store) -> tuple[str | None, str]:
@@ -354,7 +344,8 @@ def _experiment_plan(sec: _Section, exps, device, backend, all_experiments=False
 
     job = sec.main
     store = job.store
-    pos = _best_loo_position(job.result)
+    from probes.experiments import best_loo_index   # the experiments' default layer
+    pos = int(job.result["layers"][best_loo_index(job.result["layers"])]["position"])
     dev = None if device == "auto" else device
     plan = []
     for key in exps:

@@ -114,11 +114,11 @@ def merge_intervals(intervals) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def _write_json_atomic(path: Path, obj, indent=None) -> None:
     # temporary + rename, as zarr writes its own files: a killed writer leaves the old record
     # or the new one (a leftover *.partial is removed by the next exclusive open)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(obj))
+    tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
 
 
@@ -143,11 +143,11 @@ class ShardFiles:
         import google_crc32c  # zarr's own CRC32C implementation (a zarr dependency)
 
         self.root = Path(root)
-        self.L, self.N, self.d = (int(x) for x in shape)
+        L, _, d = (int(x) for x in shape)
         self.R = int(R)
-        chunk = self.R * self.d * int(itemsize)
-        index = np.empty((self.L, 2), dtype="<u8")     # (offset, nbytes) per inner chunk
-        index[:, 0] = np.arange(self.L, dtype=np.uint64) * chunk
+        chunk = self.R * d * int(itemsize)
+        index = np.empty((L, 2), dtype="<u8")          # (offset, nbytes) per inner chunk
+        index[:, 0] = np.arange(L, dtype=np.uint64) * chunk
         index[:, 1] = chunk
         raw = index.tobytes()
         self._index = raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
@@ -163,7 +163,7 @@ class ShardFiles:
             if not isinstance(arr.store, LocalStore) or sys.byteorder != "little":
                 return None
             meta = json.loads(json.dumps(arr.metadata.to_dict(), default=str))
-            L, N, d = (int(x) for x in arr.shape)
+            L, _, d = (int(x) for x in arr.shape)
             R = int(meta["chunk_grid"]["configuration"]["chunk_shape"][1])
             little = {"name": "bytes", "configuration": {"endian": "little"}}
             want = {

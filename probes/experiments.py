@@ -99,7 +99,7 @@ def _ridge(alphas, backend):
                         backend=_ridge_backend(backend))
 
 
-def _best_loo_index(per_layer: list[dict]) -> int:
+def best_loo_index(per_layer: list[dict]) -> int:
     """Index of the layer with the best LOO score (ties: the lowest position)."""
     return max(range(len(per_layer)),
                key=lambda j: (per_layer[j]["cv_score"], -per_layer[j]["position"]))
@@ -118,7 +118,7 @@ def _probe_at(store, names, alphas, split, backend, layer):
     Returns (fit result, index j of the layer in result["layers"])."""
     if layer is None:
         res = _fit_layers(store, names, alphas, split, backend, None)
-        return res, _best_loo_index(res["layers"])
+        return res, best_loo_index(res["layers"])
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
         raise ExperimentError(f"layer must be a layer position (an int), got {layer!r}")
     res = _fit_layers(store, names, alphas, split, backend, [int(layer)])
@@ -307,7 +307,7 @@ def prompt_experiment(stores, targets=None, layers=None, alphas=DEFAULT_ALPHAS, 
     for lbl in labels:
         res = _fit_layers(opened[lbl], names, alphas, split, backend, layers)
         fits[lbl] = res
-        j = best[lbl] = _best_loo_index(res["layers"])
+        j = best[lbl] = best_loo_index(res["layers"])
         per_prompt[lbl] = {
             "store": str(opened[lbl].path),
             "best_layer": res["layers"][j]["layer"],
