@@ -906,15 +906,9 @@ def _f(v, spec=".3f"):
     return format(v, spec)
 
 
-def _table(head, rows) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-
-
 def format_experiment(result: dict) -> str:
     """The short table ``fastprobe experiment`` prints."""
+    from probes.report import text_table as _table
     kind = result["experiment"]
     tg = ",".join(result["targets"])
     out = []

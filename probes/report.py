@@ -39,6 +39,14 @@ def _alpha_str(a) -> str:
     return f"{a:.3g}"
 
 
+def text_table(head, rows) -> list[str]:
+    """Header, rule and rows of a right-aligned text table (cells are strings)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
 def format_table(result: dict) -> str:
     """The per-layer table printed by ``fastprobe fit`` and ``fastprobe show``."""
     places = any(("km_error_median" in e["test"]) for e in result["layers"])
@@ -55,16 +63,13 @@ def format_table(result: dict) -> str:
         if places:
             row.append(_fmt(te.get("km_error_median"), ".0f"))
         rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     cvname = "LOO" if result["cv"] == "loo" else f"{result['cv']}-fold"
     out = [f"store {result['store']}  targets {','.join(result['targets'])}  "
            f"train {result['n_train']} / test {result['n_test']} ({result['split']})  "
            f"d={result['d_model']}  {cvname}"
            f"{' per-target alpha' if result['alpha_per_target'] else ''}  "
-           f"backend {result['backend']}  {result['form']} form",
-           line(head), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
+           f"backend {result['backend']}  {result['form']} form"]
+    out += text_table(head, rows)
     best = next(e for e in result["layers"] if e["layer"] == result["best_layer"])
     out.append(f"best layer {result['best_layer']}: test R2 {_fmt(best['test']['r2'])}"
                + (f", median error {_fmt(best['test'].get('km_error_median'), '.0f')} km"
@@ -185,10 +190,7 @@ def format_neuron_table(result: dict) -> str:
             if probe:
                 row.append(_fmt((e.get("probe_cosine") or {}).get(t)))
             rows.append(row)
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-        out += ["", f"{t}: top {len(rows)} neurons by |spearman|", line(head),
-                line(["-" * w for w in widths])] + [line(r) for r in rows]
+        out += ["", f"{t}: top {len(rows)} neurons by |spearman|"] + text_table(head, rows)
     notes = ["layer = hidden state the neuron's MLP writes into (block layer-1)"]
     if method == "projection":
         notes.append("projected from the residual of hidden state layer-1")
