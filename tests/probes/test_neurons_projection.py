@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,10 +21,6 @@ from probes.neurons import NeuronReportError, load_probe, neuron_report
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
-_spec = importlib.util.spec_from_file_location(
-    "actstore_test_fixtures", Path(__file__).resolve().parents[1] / "actstore" / "conftest.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
 
 N = 40
 CPU = dict(backend="torch", device="cpu")
@@ -38,7 +33,7 @@ def _save(model, tok, d):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_tokenizer, make_llama, make_world_csv):
     """A model whose attention output projections are zero, its float32 store with neurons
     (extracted by path, so the store names the model), and a float16 copy of its residual
     stream without neurons (the projection method's usual input)."""
@@ -46,9 +41,9 @@ def env(tmp_path_factory):
     from actstore.store import create_store
 
     root = tmp_path_factory.mktemp("proj")
-    tok = fx.make_tokenizer()
-    csv = fx.write_world_csv(root / "world.csv", n=N)
-    model = fx.make_tiny_llama(len(tok), seed=1)
+    tok = tiny_tokenizer
+    csv = make_world_csv(root / "world.csv", n=N)
+    model = make_llama(len(tok), seed=1)
     with torch.no_grad():
         for blk in model.model.layers:
             blk.self_attn.o_proj.weight.zero_()
@@ -65,7 +60,7 @@ def env(tmp_path_factory):
     s_plain.write_rows(0, s_exact.read(slice(0, N)).astype(np.float16))
     s_plain.mark_done(N)
     # same shapes, other weights: a model the stores were not extracted with
-    other = _save(fx.make_tiny_llama(len(tok), seed=2), tok, root / "other-model")
+    other = _save(make_llama(len(tok), seed=2), tok, root / "other-model")
     return dict(root=root, tok=tok, model=model, mdir=mdir, other=other,
                 s_plain=s_plain, s_exact=s_exact)
 
@@ -183,7 +178,7 @@ def test_probe_cosine_planted(env, tmp_path):
     assert e["probe_cosine"]["latitude"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_errors(env, tmp_path):
+def test_errors(env, tmp_path, make_llama):
     s, s2 = env["s_plain"], env["s_exact"]
     with pytest.raises(NeuronReportError, match="use --method projection .* or re-extract"):
         neuron_report(s, **CPU)
@@ -200,7 +195,7 @@ def test_errors(env, tmp_path):
     # model mismatch: other weights of the same shape, and another width
     with pytest.raises(NeuronReportError, match="model mismatch: .*different weight files"):
         neuron_report(s, method="projection", model=str(env["other"]), **CPU)
-    small = fx.make_tiny_llama(len(env["tok"]), hidden=16)
+    small = make_llama(len(env["tok"]), hidden=16)
     with pytest.raises(NeuronReportError, match="model mismatch: .*d_model 16 vs the store's 32"):
         neuron_report(s, method="projection", model=small, **CPU)
     from actstore.store import create_store
@@ -249,13 +244,13 @@ def test_help_shows_both_methods(capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_projection_tracks_stored_neurons(tmp_path):
+def test_smollm2_projection_tracks_stored_neurons(tmp_path, make_world_csv):
     """The embedded model by name: the store's model is found and checked (file sha256), and
     the projection's per-neuron correlations follow the stored neurons' (attention skipped:
     not equal, but r ~ 0.95 across the 1536 neurons of layer 7)."""
     from actstore.extract import extract
 
-    csv = fx.write_world_csv(tmp_path / "w.csv", n=32)
+    csv = make_world_csv(tmp_path / "w.csv", n=32)
     s = extract("smollm2-135m", csv, "coords", tmp_path / "s.zarr", layers="6,7", neurons=True,
                 dtype="float32", progress=False, device="cpu").store
     st = neuron_report(s, top=5, **CPU)
@@ -351,7 +346,7 @@ def test_projection_refuses_unknown_block_layout():
         _BlockProjector(MysteryDecoderLayer(), torch.device("cpu"))
 
 
-def test_probe_cosine_orientation_when_d_model_equals_d_mlp():
+def test_probe_cosine_orientation_when_d_model_equals_d_mlp(make_llama):
     """GPT-2's Conv1D stores (in, out): with d_model == d_mlp the shape cannot tell, the module
     type does. A probe planted on neuron j's output direction gets cosine 1 (Conv1D and Linear)."""
     import transformers as tf
@@ -361,7 +356,7 @@ def test_probe_cosine_orientation_when_d_model_equals_d_mlp():
     torch.manual_seed(0)
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_inner=32, n_layer=2,
                                             n_head=4, n_positions=64)).eval()
-    llama = fx.make_tiny_llama(64, layers=2, hidden=32)
+    llama = make_llama(64, layers=2, hidden=32)
     for blk in llama.model.layers:   # a square MLP: d_mlp = d_model = 32
         blk.mlp.down_proj = torch.nn.Linear(32, 32, bias=False)
     cases = ((gpt2, gpt2.transformer.h[0].mlp.c_proj.weight.detach().double().numpy()[5]),

@@ -1,0 +1,142 @@
+"""Before/after equivalence: the code must reproduce the version-1 fixtures made before the
+redesign (tests/fixtures/v1/README.md): stores byte for byte, fit / neuron / experiment numbers
+to 1e-9 relative (float64 solves; BLAS kernels may differ between CPUs in the last bits)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+V1 = Path(__file__).resolve().parent / "fixtures" / "v1"
+# What tests/fixtures/make_v1_fixtures.py extracted (the environment fields are pinned below).
+STORES = {
+    "store_zarr": ("", dict(prompt="coords", batch_size=7, rows_per_chunk=16, neurons=True)),
+    "store_h5": (".h5", dict(prompt="where_is", batch_size=5, rows_per_chunk=32,
+                             layers="all+emb", padding_side="left")),
+}
+FITS = {"fit_loo": dict(), "fit_kfold": dict(cv=3, alpha_per_target=True),
+        "fit_dual": dict(split="random:0.8:0")}
+# Paths differ between machines; timings always differ.
+VOLATILE = {"store", "seconds"}
+
+
+def _golden_meta(name: str) -> dict:
+    if name == "store_zarr":
+        header = json.loads((V1 / name / "zarr.json").read_text())["attributes"]["actstore"]
+    else:
+        import h5py
+        with h5py.File(V1 / f"{name}.h5", "r") as f:
+            header = json.loads(f.attrs["actstore"])
+    return header["meta"]
+
+
+def _pin_environment(monkeypatch, meta: dict) -> None:
+    """Creation time, package and torch versions as the fixture recorded them."""
+    import torch
+
+    import actstore
+    created = time.strptime(meta["created"], "%Y-%m-%dT%H:%M:%SZ")
+    monkeypatch.setattr(time, "gmtime", lambda *a: created)
+    monkeypatch.setattr(actstore, "__version__", meta["package"]["version"])
+    monkeypatch.setattr(torch, "__version__", meta["package"]["torch"])
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(STORES))
+def test_extracted_store_is_byte_identical(name, tmp_path, monkeypatch, tiny_tokenizer,
+                                           make_llama, make_world_csv):
+    from actstore.datasets import load_dataset
+    from actstore.extract import extract
+
+    suffix, kw = STORES[name]
+    kw = dict(kw)
+    meta = _golden_meta(name)
+    model = make_llama(len(tiny_tokenizer), layers=3, hidden=32, seed=0).double()
+    ds = load_dataset(str(make_world_csv(tmp_path / "tiny_world.csv", n=120, seed=0)))
+    assert ds.sha256 == meta["dataset"]["sha256"]          # the same input rows
+    ds.source = meta["dataset"]["source"]                  # the fixture's temporary path
+    _pin_environment(monkeypatch, meta)
+    out = tmp_path / (name + suffix)
+    extract((model, tiny_tokenizer), ds, kw.pop("prompt"), out, progress=False, **kw)
+    want = _files(V1 / (name + suffix))
+    got = _files(out)
+    assert sorted(got) == sorted(want)
+    differ = [f for f in want if got[f] != want[f]]
+    assert not differ, f"files differ from the version-1 fixture: {differ}"
+
+
+def _same(a, b, path="") -> list[str]:
+    """Differences between two JSON values: floats to 1e-9 relative, the rest exactly."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}.{k}: only in one" for k in set(a) ^ set(b) if k not in VOLATILE]
+        for k in set(a) & set(b):
+            if k not in VOLATILE:
+                out += _same(a[k], b[k], f"{path}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and (
+                (math.isnan(a) and math.isnan(b))
+                or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)):
+            return []
+        return [f"{path}: {a!r} vs {b!r}"]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+@pytest.fixture()
+def v1_store(tmp_path) -> Path:
+    """A private copy of the fixture store (nothing may write into tests/fixtures)."""
+    dst = tmp_path / "store_zarr"
+    shutil.copytree(V1 / "store_zarr", dst)
+    return dst
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+@pytest.mark.parametrize("name", list(FITS))
+def test_fit_numbers_unchanged(name, v1_store):
+    from probes.fit import fit_all_layers
+
+    res = fit_all_layers(v1_store, **FITS[name])
+    res = res.to_json(arrays=True) if hasattr(res, "to_json") else dict(res)
+    arrays = res.pop("arrays")
+    want = json.loads((V1 / f"{name}.json").read_text())
+    assert not _same(_jsonable(res), want)
+    with np.load(V1 / f"{name}.npz") as z:
+        for key in z.files:
+            np.testing.assert_allclose(np.asarray(arrays[key], dtype=z[key].dtype), z[key],
+                                       rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+def test_neuron_report_unchanged(v1_store):
+    from probes.neurons import neuron_report
+
+    res = dict(neuron_report(v1_store, top=5))
+    res.pop("arrays")
+    assert not _same(_jsonable(res), json.loads((V1 / "neurons.json").read_text()))
+
+
+@pytest.mark.parametrize("name", ["pca", "holdout_country"])
+def test_experiment_numbers_unchanged(name, v1_store):
+    from probes.experiments import holdout_experiment, pca_experiment
+
+    res = (pca_experiment(v1_store, ks=(2, 5)) if name == "pca"
+           else holdout_experiment(v1_store, "country", min_group_size=5))
+    want = json.loads((V1 / f"experiment_{name}.json").read_text())
+    assert not _same(_jsonable(res), want)
