@@ -11,8 +11,12 @@ import argparse
 import importlib
 import os
 import sys
+from importlib.metadata import entry_points
 
-COMMANDS = ("actstore.datasets", "actstore.extract", "actstore.pipeline")
+COMMANDS = ("actstore.datasets", "actstore.extract")
+# Commands other packages add (``actstore run`` comes from probes.pipeline.cli): entry points of
+# this group name a function add_cli(subparsers), so actstore never imports them by name.
+PLUGIN_GROUP = "actstore.commands"
 
 EPILOG = """\
 examples:
@@ -23,10 +27,6 @@ examples:
 
 Then probe every layer:  fastprobe fit --all-layers w.zarr --out probe-out
 """
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).add_cli(sub)
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
 
 
@@ -64,7 +66,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str) -> i
         print(f"{prog}: interrupted; work already stored is kept: re-run the same command to "
               "resume", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         if debug:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -5,10 +5,9 @@ torch.distributed environment: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``, ``M
 ``MASTER_PORT``). :func:`context` then joins the process group once and returns a
 :class:`Context`; outside such a launcher it returns None and everything runs as one process.
 
-Work is divided in *windows*: blocks of ``rows_per_chunk`` rows, which are also the store's
-shards, so two ranks never write the same file. :func:`todo_windows` lists the windows a store
-still needs (from its durable row intervals, so a restart redoes only unfinished rows, with any
-number of ranks) and :func:`split_windows` deals them to ranks as contiguous, balanced runs.
+Work is divided in windows of the store's shards (actstore.store.progress), so two ranks never
+write the same file; this module holds the process-group plumbing and the per-rank error
+reporting.
 """
 from __future__ import annotations
 
@@ -16,18 +15,14 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from actstore.errors import PeerError
+
 # The collective timeout only ends a *hung* job: a rank that fails tells the others through
 # the next status exchange (:func:`agree`), and a rank that dies closes its connections, which
 # its peers see at once. It must still cover the longest legitimate wait: the other ranks
 # wait in a broadcast while rank 0 validates or creates the store after loading the model
 # (a large model from a slow file system), and at the end for the slowest rank.
 DEFAULT_TIMEOUT_S = 2 * 3600
-
-
-class PeerError(Exception):
-    """Marker (mixed into a ValueError subclass): this rank stops because of an error that
-    another rank met and reports itself, e.g. the copy of rank 0's error that the others get.
-    The distributed CLIs print it on rank 0 only."""
 
 
 def env_world() -> tuple[int, int, int]:
@@ -181,49 +176,6 @@ def cli_call(fn, *args, prog: str = "actstore", **kwargs):
             except Exception:  # noqa: BLE001 - a peer is gone: nothing left to wait for
                 pass
         raise SystemExit(2) from None
-
-
-# ----------------------------------------------------------------------------- work division
-
-def todo_windows(n_rows: int, rows_per_chunk: int, done) -> list[int]:
-    """Start rows of the windows ``[w, min(w + R, n))`` not inside a ``done`` interval."""
-    R = int(rows_per_chunk)
-    out = []
-    iv = sorted((int(a), int(b)) for a, b in done)
-    j = 0
-    for w in range(0, int(n_rows), R):
-        e = min(int(n_rows), w + R)
-        while j < len(iv) and iv[j][1] < e:
-            j += 1
-        if not (j < len(iv) and iv[j][0] <= w and e <= iv[j][1]):
-            out.append(w)
-    return out
-
-
-def split_windows(windows: list[int], world: int) -> list[list[int]]:
-    """Deal ``windows`` (sorted) to ``world`` ranks: contiguous runs whose sizes differ by at
-    most one window, rank 0 first (so a fresh store gives rank r one contiguous row range)."""
-    n, world = len(windows), max(1, int(world))
-    base, extra = divmod(n, world)
-    out, i = [], 0
-    for r in range(world):
-        k = base + (1 if r < extra else 0)
-        out.append(list(windows[i:i + k]))
-        i += k
-    return out
-
-
-def segments(windows: list[int], rows_per_chunk: int, n_rows: int) -> list[tuple[int, int]]:
-    """Maximal contiguous row ranges ``[start, stop)`` covered by ``windows`` (sorted)."""
-    R = int(rows_per_chunk)
-    out: list[list[int]] = []
-    for w in windows:
-        e = min(int(n_rows), w + R)
-        if out and out[-1][1] == w:
-            out[-1][1] = e
-        else:
-            out.append([w, e])
-    return [(a, b) for a, b in out]
 
 
 # ----------------------------------------------------------------------------- local launcher

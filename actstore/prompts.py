@@ -19,14 +19,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from actstore.datasets import KINDS
+from actstore.datasets.kinds import KINDS
+from actstore.errors import PromptError
 
 ALL = ()  # kinds=() means the prompt applies to every kind
 TRANSFORMS = ("none", "upper", "strip_period")
-
-
-class PromptError(ValueError):
-    """Unknown prompt, or a prompt that does not apply to a dataset kind."""
 
 
 @dataclass(frozen=True)

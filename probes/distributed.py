@@ -21,8 +21,12 @@ float64 summation (~1e-12 relative).
 """
 from __future__ import annotations
 
-from actstore.distributed import PeerError
-from probes.fit import FitError
+from actstore.distributed import Context, agree, cli_call, context, mark_all_ranks
+from actstore.errors import PeerError
+from actstore.store import open_store
+from actstore.store.progress import split_windows
+from probes.errors import BackendUnavailable, FitError
+from probes.kernels import resolve
 
 __all__ = ["RowShard", "fit_all_layers_distributed", "cli_fit"]
 
@@ -48,14 +52,12 @@ class RowShard:
         reduction: returns when no rank met an error, else every rank raises (its own error, or
         a copy of the failed rank's). Errors raised before it are sent here by
         :func:`fit_all_layers_distributed`, so no rank waits in a collective for a failed one."""
-        from actstore.distributed import Context, agree
         self.agreed = True
         agree(Context(self.rank, self.world, self.rank), error, _PeerCopy)
 
     def alike(self, err: BaseException) -> BaseException:
         """``err``, which every rank meets at the same point (it comes from reduced data): to
         raise on this rank, a silent copy on ranks other than 0 (rank 0 reports it)."""
-        from actstore.distributed import mark_all_ranks
         if not self.is_main:
             copy = _PeerCopy(str(err))
             copy.__cause__ = err
@@ -79,7 +81,6 @@ class RowShard:
 
     def rows(self, n: int) -> tuple[int, int]:
         """[lo, hi) of this rank among rows [0, n) (empty when there are more ranks than chunks)."""
-        from actstore.distributed import split_windows
         mine = split_windows(list(range(0, int(n), self.R)), self.world)[self.rank]
         if not mine:
             return int(n), int(n)
@@ -114,11 +115,12 @@ class RowShard:
 
 
 def _device_is_cuda(backend, device) -> bool:
-    import torch
-    if device is not None:
-        return str(device).startswith("cuda")
-    from probes.fit import _default_device
-    return _default_device(backend) == "cuda" and torch.cuda.is_available()
+    """Whether the fit will run on a GPU (an impossible request is reported by the fit itself,
+    after the ranks have met, so that every rank stops with the message)."""
+    try:
+        return resolve(backend, device)[1].type == "cuda"
+    except BackendUnavailable:
+        return False
 
 
 def fit_all_layers_distributed(store, **kwargs):
@@ -128,8 +130,6 @@ def fit_all_layers_distributed(store, **kwargs):
     dict on rank 0 (which alone writes ``out``) and None on the other ranks. On GPUs each rank
     uses GPU ``LOCAL_RANK`` and the tensors are reduced with NCCL; on CPU with gloo.
     """
-    from actstore.distributed import agree, context
-    from actstore.store import open_store
     from probes.fit import fit_all_layers
 
     cuda = _device_is_cuda(kwargs.get("backend", "auto"), kwargs.get("device"))
@@ -159,5 +159,4 @@ def cli_fit(store, **kwargs):
     An error every rank meets (unknown target, NaN activations) is printed once, by rank 0;
     a rank's own error is printed by that rank, prefixed ``[rank k]``; exit status 2
     (:func:`actstore.distributed.cli_call`)."""
-    from actstore.distributed import cli_call
     return cli_call(fit_all_layers_distributed, store, prog="fastprobe", **kwargs)

@@ -18,7 +18,8 @@ Common conventions (those of ``fastprobe fit``):
   std, one alpha per layer shared by the targets, chosen by exact leave-one-out on the TRAIN rows
   over the grid ``alphas`` (:class:`probes.ridge.RidgeProbeCV` / :func:`probes.fit.fit_all_layers`);
 * ``split`` is a :func:`probes.fit.parse_split` spec (default: the store's ``is_test`` column);
-* ``layer`` is a layer POSITION (index into ``store.layers``; negative counts from the end).
+* ``layer`` is a hidden-state index the store holds (0 = embeddings, l = output of block l; a
+  negative number counts from the last stored layer).
   ``layer=None`` takes the best LOO layer: the layer whose chosen alpha has the best LOO score
   (-mean squared LOO residual in z units over train rows and targets), so the choice never sees
   the test rows. Results report both the hidden-state index (``layer``) and the ``position``.
@@ -38,65 +39,49 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.metrics import _latlon
+from actstore.store import open_store
+from actstore.store.format import as_compute
+from probes.errors import ExperimentError, InputError
+from probes.fit import fit_all_layers
+from probes.inputs import parse_split, resolve_targets, target_matrix
+from probes.kernels import resolve
+from probes.metrics import _latlon, evaluate, haversine_km, proximity_error
+from probes.report import md_num, md_table
+from probes.report import text_table as _table
+from probes.ridge import DEFAULT_ALPHAS, RidgeProbeCV
 
 __all__ = [
     "ExperimentError", "DEFAULT_ALPHAS", "prompt_experiment", "holdout_experiment",
     "entity_type_experiment", "nonlinear_experiment", "pca_experiment", "write_experiment",
-    "format_experiment", "group_labels", "DEFAULT_KS", "DEFAULT_WEIGHT_DECAYS",
+    "format_experiment", "experiment_markdown", "EXPERIMENT_TITLES", "group_labels", "DEFAULT_KS", "DEFAULT_WEIGHT_DECAYS",
 ]
 
-# same grid as probes.ridge.DEFAULT_ALPHAS (not imported: probes.ridge pulls in sklearn, and the
-# CLI imports this module's names only when a command runs; a test checks they agree)
-DEFAULT_ALPHAS = "1e-2:1e5:25"
 DEFAULT_KS = (2, 5, 10, 20, 50, 100)
 DEFAULT_WEIGHT_DECAYS = (0.01, 0.03, 0.1, 0.3)       # the paper's MLP grid
 DERIVED_GROUPS = {"century": 100, "decade": 10}
-
-
-class ExperimentError(ValueError):
-    """An experiment request that cannot run (stores that disagree, a bad group column...)."""
 
 
 # ----------------------------------------------------------------------------- shared helpers
 
 def _open(store):
     if isinstance(store, (str, os.PathLike)):
-        from actstore.store import open_store
         return open_store(store)
     return store
 
 
-def _targets_and_y(store, targets):
-    """Validated target names and the (rows_done, k) float64 target matrix."""
-    from probes.fit import FitError, target_matrix
-    try:
-        return target_matrix(store, targets)
-    except FitError as exc:
-        raise ExperimentError(str(exc)) from None
-
-
-def _layer_x(store, pos: int) -> np.ndarray:
-    """(rows_done, d) float64 activations of one layer position."""
-    from probes.fit import _to_float
-    x = _to_float(store.layer(pos), store.dtype).double().numpy()
+def _layer_x(store, layer: int) -> np.ndarray:
+    """(rows_done, d) float64 activations of one layer (hidden-state index)."""
+    x = as_compute(store.layer(layer), store.dtype).double().numpy()
     if not np.isfinite(x).all():
         r, c = np.argwhere(~np.isfinite(x))[0]
-        raise ExperimentError(f"{store.path}: layer {store.layers[pos]} (position {pos}) has NaN "
+        raise ExperimentError(f"{store.path}: layer {layer} has NaN "
                               f"or inf activations, first at row {r}, dim {c}")
     return x
 
 
-def _ridge_backend(backend) -> str:
-    """RidgeProbeCV's device choice for a statistics backend name."""
-    b = "auto" if backend is None else str(backend).lower()
-    return {"triton": "cuda"}.get(b, b)
-
-
 def _ridge(alphas, backend):
-    from probes.ridge import RidgeProbeCV
     return RidgeProbeCV(alphas=alphas, cv="loo", standardize_targets=True,
-                        backend=_ridge_backend(backend))
+                        backend=backend)
 
 
 def best_loo_index(per_layer: list[dict]) -> int:
@@ -106,8 +91,7 @@ def best_loo_index(per_layer: list[dict]) -> int:
 
 
 def _fit_layers(store, names, alphas, split, backend, layers):
-    """fit_all_layers on the given positions (None = all), quietly, nothing written."""
-    from probes.fit import fit_all_layers
+    """fit_all_layers on the given layers (None = all), quietly, nothing written."""
     return fit_all_layers(store, targets=names, alphas=alphas, split=split, backend=backend,
                           layers=layers)
 
@@ -120,7 +104,7 @@ def _probe_at(store, names, alphas, split, backend, layer):
         res = _fit_layers(store, names, alphas, split, backend, None)
         return res, best_loo_index(res["layers"])
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise ExperimentError(f"layer must be a layer position (an int), got {layer!r}")
+        raise ExperimentError(f"layer must be a hidden-state index (an int), got {layer!r}")
     res = _fit_layers(store, names, alphas, split, backend, [int(layer)])
     return res, 0
 
@@ -128,7 +112,6 @@ def _probe_at(store, names, alphas, split, backend, layer):
 def proximity_rows(Y, P, names) -> np.ndarray:
     """Per-row proximity error over ALL rows given (:func:`probes.metrics.proximity_error`):
     haversine on (latitude, longitude) when both are targets, else euclidean over the targets."""
-    from probes.metrics import proximity_error
     ll = _latlon(names)
     if ll is not None:
         return proximity_error(Y[:, list(ll)], P[:, list(ll)], "haversine")
@@ -137,7 +120,6 @@ def proximity_rows(Y, P, names) -> np.ndarray:
 
 def _summary(Y, P, names) -> dict:
     """Test-style metrics of a set of rows: r2, spearman, proximity error (within those rows)."""
-    from probes.metrics import evaluate
     e = evaluate(Y, P, names)
     out = {"n": e["n"], "r2": e["r2"], "r2_per_target": e["r2_per_target"],
            "spearman": e["spearman"], "pearson": e["pearson"],
@@ -153,8 +135,8 @@ def _nan_to_none(v):
     return v
 
 
-def _layer_info(store, pos):
-    return {"layer": int(store.layers[pos]), "position": int(pos)}
+def _layer_info(store, layer):
+    return {"layer": int(layer), "position": list(store.layers).index(int(layer))}
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -203,7 +185,6 @@ def check_same_entities(stores: dict, names) -> None:
     """Raise ExperimentError naming the first difference between ``stores`` (label -> store)
     and the first one: dataset sha256, completed rows, model, entity order, is_test split,
     layer set, width, or a target missing from a store."""
-    from probes.fit import FitError, resolve_targets
     labels = list(stores)
     ref_label, ref = labels[0], stores[labels[0]]
 
@@ -213,7 +194,7 @@ def check_same_entities(stores: dict, names) -> None:
     for lbl in labels:
         try:
             resolve_targets(stores[lbl], names)
-        except FitError as exc:
+        except InputError as exc:
             raise ExperimentError(f"store {where(lbl)}: {exc}") from None
     ref_keys = _entity_keys(ref)[: ref.rows_done]
     for lbl in labels[1:]:
@@ -267,7 +248,8 @@ def prompt_experiment(stores, targets=None, layers=None, alphas=DEFAULT_ALPHAS, 
     stores: ``{label: store or path}`` (one store per prompt, same entities in the same order),
     or a list (labels: each store's prompt name from its metadata, else the file name).
     For each store, ``fit_all_layers`` fits a ridge probe (LOO alpha on the train rows of
-    ``split``) on every layer in ``layers`` (positions; default all) and scores the test rows:
+    ``split``) on every layer in ``layers`` (hidden-state indices; default all) and scores the
+    test rows:
     ``per_prompt[label]["layers"]`` holds, per layer, alpha, cv_score (LOO), and test r2,
     spearman, proximity_error (train r2 too). ``best_layer`` is the best LOO layer.
 
@@ -279,7 +261,6 @@ def prompt_experiment(stores, targets=None, layers=None, alphas=DEFAULT_ALPHAS, 
     ExperimentError when the stores disagree (dataset sha256, completed rows, model, entity order,
     is_test, layer set, width, target values) or a target is missing from one of them.
     """
-    from probes.fit import parse_split
 
     t0 = time.perf_counter()
     if isinstance(stores, (str, os.PathLike)):
@@ -298,7 +279,7 @@ def prompt_experiment(stores, targets=None, layers=None, alphas=DEFAULT_ALPHAS, 
                               f"{len(opened)}")
     labels = list(opened)
     first = opened[labels[0]]
-    names, Y = _targets_and_y(first, targets)
+    names, Y = target_matrix(first, targets)
     check_same_entities(opened, names)
     n = Y.shape[0]
     is_test = parse_split(split, first, n)
@@ -322,11 +303,11 @@ def prompt_experiment(stores, targets=None, layers=None, alphas=DEFAULT_ALPHAS, 
     P = len(labels)
     mats = {m: [[None] * P for _ in range(P)] for m in ("r2", "spearman", "proximity_error")}
     # train prompts grouped by their best layer: each store's test rows of a layer read once
-    pos_of = {la: per_prompt[la]["best_position"] for la in labels}
-    for pos in dict.fromkeys(pos_of.values()):
-        xs = {lb: _layer_x(opened[lb], pos)[is_test] for lb in labels}
+    layer_of = {la: per_prompt[la]["best_layer"] for la in labels}
+    for layer in dict.fromkeys(layer_of.values()):
+        xs = {lb: _layer_x(opened[lb], layer)[is_test] for lb in labels}
         for a, la in enumerate(labels):
-            if pos_of[la] != pos:
+            if layer_of[la] != layer:
                 continue
             W = fits[la]["arrays"]["coef"][best[la]]           # (d, k), target units
             b = fits[la]["arrays"]["intercept"][best[la]]
@@ -397,21 +378,21 @@ LAYER_PER_FIT = ("per fit, by LOO on that fit's own rows: the nominal probe at t
                  "never influences the layer of the probe it is tested with")
 
 
-def _heldout_fits(store, Y, masks, grid, backend, positions) -> dict:
+def _heldout_fits(store, Y, masks, grid, backend, layers) -> dict:
     """For each group g (masks: g -> (n,) bool rows of g): the ridge probe fitted on the rows
-    outside g (alpha by LOO over ``grid`` on those rows) at the position of ``positions`` whose
-    chosen alpha has the best LOO score on those same rows (ties: the lowest position), with
+    outside g (alpha by LOO over ``grid`` on those rows) at the layer of ``layers`` whose
+    chosen alpha has the best LOO score on those same rows (ties: the first layer), with
     its predictions for every row. Each layer is read once; one fit per group and layer.
-    Returns g -> {"position", "alpha", "cv_score", "P" (n, k)}."""
+    Returns g -> {"layer", "alpha", "cv_score", "P" (n, k)}."""
     n = Y.shape[0]
     best = {}
-    for p in positions:
-        X = _layer_x(store, p)
+    for layer in layers:
+        X = _layer_x(store, layer)
         for g, m in masks.items():
             probe = _ridge(grid, backend).fit(X[~m], Y[~m])
             sc = float(probe.best_score_)
             if g not in best or sc > best[g]["cv_score"]:
-                best[g] = {"position": int(p), "alpha": float(probe.alpha_), "cv_score": sc,
+                best[g] = {"layer": int(layer), "alpha": float(probe.alpha_), "cv_score": sc,
                            "P": probe.predict(X).reshape(n, -1)}
         del X
     return best
@@ -427,7 +408,7 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
     ``min_group_size`` rows (and leaving >= 3 rows outside), largest first, at most
     ``max_groups`` (None = all); or exactly the values in ``groups``.
 
-    Layer (``layer_selection`` in the result): ``layer`` given: every probe at that position.
+    Layer (``layer_selection`` in the result): ``layer`` given: every probe at that layer.
     ``layer=None``: each probe's layer is chosen by LOO on that probe's own fitting rows, as its
     alpha: the nominal probe at the best LOO layer over the train rows of ``split`` (``layer``,
     ``position``), each held-out probe at the best LOO layer over the rows outside its group
@@ -454,12 +435,10 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
     that have nominal rows of the held-out and nominal errors (the table's last line), plus the
     held-out mean over all groups.
     """
-    from probes.fit import parse_split
-    from probes.metrics import haversine_km
 
     t0 = time.perf_counter()
     store = _open(store)
-    names, Y = _targets_and_y(store, targets)
+    names, Y = target_matrix(store, targets)
     n = Y.shape[0]
     lab, col, source = group_labels(store, str(group_column))
     values, counts = np.unique(lab, return_counts=True)
@@ -495,14 +474,14 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
     if fixed and not (math.isfinite(float(alpha)) and float(alpha) > 0):
         raise ExperimentError(f"alpha must be finite and > 0, got {alpha!r}")
     res, j = _probe_at(store, names, grid, split, backend, layer)
-    pos = res["layers"][j]["position"]
+    chosen_layer = res["layers"][j]["layer"]
     P_nom = res["arrays"]["predictions"][j]
     is_test = parse_split(split, store, n)
     prox_nom = proximity_rows(Y, P_nom, names)
     ll = _latlon(names)
     masks = {g: lab == g for g in chosen}
-    positions = [pos] if layer is not None else list(range(store.n_layers))
-    heldout = _heldout_fits(store, Y, masks, grid, backend, positions)
+    layers = [chosen_layer] if layer is not None else list(store.layers)
+    heldout = _heldout_fits(store, Y, masks, grid, backend, layers)
 
     rows = []
     for g in chosen:
@@ -514,8 +493,9 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
         entry = {
             "group": g, "n": int(m.sum()), "n_nominal": int(nm.sum()),
             "alpha": h["alpha"],
-            "heldout_layer": int(store.layers[h["position"]]),
-            "heldout_position": int(h["position"]), "heldout_cv_score": h["cv_score"],
+            "heldout_layer": h["layer"],
+            "heldout_position": list(store.layers).index(h["layer"]),
+            "heldout_cv_score": h["cv_score"],
             "heldout_proximity_error": float(prox[m].mean()),
             "nominal_proximity_error": float(prox_nom[nm].mean()) if nm.any() else None,
             "heldout_mae_per_target": {t: float(v) for t, v in
@@ -548,7 +528,7 @@ def holdout_experiment(store, group_column, layer=None, targets=None, min_group_
         "store": str(store.path), "group_column": col, "group_source": source,
         "targets": names, "split": split, "n_rows": n,
         "n_train": int((~is_test).sum()), "n_test": int(is_test.sum()),
-        **_layer_info(store, pos), "layer_choice": "given" if layer is not None else "best LOO",
+        **_layer_info(store, chosen_layer), "layer_choice": "given" if layer is not None else "best LOO",
         "layer_selection": (LAYER_GIVEN if layer is not None else LAYER_PER_FIT),
         "alpha_mode": "fixed" if fixed else "LOO",
         "nominal_alpha": res["layers"][j]["alpha"],
@@ -639,11 +619,10 @@ def nonlinear_experiment(store, layer=None, targets=None, hidden=256, seed=0,
     """
     import torch
 
-    from probes.fit import parse_split
 
     t0 = time.perf_counter()
     store = _open(store)
-    names, Y = _targets_and_y(store, targets)
+    names, Y = target_matrix(store, targets)
     n = Y.shape[0]
     if int(hidden) < 1 or int(max_epochs) < 1 or int(patience) < 1 or int(batch_size) < 1:
         raise ExperimentError("hidden, max_epochs, patience and batch_size must be >= 1")
@@ -653,7 +632,7 @@ def nonlinear_experiment(store, layer=None, targets=None, hidden=256, seed=0,
     if not wds or any(not math.isfinite(w) or w < 0 for w in wds):
         raise ExperimentError(f"weight_decays must be a non-empty list of numbers >= 0, got {wds}")
     res, j = _probe_at(store, names, alphas, split, backend, layer)
-    pos = res["layers"][j]["position"]
+    chosen_layer = res["layers"][j]["layer"]
     is_test = parse_split(split, store, n)
     P_lin = res["arrays"]["predictions"][j]
 
@@ -664,16 +643,13 @@ def nonlinear_experiment(store, layer=None, targets=None, hidden=256, seed=0,
     val, fit_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if len(fit_rows) < 2:
         raise ExperimentError(f"{len(tr)} train rows leave {len(fit_rows)} to fit the MLP on")
-    X = _layer_x(store, pos)
+    X = _layer_x(store, chosen_layer)
     mx, sx = X[fit_rows].mean(0), X[fit_rows].std(0)
     sx = np.where(sx > 0, sx, 1.0)
     my, sy = Y[fit_rows].mean(0), Y[fit_rows].std(0)
     if np.any(sy == 0):
         raise ExperimentError("a target is constant on the MLP's fitting rows")
-    if device is None:
-        from probes.fit import _default_device
-        device = _default_device(backend)
-    dev = torch.device(device)
+    _, dev = resolve(backend, device)
     Xs = torch.as_tensor((X - mx) / sx, dtype=torch.float32, device=dev)
     Ys = torch.as_tensor((Y - my) / sy, dtype=torch.float32, device=dev)
     fi = torch.as_tensor(fit_rows, device=dev)
@@ -709,7 +685,7 @@ def nonlinear_experiment(store, layer=None, targets=None, hidden=256, seed=0,
         "experiment": "nonlinear", "name": "nonlinear",
         "store": str(store.path), "targets": names, "split": split, "n_rows": n,
         "n_train": int(trm.sum()), "n_test": int(is_test.sum()),
-        **_layer_info(store, pos), "layer_choice": "given" if layer is not None else "best LOO",
+        **_layer_info(store, chosen_layer), "layer_choice": "given" if layer is not None else "best LOO",
         "linear": {"alpha": res["layers"][j]["alpha"],
                    "train": _summary(Y[trm], P_lin[trm], names),
                    "test": _summary(Y[is_test], P_lin[is_test], names)},
@@ -736,11 +712,10 @@ def pca_experiment(store, layer=None, ks=DEFAULT_KS, targets=None, alphas=DEFAUL
     on the test rows (r2, spearman, proximity error) and train R². ``explained_variance`` is
     Σ_{i<=k} s_i² / Σ s_i². ``full``: the ridge probe on all d dimensions (``fastprobe fit``'s).
     """
-    from probes.fit import parse_split
 
     t0 = time.perf_counter()
     store = _open(store)
-    names, Y = _targets_and_y(store, targets)
+    names, Y = target_matrix(store, targets)
     n = Y.shape[0]
     try:
         ks = sorted({int(k) for k in ks})
@@ -749,10 +724,10 @@ def pca_experiment(store, layer=None, ks=DEFAULT_KS, targets=None, alphas=DEFAUL
     if not ks or ks[0] < 1:
         raise ExperimentError(f"ks must be a non-empty list of integers >= 1, got {ks}")
     res, j = _probe_at(store, names, alphas, split, backend, layer)
-    pos = res["layers"][j]["position"]
+    chosen_layer = res["layers"][j]["layer"]
     is_test = parse_split(split, store, n)
     tr = ~is_test
-    X = _layer_x(store, pos)
+    X = _layer_x(store, chosen_layer)
     d, n_train = X.shape[1], int(tr.sum())
     cap = min(d, n_train - 1)
     use = [k for k in ks if k <= cap]
@@ -776,7 +751,7 @@ def pca_experiment(store, layer=None, ks=DEFAULT_KS, targets=None, alphas=DEFAUL
         "experiment": "pca", "name": "pca",
         "store": str(store.path), "targets": names, "split": split, "n_rows": n,
         "n_train": n_train, "n_test": int(is_test.sum()), "d_model": d,
-        **_layer_info(store, pos), "layer_choice": "given" if layer is not None else "best LOO",
+        **_layer_info(store, chosen_layer), "layer_choice": "given" if layer is not None else "best LOO",
         "ks": use, "skipped_ks": skipped, "pca": rows,
         "full": {"k": d, "alpha": e["alpha"], "train_r2": e["train"]["r2"],
                  "test": {m: e["test"][m] for m in ("n", "r2", "r2_per_target", "spearman",
@@ -900,6 +875,75 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def experiment_markdown(key: str, res: dict) -> list[str]:
+    """Markdown lines of one experiment's section in the `actstore run` report."""
+    if key == "prompts":
+        labels = res["prompts"]
+        t = res["transfer"]
+        lines = ["Each prompt's probe at its best LOO layer (test rows):", ""]
+        lines += md_table(["prompt", "layer", "test R²", "Spearman", "proximity error"],
+                     [[lbl, res["per_prompt"][lbl]["best_layer"], md_num(t["r2"][i][i]),
+                       md_num(t["spearman"][i][i]), md_num(t["proximity_error"][i][i])]
+                      for i, lbl in enumerate(labels)])
+        lines += ["Transfer: test R² of the probe trained on the row's prompt (at its best "
+                  "layer) applied to the column's prompt:", ""]
+        lines += md_table(["train \\ test"] + labels,
+                     [[lbl] + [md_num(v) for v in t["r2"][i]] for i, lbl in enumerate(labels)])
+        return lines
+    if key in ("holdout", "entity-type"):
+        s = res["summary"]
+        places = any("heldout_km_error_median" in r for r in res["groups"])
+        lines = [f"Block hold-out by `{res['group_column']}` ({res['group_source']}), layer "
+                 f"{res['layer']}: mean proximity error over the {s['n_groups_with_nominal']} "
+                 f"groups with test rows: nominal **{md_num(s['nominal_proximity_error'])}**, held "
+                 f"out **{md_num(s['heldout_proximity_error'])}** ({len(res['groups'])} groups of "
+                 f"{res['n_distinct_groups']}; 0 is perfect).", ""]
+        head = ["group", "rows", "prox. nominal", "prox. held out"]
+        if places:
+            head += ["km nominal", "km held out"]
+        rows = []
+        for r in res["groups"]:
+            row = [str(r["group"])[:30], r["n"], md_num(r["nominal_proximity_error"]),
+                   md_num(r["heldout_proximity_error"])]
+            if places:
+                row += [md_num(r.get("nominal_km_error_median"), ".0f"),
+                        md_num(r.get("heldout_km_error_median"), ".0f")]
+            rows.append(row)
+        return lines + md_table(head, rows)
+    if key == "nonlinear":
+        m = res["mlp"]
+        return [f"Layer {res['layer']}:", ""] + md_table(
+            ["probe", "train R²", "test R²", "Spearman", "proximity error"],
+            [[f"linear (ridge, alpha {res['linear']['alpha']:.3g})",
+              md_num(res["linear"]["train"]["r2"]), md_num(res["linear"]["test"]["r2"]),
+              md_num(res["linear"]["test"]["spearman"]), md_num(res["linear"]["test"]["proximity_error"])],
+             [f"MLP {m['hidden']} ReLU (weight decay {m['weight_decay']:g})",
+              md_num(m["train"]["r2"]), md_num(m["test"]["r2"]), md_num(m["test"]["spearman"]),
+              md_num(m["test"]["proximity_error"])]])
+    if key == "pca":
+        f = res["full"]
+        rows = [[r["k"], md_num(r["explained_variance"]), md_num(r["test"]["r2"]),
+                 md_num(r["test"]["spearman"]), md_num(r["test"]["proximity_error"])]
+                for r in res["pca"]]
+        rows.append([f"full ({f['k']})", "1.000", md_num(f["test"]["r2"]), md_num(f["test"]["spearman"]),
+                     md_num(f["test"]["proximity_error"])])
+        return [f"Layer {res['layer']}, PCA on the train rows:", ""] + md_table(
+            ["k", "explained variance", "test R²", "Spearman", "proximity error"], rows)
+    return []
+
+
+EXPERIMENT_TITLES = {"prompts": "Prompt variants", "holdout": "Block hold-out",
+                     "entity-type": "Entity-type hold-out",
+                     "nonlinear": "Nonlinear (MLP) probe vs linear", "pca": "PCA-k probes"}
+
+
+
+
+EXPERIMENT_TITLES = {"prompts": "Prompt variants", "holdout": "Block hold-out",
+                     "entity-type": "Entity-type hold-out",
+                     "nonlinear": "Nonlinear (MLP) probe vs linear", "pca": "PCA-k probes"}
+
+
 def _f(v, spec=".3f"):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -908,7 +952,6 @@ def _f(v, spec=".3f"):
 
 def format_experiment(result: dict) -> str:
     """The short table ``fastprobe experiment`` prints."""
-    from probes.report import text_table as _table
     kind = result["experiment"]
     tg = ",".join(result["targets"])
     out = []

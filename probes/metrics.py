@@ -7,6 +7,7 @@ Conventions: ``y_true`` and ``y_pred`` are (n,) or (n, k) in the targets' origin
 from __future__ import annotations
 
 import numpy as np
+from probes.errors import MetricsError
 
 __all__ = [
     "MetricsError", "r2_per_target", "r2", "pearson_per_target", "spearman_per_target",
@@ -14,10 +15,6 @@ __all__ = [
 ]
 
 EARTH_RADIUS_KM = 6371.0
-
-
-class MetricsError(ValueError):
-    """Metric inputs of the wrong shape or content."""
 
 
 def _2d(a, name: str) -> np.ndarray:

@@ -20,9 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["format_table", "make_plots", "format_neuron_table", "plot_best_neuron"]
+from actstore.io import write_atomic
+
+__all__ = ["format_table", "make_plots", "format_neuron_table", "plot_best_neuron", "text_table",
+           "save_figure", "md_table", "md_num"]
 
 MAX_GROUPS = 10
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG through :func:`actstore.io.write_atomic` and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plt.close(fig)
+    return path
 
 
 def _fmt(v, spec=".3f"):
@@ -37,6 +50,19 @@ def _alpha_str(a) -> str:
     if isinstance(a, dict):
         return ",".join(f"{v:.3g}" for v in a.values())
     return f"{a:.3g}"
+
+
+def md_num(v, spec=".3f") -> str:
+    """A number for a markdown report: formatted, or an en dash when missing or NaN."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "–"
+    return format(v, spec)
+
+
+def md_table(head, rows) -> list[str]:
+    """Lines of a markdown table (a blank line after it)."""
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""])
 
 
 def text_table(head, rows) -> list[str]:
@@ -114,8 +140,7 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     p = out / "r2_by_layer.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    save_figure(fig, p)
     written.append(p)
 
     targets = [t.lower() for t in result["targets"]]
@@ -146,8 +171,7 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
         ax.legend(markerscale=3, fontsize=7, loc="lower left", ncol=2)
         fig.tight_layout()
         p = out / "map_best_layer.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        save_figure(fig, p)
         written.append(p)
         others = [t for t in result["targets"] if t not in (lat, lon)]
     else:
@@ -166,8 +190,7 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
             ax.legend()
         fig.tight_layout()
         p = out / ("year_best_layer.png" if others == ["year"] else "pred_vs_true_best_layer.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        save_figure(fig, p)
         written.append(p)
     return written
 
@@ -231,6 +254,5 @@ def plot_best_neuron(path, target: str, y, act, best: dict, lonlat=None) -> Path
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from probes.errors import RidgeError
+from probes.kernels import resolve
 
 __all__ = [
     "RidgeError", "parse_alphas", "DEFAULT_ALPHAS", "PrimalFactor", "primal_factor",
@@ -40,10 +42,6 @@ __all__ = [
 ]
 
 DEFAULT_ALPHAS = "1e-2:1e5:25"
-
-
-class RidgeError(ValueError):
-    """Invalid ridge input (alpha grid, too few rows, non-finite statistics...)."""
 
 
 def parse_alphas(spec) -> np.ndarray:
@@ -421,19 +419,6 @@ def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
 
 # ----------------------------------------------------------------------------- estimator
 
-def _device_for(backend: str):
-    torch = _torch()
-    if backend in ("auto", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if backend in ("cpu", "torch"):
-        return torch.device("cpu")
-    if backend in ("cuda", "triton"):
-        if not torch.cuda.is_available():
-            raise RidgeError(f"backend {backend!r} needs a CUDA GPU and none is available")
-        return torch.device("cuda")
-    raise RidgeError(f"unknown backend {backend!r}; choose auto, cpu, torch, cuda or triton")
-
-
 def _solve_arrays(X, Y, alphas, cv, alpha_per_target, device, fold=None):
     """Shared solver on in-memory train arrays (float64). Returns alpha index (k,), best score,
     per-target scores (A, k), coef (d, k), intercept (k,)."""
@@ -546,7 +531,7 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         Yz = (Y - mu) / sd
         fold = None if cv == "loo" else kfold_assignment(n, cv)
         idx, best, scores, w, b = _solve_arrays(X, Yz, alphas, cv, self.alpha_per_target,
-                                                _device_for(self.backend), fold)
+                                                resolve(self.backend)[1], fold)
         W = w.cpu().numpy() * sd[None, :]                                     # (d, k)
         B = b.cpu().numpy() * sd + mu
         self.cv_scores_ = scores.cpu().numpy()

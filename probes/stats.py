@@ -27,12 +27,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+from probes.errors import StatsError
 
-__all__ = ["GramStats", "CenteredStats", "StatsError", "choose_shift", "validate_chunk"]
-
-
-class StatsError(ValueError):
-    """Bad input to the statistics engine (shapes, dtypes, fold ids, incompatible merges)."""
+__all__ = ["GramStats", "CenteredStats", "StatsError", "choose_shift", "validate_chunk", "fold_groups",
+           "NeuronStats", "pearson_from_moments", "prepare_neuron_chunk"]
 
 
 class CenteredStats(NamedTuple):
@@ -347,3 +345,176 @@ def validate_chunk(stats: GramStats, X, Y, fold) -> tuple[int, int]:
         if lo < -1 or hi >= F:
             raise StatsError(f"fold ids must lie in [-1, {F}) (-1 = skip the row), got min {lo}, max {hi}")
     return r, k
+
+
+def fold_groups(f, n_folds: int):
+    """Rows grouped by fold, on the host: ``f`` (r,) integer fold ids (-1 = skip) as numpy.
+    Returns (order, counts, off): ``order`` int32 row indices sorted by fold with skipped rows
+    dropped, or None when every row is in fold 0 (no gather needed); ``counts`` (F,) int64;
+    ``off`` (F+1,) int64 offsets of each fold in ``order``. The GPU backends move ``order``
+    to the device their own way (torch or CuPy)."""
+    f = np.asarray(f).astype(np.int64).reshape(-1)
+    counts = np.bincount(f[f >= 0], minlength=n_folds)[:n_folds]
+    off = np.zeros(n_folds + 1, dtype=np.int64)
+    off[1:] = np.cumsum(counts)
+    if n_folds == 1 and counts[0] == len(f):
+        return None, counts, off
+    order = np.argsort(f, kind="stable")
+    return order[f[order] >= 0].astype(np.int32), counts, off
+
+
+# ================================================================= neuron moments
+
+@dataclass
+class NeuronStats:
+    """Streaming per-neuron moments (float64 torch tensors on one device); see module docstring."""
+
+    shift: Tensor    # (B, m)
+    yshift: Tensor   # (k,)
+    n: Tensor        # () rows
+    sx: Tensor       # (B, m)
+    sxx: Tensor      # (B, m)
+    sxy: Tensor      # (B, m, k)
+    sy: Tensor       # (k,)
+    syy: Tensor      # (k,)
+
+    @classmethod
+    def zeros(cls, B: int, m: int, k: int, shift=None, yshift=None, device="cpu") -> "NeuronStats":
+        if min(B, m, k) < 1:
+            raise StatsError(f"NeuronStats.zeros needs B, m, k >= 1, got {(B, m, k)}")
+        z = dict(dtype=torch.float64, device=device)
+        sh = torch.zeros(B, m, **z) if shift is None else _f32_exact(shift, (B, m), "shift", device)
+        ysh = torch.zeros(k, **z) if yshift is None else _f32_exact(yshift, (k,), "yshift", device)
+        return cls(shift=sh, yshift=ysh, n=torch.zeros((), **z), sx=torch.zeros(B, m, **z),
+                   sxx=torch.zeros(B, m, **z), sxy=torch.zeros(B, m, k, **z),
+                   sy=torch.zeros(k, **z), syy=torch.zeros(k, **z))
+
+    @classmethod
+    def for_chunk(cls, X, Y, fold=None, device=None) -> "NeuronStats":
+        """Empty statistics shaped for chunks like (X, Y), shifted by this chunk's means."""
+        Xt = _as_tensor(X)
+        Yt = _as_tensor(Y).reshape(Xt.shape[1], -1)
+        keep = _keep_mask(fold, Xt.shape[1], Xt.device)
+        if keep.any():
+            Xt, Yt = Xt[:, keep], Yt[keep.to(Yt.device)]
+        dev = device if device is not None else Xt.device
+        shift = Xt.to(torch.float64).mean(1) if Xt.shape[1] else None
+        yshift = Yt.to(torch.float64).mean(0) if Yt.shape[0] else None
+        return cls.zeros(Xt.shape[0], Xt.shape[2], Yt.shape[1], shift=shift, yshift=yshift,
+                         device=dev)
+
+    @property
+    def B(self) -> int:
+        return int(self.shift.shape[0])
+
+    @property
+    def m(self) -> int:
+        return int(self.shift.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.yshift.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.sx.device
+
+    def clone(self) -> "NeuronStats":
+        return NeuronStats(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
+    def add_moments(self, keep: Tensor, sx, sxx, sxy, Yc: Tensor) -> None:
+        """Add moments of a chunk computed elsewhere; Yc (r, k) float64 targets minus yshift,
+        keep (r,) bool of the rows that the moments cover."""
+        yk = Yc[keep]
+        self.n += float(keep.sum())
+        self.sx += sx.to(self.sx)
+        self.sxx += sxx.to(self.sxx)
+        self.sxy += sxy.to(self.sxy)
+        self.sy += yk.sum(0)
+        self.syy += (yk * yk).sum(0)
+
+    def __iadd__(self, other: "NeuronStats") -> "NeuronStats":
+        if (other.B, other.m, other.k) != (self.B, self.m, self.k):
+            raise StatsError("cannot add NeuronStats of different shapes")
+        if not (torch.equal(other.shift.to(self.device), self.shift)
+                and torch.equal(other.yshift.to(self.device), self.yshift)):
+            raise StatsError("cannot add NeuronStats with different shifts")
+        for name in ("n", "sx", "sxx", "sxy", "sy", "syy"):
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        return self
+
+    def pearson(self) -> Tensor:
+        """(B, m, k) float64 Pearson correlation of every neuron with every target."""
+        return pearson_from_moments(self.n, self.sx, self.sxx, self.sxy, self.sy, self.syy)
+
+    def means(self) -> Tensor:
+        """(B, m) mean activation of every neuron."""
+        return self.sx / self.n + self.shift
+
+
+def pearson_from_moments(n, sx, sxx, sxy, sy, syy) -> Tensor:
+    n = float(n)
+    if n < 2:
+        raise StatsError(f"Pearson correlation needs at least 2 rows, got {int(n)}")
+    Sxx = (sxx - sx * sx / n).clamp_min(0)
+    Syy = (syy - sy * sy / n).clamp_min(0)
+    Sxy = sxy - sx.unsqueeze(-1) * sy / n
+    den = torch.sqrt(Sxx.unsqueeze(-1) * Syy)
+    r = torch.where(den > 0, Sxy / torch.where(den > 0, den, 1.0), torch.zeros_like(Sxy))
+    return r.clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _as_tensor(a) -> Tensor:
+    if isinstance(a, Tensor):
+        return a
+    if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
+        return torch.from_dlpack(a)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _f32_exact(a, shape, name, device) -> Tensor:
+    t = _as_tensor(a).to(device=device, dtype=torch.float64)
+    if tuple(t.shape) != tuple(shape):
+        raise StatsError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise StatsError(f"{name} contains NaN or inf")
+    # kernels subtract a float32 shift: keep exactly that value so every backend agrees
+    return t.to(torch.float32).to(torch.float64).contiguous()
+
+
+def _keep_mask(fold, r, device) -> Tensor:
+    if fold is None:
+        return torch.ones(r, dtype=torch.bool, device=device)
+    f = _as_tensor(fold).to(device).reshape(-1)
+    if f.dtype.is_floating_point or f.dtype == torch.bool:
+        raise StatsError(f"fold ids must be integers, got {f.dtype}")
+    if f.numel() != r:
+        raise StatsError(f"fold must have shape ({r},), got {tuple(f.shape)}")
+    if r and int(f.min()) < -1:
+        raise StatsError(f"fold ids must be >= -1 (-1 = skip the row), got {int(f.min())}")
+    return f >= 0
+
+
+def prepare_neuron_chunk(stats: NeuronStats, X, Y, fold):
+    """Validate a chunk; returns (X tensor, Yc (r, k) float64 = Y - yshift on stats.device,
+    keep (r,) bool on stats.device, fold01 (r,) int32 numpy: 0 kept / -1 skipped, or None)."""
+    Xt = _as_tensor(X)
+    if Xt.ndim != 3 or Xt.shape[0] != stats.B or Xt.shape[2] != stats.m:
+        raise StatsError(f"X must have shape (B, r, m) = ({stats.B}, r, {stats.m}), "
+                               f"got {tuple(Xt.shape)}")
+    r = int(Xt.shape[1])
+    Yt = _as_tensor(Y)
+    if Yt.ndim == 1 and stats.k == 1:
+        Yt = Yt.reshape(-1, 1)
+    if tuple(Yt.shape) != (r, stats.k):
+        raise StatsError(f"Y must have shape (r, k) = ({r}, {stats.k}), got {tuple(Yt.shape)}")
+    dev = stats.device
+    Yc = Yt.to(device=dev, dtype=torch.float64) - stats.yshift
+    if not torch.isfinite(Yc).all():
+        raise StatsError("Y contains NaN or inf")
+    keep = _keep_mask(fold, r, dev)
+    fold01 = None
+    if fold is not None and not bool(keep.all()):
+        fold01 = np.where(keep.cpu().numpy(), 0, -1).astype(np.int32)
+    return Xt, Yc, keep, fold01

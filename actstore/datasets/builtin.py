@@ -23,8 +23,6 @@ import importlib.metadata
 import importlib.util
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,30 +30,15 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from actstore.datasets import DatasetError
-from actstore.datasets._core import SCHEMAS, EntityDataset, cache_dir
+from actstore.datasets.table import SCHEMAS, EntityDataset, hash_split, hash_uniform
+from actstore.errors import DatasetError
+from actstore.io import cache_dir, write_atomic
 
 BUILTIN_FORMAT = 1  # bump when a builder changes: invalidates the cached tables
-TEST_FRACTION = 0.2
 CONTINENTS = {"AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe",
               "NA": "North America", "OC": "Oceania", "SA": "South America"}
 # the paper's US set drops these (non-contiguous states and territories)
 NON_CONTIGUOUS = {"AK", "HI", "PR", "VI", "GU", "AS", "MP"}
-
-
-def hash_uniform(keys, salt: str = "") -> np.ndarray:
-    """blake2b(salt + key) read as a uniform number in [0, 1), per key."""
-    out = np.empty(len(keys), dtype=np.float64)
-    for i, key in enumerate(keys):
-        h = hashlib.blake2b((salt + str(key)).encode("utf-8"), digest_size=8).digest()
-        out[i] = int.from_bytes(h, "little") / 2.0**64
-    return out
-
-
-def hash_split(keys, fraction: float = TEST_FRACTION) -> np.ndarray:
-    """is_test per key: hash_uniform(key) < ``fraction`` (about that fraction of test rows,
-    independent of row order; equal keys always land on the same side)."""
-    return hash_uniform(keys) < fraction
 
 
 def _package_dir(package: str) -> Path:
@@ -263,28 +246,12 @@ def load_builtin(name: str, use_cache: bool = True) -> EntityDataset:
         table = build_builtin(name)
         data = _canonical_csv(table)
         if use_cache:
-            _atomic_write(path, data)
+            try:
+                write_atomic(path, data, mkdir=True)
+            except OSError:
+                pass  # an unwritable cache only costs a rebuild next time
     return EntityDataset(
         name=name, kind=spec.kind, table=table, targets=SCHEMAS[spec.kind].targets,
         group_columns=spec.group_columns, source=f"builtin:{name}",
         sha256=hashlib.sha256(data).hexdigest(),
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> bool:
-    """Write via a temporary file + rename; an unwritable cache only costs a rebuild."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        if tmp is not None:  # a failed write or rename must not leave its temporary behind
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        return False

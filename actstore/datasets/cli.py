@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from actstore.datasets import KINDS
+from actstore.datasets.kinds import KINDS
 
 DATASETS_EPILOG = """\
 examples:
@@ -87,7 +87,7 @@ def add_cli(subparsers) -> None:
 
 
 def _cmd_list(args) -> int:
-    from actstore.datasets import list_datasets
+    from actstore.datasets.registry import list_datasets
 
     rows = list_datasets()
     if args.json:
@@ -101,7 +101,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from actstore.datasets import load_dataset
+    from actstore.datasets.registry import load_dataset
 
     ds = load_dataset(args.dataset, kind=args.kind, drop_invalid=args.drop_invalid)
     s = ds.summary()

@@ -10,13 +10,15 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from actstore.datasets import KINDS, DatasetError
+from actstore.datasets.paper import load_csv, paper_path
+from actstore.datasets.table import KINDS
+from actstore.errors import DatasetError
+from actstore.io import write_atomic
 
 PAPER_REPO = "wesg52/world-models"
 PAPER_COMMIT = "a572f162948ee185e9c842eb5fa15e23aad3d218"
@@ -43,8 +45,6 @@ def fetch_dataset(kind: str, url: str | None = None, force: bool = False,
     Returns a dict: kind, path, url, sha256, rows, test_rows, n_dropped, cached (True when the
     file was already there and nothing was downloaded).
     """
-    from actstore.datasets._core import load_csv, paper_path
-
     if kind not in KINDS:
         raise DatasetError(f"unknown paper dataset {kind!r}; choose one of {', '.join(KINDS)}")
     dest = paper_path(kind)
@@ -56,25 +56,23 @@ def fetch_dataset(kind: str, url: str | None = None, force: bool = False,
             raise DatasetError(f"the cached copy is unusable ({exc}); download it again with "
                                f"`actstore datasets fetch {kind} --force`") from None
         return _report(kind, dest, src, ds, cached=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{kind}.", suffix=".csv.part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            _download(src, out, timeout, progress)
+    loaded = {}
+
+    def check(tmp: Path) -> None:
         try:
             # real files may hold a few unusable rows; they are dropped (and counted) on load
-            ds = load_csv(tmp, kind=kind, drop_invalid=True, name=kind)
+            loaded["ds"] = load_csv(tmp, kind=kind, drop_invalid=True, name=kind)
         except DatasetError as exc:
             raise DatasetError(f"downloaded {src} is not a valid {kind} CSV: {exc}") from None
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomic(dest, lambda out: _download(src, out, timeout, progress), check=check,
+                 mkdir=True)
+    ds = loaded["ds"]
     ds.source = str(dest)
     report = _report(kind, dest, src, ds, cached=False)
     meta = {k: report[k] for k in ("url", "sha256", "rows", "n_dropped")}
     meta["fetched_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    dest.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_atomic(dest.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     return report
 
 

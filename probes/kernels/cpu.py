@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from probes.stats import GramStats, validate_chunk
+from probes.errors import BackendUnavailable, StatsError
+from probes.stats import GramStats, NeuronStats, prepare_neuron_chunk, validate_chunk
 
 _PRECISIONS = ("float32", "float64")
 
@@ -91,3 +92,29 @@ def gram_update(stats: GramStats, X, Y, fold=None, precision: str = "float32",
     if target is not stats:
         stats += target
     return stats
+
+
+def neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
+    if not _neuron_available():
+        raise BackendUnavailable("the compiled module lacks neuron_moments; rebuild with "
+                                 "`make native`")
+    Xt, Yc, keep, fold01 = prepare_neuron_chunk(stats, X, Y, fold)
+    Xn = Xt.detach().cpu().numpy() if isinstance(Xt, torch.Tensor) else np.asarray(Xt)
+    if Xn.dtype != np.float16:
+        raise StatsError(f"the cpu backend needs float16 activations, got {Xn.dtype}")
+    Xn = np.ascontiguousarray(Xn)
+    f = (np.zeros(Xn.shape[1], np.int32) if fold01 is None else fold01)
+    sx, sxx, sxy = _native().neuron_moments(
+        Xn.view(np.uint16), np.ascontiguousarray(Yc.cpu().numpy(), dtype=np.float64),
+        f, np.ascontiguousarray(stats.shift.cpu().numpy(), dtype=np.float32))
+    dev = stats.device
+    stats.add_moments(keep, torch.from_numpy(sx).to(dev), torch.from_numpy(sxx).to(dev),
+                      torch.from_numpy(sxy).to(dev), Yc)
+    return stats
+
+
+def _neuron_available() -> bool:
+    try:
+        return hasattr(_native(), "neuron_moments")
+    except ImportError:
+        return False

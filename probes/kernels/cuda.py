@@ -127,7 +127,7 @@ def _fold_rows(fold, r, n_folds, like):
         raise ValueError(f"fold must have shape ({r},), got {f.shape}")
     if r and (f.min() < -1 or f.max() >= n_folds):
         raise ValueError(f"fold ids must lie in [-1, {n_folds}), got [{f.min()}, {f.max()}]")
-    from probes.kernels import fold_groups
+    from probes.stats import fold_groups
 
     order, counts, off = fold_groups(f, n_folds)
     off = off.tolist()
@@ -273,7 +273,7 @@ def neuron_update(stats, X, Y, fold=None):
     """Add X (B, r, m) float16 CUDA neuron activations into a NeuronStats on that device."""
     import torch
 
-    from probes.neurons import prepare_neuron_chunk
+    from probes.stats import prepare_neuron_chunk
 
     Xt, Yc, keep, fold01 = prepare_neuron_chunk(stats, _as_torch(X), Y, fold)
     if not bool(keep.any()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from probes.stats import GramStats, validate_chunk
+from probes.stats import GramStats, NeuronStats, prepare_neuron_chunk, validate_chunk
 
 
 def _as_tensor(a, device) -> torch.Tensor:
@@ -44,4 +44,19 @@ def gram_update(stats: GramStats, X, Y, fold=None, precision: str | None = None)
         stats.xty[:, g] += (Xg.transpose(1, 2) @ Yg).to(dt)
         stats.sy[g] += Yg.sum(0).to(dt)
         stats.yty[g] += (Yg.T @ Yg).to(dt)
+    return stats
+
+
+def neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
+    """The torch float64 reference: every activation converted to float64 before any product."""
+    Xt, Yc, keep, _ = prepare_neuron_chunk(stats, X, Y, fold)
+    dev = stats.device
+    Xd = Xt.to(device=dev, dtype=torch.float64)[:, keep] - stats.shift.unsqueeze(1)   # (B, rk, m)
+    Yk = Yc[keep]
+    stats.n += float(keep.sum())
+    stats.sx += Xd.sum(1)
+    stats.sxx += (Xd * Xd).sum(1)
+    stats.sxy += torch.einsum("brm,rk->bmk", Xd, Yk)
+    stats.sy += Yk.sum(0)
+    stats.syy += (Yk * Yk).sum(0)
     return stats

@@ -729,7 +729,7 @@ def _fold_index(fold, r: int, F: int, device):
     (what "rawtma" reads in place), else None."""
     if fold is None:
         return None, None, np.array([r], dtype=np.int64), [(0, r)]
-    from probes.kernels import fold_groups
+    from probes.stats import fold_groups
 
     f = fold.detach().cpu().numpy() if isinstance(fold, torch.Tensor) else np.asarray(fold)
     order, counts, off = fold_groups(f, F)
@@ -1100,7 +1100,7 @@ def moments(X, Y, shift, fold=None, n_folds: int = 1, squares: bool = True,
 def neuron_update(stats, X, Y, fold=None, **tiling):
     """Add X (B, r, m) fp16 neuron activations into a probes.neurons.NeuronStats (rows with
     fold -1 skipped). ``tiling``: block_n, block_r, splits, stages, tiling of :func:`moments`."""
-    from probes.neurons import prepare_neuron_chunk
+    from probes.stats import prepare_neuron_chunk
 
     X, Yc, keep, fold01 = prepare_neuron_chunk(stats, X, Y, fold)
     if not bool(keep.any()):

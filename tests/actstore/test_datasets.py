@@ -380,16 +380,3 @@ def test_world_place_loads_fast(paper_data):
     t = time.perf_counter()
     load_csv(paper_data / "world_place.csv")
     assert time.perf_counter() - t < 3.0
-
-
-def test_atomic_write_leaves_no_temporary_on_failure(tmp_path, monkeypatch):
-    """A failed rename costs a rebuild, never a stray temporary file in the cache."""
-    from actstore.datasets import builtin
-    target = tmp_path / "cache" / "t.csv"
-    assert builtin._atomic_write(target, b"a,b\n1,2\n") and target.read_bytes() == b"a,b\n1,2\n"
-
-    def fail(src, dst):
-        raise OSError(13, "Permission denied")
-    monkeypatch.setattr(builtin.os, "replace", fail)
-    assert not builtin._atomic_write(tmp_path / "cache" / "u.csv", b"x")
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["t.csv"]

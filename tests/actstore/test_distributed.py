@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import actstore
-from actstore.distributed import launch_local, segments, split_windows, todo_windows
+from actstore.distributed import launch_local
+from actstore.store.progress import segments, split_windows, todo_windows
 from actstore.extract import ExtractError, extract
 from actstore.store import StoreError, create_store, merge_intervals, open_store
 

@@ -220,7 +220,7 @@ def test_fp16_overflow_is_an_error_naming_layer_and_row(tmp_path, tiny_tokenizer
     assert actstore.open(tmp_path / "o.zarr").rows_done == 0  # nothing bad stored
     s = extract((m, tiny_tokenizer), world_csv, "coords", tmp_path / "f.zarr", dtype="float32",
                 progress=False).store
-    assert np.abs(s.layer(1)).max() > 65504 and np.isfinite(s.layer(2)).all()
+    assert np.abs(s.layer(2)).max() > 65504 and np.isfinite(s.layer(3)).all()
 
 
 def test_fp16_compute_overflow_suggests_bfloat16_compute(tmp_path, tiny_tokenizer, world_csv,

@@ -5,9 +5,10 @@ import hashlib
 
 import pytest
 
-from actstore import models
+from actstore.io import cache_dir, file_sha256
 from actstore.models import (ModelError, decoder_layers, down_projection, embedded_model_file,
-                             file_sha256, load_model, mlp_width, wrap_model)
+                             load_model, mlp_width, wrap_model)
+from actstore.models import loading as models
 
 
 def test_embedded_file_found_without_importing_package():
@@ -81,13 +82,12 @@ def test_auto_compute_dtype():
     assert r("float16", "cuda", "float32") == torch.float16  # an explicit choice wins
 
 
-def test_model_cache_is_the_datasets_cache(tmp_path, monkeypatch):
-    from actstore.datasets import cache_dir
+def test_one_cache_location(tmp_path, monkeypatch):
     monkeypatch.delenv("ACTSTORE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models._cache_dir() == cache_dir() == tmp_path / "xdg" / "actstore"
+    assert cache_dir() == tmp_path / "xdg" / "actstore"
     monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "mine"))
-    assert models._cache_dir() == cache_dir() == tmp_path / "mine"
+    assert cache_dir() == tmp_path / "mine"
 
 
 def test_missing_embedded_package(monkeypatch):

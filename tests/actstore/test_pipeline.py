@@ -4,7 +4,7 @@ import json
 import pytest
 
 from actstore.cli import main
-from actstore.pipeline import run_pipeline
+from probes.pipeline import run_pipeline
 
 
 def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, make_world_csv):
@@ -25,7 +25,7 @@ def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, m
     run_pipeline(out, model=str(tiny_model_dir), datasets=[str(csv)], device="cpu",
                  progress=False, log=logs.append)
     assert any("store complete" in m for m in logs)
-    assert any("probes up to date" in m for m in logs)
+    assert any(m.startswith("[fit 1/1]") and "up to date" in m for m in logs)
     assert (out / "probes" / "world_place" / "results.json").stat().st_mtime_ns == first
 
     # another fit option refits; another prompt or limit under the same OUT is refused
@@ -145,7 +145,7 @@ def test_paper_recipe_skips_what_a_dataset_lacks(tmp_path, tiny_model_dir, make_
     interrupted in the neurons step resumes there."""
     import pandas as pd
 
-    import probes.neurons
+    import probes.pipeline.steps
     csv = make_world_csv(tmp_path / "blocks.csv", n=40)
     df = pd.read_csv(csv)
     df["country"] = "France"
@@ -157,13 +157,14 @@ def test_paper_recipe_skips_what_a_dataset_lacks(tmp_path, tiny_model_dir, make_
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(probes.neurons, "neuron_report", interrupted)
+        m.setattr(probes.pipeline.steps, "neuron_report", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(out, log=lambda m: None, **kw)
     assert not (out / "neurons").exists() and not (out / "report.md").exists()
     logs = []
     report = run_pipeline(out, log=logs.append, **kw)
-    assert any("store complete" in m for m in logs) and any("probes up to date" in m for m in logs)
+    assert any("store complete" in m for m in logs)
+    assert any(m.startswith("[fit") and "up to date" in m for m in logs)
     assert (out / "neurons" / "blocks" / "neurons.json").exists()
     text = report.read_text()
     assert "Skipped: one prompt only" in text

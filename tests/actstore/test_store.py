@@ -60,13 +60,14 @@ def test_roundtrip(tmp_path, fmt, name):
     np.testing.assert_array_equal(s2.target_array(), ent[["latitude", "longitude"]].to_numpy())
     np.testing.assert_array_equal(s2.target_array("longitude")[:, 0], ent["longitude"])
     np.testing.assert_array_equal(s2.is_test, ent["is_test"].to_numpy())
-    for i in range(L):
-        np.testing.assert_array_equal(s2.layer(i), full[i])
-    t = s2.layer(-1, array="neurons", as_="torch")
+    assert s2.layers == [1, 2, 3]               # hidden-state indices, not positions
+    for i, layer in enumerate(s2.layers):
+        np.testing.assert_array_equal(s2.layer(layer), full[i])
+    t = s2.layer(-1, array="neurons", as_="torch")   # negative: from the last stored layer
     assert str(t.dtype) == "torch.float16"
     np.testing.assert_array_equal(t.numpy(), neu[-1])
-    np.testing.assert_array_equal(s2.read(slice(5, 30), layers=[2, 0]), full[[2, 0], 5:30])
-    blocks = list(s2.iter_chunks(rows=20, layers=[1]))
+    np.testing.assert_array_equal(s2.read(slice(5, 30), layers=[3, 1]), full[[2, 0], 5:30])
+    blocks = list(s2.iter_chunks(rows=20, layers=[2]))
     assert [b[0] for b in blocks] == [0, 24]  # 20 rounded up to whole chunks of 8
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks], axis=1), full[[1]])
     blocks = list(s2.iter_chunks(start=10, stop=30))
@@ -83,7 +84,7 @@ def test_partial_store_reads_stop_at_rows_done(tmp_path):
     st.mark_done(16)
     s2 = open_store(tmp_path / "p.zarr")
     assert s2.rows_done == 16 and not s2.complete
-    assert s2.layer(0).shape == (16, 10)
+    assert s2.layer(1).shape == (16, 10)
     assert [s for s, _ in s2.iter_chunks()] == [0, 8]
     # read never returns rows past rows_done (uninitialised bytes in HDF5)
     assert s2.read(slice(0, None)).shape == (3, 16, 10)
@@ -172,9 +173,15 @@ def test_write_rules(tmp_path):
     with pytest.raises(StoreError, match="read-only"):
         ro.write_rows(0, x)
     with pytest.raises(StoreError, match="no neuron activations"):
-        ro.layer(0, array="neurons")
-    with pytest.raises(StoreError, match="out of range"):
-        ro.layer(3)
+        ro.layer(1, array="neurons")
+    # a hidden-state index the store does not hold: the error lists those it holds
+    with pytest.raises(StoreError, match=r"layer 0 is not in this store; it holds hidden-state "
+                                         r"layers 1-3 \(0 = embeddings"):
+        ro.layer(0)
+    with pytest.raises(StoreError, match="layer 4 is not in this store"):
+        ro.read(slice(0, 8), layers=[1, 4])
+    with pytest.raises(StoreError, match="layer -4 is not in this store"):
+        list(ro.iter_chunks(layers=[-4]))
 
 
 def test_create_refusals(tmp_path):
@@ -218,7 +225,7 @@ def test_bfloat16_store_roundtrip_as_torch(tmp_path):
     st, _ = _make(tmp_path / "b.zarr", n=8, R=8, dtype="bfloat16")
     st.write_rows(0, x.view(torch.int16).numpy().view(np.uint16))
     st.mark_done(8)
-    got = open_store(tmp_path / "b.zarr").layer(1, as_="torch")
+    got = open_store(tmp_path / "b.zarr").layer(2, as_="torch")
     assert got.dtype == torch.bfloat16 and torch.equal(got, x[1])
 
 
@@ -320,7 +327,8 @@ def test_direct_shard_files_equal_zarrs_own_bytes(tmp_path, dtype, n):
     zero-padded edge shard and the CRC32C-checked index), and zarr reads them back."""
     import zarr
 
-    from actstore.store import ShardFiles, _numpy_dtype
+    from actstore.store import ShardFiles
+    from actstore.store.format import storage_dtype as _numpy_dtype
 
     rng = np.random.default_rng(7)
     L, d, dm, R = 3, 10, 14, 8
@@ -380,21 +388,21 @@ def test_direct_shard_files_only_for_our_layout(tmp_path):
 
 def test_failed_shard_write_leaves_old_shard_and_no_temporary(tmp_path, monkeypatch):
     """A write that dies mid-shard (full disk) leaves the previous shard file intact."""
-    from actstore import store as store_mod
+    from actstore import io as io_mod
 
     rng = np.random.default_rng(4)
     st, _ = _make(tmp_path / "s.zarr", n=16, R=8)
     first = rng.standard_normal((3, 8, 10)).astype(np.float16)
     st.write_rows(0, first)
     st.mark_done(8)
-    real_replace = store_mod.os.replace
+    real_replace = io_mod.os.replace
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store_mod.os, "replace", full_disk)
+    monkeypatch.setattr(io_mod.os, "replace", full_disk)
     with pytest.raises(OSError):
         st.write_rows(0, rng.standard_normal((3, 8, 10)).astype(np.float16))
-    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    monkeypatch.setattr(io_mod.os, "replace", real_replace)
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
     np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").read(slice(0, 8)), first)

@@ -66,7 +66,7 @@ def test_fit_options(store, tmp_path, capsys):
 @pytest.mark.parametrize("argv,msg", [
     (["--target", "altitude"], "unknown target 'altitude'"),
     (["--target", "country"], "target column 'country' is not numeric"),
-    (["--layers", "0,7"], "out of range"),
+    (["--layers", "0,7"], "layer 0 is not in this store"),
     (["--split", "random:0.0001:0"], "empty test split"),
     (["--cv", "x"], "cv must be"),
     (["--alphas", "1:2"], "alpha grid"),
@@ -75,7 +75,11 @@ def test_errors_are_one_line(store, tmp_path, capsys, argv, msg):
     rc = main(["fit", "--all-layers", str(store), "-q", *argv])
     assert rc == 2
     err = capsys.readouterr().err
+    if "--layers" in argv:   # one release of notice that --layers now takes hidden-state indices
+        note, err = err.split("\n", 1)
+        assert note.startswith("fastprobe: note: --layers takes hidden-state indices")
     assert msg in err and "Traceback" not in err and err.startswith("fastprobe: error:")
+    assert err.count("\n") == 1
 
 
 def test_missing_inputs(tmp_path, capsys):

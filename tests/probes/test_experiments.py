@@ -84,7 +84,7 @@ def test_holdout_fixed_alpha_matches_sklearn_and_brute_force(place_store):
     path, ent, X = place_store
     Y = ent[["latitude", "longitude"]].to_numpy(float)
     test = ent["is_test"].to_numpy()
-    r = ex.holdout_experiment(path, "country", layer=1, alpha=10.0, min_group_size=15,
+    r = ex.holdout_experiment(path, "country", layer=2, alpha=10.0, min_group_size=15,
                               max_groups=3)
     counts = ent["country"].value_counts()
     want = [g for g in counts.index if counts[g] >= 15][:3]
@@ -154,7 +154,7 @@ def test_holdout_layer_chosen_without_the_held_out_group(tmp_path):
         assert e["heldout_proximity_error"] == pytest.approx(prox[m].mean(), abs=1e-9)
     assert "held-out layer" in ex.format_experiment(r)
     # a given layer: every probe there, and the result says so
-    r1 = ex.holdout_experiment(path, "country", layer=0, alphas=ALPHAS, min_group_size=5)
+    r1 = ex.holdout_experiment(path, "country", layer=1, alphas=ALPHAS, min_group_size=5)
     assert {g["heldout_position"] for g in r1["groups"]} == {0}
     assert r1["layer_selection"].startswith("given")
 

@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import Ridge, RidgeCV
 
 from actstore.store import create_store
+from probes.errors import InputError
 from probes.fit import FitError, fit_all_layers
 from probes.kernels import available_backends
 from probes.ridge import kfold_assignment
@@ -142,7 +143,7 @@ def test_layer_batches_and_float32_give_same_fit(tmp_path):
     b = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", memory_bytes=1)  # 1 layer/batch
     np.testing.assert_array_equal(a["arrays"]["alpha"], b["arrays"]["alpha"])
     np.testing.assert_allclose(a["arrays"]["coef"], b["arrays"]["coef"], rtol=1e-9, atol=1e-12)
-    c = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, precision="float32", layers=[1, 3])
+    c = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, precision="float32", layers=[2, 4])
     assert [e["layer"] for e in c["layers"]] == [2, 4]
     np.testing.assert_allclose(c["arrays"]["predictions"], a["arrays"]["predictions"][[1, 3]],
                                rtol=1e-3, atol=1e-3 * np.abs(a["arrays"]["predictions"]).max())
@@ -192,7 +193,8 @@ def test_results_json_and_plots(tmp_path):
 def test_results_json_records_store_identity(tmp_path):
     """results.json names the store it was fit on by identity, not only by path (so
     `fastprobe neurons --probe` catches a store re-extracted at the same path)."""
-    from probes.fit import store_identity, write_results
+    from actstore.store import store_identity
+    from probes.fit import write_results
 
     ent = entity_table(40, seed=6)
     s = create_store(tmp_path / "s.zarr", layers=[1], n_rows=40, d_model=4, entities=ent,
@@ -279,29 +281,32 @@ def test_bad_inputs(tmp_path):
     ent = entity_table(40, seed=9)
     make_store(tmp_path / "s.zarr", ent, d=6, L=2)
     p = tmp_path / "s.zarr"
-    with pytest.raises(FitError, match="unknown target 'altitude'"):
+    with pytest.raises(InputError, match="unknown target 'altitude'"):
         fit_all_layers(p, targets="altitude", alphas=ALPHAS)
     with pytest.raises(FitError, match="empty test split"):
         fit_all_layers(p, alphas=ALPHAS, split="random:0.001:0")
     with pytest.raises(FitError, match=r"split 'random:0.025:0' gives 1 test row .*at least 2"):
         fit_all_layers(p, alphas=ALPHAS, split="random:0.025:0")
-    with pytest.raises(FitError, match="target column 'country' is not numeric"):
+    with pytest.raises(InputError, match="target column 'country' is not numeric"):
         fit_all_layers(p, targets="latitude,country", alphas=ALPHAS)
-    with pytest.raises(FitError, match="bad split"):
+    with pytest.raises(InputError, match="bad split"):
         fit_all_layers(p, alphas=ALPHAS, split="sometimes")
-    with pytest.raises(FitError, match="no column 'planet'"):
+    with pytest.raises(InputError, match="no column 'planet'"):
         fit_all_layers(p, alphas=ALPHAS, split="group:planet")
     with pytest.raises(FitError, match="cv must be"):
         fit_all_layers(p, alphas=ALPHAS, cv="many")
     with pytest.raises(ValueError, match="alpha"):
         fit_all_layers(p, alphas="1:2")
-    with pytest.raises(FitError, match=r"position\(s\) \[2\] out of range.*2 layers, positions 0..1"):
+    # layers are hidden-state indices (the store holds 1 and 2); negatives count from the last
+    with pytest.raises(InputError, match=r"layer 0 is not in this store; it holds hidden-state "
+                                         r"layers \[1, 2\] \(0 = embeddings"):
         fit_all_layers(p, alphas=ALPHAS, layers=[0, 2])
-    with pytest.raises(FitError, match=r"out of range"):
+    with pytest.raises(InputError, match=r"layer -3 is not in this store"):
         fit_all_layers(p, alphas=ALPHAS, layers=[-3])
-    with pytest.raises(FitError, match=r"position\(s\) \[1\] given more than once"):
-        fit_all_layers(p, alphas=ALPHAS, layers=[1, -1])
-    assert [e["position"] for e in fit_all_layers(p, alphas=ALPHAS, layers=[-1])["layers"]] == [1]
+    with pytest.raises(InputError, match=r"layer\(s\) \[2\] given more than once"):
+        fit_all_layers(p, alphas=ALPHAS, layers=[2, -1])
+    e, = fit_all_layers(p, alphas=ALPHAS, layers=[-1])["layers"]
+    assert e["layer"] == 2 and e["position"] == 1
 
     few = entity_table(40, seed=9)
     few["is_test"] = True
@@ -317,7 +322,7 @@ def test_bad_inputs(tmp_path):
         fit_all_layers(tmp_path / "c.zarr", targets=["latitude", "longitude"], alphas=ALPHAS)
 
     make_store(tmp_path / "none.zarr", entity_table(40), d=6, L=1, targets=())
-    with pytest.raises(FitError, match="no target columns"):
+    with pytest.raises(InputError, match="no target columns"):
         fit_all_layers(tmp_path / "none.zarr", alphas=ALPHAS)
 
     for form_d in (6, 80):                         # primal and dual paths
@@ -329,12 +334,16 @@ def test_bad_inputs(tmp_path):
 
 def test_auto_backend_solves_on_the_gpu_when_present(monkeypatch):
     import torch
-    from probes.fit import _default_device
+
+    from probes.kernels import BackendUnavailable, backend, resolve
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert [_default_device(b) for b in (None, "auto", "AUTO", "cuda", "triton", "cpu", "torch")] \
+    monkeypatch.setattr(backend, "resolve_backend", lambda name, dev, order=(): name)
+    assert [resolve(b)[1].type for b in (None, "auto", "AUTO", "cuda", "triton", "cpu", "torch")] \
         == ["cuda"] * 5 + ["cpu"] * 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert [_default_device(b) for b in (None, "auto", "cpu", "torch")] == ["cpu"] * 4
+    assert [resolve(b)[1].type for b in (None, "auto", "cpu", "torch")] == ["cpu"] * 4
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU and none is available"):
+        resolve("cuda")
 
 
 @pytest.mark.gpu

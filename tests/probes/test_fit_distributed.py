@@ -134,13 +134,13 @@ def test_nan_test_row_on_rank_0_stops_every_rank(tmp_path):
     st = open_store(path, mode="a")
     row = int(np.nonzero(st.is_test[:16])[0][0])
     block = st.read(slice(0, 16))
-    block[0, row, 3] = np.inf                             # layer position 0 (the first batch)
+    block[0, row, 3] = np.inf                             # layer 1 (the first batch)
     st.write_rows(0, block)
     st.close()
     out = tmp_path / "r"
     kw = dict(backend="torch", cv=3, memory_bytes=1)
     assert launch_local(_fit_rank_error, 2, (path, out, kw), timeout=120) == [0, 0]
-    want = f"position 0) has NaN or inf activations, first at row {row}, dim 3"
+    want = f"layer 1 has NaN or inf activations, first at row {row}, dim 3"
     e0, e1 = (Path(f"{out}.err{r}").read_text() for r in (0, 1))
     assert e0.startswith("FitError: ") and want in e0
     assert e1.startswith("_PeerCopy: ") and want in e1   # printed by rank 0 only
@@ -157,8 +157,8 @@ def _cli_fit_rank(store, out, kw, fail_rank):
     if rank == fail_rank:
         def cannot(path, *a, **k):
             raise StoreError(f"{path}: no such store")
-        import actstore.store
-        actstore.store.open_store = cannot
+        import probes.distributed
+        probes.distributed.open_store = cannot
     with open(f"{out}.stderr{rank}", "w", buffering=1) as f, redirect_stderr(f):
         try:
             cli_fit(store, **kw)

@@ -246,7 +246,7 @@ def test_cpu_rejects_bad_input():
 
 
 def test_benchmark_callable_reports_both_floors():
-    from probes.kernels import benchmark_gram_update
+    from bench.kernels import benchmark_gram_update
 
     res = benchmark_gram_update(2, 40, 30, k=1, n_folds=2, backend="cpu", repeat=1)
     assert res["backend"] == "cpu" and res["precision"] == "float32"

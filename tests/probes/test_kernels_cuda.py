@@ -95,7 +95,8 @@ def test_gram_noncontiguous_layers_and_strided_rows():
 @pytest.mark.parametrize("shape", [(3, 1001, 1037, 2), (2, 4000, 4096, 3), (1, 5, 9, 1), (2, 300, 11008, 2)])
 def test_neuron_update_matches_reference(shape):
     from probes.kernels import cuda as ck
-    from probes.neurons import NeuronStats, reference_neuron_update
+    from probes.kernels.reference import neuron_update as reference_neuron_update
+    from probes.stats import NeuronStats
 
     B, r, m, k = shape
     g = torch.Generator().manual_seed(m)

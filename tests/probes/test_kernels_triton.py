@@ -194,7 +194,8 @@ def test_gram_rejects_non_fp16():
 @pytest.mark.parametrize("shape", [(3, 29, 21, 2), (1, 1, 5, 1)] if not CUDA
                          else [(3, 1001, 1037, 2), (2, 300, 4096, 3), (1, 7, 9, 1)])
 def test_neuron_moments_match_reference(shape):
-    from probes.neurons import NeuronStats, reference_neuron_update
+    from probes.kernels.reference import neuron_update as reference_neuron_update
+    from probes.stats import NeuronStats
 
     B, r, m, k = shape
     gen = torch.Generator().manual_seed(11 + r)
@@ -252,7 +253,9 @@ def test_float64_precision_is_refused():
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; run bench/gpu_check.sh on a GPU machine")
 def test_auto_dispatch_on_cuda_picks_triton_and_matches():
     from probes import kernels
-    from probes.neurons import NeuronStats, neuron_update, reference_neuron_update
+    from probes.kernels import neuron_update
+    from probes.kernels.reference import neuron_update as reference_neuron_update
+    from probes.stats import NeuronStats
 
     assert kernels.resolve_backend("auto", torch.device("cuda")) == "triton"
     gen = torch.Generator().manual_seed(21)

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from probes.cli import main
+from actstore.errors import ModelError
+from probes.errors import InputError
 from probes.neurons import NeuronReportError, load_probe, neuron_report
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -65,10 +67,10 @@ def env(tmp_path_factory, tiny_tokenizer, make_llama, make_world_csv):
                 s_plain=s_plain, s_exact=s_exact)
 
 
-def _reference(store, model, p):
-    """float64 projected neurons of the block fed by store position p."""
-    blk = model.model.layers[store.layers[p]]
-    x = store.layer(p).astype(np.float64)
+def _reference(store, model, layer):
+    """float64 projected neurons of block ``layer``, fed by the stored hidden state ``layer``."""
+    blk = model.model.layers[layer]
+    x = store.layer(layer).astype(np.float64)
     w = blk.post_attention_layernorm.weight.detach().double().numpy()
     eps = blk.post_attention_layernorm.variance_epsilon
     h = x / np.sqrt((x * x).mean(1, keepdims=True) + eps) * w
@@ -94,8 +96,8 @@ def test_projection_matches_float64_reference(env):
     Y = s.target_array(["latitude", "longitude"])
     P, S = res["arrays"]["pearson"], res["arrays"]["spearman"]
     assert P.shape == S.shape == (2, 64, 2)
-    for b, p in enumerate([0, 1]):
-        a = _reference(s, env["model"], p)
+    for b, layer in enumerate([1, 2]):
+        a = _reference(s, env["model"], layer)
         assert np.abs(a).max() > 1
         assert np.abs(P[b] - _corr(a, Y)).max() < 1e-5
         ranks = np.apply_along_axis(scipy_stats.rankdata, 0, a)
@@ -116,8 +118,8 @@ def test_projection_equals_stored_when_attention_adds_nothing(env):
         assert np.abs(pr["arrays"][k] - st["arrays"][k][1:]).max() < 1e-5
     # the activations themselves: projected neuron == stored neuron column
     from probes.neurons import projected_neuron
-    a = projected_neuron(s, env["model"], 0, 5)
-    want = s.layer(1, array="neurons")[:, 5]
+    a = projected_neuron(s, env["model"], 1, 5)     # block 1, fed by hidden state 1
+    want = s.layer(2, array="neurons")[:, 5]       # block 1's neurons are kept as layer 2
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # same neurons in the same order, once stored layer 1 (no projection source) is left out
@@ -182,7 +184,7 @@ def test_errors(env, tmp_path, make_llama):
     s, s2 = env["s_plain"], env["s_exact"]
     with pytest.raises(NeuronReportError, match="use --method projection .* or re-extract"):
         neuron_report(s, **CPU)
-    with pytest.raises(NeuronReportError, match="unknown target 'altitude'"):
+    with pytest.raises(InputError, match="unknown target 'altitude'"):
         neuron_report(s, method="projection", targets="altitude", **CPU)
     with pytest.raises(NeuronReportError, match="unknown method"):
         neuron_report(s, method="gradient", **CPU)
@@ -209,7 +211,7 @@ def test_errors(env, tmp_path, make_llama):
     with pytest.raises(NeuronReportError, match="cannot load model"):
         neuron_report(s, method="projection", model=str(tmp_path / "no-model"), **CPU)
     with pytest.raises(NeuronReportError, match="no stored layer feeds a decoder block"):
-        neuron_report(s, method="projection", layers=[2], **CPU)   # hidden state 3: the last
+        neuron_report(s, method="projection", layers=[3], **CPU)   # hidden state 3: the last
     with pytest.raises(NeuronReportError, match="moments use the torch reference"):
         neuron_report(s, method="projection", backend="cpu", device="cpu")
 
@@ -294,7 +296,7 @@ def test_projection_reads_the_true_mlp_input(arch):
     Gemma 2's reads pre_feedforward_layernorm(x), Llama's post_attention_layernorm(x)."""
     import copy
 
-    from probes.neurons import _BlockProjector
+    from probes.neurons.projection import _BlockProjector
 
     model = _tiny(arch)
     blk = model.model.layers[1]
@@ -319,13 +321,13 @@ def test_projection_reads_the_true_mlp_input(arch):
     got = _BlockProjector(blk, torch.device("cpu"))(x).double().numpy()
     assert np.abs(want).max() > 0.05
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-    from probes.neurons import pre_mlp_norm_name
+    from actstore.models import pre_mlp_norm_name
     assert pre_mlp_norm_name(blk) == {"llama": "post_attention_layernorm",
                                       "gemma2": "pre_feedforward_layernorm", "olmo2": None}[arch]
 
 
 def test_projection_refuses_unknown_block_layout():
-    from probes.neurons import _BlockProjector
+    from probes.neurons.projection import _BlockProjector
 
     class Mlp(torch.nn.Module):
         def __init__(self):
@@ -341,7 +343,7 @@ def test_projection_refuses_unknown_block_layout():
             self.mlp = Mlp()
             self.post_attention_layernorm = torch.nn.LayerNorm(8)
 
-    with pytest.raises(NeuronReportError, match="does not know which norm feeds the MLP of "
+    with pytest.raises(ModelError, match="does not know which norm feeds the MLP of "
                                                 "MysteryDecoderLayer.*refusing to guess"):
         _BlockProjector(MysteryDecoderLayer(), torch.device("cpu"))
 

@@ -232,7 +232,7 @@ def test_bad_inputs():
         RidgeProbeCV(ALPHAS, cv="five").fit(X, Y)
     with pytest.raises(ValueError):
         RidgeProbeCV(ALPHAS).fit(np.where(X > 1, np.nan, X), Y)
-    with pytest.raises(RidgeError, match="backend"):
+    with pytest.raises(ValueError, match="unknown backend .fpga."):
         RidgeProbeCV(ALPHAS, backend="fpga").fit(X, Y)
     with pytest.raises(RidgeError):
         RidgeProbeCV(ALPHAS, cv=40).fit(X, Y)   # more folds than rows

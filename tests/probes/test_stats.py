@@ -201,8 +201,8 @@ def test_choose_shift_is_float32_mean_of_kept_rows():
 def test_auto_on_a_gpu_takes_the_first_runnable_of_gpu_order(monkeypatch):
     # the Gram statistics prefer Triton, the neuron moments the CUDA module (measured faster);
     # a backend that cannot run is skipped
-    import probes.kernels as kernels
-    from probes.neurons import NEURON_GPU_ORDER
+    from probes.kernels import NEURON_GPU_ORDER
+    from probes.kernels import backend as kernels
 
     runnable = {"triton", "cuda", "cpu", "torch"}
     monkeypatch.setattr(kernels, "_load", lambda n: (object(), "") if n in runnable else (None, "no"))

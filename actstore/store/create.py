@@ -1,0 +1,223 @@
+"""Creating and removing stores: :func:`create_store` writes the header first and ``rows_done``
+last (an interrupted creation is recognisable), :func:`remove_store` deletes only what is
+provably an activation store (or an empty directory), never a user's other files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from actstore.errors import StoreError
+from actstore.store.format import (COMPRESSIONS, DEFAULT_COMPRESSION, DTYPES, FORMAT_NAME,
+                                   FORMAT_VERSION, ZARR_ENTRIES, column_kind, column_values,
+                                   default_rows_per_chunk, format_from_path, storage_dtype)
+from actstore.store.reader import ActivationStore
+
+__all__ = ["create_store", "remove_store"]
+
+
+def _is_store_or_empty(path: Path) -> bool:
+    """True for an activation store of any version, complete or not, and an empty directory:
+    the only things ``overwrite`` may delete (never a user's other files)."""
+    if path.is_dir():
+        entries = {p.name for p in path.iterdir()}
+        if not entries:
+            return True
+        try:
+            node = json.loads((path / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(node, dict) or node.get("node_type") != "group":
+            return False
+        attrs = node.get("attributes") or {}
+        head = attrs.get("actstore")
+        if isinstance(head, dict) and head.get("format") == FORMAT_NAME:
+            return True
+        # a creation killed before its attributes were written: our entries and nothing else
+        return not attrs and entries <= ZARR_ENTRIES
+    if path.is_file():
+        try:
+            import h5py
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("actstore")
+            head = json.loads(raw) if raw is not None else None
+        except Exception:  # noqa: BLE001 - not HDF5, unreadable, locked: not provably ours
+            return False
+        return isinstance(head, dict) and head.get("format") == FORMAT_NAME
+    return False
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_store(path) -> None:
+    """Delete the activation store at ``path`` (any version, complete or not) or an empty
+    directory; nothing if ``path`` does not exist. Anything else raises :class:`StoreError`."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not _is_store_or_empty(path):
+        raise StoreError(f"refusing to delete {path}: not an activation store; "
+                         "choose another path (or delete it yourself)")
+    _delete(path)
+
+
+def _compressors(name: str, fmt: str):
+    if name not in COMPRESSIONS:
+        raise StoreError(f"unknown compression {name!r}; choose one of {COMPRESSIONS}")
+    if fmt == "hdf5":
+        if name != "none":
+            # Pre-allocated chunks (crash safety) rule out HDF5 filters; see store-format.md.
+            raise StoreError("HDF5 stores are uncompressed (chunks are pre-allocated so a "
+                             "killed run cannot corrupt the file); use --format zarr to compress")
+        return None
+    import zarr
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [zarr.codecs.ZstdCodec(level=3)]
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)]
+
+
+def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities,
+                 targets: tuple[str, ...], group_columns: tuple[str, ...], meta: dict,
+                 format: str | None = None, dtype: str = "float16", d_mlp: int | None = None,
+                 rows_per_chunk: int | None = None, compression: str | None = None,
+                 overwrite: bool = False) -> ActivationStore:
+    """Create an empty store (``rows_done = 0``) and return it open for writing.
+
+    ``format``: "zarr" (default, or inferred "hdf5" from a .h5/.hdf5 suffix). ``meta`` must be
+    JSON-serialisable. ``entities`` must have ``n_rows`` rows and contain ``targets``.
+    ``overwrite`` replaces an existing store at ``path``; otherwise an existing path is an error.
+    """
+    path = Path(path)
+    fmt = format_from_path(path, format)
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise StoreError("a store needs at least one layer")
+    if len(set(layers)) != len(layers):
+        raise StoreError(f"duplicate layers in {layers}")
+    if dtype not in DTYPES:
+        raise StoreError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
+    if int(n_rows) <= 0:
+        raise StoreError("a store needs at least one row (the dataset is empty)")
+    if len(entities) != n_rows:
+        raise StoreError(f"entity table has {len(entities)} rows, store has n_rows={n_rows}")
+    missing = [t for t in list(targets) + list(group_columns) if t not in entities.columns]
+    if missing:
+        raise StoreError(f"entity table lacks column(s) {missing}")
+    try:
+        meta_json = json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"store metadata must be JSON-serialisable: {exc}") from None
+    R = int(rows_per_chunk or default_rows_per_chunk(d_model))
+    if R <= 0:
+        raise StoreError("rows_per_chunk must be positive")
+    R = min(R, int(n_rows)) if n_rows >= 1 else R
+    comp = DEFAULT_COMPRESSION if compression is None else compression
+    if fmt == "hdf5" and compression is None:
+        comp = "none"
+    _compressors(comp, fmt)  # validate early
+
+    if path.exists():
+        if not overwrite:
+            raise StoreError(f"{path} already exists (use overwrite / --overwrite to replace it)")
+        remove_store(path)
+    if not path.parent.exists():
+        raise StoreError(f"cannot create {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"cannot create {path}: directory {path.parent} is not writable")
+
+    ent = entities.reset_index(drop=True)
+    columns = [str(c) for c in ent.columns]
+    kinds = {c: column_kind(ent[c]) for c in columns}
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "n_rows": int(n_rows),
+        "d_model": int(d_model),
+        "d_mlp": None if d_mlp is None else int(d_mlp),
+        "layers": layers,
+        "dtype": dtype,
+        "rows_per_chunk": R,
+        "compression": comp,
+        "targets": list(targets),
+        "group_columns": list(group_columns),
+        "entity_columns": columns,
+        "entity_kinds": kinds,
+        "meta": meta_json,
+    }
+    L = len(layers)
+    npdt = storage_dtype(dtype)
+    arrays = {"resid": int(d_model)}
+    if d_mlp is not None:
+        arrays["neurons"] = int(d_mlp)
+    try:
+        if fmt == "zarr":
+            handle = _create_zarr(path, header, arrays, L, int(n_rows), R, npdt, comp, ent, kinds)
+        else:
+            handle = _create_hdf5(path, header, arrays, L, int(n_rows), R, npdt, ent, kinds)
+    except OSError as exc:
+        _delete(path)  # the half-created store this call just made
+        raise StoreError(f"cannot create store {path}: {exc.strerror or exc}") from None
+    return ActivationStore(path, fmt, header, handle, "a")
+
+
+def _create_zarr(path, header, arrays, L, N, R, npdt, comp, ent, kinds):
+    import zarr
+    # the header first (an interrupted creation is recognisable as a store), rows_done last
+    g = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={"actstore": header})
+    for name, d in arrays.items():
+        # chunk (1, R, d): one layer's rows read contiguously; shard (L, R, d): one row block
+        # of every layer is one file, written whole (no read-modify-write of shards).
+        g.create_array(name, shape=(L, N, d), dtype=npdt, chunks=(1, R, d), shards=(L, R, d),
+                       compressors=_compressors(comp, "zarr"), fill_value=0,
+                       dimension_names=["layer", "row", "dim" if name == "resid" else "neuron"])
+    la = g.create_array("layer", shape=(L,), dtype="int32", chunks=(L,), compressors=None,
+                        dimension_names=["layer"])
+    la[:] = np.asarray(header["layers"], dtype=np.int32)
+    eg = g.create_group("entities")
+    for c in header["entity_columns"]:
+        k = kinds[c]
+        vals = column_values(ent[c], k)
+        a = eg.create_array(c, shape=(N,), dtype=(str if k == "str" else k), chunks=(N,),
+                            dimension_names=["row"])
+        a[:] = vals
+    # rows_done last: a store without it was never fully created
+    g.attrs.update({"rows_done": 0})
+    return g
+
+
+def _create_hdf5(path, header, arrays, L, N, R, npdt, ent, kinds):
+    import h5py
+    f = h5py.File(path, "w-")
+    try:
+        # the header first (an interrupted creation is recognisable), rows_done last
+        f.attrs["actstore"] = json.dumps(header)
+        for name, d in arrays.items():
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            f.create_dataset(name, shape=(L, N, d), dtype=npdt, chunks=(1, R, d), dcpl=dcpl,
+                             fill_time="never", track_times=False)
+        f.create_dataset("layer", data=np.asarray(header["layers"], dtype=np.int32))
+        eg = f.create_group("entities")
+        for c in header["entity_columns"]:
+            k = kinds[c]
+            vals = column_values(ent[c], k)
+            if k == "str":
+                eg.create_dataset(c, data=vals.astype(object), dtype=h5py.string_dtype("utf-8"))
+            else:
+                eg.create_dataset(c, data=vals)
+        f.create_dataset("rows_done", data=np.zeros(1, dtype=np.int64))
+        f.flush()
+    except BaseException:
+        f.close()
+        raise
+    return f

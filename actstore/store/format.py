@@ -1,0 +1,178 @@
+"""The store format's constants and codecs (docs/store-format.md is the specification).
+
+One place for: the format name and version, the arrays and dtypes a store may hold, the chunk
+size rule, the dtype codec (numpy has no bfloat16: it is stored as its raw 16 bits), the
+entity-table column kinds, the store identity a fit records, and the header check.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from actstore.errors import StoreError
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ARRAYS", "DTYPES", "COMPRESSIONS",
+           "DEFAULT_COMPRESSION", "PROGRESS_GROUP", "RANGE_KEY", "ZARR_ENTRIES",
+           "default_rows_per_chunk", "storage_dtype", "to_storage", "as_torch", "as_compute",
+           "detect_format", "format_from_path", "column_kind", "column_values",
+           "table_from_columns", "store_identity", "check_header"]
+
+FORMAT_NAME = "actstore-activations"
+FORMAT_VERSION = 1
+ARRAYS = ("resid", "neurons")
+DTYPES = ("float16", "bfloat16", "float32")
+# bench/RESULTS.md "Extraction (SmolLM2-135M, CPU)": fp16 hidden states are close to
+# incompressible, so compression buys a few percent of disk for a large cost in speed.
+DEFAULT_COMPRESSION = "none"
+COMPRESSIONS = ("none", "zstd", "blosc")
+# Per-range progress records of distributed writers: zarr groups progress/<start>-<stop>/
+# whose zarr.json attribute "actstore_range" each belongs to exactly one writer process.
+PROGRESS_GROUP = "progress"
+RANGE_KEY = "actstore_range"
+# What an interrupted Zarr creation can leave at the top level of the store directory.
+ZARR_ENTRIES = frozenset({"zarr.json", "resid", "neurons", "layer", "entities", PROGRESS_GROUP})
+
+
+def default_rows_per_chunk(d: int) -> int:
+    """Rows per chunk: a power of two giving ~1 MiB fp16 chunks, clamped to [64, 1024]."""
+    r = 1 << max(0, int(np.floor(np.log2(max(1, (1 << 20) // (2 * max(1, d)))))))
+    return int(min(1024, max(64, r)))
+
+
+# ----------------------------------------------------------------------------- dtype codec
+# torch is imported inside the codec functions: `import actstore` must stay light.
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a store of ``dtype`` holds (bfloat16: its raw bits as uint16)."""
+    if dtype not in DTYPES:
+        raise StoreError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
+    return np.dtype("uint16") if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def to_storage(x, dtype: str) -> np.ndarray:
+    """A CPU torch float tensor -> numpy in the store's ``dtype`` (bfloat16 as raw uint16)."""
+    import torch
+
+    if dtype == "float16":
+        return x.to(torch.float16).numpy()
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return x.to(torch.float32).numpy()
+
+
+def as_torch(block, dtype: str):
+    """A stored numpy block as a torch tensor of its true dtype (bfloat16 from its raw bits);
+    torch tensors pass through."""
+    import torch
+
+    if isinstance(block, torch.Tensor):
+        return block
+    block = np.ascontiguousarray(block)
+    if dtype == "bfloat16":
+        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(block)
+
+
+def as_compute(block, dtype: str):
+    """A stored block as a tensor the kernels take: float16/float32 as stored, bfloat16 as
+    float32 (exact)."""
+    t = as_torch(block, dtype)
+    return t.float() if dtype == "bfloat16" else t
+
+
+# ----------------------------------------------------------------------------- containers
+
+def detect_format(path: Path) -> str:
+    """"zarr" or "hdf5" for an existing store path, else StoreError."""
+    if path.is_dir():
+        if (path / "zarr.json").exists():
+            return "zarr"
+        raise StoreError(f"{path}: a directory but not a Zarr v3 store (no zarr.json)",
+                         replaceable=not any(path.iterdir()))
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head == b"\x89HDF\r\n\x1a\n":
+            return "hdf5"
+        raise StoreError(f"{path}: not an activation store (neither Zarr v3 nor HDF5)")
+    raise StoreError(f"{path}: no such store")
+
+
+def format_from_path(path: Path, format: str | None) -> str:
+    """The format to create: ``format`` if given, else hdf5 for a .h5/.hdf5 suffix, else zarr."""
+    if format is not None:
+        if format not in ("zarr", "hdf5"):
+            raise StoreError(f"unknown store format {format!r}; choose 'zarr' or 'hdf5'")
+        return format
+    return "hdf5" if Path(path).suffix.lower() in (".h5", ".hdf5") else "zarr"
+
+
+# ----------------------------------------------------------------------------- entity table
+
+def column_kind(s) -> str:
+    """The stored kind of a pandas column: bool, int64, float64 or str."""
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(s):
+        return "bool"
+    if pd.api.types.is_integer_dtype(s):
+        return "int64"
+    if pd.api.types.is_float_dtype(s):
+        return "float64"
+    return "str"
+
+
+def column_values(s, kind: str) -> np.ndarray:
+    """A pandas column as the array stored for ``kind`` (missing strings stored as "")."""
+    if kind == "str":
+        return np.array(["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
+                         for v in s.tolist()], dtype=object)
+    return s.to_numpy(dtype=kind)
+
+
+def table_from_columns(columns: list[str], kinds: dict, get):
+    """The entity table as a DataFrame, ``get(column)`` reading each stored column."""
+    import pandas as pd
+
+    data = {}
+    for c in columns:
+        v = get(c)
+        if kinds[c] == "str":
+            v = pd.Series(np.asarray(v).astype(object), dtype=object)
+        data[c] = v
+    return pd.DataFrame(data)
+
+
+# ----------------------------------------------------------------------------- identity
+
+def store_identity(store) -> dict:
+    """What identifies a store's content: its metadata's creation time, dataset sha256, prompt
+    name and model id, and its completed rows. A fit records it (results.json
+    ``store_identity``); ``fastprobe neurons --probe`` and ``actstore run`` compare it, so a
+    store re-extracted at the same path with another prompt or dataset is caught. Works on any
+    object with ``meta`` and ``rows_done``."""
+    meta = store.meta if isinstance(getattr(store, "meta", None), dict) else {}
+    ds, pr, mo = meta.get("dataset"), meta.get("prompt"), meta.get("model")
+    return {
+        "created": meta.get("created"),
+        "dataset_sha256": ds.get("sha256") if isinstance(ds, dict) else None,
+        "prompt": pr.get("name") if isinstance(pr, dict) else (pr if isinstance(pr, str) else None),
+        "model_id": mo.get("id") if isinstance(mo, dict) else (mo if isinstance(mo, str) else None),
+        "n_rows": int(store.rows_done),
+    }
+
+
+def check_header(path, header, on_fail=None) -> None:
+    """StoreError unless ``header`` is an actstore header of this format version
+    (``on_fail()`` runs first, e.g. to close a file handle)."""
+    def fail(msg, replaceable=False):
+        if on_fail is not None:
+            on_fail()
+        raise StoreError(msg, replaceable=replaceable)
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        fail(f"{path}: not an activation store (no '{FORMAT_NAME}' header)")
+    v = header.get("format_version")
+    if v != FORMAT_VERSION:
+        fail(f"{path}: store format version {v} is not supported (this actstore reads "
+             f"version {FORMAT_VERSION}); re-extract it with this version", replaceable=True)

@@ -1,0 +1,313 @@
+"""Reading a store: :class:`ActivationStore` and :func:`open_store` (``actstore.open``).
+
+A store holds, for one model + prompt + dataset, the hidden state at the last entity token
+after each layer in ``layers`` (hidden-state indices: 0 = embeddings, l = output of block l,
+before the final norm), optionally the MLP neurons, the entity table and the metadata. Every
+layer argument of the API is such an index; positions in the arrays stay internal.
+Zarr v3 (a directory) and HDF5 (one file) behave alike; docs/store-format.md is the spec.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from actstore.errors import StoreError
+from actstore.io import PARTIAL_SUFFIX
+from actstore.store.format import (ARRAYS, PROGRESS_GROUP, as_torch, check_header,
+                                   detect_format, table_from_columns)
+from actstore.store.progress import Progress
+from actstore.store.shard_files import BlockWriter
+
+__all__ = ["ActivationStore", "open_store"]
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, run = [], []
+    for x in xs:
+        if run and x == run[-1] + 1:
+            run.append(x)
+        else:
+            if run:
+                out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = [x]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
+
+
+class ActivationStore(Progress, BlockWriter):
+    """An open store. Use :func:`open_store` (``actstore.open``) or
+    :func:`~actstore.store.create.create_store` to get one.
+
+    Attributes
+    ----------
+    path, format : Path, {"zarr", "hdf5"}
+    layers : list of int
+        The hidden-state indices held (0 = embeddings, l = output of block l).
+    n_layers, n_rows, d_model : int
+    d_mlp : int or None
+        MLP width when the store holds neurons.
+    dtype : {"float16", "bfloat16", "float32"}
+    meta : dict
+        How the store was made (model, prompt, dataset, ...).
+    rows_done : int
+        Rows ``[0, rows_done)`` are complete; reads never go past it.
+    targets, group_columns, rows_per_chunk, compression
+
+    Examples
+    --------
+    >>> s = actstore.open("w.zarr")         # doctest: +SKIP
+    >>> s.layers                             # doctest: +SKIP
+    [1, 2, ..., 30]
+    >>> X = s.layer(12)                      # hidden state 12 = output of block 12
+    """
+
+    def __init__(self, path: Path, fmt: str, header: dict, handle, mode: str):
+        self.path = Path(path)
+        self.format = fmt
+        self._h = handle
+        self.mode = mode
+        self._header = header
+        self.layers = [int(x) for x in header["layers"]]
+        self.n_layers = len(self.layers)
+        self.n_rows = int(header["n_rows"])
+        self.d_model = int(header["d_model"])
+        self.d_mlp = None if header.get("d_mlp") is None else int(header["d_mlp"])
+        self.dtype = header["dtype"]
+        self.rows_per_chunk = int(header["rows_per_chunk"])
+        self.targets = tuple(header["targets"])
+        self.group_columns = tuple(header["group_columns"])
+        self.compression = header.get("compression", "none")
+        self.meta = dict(header["meta"])
+        self._entities = None
+        self._writers: dict = {}
+
+    # -- header
+    @property
+    def header(self) -> dict:
+        """Everything recorded at creation (format, shapes, layers, dtype, meta...)."""
+        return dict(self._header)
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return ("resid",) + (("neurons",) if self.d_mlp is not None else ())
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, format={self.format}, layers={self.n_layers}, "
+                f"rows={self.rows_done}/{self.n_rows}, d_model={self.d_model}, dtype={self.dtype}"
+                + (f", d_mlp={self.d_mlp}" if self.d_mlp else "") + ")")
+
+    # -- entity table
+    @property
+    def entities(self):
+        """The entity table, same columns (and order) as ``EntityDataset.table``."""
+        if self._entities is None:
+            cols = self._header["entity_columns"]
+            kinds = self._header["entity_kinds"]
+            grp = self._h["entities"]
+            if self.format == "zarr":
+                get = lambda c: grp[c][:]  # noqa: E731
+            else:
+                def get(c):
+                    ds = grp[c]
+                    return ds.asstr()[:] if kinds[c] == "str" else ds[:]
+            self._entities = table_from_columns(cols, kinds, get)
+        return self._entities.copy()
+
+    def target_array(self, names=None) -> np.ndarray:
+        """(n_rows, k) float64 targets, columns in ``names`` order (default: ``targets``)."""
+        names = self.targets if names is None else tuple([names] if isinstance(names, str) else names)
+        ent = self.entities
+        missing = [n for n in names if n not in ent.columns]
+        if missing:
+            raise StoreError(f"{self.path}: no target column(s) {missing}; have {list(self.targets)}")
+        return ent[list(names)].to_numpy(dtype=np.float64)
+
+    @property
+    def is_test(self) -> np.ndarray:
+        ent = self.entities
+        if "is_test" not in ent.columns:
+            return np.zeros(self.n_rows, dtype=bool)
+        return ent["is_test"].to_numpy(dtype=bool)
+
+    # -- layers: hidden-state indices for users, positions inside
+    def _position(self, layer) -> int:
+        """The position in ``layers`` of hidden-state index ``layer`` (negative: counted from
+        the last stored layer, as Python indexes a list); StoreError listing the held layers."""
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise StoreError(f"a layer is a hidden-state index (an int), got {layer!r}")
+        layer = int(layer)
+        if layer < 0 and -self.n_layers <= layer:
+            return self.n_layers + layer
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise StoreError(
+                f"{self.path}: layer {layer} is not in this store; it holds hidden-state "
+                f"layers {_ranges(self.layers)} (0 = embeddings, l = output of block l)") from None
+
+    def _positions(self, layers) -> list[int]:
+        if layers is None:
+            return list(range(self.n_layers))
+        if isinstance(layers, (int, np.integer)):
+            layers = [layers]
+        return [self._position(x) for x in layers]
+
+    # -- reading
+    def _array(self, array: str):
+        if array not in ARRAYS:
+            raise StoreError(f"unknown array {array!r}; choose one of {ARRAYS}")
+        if array == "neurons" and self.d_mlp is None:
+            raise StoreError(f"{self.path}: this store has no neuron activations "
+                             "(extract with --neurons)")
+        return self._h[array]
+
+    def _to_out(self, x: np.ndarray, as_: str):
+        if as_ == "numpy":
+            return x
+        if as_ == "torch":
+            return as_torch(x, self.dtype)
+        raise StoreError(f"as_ must be 'numpy' or 'torch', not {as_!r}")
+
+    def layer(self, layer: int, array: str = "resid", as_: str = "numpy"):
+        """The completed rows of one layer.
+
+        Parameters
+        ----------
+        layer : int
+            Hidden-state index (0 = embeddings, l = output of block l, as Hugging Face
+            ``hidden_states[l]``); it must be one the store holds (see ``layers``).
+        array : {"resid", "neurons"}
+        as_ : {"numpy", "torch"}
+            numpy returns the stored dtype (bfloat16 as its raw uint16 bits); torch returns
+            float16, bfloat16 or float32 tensors.
+
+        Returns
+        -------
+        (rows_done, d) array
+        """
+        p = self._position(layer)
+        x = np.asarray(self._array(array)[p, :self.rows_done])
+        return self._to_out(x, as_)
+
+    def read(self, rows: slice, layers=None, array: str = "resid") -> np.ndarray:
+        """(L, r, d) for a row slice and hidden-state ``layers`` (default all), stored dtype.
+
+        Only rows ``[0, rows_done)`` are readable (later rows are not written yet; in HDF5 they
+        are uninitialised bytes): an open-ended slice stops at ``rows_done`` and negative
+        indices count from it; an explicit stop past ``rows_done`` is an error."""
+        return self._read_positions(rows, self._positions(layers), array)
+
+    def _read_positions(self, rows: slice, pos: list[int], array: str) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise StoreError("rows must be a contiguous slice, e.g. slice(0, 1024)")
+        done = self.rows_done
+        if rows.stop is not None and rows.stop > done:
+            raise StoreError(f"{self.path}: rows {rows.start or 0}:{rows.stop} go past rows_done="
+                             f"{done} (of {self.n_rows}); rows at or after it are not written "
+                             "yet (resume the extraction to complete the store)")
+        start, stop, _ = rows.indices(done)
+        arr = self._array(array)
+        if not pos:
+            return np.empty((0, max(0, stop - start), arr.shape[2]), dtype=arr.dtype)
+        if pos == list(range(pos[0], pos[-1] + 1)):  # contiguous layers: one read
+            return np.asarray(arr[pos[0]:pos[-1] + 1, start:stop])
+        return np.stack([np.asarray(arr[p, start:stop]) for p in pos])
+
+    def iter_chunks(self, rows: int | None = None, layers=None, array: str = "resid",
+                    start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(row_start, block)`` with block (L, r, d) in the stored dtype for the
+        hidden-state ``layers`` (default all).
+
+        ``rows`` is the block height (default: ``rows_per_chunk``; rounded up to a multiple of
+        it so reads are chunk-aligned). Iteration covers ``[start, min(stop, rows_done))``.
+        """
+        R = self.rows_per_chunk
+        step = R if rows is None else max(R, -(-int(rows) // R) * R)
+        end = self.rows_done if stop is None else min(int(stop), self.rows_done)
+        pos = self._positions(layers)
+        s = int(start)
+        while s < end:
+            # align later blocks to chunk boundaries even if `start` is not
+            e = min(end, (s // R) * R + step)
+            yield s, self._read_positions(slice(s, e), pos, array)
+            s = e
+
+    def close(self) -> None:
+        if self.format == "hdf5" and self._h is not None:
+            try:
+                self._h.close()
+            except Exception:  # pragma: no cover - closing twice
+                pass
+        self._h = None if self.format == "hdf5" else self._h
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_store(path, mode: str = "r", exclusive: bool = True) -> ActivationStore:
+    """Open an existing store. ``mode``: "r" (read-only) or "a" (read/write, for resuming).
+
+    Refuses, with :class:`StoreError`, anything that is not an activation store of this
+    format version. ``exclusive`` (mode "a"): this process is the store's only writer, so it
+    removes temporaries a killed writer left and folds per-range progress records into
+    ``rows_done`` (:meth:`ActivationStore.finalize_ranges`). Parallel writers (distributed
+    extraction ranks other than 0) open with ``exclusive=False``, which touches nothing.
+    """
+    path = Path(path)
+    if mode not in ("r", "a", "r+"):
+        raise StoreError(f"mode must be 'r' or 'a', not {mode!r}")
+    mode = "a" if mode == "r+" else mode
+    fmt = detect_format(path)
+    if fmt == "zarr":
+        import zarr
+        try:
+            handle = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+        except Exception as exc:  # zarr raises several types for a broken directory
+            raise StoreError(f"{path}: cannot open as Zarr v3 group: {exc}") from None
+        attrs = dict(handle.attrs)
+        header = attrs.get("actstore")
+        if "rows_done" not in attrs and header is not None:
+            raise StoreError(f"{path}: incomplete store (creation was interrupted); "
+                             "re-create it with --overwrite", replaceable=True)
+        if mode == "a" and exclusive:
+            _remove_partials(path)
+    else:
+        import h5py
+        try:
+            handle = h5py.File(path, "r" if mode == "r" else "r+")
+        except OSError as exc:
+            hint = (" (HDF5 allows one writer and no readers at once: close other handles, "
+                    "e.g. store.close())" if "already open" in str(exc) or "lock" in str(exc)
+                    else "")
+            raise StoreError(f"{path}: cannot open HDF5 file: {exc}{hint}") from None
+        raw = handle.attrs.get("actstore")
+        header = json.loads(raw) if raw is not None else None
+        if header is not None and "rows_done" not in handle:
+            handle.close()
+            raise StoreError(f"{path}: incomplete store (creation was interrupted); "
+                             "re-create it with --overwrite", replaceable=True)
+    check_header(path, header, handle.close if fmt == "hdf5" else None)
+    store = ActivationStore(path, fmt, header, handle, mode)
+    if mode == "a" and exclusive and fmt == "zarr" and (path / PROGRESS_GROUP).exists():
+        store.finalize_ranges()
+    return store
+
+
+def _remove_partials(path: Path) -> None:
+    """Drop temporary files a killed writer left behind (zarr writes via tmp + rename)."""
+    for p in path.rglob(f"*{PARTIAL_SUFFIX}"):
+        try:
+            p.unlink()
+        except OSError:
+            pass

@@ -1,0 +1,136 @@
+"""What a probe is fitted on: target columns (THE target validator) and the train/test split,
+read from a store's entity table."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from probes.errors import InputError
+
+__all__ = ["resolve_targets", "target_matrix", "parse_split", "select_layers"]
+
+
+def resolve_targets(store, targets=None) -> list[str]:
+    """Target names: ``targets`` (list or "a,b" string) or the store's own; validated by name."""
+    have = list(store.targets or ())
+    if targets is None or (isinstance(targets, str) and not targets.strip()):
+        if not have:
+            raise InputError(f"{store.path}: the store records no target columns; pass targets=... "
+                             "naming numeric columns of its entity table")
+        return have
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    names = [n for n in names if n]
+    if not names:
+        raise InputError("no target names given")
+    if len(set(names)) != len(names):
+        raise InputError(f"duplicate target names in {names}")
+    ent = store.entities
+    cols = list(ent.columns)
+    for n in names:
+        if n not in cols:
+            raise InputError(f"unknown target {n!r}: the store's targets are {have}"
+                             f" (entity columns: {cols})")
+        if not pd.api.types.is_numeric_dtype(ent[n]) or pd.api.types.is_bool_dtype(ent[n]):
+            raise InputError(f"target column {n!r} is not numeric (dtype {ent[n].dtype}); a probe "
+                             f"target must be a number per entity (the store's targets: {have})")
+    return names
+
+
+def target_matrix(store, targets=None) -> tuple[list[str], np.ndarray]:
+    """Validated target names and the (rows_done, k) float64 target matrix; InputError for a
+    store without completed rows or a missing / non-finite target value."""
+    n = int(store.rows_done)
+    if n == 0:
+        raise InputError(f"{store.path}: the store has no completed rows")
+    names = resolve_targets(store, targets)
+    Y = store.target_array(names)[:n]
+    bad = ~np.isfinite(Y)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(f"{store.path}: target {names[c]!r} is missing or not finite at row {r} "
+                         f"({int(bad.any(1).sum())} rows affected)")
+    return names, Y
+
+
+def parse_split(spec: str, store, n: int) -> np.ndarray:
+    """Boolean test mask (n,) from a split spec.
+
+    ``is_test``: the store's own column. ``random:FRAC:SEED``: a seeded random FRAC of the rows.
+    ``group:COLUMN[:FRAC[:SEED]]``: whole groups of COLUMN held out: a seeded random FRAC (default
+    0.2) of its distinct values goes to test (block hold-out, e.g. by country).
+    """
+    spec = (spec or "is_test").strip()
+    if spec == "is_test":
+        mask = np.asarray(store.is_test[:n], dtype=bool)
+        return mask
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    try:
+        if kind == "random":
+            frac = float(parts[0]) if parts else 0.2
+            seed = int(parts[1]) if len(parts) > 1 else 0
+            if not 0 < frac < 1 or len(parts) > 2:
+                raise ValueError
+            rng = np.random.default_rng(seed)
+            n_test = int(round(frac * n))
+            mask = np.zeros(n, dtype=bool)
+            mask[rng.permutation(n)[:n_test]] = True
+            return mask
+        if kind == "group":
+            if not parts or not parts[0]:
+                raise ValueError
+            col = parts[0]
+            frac = float(parts[1]) if len(parts) > 1 else 0.2
+            seed = int(parts[2]) if len(parts) > 2 else 0
+            if not 0 < frac < 1 or len(parts) > 3:
+                raise ValueError
+        else:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"bad split {spec!r}: use is_test, random:FRAC:SEED (e.g. random:0.2:0) "
+                         "or group:COLUMN[:FRAC[:SEED]] (e.g. group:country)") from None
+    ent = store.entities
+    if col not in ent.columns:
+        raise InputError(f"split {spec!r}: the entity table has no column {col!r} "
+                         f"(group columns: {list(store.group_columns)})")
+    values = ent[col].astype(str).to_numpy()[:n]
+    groups = np.unique(values)
+    if len(groups) < 2:
+        raise InputError(f"split {spec!r}: column {col!r} has only {len(groups)} distinct value(s)")
+    rng = np.random.default_rng(seed)
+    n_test = min(len(groups) - 1, max(1, int(round(frac * len(groups)))))
+    held = set(rng.permutation(groups)[:n_test].tolist())
+    return np.array([v in held for v in values], dtype=bool)
+
+
+def select_layers(store, layers=None) -> list[int]:
+    """Hidden-state indices to work on: ``layers`` (an int or a list; a negative number counts
+    from the last stored layer) or every layer the store holds (None).
+
+    "layer" is always the hidden-state index (0 = embeddings, l = output of block l), never a
+    position in the store's arrays. InputError for a layer the store does not hold (the message
+    lists those it holds), a layer named twice, or an empty selection.
+    """
+    held = [int(x) for x in store.layers]
+    if layers is None:
+        return held
+    items = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+    out = []
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise InputError(f"a layer is a hidden-state index (an int), got {x!r}")
+        x = int(x)
+        if x < 0 and -len(held) <= x:
+            x = held[x]
+        if x not in held:
+            contiguous = held == list(range(held[0], held[-1] + 1))
+            span = f"{held[0]}..{held[-1]}" if contiguous and len(held) > 2 else str(held)
+            raise InputError(f"{store.path}: layer {x} is not in this store; it holds "
+                             f"hidden-state layers {span} (0 = embeddings, l = output of block l)")
+        out.append(x)
+    dup = sorted({x for x in out if out.count(x) > 1})
+    if dup:
+        raise InputError(f"layer(s) {dup} given more than once in layers={items}")
+    if not out:
+        raise InputError("layers=[] selects no layer")
+    return out

@@ -1,0 +1,84 @@
+"""``fastprobe neurons``: every MLP neuron of every layer against the targets."""
+from __future__ import annotations
+
+
+NEURONS_DESCRIPTION = """\
+Correlate every MLP neuron of every layer with each target: Pearson from one streaming pass,
+Spearman (Pearson of average ranks) one layer at a time; neurons are ranked by |Spearman|.
+--method stored (default) reads the neurons a store holds (`actstore extract --neurons`);
+--method projection computes them the paper's way from the stored residual stream: hidden state
+l, RMS-normalised by block l's post-attention norm, through block l's MLP gate and up weights
+(act(gate) * up; exact when block l's attention adds nothing). Either way a neuron's layer is the
+hidden state its MLP writes into (block b -> layer b+1). --probe DIR adds the cosine of each top
+neuron's output weights (down_proj column) with the probe direction fitted at that layer."""
+
+NEURONS_EPILOG = """\
+examples:
+  fastprobe neurons w.zarr --out neurons-out
+      latitude and longitude (a place store's own targets), all rows, top 50 per target
+  fastprobe neurons figures.zarr --target year --top 20 --out year-neurons
+  fastprobe neurons w.zarr --split train --backend torch --device cpu --out n2
+  fastprobe neurons w.zarr --method projection --out proj-out
+      a store without neurons: projects the residual stream through the model's MLP weights
+      (the model named in the store; --model NAME_OR_PATH to point at a local copy)
+  fastprobe fit --all-layers w.zarr --out probe-out
+  fastprobe neurons w.zarr --method projection --probe probe-out --top 20 --out n3
+      adds cos(probe): each neuron's output weights vs the probe of the layer it writes into
+
+output (DIR):
+  neurons.json          per target: the top neurons (rank, layer, index, pearson, spearman,
+                        and source_layer for projection, probe_cosine per probe target with
+                        --probe); method, model, store, targets, n_rows, split, backend, seconds
+  neurons.npz           pearson and spearman, (layers, d_mlp, targets) float64; layers, targets
+                        (and source_layers for projection)
+  neuron_<target>.png   the best neuron's activation against the target (for places: a
+                        longitude/latitude map coloured by the activation)
+
+Python: probes.neuron_report(store, targets=..., top=..., split=..., method=..., model=...,
+probe_dir=..., out=...).
+"""
+
+
+def _cmd_neurons(args) -> int:
+    from probes.neurons import neuron_report
+    from probes.report import format_neuron_table
+
+    result = neuron_report(args.store, targets=args.target, top=args.top, split=args.split,
+                           backend=args.backend, device=args.device, out=args.out,
+                           method=args.method, model=args.model, probe_dir=args.probe)
+    print(format_neuron_table(result))
+    if args.out:
+        print(f"wrote {args.out}/neurons.json, neurons.npz and plots")
+    return 0
+
+
+
+def add_cli(sub, fmt) -> None:
+    """Add ``neurons`` to the fastprobe command line."""
+    n = sub.add_parser("neurons", help="correlate every MLP neuron with the targets",
+                       description=NEURONS_DESCRIPTION, epilog=NEURONS_EPILOG, formatter_class=fmt)
+    n.add_argument("store", metavar="STORE", help="activation store (Zarr or .h5)")
+    n.add_argument("--method", default="stored", choices=["stored", "projection"],
+                   help="stored: the store's neurons (extract --neurons; default); projection: "
+                        "computed from the residual stream with the model's MLP weights")
+    n.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help="model for --method projection / --probe (default: the store's model)")
+    n.add_argument("--probe", default=None, metavar="DIR",
+                   help="a `fastprobe fit --out` directory of this store: adds each top "
+                        "neuron's output-weight cosine with the probe direction")
+    n.add_argument("--target", metavar="NAMES", default=None,
+                   help="comma-separated target columns, e.g. latitude,longitude or year "
+                        "(default: the store's own targets)")
+    n.add_argument("--top", type=int, default=50, metavar="K",
+                   help="neurons listed per target, by |spearman| (default %(default)s)")
+    n.add_argument("--split", default="all", choices=["all", "is_test", "train"],
+                   help="rows to correlate over: all (default), the is_test rows, or the others")
+    n.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda", "triton"],
+                   help="moments kernel; auto picks the fastest available (default)")
+    n.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where moments and ranks are computed (default: cuda when the backend "
+                        "or a present GPU calls for it, else cpu)")
+    n.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory for neurons.json, neurons.npz and PNG plots")
+    n.set_defaults(func=_cmd_neurons)
+

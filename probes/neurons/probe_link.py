@@ -1,0 +1,127 @@
+"""Neurons and probes together: load a fit's probe directions for the store it was made on, and
+the cosine of each neuron's output weights with the probe direction of the layer it writes into.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from actstore.errors import StoreError
+from actstore.models import decoder_layers, output_weights
+from actstore.store import open_store, store_identity
+from probes.errors import FitError, NeuronReportError
+from probes.fit import ARRAYS_FILE, load_results
+from probes.neurons.projection import _WEIGHT_KEYS, _store_model_meta
+
+__all__ = ["load_probe", "add_probe_cosines"]
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, TypeError):
+        return False
+
+
+def load_probe(probe_dir, store) -> dict:
+    """Probe directions from a ``fastprobe fit --out`` directory made on ``store``.
+
+    Returns {"dir", "store", "targets", "layers" (hidden-state indices), "coef": (L, d, k)
+    float64}; coef[:, :, t] is the probe's weight vector of target t in target units
+    (prediction = x · coef + intercept), i.e. its direction in residual space.
+
+    The fit must come from this store: results.json's ``store_identity`` (written by
+    ``fastprobe fit``: the store's creation time, dataset sha256, prompt name, model id and
+    completed rows) must equal this store's, whatever the paths, so a copy or a moved store is
+    accepted and a store re-extracted at the same path with another prompt or dataset is not.
+    Older results.json without it: when the path differs, the store there, if any, must have the
+    same dataset sha256 and creation time, and the row count must agree. In any case the same
+    model and d_model. Otherwise NeuronReportError says what differs."""
+
+    pdir = Path(probe_dir)
+    try:
+        res = load_results(pdir)
+    except FitError as exc:
+        raise NeuronReportError(f"--probe {pdir}: {exc}") from None
+    npz = (pdir if pdir.is_dir() else pdir.parent) / ARRAYS_FILE
+    if not npz.exists():
+        raise NeuronReportError(f"--probe {pdir}: no {ARRAYS_FILE} beside results.json (the "
+                                "probe coefficients)")
+    with np.load(npz) as z:
+        coef = np.asarray(z["coef"], dtype=np.float64)
+        lay = [int(x) for x in z["layers"]]
+    what = f"--probe {pdir} was fit on {res.get('store')!r}, not on {store.path}"
+    if coef.ndim != 3 or coef.shape[1] != store.d_model:
+        raise NeuronReportError(f"{what}: its probes have width {coef.shape[1:2]}, the store's "
+                                f"d_model is {store.d_model}")
+    meta = store.meta if isinstance(store.meta, dict) else {}
+    smodel = _store_model_meta(store)
+    pmodel = res.get("model") if isinstance(res.get("model"), dict) else {}
+    diffs = [f"model {pmodel.get(k)!r} vs {smodel.get(k)!r}" for k in ("id",) + _WEIGHT_KEYS
+             if pmodel.get(k) and smodel.get(k) and pmodel[k] != smodel[k]]
+    ident = res.get("store_identity")
+    if isinstance(ident, dict):
+        have = store_identity(store)
+        for k, label in (("created", "created"), ("dataset_sha256", "dataset sha256"),
+                         ("prompt", "prompt"), ("model_id", "model id"), ("n_rows", "rows")):
+            if k == "model_id" and any(x.startswith("model ") for x in diffs):
+                continue   # already said
+            if k in ident and ident[k] != have[k]:
+                diffs.append(f"{label} {ident[k]!r} vs {have[k]!r}")
+    elif not _same_path(res.get("store", ""), store.path):   # results.json without identity
+        if res.get("n_rows") is not None and int(res["n_rows"]) != int(store.rows_done):
+            diffs.append(f"{res['n_rows']} rows vs {store.rows_done}")
+        other = Path(str(res.get("store", "")))
+        if str(res.get("store", "")) and other.exists():
+            try:
+                ometa = open_store(other).meta or {}
+            except (StoreError, OSError):
+                ometa = {}
+            for k, get in (("dataset sha256", lambda m: (m.get("dataset") or {}).get("sha256")),
+                           ("created", lambda m: m.get("created"))):
+                if get(ometa) != get(meta):
+                    diffs.append(f"{k} {get(ometa)!r} vs {get(meta)!r}")
+    if diffs:
+        if _same_path(res.get("store", ""), store.path):
+            what = (f"--probe {pdir} was fit on another store at the same path {store.path} "
+                    "(re-extracted since)")
+        raise NeuronReportError(f"{what}: {'; '.join(diffs)}")
+    return {"dir": str(pdir), "store": res.get("store"), "targets": list(res["targets"]),
+            "layers": lay, "coef": coef}
+
+
+def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
+    """Add to every listed neuron "probe_layer" and "probe_cosine" = {target: cos} for each
+    target of the probe: cos(w_j, c) = w_j · c / (|w_j| |c|), w_j = column j of the down_proj
+    weight of the neuron's block (its output direction in residual space) and c the probe's
+    coefficient vector at hidden state ``layer`` (the state that block writes into). None where
+    the probe has no such layer or either vector is zero."""
+    net = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
+    blocks = decoder_layers(net)
+    d = probe["coef"].shape[1]
+    cache = {}
+
+    def out_weights(b):
+        if b not in cache:
+            cache[b] = output_weights(blocks[b], d)
+        return cache[b]
+
+    where = {l: i for i, l in enumerate(probe["layers"])}
+    for entries in top_neurons.values():
+        for e in entries:
+            L = int(e["layer"])
+            e["probe_layer"] = L
+            if L not in where:
+                e["probe_cosine"] = {t: None for t in probe["targets"]}
+                continue
+            w = out_weights(L - 1)[:, int(e["index"])]
+            nw = float(np.linalg.norm(w))
+            cos = {}
+            for ti, t in enumerate(probe["targets"]):
+                c = probe["coef"][where[L], :, ti]
+                den = nw * float(np.linalg.norm(c))
+                cos[t] = float(np.dot(w, c) / den) if den > 0 else None
+            e["probe_cosine"] = cos
+
+

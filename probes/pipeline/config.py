@@ -1,0 +1,50 @@
+"""The options of ``actstore run`` (:class:`PipelineConfig`, also its command line) and the
+recipes. Light on purpose: ``actstore --help`` imports it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actstore.options import cli
+
+__all__ = ["PipelineConfig", "RECIPES", "EXPERIMENTS", "DEMO_DATASETS"]
+
+DEMO_DATASETS = ("world_cities", "us_places", "nobel")
+RECIPES = {
+    "probes": ("extract", "fit", "report"),
+    "paper": ("extract", "fit", "neurons", "experiments", "report"),
+}
+EXPERIMENTS = ("prompts", "holdout", "entity-type", "nonlinear", "pca")
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything ``actstore run`` is asked to do (the CLI's options, one field each)."""
+
+    out: str = field(default="", metadata=cli(metavar="DIR", required=True))
+    """output directory (created; reused to resume)"""
+    recipe: str = field(default="probes", metadata=cli(positional=True, metavar="RECIPE",
+                                                        choices=tuple(RECIPES), nargs="?"))
+    """probes (default: extract, fit, report) or paper (adds neurons and experiments)"""
+    model: str | None = None
+    """HF causal LM id or path (default: the embedded SmolLM2-135M)"""
+    datasets: str = ",".join(DEMO_DATASETS)
+    """comma-separated dataset names or CSV paths"""
+    prompts: str = field(default="empty", metadata=cli(aliases=("--prompt",)))
+    """comma-separated prompt names; the first (empty = the entity alone, the paper's main
+    prompt) must suit every dataset, the others are extracted where they apply (see `actstore
+    extract --help`)"""
+    limit: int | None = None
+    """use the first N rows of each dataset"""
+    experiments: str | None = None
+    """paper recipe: comma-separated subset of prompts,holdout,entity-type,nonlinear,pca, or all
+    (default) or none"""
+    batch_size: int | None = None
+    """rows per forward pass (default 32; a resumed store keeps its own)"""
+    drop_invalid: bool = False
+    """drop (and count) dataset rows that fail validation instead of stopping"""
+    device: str = "auto"
+    """cpu | cuda | auto"""
+    backend: str = "auto"
+    """statistics backend: auto|cpu|torch|cuda|triton"""
+    cv: str = field(default="loo", metadata=cli(hidden=True))
+    """alpha selection of the fits: loo or K folds"""
+    progress: bool = field(default=True, metadata=cli(hidden=True))
+    """progress bars (the CLI's --no-progress)"""

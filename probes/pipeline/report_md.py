@@ -1,0 +1,179 @@
+"""The report of ``actstore run``: report.md (headline table, experiments at a glance, one
+section per dataset) and the R²-by-layer figure of every store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from probes.experiments import EXPERIMENT_TITLES, experiment_markdown
+from probes.pipeline.plan import Section
+from probes.pipeline.steps import REPORT_NEURONS
+from probes.report import md_num, md_table, save_figure
+
+__all__ = ["report_markdown", "plot_all_layers"]
+
+PAPER_WORLD_R2 = "7B ≈ 0.88, 13B ≈ 0.90, 70B ≈ 0.92"
+
+
+def _best(result: dict) -> dict:
+    return next(e for e in result["layers"] if e["layer"] == result["best_layer"])
+
+
+def plot_all_layers(sections, path: Path) -> None:
+    """Test R² by layer of every store in one figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for sec in sections:
+        for job in sec.jobs:
+            ls = job.result["layers"]
+            ax.plot([e["layer"] for e in ls], [e["test"]["r2"] for e in ls],
+                    "o-" if job.main else "--", ms=3,
+                    label=sec.ds.name if job.main else f"{sec.ds.name} ({job.prompt})")
+    ax.set_xlabel("layer (hidden state index)")
+    ax.set_ylabel("test R² (mean over targets)")
+    ax.set_title("ridge probe test R² by layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _img(out: Path, path: Path, alt: str) -> list[str]:
+    return [f"![{alt}]({path.relative_to(out)})", ""] if path.exists() else []
+
+
+def _glance(sec: Section, with_prompts: bool) -> list:
+    """One row of the experiments-at-a-glance table."""
+    def get(key):
+        return sec.experiments.get(key, (None, "not run", []))
+
+    cells = [sec.ds.name]
+    ho, note, _ = get("holdout")
+    cells.append(f"{ho['group_column']}: {md_num(ho['summary']['nominal_proximity_error'])} → "
+                 f"{md_num(ho['summary']['heldout_proximity_error'])}" if ho else "–")
+    et, _, _ = get("entity-type")
+    cells.append(f"{md_num(et['summary']['nominal_proximity_error'])} → "
+                 f"{md_num(et['summary']['heldout_proximity_error'])}" if et else "–")
+    nl, _, _ = get("nonlinear")
+    cells.append(f"{md_num(nl['linear']['test']['r2'])} / {md_num(nl['mlp']['test']['r2'])}"
+                 if nl else "–")
+    pc, _, _ = get("pca")
+    if pc:
+        ks = {r["k"]: r["test"]["r2"] for r in pc["pca"]}
+        cells.append(", ".join(f"k={k}: {md_num(ks[k])}" for k in (2, 10) if k in ks)
+                     + f", full: {md_num(pc['full']['test']['r2'])}")
+    else:
+        cells.append("–")
+    pr, _, _ = get("prompts")
+    if with_prompts:
+        cells.append(", ".join(f"{lbl} {md_num(pr['transfer']['r2'][i][i])}"
+                               for i, lbl in enumerate(pr["prompts"])) if pr else "–")
+    layer = (nl or pc or ho or {}).get("layer")
+    cells.insert(1, "–" if layer is None else str(layer))
+    return cells
+
+
+def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path) -> str:
+    first = sections[0].main.store
+    model_meta = (first.meta.get("model") or {}) if first is not None else {}
+    lines = [
+        "# actstore run: linear probes for space and time",
+        "",
+        f"Recipe `{recipe}`; model: `{model_meta.get('id', model)}`"
+        f"{' (' + model_meta['upstream_id'] + ')' if model_meta.get('upstream_id') else ''}; "
+        f"prompt{'s' if len(prompts) > 1 else ''} {', '.join(f'`{p}`' for p in prompts)}; "
+        f"rows per dataset: {'all' if limit is None else f'first {limit}'}; "
+        f"wall time of this run {seconds:.0f} s.",
+        "",
+        "Best layer by test R² (ridge, alpha by exact leave-one-out on the train split):",
+        "",
+        "| dataset | kind | prompt | rows (train/test) | layers | best layer | test R² | Spearman | "
+        "proximity error | median km error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sec in sections:
+        for job in sec.jobs:
+            res, store = job.result, job.store
+            b = _best(res)["test"]
+            km = b.get("km_error_median")
+            lines.append(
+                f"| {sec.ds.name} | {sec.ds.kind} | {job.prompt} | {res['n_train']}/{res['n_test']} "
+                f"| {store.n_layers} | {res['best_layer']} | {b['r2']:.3f} | {b['spearman']:.3f} | "
+                f"{b['proximity_error']:.3f} | {'' if km is None else f'{km:.0f}'} |")
+    lines += ["", "For scale, the paper's world places with Llama-2 (best-layer test R²): "
+              f"{PAPER_WORLD_R2}.", ""]
+    lines += _img(out, out / "r2_by_layer.png", "test R² by layer, every dataset")
+    if any(sec.experiments for sec in sections):
+        lines += ["Experiments at a glance (layer = best leave-one-out layer of the main "
+                  "prompt's fit; proximity error: nominal → held out, 0 is perfect):", ""]
+        with_prompts = any(sec.experiments.get("prompts", (None,))[0] for sec in sections)
+        lines += md_table(["dataset", "layer", "block hold-out", "entity-type hold-out",
+                      "linear / MLP test R²", "PCA test R²"]
+                     + (["prompts (test R² at each best layer)"] if with_prompts else []),
+                     [_glance(sec, with_prompts) for sec in sections])
+    for sec in sections:
+        lines += _dataset_section(sec, out)
+    return "\n".join(lines) + "\n"
+
+
+def _dataset_section(sec: Section, out: Path) -> list[str]:
+    lines = [f"## {sec.ds.name}", ""]
+    if sec.skipped_prompts:
+        lines += [f"Prompts not applicable to {sec.ds.kind}: {', '.join(sec.skipped_prompts)}.",
+                  ""]
+    for job in sec.jobs:
+        res, store = job.result, job.store
+        lines += [(f"### Probes by layer, prompt `{job.prompt}`" if len(sec.jobs) > 1
+                   else f"### Probes by layer (prompt `{job.prompt}`)"), "",
+                  f"Store `{store.path}` ({store.n_rows} rows x {store.n_layers} layers x "
+                  f"{store.d_model}, {store.dtype}); probes in `{job.probe_dir}`.", "",
+                  "| layer | alpha | R² train | R² test | Spearman | proximity error |",
+                  "|---|---|---|---|---|---|"]
+        for e in res["layers"]:
+            alpha = e["alpha"]  # one per layer, or {target: alpha} with alpha_per_target
+            alpha = (", ".join(f"{t} {a:.3g}" for t, a in alpha.items())
+                     if isinstance(alpha, dict) else f"{alpha:.3g}")
+            mark = " **(best)**" if e["layer"] == res["best_layer"] else ""
+            lines.append(f"| {e['layer']}{mark} | {alpha} | {e['train']['r2']:.3f} | "
+                         f"{e['test']['r2']:.3f} | {md_num(e['test'].get('spearman'))} | "
+                         f"{md_num(e['test'].get('proximity_error'))} |")
+        lines.append("")
+        for png in sorted(job.probe_dir.glob("*.png")):
+            lines += _img(out, png, f"{job.label} {png.stem}")
+    if sec.neurons is not None or sec.neurons_note:
+        lines += ["### Neurons", ""]
+        if sec.neurons is None:
+            lines += [f"Skipped: {sec.neurons_note}", ""]
+        else:
+            nr = sec.neurons
+            probe = "probe" in nr
+            lines += [f"Method `{nr['method']}`, {nr['n_rows']} rows, {len(nr['layers'])} layers "
+                      f"x {nr['d_mlp']} neurons; top {REPORT_NEURONS} per target by |Spearman| "
+                      f"(layer = hidden state the neuron's MLP writes into"
+                      + ("; cos = cosine of its output weights with that layer's probe direction"
+                         if probe else "") + "). Full list: "
+                      f"`neurons/{sec.ds.name}/neurons.json`.", ""]
+            for t in nr["targets"]:
+                rows = [[e["rank"], e["layer"], e["index"], md_num(e["spearman"]), md_num(e["pearson"])]
+                        + ([md_num((e.get("probe_cosine") or {}).get(t))] if probe else [])
+                        for e in nr["top_neurons"][t][:REPORT_NEURONS]]
+                lines += [f"**{t}**", ""]
+                lines += md_table(["rank", "layer", "neuron", "Spearman", "Pearson"]
+                             + (["cos(probe)"] if probe else []), rows)
+                lines += _img(out, out / "neurons" / sec.ds.name / f"neuron_{t}.png",
+                              f"{sec.ds.name} best {t} neuron")
+    for key, (res, note, files) in sec.experiments.items():
+        lines += [f"### {EXPERIMENT_TITLES[key]}", ""]
+        if res is None:
+            lines += [f"Skipped: {note}", ""]
+            continue
+        lines += experiment_markdown(key, res)
+        for f in files:
+            if f.suffix == ".png":
+                lines += _img(out, f, f"{sec.ds.name} {key}")
+        lines += [f"Data: `{files[0].relative_to(out)}`.", ""]
+    return lines
+
+

@@ -1,0 +1,124 @@
+"""The orchestration of ``actstore run``: plan, extract, fit, neurons, experiments, report."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from actstore.io import write_atomic
+from actstore.models import load_model
+from actstore.prompts import get_prompt
+from probes.errors import PipelineError
+from probes.pipeline.config import DEMO_DATASETS, RECIPES, PipelineConfig
+from probes.pipeline.plan import experiment_list, parse_list, plan_sections
+from probes.pipeline.report_md import plot_all_layers, report_markdown
+from probes.pipeline.steps import (FitStep, NeuronStep, experiment_steps, extract_job,
+                                   run_step)
+
+__all__ = ["run_pipeline", "run_paper", "run"]
+
+
+def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", prompts=None,
+                 limit=None, recipe="probes", experiments=None, batch_size=None, device="auto",
+                 backend="auto", cv="loo", drop_invalid=False, progress=True, log=print) -> Path:
+    """Run ``recipe`` for every dataset and write ``out/report.md``; return its path.
+
+    Parameters
+    ----------
+    out : str or Path
+        Output directory (created; an existing one is resumed).
+    model : str, optional
+        Model name or path (default: the embedded SmolLM2).
+    datasets : list of str
+        Names or CSV paths understood by :func:`actstore.datasets.load_dataset`.
+    prompts : list or comma string, optional
+        Prompt names (default ``[prompt]``; "empty" = BOS + entity, the paper's main setting).
+        The first is the main prompt and must apply to every dataset; the others are
+        extracted for the datasets they apply to.
+    limit : int, optional
+        First N rows of each dataset (built-ins and paper CSVs are shuffled; the test split is
+        kept within those rows).
+    recipe : {"probes", "paper"}
+        extract -> fit --all-layers -> report; "paper" adds the neuron step and experiments.
+    experiments : str or list, optional
+        Paper recipe: names from EXPERIMENTS, "all" (default) or "none"; each runs on the
+        main prompt's store at its best LOO layer, prompts on all prompts' stores.
+    batch_size, device, backend, cv, drop_invalid, progress
+        As :class:`PipelineConfig`.
+    log : callable
+        Where progress lines go (default print).
+
+    Returns
+    -------
+    Path
+        ``out/report.md``.
+    """
+    cfg = PipelineConfig(
+        out=str(out), recipe=recipe, model=model, datasets=",".join(map(str, datasets)),
+        prompts=prompts if isinstance(prompts, str) else ",".join(prompts or [prompt]),
+        limit=limit, experiments=(experiments if experiments is None or isinstance(
+            experiments, str) else ",".join(experiments)),
+        batch_size=batch_size, drop_invalid=drop_invalid, device=device, backend=backend,
+        cv=cv, progress=progress)
+    return run(cfg, log=log)
+
+
+def run(cfg: PipelineConfig, log=print) -> Path:
+    """:func:`run_pipeline` for a :class:`PipelineConfig` (what ``actstore run`` calls)."""
+    if cfg.recipe not in RECIPES:
+        raise PipelineError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
+    steps = RECIPES[cfg.recipe]
+    exps = experiment_list(cfg.experiments, cfg.recipe)
+    prompts = parse_list(cfg.prompts, "prompt")
+    for p in prompts:
+        get_prompt(p)          # unknown names fail before any work, listing the valid ones
+    datasets = parse_list(cfg.datasets, "dataset") if cfg.datasets else []
+    if not datasets:
+        raise PipelineError("no datasets given")
+    if cfg.limit is not None and cfg.limit < 3:
+        raise PipelineError("--limit must be at least 3 rows")
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    sections = plan_sections(out, datasets, prompts, cfg.limit, cfg.drop_invalid)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _model_loader(cfg, log)
+    jobs = [j for s in sections for j in s.jobs]
+    log(f"actstore run {cfg.recipe}: {len(sections)} dataset(s), {len(jobs)} store(s), steps "
+        f"{' -> '.join(steps)}" + (f"; experiments {', '.join(exps)}" if exps else ""))
+    for n, job in enumerate(jobs, 1):
+        extract_job(job, f"{n}/{len(jobs)}", model, cfg, log)
+        run_step(FitStep(job, f"{n}/{len(jobs)}", cfg, log), log)
+    for n, sec in enumerate(sections, 1):
+        counter = f"{n}/{len(sections)}"
+        if "neurons" in steps:
+            run_step(NeuronStep(sec, out, counter, model, cfg, log), log)
+    for n, sec in enumerate(sections, 1):
+        counter = f"{n}/{len(sections)}"
+        if "experiments" in steps and exps:
+            for step in experiment_steps(sec, out, exps, counter, cfg, log,
+                                         all_experiments=cfg.experiments in (None, "all")):
+                run_step(step, log)
+    log("[report] writing " + str(out / "report.md"))
+    plot_all_layers(sections, out / "r2_by_layer.png")
+    report = out / "report.md"
+    write_atomic(report, report_markdown(sections, cfg.model, prompts, cfg.limit, cfg.recipe,
+                                         time.perf_counter() - t0, out))
+    return report
+
+
+def _model_loader(cfg: PipelineConfig, log):
+    """A function that loads the model on first use (a run whose steps are all current never
+    loads it)."""
+    loaded = []
+
+    def get():
+        if not loaded:
+            log(f"loading model {cfg.model or 'smollm2-135m (embedded)'} ...")
+            loaded.append(load_model(cfg.model, device=cfg.device))
+        return loaded[0]
+    return get
+
+
+def run_paper(out, **kw) -> Path:
+    """:func:`run_pipeline` with the paper recipe (neurons and experiments included)."""
+    return run_pipeline(out, recipe="paper", **kw)
+
