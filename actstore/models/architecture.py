@@ -15,8 +15,9 @@ __all__ = ["decoder_layers", "down_projection", "mlp_width", "PRE_MLP_NORM", "pr
 
 
 def decoder_layers(model) -> list:
-    """The decoder blocks of a causal LM, in order (Llama/Mistral/Qwen/Gemma, GPT-2/J, NeoX, OPT...)."""
-    import torch.nn as nn
+    """The decoder blocks of a causal LM, in order (Llama, Mistral, Qwen, Gemma, GPT-2/J, NeoX,
+    OPT...)."""
+    import torch.nn as nn  # deferred: torch is slow to import
     n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
                  "model.decoder.layers", "transformer.blocks", "transformer.layers"):

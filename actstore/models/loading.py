@@ -118,7 +118,7 @@ def _load_embedded(name: str, torch_dtype):
     """Load an embedded GGUF model through the float32 cache (built on first use)."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_model_file(name)
     sha = file_sha256(gguf)
@@ -183,15 +183,25 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
                device_map: str | dict | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode on ``device``.
 
-    ``name_or_path``: None or "smollm2-135m" (embedded default), a local directory, or a Hugging
-    Face id. ``compute_dtype``: "auto" = float32 on CPU; on CUDA float16, or bfloat16 when
-    ``store_dtype`` (the dtype the activations will be stored in) is bfloat16 or float32.
-    ``device_map`` (Hugging Face models only): passed to ``from_pretrained`` so transformers /
-    accelerate place the layers over several GPUs (``"auto"``) for models too big for one;
-    ``device`` is then not applied.
-    """
-    import torch
+    Parameters
+    ----------
+    name_or_path : str, optional
+        None or "smollm2-135m" (the embedded default), a local directory, or a Hugging Face id.
+    device : str
+        "cpu", "cuda[:i]" or "auto".
+    compute_dtype : {"auto", "float32", "float16", "bfloat16"}
+        "auto" = float32 on CPU; on CUDA float16, or bfloat16 when ``store_dtype`` (the dtype
+        the activations will be stored in) is bfloat16 or float32.
+    device_map : str or dict, optional
+        Hugging Face models only: passed to ``from_pretrained`` so transformers / accelerate
+        place the layers over several GPUs ("auto") for models too big for one; ``device`` is
+        then not applied.
 
+    Returns
+    -------
+    LoadedModel
+        The model, its tokenizer and ``info`` (recorded in a store's metadata).
+    """
     name = name_or_path or DEFAULT_MODEL
     if device_map is not None and name in EMBEDDED:
         raise ModelError(f"--device-map is for Hugging Face models too big for one device; "
@@ -207,74 +217,85 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
         info.update({"source": "embedded", "upstream_id": EMBEDDED[name][2],
                      "file": gguf.name, "file_sha256": sha, "revision": None})
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        local = Path(name).expanduser()
-        if local.exists() and not local.is_dir():
-            raise ModelError(f"{name}: expected a model directory (config.json + weights), "
-                             "got a file")
-        if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise ModelError(f"model path {name} does not exist")
-        src = str(local) if local.exists() else name
-        # Try the local HF cache first; go online only when the hub answers at all (offline,
-        # huggingface_hub retries for ~30 s before giving up).
-        online = not local.exists() and _hub_reachable()
-        placement = {} if device_map is None else {"device_map": device_map}
-        try:
-            try:
-                tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype,
-                                                             local_files_only=True, **placement)
-            except OSError:
-                if not online:
-                    raise
-                tok = AutoTokenizer.from_pretrained(src)
-                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype,
-                                                             **placement)
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            where = ("local directory" if local.exists() else
-                     "Hugging Face hub" if online else
-                     "local Hugging Face cache (and the hub is unreachable: offline)")
-            raise ModelError(
-                f"cannot load model {name!r} from the {where}: {first[:300]} "
-                f"(embedded models, always available: {', '.join(EMBEDDED)})") from None
-        if local.exists():
-            weights = sorted(p for p in local.iterdir()
-                             if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
-            info.update({"source": "local", "path": str(local.resolve()),
-                         "files_sha256": {p.name: file_sha256(p) for p in weights}})
-        else:
-            info.update({"source": "hub",
-                         "revision": getattr(model.config, "_commit_hash", None)})
+        model, tok = _load_pretrained(name, torch_dtype, device_map, info)
     model.eval()
     if device_map is None:
         model.to(device)
     else:
         info["device_map"] = device_map if isinstance(device_map, str) else "custom"
-    blocks = decoder_layers(model)
-    info.update({
-        "architecture": type(model).__name__,
-        "n_layers": len(blocks),
-        "d_model": int(model.config.hidden_size),
-        "compute_dtype": str(torch_dtype).replace("torch.", ""),
-        "tokenizer": {"class": type(tok).__name__, "name_or_path": name,
-                      "vocab_size": len(tok), "bos_token": tok.bos_token,
-                      "bos_token_id": tok.bos_token_id},
-    })
+    info.update(_architecture_info(model, torch_dtype))
+    info["tokenizer"] = _tokenizer_info(tok, name)
     return LoadedModel(model=model, tokenizer=tok, info=info)
 
 
+def _load_pretrained(name: str, torch_dtype, device_map, info: dict):
+    """(model, tokenizer) of a Hugging Face id or local directory; records where they came
+    from in ``info``. The local HF cache is tried first; the hub only when it answers (offline,
+    huggingface_hub retries for ~30 s before giving up)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: slow to import
+
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelError(f"{name}: expected a model directory (config.json + weights), got a file")
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelError(f"model path {name} does not exist")
+    src = str(local) if local.exists() else name
+    online = not local.exists() and _hub_reachable()
+    placement = {} if device_map is None else {"device_map": device_map}
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype,
+                                                         local_files_only=True, **placement)
+        except OSError:
+            if not online:
+                raise
+            tok = AutoTokenizer.from_pretrained(src)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **placement)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = ("local directory" if local.exists() else "Hugging Face hub" if online else
+                 "local Hugging Face cache (and the hub is unreachable: offline)")
+        raise ModelError(f"cannot load model {name!r} from the {where}: {first[:300]} "
+                         f"(embedded models, always available: {', '.join(EMBEDDED)})") from None
+    if local.exists():
+        weights = sorted(p for p in local.iterdir()
+                         if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+        info.update({"source": "local", "path": str(local.resolve()),
+                     "files_sha256": {p.name: file_sha256(p) for p in weights}})
+    else:
+        info.update({"source": "hub", "revision": getattr(model.config, "_commit_hash", None)})
+    return model, tok
+
+
+def _architecture_info(model, dtype) -> dict:
+    return {"architecture": type(model).__name__, "n_layers": len(decoder_layers(model)),
+            "d_model": int(model.config.hidden_size),
+            "compute_dtype": str(dtype).replace("torch.", "")}
+
+
+def _tokenizer_info(tok, name_or_path) -> dict:
+    return {"class": type(tok).__name__, "name_or_path": name_or_path, "vocab_size": len(tok),
+            "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id}
+
+
 def wrap_model(model, tokenizer, model_id: str | None = None) -> LoadedModel:
-    """Wrap an already loaded (model, tokenizer) pair, e.g. from another project."""
-    blocks = decoder_layers(model)
+    """Wrap an already loaded (model, tokenizer) pair, e.g. from another project.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    tokenizer : its tokenizer
+    model_id : str, optional
+        The name recorded in a store's metadata (default: the model's ``_name_or_path``).
+
+    Returns
+    -------
+    LoadedModel
+    """
     info = {"id": model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
             "source": "in-memory", "revision": getattr(model.config, "_commit_hash", None),
-            "architecture": type(model).__name__, "n_layers": len(blocks),
-            "d_model": int(model.config.hidden_size),
-            "compute_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "tokenizer": {"class": type(tokenizer).__name__,
-                          "name_or_path": getattr(tokenizer, "name_or_path", None),
-                          "vocab_size": len(tokenizer), "bos_token": tokenizer.bos_token,
-                          "bos_token_id": tokenizer.bos_token_id}}
+            **_architecture_info(model, next(model.parameters()).dtype),
+            "tokenizer": _tokenizer_info(tokenizer, getattr(tokenizer, "name_or_path", None))}
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)

@@ -86,20 +86,7 @@ def _compressors(name: str, fmt: str):
     return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)]
 
 
-def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities,
-                 targets: tuple[str, ...], group_columns: tuple[str, ...], meta: dict,
-                 format: str | None = None, dtype: str = "float16", d_mlp: int | None = None,
-                 rows_per_chunk: int | None = None, compression: str | None = None,
-                 overwrite: bool = False) -> ActivationStore:
-    """Create an empty store (``rows_done = 0``) and return it open for writing.
-
-    ``format``: "zarr" (default, or inferred "hdf5" from a .h5/.hdf5 suffix). ``meta`` must be
-    JSON-serialisable. ``entities`` must have ``n_rows`` rows and contain ``targets``.
-    ``overwrite`` replaces an existing store at ``path``; otherwise an existing path is an error.
-    """
-    path = Path(path)
-    fmt = format_from_path(path, format)
-    layers = [int(x) for x in layers]
+def _check_request(layers, n_rows, dtype, entities, targets, group_columns) -> None:
     if not layers:
         raise StoreError("a store needs at least one layer")
     if len(set(layers)) != len(layers):
@@ -113,6 +100,47 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
     missing = [t for t in list(targets) + list(group_columns) if t not in entities.columns]
     if missing:
         raise StoreError(f"entity table lacks column(s) {missing}")
+
+
+def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities,
+                 targets: tuple[str, ...], group_columns: tuple[str, ...], meta: dict,
+                 format: str | None = None, dtype: str = "float16", d_mlp: int | None = None,
+                 rows_per_chunk: int | None = None, compression: str | None = None,
+                 overwrite: bool = False) -> ActivationStore:
+    """Create an empty store (``rows_done = 0``) and return it open for writing.
+
+    Parameters
+    ----------
+    path : str or Path
+        A directory (Zarr v3) or a .h5 / .hdf5 file (HDF5).
+    layers : list of int
+        Hidden-state indices the store will hold (0 = embeddings, l = output of block l).
+    n_rows, d_model : int
+    entities : pandas.DataFrame
+        The entity table (``n_rows`` rows, containing ``targets`` and ``group_columns``).
+    targets, group_columns : tuple of str
+    meta : dict
+        How the store is made (JSON-serialisable).
+    format : {"zarr", "hdf5"}, optional
+        Default: zarr, or hdf5 for a .h5 / .hdf5 path.
+    dtype : {"float16", "bfloat16", "float32"}
+    d_mlp : int, optional
+        MLP width when the store holds neurons.
+    rows_per_chunk : int, optional
+        Default: :func:`~actstore.store.format.default_rows_per_chunk`.
+    compression : {"none", "zstd", "blosc"}, optional
+    overwrite : bool
+        Replace an existing store at ``path`` (only a store or an empty directory).
+
+    Returns
+    -------
+    ActivationStore
+        Open for writing.
+    """
+    path = Path(path)
+    fmt = format_from_path(path, format)
+    layers = [int(x) for x in layers]
+    _check_request(layers, n_rows, dtype, entities, targets, group_columns)
     try:
         meta_json = json.loads(json.dumps(meta))
     except (TypeError, ValueError) as exc:
@@ -120,7 +148,7 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
     R = int(rows_per_chunk or default_rows_per_chunk(d_model))
     if R <= 0:
         raise StoreError("rows_per_chunk must be positive")
-    R = min(R, int(n_rows)) if n_rows >= 1 else R
+    R = min(R, int(n_rows))
     comp = DEFAULT_COMPRESSION if compression is None else compression
     if fmt == "hdf5" and compression is None:
         comp = "none"

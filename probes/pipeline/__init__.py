@@ -1,24 +1,13 @@
-"""The main job: extract every dataset's activations, probe every layer, write one report.
+"""``actstore run``: extract every dataset's activations, probe every layer, write one report.
 
-``actstore run [RECIPE]`` chains the steps of the paper for a list of datasets:
-
-    dataset x prompt --extract--> OUT/stores/NAME[__PROMPT].zarr
-        --fit--> OUT/probes/NAME[__PROMPT]/                       (recipes probes and paper)
-        --neurons--> OUT/neurons/NAME/                            (paper)
-        --experiments--> OUT/experiments/NAME/                    (paper)
+    dataset x prompt --extract--> OUT/stores/NAME[__PROMPT].zarr --fit--> OUT/probes/NAME[..]/
+        (paper recipe) --neurons--> OUT/neurons/NAME/ --experiments--> OUT/experiments/NAME/
         --> OUT/report.md (+ OUT/r2_by_layer.png)
 
-Recipes: ``probes`` (the default: extract -> fit --all-layers -> report) and ``paper`` (adds the
-neuron step and the experiments). The first prompt of ``prompts`` is the main one: its store
-keeps the plain name OUT/stores/NAME.zarr (so OUTs made before prompt variants resume), the
-others are OUT/stores/NAME__PROMPT.zarr; neurons and the single-store experiments use the main
-prompt's store.
-
-Each step is resumable: an interrupted extraction resumes from its store's ``rows_done``; every
-later step writes a record of its inputs beside its outputs (``source.json`` for fits and
-neurons, ``EXPERIMENT.source.json`` for experiments) and is not redone while the record matches
-(the same finished store, the same options) and its outputs exist. Changing the model, prompt,
-dataset or limit under the same OUT is refused with the list of differences: choose another OUT.
+The first prompt is the main one (its store is OUT/stores/NAME.zarr; neurons and the
+single-store experiments use it). Every step resumes: an extraction from its store's rows_done,
+every later step from the record of its inputs beside its outputs (steps.py); changing the
+model, prompt, dataset or limit under the same OUT is refused with the differences.
 """
 from __future__ import annotations
 
