@@ -40,8 +40,8 @@ demo: native
 
 # CPU benchmarks (numbers go to bench/RESULTS.md); the GPU ones run through bench/gpu_check.sh.
 bench: native
-	$(PY) bench/extract.py
-	$(PY) bench/probe.py --shape smollm2
+	$(PY) -m bench.extract
+	$(PY) -m bench.probe --shape smollm2
 
 clean:
 	rm -rf build $(DEMO_OUT) .pytest_cache

@@ -13,15 +13,13 @@ Sections: timing (real model, default the embedded SmolLM2), peak RSS at 2k vs 2
 (a small random-init Llama, so it fits minutes on 2 cores), store compression (none / zstd /
 blosc on real fp16 activations). Results print as tables and go to bench/RESULTS.md.
 
-  python bench/extract.py                          # SmolLM2 timing + RSS + compression
-  python bench/extract.py --device cuda --model-config llama2-7b --random-init --rows 4096
+  python -m bench.extract                          # SmolLM2 timing + RSS + compression
+  python -m bench.extract --device cuda --model-config llama2-7b --random-init --rows 4096
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -30,9 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-PAPER_CSV = REPO.parent / "shared" / "datasets" / "paper" / "world_place.csv"
+from bench.common import PAPER_CSV, REPO, RESULTS, machine, md_table, update_results
 
 CONFIGS = {
     # random-init Llama shapes; vocab comes from the tokenizer
@@ -220,7 +216,7 @@ def worker(args) -> dict:
 # ----------------------------------------------------------------------------- driver side
 
 def run_mode(args, mode: str, rows: int, **over) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--rows", str(rows),
+    cmd = [sys.executable, "-m", "bench.extract", "--worker", mode, "--rows", str(rows),
            "--dataset", str(args.dataset), "--prompt", args.prompt,
            "--batch-size", str(over.get("batch_size", args.batch_size)),
            "--device", args.device, "--compute-dtype", args.compute_dtype,
@@ -240,7 +236,7 @@ def run_mode(args, mode: str, rows: int, **over) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def compression_table(store_path: Path, tmp: str | None) -> list[dict]:
+def compressionmd_table(store_path: Path, tmp: str | None) -> list[dict]:
     """Write the same activations with each codec; report size and write/read speed."""
     import numpy as np
     import actstore
@@ -275,7 +271,7 @@ def compression_table(store_path: Path, tmp: str | None) -> list[dict]:
     return rows
 
 
-def writer_table(L: int, rows: int, d: int, R: int, tmp: str | None, repeats: int = 3) -> list[dict]:
+def writermd_table(L: int, rows: int, d: int, R: int, tmp: str | None, repeats: int = 3) -> list[dict]:
     """MB/s of writing an (L, rows, d) fp16 block in R-row windows, the extractor's write
     pattern, three ways in one run (fastest of ``repeats`` each): plain files (the disk's
     pace), zarr's own ``array[:, window] = block`` on our layout (its default config, and with
@@ -336,47 +332,8 @@ def writer_table(L: int, rows: int, d: int, R: int, tmp: str | None, repeats: in
             for name, _ in modes]
 
 
-def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
-    head = "| " + " | ".join(c[1] for c in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(format(r[c[0]], c[2]) if c[0] in r else "" for c in cols) + " |"
-            for r in rows]
-    return "\n".join([head, sep, *body])
-
-
 def _fmt(xs) -> str:
     return "/".join(f"{x:.2f}" for x in xs)
-
-
-def machine() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
-            f"python {platform.python_version()}")
-
-
-def update_results(path: Path, section: str, text: str) -> None:
-    """Replace (or append) the '## <section>' block of RESULTS.md; other sections untouched."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = old.splitlines()
-    out, skip = [], False
-    for line in lines:
-        if line.startswith("## "):
-            skip = line.strip() == f"## {section}"
-            if skip:
-                continue
-        if not skip:
-            out.append(line)
-    body = "\n".join(out).rstrip() + f"\n\n## {section}\n\n{text.strip()}\n"
-    path.write_text(body)
 
 
 def main(argv=None) -> int:
@@ -400,7 +357,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-model-config", default="tiny", choices=sorted(CONFIGS))
     ap.add_argument("--compression-store", default=None,
                     help="measure codecs on this store (default: the timing run's store)")
-    ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--section", default=None, help="RESULTS.md section title")
     ap.add_argument("--no-results", action="store_true", help="print only")
     ap.add_argument("--tmp", default=None, help="scratch directory")
@@ -460,7 +417,7 @@ def main(argv=None) -> int:
         cols += [("peak_rss_mb", "peak RSS MB", ".0f"), ("rss_after_load_mb", "RSS after load MB", ".0f")]
     if "cuda_peak_mb" in timing[0]:
         cols.append(("cuda_peak_mb", "GPU peak MB", ".0f"))
-    t1 = _table(timing, cols)
+    t1 = md_table(timing, cols)
     print(t1)
     print(f"  medians: floor {med['floor']:.2f} s, ours {med['ours']:.2f} s, paper {med['paper']:.2f} s;"
           f" ours total/forward per run: {_fmt(over)}")
@@ -474,15 +431,15 @@ def main(argv=None) -> int:
                 rss.append(r)
                 print(f"  rss {mode:5s} {n:6d} rows: peak {r['peak_rss_mb']:.0f} MB "
                       f"(after load {r['rss_after_load_mb']:.0f} MB), {r['seconds']:.1f} s")
-        t2 = _table(rss, [("mode", "mode", "s"), ("rows", "rows", "d"),
+        t2 = md_table(rss, [("mode", "mode", "s"), ("rows", "rows", "d"),
                           ("peak_rss_mb", "peak RSS MB", ".0f"),
                           ("rss_after_load_mb", "RSS after load MB", ".0f"),
                           ("seconds", "seconds", ".1f")])
         print(t2)
 
-    comp = [] if args.timing_only else compression_table(
+    comp = [] if args.timing_only else compressionmd_table(
         Path(args.compression_store) if args.compression_store else kept, args.tmp)
-    t3 = _table(comp, [("compression", "codec", "s"), ("bytes", "bytes", "d"),
+    t3 = md_table(comp, [("compression", "codec", "s"), ("bytes", "bytes", "d"),
                        ("ratio", "ratio", ".3f"), ("write_MBps", "write MB/s", ".0f"),
                        ("read_MBps", "read MB/s", ".0f")])
     if comp:
@@ -491,7 +448,7 @@ def main(argv=None) -> int:
 
     if not args.no_results:
         ours, paper = timing[1], timing[2]
-        text = f"""Command: `python bench/extract.py {' '.join(argv if argv is not None else sys.argv[1:])}`
+        text = f"""Command: `python -m bench.extract {' '.join(argv if argv is not None else sys.argv[1:])}`
 Machine: {machine()}. Date: {stamp}.
 Model: {what} ({timing[0]['n_layers']} layers x {timing[0]['d_model']}), device {args.device},
 {args.rows} rows of {Path(args.dataset).name} with prompt `{args.prompt}`, batch size {args.batch_size},
@@ -507,7 +464,7 @@ Ours / floor = **{ours['x_floor']:.3f}x** on the fastest rounds, {med['ours'] / 
 """ + (f"""Within each of our runs, total / time inside the forward calls = {_fmt(over)} (CPU; the
 writer thread's busy time {_fmt(inter.get('ours_write_s', []))} s overlaps the forwards). On a shared
 machine rounds vary by tens of percent; this per-run ratio is the contention-proof overhead.
-""" if over and args.device == "cpu" else "") + f"""
+""" if over and args.device == "cpu" else "") + """
 floor = bare decoder forward; ours = `actstore.extract.extract` end to end (tokenising, hooks,
 fp16 check, store writes on the writer thread, final drain); paper = full-model
 `output_hidden_states=True`, every layer's last-token vectors kept in RAM, one `torch.save` per layer.
@@ -542,13 +499,13 @@ def writer_main(args, argv) -> int:
     from actstore.store import default_rows_per_chunk
     R = default_rows_per_chunk(d)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res = writer_table(L, rows, d, R, args.tmp, args.repeats)
-    t = _table(res, [("writer", "writer", "s"), ("seconds", "seconds", ".3f"),
+    res = writermd_table(L, rows, d, R, args.tmp, args.repeats)
+    t = md_table(res, [("writer", "writer", "s"), ("seconds", "seconds", ".3f"),
                      ("MBps", "MB/s", ".0f")])
     print(t)
     if not args.no_results:
         where = args.tmp or tempfile.gettempdir()
-        text = f"""Command: `python bench/extract.py {' '.join(argv if argv is not None else sys.argv[1:])}`
+        text = f"""Command: `python -m bench.extract {' '.join(argv if argv is not None else sys.argv[1:])}`
 Machine: {machine()}. Date: {stamp}. Scratch directory: {where}.
 Writing {L} x {rows} x {d} fp16 ({L * rows * d * 2 / 1e6:.0f} MB) in {R}-row windows, the
 extractor's pattern (one shard of every layer per window), fastest of {args.repeats} interleaved rounds:

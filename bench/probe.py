@@ -11,24 +11,20 @@ float32 matmul floor, on the same synthetic fp16 activations.
 
 Also checks that (a) and (b) choose identical alphas. Appends a section to bench/RESULTS.md.
 
-    python bench/probe.py                     # both shapes (slow parts measured on a few layers)
-    python bench/probe.py --shape small --sk-layers 30
+    python -m bench.probe                     # both shapes (slow parts measured on a few layers)
+    python -m bench.probe --shape smollm2 --sk-layers 30
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, append_results
+from bench.common import machine as _machine
 
 SHAPES = {"smollm2": (30, 20_000, 576), "llama7b": (32, 4_000, 4_096)}
 ALPHAS = np.logspace(-2, 5, 25)
@@ -61,11 +57,13 @@ class MemoryStore:
     def is_test(self):
         return self._ent["is_test"].to_numpy(dtype=bool)
 
-    def layer(self, i, array="resid", as_="numpy"):
-        return self._X[i]
+    def layer(self, layer, array="resid", as_="numpy"):
+        """Hidden-state index ``layer`` (as ActivationStore.layer)."""
+        return self._X[self.layers.index(layer)]
 
     def iter_chunks(self, rows=None, layers=None, array="resid", start=0, stop=None):
-        pos = list(range(self.n_layers)) if layers is None else list(layers)
+        pos = (list(range(self.n_layers)) if layers is None
+               else [self.layers.index(x) for x in layers])
         step = rows or self.rows_per_chunk
         end = self.rows_done if stop is None else min(stop, self.rows_done)
         contiguous = pos == list(range(pos[0], pos[-1] + 1))
@@ -137,25 +135,6 @@ def floor_seconds(X, ent, layers, repeat=2, device="cpu"):
     return out
 
 
-def machine():
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    try:
-        load = "load average %.1f" % os.getloadavg()[0]
-    except OSError:
-        load = ""
-    return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {load}")
-
-
 def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=0, device="cpu"):
     from probes.fit import fit_all_layers
     print(f"== {name}: {L} layers x {n} rows x {d}", flush=True)
@@ -163,15 +142,15 @@ def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=
     X, ent = make_data(max(min(L, our_layers), min(L, sk_layers)), n, d, seed)   # only layers timed
     print(f"   data {time.perf_counter() - t0:.1f}s", flush=True)
     store = MemoryStore(X, ent, ("latitude", "longitude"), ("region",))
-    ours_layers = list(range(min(L, our_layers)))
+    ours_layers = list(range(min(L, our_layers)))      # positions in X (hidden state p + 1)
     res = {}
     for prec in precisions:
         t0 = time.perf_counter()
         if device == "cuda":       # warm-up: CUDA context, cuBLAS/cuSOLVER handles
-            fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec, layers=[0],
-                           device=device)
+            fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec,
+                           layers=[store.layers[0]], device=device)
         r = fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec,
-                           layers=ours_layers, device=device)
+                           layers=[store.layers[p] for p in ours_layers], device=device)
         el = r["seconds"]["total"]          # inside the call: excludes first-import costs
         res[prec] = (el, r)
         print(f"   ours ({prec}, {len(ours_layers)} layers): {el:.2f}s  {r['seconds']}", flush=True)
@@ -202,7 +181,7 @@ def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=
 
 def write_results_md(rows, path, note):
     lines = [f"\n## Ridge probes on every layer (bench/probe.py) — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
-             f"Machine: {machine()}. {note}\n",
+             f"Machine: {_machine(load=True)}. {note}\n",
              "| shape (L x n x d) | form | precision (stats backend) | ours: fit (s) | ours: + metrics (s) "
              "| sklearn RidgeCV loop (s) | float32 floor (s) | fit speed-up vs sklearn "
              "| fit / floor | same alphas |",
@@ -223,8 +202,7 @@ def write_results_md(rows, path, note):
         f"{r['shape']}/{r['precision']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         for r in rows))
     lines.append("")
-    with open(path, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    append_results(path, "\n".join(lines))
     print("\n".join(lines))
 
 
@@ -239,7 +217,7 @@ def main():
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where our fit and the floor run (sklearn always runs on the CPU)")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"),
+    ap.add_argument("--results", default=str(RESULTS),
                     help="markdown file the section is appended to")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--note", default="")

@@ -11,8 +11,8 @@ Model: a random-init Llama (``--config``; weights do not change the speed) with 
 BPE tokenizer trained on the entities, saved as a local HF directory. Data: the paper's
 world_place.csv (first ``--rows`` rows).
 
-  python bench/scale_out.py                        # 1 vs 2 processes, CPU, 1 thread each
-  python bench/scale_out.py --procs 1,2,4 --rows 4096 --device cuda   # a multi-GPU node
+  python -m bench.scale_out                        # 1 vs 2 processes, CPU, 1 thread each
+  python -m bench.scale_out --procs 1,2,4 --rows 4096 --device cuda   # a multi-GPU node
 """
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench.extract import CONFIGS, PAPER_CSV  # noqa: E402  (random-init Llama shapes, shared)
+from bench.common import PAPER_CSV, REPO
+from bench.extract import CONFIGS  # random-init Llama shapes, shared
 
 
 def make_model_dir(path: Path, config: str, entities: list[str]) -> Path:
