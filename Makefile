@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: venv native demo test bench clean
+.PHONY: venv native demo test lint bench clean
 
 venv: $(VENV)/.deps
 
@@ -32,8 +32,13 @@ $(VENV)/.native: $(VENV)/.deps $(NATIVE_SOURCES)
 	flock /tmp/actstore-native.lock $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# lint first: a clean `ruff check` is part of the contract (pyproject.toml [tool.ruff])
 test: native
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
 
 demo: native
 	$(VENV)/bin/actstore run paper --out $(DEMO_OUT) --limit $(DEMO_LIMIT)
