@@ -256,13 +256,35 @@ class ActivationStore(Progress, BlockWriter):
 
 
 def open_store(path, mode: str = "r", exclusive: bool = True) -> ActivationStore:
-    """Open an existing store. ``mode``: "r" (read-only) or "a" (read/write, for resuming).
+    """Open an existing store (``actstore.open``).
 
-    Refuses, with :class:`StoreError`, anything that is not an activation store of this
-    format version. ``exclusive`` (mode "a"): this process is the store's only writer, so it
-    removes temporaries a killed writer left and folds per-range progress records into
-    ``rows_done`` (:meth:`ActivationStore.finalize_ranges`). Parallel writers (distributed
-    extraction ranks other than 0) open with ``exclusive=False``, which touches nothing.
+    Parameters
+    ----------
+    path : str or Path
+        A Zarr v3 directory or an HDF5 file made by ``actstore extract``.
+    mode : {"r", "a"}
+        Read-only, or read/write (for resuming).
+    exclusive : bool
+        Mode "a": this process is the store's only writer, so it removes temporaries a killed
+        writer left and folds per-range progress records into ``rows_done``
+        (:meth:`ActivationStore.finalize_ranges`). Parallel writers (distributed extraction
+        ranks other than 0) open with ``exclusive=False``, which touches nothing.
+
+    Returns
+    -------
+    ActivationStore
+
+    Raises
+    ------
+    StoreError
+        For anything that is not an activation store of this format version (the message says
+        what it is instead).
+
+    Examples
+    --------
+    >>> s = actstore.open("w.zarr")     # doctest: +SKIP
+    >>> s.layer(s.layers[-1]).shape     # doctest: +SKIP
+    (1024, 576)
     """
     path = Path(path)
     if mode not in ("r", "a", "r+"):
