@@ -20,6 +20,7 @@ from actstore.store import open_store
 from actstore.store.progress import split_windows
 from probes.errors import BackendUnavailable, FitError
 from probes.kernels import resolve
+from probes.ridge.solvers import LooAccumulator
 from probes.stats import GramStats
 
 __all__ = ["Reducer", "LocalReducer", "RowShard", "run_on_ranks", "uses_cuda"]
@@ -51,7 +52,7 @@ class Reducer(Protocol):
     def reduce_stats(self, stats: GramStats) -> GramStats:
         """The statistics summed over the processes (every process gets the sum)."""
 
-    def reduce_loo(self, acc) -> None:
+    def reduce_loo(self, acc: LooAccumulator) -> None:
         """LOO residual sums and train counts summed everywhere; predictions to the main one."""
 
     def reduce_predictions(self, preds: np.ndarray, device) -> np.ndarray:
@@ -79,7 +80,7 @@ class LocalReducer:
     def reduce_stats(self, stats: GramStats) -> GramStats:
         return stats
 
-    def reduce_loo(self, acc) -> None:
+    def reduce_loo(self, acc: LooAccumulator) -> None:
         return None
 
     def reduce_predictions(self, preds: np.ndarray, device) -> np.ndarray:
@@ -136,7 +137,7 @@ class RowShard:
         """All-reduce ``stats`` (a rank without rows contributes zeros)."""
         return stats.all_reduce_(group=self.group)
 
-    def reduce_loo(self, acc) -> None:
+    def reduce_loo(self, acc: LooAccumulator) -> None:
         """Sum the LOO residual sums and train counts on every rank; predictions to rank 0."""
         dist.all_reduce(acc.sse, op=dist.ReduceOp.SUM, group=self.group)
         cnt = torch.tensor([float(acc.n_train)], dtype=torch.float64, device=acc.sse.device)
