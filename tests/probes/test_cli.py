@@ -23,7 +23,8 @@ def store(tmp_path):
                         "is_test": np.arange(n) % 4 == 0, "entity_type": "city",
                         "country": rng.choice(["P", "Q", "R"], n)})
     T = np.c_[lat / 50, lon / 100]
-    X = np.stack([T @ rng.normal(size=(2, d)) * l + rng.normal(size=(n, d)) for l in range(L)])
+    X = np.stack([T @ rng.normal(size=(2, d)) * depth + rng.normal(size=(n, d))
+                  for depth in range(L)])
     p = tmp_path / "tiny.zarr"
     s = create_store(p, layers=[1, 2, 3], n_rows=n, d_model=d, entities=ent,
                      targets=("latitude", "longitude"), group_columns=("country",), meta={})
@@ -34,11 +35,12 @@ def store(tmp_path):
 
 def test_fit_and_show_end_to_end(store, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["fit", "--all-layers", str(store), "--alphas", "1e-2:1e4:7", "--out", str(out), "-q"])
+    rc = main(["fit", "--all-layers", str(store), "--alphas", "1e-2:1e4:7", "--out", str(out),
+               "-q"])
     assert rc == 0
     table = capsys.readouterr().out
     assert "layer" in table and "R2 test" in table and "km med" in table and "best layer" in table
-    lines = [l for l in table.splitlines() if l.strip()[:1].isdigit()]
+    lines = [line for line in table.splitlines() if line.strip()[:1].isdigit()]
     assert len(lines) == 3
     doc = json.loads((out / "results.json").read_text())
     assert len(doc["alphas"]) == 7 and doc["cv"] == "loo"
@@ -54,7 +56,7 @@ def test_fit_and_show_end_to_end(store, tmp_path, capsys):
 def test_fit_options(store, tmp_path, capsys):
     rc = main(["fit", "--all-layers", str(store), "--target", "year", "--cv", "3",
                "--alphas", "0.1,1,10", "--alpha-per-target", "--split", "random:0.3:1",
-               "--backend", "torch", "--out", str(tmp_path / "o"), "-q"])
+               "--backend", "torch", "--memory-gb", "1e-9", "--out", str(tmp_path / "o"), "-q"])
     assert rc == 0
     doc = json.loads((tmp_path / "o" / "results.json").read_text())
     assert doc["targets"] == ["year"] and doc["cv"] == 3 and doc["alpha_per_target"]
@@ -95,8 +97,9 @@ def test_needs_layer_choice(store, capsys):
 
 
 def test_help_is_fast_and_teaches():
+    heavy = "('torch', 'sklearn', 'zarr', 'matplotlib')"
     code = ("import sys; from probes.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'sklearn', 'zarr', 'matplotlib') if m in sys.modules))")
+            f"print(sorted(m for m in {heavy} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
     r = subprocess.run([sys.executable, "-m", "probes", "fit", "--help"], capture_output=True,
@@ -104,5 +107,12 @@ def test_help_is_fast_and_teaches():
     assert r.returncode == 0
     for s in ("--all-layers", "--alpha-per-target", "group:COLUMN", "results.json", "proximity"):
         assert s in r.stdout
+    # every option's help is its FitConfig field's docstring
+    from actstore.options import field_docs
+    from probes.fit import FitConfig
+    shown = "".join(r.stdout.split())                       # wrapped anywhere, even at "-"
+    for name, doc in field_docs(FitConfig).items():
+        if name not in ("chunk_rows", "progress"):          # not on the command line
+            assert "".join(doc.split()) in shown, name
     r = subprocess.run([sys.executable, "-m", "probes", "--help"], capture_output=True, text=True)
     assert "fastprobe fit --all-layers" in r.stdout and "fastprobe show" in r.stdout

@@ -11,7 +11,7 @@ from sklearn.linear_model import Ridge, RidgeCV
 
 from actstore.store import create_store
 from probes.errors import InputError
-from probes.fit import FitError, fit_all_layers
+from probes.fit import FitConfig, FitError, FitResult, fit_all_layers, load_results
 from probes.kernels import available_backends
 from probes.ridge import kfold_assignment
 
@@ -37,8 +37,8 @@ def make_store(path, ent, d=16, L=3, seed=0, targets=("latitude", "longitude"), 
     T = ent[list(targets)].to_numpy(dtype=np.float64) if targets else rng.normal(size=(n, 1))
     T = (T - T.mean(0)) / (T.std(0) + 1e-12)
     M = rng.normal(size=(T.shape[1], d))
-    X = np.stack([T @ M * (l + 1) / L + rng.normal(size=(n, d)) + rng.normal(size=d) * 4
-                  for l in range(L)]).astype(np.float32) + np.float32(offset)
+    X = np.stack([T @ M * (layer + 1) / L + rng.normal(size=(n, d)) + rng.normal(size=d) * 4
+                  for layer in range(L)]).astype(np.float32) + np.float32(offset)
     if corrupt is not None:
         X[corrupt] = np.nan
     s = create_store(path, layers=list(range(1, L + 1)), n_rows=n, d_model=d, entities=ent,
@@ -62,7 +62,7 @@ def check_vs_sklearn(res, X, Y, is_test, apt):
     """Per layer: alpha, coefficients and test predictions equal RidgeCV on z-scored targets."""
     tr = ~is_test
     mu, sd = Y[tr].mean(0), Y[tr].std(0)
-    arr = res["arrays"]
+    arr = res.arrays
     for j in range(X.shape[0]):
         ref = RidgeCV(alphas=ALPHAS, alpha_per_target=apt).fit(X[j][tr], (Y[tr] - mu) / sd)
         np.testing.assert_array_equal(arr["alpha"][j], np.broadcast_to(ref.alpha_, (Y.shape[1],)))
@@ -81,7 +81,7 @@ def test_loo_primal_matches_sklearn(tmp_path, backend, apt):
     ent = entity_table(150, seed=1)
     X = make_store(tmp_path / "s.zarr", ent, d=16)
     res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, alpha_per_target=apt, backend=backend)
-    assert res["form"] == "primal" and res["backend"] == backend
+    assert res.form == "primal" and res.backend == backend
     check_vs_sklearn(res, X, ent[["latitude", "longitude"]].to_numpy(), ent.is_test.to_numpy(), apt)
 
 
@@ -97,9 +97,9 @@ def test_bfloat16_store_matches_sklearn(tmp_path, cv):
         Y, tr = ent[["latitude", "longitude"]].to_numpy(), ~ent.is_test.to_numpy()
         mu, sd = Y[tr].mean(0), Y[tr].std(0)
         for j in range(2):
-            a = res["arrays"]["alpha"][j][0]
+            a = res.arrays["alpha"][j][0]
             pt = Ridge(alpha=a).fit(X[j][tr], (Y[tr] - mu) / sd).predict(X[j]) * sd + mu
-            assert np.abs(res["arrays"]["predictions"][j] - pt).max() <= 1e-6 * np.abs(pt).max()
+            assert np.abs(res.arrays["predictions"][j] - pt).max() <= 1e-6 * np.abs(pt).max()
 
 
 @pytest.mark.parametrize("apt", [False, True])
@@ -107,7 +107,7 @@ def test_loo_dual_matches_sklearn_when_d_exceeds_n(tmp_path, apt):
     ent = entity_table(40, seed=2)
     X = make_store(tmp_path / "s.h5", ent, d=64, R=16)
     res = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, alpha_per_target=apt)
-    assert res["form"] == "dual"
+    assert res.form == "dual"
     check_vs_sklearn(res, X, ent[["latitude", "longitude"]].to_numpy(), ent.is_test.to_numpy(), apt)
 
 
@@ -129,24 +129,25 @@ def test_kfold_matches_brute_force(tmp_path, d):
                 v = Yt[fold == f]
                 r2[a] += np.mean(1 - ((v - p) ** 2).sum(0) / ((v - v.mean(0)) ** 2).sum(0)) / 4
         best = int(np.argmax(r2))
-        assert res["arrays"]["alpha"][j][0] == ALPHAS[best]
-        assert res["layers"][j]["cv_score"] == pytest.approx(r2[best], rel=1e-8)
+        assert res.arrays["alpha"][j][0] == ALPHAS[best]
+        assert res.layers[j]["cv_score"] == pytest.approx(r2[best], rel=1e-8)
         ref = Ridge(alpha=ALPHAS[best]).fit(Xt, (Yt - mu) / sd)
         pt = ref.predict(X[j][~tr]) * sd + mu
-        assert np.abs(res["arrays"]["predictions"][j][~tr] - pt).max() <= 1e-5 * np.abs(pt).max()
+        assert np.abs(res.arrays["predictions"][j][~tr] - pt).max() <= 1e-5 * np.abs(pt).max()
 
 
 def test_layer_batches_and_float32_give_same_fit(tmp_path):
     ent = entity_table(120, seed=4)
     make_store(tmp_path / "s.zarr", ent, d=20, L=4)
     a = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch")
-    b = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", memory_bytes=1)  # 1 layer/batch
-    np.testing.assert_array_equal(a["arrays"]["alpha"], b["arrays"]["alpha"])
-    np.testing.assert_allclose(a["arrays"]["coef"], b["arrays"]["coef"], rtol=1e-9, atol=1e-12)
+    b = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch",
+                       memory_bytes=1)                   # one layer per batch
+    np.testing.assert_array_equal(a.arrays["alpha"], b.arrays["alpha"])
+    np.testing.assert_allclose(a.arrays["coef"], b.arrays["coef"], rtol=1e-9, atol=1e-12)
     c = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, precision="float32", layers=[2, 4])
-    assert [e["layer"] for e in c["layers"]] == [2, 4]
-    np.testing.assert_allclose(c["arrays"]["predictions"], a["arrays"]["predictions"][[1, 3]],
-                               rtol=1e-3, atol=1e-3 * np.abs(a["arrays"]["predictions"]).max())
+    assert [e["layer"] for e in c.layers] == [2, 4]
+    np.testing.assert_allclose(c.arrays["predictions"], a.arrays["predictions"][[1, 3]],
+                               rtol=1e-3, atol=1e-3 * np.abs(a.arrays["predictions"]).max())
 
 
 @pytest.mark.parametrize("cv", ["loo", 3])
@@ -157,8 +158,8 @@ def test_float32_predictions_with_large_activation_mean(tmp_path, cv):
     make_store(tmp_path / "s.zarr", ent, d=12, L=2, dtype="float32", offset=3e4)
     ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, cv=cv)
     got = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, cv=cv, precision="float32")
-    np.testing.assert_array_equal(got["arrays"]["alpha"], ref["arrays"]["alpha"])
-    p, q = got["arrays"]["predictions"], ref["arrays"]["predictions"]
+    np.testing.assert_array_equal(got.arrays["alpha"], ref.arrays["alpha"])
+    p, q = got.arrays["predictions"], ref.arrays["predictions"]
     assert np.abs(p - q).max() <= 3e-4 * np.abs(q - q.mean(1, keepdims=True)).max()
 
 
@@ -187,7 +188,7 @@ def test_results_json_and_plots(tmp_path):
     assert len(pred) == 100 and {"pred_latitude", "pred_longitude", "country"} <= set(pred.columns)
     npz = np.load(tmp_path / "out" / "probes.npz")
     assert npz["coef"].shape == (3, 10, 2)
-    assert res["arrays"]["predictions"].shape == (3, 100, 2)
+    assert res.arrays["predictions"].shape == (3, 100, 2)
 
 
 def test_results_json_records_store_identity(tmp_path):
@@ -209,12 +210,77 @@ def test_results_json_records_store_identity(tmp_path):
     assert store_identity(s) == want
     res = fit_all_layers(s, alphas="1e-2:1e2:3", backend="torch", device="cpu",
                          out=tmp_path / "out")
-    assert res["store_identity"] == want
+    assert res.store_identity == want
     assert json.loads((tmp_path / "out" / "results.json").read_text())["store_identity"] == want
     # a result without it (an older fit) gets it from the store passed to write_results
     old = {k: v for k, v in res.items() if k != "store_identity"}
     write_results(old, tmp_path / "out2", store=s)
     assert json.loads((tmp_path / "out2" / "results.json").read_text())["store_identity"] == want
+
+
+def test_fit_result_is_results_json_and_a_read_only_mapping(tmp_path):
+    """to_json() is results.json byte for byte; from_json() reads it back; the mapping view
+    (the pre-0.2 dict) gives the same values, "arrays" included, and nothing can be changed."""
+    import dataclasses
+
+    ent = entity_table(60, seed=13)
+    make_store(tmp_path / "s.zarr", ent, d=6, L=2)
+    res = fit_all_layers(tmp_path / "s.zarr", alphas="1e-1:1e3:5", cv=3, alpha_per_target=True,
+                         out=tmp_path / "out")
+    text = (tmp_path / "out" / "results.json").read_text()
+    assert text == json.dumps(res.to_json(), indent=1)
+    assert list(res.to_json())[:3] == ["store", "model", "store_identity"]
+    back = load_results(tmp_path / "out")
+    assert isinstance(back, FitResult) and back.arrays is None and "arrays" not in back
+    assert json.dumps(back.to_json(), indent=1) == text
+    assert FitResult.from_json(json.loads(text)).to_json() == back.to_json()
+    # the compatibility path: res["..."] as the old dict
+    assert list(res) == [*res.to_json(), "arrays"] and len(res) == len(res.to_json()) + 1
+    assert res["layers"] is res.layers and res["arrays"] is res.arrays
+    assert res["cv"] == res.cv == 3 and res.get("nothing", 7) == 7 and "best_layer" in res
+    assert {k: v for k, v in res.items() if k != "arrays"} == res.to_json()
+    with pytest.raises(KeyError):
+        res["nothing"]
+    with pytest.raises(TypeError):
+        res["cv"] = 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.cv = 4
+    assert res == res and res != back              # identity: arrays have no truth value
+
+
+def test_config_and_keywords_are_one_api(tmp_path):
+    """fit_all_layers(store, FitConfig(...)) == fit_all_layers(store, **same options); keywords
+    override a config's fields; the config normalises what it is given."""
+    ent = entity_table(70, seed=14)
+    make_store(tmp_path / "s.zarr", ent, d=8, L=2)
+    cfg = FitConfig(alphas=list(ALPHAS), cv="3", layers=[2], backend="torch")
+    assert cfg.alphas == tuple(ALPHAS.tolist()) and cfg.cv == 3 and cfg.layers == (2,)
+    assert FitConfig(cv="LOO").cv == "loo" and FitConfig(targets=["a", "b"]).targets == ("a", "b")
+    a = fit_all_layers(tmp_path / "s.zarr", cfg)
+    b = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, cv=3, layers=[2], backend="torch")
+    assert a.to_json()["layers"] == b.to_json()["layers"]
+    np.testing.assert_array_equal(a.arrays["coef"], b.arrays["coef"])
+    c = fit_all_layers(tmp_path / "s.zarr", cfg, layers=None, cv="loo")
+    assert [e["layer"] for e in c.layers] == [1, 2] and c.cv == "loo"
+    with pytest.raises(FitError, match="precision must be"):
+        FitConfig(precision="float16")
+    with pytest.raises(FitError, match="cv must be"):
+        FitConfig(cv=1)
+    with pytest.raises(ValueError, match="alpha"):
+        FitConfig(alphas="0:1:3")
+    with pytest.raises(TypeError, match="FitConfig"):
+        fit_all_layers(tmp_path / "s.zarr", ["latitude"])
+    with pytest.raises(TypeError):
+        fit_all_layers(tmp_path / "s.zarr", alpha=1.0)     # a misspelt option
+
+
+def test_fit_loads_neither_sklearn_nor_matplotlib_until_it_writes():
+    import subprocess
+    import sys
+    code = ("import sys; import probes.fit.run, probes.fit.cli; "
+            "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_time_target_and_year_plot(tmp_path):
@@ -226,8 +292,8 @@ def test_time_target_and_year_plot(tmp_path):
     make_store(tmp_path / "t.zarr", ent, d=8, L=2, targets=("year",))
     res = fit_all_layers(tmp_path / "t.zarr", alphas=ALPHAS, split="random:0.25:1",
                          out=tmp_path / "o")
-    assert res["targets"] == ["year"] and res["n_test"] == 20
-    assert "km_error_median" not in res["layers"][0]["test"]
+    assert res.targets == ["year"] and res.n_test == 20
+    assert "km_error_median" not in res.layers[0]["test"]
     assert (tmp_path / "o" / "year_best_layer.png").exists()
 
 
@@ -235,7 +301,7 @@ def test_group_split_holds_out_whole_groups(tmp_path):
     ent = entity_table(90, seed=7)
     make_store(tmp_path / "s.zarr", ent, d=6, L=1)
     res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, split="group:country:0.4:3")
-    test = res["arrays"]["is_test"]
+    test = res.arrays["is_test"]
     held = set(ent.country[test])
     assert held and not held & set(ent.country[~test])
     assert len(held) == 2
@@ -245,7 +311,7 @@ def test_partial_store_uses_done_rows(tmp_path):
     ent = entity_table(100, seed=8)
     make_store(tmp_path / "s.zarr", ent, d=6, L=1, rows=64)
     res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS)
-    assert res["n_rows"] == 64 and res["n_train"] + res["n_test"] == 64
+    assert res.n_rows == 64 and res.n_train + res.n_test == 64
 
 
 @pytest.mark.slow
@@ -253,8 +319,10 @@ def test_real_us_places_store(tmp_path):
     """The paper's us_place.csv (first 600 rows) with activations that encode position."""
     df = pd.read_csv(PAPER / "us_place.csv").head(600)
     ent = pd.DataFrame({"name": df["name"].astype(str), "entity": df["name"].astype(str),
-                        "latitude": df.latitude.astype(float), "longitude": df.longitude.astype(float),
-                        "is_test": df.is_test.astype(bool), "entity_type": df.entity_type.astype(str),
+                        "latitude": df.latitude.astype(float),
+                        "longitude": df.longitude.astype(float),
+                        "is_test": df.is_test.astype(bool),
+                        "entity_type": df.entity_type.astype(str),
                         "state_id": df.state_id.astype(str)})
     rng = np.random.default_rng(0)
     n, d = len(ent), 48
@@ -271,8 +339,9 @@ def test_real_us_places_store(tmp_path):
                              out=tmp_path / f"o{apt}")
         check_vs_sklearn(res, X.astype(np.float64), ent[["latitude", "longitude"]].to_numpy(),
                          ent.is_test.to_numpy(), apt)
-    assert res["best_layer"] == 6
-    assert res["layers"][-1]["test"]["km_error_median"] < res["layers"][0]["test"]["km_error_median"]
+    assert res.best_layer == 6
+    km = [e["test"]["km_error_median"] for e in res.layers]
+    assert km[-1] < km[0]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -305,7 +374,7 @@ def test_bad_inputs(tmp_path):
         fit_all_layers(p, alphas=ALPHAS, layers=[-3])
     with pytest.raises(InputError, match=r"layer\(s\) \[2\] given more than once"):
         fit_all_layers(p, alphas=ALPHAS, layers=[2, -1])
-    e, = fit_all_layers(p, alphas=ALPHAS, layers=[-1])["layers"]
+    e, = fit_all_layers(p, alphas=ALPHAS, layers=[-1]).layers
     assert e["layer"] == 2 and e["position"] == 1
 
     few = entity_table(40, seed=9)
@@ -356,13 +425,13 @@ def test_gpu_fit_matches_cpu(tmp_path, d):
     make_store(tmp_path / "s.h5", ent, d=d, L=2)
     ref = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, backend="torch")
     gpu = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, backend="torch", device="cuda")
-    np.testing.assert_array_equal(gpu["arrays"]["alpha"], ref["arrays"]["alpha"])
-    np.testing.assert_allclose(gpu["arrays"]["coef"], ref["arrays"]["coef"], rtol=1e-7,
-                               atol=1e-9 * np.abs(ref["arrays"]["coef"]).max())
+    np.testing.assert_array_equal(gpu.arrays["alpha"], ref.arrays["alpha"])
+    np.testing.assert_allclose(gpu.arrays["coef"], ref.arrays["coef"], rtol=1e-7,
+                               atol=1e-9 * np.abs(ref.arrays["coef"]).max())
     auto = fit_all_layers(tmp_path / "s.h5", alphas=ALPHAS, backend="auto")   # no device=
-    assert auto["backend"] in ("triton", "cuda")
-    np.testing.assert_allclose(auto["arrays"]["predictions"], ref["arrays"]["predictions"],
-                               rtol=1e-3, atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
+    assert auto.backend in ("triton", "cuda")
+    np.testing.assert_allclose(auto.arrays["predictions"], ref.arrays["predictions"],
+                               rtol=1e-3, atol=1e-3 * np.abs(ref.arrays["predictions"]).max())
 
 
 @pytest.mark.gpu
@@ -382,6 +451,6 @@ def test_gpu_fit_streams_many_chunks(tmp_path, backend, cv):
     ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", cv=cv, chunk_rows=37)
     gpu = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend=backend, device="cuda",
                          cv=cv, chunk_rows=37)
-    np.testing.assert_array_equal(gpu["arrays"]["alpha"], ref["arrays"]["alpha"])
-    np.testing.assert_allclose(gpu["arrays"]["predictions"], ref["arrays"]["predictions"],
-                               rtol=1e-3, atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
+    np.testing.assert_array_equal(gpu.arrays["alpha"], ref.arrays["alpha"])
+    np.testing.assert_allclose(gpu.arrays["predictions"], ref.arrays["predictions"],
+                               rtol=1e-3, atol=1e-3 * np.abs(ref.arrays["predictions"]).max())

@@ -17,8 +17,8 @@ import pytest
 
 from actstore.distributed import launch_local
 from actstore.store import create_store, open_store
-from probes.distributed import RowShard, fit_all_layers_distributed
-from probes.fit import fit_all_layers
+from probes.distributed import LocalReducer, Reducer, RowShard
+from probes.fit import fit_all_layers, fit_all_layers_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=1e-8, atol=1e-10)
@@ -114,6 +114,27 @@ def test_one_process_is_plain_fit_all_layers(tmp_path):
     np.testing.assert_array_equal(a["arrays"]["predictions"], b["arrays"]["predictions"])
 
 
+def test_local_reducer_is_the_identity():
+    """One process: every row is its own and every reduction hands back what it is given;
+    LocalReducer and RowShard answer the same Reducer protocol."""
+    local = LocalReducer()
+    assert local.is_main and local.rows(37) == (0, 37)
+    local.agree()
+    err = ValueError("x")
+    assert local.alike(err) is err
+    preds = np.ones((2, 5, 1))
+    assert local.reduce_predictions(preds, "cpu") is preds
+    assert local.any_bad([True, False]).tolist() == [True, False]
+    assert local.reduce_stats(stats := object()) is stats
+    with pytest.raises(ValueError, match="x"):
+        local.agree(err)
+    methods = [m for m in vars(Reducer) if not m.startswith("_")]
+    assert set(methods) == {"rows", "agree", "alike", "any_bad", "reduce_stats", "reduce_loo",
+                            "reduce_predictions"}
+    for cls in (LocalReducer, RowShard):
+        assert all(callable(getattr(cls, m)) for m in methods) and hasattr(cls, "is_main")
+
+
 def _fit_rank_error(store, out, kw):
     """Every rank must stop with the FitError (none left waiting in a collective)."""
     from probes.fit import FitError
@@ -152,7 +173,7 @@ def _cli_fit_rank(store, out, kw, fail_rank):
     from contextlib import redirect_stderr
 
     from actstore.store import StoreError
-    from probes.distributed import cli_fit
+    from probes.fit.cli import cli_fit
     rank = int(os.environ["RANK"])
     if rank == fail_rank:
         def cannot(path, *a, **k):

@@ -32,11 +32,13 @@ def test_r2_pearson_spearman_match_references():
     t = rng.normal(size=(50, 3))
     p = t + rng.normal(size=(50, 3)) * [0.1, 1, 3]
     p[::7, 2] = p[1, 2]                                         # ties for spearman
-    np.testing.assert_allclose(metrics.r2_per_target(t, p), r2_score(t, p, multioutput="raw_values"))
+    np.testing.assert_allclose(metrics.r2_per_target(t, p),
+                               r2_score(t, p, multioutput="raw_values"))
     assert np.isclose(metrics.r2(t, p), r2_score(t, p))
     for j in range(3):
         assert np.isclose(metrics.pearson_per_target(t, p)[j], stats.pearsonr(t[:, j], p[:, j])[0])
-        assert np.isclose(metrics.spearman_per_target(t, p)[j], stats.spearmanr(t[:, j], p[:, j])[0])
+        assert np.isclose(metrics.spearman_per_target(t, p)[j],
+                          stats.spearmanr(t[:, j], p[:, j])[0])
     assert np.isnan(metrics.pearson_per_target(t[:, 0], np.ones(50))[0])
 
 
@@ -62,9 +64,11 @@ def test_proximity_error_equals_brute_force(seed):
     got = proximity_error(true, pred, "haversine")
     np.testing.assert_array_equal(got, brute_proximity(true, pred, brute_haversine))
     got = proximity_error(true, pred, "euclidean")
-    np.testing.assert_array_equal(got, brute_proximity(true, pred, lambda a, b: np.linalg.norm(a - b)))
+    np.testing.assert_array_equal(
+        got, brute_proximity(true, pred, lambda a, b: np.linalg.norm(a - b)))
     t1, p1 = true[:, 0], pred[:, 0]
-    np.testing.assert_array_equal(proximity_error(t1, p1), brute_proximity(t1, p1, lambda a, b: abs(a - b)))
+    np.testing.assert_array_equal(proximity_error(t1, p1),
+                                  brute_proximity(t1, p1, lambda a, b: abs(a - b)))
     # near the date line and the poles the great circle, not the flat map, decides
     t3 = np.array([[0.0, 179.0], [0.0, -179.0], [89.0, 0.0], [89.0, 180.0], [10.0, 10.0]])
     p3 = np.array([[0.0, -178.0], [0.0, 170.0], [89.0, 90.0], [80.0, 180.0], [11.0, 9.0]])
@@ -132,7 +136,8 @@ def test_evaluate_addresses_lat_lon_by_name():
     assert a["r2"] == pytest.approx((r2_score(lat, plat) + r2_score(lon, plon)) / 2)
     t = evaluate(lat, plat, ["year"])
     assert "km_error_median" not in t
-    assert t["proximity_error"] == pytest.approx(brute_proximity(lat, plat, lambda x, y: abs(x - y)).mean())
+    want = brute_proximity(lat, plat, lambda x, y: abs(x - y)).mean()
+    assert t["proximity_error"] == pytest.approx(want)
 
 
 def test_metric_input_errors():

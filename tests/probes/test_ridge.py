@@ -10,8 +10,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from probes import RidgeProbeCV
-from probes.ridge import (LooAccumulator, RidgeError, dual_kfold_scores, dual_loo,
-                          kfold_assignment, kfold_scores_primal, parse_alphas, primal_factor)
+from probes.ridge import (
+    LooAccumulator,
+    RidgeError,
+    dual_kfold_scores,
+    dual_loo,
+    kfold_assignment,
+    kfold_scores_primal,
+    parse_alphas,
+    primal_factor,
+)
 
 ALPHAS = np.logspace(-2, 4, 13)
 
@@ -149,6 +157,37 @@ def test_kfold_degenerate_validation_fold_raises(d):
         RidgeProbeCV(ALPHAS, cv=4).fit(X[:5], Y[:5])
 
 
+@pytest.mark.parametrize("n,k", [(2, 2), (10, 3), (17, 5), (45, 4), (100, 7), (31, 31)])
+@pytest.mark.parametrize("seed", [0, 3, 12345])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_kfold_assignment_equals_sklearn_kfold(n, k, seed, shuffle):
+    """The numpy re-implementation deals rows into folds exactly as KFold does."""
+    want = np.full(n, -1)
+    kf = KFold(k, shuffle=shuffle, random_state=seed if shuffle else None)
+    for f, (_, val) in enumerate(kf.split(np.zeros((n, 1)))):
+        want[val] = f
+    got = kfold_assignment(n, k, shuffle=shuffle, seed=seed)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_kfold_assignment_rejects_bad_k():
+    with pytest.raises(RidgeError, match="k >= 2"):
+        kfold_assignment(10, 1)
+    with pytest.raises(RidgeError, match="needs at least 5 training rows, got 4"):
+        kfold_assignment(4, 5)
+
+
+def test_the_estimator_is_the_only_sklearn_import():
+    """probes.ridge's grid and solvers load without scikit-learn; only the estimator needs it."""
+    import subprocess
+    import sys
+    code = ("import sys; from probes.ridge import DEFAULT_ALPHAS, fit_arrays; "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_kfold_primal_and_dual_agree_with_shuffled_folds():
     import torch
     X, Y = make_data(45, 30, seed=5)
@@ -175,7 +214,8 @@ def test_float32_projection_close_to_float64():
     X, Y = make_data(200, 20, seed=8)
     Xs = X - X.mean(0)
     fac = primal_factor(200, torch.tensor(Xs.sum(0))[None], torch.tensor(Xs.T @ Xs)[None],
-                        torch.tensor(Y.sum(0)), torch.tensor(Xs.T @ Y)[None], torch.tensor(X.mean(0))[None])
+                        torch.tensor(Y.sum(0)), torch.tensor(Xs.T @ Y)[None],
+                        torch.tensor(X.mean(0))[None])
     out = {}
     for prec in ("float64", "float32"):
         acc = LooAccumulator(fac, ALPHAS, 200, precision=prec)

@@ -1,82 +1,26 @@
-"""Exact ridge regression for many layers at once, every alpha of a grid from one eigendecomposition.
+"""Exact ridge solvers for many layers at once: every alpha of a grid from one eigendecomposition.
 
-Model (per layer, per target t): ŷ = (x - x̄)ᵀ w_t + ȳ_t, minimising Σ_i (y_it - ŷ_it)² + α ‖w_t‖²
-with the intercept unpenalised, exactly scikit-learn's ``Ridge(fit_intercept=True)``. X is centred
-with the TRAIN means and never scaled. The callers z-score the targets with the train mean and
-(population, ddof=0) standard deviation before solving, as the paper does, and map predictions
-back; the solver itself works in whatever units it is given.
-
-Two forms, chosen by which matrix is smaller:
-
-* primal (n ≥ d): C = Σ (x-x̄)(x-x̄)ᵀ = V diag(λ) Vᵀ (d×d, from the streamed sufficient statistics),
-  G = Vᵀ Σ (x-x̄)(y-ȳ)ᵀ, and w(α) = V diag(1/(λ+α)) G for every α at once;
-* dual (n < d): K = (X-x̄)(X-x̄)ᵀ = U diag(λ) Uᵀ (n×n, from the layer's rows in memory).
-
-Selection:
-
-* ``"loo"``: exact efficient leave-one-out, identical to scikit-learn ``RidgeCV(cv=None)``
-  (its GCV mode). With Z = (X - x̄)V the hat diagonal is h_i(α) = 1/n + Σ_j Z_ij²/(λ_j+α)
-  (the 1/n is the unpenalised intercept) and the LOO residual is e_i = (y_i - ŷ_i(α)) / (1 - h_i(α)).
-  Score(α) = -mean over rows AND targets of e² for a shared alpha (sklearn ``alpha_per_target=False``),
-  or -mean over rows per target with ``alpha_per_target=True``. The first best alpha in grid order
-  wins ties (sklearn keeps the first strictly better one).
-* ``K`` folds: R² on each held-out fold (fold's own mean, sklearn ``r2_score``), averaged uniformly
-  over targets for a shared alpha, then averaged over folds (what ``RidgeCV(cv=KFold(K))`` and
-  ``GridSearchCV`` compute). Fold models use train-minus-fold statistics; no extra data pass.
-
-All solver arithmetic is float64 (torch). Eigenvalues are clamped at 0 (tiny negative values are
-rounding in a positive semi-definite matrix).
+Model (per layer and target t): ŷ = (x - x̄)ᵀw_t + ȳ_t, minimising Σ(y - ŷ)² + α‖w_t‖², the
+intercept unpenalised (scikit-learn ``Ridge(fit_intercept=True)``); X centred with the TRAIN
+means, never scaled. Primal form (n ≥ d): C = Σ(x-x̄)(x-x̄)ᵀ = V diag(λ) Vᵀ from streamed
+statistics; dual form (n < d): K = (X-x̄)(X-x̄)ᵀ from the rows in memory. Selection by exact
+efficient leave-one-out (scikit-learn ``RidgeCV(cv=None)``) or K-fold R² from per-fold statistics;
+the first best alpha in grid order wins ties. Arithmetic in float64 torch (float32 on request,
+with a guarded eigenvalue floor). The estimator is in :mod:`probes.ridge.estimator`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
 from probes.errors import RidgeError
-from probes.kernels import resolve
 
 __all__ = [
-    "RidgeError", "parse_alphas", "DEFAULT_ALPHAS", "PrimalFactor", "primal_factor",
-    "LooAccumulator", "select_alpha", "kfold_scores_primal", "dual_loo", "dual_kfold_scores",
-    "dual_coef", "kfold_assignment", "RidgeProbeCV",
+    "PrimalFactor", "primal_factor", "LooAccumulator", "select_alpha", "kfold_scores_primal",
+    "kfold_assignment", "dual_loo", "dual_kfold_scores", "dual_coef", "fit_arrays",
 ]
-
-DEFAULT_ALPHAS = "1e-2:1e5:25"
-
-
-def parse_alphas(spec) -> np.ndarray:
-    """Alpha grid from ``"LO:HI:N"`` (N log-spaced values from LO to HI inclusive), a comma list
-    ``"0.1,1,10"``, or any sequence of numbers. Every alpha must be finite and > 0."""
-    if isinstance(spec, str):
-        s = spec.strip()
-        try:
-            if ":" in s:
-                parts = s.split(":")
-                if len(parts) != 3:
-                    raise ValueError
-                lo, hi, num = float(parts[0]), float(parts[1]), int(parts[2])
-                if lo <= 0 or hi <= 0 or num < 1:
-                    raise RidgeError(f"alpha grid {spec!r}: LO and HI must be > 0 and N >= 1")
-                alphas = np.logspace(np.log10(lo), np.log10(hi), num)
-            else:
-                alphas = np.array([float(v) for v in s.split(",") if v.strip()])
-        except RidgeError:
-            raise
-        except ValueError:
-            raise RidgeError(f"alpha grid {spec!r}: expected LO:HI:N (e.g. 1e-2:1e5:25) or a "
-                             "comma-separated list of numbers") from None
-    else:
-        alphas = np.atleast_1d(np.asarray(spec, dtype=np.float64)).ravel()
-    if alphas.size == 0:
-        raise RidgeError("alpha grid is empty")
-    if not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
-        raise RidgeError(f"alphas must be finite and > 0, got {alphas.tolist()}")
-    return alphas.astype(np.float64)
-
-
-def _torch():
-    import torch
-    return torch
 
 
 # ----------------------------------------------------------------------------- primal form
@@ -89,7 +33,6 @@ def _eigh(M, precision: str = "float64"):
     then accurate to ~1e-6 for alphas well above eps32·λ_max, degrading (to ~1e-3) for alphas far
     below it, where the smallest eigenvalues are float32 noise. float64 is exact to rounding.
     """
-    torch = _torch()
     if precision == "float32":
         lam, V = torch.linalg.eigh(M.to(torch.float32))
         lam, V = lam.to(torch.float64), V.to(torch.float64)
@@ -107,22 +50,20 @@ class PrimalFactor:
     n: train rows; lam: (B, d) eigenvalues of C; V: (B, d, d) eigenvectors; G: (B, d, k) = Vᵀ Cxy.
     """
     n: float
-    mean: "object"
-    ybar: "object"
-    lam: "object"
-    V: "object"
-    G: "object"
+    mean: torch.Tensor
+    ybar: torch.Tensor
+    lam: torch.Tensor
+    V: torch.Tensor
+    G: torch.Tensor
 
-    def coef(self, alphas) -> "object":
+    def coef(self, alphas) -> torch.Tensor:
         """w for given alphas: ``alphas`` (B, k) per layer and target -> (B, d, k)."""
-        torch = _torch()
         a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), device=self.lam.device)
         inv = 1.0 / (self.lam[:, :, None] + a[:, None, :])          # (B, d, k)
         return torch.einsum("bde,bek->bdk", self.V, inv * self.G)
 
-    def intercept(self, coef) -> "object":
+    def intercept(self, coef) -> torch.Tensor:
         """b = ȳ - x̄ᵀw, (B, k)."""
-        torch = _torch()
         return self.ybar[None, :] - torch.einsum("bd,bdk->bk", self.mean, coef)
 
 
@@ -140,9 +81,10 @@ def primal_factor(n, sx, xtx, sy, xty, shift=None, precision="float64") -> Prima
     """Eigendecompose the centred train statistics of B layers at once.
 
     n: number of train rows; sx (B, d) Σx; xtx (B, d, d) Σxxᵀ; sy (k,) Σy; xty (B, d, k) Σxyᵀ,
-    all over the TRAIN rows, x measured from ``shift`` (B, d) (None = 0).
+    all over the TRAIN rows, x measured from ``shift`` (B, d) (None = 0). C = V diag(λ) Vᵀ and
+    G = Vᵀ Σ(x-x̄)(y-ȳ)ᵀ give w(α) = V diag(1/(λ+α)) G for every α at once; eigenvalues are
+    clamped at 0 (tiny negative values are rounding in a positive semi-definite matrix).
     """
-    torch = _torch()
     n = float(n)
     if n < 3:
         raise RidgeError(f"need at least 3 training rows, got {int(n)}")
@@ -164,12 +106,14 @@ class LooAccumulator:
     hat diagonal, the fitted value, the LOO residual of train rows, and the fitted values of every
     row (kept so that the chosen alpha's train and test predictions need no third pass).
 
-    ``precision="float32"`` computes Z in float32 (about 2x faster; ~1e-6 relative error).
+    Exact efficient LOO, identical to scikit-learn ``RidgeCV(cv=None)``: the hat diagonal is
+    h_i(α) = 1/n + Σ_j Z_ij²/(λ_j+α) (the 1/n is the unpenalised intercept) and the LOO residual
+    e_i = (y_i - ŷ_i(α)) / (1 - h_i(α)). ``precision="float32"`` computes Z in float32 (about 2x
+    faster; ~1e-6 relative error).
     """
 
     def __init__(self, factor: PrimalFactor, alphas, n_rows: int, keep_predictions=True,
                  precision: str = "float64"):
-        torch = _torch()
         self.f = factor
         self.alphas = np.asarray(alphas, dtype=np.float64)
         B, d = factor.lam.shape
@@ -181,7 +125,8 @@ class LooAccumulator:
         inv = 1.0 / (factor.lam[:, None, :] + a[None, :, None])                # (B, A, d)
         self.inv_t = inv.transpose(1, 2).contiguous()                          # (B, d, A)
         # (B, d, A*k): column (a, t) = G[:, t] / (λ + α_a)
-        self.GA = (inv[:, :, :, None] * factor.G[:, None, :, :]).permute(0, 2, 1, 3).reshape(B, d, A * k)
+        self.GA = (inv[:, :, :, None] * factor.G[:, None, :, :]).permute(0, 2, 1, 3).reshape(
+            B, d, A * k)
         self.sse = torch.zeros(B, A, k, dtype=torch.float64, device=dev)
         self.n_train = 0
         self.dtype = torch.float32 if precision == "float32" else torch.float64
@@ -197,7 +142,6 @@ class LooAccumulator:
 
     def update(self, start: int, X, Y, train) -> None:
         """X (B, r, d) any float dtype (numpy or torch), Y (r, k) targets, train (r,) bool."""
-        torch = _torch()
         X = torch.as_tensor(X)
         if X.device != self.f.lam.device:
             X = X.to(self.f.lam.device)
@@ -222,7 +166,8 @@ class LooAccumulator:
             self.n_train += int(train.sum())
 
     def scores(self):
-        """(B, A, k) per-target LOO score: -mean squared LOO residual."""
+        """(B, A, k) per-target LOO score: -mean squared LOO residual (a shared alpha is then
+        chosen on the mean over targets, sklearn's ``alpha_per_target=False``)."""
         return -(self.sse / max(self.n_train, 1))
 
 
@@ -257,11 +202,11 @@ def _check_fold_variance(f, sst, yty):
 def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas, precision="float64"):
     """Per-target k-fold R² (B, A, k), averaged over folds, from per-fold statistics.
 
-    n (F,), sx (B, F, d), xtx (B, F, d, d), sy (F, k), yty (F, k, k), xty (B, F, d, k): sums over the
-    rows of each fold (x measured from any fixed shift). Fold f is scored with the model fitted on
-    all other folds (train = total - fold), as R²_f,t = 1 - SSE/Σ(y - ȳ_fold)².
+    n (F,), sx (B, F, d), xtx (B, F, d, d), sy (F, k), yty (F, k, k), xty (B, F, d, k): sums over
+    the rows of each fold (x measured from any fixed shift). Fold f is scored with the model fitted
+    on all other folds (train = total - fold), as R²_f,t = 1 - SSE/Σ(y - ȳ_fold)² (the fold's own
+    mean, sklearn ``r2_score``): what ``RidgeCV(cv=KFold(K))`` computes, with no extra data pass.
     """
-    torch = _torch()
     n, sx, xtx, sy, yty, xty = (torch.as_tensor(t, dtype=torch.float64)
                                 for t in (n, sx, xtx, sy, yty, xty))
     F = n.shape[0]
@@ -302,16 +247,34 @@ def kfold_scores_primal(n, sx, xtx, sy, yty, xty, alphas, precision="float64"):
 
 
 def kfold_assignment(n: int, k: int, shuffle: bool = False, seed: int = 0) -> np.ndarray:
-    """Fold index of each of n rows, exactly as sklearn ``KFold(k, shuffle, random_state=seed)``."""
-    from sklearn.model_selection import KFold
+    """Fold index of each of n rows, exactly as sklearn ``KFold(k, shuffle, random_state=seed)``.
+
+    Parameters
+    ----------
+    n, k : int
+        Rows and folds (2 <= k <= n).
+    shuffle : bool
+        Permute the rows first with ``np.random.RandomState(seed).shuffle`` (KFold's shuffle).
+    seed : int
+        Seed of the permutation.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n,) int32: k consecutive folds of the (permuted) rows, the first ``n % k`` one row
+        larger.
+    """
     if k < 2:
         raise RidgeError(f"k-fold needs k >= 2, got {k}")
     if n < k:
         raise RidgeError(f"{k}-fold cross-validation needs at least {k} training rows, got {n}")
+    order = np.arange(n)
+    if shuffle:
+        np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(k, n // k)
+    sizes[:n % k] += 1
     fold = np.empty(n, dtype=np.int32)
-    kf = KFold(k, shuffle=shuffle, random_state=seed if shuffle else None)
-    for f, (_, val) in enumerate(kf.split(np.zeros((n, 1)))):
-        fold[val] = f
+    fold[order] = np.repeat(np.arange(k, dtype=np.int32), sizes)
     return fold
 
 
@@ -321,7 +284,6 @@ def _zero_intercept_direction(lam, U):
     """The centred kernel has the constant vector in its null space (the intercept direction,
     unpenalised): set the eigenvalue of the eigenvector closest to it to exactly 0, as sklearn's
     GCV does, instead of trusting a rounding-level value (which matters in float32)."""
-    torch = _torch()
     i = int(torch.argmax(U.sum(0).abs()))
     lam = lam.clone()
     lam[i] = 0.0
@@ -329,7 +291,6 @@ def _zero_intercept_direction(lam, U):
 
 
 def _dual_eig(Xc, precision="float64"):
-    torch = _torch()
     Xk = Xc.to(torch.float32) if precision == "float32" else Xc
     K = Xk @ Xk.T
     K = 0.5 * (K + K.T)
@@ -343,7 +304,6 @@ def dual_loo(X, Y, alphas, precision="float64"):
     X (n, d) float64 train rows, Y (n, k). Returns (scores (A, k) = -mean LOO e², fitted (n, A, k),
     state) where state feeds :func:`dual_coef`.
     """
-    torch = _torch()
     X = torch.as_tensor(X, dtype=torch.float64)
     Y = torch.as_tensor(Y, dtype=torch.float64, device=X.device)
     n = X.shape[0]
@@ -366,8 +326,8 @@ def dual_loo(X, Y, alphas, precision="float64"):
 
 
 def dual_coef(state, alpha_per_t):
-    """w (d, k) and intercept (k,) at the given alpha per target (k,), from :func:`dual_loo` state."""
-    torch = _torch()
+    """w (d, k) and intercept (k,) at the given alpha per target (k,), from :func:`dual_loo`'s
+    state."""
     mean, ybar, Xc, lam, U, UTy = state
     a = torch.as_tensor(np.asarray(alpha_per_t, dtype=np.float64), device=lam.device)
     inv = 1.0 / (lam[:, None] + a[None, :])                                   # (n, k)
@@ -377,8 +337,8 @@ def dual_coef(state, alpha_per_t):
 
 
 def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
-    """Per-target k-fold R² (A, k), averaged over folds, in dual form. X (n, d), Y (n, k), fold (n,)."""
-    torch = _torch()
+    """Per-target k-fold R² (A, k), averaged over folds, in dual form. X (n, d), Y (n, k),
+    fold (n,)."""
     X = torch.as_tensor(X, dtype=torch.float64)
     Y = torch.as_tensor(Y, dtype=torch.float64, device=X.device)
     fold = np.asarray(fold)
@@ -417,142 +377,74 @@ def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
     return r2 / F
 
 
-# ----------------------------------------------------------------------------- estimator
-
-def _solve_arrays(X, Y, alphas, cv, alpha_per_target, device, fold=None):
-    """Shared solver on in-memory train arrays (float64). Returns alpha index (k,), best score,
-    per-target scores (A, k), coef (d, k), intercept (k,)."""
-    torch = _torch()
-    Xt = torch.as_tensor(X, dtype=torch.float64, device=device)
-    Yt = torch.as_tensor(Y, dtype=torch.float64, device=device)
-    n, d = Xt.shape
-    if cv == "loo":
-        if n < d:
-            scores, _, state = dual_loo(Xt, Yt, alphas)
-            idx, best = select_alpha(scores[None], alpha_per_target)
-            w, b = dual_coef(state, np.asarray(alphas)[idx[0]])
-        else:
-            shift = Xt.mean(0, keepdim=True)                  # centring first keeps XᵀX exact
-            Xs = Xt - shift
-            fac = primal_factor(n, Xs.sum(0)[None], (Xs.T @ Xs)[None], Yt.sum(0),
-                                (Xs.T @ Yt)[None], shift)
-            acc = LooAccumulator(fac, alphas, n, keep_predictions=False)
-            acc.update(0, Xt[None], Yt, np.ones(n, dtype=bool))
-            scores = acc.scores()[0]
-            idx, best = select_alpha(scores[None], alpha_per_target)
-            w = fac.coef(np.asarray(alphas)[idx])
-            b = fac.intercept(w)[0]
-            w = w[0]
-    else:
-        if n < d:
-            scores = dual_kfold_scores(Xt, Yt, fold, alphas)
-            idx, best = select_alpha(scores[None], alpha_per_target)
-            _, _, state = dual_loo(Xt, Yt, alphas[:1])
-            w, b = dual_coef(state, np.asarray(alphas)[idx[0]])
-        else:
-            shift = Xt.mean(0)
-            Xs = Xt - shift
-            F = int(fold.max()) + 1
-            ft = torch.as_tensor(fold, device=device)
-            nf = torch.stack([(ft == f).sum().to(torch.float64) for f in range(F)])
-            sx = torch.stack([Xs[ft == f].sum(0) for f in range(F)])[None]
-            xtx = torch.stack([Xs[ft == f].T @ Xs[ft == f] for f in range(F)])[None]
-            sy = torch.stack([Yt[ft == f].sum(0) for f in range(F)])
-            yty = torch.stack([Yt[ft == f].T @ Yt[ft == f] for f in range(F)])
-            xty = torch.stack([Xs[ft == f].T @ Yt[ft == f] for f in range(F)])[None]
-            scores = kfold_scores_primal(nf, sx, xtx, sy, yty, xty, alphas)[0]
-            idx, best = select_alpha(scores[None], alpha_per_target)
-            fac = primal_factor(n, sx.sum(1), xtx.sum(1), sy.sum(0), xty.sum(1), shift[None])
-            w = fac.coef(np.asarray(alphas)[idx])
-            b = fac.intercept(w)[0]
-            w = w[0]
-    return idx[0], best[0], scores, w, b
 
 
-def _estimator_base():
-    from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
-    return BaseEstimator, MultiOutputMixin, RegressorMixin
+# ----------------------------------------------------------------------------- in memory
 
-
-BaseEstimator, MultiOutputMixin, RegressorMixin = _estimator_base()
-
-
-class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
-    """Ridge regression with the alpha chosen by exact efficient LOO or k-fold CV (scikit-learn API).
-
-    The same solver as ``fastprobe fit``: one float64 eigendecomposition (primal d×d when
-    n >= d, dual n×n otherwise) gives every alpha of the grid at once.
+def fit_arrays(X, Y, alphas, cv, alpha_per_target: bool, device, fold=None):
+    """Ridge-CV on in-memory train arrays (the estimator's solve), primal or dual by shape.
 
     Parameters
     ----------
-    alphas : grid, as a sequence or a string ``"LO:HI:N"`` (log-spaced) / ``"a,b,c"``.
-    cv : ``"loo"`` (or None): exact leave-one-out, identical to ``sklearn.linear_model.RidgeCV()``;
-        int K: K contiguous folds (sklearn ``KFold(K)``), scored by R² as ``RidgeCV(cv=K)``.
-    alpha_per_target : choose one alpha per target column instead of one shared alpha.
-    standardize_targets : z-score y with its mean and population std before fitting (the paper's
-        convention; changes the shared-alpha choice when targets have different scales).
-        Coefficients and predictions are always in y's original units. With False the fit equals
-        ``RidgeCV(alphas, alpha_per_target=...)`` on the raw y.
-    backend : ``"auto"`` (CUDA if available, else CPU), ``"cpu"``/``"torch"``, ``"cuda"``.
+    X : array (n, d); Y : array (n, k)
+        Train rows and targets (converted to float64 on ``device``).
+    alphas : numpy.ndarray
+        The grid (A,).
+    cv : "loo" or int
+        Exact leave-one-out, or k-fold with the fold ids ``fold`` (n,).
+    alpha_per_target : bool
+        One alpha per target instead of one shared.
+    device : torch.device
 
-    Attributes
-    ----------
-    alpha_ : float, or (k,) array with alpha_per_target; coef_ : (d,) or (k, d); intercept_ : float
-    or (k,); best_score_ : CV score of the chosen alpha (LOO: -mean squared error in the fitted
-    units; k-fold: mean R²); cv_scores_ : (n_alphas, k) per-target scores; n_features_in_.
+    Returns
+    -------
+    tuple
+        (alpha index (k,), best score (scalar or (k,)), per-target scores (A, k) tensor,
+        coef (d, k) tensor, intercept (k,) tensor).
     """
-
-    def __init__(self, alphas=(0.1, 1.0, 10.0), *, cv="loo", alpha_per_target=False,
-                 standardize_targets=True, backend="auto"):
-        self.alphas = alphas
-        self.cv = cv
-        self.alpha_per_target = alpha_per_target
-        self.standardize_targets = standardize_targets
-        self.backend = backend
-
-    def fit(self, X, y):
-        from sklearn.utils.validation import check_X_y
-        X, y = check_X_y(X, y, multi_output=True, y_numeric=True, dtype=np.float64)
-        alphas = parse_alphas(self.alphas)
-        cv = "loo" if self.cv in (None, "loo") else self.cv
-        if cv != "loo":
-            if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)):
-                raise RidgeError(f"cv must be 'loo' or an int >= 2, got {self.cv!r}")
-            cv = int(cv)
-        y1d = y.ndim == 1
-        Y = y[:, None] if y1d else y
-        n = X.shape[0]
-        if n < 3:
-            raise RidgeError(f"need at least 3 training rows, got {n}")
-        mu = Y.mean(0)
-        sd = Y.std(0) if self.standardize_targets else np.ones(Y.shape[1])
-        if np.any(sd == 0):
-            raise RidgeError(f"constant target column(s) {np.nonzero(sd == 0)[0].tolist()}")
-        Yz = (Y - mu) / sd
-        fold = None if cv == "loo" else kfold_assignment(n, cv)
-        idx, best, scores, w, b = _solve_arrays(X, Yz, alphas, cv, self.alpha_per_target,
-                                                resolve(self.backend)[1], fold)
-        W = w.cpu().numpy() * sd[None, :]                                     # (d, k)
-        B = b.cpu().numpy() * sd + mu
-        self.cv_scores_ = scores.cpu().numpy()
-        a = alphas[idx]
-        if y1d:
-            self.coef_, self.intercept_ = W[:, 0], float(B[0])
-            self.alpha_, self.best_score_ = float(a[0]), float(np.ravel(best)[0])
+    Xt = torch.as_tensor(X, dtype=torch.float64, device=device)
+    Yt = torch.as_tensor(Y, dtype=torch.float64, device=device)
+    alphas = np.asarray(alphas)
+    n, d = Xt.shape
+    if n < d:
+        if cv == "loo":
+            scores, _, state = dual_loo(Xt, Yt, alphas)
         else:
-            self.coef_, self.intercept_ = W.T.copy(), B
-            if self.alpha_per_target:
-                self.alpha_, self.best_score_ = a, np.asarray(best)
-            else:
-                self.alpha_, self.best_score_ = float(a[0]), float(best)
-        self.n_features_in_ = X.shape[1]
-        return self
+            scores = dual_kfold_scores(Xt, Yt, fold, alphas)
+            _, _, state = dual_loo(Xt, Yt, alphas[:1])
+        idx, best = select_alpha(scores[None], alpha_per_target)
+        w, b = dual_coef(state, alphas[idx[0]])
+        return idx[0], best[0], scores, w, b
+    fac, scores = (_primal_loo(Xt, Yt, alphas) if cv == "loo"
+                   else _primal_kfold(Xt, Yt, alphas, fold))
+    idx, best = select_alpha(scores[None], alpha_per_target)
+    w = fac.coef(alphas[idx])
+    return idx[0], best[0], scores, w[0], fac.intercept(w)[0]
 
-    def predict(self, X):
-        from sklearn.utils.validation import check_array, check_is_fitted
-        check_is_fitted(self, "coef_")
-        X = check_array(X, dtype=np.float64)
-        if X.shape[1] != self.n_features_in_:
-            raise RidgeError(f"X has {X.shape[1]} features, the probe was fitted on "
-                             f"{self.n_features_in_}")
-        return X @ self.coef_.T + self.intercept_
+
+def _primal_loo(X, Y, alphas):
+    """(factor, LOO scores (A, k)) of one layer's rows in memory."""
+    n = X.shape[0]
+    shift = X.mean(0, keepdim=True)                    # centring first keeps XᵀX exact
+    Xs = X - shift
+    fac = primal_factor(n, Xs.sum(0)[None], (Xs.T @ Xs)[None], Y.sum(0), (Xs.T @ Y)[None], shift)
+    acc = LooAccumulator(fac, alphas, n, keep_predictions=False)
+    acc.update(0, X[None], Y, np.ones(n, dtype=bool))
+    return fac, acc.scores()[0]
+
+
+def _primal_kfold(X, Y, alphas, fold):
+    """(factor of all rows, k-fold R² scores (A, k)) of one layer's rows in memory."""
+    shift = X.mean(0)
+    Xs = X - shift
+    ft = torch.as_tensor(fold, device=X.device)
+    parts = [ft == f for f in range(int(fold.max()) + 1)]
+    nf = torch.stack([m.sum().to(torch.float64) for m in parts])
+    sx = torch.stack([Xs[m].sum(0) for m in parts])[None]
+    xtx = torch.stack([Xs[m].T @ Xs[m] for m in parts])[None]
+    sy = torch.stack([Y[m].sum(0) for m in parts])
+    yty = torch.stack([Y[m].T @ Y[m] for m in parts])
+    xty = torch.stack([Xs[m].T @ Y[m] for m in parts])[None]
+    scores = kfold_scores_primal(nf, sx, xtx, sy, yty, xty, alphas)[0]
+    fac = primal_factor(X.shape[0], sx.sum(1), xtx.sum(1), sy.sum(0), xty.sum(1), shift[None])
+    return fac, scores

@@ -1,0 +1,121 @@
+"""The options of a fit: :class:`FitConfig`, also the ``fastprobe fit`` command line (each
+field's docstring is its ``--help``). Light on purpose: ``fastprobe --help`` imports it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from actstore.options import cli
+from probes.errors import FitError
+from probes.ridge.alphas import DEFAULT_ALPHAS, parse_alphas
+
+__all__ = ["FitConfig", "BACKEND_CHOICES", "PRECISIONS"]
+
+BACKEND_CHOICES = ("auto", "cpu", "torch", "cuda", "triton")
+PRECISIONS = ("float64", "float32")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How :func:`probes.fit.fit_all_layers` fits the ridge probes of a store.
+
+    Each field is documented by the string under it, which is also its ``fastprobe fit --help``
+    text. Values are checked and normalised on construction (lists become tuples, ``cv`` is
+    ``"loo"`` or an int); a bad one raises FitError (RidgeError for the alpha grid).
+
+    Parameters
+    ----------
+    layers : tuple of int, int or None
+        Hidden-state indices to fit (None: every layer the store holds).
+    targets : str, tuple of str or None
+        Target columns ("a,b" or names; None: the store's own).
+    alphas : str or tuple of float
+        The alpha grid (:func:`probes.ridge.parse_alphas`).
+    cv : "loo" or int
+        Exact leave-one-out or K-fold alpha selection.
+    alpha_per_target : bool
+        One alpha per target instead of one per layer.
+    split : str
+        The train/test split (:func:`probes.inputs.parse_split`).
+    backend : str
+        Statistics kernel: auto, cpu, torch, cuda or triton.
+    precision : str
+        float64 or float32.
+    device : str or None
+        Where the solve runs (None: from the backend).
+    memory_bytes : int
+        Budget of one batch of layers.
+    seed : int
+        Seed of the k-fold shuffle.
+    chunk_rows : int or None
+        Rows per chunk of the streaming passes.
+    progress : bool
+        Show a progress bar.
+    """
+
+    layers: tuple[int, ...] | None = field(default=None, metadata=cli(metavar="L,M,..."))
+    """probe only these layers: hidden-state indices the store holds (0 = embeddings, l = output
+    of block l, as results.json names them; negative ones count from the last); default every
+    layer (on the command line: --all-layers)"""
+    targets: str | tuple[str, ...] | None = field(
+        default=None, metadata=cli(flag="--target", metavar="NAMES"))
+    """comma-separated target columns, e.g. latitude,longitude or year (default: the store's own
+    targets)"""
+    alphas: str | tuple[float, ...] = field(default=DEFAULT_ALPHAS,
+                                            metadata=cli(metavar="GRID", type=str))
+    """alpha grid: LO:HI:N log-spaced, or a list a,b,c"""
+    cv: str | int = field(default="loo", metadata=cli(metavar="loo|K", type=str))
+    """alpha selection: exact leave-one-out (loo) or K-fold (an integer K >= 2; seeded shuffle)"""
+    alpha_per_target: bool = False
+    """choose one alpha per target instead of one per layer (the paper shares it)"""
+    split: str = field(default="is_test", metadata=cli(metavar="SPEC"))
+    """is_test (the store's column) | random:FRAC:SEED | group:COLUMN[:FRAC[:SEED]] (hold out
+    whole groups, e.g. group:country)"""
+    backend: str = field(default="auto", metadata=cli(choices=BACKEND_CHOICES))
+    """statistics kernel: C++/OpenMP (cpu), torch float64 reference, CUDA, Triton; auto picks the
+    fastest available"""
+    precision: str = field(default="float64", metadata=cli(choices=PRECISIONS))
+    """float64 (exact) or float32 statistics blocks, eigendecomposition and projections (about 2x
+    faster; ~1e-6 relative, less exact for alphas far below the float32 noise floor)"""
+    device: str | None = field(default=None, metadata=cli(choices=("cpu", "cuda")))
+    """where the solve runs (default: cuda for --backend cuda/triton, and for auto when a GPU is
+    present, else cpu; --backend torch --device cuda runs the float64 reference on the GPU)"""
+    memory_bytes: int = field(default=2 << 30,
+                              metadata=cli(flag="--memory-gb", type=float, metavar="GB"))
+    """memory for one batch of layers' statistics + eigenvectors + per-alpha predictions (GB on
+    the command line, bytes in Python); fewer layers per pass when it is small (at least one
+    layer is always taken)"""
+    seed: int = 0
+    """seed of the k-fold shuffle"""
+    chunk_rows: int | None = field(default=None, metadata=cli(hidden=True))
+    """rows per chunk of the streaming passes (default: the backend's preferred size)"""
+    progress: bool = field(default=False, metadata=cli(hidden=True))
+    """a progress bar on stderr (the command line shows one unless -q or stderr is no terminal)"""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise FitError(f"precision must be 'float64' or 'float32', got {self.precision!r}")
+        parse_alphas(self.alphas)                   # RidgeError now rather than mid-fit
+        normal = {"cv": _cv(self.cv)}
+        if self.targets is not None and not isinstance(self.targets, str):
+            normal["targets"] = tuple(self.targets)
+        if not isinstance(self.alphas, str):
+            normal["alphas"] = tuple(np.asarray(self.alphas, np.float64).ravel().tolist())
+        if self.layers is not None and not isinstance(self.layers, (int, np.integer)):
+            normal["layers"] = tuple(self.layers)
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)    # frozen: normalised once, here
+
+
+def _cv(cv) -> str | int:
+    """"loo" or an int K >= 2."""
+    if cv in (None, "loo", "LOO"):
+        return "loo"
+    try:
+        k = int(cv)
+    except (TypeError, ValueError):
+        raise FitError(f"cv must be 'loo' or an integer K >= 2, got {cv!r}") from None
+    if k < 2:
+        raise FitError(f"cv must be 'loo' or an integer K >= 2, got {k}")
+    return k

@@ -1,0 +1,31 @@
+"""Exact ridge regression for many layers at once: ``alphas`` (the grid), ``solvers`` (primal and
+dual forms, LOO and k-fold selection) and ``estimator`` (:class:`RidgeProbeCV`, scikit-learn's
+API). Names resolve lazily: importing the grid loads neither torch nor scikit-learn."""
+from __future__ import annotations
+
+import importlib
+
+from probes.errors import RidgeError
+
+__all__ = [
+    "RidgeError", "parse_alphas", "DEFAULT_ALPHAS", "PrimalFactor", "primal_factor",
+    "LooAccumulator", "select_alpha", "kfold_scores_primal", "dual_loo", "dual_kfold_scores",
+    "dual_coef", "kfold_assignment", "fit_arrays", "RidgeProbeCV",
+]
+
+_LAZY = {"parse_alphas": "alphas", "DEFAULT_ALPHAS": "alphas", "RidgeProbeCV": "estimator",
+         **{name: "solvers" for name in ("PrimalFactor", "primal_factor", "LooAccumulator",
+                                         "select_alpha", "kfold_scores_primal", "dual_loo",
+                                         "dual_kfold_scores", "dual_coef", "kfold_assignment",
+                                         "fit_arrays")}}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'probes.ridge' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"probes.ridge.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
