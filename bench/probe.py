@@ -38,7 +38,7 @@ class MemoryStore:
         self.path = "<memory>"
         self.n_layers, self.n_rows, self.d_model = X.shape
         self.rows_done = self.n_rows
-        self.layers = list(range(self.n_layers))   # hidden-state index = position here
+        self.layers = list(range(1, self.n_layers + 1))   # hidden states 1..L, as a real store
         self.dtype = str(X.dtype)
         self.rows_per_chunk = 1024
         self.targets = tuple(targets)

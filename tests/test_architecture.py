@@ -21,7 +21,7 @@ FLOORS = [
     ["actstore.prompts", "actstore.distributed"],
     ["actstore.extract"],
     ["actstore.cli", "actstore.__main__", "actstore"],
-    ["probes.errors"],
+    ["probes.errors", "probes.cli_common"],
     ["probes.inputs", "probes.metrics", "probes.stats", "probes.stream"],
     ["probes.kernels"],
     ["probes.ridge"],
@@ -31,7 +31,7 @@ FLOORS = [
     ["probes.neurons"],
     ["probes.experiments"],
     ["probes.pipeline"],
-    ["probes.cli", "probes.cli_common", "probes.__main__", "probes"],
+    ["probes.cli", "probes.__main__", "probes"],
 ]
 
 
