@@ -16,9 +16,9 @@ __all__ = ["NeuronReportError", "neuron_correlations", "rank_transform", "spearm
 
 _LAZY = {"neuron_correlations": "correlations", "rank_transform": "correlations",
          "spearman": "correlations", "add_probe_cosines": "probe_link", "load_probe": "probe_link",
-         "METHODS": "projection", "NEURON_LAYER_RULE": "projection",
+         "METHODS": "config", "NEURON_LAYER_RULE": "projection",
          "projected_neuron": "projection", "projection_correlations": "projection",
-         "resolve_model": "projection", "NEURONS_JSON": "report", "NEURONS_NPZ": "report",
+         "resolve_model": "model", "NEURONS_JSON": "report", "NEURONS_NPZ": "report",
          "neuron_report": "report", "write_neuron_report": "report"}
 
 

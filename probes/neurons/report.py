@@ -18,8 +18,10 @@ from probes.metrics import _latlon
 from probes.report import plot_best_neuron
 from probes.neurons.correlations import neuron_correlations
 from probes.neurons.probe_link import add_probe_cosines, load_probe
-from probes.neurons.projection import (METHODS, NEURON_LAYER_RULE, projected_neuron,
-                                       projection_correlations, resolve_model)
+from probes.neurons.config import METHODS
+from probes.neurons.model import resolve_model
+from probes.neurons.projection import (NEURON_LAYER_RULE, projected_neuron,
+                                       projection_correlations)
 
 __all__ = ["neuron_report", "write_neuron_report", "NEURONS_JSON", "NEURONS_NPZ", "SPLITS"]
 
