@@ -159,5 +159,3 @@ def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
                 den = nw * float(np.linalg.norm(c))
                 cos[t] = float(np.dot(w, c) / den) if den > 0 else None
             e["probe_cosine"] = cos
-
-
