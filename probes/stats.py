@@ -14,7 +14,7 @@ cancellation. The shift never changes a centred quantity (:meth:`GramStats.cente
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ def _keep_mask(fold, r, device) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ base
+_S = TypeVar("_S", bound="AdditiveStats")
+
+
 @dataclass
 class AdditiveStats:
     """The shared base of the streaming statistics: a dataclass whose fields are tensors on one
@@ -89,7 +92,7 @@ class AdditiveStats:
         """{field: the shape its dimensions imply}."""
         raise NotImplementedError
 
-    def _aligned(self, other):
+    def _aligned(self: _S, other: _S) -> _S:
         """``other`` (same device and dtype) expressed so its sums add to this object's."""
         return other
 
@@ -98,14 +101,14 @@ class AdditiveStats:
         """{field name: tensor}, in field order."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def _map(self, fn):
+    def _map(self: _S, fn) -> _S:
         return type(self)(**{name: fn(t) for name, t in self.tensors().items()})
 
-    def clone(self):
+    def clone(self: _S) -> _S:
         """A deep copy (every tensor cloned)."""
         return self._map(lambda t: t.clone())
 
-    def to(self, device=None, dtype=None):
+    def to(self: _S, device=None, dtype=None) -> _S:
         """A copy with every tensor on ``device`` / in ``dtype`` (None: unchanged)."""
         return self._map(lambda t: t.to(device=device, dtype=dtype))
 
@@ -121,7 +124,7 @@ class AdditiveStats:
     def dtype(self) -> torch.dtype:
         return getattr(self, self._ANCHOR).dtype
 
-    def check(self):
+    def check(self: _S) -> _S:
         """Raise StatsError unless every tensor has the shape its dimensions imply."""
         for name, shape in self._shapes().items():
             got = tuple(getattr(self, name).shape)
@@ -131,7 +134,7 @@ class AdditiveStats:
         return self
 
     # ----------------------------------------------------------------------------- merging
-    def __iadd__(self, other):
+    def __iadd__(self: _S, other: _S) -> _S:
         if not isinstance(other, type(self)):
             return NotImplemented
         if self._dims() != other._dims():
@@ -144,7 +147,7 @@ class AdditiveStats:
             getattr(self, name).add_(getattr(other, name))
         return self
 
-    def __add__(self, other):
+    def __add__(self: _S, other: _S) -> _S:
         if not isinstance(other, type(self)):
             return NotImplemented
         out = self.clone()

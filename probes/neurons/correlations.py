@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actstore.store import ActivationStore
 from probes.errors import StatsError
 from probes.inputs import select_layers
 from probes.kernels import neuron_update, resolve
@@ -83,7 +84,8 @@ def spearman(X, Y, mask=None, column_block: int = 4096) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ stores
-def prepare_rows(store, Y, rows_mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prepare_rows(store: ActivationStore, Y,
+                 rows_mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The targets and rows of a pass over ``store``: (Y (rows_done, k) float64, a private
     writable copy; mask (rows_done,) bool; fold (rows_done,) int32, 0 = used, -1 = skipped).
     StatsError when Y is shorter than the store or not finite."""
@@ -117,9 +119,10 @@ def _streamed_pearson(store, Yd: Tensor, fold: np.ndarray, ids, dev, backend, ch
     return st.pearson().cpu()
 
 
-def neuron_correlations(store, Y, rows_mask=None, layers=None, backend: str = "auto",
-                        device=None, method=("pearson", "spearman"), chunk_rows: int | None = None,
-                        array: str = "neurons", prefetch: int = 2) -> dict:
+def neuron_correlations(store: ActivationStore, Y, rows_mask=None, layers=None,
+                        backend: str = "auto", device=None, method=("pearson", "spearman"),
+                        chunk_rows: int | None = None, array: str = "neurons",
+                        prefetch: int = 2) -> dict:
     """Correlations of every neuron of every (selected) layer of ``store`` with each target.
 
     Parameters

@@ -6,6 +6,7 @@ import os
 
 from actstore.errors import ModelError
 from actstore.models import LoadedModel, decoder_layers, load_model, mlp_width
+from actstore.store import ActivationStore
 from probes.errors import NeuronReportError
 
 __all__ = ["resolve_model", "hf_model", "store_model_meta", "WEIGHT_KEYS"]
@@ -19,7 +20,7 @@ def hf_model(model):
     return model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
 
 
-def store_model_meta(store) -> dict:
+def store_model_meta(store: ActivationStore) -> dict:
     """The store's ``meta["model"]`` record ({} when it has none)."""
     meta = store.meta if isinstance(store.meta, dict) else {}
     m = meta.get("model")
@@ -39,7 +40,7 @@ def _default_model(store, meta: dict):
     return meta.get("path") if meta.get("source") == "local" and meta.get("path") else meta["id"]
 
 
-def resolve_model(store, model=None):
+def resolve_model(store: ActivationStore, model=None) -> tuple:
     """The HF model and its info dict, for the projection method and the probe cosines.
 
     Parameters

@@ -3,13 +3,14 @@ the cosine of each neuron's output weights with the probe direction of the layer
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from actstore.errors import StoreError
 from actstore.models import decoder_layers, output_weights
-from actstore.store import open_store, store_identity
+from actstore.store import ActivationStore, open_store, store_identity
 from probes.errors import FitError, NeuronReportError
 from probes.fit import ARRAYS_FILE, load_results
 from probes.neurons.model import WEIGHT_KEYS, hf_model, store_model_meta
@@ -81,7 +82,7 @@ def _legacy_diffs(res: dict, store) -> list[str]:
     return diffs
 
 
-def load_probe(probe_dir, store) -> dict:
+def load_probe(probe_dir: str | os.PathLike, store: ActivationStore) -> dict:
     """Probe directions from a ``fastprobe fit --out`` directory made on ``store``.
 
     Parameters

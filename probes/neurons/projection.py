@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from actstore.models import decoder_layers, mlp_parts
+from actstore.store import ActivationStore
 from actstore.store.format import as_compute
 from probes.errors import NeuronReportError
 from probes.inputs import select_layers
@@ -60,7 +61,7 @@ def _chunks_as_tensors(store, layer: int, chunk_rows):
         yield s, as_compute(X, store.dtype)
 
 
-def projection_sources(store, n_blocks: int, layers=None) -> list[int]:
+def projection_sources(store: ActivationStore, n_blocks: int, layers=None) -> list[int]:
     """Stored hidden-state indices usable by the projection method: hidden state l feeds block
     l, so the last one (l = n_blocks, after the last block) has no MLP to project through."""
     return [layer for layer in select_layers(store, layers) if layer < n_blocks]
@@ -89,8 +90,9 @@ def _project_layer(store, block, source: int, Yd: Tensor, md: Tensor, fold: np.n
     return st.pearson()[0].cpu(), spearman(buf, Yd, mask=md).cpu()
 
 
-def projection_correlations(store, model, Y, rows_mask=None, layers=None, device="cpu",
-                            chunk_rows: int | None = None, prefetch: int = 2) -> dict:
+def projection_correlations(store: ActivationStore, model, Y, rows_mask=None, layers=None,
+                            device="cpu", chunk_rows: int | None = None,
+                            prefetch: int = 2) -> dict:
     """Pearson and Spearman of the paper's projected MLP neurons with each target.
 
     Parameters
@@ -144,7 +146,7 @@ def projection_correlations(store, model, Y, rows_mask=None, layers=None, device
             "n_rows": int(mask.sum()), "d_mlp": int(pear[0].shape[0])}
 
 
-def projected_neuron(store, model, source_layer: int, index, device="cpu",
+def projected_neuron(store: ActivationStore, model, source_layer: int, index, device="cpu",
                      chunk_rows: int | None = None) -> np.ndarray:
     """(rows_done,) float32 projected activation of neuron ``index`` of block ``source_layer``,
     computed from the stored hidden state ``source_layer`` (the entry's "source_layer"; the

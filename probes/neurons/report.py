@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from actstore.io import write_atomic, write_json
-from actstore.store import open_store
+from actstore.store import ActivationStore, open_store
 from probes.errors import NeuronReportError
 from probes.inputs import resolve_targets
 from probes.kernels import NEURON_GPU_ORDER, resolve
@@ -178,7 +178,8 @@ def _result(store, cfg: NeuronConfig, rows: _Rows, c: _Correlations, dev, info) 
 
 
 # ------------------------------------------------------------------------------------ entry point
-def neuron_report(store, config: NeuronConfig | None = None, **options) -> dict:
+def neuron_report(store: str | os.PathLike | ActivationStore,
+                  config: NeuronConfig | None = None, **options) -> dict:
     """Pearson and Spearman correlation of every MLP neuron of every layer with each target,
     and the ``top`` neurons per target ranked by |Spearman|.
 
@@ -271,7 +272,9 @@ def _write_json(result: dict, out):
     write_json(Path(out) / NEURONS_JSON, {k: v for k, v in result.items() if k != "arrays"})
 
 
-def write_neuron_report(result: dict, out, store, mask, Y, activations=None) -> list:
+def write_neuron_report(result: dict, out: str | os.PathLike, store: ActivationStore,
+                        mask: np.ndarray, Y: np.ndarray,
+                        activations: dict | None = None) -> list[Path]:
     """neurons.json, neurons.npz and the best-neuron PNGs (see :func:`neuron_report`).
 
     activations: {target: (rows_done,) activation of that target's best neuron}; None reads
