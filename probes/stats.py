@@ -1,38 +1,161 @@
 """Sufficient statistics of a streaming pass over an activation store.
 
-One :class:`GramStats` holds, for a batch of ``B`` layers and ``F`` folds, everything the ridge
-solve needs: row counts, column sums, the Gram matrix ``XᵀX``, the cross products ``XᵀY`` and the
-target moments. Every backend of :func:`probes.kernels.gram_update` fills the same object, and the
-object is additive (``a += b``), so shards of rows (threads, ranks, GPUs) are merged by summing.
+:class:`GramStats` (per layer and fold: counts, column sums, ``XᵀX``, ``XᵀY``, target moments)
+is what the ridge solve needs; :class:`NeuronStats` (per neuron: Σx, Σx², Σxy) is what the
+neuron correlations need. Both sit on :class:`AdditiveStats`: a dataclass of tensors on one
+device that is additive (``a += b``), so shards of rows (threads, ranks, GPUs) merge by summing.
+Every backend of :mod:`probes.kernels` fills the same objects.
 
-Stability: every activation is stored relative to a per-layer constant ``shift`` c (B, d), i.e.
-``x := x_raw - c``. With c close to the column means, ``XᵀX`` in float32 pieces does not lose the
-centred part to cancellation. The shift never changes any centred quantity: :meth:`centered`
-undoes it exactly, and :meth:`reshift` moves statistics to another shift exactly (float64 algebra).
-
-Definitions (sums run over the rows of one fold; x is shifted, y is raw)::
-
-    n[f]        = #rows
-    sx[b, f]    = Σ x           (d,)
-    xtx[b, f]   = Σ x xᵀ        (d, d), full symmetric
-    xty[b, f]   = Σ x yᵀ        (d, k)
-    sy[f]       = Σ y           (k,)
-    yty[f]      = Σ y yᵀ        (k, k)
+Stability: activations are accumulated relative to a per-layer constant ``shift`` c close to
+the column means (x := x_raw - c), so float32 pieces do not lose the centred part to
+cancellation. The shift never changes a centred quantity (:meth:`GramStats.centered`,
+:meth:`GramStats.reshift` and :func:`pearson_from_moments` undo it in float64).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
 from probes.errors import StatsError
 
-__all__ = ["GramStats", "CenteredStats", "StatsError", "choose_shift", "validate_chunk", "fold_groups",
-           "NeuronStats", "pearson_from_moments", "prepare_neuron_chunk"]
+__all__ = ["AdditiveStats", "GramStats", "CenteredStats", "StatsError", "choose_shift",
+           "validate_chunk", "fold_groups", "NeuronStats", "pearson_from_moments",
+           "prepare_neuron_chunk", "as_tensor"]
 
 
+# ------------------------------------------------------------------------------------ inputs
+def as_tensor(a) -> Tensor:
+    """``a`` as a torch tensor without a copy where possible: tensors pass through, CUDA /
+    DLPack arrays (CuPy) go through DLPack, anything else through a contiguous numpy array."""
+    if isinstance(a, Tensor):
+        return a
+    if hasattr(a, "__cuda_array_interface__") or (hasattr(a, "__dlpack__")
+                                                  and not isinstance(a, np.ndarray)):
+        return torch.from_dlpack(a)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+_as_tensor = as_tensor   # the old private name, kept while other modules move to as_tensor
+
+
+def _f32_exact(a, shape, name, device) -> Tensor:
+    t = as_tensor(a).to(device=device, dtype=torch.float64)
+    if tuple(t.shape) != tuple(shape):
+        raise StatsError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise StatsError(f"{name} contains NaN or inf")
+    # kernels subtract a float32 shift: keep exactly that value so every backend agrees
+    return t.to(torch.float32).to(torch.float64).contiguous()
+
+
+def _keep_mask(fold, r, device) -> Tensor:
+    if fold is None:
+        return torch.ones(r, dtype=torch.bool, device=device)
+    f = as_tensor(fold).to(device).reshape(-1)
+    if f.dtype.is_floating_point or f.dtype == torch.bool:
+        raise StatsError(f"fold ids must be integers, got {f.dtype}")
+    if f.numel() != r:
+        raise StatsError(f"fold must have shape ({r},), got {tuple(f.shape)}")
+    if r and int(f.min()) < -1:
+        raise StatsError(f"fold ids must be >= -1 (-1 = skip the row), got {int(f.min())}")
+    return f >= 0
+
+
+# ------------------------------------------------------------------------------------ base
+_S = TypeVar("_S", bound="AdditiveStats")
+
+
+@dataclass
+class AdditiveStats:
+    """The shared base of the streaming statistics: a dataclass whose fields are tensors on one
+    device, some of them sums over rows (``_ADDITIVE``), so two objects describing disjoint
+    rows merge by adding those fields.
+
+    A subclass declares its fields, ``_ADDITIVE``, ``_ANCHOR`` (the field that reports the
+    device and dtype), ``_DIM_NAMES`` and implements :meth:`_dims`, :meth:`_shapes` and, when
+    its shift can differ between shards, :meth:`_aligned`.
+    """
+
+    _ADDITIVE: ClassVar[tuple[str, ...]] = ()
+    _ANCHOR: ClassVar[str] = "shift"
+    _DIM_NAMES: ClassVar[str] = ""
+
+    def _dims(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """{field: the shape its dimensions imply}."""
+        raise NotImplementedError
+
+    def _aligned(self: _S, other: _S) -> _S:
+        """``other`` (same device and dtype) expressed so its sums add to this object's."""
+        return other
+
+    # ----------------------------------------------------------------------------- fields
+    def tensors(self) -> dict[str, Tensor]:
+        """{field name: tensor}, in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _map(self: _S, fn) -> _S:
+        return type(self)(**{name: fn(t) for name, t in self.tensors().items()})
+
+    def clone(self: _S) -> _S:
+        """A deep copy (every tensor cloned)."""
+        return self._map(lambda t: t.clone())
+
+    def to(self: _S, device=None, dtype=None) -> _S:
+        """A copy with every tensor on ``device`` / in ``dtype`` (None: unchanged)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self._ANCHOR).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self._ANCHOR).dtype
+
+    def check(self: _S) -> _S:
+        """Raise StatsError unless every tensor has the shape its dimensions imply."""
+        for name, shape in self._shapes().items():
+            got = tuple(getattr(self, name).shape)
+            if got != tuple(shape):
+                raise StatsError(f"{type(self).__name__}.{name} has shape {got}, "
+                                 f"expected {tuple(shape)}")
+        return self
+
+    # ----------------------------------------------------------------------------- merging
+    def __iadd__(self: _S, other: _S) -> _S:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        if self._dims() != other._dims():
+            raise StatsError(f"cannot add {type(self).__name__} of dims {self._DIM_NAMES} = "
+                             f"{other._dims()} into {self._dims()}")
+        if other.device != self.device or other.dtype != self.dtype:
+            other = other.to(device=self.device, dtype=self.dtype)
+        other = self._aligned(other)
+        for name in self._ADDITIVE:
+            getattr(self, name).add_(getattr(other, name))
+        return self
+
+    def __add__(self: _S, other: _S) -> _S:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        out = self.clone()
+        out += other
+        return out
+
+
+# ------------------------------------------------------------------------------------ Gram
 class CenteredStats(NamedTuple):
     """Centred statistics of a set of rows (see :meth:`GramStats.centered`).
 
@@ -49,15 +172,20 @@ class CenteredStats(NamedTuple):
     Syy: Tensor
 
 
-_SUM_FIELDS = ("n", "sx", "xtx", "sy", "yty", "xty")
-
-
 @dataclass
-class GramStats:
-    """Per-layer, per-fold sufficient statistics (torch tensors, float64, CPU or one device).
+class GramStats(AdditiveStats):
+    """Per-layer, per-fold sufficient statistics of the ridge solve (torch tensors, float64,
+    CPU or one device), for ``B`` layers, ``F`` folds, width ``d`` and ``k`` targets.
 
-    shift (B, d); n (F,); sx (B, F, d); xtx (B, F, d, d); sy (F, k); yty (F, k, k); xty (B, F, d, k).
-    See the module docstring for the exact definitions.
+    Sums run over the rows of one fold; x is shifted (x_raw - shift), y is raw::
+
+        shift (B, d)
+        n[f]        = #rows         (F,)
+        sx[b, f]    = Σ x           (B, F, d)
+        xtx[b, f]   = Σ x xᵀ        (B, F, d, d), full symmetric
+        sy[f]       = Σ y           (F, k)
+        yty[f]      = Σ y yᵀ        (F, k, k)
+        xty[b, f]   = Σ x yᵀ        (B, F, d, k)
     """
 
     shift: Tensor
@@ -68,20 +196,26 @@ class GramStats:
     yty: Tensor
     xty: Tensor
 
+    _ADDITIVE = ("n", "sx", "xtx", "sy", "yty", "xty")
+    _ANCHOR = "xtx"
+    _DIM_NAMES = "(B, d, k, F)"
+
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def zeros(cls, B: int, d: int, k: int, n_folds: int = 1, shift=None, device="cpu",
               dtype=torch.float64) -> "GramStats":
         """Empty statistics; ``shift`` (B, d) array-like or None (= 0). Tensors are contiguous."""
         if min(B, d, k, n_folds) < 1:
-            raise StatsError(f"GramStats.zeros needs B, d, k, n_folds >= 1, got {(B, d, k, n_folds)}")
+            raise StatsError(f"GramStats.zeros needs B, d, k, n_folds >= 1, got "
+                             f"{(B, d, k, n_folds)}")
         if shift is None:
             shift_t = torch.zeros(B, d, dtype=dtype, device=device)
         else:
             shift_t = torch.as_tensor(np.asarray(shift) if not isinstance(shift, Tensor) else shift)
             shift_t = shift_t.to(device=device, dtype=dtype).contiguous().clone()
             if tuple(shift_t.shape) != (B, d):
-                raise StatsError(f"shift must have shape (B, d) = {(B, d)}, got {tuple(shift_t.shape)}")
+                raise StatsError(f"shift must have shape (B, d) = {(B, d)}, got "
+                                 f"{tuple(shift_t.shape)}")
             if not torch.isfinite(shift_t).all():
                 raise StatsError("shift contains NaN or inf")
         z = dict(dtype=dtype, device=device)
@@ -113,14 +247,6 @@ class GramStats:
         return int(self.n.shape[0])
 
     @property
-    def device(self) -> torch.device:
-        return self.xtx.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.xtx.dtype
-
-    @property
     def n_rows(self) -> int:
         """Rows accumulated over all folds."""
         return int(round(float(self.n.sum())))
@@ -128,25 +254,12 @@ class GramStats:
     def _dims(self) -> tuple[int, int, int, int]:
         return self.B, self.d, self.k, self.n_folds
 
-    def check(self) -> "GramStats":
-        """Raise StatsError unless every tensor has the shape implied by shift, n and sy."""
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
         B, d, k, F = self._dims()
-        want = dict(shift=(B, d), n=(F,), sx=(B, F, d), xtx=(B, F, d, d), sy=(F, k),
+        return dict(shift=(B, d), n=(F,), sx=(B, F, d), xtx=(B, F, d, d), sy=(F, k),
                     yty=(F, k, k), xty=(B, F, d, k))
-        for name, shape in want.items():
-            got = tuple(getattr(self, name).shape)
-            if got != shape:
-                raise StatsError(f"GramStats.{name} has shape {got}, expected {shape}")
-        return self
 
     # ----------------------------------------------------------------------------- algebra
-    def clone(self) -> "GramStats":
-        return GramStats(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
-
-    def to(self, device=None, dtype=None) -> "GramStats":
-        return GramStats(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype)
-                            for f in fields(self)})
-
     def reshift(self, new_shift) -> "GramStats":
         """The same statistics expressed about another shift c' (exact float64 algebra).
 
@@ -155,7 +268,8 @@ class GramStats:
         """
         new = torch.as_tensor(new_shift).to(device=self.device, dtype=self.dtype)
         if tuple(new.shape) != (self.B, self.d):
-            raise StatsError(f"new shift must have shape {(self.B, self.d)}, got {tuple(new.shape)}")
+            raise StatsError(f"new shift must have shape {(self.B, self.d)}, got "
+                             f"{tuple(new.shape)}")
         out = self.clone()
         delta = self.shift - new                                     # (B, d)
         if not torch.any(delta != 0):
@@ -172,26 +286,8 @@ class GramStats:
         out.shift = new.clone()
         return out
 
-    def __iadd__(self, other: "GramStats") -> "GramStats":
-        if not isinstance(other, GramStats):
-            return NotImplemented
-        if self._dims() != other._dims():
-            raise StatsError(f"cannot add GramStats of dims (B, d, k, F) = {other._dims()} "
-                             f"into {self._dims()}")
-        if other.device != self.device or other.dtype != self.dtype:
-            other = other.to(device=self.device, dtype=self.dtype)
-        if not torch.equal(other.shift, self.shift):
-            other = other.reshift(self.shift)
-        for name in _SUM_FIELDS:
-            getattr(self, name).add_(getattr(other, name))
-        return self
-
-    def __add__(self, other: "GramStats") -> "GramStats":
-        if not isinstance(other, GramStats):
-            return NotImplemented
-        out = self.clone()
-        out += other
-        return out
+    def _aligned(self, other: "GramStats") -> "GramStats":
+        return other if torch.equal(other.shift, self.shift) else other.reshift(self.shift)
 
     def all_reduce_(self, group=None) -> "GramStats":
         """Sum the statistics over the ranks of a torch.distributed group, in place.
@@ -199,15 +295,12 @@ class GramStats:
         Rank 0's shift is broadcast first and every rank re-expresses its statistics about it,
         so ranks may have chosen different shifts.
         """
-        import torch.distributed as dist
-
         shift0 = self.shift.clone()
         dist.broadcast(shift0, src=0, group=group)
         if not torch.equal(shift0, self.shift):
-            moved = self.reshift(shift0)
-            for f in fields(self):
-                setattr(self, f.name, getattr(moved, f.name))
-        for name in _SUM_FIELDS:
+            for name, t in self.reshift(shift0).tensors().items():
+                setattr(self, name, t)
+        for name in self._ADDITIVE:
             dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM, group=group)
         return self
 
@@ -216,7 +309,7 @@ class GramStats:
         F = self.n_folds
         if fold_mask is None:
             return torch.arange(F, device=self.device)
-        m = torch.as_tensor(np.asarray(fold_mask) if not isinstance(fold_mask, Tensor) else fold_mask)
+        m = fold_mask if isinstance(fold_mask, Tensor) else torch.as_tensor(np.asarray(fold_mask))
         if m.dtype == torch.bool:
             if tuple(m.shape) != (F,):
                 raise StatsError(f"boolean fold mask must have shape ({F},), got {tuple(m.shape)}")
@@ -283,10 +376,6 @@ class GramStats:
         self.sy.index_add_(0, fk, Yk)
         self.yty.index_add_(0, fk, Yk.unsqueeze(-1) * Yk.unsqueeze(-2))
 
-    def nbytes(self) -> int:
-        return sum(getattr(self, f.name).numel() * getattr(self, f.name).element_size()
-                   for f in fields(self))
-
 
 # --------------------------------------------------------------------------------- helpers
 def choose_shift(X, fold=None) -> Tensor:
@@ -343,7 +432,8 @@ def validate_chunk(stats: GramStats, X, Y, fold) -> tuple[int, int]:
             raise StatsError(f"fold ids must be integers, got {f.dtype}")
         lo, hi = int(f.min()), int(f.max())
         if lo < -1 or hi >= F:
-            raise StatsError(f"fold ids must lie in [-1, {F}) (-1 = skip the row), got min {lo}, max {hi}")
+            raise StatsError(f"fold ids must lie in [-1, {F}) (-1 = skip the row), got min {lo}, "
+                             f"max {hi}")
     return r, k
 
 
@@ -363,11 +453,22 @@ def fold_groups(f, n_folds: int):
     return order[f[order] >= 0].astype(np.int32), counts, off
 
 
-# ================================================================= neuron moments
 
+# ------------------------------------------------------------------------------------ neurons
 @dataclass
-class NeuronStats:
-    """Streaming per-neuron moments (float64 torch tensors on one device); see module docstring."""
+class NeuronStats(AdditiveStats):
+    """Streaming per-neuron moments (float64 torch tensors on one device) of ``B`` layers of
+    ``m`` neurons against ``k`` targets: the Pearson correlation of every neuron with every
+    target (:meth:`pearson`) without keeping the rows.
+
+    Sums run over the kept rows; x is shifted (x_raw - shift), y too (y_raw - yshift)::
+
+        shift (B, m), yshift (k,): float32-exact constants (the chunk means of the first chunk)
+        n = #rows ()      sx = Σ x (B, m)     sxx = Σ x² (B, m)     sxy = Σ x y (B, m, k)
+        sy = Σ y (k,)     syy = Σ y² (k,)
+
+    Shards merge by ``+=`` only when their shifts are equal (StatsError otherwise).
+    """
 
     shift: Tensor    # (B, m)
     yshift: Tensor   # (k,)
@@ -378,8 +479,14 @@ class NeuronStats:
     sy: Tensor       # (k,)
     syy: Tensor      # (k,)
 
+    _ADDITIVE = ("n", "sx", "sxx", "sxy", "sy", "syy")
+    _ANCHOR = "sx"
+    _DIM_NAMES = "(B, m, k)"
+
     @classmethod
     def zeros(cls, B: int, m: int, k: int, shift=None, yshift=None, device="cpu") -> "NeuronStats":
+        """Empty moments; ``shift`` (B, m) and ``yshift`` (k,) array-like or None (= 0), both
+        rounded to float32 (the value a float32 kernel subtracts)."""
         if min(B, m, k) < 1:
             raise StatsError(f"NeuronStats.zeros needs B, m, k >= 1, got {(B, m, k)}")
         z = dict(dtype=torch.float64, device=device)
@@ -392,8 +499,8 @@ class NeuronStats:
     @classmethod
     def for_chunk(cls, X, Y, fold=None, device=None) -> "NeuronStats":
         """Empty statistics shaped for chunks like (X, Y), shifted by this chunk's means."""
-        Xt = _as_tensor(X)
-        Yt = _as_tensor(Y).reshape(Xt.shape[1], -1)
+        Xt = as_tensor(X)
+        Yt = as_tensor(Y).reshape(Xt.shape[1], -1)
         keep = _keep_mask(fold, Xt.shape[1], Xt.device)
         if keep.any():
             Xt, Yt = Xt[:, keep], Yt[keep.to(Yt.device)]
@@ -415,12 +522,18 @@ class NeuronStats:
     def k(self) -> int:
         return int(self.yshift.shape[0])
 
-    @property
-    def device(self) -> torch.device:
-        return self.sx.device
+    def _dims(self) -> tuple[int, int, int]:
+        return self.B, self.m, self.k
 
-    def clone(self) -> "NeuronStats":
-        return NeuronStats(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        B, m, k = self._dims()
+        return dict(shift=(B, m), yshift=(k,), n=(), sx=(B, m), sxx=(B, m), sxy=(B, m, k),
+                    sy=(k,), syy=(k,))
+
+    def _aligned(self, other: "NeuronStats") -> "NeuronStats":
+        if not (torch.equal(other.shift, self.shift) and torch.equal(other.yshift, self.yshift)):
+            raise StatsError("cannot add NeuronStats with different shifts")
+        return other
 
     def add_moments(self, keep: Tensor, sx, sxx, sxy, Yc: Tensor) -> None:
         """Add moments of a chunk computed elsewhere; Yc (r, k) float64 targets minus yshift,
@@ -433,16 +546,6 @@ class NeuronStats:
         self.sy += yk.sum(0)
         self.syy += (yk * yk).sum(0)
 
-    def __iadd__(self, other: "NeuronStats") -> "NeuronStats":
-        if (other.B, other.m, other.k) != (self.B, self.m, self.k):
-            raise StatsError("cannot add NeuronStats of different shapes")
-        if not (torch.equal(other.shift.to(self.device), self.shift)
-                and torch.equal(other.yshift.to(self.device), self.yshift)):
-            raise StatsError("cannot add NeuronStats with different shifts")
-        for name in ("n", "sx", "sxx", "sxy", "sy", "syy"):
-            getattr(self, name).add_(getattr(other, name).to(self.device))
-        return self
-
     def pearson(self) -> Tensor:
         """(B, m, k) float64 Pearson correlation of every neuron with every target."""
         return pearson_from_moments(self.n, self.sx, self.sxx, self.sxy, self.sy, self.syy)
@@ -453,6 +556,8 @@ class NeuronStats:
 
 
 def pearson_from_moments(n, sx, sxx, sxy, sy, syy) -> Tensor:
+    """Pearson r (B, m, k) from the moments of :class:`NeuronStats` (shifted sums: the shift
+    cancels); 0 where a neuron or a target is constant, clamped to [-1, 1]."""
     n = float(n)
     if n < 2:
         raise StatsError(f"Pearson correlation needs at least 2 rows, got {int(n)}")
@@ -464,47 +569,15 @@ def pearson_from_moments(n, sx, sxx, sxy, sy, syy) -> Tensor:
     return r.clamp(-1.0, 1.0)
 
 
-# ------------------------------------------------------------------------------------ helpers
-def _as_tensor(a) -> Tensor:
-    if isinstance(a, Tensor):
-        return a
-    if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
-        return torch.from_dlpack(a)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _f32_exact(a, shape, name, device) -> Tensor:
-    t = _as_tensor(a).to(device=device, dtype=torch.float64)
-    if tuple(t.shape) != tuple(shape):
-        raise StatsError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise StatsError(f"{name} contains NaN or inf")
-    # kernels subtract a float32 shift: keep exactly that value so every backend agrees
-    return t.to(torch.float32).to(torch.float64).contiguous()
-
-
-def _keep_mask(fold, r, device) -> Tensor:
-    if fold is None:
-        return torch.ones(r, dtype=torch.bool, device=device)
-    f = _as_tensor(fold).to(device).reshape(-1)
-    if f.dtype.is_floating_point or f.dtype == torch.bool:
-        raise StatsError(f"fold ids must be integers, got {f.dtype}")
-    if f.numel() != r:
-        raise StatsError(f"fold must have shape ({r},), got {tuple(f.shape)}")
-    if r and int(f.min()) < -1:
-        raise StatsError(f"fold ids must be >= -1 (-1 = skip the row), got {int(f.min())}")
-    return f >= 0
-
-
 def prepare_neuron_chunk(stats: NeuronStats, X, Y, fold):
     """Validate a chunk; returns (X tensor, Yc (r, k) float64 = Y - yshift on stats.device,
     keep (r,) bool on stats.device, fold01 (r,) int32 numpy: 0 kept / -1 skipped, or None)."""
-    Xt = _as_tensor(X)
+    Xt = as_tensor(X)
     if Xt.ndim != 3 or Xt.shape[0] != stats.B or Xt.shape[2] != stats.m:
         raise StatsError(f"X must have shape (B, r, m) = ({stats.B}, r, {stats.m}), "
-                               f"got {tuple(Xt.shape)}")
+                         f"got {tuple(Xt.shape)}")
     r = int(Xt.shape[1])
-    Yt = _as_tensor(Y)
+    Yt = as_tensor(Y)
     if Yt.ndim == 1 and stats.k == 1:
         Yt = Yt.reshape(-1, 1)
     if tuple(Yt.shape) != (r, stats.k):

@@ -1,6 +1,12 @@
-"""``fastprobe neurons``: every MLP neuron of every layer against the targets."""
+"""``fastprobe neurons``: every MLP neuron of every layer against the targets; the command
+line is built from :class:`~probes.neurons.config.NeuronConfig`."""
 from __future__ import annotations
 
+from actstore.options import add_arguments, from_args
+from probes.neurons.config import NeuronConfig
+from probes.report import format_neuron_table
+
+__all__ = ["add_cli", "NEURONS_DESCRIPTION", "NEURONS_EPILOG"]
 
 NEURONS_DESCRIPTION = """\
 Correlate every MLP neuron of every layer with each target: Pearson from one streaming pass,
@@ -40,45 +46,20 @@ probe_dir=..., out=...).
 
 
 def _cmd_neurons(args) -> int:
-    from probes.neurons import neuron_report
-    from probes.report import format_neuron_table
+    from probes.neurons.report import neuron_report  # deferred: torch; --help must not load it
 
-    result = neuron_report(args.store, targets=args.target, top=args.top, split=args.split,
-                           backend=args.backend, device=args.device, out=args.out,
-                           method=args.method, model=args.model, probe_dir=args.probe)
+    config = from_args(NeuronConfig, args)
+    result = neuron_report(args.store, config)
     print(format_neuron_table(result))
-    if args.out:
-        print(f"wrote {args.out}/neurons.json, neurons.npz and plots")
+    if config.out:
+        print(f"wrote {config.out}/neurons.json, neurons.npz and plots")
     return 0
 
 
-
 def add_cli(sub, fmt) -> None:
-    """Add ``neurons`` to the fastprobe command line."""
+    """Add ``neurons`` to the fastprobe command line (its options: :class:`NeuronConfig`)."""
     n = sub.add_parser("neurons", help="correlate every MLP neuron with the targets",
                        description=NEURONS_DESCRIPTION, epilog=NEURONS_EPILOG, formatter_class=fmt)
     n.add_argument("store", metavar="STORE", help="activation store (Zarr or .h5)")
-    n.add_argument("--method", default="stored", choices=["stored", "projection"],
-                   help="stored: the store's neurons (extract --neurons; default); projection: "
-                        "computed from the residual stream with the model's MLP weights")
-    n.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                   help="model for --method projection / --probe (default: the store's model)")
-    n.add_argument("--probe", default=None, metavar="DIR",
-                   help="a `fastprobe fit --out` directory of this store: adds each top "
-                        "neuron's output-weight cosine with the probe direction")
-    n.add_argument("--target", metavar="NAMES", default=None,
-                   help="comma-separated target columns, e.g. latitude,longitude or year "
-                        "(default: the store's own targets)")
-    n.add_argument("--top", type=int, default=50, metavar="K",
-                   help="neurons listed per target, by |spearman| (default %(default)s)")
-    n.add_argument("--split", default="all", choices=["all", "is_test", "train"],
-                   help="rows to correlate over: all (default), the is_test rows, or the others")
-    n.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda", "triton"],
-                   help="moments kernel; auto picks the fastest available (default)")
-    n.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="where moments and ranks are computed (default: cuda when the backend "
-                        "or a present GPU calls for it, else cpu)")
-    n.add_argument("--out", metavar="DIR", default=None,
-                   help="output directory for neurons.json, neurons.npz and PNG plots")
+    add_arguments(n, NeuronConfig)
     n.set_defaults(func=_cmd_neurons)
-

@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actstore.store import ActivationStore
 from probes.errors import StatsError
 from probes.inputs import select_layers
 from probes.kernels import neuron_update, resolve
-from probes.stats import NeuronStats, _as_tensor
+from probes.stats import NeuronStats, as_tensor
 from probes.stream import stream_to_device
 
-__all__ = ["rank_transform", "spearman", "neuron_correlations"]
+__all__ = ["rank_transform", "spearman", "neuron_correlations", "prepare_rows"]
 
 
 # ------------------------------------------------------------------------------------ Spearman
@@ -53,16 +54,16 @@ def spearman(X, Y, mask=None, column_block: int = 4096) -> Tensor:
 
     ``mask`` (r,) bool selects rows. Works on the device of X, ``column_block`` columns at a time.
     """
-    Xt = _as_tensor(X)
+    Xt = as_tensor(X)
     dev = Xt.device
-    Yt = _as_tensor(Y).to(dev)
+    Yt = as_tensor(Y).to(dev)
     if Yt.ndim == 1:
         Yt = Yt.reshape(-1, 1)
     if Xt.ndim != 2 or Yt.shape[0] != Xt.shape[0]:
         raise StatsError(f"X must be (r, m) and Y (r, k) with the same r, got "
-                               f"{tuple(Xt.shape)} and {tuple(Yt.shape)}")
+                         f"{tuple(Xt.shape)} and {tuple(Yt.shape)}")
     if mask is not None:
-        mk = _as_tensor(mask).to(dev).bool()
+        mk = as_tensor(mask).to(dev).bool()
         Xt, Yt = Xt[mk], Yt[mk]
     n = Xt.shape[0]
     if n < 2:
@@ -83,19 +84,11 @@ def spearman(X, Y, mask=None, column_block: int = 4096) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ stores
-def neuron_correlations(store, Y, rows_mask=None, layers=None, backend: str = "auto",
-                        device=None, method=("pearson", "spearman"), chunk_rows: int | None = None,
-                        array: str = "neurons", prefetch: int = 2) -> dict:
-    """Correlations of every neuron of every (selected) layer of ``store`` with each target.
-
-    Y (n_rows, k) targets aligned with the store's rows; ``rows_mask`` (n_rows,) bool selects
-    rows (None = all); ``layers``: hidden-state indices (None = all the store holds). Pearson comes from one streaming
-    pass (chunks read ahead on threads and sent to ``device`` double-buffered, moments by
-    ``backend``); Spearman reads one whole layer at a time (ranks need every row) and ranks on
-    ``device``. Returns {"pearson": (L, m, k), "spearman": (L, m, k)} float64 CPU tensors (for
-    the requested methods), "n_rows", "layers" (hidden-state indices).
-    """
-    dev = resolve("torch", device)[1] if device is not None else resolve("auto")[1]
+def prepare_rows(store: ActivationStore, Y,
+                 rows_mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The targets and rows of a pass over ``store``: (Y (rows_done, k) float64, a private
+    writable copy; mask (rows_done,) bool; fold (rows_done,) int32, 0 = used, -1 = skipped).
+    StatsError when Y is shorter than the store or not finite."""
     n = int(store.rows_done)
     Yn = np.array(Y, dtype=np.float64)      # a private, writable copy
     if Yn.ndim == 1:
@@ -105,24 +98,67 @@ def neuron_correlations(store, Y, rows_mask=None, layers=None, backend: str = "a
     Yn = Yn[:n]
     if not np.isfinite(Yn).all():
         raise StatsError("Y contains NaN or inf")
-    mask = np.ones(n, dtype=bool) if rows_mask is None else np.asarray(rows_mask, dtype=bool)[:n]
-    fold = np.where(mask, 0, -1).astype(np.int32)
+    mask = np.ones(n, dtype=bool) if rows_mask is None else np.array(rows_mask, dtype=bool)[:n]
+    return Yn, mask, np.where(mask, 0, -1).astype(np.int32)
+
+
+def _streamed_pearson(store, Yd: Tensor, fold: np.ndarray, ids, dev, backend, chunk_rows,
+                      array, prefetch) -> Tensor:
+    """(L, m, k) float64 CPU Pearson from one streaming pass of NeuronStats moments: chunks read
+    ahead on threads and sent to ``dev`` double-buffered."""
+    st = None
+    chunks = store.iter_chunks(rows=chunk_rows, layers=ids, array=array)
+    for start, X in stream_to_device(chunks, device=dev, prefetch=prefetch):
+        r = X.shape[1]
+        f = fold[start:start + r]
+        if st is None:
+            st = NeuronStats.for_chunk(X, Yd[start:start + r], f, device=dev)
+        neuron_update(st, X, Yd[start:start + r], f, backend=backend)
+    if st is None:
+        raise StatsError("the store has no rows written")
+    return st.pearson().cpu()
+
+
+def neuron_correlations(store: ActivationStore, Y, rows_mask=None, layers=None,
+                        backend: str = "auto", device=None, method=("pearson", "spearman"),
+                        chunk_rows: int | None = None, array: str = "neurons",
+                        prefetch: int = 2) -> dict:
+    """Correlations of every neuron of every (selected) layer of ``store`` with each target.
+
+    Parameters
+    ----------
+    store : ActivationStore
+        The store; ``array`` names what is correlated ("neurons": the stored MLP neurons).
+    Y : array-like, (rows_done, k) or (rows_done,)
+        Targets aligned with the store's rows (finite).
+    rows_mask : array-like of bool, (rows_done,), optional
+        The rows used (None: all).
+    layers : int or list of int, optional
+        Hidden-state indices (None: every layer the store holds).
+    backend : str
+        Moments kernel of the Pearson pass (auto|cpu|torch|triton|cuda).
+    device : str or torch.device, optional
+        Where moments and ranks are computed (None: a GPU when present, else CPU).
+    method : str or tuple of str
+        "pearson" (one streaming pass) and/or "spearman" (ranks need every row: one whole
+        layer at a time, ranked on ``device``).
+    chunk_rows, prefetch : int, optional
+        Rows per chunk of the Pearson pass and chunks read ahead.
+
+    Returns
+    -------
+    dict
+        "pearson" / "spearman" (for the requested methods): (L, m, k) float64 CPU tensors;
+        "n_rows": rows used; "layers": the hidden-state indices.
+    """
+    dev = resolve("torch", device)[1] if device is not None else resolve("auto")[1]
+    Yn, mask, fold = prepare_rows(store, Y, rows_mask)
     ids = select_layers(store, layers)
     out = {"n_rows": int(mask.sum()), "layers": ids}
     methods = (method,) if isinstance(method, str) else tuple(method)
     if "pearson" in methods:
-        Yd = torch.from_numpy(Yn).to(dev)
-        st = None
-        chunks = store.iter_chunks(rows=chunk_rows, layers=ids, array=array)
-        for start, X in stream_to_device(chunks, device=dev, prefetch=prefetch):
-            r = X.shape[1]
-            f = fold[start:start + r]
-            if st is None:
-                st = NeuronStats.for_chunk(X, Yd[start:start + r], f, device=dev)
-            neuron_update(st, X, Yd[start:start + r], f, backend=backend)
-        if st is None:
-            raise StatsError("the store has no rows written")
-        out["pearson"] = st.pearson().cpu()
+        out["pearson"] = _streamed_pearson(store, torch.from_numpy(Yn).to(dev), fold, ids, dev,
+                                           backend, chunk_rows, array, prefetch)
     if "spearman" in methods:
         Yd = torch.from_numpy(Yn).to(dev)
         md = torch.from_numpy(mask).to(dev)
@@ -130,5 +166,3 @@ def neuron_correlations(store, Y, rows_mask=None, layers=None, backend: str = "a
             spearman(store.layer(layer, array=array, as_="torch").to(dev), Yd, mask=md).cpu()
             for layer in ids])
     return out
-
-

@@ -3,16 +3,17 @@ the cosine of each neuron's output weights with the probe direction of the layer
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from actstore.errors import StoreError
 from actstore.models import decoder_layers, output_weights
-from actstore.store import open_store, store_identity
+from actstore.store import ActivationStore, open_store, store_identity
 from probes.errors import FitError, NeuronReportError
 from probes.fit import ARRAYS_FILE, load_results
-from probes.neurons.projection import _WEIGHT_KEYS, _store_model_meta
+from probes.neurons.model import WEIGHT_KEYS, hf_model, store_model_meta
 
 __all__ = ["load_probe", "add_probe_cosines"]
 
@@ -24,22 +25,8 @@ def _same_path(a, b) -> bool:
         return False
 
 
-def load_probe(probe_dir, store) -> dict:
-    """Probe directions from a ``fastprobe fit --out`` directory made on ``store``.
-
-    Returns {"dir", "store", "targets", "layers" (hidden-state indices), "coef": (L, d, k)
-    float64}; coef[:, :, t] is the probe's weight vector of target t in target units
-    (prediction = x · coef + intercept), i.e. its direction in residual space.
-
-    The fit must come from this store: results.json's ``store_identity`` (written by
-    ``fastprobe fit``: the store's creation time, dataset sha256, prompt name, model id and
-    completed rows) must equal this store's, whatever the paths, so a copy or a moved store is
-    accepted and a store re-extracted at the same path with another prompt or dataset is not.
-    Older results.json without it: when the path differs, the store there, if any, must have the
-    same dataset sha256 and creation time, and the row count must agree. In any case the same
-    model and d_model. Otherwise NeuronReportError says what differs."""
-
-    pdir = Path(probe_dir)
+def _read_fit(pdir: Path) -> tuple[dict, np.ndarray, list[int]]:
+    """(results.json dict, coef (L, d, k) float64, layers) of a ``fastprobe fit --out`` dir."""
     try:
         res = load_results(pdir)
     except FitError as exc:
@@ -49,39 +36,90 @@ def load_probe(probe_dir, store) -> dict:
         raise NeuronReportError(f"--probe {pdir}: no {ARRAYS_FILE} beside results.json (the "
                                 "probe coefficients)")
     with np.load(npz) as z:
-        coef = np.asarray(z["coef"], dtype=np.float64)
-        lay = [int(x) for x in z["layers"]]
+        return res, np.asarray(z["coef"], dtype=np.float64), [int(x) for x in z["layers"]]
+
+
+def _model_diffs(res: dict, store) -> list[str]:
+    """The fit's model against the store's: id and weight hashes, where both record them."""
+    smodel = store_model_meta(store)
+    pmodel = res.get("model") if isinstance(res.get("model"), dict) else {}
+    return [f"model {pmodel.get(k)!r} vs {smodel.get(k)!r}" for k in ("id",) + WEIGHT_KEYS
+            if pmodel.get(k) and smodel.get(k) and pmodel[k] != smodel[k]]
+
+
+def _identity_diffs(ident: dict, store, model_differs: bool) -> list[str]:
+    """results.json's ``store_identity`` against this store's (whatever the paths)."""
+    have = store_identity(store)
+    diffs = []
+    for k, label in (("created", "created"), ("dataset_sha256", "dataset sha256"),
+                     ("prompt", "prompt"), ("model_id", "model id"), ("n_rows", "rows")):
+        if k == "model_id" and model_differs:
+            continue   # already said
+        if k in ident and ident[k] != have[k]:
+            diffs.append(f"{label} {ident[k]!r} vs {have[k]!r}")
+    return diffs
+
+
+def _legacy_diffs(res: dict, store) -> list[str]:
+    """An older results.json without ``store_identity``, made on another path: its row count,
+    and the dataset sha256 and creation time of the store still at that path, if any."""
+    if _same_path(res.get("store", ""), store.path):
+        return []
+    diffs = []
+    if res.get("n_rows") is not None and int(res["n_rows"]) != int(store.rows_done):
+        diffs.append(f"{res['n_rows']} rows vs {store.rows_done}")
+    other = Path(str(res.get("store", "")))
+    if str(res.get("store", "")) and other.exists():
+        try:
+            ometa = open_store(other).meta or {}
+        except (StoreError, OSError):
+            ometa = {}
+        meta = store.meta if isinstance(store.meta, dict) else {}
+        for k, get in (("dataset sha256", lambda m: (m.get("dataset") or {}).get("sha256")),
+                       ("created", lambda m: m.get("created"))):
+            if get(ometa) != get(meta):
+                diffs.append(f"{k} {get(ometa)!r} vs {get(meta)!r}")
+    return diffs
+
+
+def load_probe(probe_dir: str | os.PathLike, store: ActivationStore) -> dict:
+    """Probe directions from a ``fastprobe fit --out`` directory made on ``store``.
+
+    Parameters
+    ----------
+    probe_dir : str or os.PathLike
+        The fit's output directory (or its results.json), with the arrays file beside it.
+    store : ActivationStore
+        The store the fit must come from: results.json's ``store_identity`` (the store's
+        creation time, dataset sha256, prompt name, model id and completed rows) must equal
+        this store's, whatever the paths, so a copy or a moved store is accepted and a store
+        re-extracted at the same path with another prompt or dataset is not. An older
+        results.json without it: when the path differs, the store there, if any, must have the
+        same dataset sha256 and creation time, and the row count must agree. In any case the
+        same model and d_model.
+
+    Returns
+    -------
+    dict
+        "dir", "store", "targets", "layers" (hidden-state indices), "coef": (L, d, k) float64;
+        coef[:, :, t] is the probe's weight vector of target t in target units (prediction =
+        x · coef + intercept), i.e. its direction in residual space.
+
+    Raises
+    ------
+    NeuronReportError
+        The fit cannot be read or does not belong to ``store`` (the message says what differs).
+    """
+    pdir = Path(probe_dir)
+    res, coef, lay = _read_fit(pdir)
     what = f"--probe {pdir} was fit on {res.get('store')!r}, not on {store.path}"
     if coef.ndim != 3 or coef.shape[1] != store.d_model:
         raise NeuronReportError(f"{what}: its probes have width {coef.shape[1:2]}, the store's "
                                 f"d_model is {store.d_model}")
-    meta = store.meta if isinstance(store.meta, dict) else {}
-    smodel = _store_model_meta(store)
-    pmodel = res.get("model") if isinstance(res.get("model"), dict) else {}
-    diffs = [f"model {pmodel.get(k)!r} vs {smodel.get(k)!r}" for k in ("id",) + _WEIGHT_KEYS
-             if pmodel.get(k) and smodel.get(k) and pmodel[k] != smodel[k]]
+    diffs = _model_diffs(res, store)
     ident = res.get("store_identity")
-    if isinstance(ident, dict):
-        have = store_identity(store)
-        for k, label in (("created", "created"), ("dataset_sha256", "dataset sha256"),
-                         ("prompt", "prompt"), ("model_id", "model id"), ("n_rows", "rows")):
-            if k == "model_id" and any(x.startswith("model ") for x in diffs):
-                continue   # already said
-            if k in ident and ident[k] != have[k]:
-                diffs.append(f"{label} {ident[k]!r} vs {have[k]!r}")
-    elif not _same_path(res.get("store", ""), store.path):   # results.json without identity
-        if res.get("n_rows") is not None and int(res["n_rows"]) != int(store.rows_done):
-            diffs.append(f"{res['n_rows']} rows vs {store.rows_done}")
-        other = Path(str(res.get("store", "")))
-        if str(res.get("store", "")) and other.exists():
-            try:
-                ometa = open_store(other).meta or {}
-            except (StoreError, OSError):
-                ometa = {}
-            for k, get in (("dataset sha256", lambda m: (m.get("dataset") or {}).get("sha256")),
-                           ("created", lambda m: m.get("created"))):
-                if get(ometa) != get(meta):
-                    diffs.append(f"{k} {get(ometa)!r} vs {get(meta)!r}")
+    diffs += (_identity_diffs(ident, store, bool(diffs)) if isinstance(ident, dict)
+              else _legacy_diffs(res, store))
     if diffs:
         if _same_path(res.get("store", ""), store.path):
             what = (f"--probe {pdir} was fit on another store at the same path {store.path} "
@@ -97,8 +135,7 @@ def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
     weight of the neuron's block (its output direction in residual space) and c the probe's
     coefficient vector at hidden state ``layer`` (the state that block writes into). None where
     the probe has no such layer or either vector is zero."""
-    net = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
-    blocks = decoder_layers(net)
+    blocks = decoder_layers(hf_model(model))
     d = probe["coef"].shape[1]
     cache = {}
 
@@ -107,7 +144,7 @@ def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
             cache[b] = output_weights(blocks[b], d)
         return cache[b]
 
-    where = {l: i for i, l in enumerate(probe["layers"])}
+    where = {layer: i for i, layer in enumerate(probe["layers"])}
     for entries in top_neurons.values():
         for e in entries:
             L = int(e["layer"])
@@ -123,5 +160,3 @@ def add_probe_cosines(top_neurons: dict, model, probe: dict) -> None:
                 den = nw * float(np.linalg.norm(c))
                 cos[t] = float(np.dot(w, c) / den) if den > 0 else None
             e["probe_cosine"] = cos
-
-

@@ -27,7 +27,8 @@ def chunks(B, m, k, sizes, seed):
     g = np.random.default_rng(seed)
     out = []
     for r in sizes:
-        X = (g.standard_normal((B, r, m)) * 1.3 + g.standard_normal((B, 1, m)) * 3).astype(np.float16)
+        X = (g.standard_normal((B, r, m)) * 1.3
+             + g.standard_normal((B, 1, m)) * 3).astype(np.float16)
         Y = g.standard_normal((r, k)) * 20 + 1950
         fold = g.integers(-1, 3, size=r).astype(np.int32)
         out.append((X, Y, fold))
@@ -116,7 +117,8 @@ def test_rank_transform_matches_scipy_with_ties():
     assert np.array_equal(rank_transform(torch.from_numpy(x3), dim=1).numpy(),
                           scipy_stats.rankdata(x3, axis=1))
     assert rank_transform(torch.zeros(0, 3)).shape == (0, 3)
-    assert torch.equal(rank_transform(torch.tensor([[2.0, 5.0]])), torch.ones(1, 2, dtype=torch.float64))
+    assert torch.equal(rank_transform(torch.tensor([[2.0, 5.0]])),
+                       torch.ones(1, 2, dtype=torch.float64))
 
 
 def test_spearman_matches_scipy():
@@ -145,9 +147,9 @@ def small_store(tmp_path, L=2, n=45, d=8, m=19):
     g = np.random.default_rng(6)
     ent = pd.DataFrame({"name": [f"e{i}" for i in range(n)], "latitude": g.uniform(-60, 60, n),
                         "longitude": g.uniform(-180, 180, n), "is_test": g.random(n) < 0.3})
-    st = create_store(tmp_path / "s.zarr", layers=list(range(1, L + 1)), n_rows=n, d_model=d, entities=ent,
-                      targets=("latitude", "longitude"), group_columns=(), meta={}, d_mlp=m,
-                      rows_per_chunk=16)
+    st = create_store(tmp_path / "s.zarr", layers=list(range(1, L + 1)), n_rows=n, d_model=d,
+                      entities=ent, targets=("latitude", "longitude"), group_columns=(),
+                      meta={}, d_mlp=m, rows_per_chunk=16)
     neur = (g.standard_normal((L, n, m)) + ent["latitude"].to_numpy()[None, :, None] / 30
             ).astype(np.float16)
     for s0 in range(0, n, 16):
@@ -168,7 +170,8 @@ def test_neuron_correlations_from_a_store(tmp_path):
         for j in (0, 7, m - 1):
             for t in range(2):
                 x = neur[b, train, j].astype(np.float64)
-                assert abs(float(res["pearson"][b, j, t]) - np.corrcoef(x, Y[train, t])[0, 1]) < 1e-9
+                want = np.corrcoef(x, Y[train, t])[0, 1]
+                assert abs(float(res["pearson"][b, j, t]) - want) < 1e-9
                 want = scipy_stats.spearmanr(x, Y[train, t]).statistic
                 assert abs(float(res["spearman"][b, j, t]) - want) < 1e-12
     assert float(res["pearson"][:, :, 0].mean()) > 0.3      # the planted latitude signal

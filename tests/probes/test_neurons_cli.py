@@ -1,15 +1,19 @@
 """`fastprobe neurons` / probes.neuron_report on a tiny store with a planted latitude neuron."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from actstore.options import field_docs
 from actstore.store import create_store
 from probes.cli import main
-from probes.neurons import NeuronReportError, neuron_report
+from probes.neurons import NeuronConfig, NeuronReportError, neuron_report
+from probes.neurons.cli import add_cli
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -54,7 +58,8 @@ def test_planted_neuron_first_and_values_match_scipy(store, tmp_path, backend):
     res = neuron_report(path, top=5, backend=backend, device="cpu", out=tmp_path / "o")
     assert res["targets"] == ["latitude", "longitude"] and res["n_rows"] == N
     best = res["top_neurons"]["latitude"][0]
-    assert (best["position"], best["layer"], best["index"]) == (PLANT[0], LAYERS[PLANT[0]], PLANT[1])
+    assert ((best["position"], best["layer"], best["index"])
+            == (PLANT[0], LAYERS[PLANT[0]], PLANT[1]))
     assert best["spearman"] == pytest.approx(1.0, abs=1e-12) and best["pearson"] < 0.999
     P, S = res["arrays"]["pearson"], res["arrays"]["spearman"]
     assert P.shape == S.shape == (len(LAYERS), M, 2)
@@ -139,3 +144,59 @@ def test_help_has_examples(capsys):
 
 def test_report_error_type():
     assert issubclass(NeuronReportError, ValueError)
+
+
+# ------------------------------------------------------------------------------------ NeuronConfig
+def test_config_validates_and_normalises():
+    c = NeuronConfig(method="Projection", targets=["latitude"], layers=[2, 4], top="7")
+    assert (c.method, c.targets, c.layers, c.top) == ("projection", ("latitude",), (2, 4), 7)
+    assert NeuronConfig(method=None).method == "stored"
+    for kw, msg in [(dict(method="both"), "unknown method 'both'"), (dict(top=0), "top must be"),
+                    (dict(split="test"), "unknown split 'test'")]:
+        with pytest.raises(NeuronReportError, match=msg):
+            NeuronConfig(**kw)
+    with pytest.raises(Exception):        # frozen
+        c.top = 3
+    doc = NeuronConfig.__doc__
+    assert "Parameters" in doc and "probe_dir : str | None, default None" in doc
+
+
+def test_config_and_keyword_api_agree(store):
+    path, _, _ = store
+    kw = dict(targets="latitude,year", top=3, split="train", backend="torch", device="cpu",
+              layers=[4, 6], chunk_rows=16)
+    a = neuron_report(path, **kw)
+    b = neuron_report(path, NeuronConfig(**kw))
+    c = neuron_report(path, NeuronConfig(top=9, split="all"), **{**kw, "top": 3})
+    for r in (b, c):
+        assert r["top_neurons"] == a["top_neurons"] and r["layers"] == a["layers"] == [4, 6]
+        assert np.array_equal(r["arrays"]["spearman"], a["arrays"]["spearman"])
+    with pytest.raises(TypeError, match="NeuronConfig"):
+        neuron_report(path, "latitude")
+    with pytest.raises(TypeError):
+        neuron_report(path, no_such_option=1)
+
+
+def test_cli_is_built_from_the_config(capsys):
+    """Every visible NeuronConfig field is a flag whose help is the field's docstring; the flags
+    and defaults are the ones `fastprobe neurons` always had."""
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(), argparse.RawDescriptionHelpFormatter)
+    args = parser.parse_args(["neurons", "s.zarr"])
+    assert vars(args)["store"] == "s.zarr"
+    defaults = {k: v for k, v in vars(args).items() if k not in ("store", "func")}
+    assert defaults == dict(method="stored", model=None, probe_dir=None, targets=None, top=50,
+                            split="all", backend="auto", device=None, out=None)
+    with pytest.raises(SystemExit):
+        main(["neurons", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--method {stored,projection}", "--model NAME_OR_PATH", "--probe DIR",
+                 "--target NAMES", "--top K", "--split {all,is_test,train}",
+                 "--backend {auto,cpu,torch,cuda,triton}", "--device {cpu,cuda}", "--out DIR"):
+        assert flag in text
+    docs = field_docs(NeuronConfig)
+    for f in dataclasses.fields(NeuronConfig):
+        if f.metadata["cli"]["hidden"]:
+            assert "--" + f.name.replace("_", "-") not in text
+        else:
+            assert docs[f.name] in text, f.name

@@ -1,4 +1,5 @@
-"""`fastprobe neurons --method projection` and `--probe` on stores extracted from a tiny random Llama.
+"""`fastprobe neurons --method projection` and `--probe` on stores extracted from a tiny random
+Llama.
 
 * projection vs a float64 numpy reference of the projection (RMS norm with block l's
   post_attention_layernorm, gate/up, SiLU) with numpy Pearson and scipy Spearman;
@@ -10,14 +11,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from probes.cli import main
 from actstore.errors import ModelError
+from probes.cli import main
 from probes.errors import InputError
 from probes.neurons import NeuronReportError, load_probe, neuron_report
 
@@ -105,7 +105,8 @@ def test_projection_matches_float64_reference(env):
         assert np.abs(S[b] - _corr(ranks, yr)).max() < 1e-5
     best = res["top_neurons"]["latitude"][0]
     assert abs(best["spearman"]) == pytest.approx(np.abs(S[..., 0]).max())
-    assert best["layer"] == best["source_layer"] + 1 and best["position"] == best["source_layer"] - 1
+    assert best["layer"] == best["source_layer"] + 1
+    assert best["position"] == best["source_layer"] - 1
 
 
 def test_projection_equals_stored_when_attention_adds_nothing(env):

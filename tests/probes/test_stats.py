@@ -1,4 +1,5 @@
-"""GramStats algebra, the torch float64 reference backend and the backend dispatch.
+"""GramStats and NeuronStats algebra (their shared AdditiveStats base), the torch float64
+reference backend and the backend dispatch.
 
 The reference is checked against an independent numpy float64 computation (einsum on the
 raw rows); everything here is float64, so the tolerance is 1e-12 relative to the data's scale.
@@ -9,9 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from probes.kernels import (BackendUnavailable, available_backends, gram_update, reference,
-                            resolve_backend)
-from probes.stats import GramStats, StatsError, choose_shift, validate_chunk
+from probes.kernels import (
+    BackendUnavailable,
+    available_backends,
+    gram_update,
+    reference,
+    resolve_backend,
+)
+from probes.stats import (
+    AdditiveStats,
+    GramStats,
+    NeuronStats,
+    StatsError,
+    choose_shift,
+    validate_chunk,
+)
 
 RTOL64 = 1e-12
 
@@ -29,8 +42,8 @@ def _numpy_stats(X, Y, fold, F, shift):
     X = X.astype(np.float64) - np.asarray(shift)[:, None, :]
     B, _, d = X.shape
     k = Y.shape[1]
-    out = dict(n=np.zeros(F), sx=np.zeros((B, F, d)), xtx=np.zeros((B, F, d, d)), sy=np.zeros((F, k)),
-               yty=np.zeros((F, k, k)), xty=np.zeros((B, F, d, k)))
+    out = dict(n=np.zeros(F), sx=np.zeros((B, F, d)), xtx=np.zeros((B, F, d, d)),
+               sy=np.zeros((F, k)), yty=np.zeros((F, k, k)), xty=np.zeros((B, F, d, k)))
     for f in range(F):
         m = fold == f
         Xf, Yf = X[:, m], Y[m]
@@ -51,7 +64,8 @@ def _close(a, b, rtol, scale=None):
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
 
 
-@pytest.mark.parametrize("B,r,d,k,F", [(1, 1, 1, 1, 1), (3, 40, 7, 3, 5), (2, 9, 30, 2, 1), (1, 25, 4, 1, 2)])
+@pytest.mark.parametrize("B,r,d,k,F", [(1, 1, 1, 1, 1), (3, 40, 7, 3, 5), (2, 9, 30, 2, 1),
+                                       (1, 25, 4, 1, 2)])
 def test_reference_matches_numpy(B, r, d, k, F):
     rng = np.random.default_rng(100 + B * r + d)
     X, Y, fold = _chunk(rng, B, r, d, k, F, offset=50.0)
@@ -72,7 +86,8 @@ def test_reference_accepts_torch_and_numpy_and_fold_none():
     a = GramStats.zeros(2, 6, 2, 1)
     b = GramStats.zeros(2, 6, 2, 1)
     gram_update(a, X, Y, None, backend="torch")
-    gram_update(b, torch.from_numpy(X), torch.from_numpy(Y), torch.zeros(30, dtype=torch.int32), backend="torch")
+    gram_update(b, torch.from_numpy(X), torch.from_numpy(Y), torch.zeros(30, dtype=torch.int32),
+                backend="torch")
     for name in ("n", "sx", "xtx", "sy", "yty", "xty"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert a.n_rows == 30
@@ -86,7 +101,10 @@ def test_centered_matches_direct_centering(sel):
     s = GramStats.zeros(B, d, k, F, shift=choose_shift(X))
     reference.gram_update(s, X, Y, fold)
     c = s.centered(sel)
-    folds = np.arange(F) if sel is None else (np.nonzero(sel)[0] if np.asarray(sel).dtype == bool else np.asarray(sel))
+    if sel is None:
+        folds = np.arange(F)
+    else:
+        folds = np.nonzero(sel)[0] if np.asarray(sel).dtype == bool else np.asarray(sel)
     m = np.isin(fold, folds)
     Xm = X.astype(np.float64)[:, m]
     Ym = Y[m]
@@ -129,7 +147,8 @@ def test_add_merges_chunks_and_reshifts_exactly():
     b = GramStats.zeros(B, d, k, F, shift=sh2)        # another shift: += must re-express it
     reference.gram_update(b, X2, Y2, f2)
     whole = GramStats.zeros(B, d, k, F, shift=sh1)
-    reference.gram_update(whole, np.concatenate([X1, X2], 1), np.concatenate([Y1, Y2]), np.concatenate([f1, f2]))
+    reference.gram_update(whole, np.concatenate([X1, X2], 1), np.concatenate([Y1, Y2]),
+                          np.concatenate([f1, f2]))
     c = a + b
     a += b
     for m in (a, c):
@@ -140,7 +159,8 @@ def test_add_merges_chunks_and_reshifts_exactly():
     # reshift to zero equals a pass with no shift at all
     z = whole.reshift(torch.zeros(B, d))
     direct = GramStats.zeros(B, d, k, F)
-    reference.gram_update(direct, np.concatenate([X1, X2], 1), np.concatenate([Y1, Y2]), np.concatenate([f1, f2]))
+    reference.gram_update(direct, np.concatenate([X1, X2], 1), np.concatenate([Y1, Y2]),
+                          np.concatenate([f1, f2]))
     for name in ("sx", "xtx", "xty"):
         _close(getattr(z, name), getattr(direct, name), 1e-13)
     with pytest.raises(StatsError, match="cannot add"):
@@ -162,6 +182,44 @@ def test_zeros_validation_and_shapes():
     assert s.nbytes() == 8 * (15 + 4 + 60 + 300 + 8 + 16 + 120)
 
 
+
+def test_base_shared_by_gram_and_neuron_stats():
+    """clone / to / nbytes / check / device / dtype / merging come from one base and behave
+    the same way on both kinds of statistics."""
+    rng = np.random.default_rng(11)
+    X, Y, fold = _chunk(rng, 2, 30, 4, 2, 1)
+    g = GramStats.zeros(2, 4, 2, 1, shift=choose_shift(X))
+    reference.gram_update(g, X, Y, np.where(fold < 0, -1, 0).astype(np.int32))
+    nst = NeuronStats.for_chunk(X, Y, fold)
+    reference.neuron_update(nst, X, Y, fold)
+    for s in (g, nst):
+        assert isinstance(s, AdditiveStats) and s.check() is s
+        c = s.clone()
+        assert type(c) is type(s) and all(c.tensors()[k] is not v and torch.equal(c.tensors()[k], v)
+                                          for k, v in s.tensors().items())
+        f32 = s.to(dtype=torch.float32)
+        assert type(f32) is type(s) and f32.dtype == torch.float32 and s.dtype == torch.float64
+        assert s.device == torch.device("cpu")
+        assert s.nbytes() == sum(t.numel() * 8 for t in s.tensors().values())
+        twice = s + s
+        assert type(twice) is type(s)
+        for name in s._ADDITIVE:
+            assert torch.equal(getattr(twice, name), 2 * getattr(s, name)), name
+        assert torch.equal(twice.shift, s.shift)
+        with pytest.raises(TypeError):
+            s += 1
+    assert list(nst.tensors()) == ["shift", "yshift", "n", "sx", "sxx", "sxy", "sy", "syy"]
+    # NeuronStats merge only about the same shifts; shapes must agree for both kinds
+    other = NeuronStats.zeros(2, 4, 2)
+    with pytest.raises(StatsError, match="different shifts"):
+        nst += other
+    with pytest.raises(StatsError, match=r"cannot add NeuronStats of dims \(B, m, k\)"):
+        nst += NeuronStats.zeros(2, 5, 2)
+    bad = nst.clone()
+    bad.sxy = bad.sxy[:, :, :1]
+    with pytest.raises(StatsError, match=r"NeuronStats.sxy has shape \(2, 4, 1\)"):
+        bad.check()
+
 def test_validate_chunk_errors():
     s = GramStats.zeros(2, 4, 2, 3)
     X = np.zeros((2, 5, 4), np.float16)
@@ -180,7 +238,8 @@ def test_validate_chunk_errors():
     with pytest.raises(StatsError, match="integers"):
         validate_chunk(s, X, Y, np.zeros(5))
     s1 = GramStats.zeros(1, 4, 1, 1)
-    assert validate_chunk(s1, np.zeros((1, 5, 4)), np.zeros(5), None) == (5, 1)  # (r,) target, k == 1
+    # (r,) target, k == 1
+    assert validate_chunk(s1, np.zeros((1, 5, 4)), np.zeros(5), None) == (5, 1)
 
 
 def test_choose_shift_is_float32_mean_of_kept_rows():
@@ -205,7 +264,8 @@ def test_auto_on_a_gpu_takes_the_first_runnable_of_gpu_order(monkeypatch):
     from probes.kernels import backend as kernels
 
     runnable = {"triton", "cuda", "cpu", "torch"}
-    monkeypatch.setattr(kernels, "_load", lambda n: (object(), "") if n in runnable else (None, "no"))
+    monkeypatch.setattr(kernels, "_load",
+                        lambda n: (object(), "") if n in runnable else (None, "no"))
     assert kernels.resolve_backend("auto", "cuda") == "triton"
     assert kernels.resolve_backend("auto", "cuda", gpu_order=NEURON_GPU_ORDER) == "cuda"
     assert kernels.resolve_backend("auto", "cpu", gpu_order=NEURON_GPU_ORDER) == "cpu"
@@ -226,8 +286,8 @@ def test_dispatch_resolution():
             with pytest.raises(BackendUnavailable, match=f"backend '{name}' is not available"):
                 resolve_backend(name)
             with pytest.raises(ValueError):
-                gram_update(GramStats.zeros(1, 2, 1, 1), np.zeros((1, 1, 2), np.float16), np.zeros((1, 1)),
-                            backend=name)
+                gram_update(GramStats.zeros(1, 2, 1, 1), np.zeros((1, 1, 2), np.float16),
+                            np.zeros((1, 1)), backend=name)
 
 
 def test_all_reduce_single_rank_keeps_stats():
@@ -270,8 +330,8 @@ def _rank_main(rank, world, store_path, chunks, shifts, out_path):
         reference.gram_update(s, X, Y, fold)
         s.all_reduce_()
         if rank == 1:
-            torch.save({name: getattr(s, name) for name in ("shift", "n", "sx", "xtx", "sy", "yty", "xty")},
-                       out_path)
+            torch.save({name: getattr(s, name)
+                        for name in ("shift", "n", "sx", "xtx", "sy", "yty", "xty")}, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -289,10 +349,12 @@ def test_all_reduce_two_ranks_with_different_shifts(tmp_path):
     chunks = [_chunk(rng, 2, 30, 5, 2, 2, offset=40.0), _chunk(rng, 2, 25, 5, 2, 2, offset=40.0)]
     shifts = [choose_shift(c[0]) for c in chunks]
     out = tmp_path / "rank1.pt"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), chunks, shifts, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), chunks, shifts, str(out)), nprocs=2,
+             join=True)
     got = torch.load(out)
     want = GramStats.zeros(2, 5, 2, 2, shift=shifts[0])
-    reference.gram_update(want, np.concatenate([c[0] for c in chunks], 1), np.concatenate([c[1] for c in chunks]),
+    reference.gram_update(want, np.concatenate([c[0] for c in chunks], 1),
+                          np.concatenate([c[1] for c in chunks]),
                           np.concatenate([c[2] for c in chunks]))
     assert torch.equal(got["shift"], shifts[0])
     for name in ("n", "sx", "xtx", "sy", "yty", "xty"):
