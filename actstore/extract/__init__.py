@@ -18,14 +18,9 @@ from pathlib import Path
 from actstore import datasets
 from actstore.distributed import context
 from actstore.errors import ExtractError
-from actstore.extract.capture import (
-    HOOK_POINT,
-    TOKEN_RULE,
-    BatchLoop,
-    _batch_tensors,
-    _forward_base,
-    plan_batches,
-)
+from actstore.extract.capture import HOOK_POINT, TOKEN_RULE, BatchLoop, plan_batches
+from actstore.extract.capture import _batch_tensors as _batch_tensors  # for bench/ and tests
+from actstore.extract.capture import _forward_base as _forward_base
 from actstore.extract.config import DEFAULT_BATCH_SIZE, ExtractConfig, parse_layers
 from actstore.extract.resume import (
     IDENTITY_KEYS,
@@ -44,8 +39,7 @@ from actstore.store import open_store
 from actstore.store.format import storage_dtype
 
 __all__ = ["extract", "ExtractConfig", "ExtractResult", "ExtractError", "parse_layers",
-           "plan_batches", "DEFAULT_BATCH_SIZE", "HOOK_POINT", "TOKEN_RULE", "IDENTITY_KEYS",
-           "_batch_tensors", "_forward_base"]
+           "plan_batches", "DEFAULT_BATCH_SIZE", "HOOK_POINT", "TOKEN_RULE", "IDENTITY_KEYS"]
 
 _INPUTS = ("model", "dataset", "prompt", "out")
 
@@ -241,7 +235,7 @@ def _stream(loop: BatchLoop, writer: Writer, free, windows: list[int], inp: Inpu
         if writer.error is not None:
             break  # reported by the caller, after the writer has stopped
         loop.window(seqs, w0, bufs)
-        writer.q.put((w0, w1 - w0, bufs))
+        writer.put(w0, w1 - w0, bufs)
         if bar is not None:
             bar.set_postfix(pad=f"{100 * loop.padding_fraction:.0f}%", refresh=False)
 

@@ -7,6 +7,7 @@ actstore.store.progress; docs/scale-out.md tells the whole story."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,7 +207,7 @@ class Share:
     windows: list[int]
     rows: int
     start_row: int
-    record: object
+    record: Callable[[int, int], None]
     owner: dict = field(default_factory=dict)   # window start -> its RangeRecord (distributed)
 
 

@@ -160,6 +160,10 @@ class Writer(threading.Thread):
             os._exit(75)   # test hook: die like kill -9 with a block written but not recorded
         self.record(start, start + r)
 
+    def put(self, start: int, rows: int, bufs) -> None:
+        """Queue a finished window: rows ``start..start + rows`` are in ``bufs``."""
+        self.q.put((start, rows, bufs))
+
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
         self.q.put(None)
