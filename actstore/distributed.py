@@ -7,7 +7,8 @@ torch.distributed environment: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``, ``M
 
 Work is divided in windows of the store's shards (actstore.store.progress), so two ranks never
 write the same file; this module holds the process-group plumbing and the per-rank error
-reporting.
+reporting: a status exchange every rank reaches, failed or not (:func:`agree`), and one
+line per rank on the command line (:func:`cli_call`).
 """
 from __future__ import annotations
 
@@ -129,22 +130,42 @@ def mark_all_ranks(exc: BaseException) -> BaseException:
     return exc
 
 
-def agree(ctx: Context, error: BaseException | None, copy_type) -> None:
-    """A status exchange: every rank calls it at the same point of its program, with the
-    error it met (None: none). When no rank met one it returns; otherwise every rank raises:
-    a rank with its own error raises that (ranks other than 0 raise a ``copy_type`` copy,
-    a :class:`PeerError`, when it is the same as rank 0's), the others raise
+def exchange(ctx: Context, error: BaseException | None, payload=None) -> tuple[list, list]:
+    """A status exchange: every rank calls it at the same point of its program, with the error
+    it met (None: none) and a picklable ``payload``; returns every rank's error message (None:
+    none) and payload, by rank. When the exchange itself fails (a peer died) and this rank has
+    an error, that error is raised (it is the one worth reporting)."""
+    try:
+        status = ctx.all_gather((None if error is None else describe(error), payload))
+    except Exception:
+        if error is not None:
+            raise error from None
+        raise
+    return [m for m, _ in status], [p for _, p in status]
+
+
+def raise_failures(ctx: Context, error: BaseException | None, messages: list, copy_type) -> None:
+    """After :func:`exchange`: return when no rank failed; otherwise raise on every rank. A
+    rank with its own error raises that (ranks other than 0 raise a ``copy_type`` copy, a
+    :class:`PeerError`, when it is the same as rank 0's), the others raise
     ``copy_type("rank K failed: ...")`` for the first failed rank K."""
-    msgs = ctx.all_gather(None if error is None else describe(error))
-    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if not failed:
         return
     if error is not None:
-        if ctx.rank != 0 and msgs[0] == msgs[ctx.rank]:
-            raise mark_all_ranks(copy_type(msgs[0])) from error
+        if ctx.rank != 0 and messages[0] == messages[ctx.rank]:
+            raise mark_all_ranks(copy_type(messages[0])) from error
         raise mark_all_ranks(error)
     r, m = failed[0]
     raise mark_all_ranks(copy_type(f"rank {r} failed: {m}"))
+
+
+def agree(ctx: Context, error: BaseException | None, copy_type, payload=None) -> list:
+    """:func:`exchange` then :func:`raise_failures`: returns every rank's ``payload`` when no
+    rank met an error, else every rank raises."""
+    messages, payloads = exchange(ctx, error, payload)
+    raise_failures(ctx, error, messages, copy_type)
+    return payloads
 
 
 def cli_call(fn, *args, prog: str = "actstore", **kwargs):

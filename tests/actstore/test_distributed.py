@@ -20,9 +20,9 @@ import torch
 
 import actstore
 from actstore.distributed import launch_local
-from actstore.store.progress import segments, split_windows, todo_windows
 from actstore.extract import ExtractError, extract
 from actstore.store import StoreError, create_store, merge_intervals, open_store
+from actstore.store.progress import segments, split_windows, todo_windows
 
 REPO = Path(__file__).resolve().parents[2]
 N, R = 70, 8   # 9 windows, the last one partial
@@ -170,21 +170,20 @@ def _cli_rank(model, tok, csv, out, fail_rank):
     """`actstore extract` as the CLI runs it, stderr to a file per rank; rank ``fail_rank``'s
     shard writes fail as on a full disk (an error only that rank meets)."""
     import errno
-    from argparse import Namespace
     from contextlib import redirect_stderr
 
-    from actstore.extract import _cli
+    from actstore.cli import build_parser
+    from actstore.extract.cli import _cli
     from actstore.store import ActivationStore
     rank = int(os.environ["RANK"])
     if rank == fail_rank:
         def full(self, *a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
         ActivationStore.write_rows = full
-    args = Namespace(model=(model, tok), dataset=str(csv), prompt="coords", out=str(out),
-                     layers="all", neurons=True, dtype="float16", format=None, batch_size=3,
-                     device="cpu", compute_dtype="auto", limit=None, kind=None,
-                     drop_invalid=False, overwrite=False, rows_per_chunk=R, compression=None,
-                     no_progress=True, device_map=None)
+    args = build_parser().parse_args(
+        ["extract", "--dataset", str(csv), "--prompt", "coords", "--out", str(out), "--neurons",
+         "--batch-size", "3", "--device", "cpu", "--rows-per-chunk", str(R), "--no-progress"])
+    args.model = (model, tok)   # an in-memory model: what --model names, from Python
     with open(f"{out}.stderr{rank}", "w", buffering=1) as f, redirect_stderr(f):
         try:
             code = _cli(args)

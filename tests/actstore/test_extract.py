@@ -17,7 +17,7 @@ import torch
 
 import actstore
 from actstore.extract import ExtractError, extract, parse_layers
-from actstore.models import ModelError, load_model, wrap_model
+from actstore.models import ModelError, load_model
 from actstore.prompts import get_prompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,15 +40,15 @@ def reference(model, tok, entities, prompt="coords", layers=None, neurons=False)
             acts = {}
             hs = []
             if neurons:
-                hs = [base.layers[l - 1].mlp.down_proj.register_forward_pre_hook(
-                    lambda mod, a, l=l: acts.__setitem__(l, a[0][0, -1].clone())) for l in layers]
+                hs = [base.layers[k - 1].mlp.down_proj.register_forward_pre_hook(
+                    lambda mod, a, k=k: acts.__setitem__(k, a[0][0, -1].clone())) for k in layers]
             with torch.no_grad():
                 o = base(input_ids=ids, output_hidden_states=True)
             for h in hs:
                 h.remove()
-            out.append(torch.stack([o.hidden_states[l][0, -1] for l in layers]))
+            out.append(torch.stack([o.hidden_states[k][0, -1] for k in layers]))
             if neurons:
-                neu.append(torch.stack([acts[l] for l in layers]))
+                neu.append(torch.stack([acts[k] for k in layers]))
     finally:
         base.norm = norm
     res = torch.stack(out, 1).float().numpy()
@@ -407,6 +407,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, world_csv, capsys):
 def test_cli_drop_invalid(tmp_path, tiny_model_dir, world_csv, capsys):
     """The dataset error tells users to pass --drop-invalid: extract accepts it."""
     import pandas as pd
+
     from actstore.cli import main
     bad = tmp_path / "bad.csv"
     t = pd.read_csv(world_csv)
@@ -424,11 +425,53 @@ def test_cli_drop_invalid(tmp_path, tiny_model_dir, world_csv, capsys):
 
 
 def test_cli_help_teaches():
+    import dataclasses
+
+    from actstore.extract import ExtractConfig
+    from actstore.options import field_docs
     p = _cli("extract", "--help")
     so, se = p.communicate(timeout=120)
     assert p.returncode == 0
     for word in ("examples:", "--neurons", "--dtype", "resumes", "--overwrite", "smollm2-135m"):
         assert word in so
+    # every option's help is its ExtractConfig field's docstring (compared without whitespace:
+    # argparse wraps lines, also after a hyphen)
+    flat, docs = "".join(so.split()), field_docs(ExtractConfig)
+    for f in dataclasses.fields(ExtractConfig):
+        hidden = f.metadata.get("cli", {}).get("hidden")
+        if not hidden or f.name == "progress":   # progress: the --no-progress flag
+            assert "".join(docs[f.name].split()) in flat, f.name
+    assert "--no-progress" in so and "--padding-side" not in so and "--stop-after" not in so
+
+
+def test_config_is_the_keyword_api_and_the_command_line(tmp_path, tiny_model, tiny_tokenizer,
+                                                        world_csv):
+    from actstore.cli import build_parser
+    from actstore.extract import ExtractConfig
+    from actstore.options import from_args
+    lm = (tiny_model, tiny_tokenizer)
+    kw = dict(limit=8, batch_size=5, rows_per_chunk=8, progress=False)
+    cfg = ExtractConfig(dataset=str(world_csv), prompt="coords", out=str(tmp_path / "c.zarr"),
+                        **kw)
+    a = extract(lm, config=cfg).store
+    b = extract(lm, world_csv, "coords", tmp_path / "k.zarr", **kw).store
+    np.testing.assert_array_equal(a.read(slice(0, 8)), b.read(slice(0, 8)))
+    # arguments and keywords replace the config's fields
+    c = extract(lm, out=tmp_path / "l.zarr", config=cfg, layers="1,3").store
+    assert c.layers == [1, 3] and a.layers == [1, 2, 3]
+    with pytest.raises(TypeError, match="batch_sz"):
+        extract(lm, config=cfg, batch_sz=3)
+    with pytest.raises(ExtractError, match="needs dataset, prompt"):
+        extract(lm, out=tmp_path / "m.zarr")
+    with pytest.raises(ExtractError, match="--batch-size must be at least 1"):
+        ExtractConfig(batch_size=0)
+    # the command line's defaults are the dataclass's
+    args = build_parser().parse_args(["extract", "--dataset", "d", "--prompt", "p", "--out", "o"])
+    assert from_args(ExtractConfig, args) == ExtractConfig(dataset="d", prompt="p", out="o")
+    args = build_parser().parse_args(["extract", "--dataset", "d", "--prompt", "p", "--out", "o",
+                                      "--no-progress", "--batch-size", "4", "--neurons"])
+    assert from_args(ExtractConfig, args) == ExtractConfig(
+        dataset="d", prompt="p", out="o", progress=False, batch_size=4, neurons=True)
 
 
 @pytest.mark.slow

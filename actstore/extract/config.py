@@ -1,0 +1,142 @@
+"""The options of an extraction: :class:`ExtractConfig` (also the ``actstore extract`` command
+line, one docstring per field) and :func:`parse_layers`. Light on purpose: ``actstore --help``
+imports it (no torch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actstore.errors import ExtractError
+from actstore.options import cli
+
+__all__ = ["ExtractConfig", "DEFAULT_BATCH_SIZE", "DTYPES", "COMPUTE_DTYPES", "parse_layers"]
+
+DEFAULT_BATCH_SIZE = 32
+DTYPES = ("float16", "bfloat16", "float32")
+COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything :func:`actstore.extract.extract` is asked to do (``actstore extract``'s
+    options, one field each). From Python, ``model``, ``dataset`` and ``prompt`` may also be
+    objects (a ``LoadedModel`` or ``(model, tokenizer)`` pair, an ``EntityDataset``, a
+    ``Prompt``)."""
+
+    model: str | None = field(default=None, metadata=cli(metavar="MODEL"))
+    """'smollm2-135m' (embedded default, offline), a Hugging Face id (e.g.
+    meta-llama/Llama-2-7b-hf) or a local model directory"""
+    dataset: str | None = field(default=None, metadata=cli(metavar="NAME_OR_CSV", required=True))
+    """a built-in (world_cities, us_places, nobel), a paper kind (world_place, ...) or a CSV
+    path; see `actstore datasets list`"""
+    kind: str | None = None
+    """dataset kind when a CSV's columns are ambiguous"""
+    drop_invalid: bool = False
+    """drop CSV rows with invalid values (missing name, bad coordinates or dates) instead of
+    refusing the file; the count goes into the store's meta"""
+    prompt: str | None = field(default=None, metadata=cli(required=True))
+    """prompt name (coords, where_is, empty, random, all_caps, ...); unknown names list the
+    valid ones"""
+    out: str | None = field(default=None, metadata=cli(metavar="STORE", required=True))
+    """store path: a directory (Zarr v3) or a .h5 file (HDF5)"""
+    limit: int | None = field(default=None, metadata=cli(metavar="N"))
+    """first N entities only"""
+    batch_size: int | None = field(default=None, metadata=cli(metavar="B"))
+    """rows per forward pass (default 32; a resume uses the store's)"""
+    layers: str | tuple[int, ...] = "all"
+    """'all' (blocks 1..N), 'all+emb' (also the embeddings, 0) or a list like 0,5,10-20
+    (hidden-state indices)"""
+    neurons: bool = False
+    """also store MLP neuron activations (input of the down projection)"""
+    dtype: str = field(default="float16", metadata=cli(choices=DTYPES))
+    """stored dtype (overflow is detected, never stored)"""
+    compute_dtype: str = field(default="auto", metadata=cli(choices=COMPUTE_DTYPES))
+    """model dtype (auto: float32 on CPU; on GPU float16, or bfloat16 with --dtype
+    bfloat16/float32)"""
+    format: str | None = field(default=None, metadata=cli(choices=("zarr", "hdf5")))
+    """store format (default: zarr, or hdf5 for a .h5/.hdf5 path)"""
+    compression: str | None = field(default=None, metadata=cli(choices=("none", "zstd", "blosc")))
+    """zarr chunk compression (default none: fp16 activations barely compress; see
+    bench/RESULTS.md)"""
+    rows_per_chunk: int | None = field(default=None, metadata=cli(metavar="R"))
+    """rows per chunk and per write (default: ~1 MiB chunks)"""
+    device: str = "auto"
+    """cpu, cuda or auto; under torchrun each rank takes GPU LOCAL_RANK"""
+    device_map: str | None = field(default=None, metadata=cli(metavar="MAP"))
+    """'auto': transformers/accelerate spread a Hugging Face model over all visible GPUs
+    (models too big for one; see docs/scale-out.md)"""
+    overwrite: bool = False
+    """replace an existing store"""
+    padding_side: str | None = field(default=None, metadata=cli(hidden=True))
+    """'right' or 'left' (default: the tokenizer's; a resume uses the store's)"""
+    stop_after_rows: int | None = field(default=None, metadata=cli(hidden=True))
+    """stop cleanly (resumable) once this many rows are stored, rounded up to whole windows
+    (for tests and budgets)"""
+    progress: bool = field(default=True, metadata=cli(hidden=True))
+    """a progress bar on rank 0 (--no-progress: none)"""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ExtractError(f"unknown --dtype {self.dtype!r}; choose float16, bfloat16 or "
+                               "float32")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ExtractError("--batch-size must be at least 1")
+        if self.padding_side not in (None, "left", "right"):
+            raise ExtractError("padding_side must be 'left' or 'right'")
+        if self.limit is not None and self.limit < 1:
+            raise ExtractError("--limit must be at least 1")
+
+
+def _layer_items(spec: str) -> list[int]:
+    """The hidden-state indices of a list like '0,5,10-20' (not yet range-checked)."""
+    out = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ExtractError(f"bad --layers item {part!r}: use 'all', 'all+emb' or a list "
+                               "like 0,5,10-20") from None
+    return out
+
+
+def parse_layers(spec, n_blocks: int) -> list[int]:
+    """The hidden-state indices a ``--layers`` value selects, sorted.
+
+    Parameters
+    ----------
+    spec : str, list of int or None
+        'all' or None (blocks 1..N), 'all+emb' (0..N), a list like '0,5,10-20', or the indices.
+    n_blocks : int
+        The model's number of decoder blocks N (hidden states 0..N).
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    ExtractError
+        A bad item, an index out of range, a duplicate, or no layer at all.
+    """
+    if spec is None or spec == "all":
+        return list(range(1, n_blocks + 1))
+    if spec in ("all+emb", "all+embeddings"):
+        return list(range(0, n_blocks + 1))
+    out = [int(x) for x in spec] if isinstance(spec, (list, tuple)) else _layer_items(spec)
+    if not out:
+        raise ExtractError("--layers selects no layer")
+    bad = [x for x in out if not 0 <= x <= n_blocks]
+    if bad:
+        raise ExtractError(f"layers {bad} out of range: this model has hidden states 0..{n_blocks}"
+                           f" (0 = embeddings, {n_blocks} = last block)")
+    if len(set(out)) != len(out):
+        raise ExtractError(f"duplicate layers in {spec!r}")
+    return sorted(out)
