@@ -12,7 +12,7 @@ from probes.cli_common import DESCRIPTION, EPILOG
 
 # each command's parser lives beside the code it drives; they import their heavy modules
 # (torch, sklearn) inside the handlers, so `fastprobe --help` stays fast
-COMMANDS = ("probes.fit.cli", "probes.neurons.cli", "probes.experiments_cli")
+COMMANDS = ("probes.fit.cli", "probes.neurons.cli", "probes.experiments.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,20 +12,8 @@ from actstore.prompts import get_prompt
 from probes.errors import PipelineError
 from probes.pipeline.config import EXPERIMENTS, RECIPES
 
-__all__ = ["Job", "Section", "parse_list", "experiment_list", "plan_sections", "holdout_column"]
+__all__ = ["Job", "Section", "parse_list", "experiment_list", "plan_sections"]
 
-# the block hold-out's natural group column per dataset kind, first one present wins
-# ("century" = floor(year / 100) * 100, derived by probes.experiments.group_labels)
-HOLDOUT_COLUMNS = {
-    "world_place": ("country",),
-    "us_place": ("state_name", "state"),
-    "nyc_place": ("borough_name", "borough"),
-    "historical_figure": ("death_century", "century"),
-    "art": ("century",),
-    "headline": ("pub_year", "century"),   # the headlines span one century: years are the blocks
-}
-HOLDOUT_MAX_GROUPS = 20      # largest groups first, as `fastprobe experiment holdout`'s default
-HOLDOUT_MIN_GROUP = 10
 NEURON_TOP = 50              # kept in neurons.json; the report shows the first REPORT_NEURONS
 
 
@@ -118,15 +106,3 @@ def plan_sections(out: Path, datasets, prompts: list[str], limit, drop_invalid) 
                                 out / "probes" / name))
         sections.append(sec)
     return sections
-
-
-def holdout_column(store) -> tuple[str | None, str]:
-    """(the block hold-out's group column for this store's kind, or None and why not)."""
-    kind = (store.meta.get("dataset") or {}).get("kind")
-    cols = set(store.entities.columns)
-    cands = HOLDOUT_COLUMNS.get(kind, ("century",))
-    for c in cands:
-        if c in cols or (c == "century" and "year" in cols):
-            return c, ""
-    return None, (f"no natural group column for kind {kind!r} (looked for "
-                  f"{', '.join(cands)})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probes.experiments import EXPERIMENT_TITLES, experiment_markdown
+from probes.experiments.registry import EXPERIMENT_TITLES, experiment_markdown
 from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
 from probes.report import md_num, md_table, save_figure

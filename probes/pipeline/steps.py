@@ -18,10 +18,12 @@ from actstore.io import write_json
 from actstore.store import store_identity
 from probes import experiments as ex
 from probes.errors import ExperimentError, NeuronReportError
+from probes.experiments.base import RunContext
+from probes.experiments.common import best_loo_index
+from probes.experiments.registry import EXPERIMENTS
 from probes.fit import RESULTS_FILE, fit_all_layers
 from probes.neurons import NEURONS_JSON, neuron_report
-from probes.pipeline.plan import (HOLDOUT_MAX_GROUPS, HOLDOUT_MIN_GROUP, NEURON_TOP, Job,
-                                  Section, holdout_column)
+from probes.pipeline.plan import NEURON_TOP, Job, Section
 from probes.report import format_neuron_table, format_table
 
 __all__ = ["Step", "run_step", "extract_job", "FitStep", "NeuronStep", "ExperimentStep",
@@ -207,49 +209,21 @@ class ExperimentStep:
 
 def experiment_steps(sec: Section, out: Path, exps, counter: str, cfg, log,
                      all_experiments=False) -> list[ExperimentStep]:
-    """The experiment steps of one dataset, each at the main fit's best LOO layer. With
-    ``all_experiments`` (the default list, not named by the user), a dataset with one prompt
-    plans no prompts comparison rather than a skip note."""
-    store = sec.main.store
+    """The experiment steps of one dataset, each planned by its registry record; the
+    single-store ones run at the main fit's best LOO layer. With ``all_experiments`` (the
+    default list, not named by the user), a dataset with one prompt plans no prompts
+    comparison rather than a skip note."""
     res = sec.main.result
-    layer = int(res["layers"][ex.best_loo_index(res["layers"])]["layer"])
-    dev = None if cfg.device == "auto" else cfg.device
-    be = cfg.backend
+    ctx = RunContext(store=sec.main.store, prompt_stores={j.prompt: j.store for j in sec.jobs},
+                     skipped_prompts=tuple(sec.skipped_prompts), dataset_kind=sec.ds.kind,
+                     layer=int(res["layers"][best_loo_index(res["layers"])]["layer"]),
+                     backend=cfg.backend, device=None if cfg.device == "auto" else cfg.device,
+                     all_experiments=all_experiments)
     edir = out / "experiments" / sec.ds.name
     steps = []
     for key in exps:
-        opts, fn, note = {"layer": layer}, None, None
-        if key == "prompts":
-            opts = {}
-            if len(sec.jobs) < 2 and all_experiments and not sec.skipped_prompts:
-                continue
-            if len(sec.jobs) < 2:
-                note = ("one prompt only" + (f" ({', '.join(sec.skipped_prompts)} do not apply "
-                        f"to {sec.ds.kind})" if sec.skipped_prompts else
-                        "; add variants with --prompts empty,coords,..."))
-            else:
-                stores = {j.prompt: j.store for j in sec.jobs}
-                fn = lambda stores=stores: ex.prompt_experiment(stores, backend=be)  # noqa: E731
-        elif key == "holdout":
-            col, note = holdout_column(store)
-            if col is not None:
-                opts.update(group_column=col, max_groups=HOLDOUT_MAX_GROUPS,
-                            min_group_size=HOLDOUT_MIN_GROUP)
-                fn = lambda col=col: ex.holdout_experiment(  # noqa: E731
-                    store, col, layer=layer, min_group_size=HOLDOUT_MIN_GROUP,
-                    max_groups=HOLDOUT_MAX_GROUPS, backend=be)
-        elif key == "entity-type":
-            types = store.entities["entity_type"].astype(str)[: store.rows_done].unique()
-            if len(types) < 2:
-                note = f"one entity type ({types[0] if len(types) else 'none'})"
-            else:
-                opts.update(min_group_size=HOLDOUT_MIN_GROUP)
-                fn = lambda: ex.entity_type_experiment(  # noqa: E731
-                    store, layer=layer, min_group_size=HOLDOUT_MIN_GROUP, backend=be)
-        elif key == "nonlinear":
-            fn = lambda: ex.nonlinear_experiment(store, layer=layer, backend=be,  # noqa: E731
-                                                 device=dev)
-        elif key == "pca":
-            fn = lambda: ex.pca_experiment(store, layer=layer, backend=be)  # noqa: E731
-        steps.append(ExperimentStep(sec, key, opts, fn, note, edir, counter, cfg, log))
+        plan = EXPERIMENTS[key].plan(ctx)
+        if plan is not None:
+            steps.append(ExperimentStep(sec, key, plan.options, plan.run, plan.note, edir,
+                                        counter, cfg, log))
     return steps

@@ -1,5 +1,6 @@
 """probes.experiments against plain references (sklearn Ridge/RidgeCV, numpy SVD, brute-force
-proximity error) on small synthetic stores with planted signals; and `fastprobe experiment`."""
+proximity error) on small synthetic stores with planted signals; `fastprobe experiment`; the
+registry and the plans it gives `actstore run`."""
 from __future__ import annotations
 
 import json
@@ -66,8 +67,10 @@ def brute_prox(Y, P, haversine=True):
 
 
 def test_default_alphas_match_ridge():
+    from probes.experiments.common import alpha_grid
     from probes.ridge import DEFAULT_ALPHAS
     assert ex.DEFAULT_ALPHAS == DEFAULT_ALPHAS
+    assert alpha_grid(None) == DEFAULT_ALPHAS and alpha_grid([1.0]) == [1.0]
 
 
 # ----------------------------------------------------------------------------- hold-out
@@ -218,7 +221,8 @@ def test_pca_matches_numpy_and_rises(tmp_path):
     ent["latitude"] = Zl @ [0.3, 0.6, 1.2] + rng.normal(size=n) * 0.2
     ent["longitude"] = Zl @ [-0.3, 0.6, -1.2] + rng.normal(size=n) * 0.2
     path = save(tmp_path / "p.zarr", X[None], ent)
-    r = ex.pca_experiment(path, ks=(1, 2, 3, 5, 16, 50), alphas=ALPHAS, targets="latitude,longitude")
+    r = ex.pca_experiment(path, ks=(1, 2, 3, 5, 16, 50), alphas=ALPHAS,
+                          targets="latitude,longitude")
     assert r["ks"] == [1, 2, 3, 5, 16] and r["skipped_ks"] == [50]
     test = ent["is_test"].to_numpy()
     Y = ent[["latitude", "longitude"]].to_numpy(float)
@@ -232,7 +236,8 @@ def test_pca_matches_numpy_and_rises(tmp_path):
         r2 = np.mean(1 - ((yt - pt) ** 2).sum(0) / ((yt - yt.mean(0)) ** 2).sum(0))
         assert row["test"]["r2"] == pytest.approx(r2, abs=1e-9)
         assert row["alpha"] == ref.alpha_
-        assert row["explained_variance"] == pytest.approx((S[:row["k"]] ** 2).sum() / (S ** 2).sum())
+        assert row["explained_variance"] == pytest.approx(
+            (S[:row["k"]] ** 2).sum() / (S ** 2).sum())
     r2s = [row["test"]["r2"] for row in r["pca"]]
     assert r2s[0] < r2s[1] < r2s[2] and r2s[2] > 0.95                 # rises, saturates at 3
     # all d components: the same probe as the full width (ridge is rotation invariant)
@@ -320,22 +325,22 @@ def test_prompt_experiment_matches_sklearn(tmp_path):
     X32 = {k: v.astype(np.float32).astype(np.float64) for k, v in Xs.items()}
     best = {}
     for name in r["prompts"]:
-        scores = [z_ridge(X32[name][l][~test], Y[~test], X32[name][l])[1].best_score_
-                  for l in range(3)]
+        scores = [z_ridge(X32[name][p][~test], Y[~test], X32[name][p])[1].best_score_
+                  for p in range(3)]
         assert r["per_prompt"][name]["best_position"] == int(np.argmax(scores))
         best[name] = int(np.argmax(scores))
     assert best == {"empty": 1, "coords": 2, "copy": 1}
     for a, na in enumerate(r["prompts"]):
-        l = best[na]
-        _, ref = z_ridge(X32[na][l][~test], Y[~test], X32[na][l])
+        pos = best[na]
+        _, ref = z_ridge(X32[na][pos][~test], Y[~test], X32[na][pos])
         mu, sd = Y[~test].mean(0), Y[~test].std(0)
         for b, nb in enumerate(r["prompts"]):
-            P = ref.predict(X32[nb][l][test]).reshape(int(test.sum()), -1) * sd + mu
+            P = ref.predict(X32[nb][pos][test]).reshape(int(test.sum()), -1) * sd + mu
             yt = Y[test]
             r2 = np.mean(1 - ((yt - P) ** 2).sum(0) / ((yt - yt.mean(0)) ** 2).sum(0))
             assert r["transfer"]["r2"][a][b] == pytest.approx(r2, abs=1e-6)
         assert r["transfer"]["r2"][a][a] == pytest.approx(
-            r["per_prompt"][na]["layers"][l]["test"]["r2"], abs=1e-9)
+            r["per_prompt"][na]["layers"][pos]["test"]["r2"], abs=1e-9)
     i, j = r["prompts"].index("empty"), r["prompts"].index("copy")
     assert r["transfer"]["r2"][i][j] == pytest.approx(r["transfer"]["r2"][i][i], abs=1e-12)
     assert r["transfer"]["r2"][i][i] > 0.9
@@ -391,7 +396,8 @@ def test_cli_experiments_end_to_end(tmp_path, place_store, capsys):
         assert doc["name"] == name and (out / f"{name}.png").stat().st_size > 1000
         assert f"{name}.json" in text
     assert json.loads((out / "prompts.json").read_text())["prompts"] == ["e", "c"]
-    assert "held-out" in ex.format_experiment(json.loads((out / "holdout_country.json").read_text()))
+    assert "held-out" in ex.format_experiment(
+        json.loads((out / "holdout_country.json").read_text()))
     rc = main(["experiment", "holdout", str(path), "--group", "nope"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown group column 'nope'" in err and "Traceback" not in err
@@ -417,7 +423,78 @@ def test_cli_help_has_examples_for_every_experiment(capsys):
 
 def test_prompt_labels_disambiguated(tmp_path):
     paths, ent, Xs = prompt_stores(tmp_path, n=40, d=4)
-    twin = save(tmp_path / "twin.zarr", Xs["empty"], ent, meta={**META, "prompt": {"name": "empty"}})
+    twin = save(tmp_path / "twin.zarr", Xs["empty"], ent,
+                meta={**META, "prompt": {"name": "empty"}})
     r = ex.prompt_experiment([paths["empty"], twin], alphas=ALPHAS)
     assert r["prompts"] == ["empty", "empty (twin)"]
     assert r["transfer"]["r2"][0][1] == pytest.approx(r["transfer"]["r2"][0][0], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_registry_is_what_the_cli_and_actstore_run_name(tmp_path):
+    from probes.experiments.base import Experiment
+    from probes.pipeline.config import EXPERIMENTS as RUN_EXPERIMENTS
+    assert tuple(ex.EXPERIMENTS) == RUN_EXPERIMENTS
+    assert {k: e.kind for k, e in ex.EXPERIMENTS.items()} == {
+        "prompts": "prompts", "holdout": "holdout", "entity-type": "entity_type",
+        "nonlinear": "nonlinear", "pca": "pca"}
+    assert ex.EXPERIMENT_TITLES == {k: e.title for k, e in ex.EXPERIMENTS.items()}
+    assert all(isinstance(e, Experiment) and e.key == k for k, e in ex.EXPERIMENTS.items())
+    assert ex.EXPERIMENTS["pca"].compute is ex.pca_experiment
+    with pytest.raises(ExperimentError, match="unknown experiment kind 'nope'"):
+        ex.format_experiment({"experiment": "nope"})
+    with pytest.raises(ExperimentError, match="unknown experiment kind 'nope'"):
+        ex.write_experiment({"experiment": "nope", "name": "x"}, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    assert ex.experiment_markdown("nope", {}) == []
+
+
+def test_package_imports_without_torch_sklearn_or_matplotlib():
+    """`fastprobe --help` builds its parser from the experiment modules."""
+    import subprocess
+    import sys
+    code = ("import sys; import probes.experiments.cli, probes.experiments.registry; "
+            "print(sorted(m for m in ('torch', 'sklearn', 'zarr', 'matplotlib') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def run_context(store, prompts=("empty",), skipped=(), all_experiments=True):
+    from probes.experiments.base import RunContext
+    return RunContext(store=store, prompt_stores={p: store for p in prompts},
+                      skipped_prompts=tuple(skipped), dataset_kind="world_place", layer=3,
+                      backend="cpu", device=None, all_experiments=all_experiments)
+
+
+def test_actstore_run_plans():
+    """What each experiment tells `actstore run` to record and run, or why it cannot run."""
+    from types import SimpleNamespace
+
+    from probes.experiments.holdout import HOLDOUT_MAX_GROUPS, HOLDOUT_MIN_GROUP, holdout_column
+    ent = places(30, types=("city", "structure"))
+    store = SimpleNamespace(meta={"dataset": {"kind": "world_place"}}, entities=ent,
+                            rows_done=30)
+    plan = {k: e.plan for k, e in ex.EXPERIMENTS.items()}
+    assert plan["prompts"](run_context(store)) is None          # default list, one prompt
+    one = plan["prompts"](run_context(store, all_experiments=False))
+    assert one.run is None and one.note.startswith("one prompt only; add variants")
+    skipped = plan["prompts"](run_context(store, skipped=("coords",)))
+    assert skipped.note == "one prompt only (coords do not apply to world_place)"
+    two = plan["prompts"](run_context(store, prompts=("empty", "coords")))
+    assert two.options == {} and two.run.keywords == {"backend": "cpu"}
+    assert holdout_column(store) == ("country", "")
+    h = plan["holdout"](run_context(store))
+    assert h.options == {"layer": 3, "group_column": "country",
+                         "max_groups": HOLDOUT_MAX_GROUPS, "min_group_size": HOLDOUT_MIN_GROUP}
+    assert h.run.args == (store, "country")
+    assert plan["entity-type"](run_context(store)).options == {"layer": 3, "min_group_size": 10}
+    assert plan["nonlinear"](run_context(store)).run.keywords == {"layer": 3, "backend": "cpu",
+                                                                  "device": None}
+    assert plan["pca"](run_context(store)).options == {"layer": 3}
+    store.entities = ent.drop(columns=["country"]).assign(entity_type="city")
+    h = plan["holdout"](run_context(store))
+    assert h.run is None and h.options == {"layer": 3} and "no natural group column" in h.note
+    e = plan["entity-type"](run_context(store))
+    assert e.run is None and e.note == "one entity type (city)"
