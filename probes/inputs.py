@@ -3,7 +3,6 @@ read from a store's entity table."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from probes.errors import InputError
 
@@ -24,13 +23,15 @@ def resolve_targets(store, targets=None) -> list[str]:
         raise InputError("no target names given")
     if len(set(names)) != len(names):
         raise InputError(f"duplicate target names in {names}")
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype  # deferred: `--help` paths
+
     ent = store.entities
     cols = list(ent.columns)
     for n in names:
         if n not in cols:
             raise InputError(f"unknown target {n!r}: the store's targets are {have}"
                              f" (entity columns: {cols})")
-        if not pd.api.types.is_numeric_dtype(ent[n]) or pd.api.types.is_bool_dtype(ent[n]):
+        if not is_numeric_dtype(ent[n]) or is_bool_dtype(ent[n]):
             raise InputError(f"target column {n!r} is not numeric (dtype {ent[n].dtype}); a probe "
                              f"target must be a number per entity (the store's targets: {have})")
     return names

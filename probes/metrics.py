@@ -11,7 +11,7 @@ from probes.errors import MetricsError
 
 __all__ = [
     "MetricsError", "r2_per_target", "r2", "pearson_per_target", "spearman_per_target",
-    "haversine_km", "proximity_error", "evaluate", "EARTH_RADIUS_KM",
+    "haversine_km", "proximity_error", "evaluate", "EARTH_RADIUS_KM", "latlon_columns",
 ]
 
 EARTH_RADIUS_KM = 6371.0
@@ -141,7 +141,9 @@ def proximity_error(y_true, y_pred, metric: str = "euclidean") -> np.ndarray:
     return np.asarray(counts, dtype=np.float64) / n
 
 
-def _latlon(names) -> tuple[int, int] | None:
+def latlon_columns(names) -> tuple[int, int] | None:
+    """(index of latitude, index of longitude) among target ``names`` (case-insensitive), or
+    None unless both are there: place targets are found by name, never by position."""
     names = [str(x).lower() for x in names]
     if "latitude" in names and "longitude" in names:
         return names.index("latitude"), names.index("longitude")
@@ -164,7 +166,7 @@ def evaluate(y_true, y_pred, target_names) -> dict:
     r2t = r2_per_target(t, p)
     pe = pearson_per_target(t, p)
     sp = spearman_per_target(t, p)
-    ll = _latlon(names)
+    ll = latlon_columns(names)
     out = {
         "n": int(t.shape[0]),
         "r2": float(np.mean(r2t)),

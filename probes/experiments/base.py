@@ -42,6 +42,8 @@ class StepPlan:
     """computes the result; None when the experiment cannot run on this dataset"""
     note: str | None = None
     """why it cannot run (shown in the report) when ``run`` is None"""
+    stores: tuple = ()
+    """the stores it reads, whose identities the step records (empty: the main store)"""
 
 
 @dataclass(frozen=True)

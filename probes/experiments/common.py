@@ -19,7 +19,7 @@ from actstore.io import write_json
 from actstore.store import open_store
 from actstore.store.format import as_compute
 from probes.errors import ExperimentError
-from probes.metrics import _latlon, evaluate, proximity_error
+from probes.metrics import latlon_columns, evaluate, proximity_error
 from probes.report import save_figure
 
 __all__ = ["as_store", "layer_x", "alpha_grid", "ridge", "best_loo_index", "fit_layers",
@@ -96,7 +96,7 @@ def probe_at(store, names, alphas, split, backend, layer):
 def proximity_rows(Y, P, names) -> np.ndarray:
     """Per-row proximity error over ALL rows given (:func:`probes.metrics.proximity_error`):
     haversine on (latitude, longitude) when both are targets, else euclidean over the targets."""
-    ll = _latlon(names)
+    ll = latlon_columns(names)
     if ll is not None:
         return proximity_error(Y[:, list(ll)], P[:, list(ll)], "haversine")
     return proximity_error(Y, P, "euclidean")

@@ -26,7 +26,7 @@ from probes.experiments.common import (
     ridge,
 )
 from probes.inputs import parse_split, target_matrix
-from probes.metrics import _latlon, haversine_km
+from probes.metrics import latlon_columns, haversine_km
 from probes.report import md_num, md_table, text_table
 
 __all__ = ["holdout_experiment", "entity_type_experiment", "group_labels", "holdout_column",
@@ -192,7 +192,7 @@ def _group_entry(g, m, h, nominal, Y, names, store) -> dict:
         "heldout_mae_per_target": _mae(Y[m], P[m], names),
         "nominal_mae_per_target": _mae(Y[nm], P_nom[nm], names) if nm.any() else None,
     }
-    ll = _latlon(names)
+    ll = latlon_columns(names)
     if ll is not None:
         entry["heldout_km_error_median"] = _median_km(Y[m], P[m], ll)
         entry["nominal_km_error_median"] = _median_km(Y[nm], P_nom[nm], ll) if nm.any() else None

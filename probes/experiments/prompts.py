@@ -370,14 +370,16 @@ def from_args(args, common: dict) -> dict:
 def plan(ctx: RunContext) -> StepPlan | None:
     """Every prompt's store of the dataset; a note when it has one prompt only (nothing at all
     when the user did not name the experiment and no prompt was skipped)."""
+    stores = tuple(ctx.prompt_stores.values())
     if len(ctx.prompt_stores) >= 2:
         return StepPlan({}, partial(prompt_experiment, dict(ctx.prompt_stores),
-                                    backend=ctx.backend))
+                                    backend=ctx.backend), stores=stores)
     if ctx.all_experiments and not ctx.skipped_prompts:
         return None
     return StepPlan({}, note="one prompt only" + (
         f" ({', '.join(ctx.skipped_prompts)} do not apply to {ctx.dataset_kind})"
-        if ctx.skipped_prompts else "; add variants with --prompts empty,coords,..."))
+        if ctx.skipped_prompts else "; add variants with --prompts empty,coords,..."),
+        stores=stores)
 
 
 EXPERIMENT = Experiment(

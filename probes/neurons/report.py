@@ -16,7 +16,7 @@ from actstore.store import ActivationStore, open_store
 from probes.errors import NeuronReportError
 from probes.inputs import resolve_targets
 from probes.kernels import NEURON_GPU_ORDER, resolve
-from probes.metrics import _latlon
+from probes.metrics import latlon_columns
 from probes.neurons.config import SPLITS, NeuronConfig
 from probes.neurons.correlations import neuron_correlations
 from probes.neurons.model import resolve_model
@@ -289,7 +289,7 @@ def write_neuron_report(result: dict, out: str | os.PathLike, store: ActivationS
         **result["arrays"]))
     written = [out / NEURONS_JSON, out / NEURONS_NPZ]
     names = result["targets"]
-    ll = _latlon(names)
+    ll = latlon_columns(names)
     coords = None if ll is None else (Y[mask, ll[1]], Y[mask, ll[0]])
     if activations is None:                  # stored neurons: each layer read once
         activations = _best_activations(result["top_neurons"], lambda e, idx: store.layer(

@@ -173,25 +173,23 @@ class NeuronStep:
 class ExperimentStep:
     """One of the paper's experiments on a dataset's stores."""
 
-    def __init__(self, sec: Section, key: str, options: dict, fn, note, edir: Path,
-                 counter: str, cfg, log):
-        self.sec, self.key, self.options, self.fn, self.note = sec, key, options, fn, note
+    def __init__(self, sec: Section, key: str, plan, edir: Path, counter: str, cfg, log):
+        self.sec, self.key, self.plan = sec, key, plan
         self.cfg, self.log, self.edir = cfg, log, edir
         self.label = f"[experiments {counter}] {sec.ds.name} {key}"
         self.record = edir / f"{key}.source.json"
 
     def inputs(self) -> dict:
-        stores = [store_record(j.store) for j in self.sec.jobs]
-        return {"experiment": self.key,
-                "stores": stores if self.key == "prompts" else stores[:1],
-                "backend": self.cfg.backend, **self.options}
+        stores = self.plan.stores or (self.sec.main.store,)
+        return {"experiment": self.key, "stores": [store_record(s) for s in stores],
+                "backend": self.cfg.backend, **self.plan.options}
 
     def run(self) -> list[str]:
-        if self.fn is None:
-            raise Skip(self.note)
+        if self.plan.run is None:
+            raise Skip(self.plan.note)
         self.log(f"{self.label} ...")
         try:
-            result = self.fn()
+            result = self.plan.run()
         except ExperimentError as exc:
             raise Skip(str(exc)) from None
         files = ex.write_experiment(result, self.edir)
@@ -224,6 +222,5 @@ def experiment_steps(sec: Section, out: Path, exps, counter: str, cfg, log,
     for key in exps:
         plan = EXPERIMENTS[key].plan(ctx)
         if plan is not None:
-            steps.append(ExperimentStep(sec, key, plan.options, plan.run, plan.note, edir,
-                                        counter, cfg, log))
+            steps.append(ExperimentStep(sec, key, plan, edir, counter, cfg, log))
     return steps
