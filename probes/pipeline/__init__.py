@@ -11,20 +11,16 @@ model, prompt, dataset or limit under the same OUT is refused with the differenc
 """
 from __future__ import annotations
 
+from actstore.lazy import lazy_exports
+
 __all__ = ["run_pipeline", "run_paper", "run", "PipelineConfig", "RECIPES", "EXPERIMENTS",
            "DEMO_DATASETS"]
 
-# Modules (bottom to top): config (options, recipes), plan (jobs), steps (the resumable steps and their
-# records), report_md, run (the orchestration), cli (``actstore run``, via an entry point).
+# Modules (bottom to top): config (options, recipes), plan (jobs), steps (the resumable steps
+# and their records), report_md, run (the orchestration), cli (actstore run, an entry point).
 # Names resolve lazily: ``actstore --help`` imports the CLI without torch.
 _LAZY = {"run_pipeline": "run", "run_paper": "run", "run": "run", "PipelineConfig": "config",
          "RECIPES": "config", "EXPERIMENTS": "config", "DEMO_DATASETS": "config"}
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'probes.pipeline' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"probes.pipeline.{module}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

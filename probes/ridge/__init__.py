@@ -3,8 +3,7 @@ dual forms, LOO and k-fold selection) and ``estimator`` (:class:`RidgeProbeCV`, 
 API). Names resolve lazily: importing the grid loads neither torch nor scikit-learn."""
 from __future__ import annotations
 
-import importlib
-
+from actstore.lazy import lazy_exports
 from probes.errors import RidgeError
 
 __all__ = [
@@ -20,12 +19,4 @@ _LAZY = {"parse_alphas": "alphas", "DEFAULT_ALPHAS": "alphas", "RidgeProbeCV": "
                                          "fit_arrays")}}
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'probes.ridge' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"probes.ridge.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
