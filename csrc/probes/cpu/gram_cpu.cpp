@@ -15,8 +15,7 @@
 //     the totals stay fully symmetric without a separate pass.
 // float32 mode sums at most block_rows rows in float32 before adding into float64, which bounds
 // the rounding error; float64 mode uses double throughout (the exactness tests use it).
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
+#include "cpu_kernels.h"
 
 #include <immintrin.h>
 
@@ -33,8 +32,7 @@
 #include <omp.h>
 #endif
 
-namespace py = pybind11;
-
+namespace probes_cpu {
 namespace {
 
 // ------------------------------------------------------------------------------------ SIMD shim
@@ -106,8 +104,6 @@ inline void micro_kernel(const T *__restrict a, const T *__restrict b, int kc, T
 }
 
 // ------------------------------------------------------------------------------------ input rows
-enum class InKind { F16, F32, F64 };
-
 // Convert n <= W values of one row segment to float/double (exact for fp16 -> float).
 template <class T, int W>
 inline void load_row(const void *base, InKind kind, int64_t offset, int n, T *out) {
@@ -147,24 +143,13 @@ inline void pack_f16(const uint16_t *src, const double *sh, double *dst) {
 }
 static_assert(NV == 3, "pack_f16 writes three vectors per panel row");
 
-struct Problem {
-  const void *X;
-  InKind kind;
-  int64_t B, r, d, k, F;
-  const double *Y;
-  const int32_t *fold;
-  const double *shift;
-  double *n, *sx, *xtx, *sy, *yty, *xty;
-  int64_t block_rows;
-};
-
 struct Tile {
   int64_t layer;  // position inside the layer group
   int I, J;       // macro-tile indices, I <= J
   int cost;       // panel pairs, for ordering big items first
 };
 
-template <class T> void run(const Problem &P) {
+template <class T> void run(const GramProblem &P) {
   constexpr int W = panel_width<T>();
   const int64_t B = P.B, d = P.d, k = P.k, F = P.F, r = P.r;
   const int64_t n_pan = (d + W - 1) / W;
@@ -373,83 +358,12 @@ template <class T> void run(const Problem &P) {
   }
 }
 
-// ------------------------------------------------------------------------------------ binding
-double *f64_out(const py::array &a, const char *name, std::initializer_list<int64_t> shape) {
-  if (!py::isinstance<py::array_t<double>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 8)
-    throw std::invalid_argument(std::string(name) + " must be a float64 array");
-  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
-  if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
-  if (a.ndim() != ssize_t(shape.size())) throw std::invalid_argument(std::string(name) + " has the wrong number of dimensions");
-  int i = 0;
-  for (int64_t s : shape)
-    if (a.shape(i++) != s) throw std::invalid_argument(std::string(name) + " has the wrong shape");
-  return static_cast<double *>(const_cast<void *>(a.data()));
-}
+}  // namespace
 
-void gram_update_cpu(py::array X, py::array Y, py::object fold, py::array shift, py::array n,
-                     py::array sx, py::array xtx, py::array sy, py::array yty, py::array xty,
-                     bool float64, int64_t block_rows) {
-  if (X.ndim() != 3) throw std::invalid_argument("X must be (B, r, d)");
-  if (!(X.flags() & py::array::c_style)) throw std::invalid_argument("X must be C-contiguous");
-  Problem P{};
-  const char kind = X.dtype().kind();
-  if (kind == 'f' && X.itemsize() == 2) P.kind = InKind::F16;
-  else if (kind == 'f' && X.itemsize() == 4) P.kind = InKind::F32;
-  else if (kind == 'f' && X.itemsize() == 8) P.kind = InKind::F64;
-  else throw std::invalid_argument("X must be float16, float32 or float64");
-  P.X = X.data();
-  P.B = X.shape(0);
-  P.r = X.shape(1);
-  P.d = X.shape(2);
-  if (Y.ndim() != 2 || Y.shape(0) != P.r) throw std::invalid_argument("Y must be (r, k)");
-  P.k = Y.shape(1);
-  if (n.ndim() != 1) throw std::invalid_argument("n must be (F,)");
-  P.F = n.shape(0);
-  if (P.B < 1 || P.d < 1 || P.k < 1 || P.F < 1) throw std::invalid_argument("B, d, k and F must be >= 1");
-  if (!py::isinstance<py::array_t<double>>(Y) || Y.itemsize() != 8 || !(Y.flags() & py::array::c_style))
-    throw std::invalid_argument("Y must be a C-contiguous float64 array");
-  P.Y = static_cast<const double *>(Y.data());
-  py::array fold_arr;
-  if (!fold.is_none()) {
-    fold_arr = fold.cast<py::array>();
-    if (fold_arr.dtype().kind() != 'i' || fold_arr.itemsize() != 4 || fold_arr.ndim() != 1 ||
-        fold_arr.shape(0) != P.r || !(fold_arr.flags() & py::array::c_style))
-      throw std::invalid_argument("fold must be a C-contiguous int32 array of shape (r,)");
-    P.fold = static_cast<const int32_t *>(fold_arr.data());
-    for (int64_t t = 0; t < P.r; ++t)
-      if (P.fold[t] < -1 || P.fold[t] >= P.F)
-        throw std::invalid_argument("fold id " + std::to_string(P.fold[t]) + " at row " +
-                                    std::to_string(t) + " outside [-1, F)");
-  } else if (P.F != 1) {
-    throw std::invalid_argument("fold ids are required when F > 1");
-  }
-  if (!py::isinstance<py::array_t<double>>(shift) || shift.itemsize() != 8 || shift.ndim() != 2 ||
-      shift.shape(0) != P.B || shift.shape(1) != P.d || !(shift.flags() & py::array::c_style))
-    throw std::invalid_argument("shift must be a C-contiguous float64 array of shape (B, d)");
-  P.shift = static_cast<const double *>(shift.data());
-  const int64_t B = P.B, F = P.F, d = P.d, k = P.k;
-  P.n = f64_out(n, "n", {F});
-  P.sx = f64_out(sx, "sx", {B, F, d});
-  P.xtx = f64_out(xtx, "xtx", {B, F, d, d});
-  P.sy = f64_out(sy, "sy", {F, k});
-  P.yty = f64_out(yty, "yty", {F, k, k});
-  P.xty = f64_out(xty, "xty", {B, F, d, k});
-  P.block_rows = block_rows;
+void gram_update(const GramProblem &P, bool float64) {
   if (P.r == 0) return;
-  py::gil_scoped_release nogil;
   if (float64) run<double>(P);
   else run<float>(P);
 }
 
-}  // namespace
-
-void register_gram_cpu(py::module_ &m) {
-  m.def("gram_update", &gram_update_cpu, py::arg("X"), py::arg("Y"), py::arg("fold"), py::arg("shift"),
-        py::arg("n"), py::arg("sx"), py::arg("xtx"), py::arg("sy"), py::arg("yty"), py::arg("xty"),
-        py::arg("float64") = false, py::arg("block_rows") = 2048,
-        "Add one chunk into float64 statistics, in place.\n"
-        "X (B, r, d) float16/32/64 C-contiguous; Y (r, k) float64; fold (r,) int32 in [-1, F) or None;\n"
-        "shift (B, d) float64; outputs n (F,), sx (B, F, d), xtx (B, F, d, d), sy (F, k), yty (F, k, k),\n"
-        "xty (B, F, d, k), all float64 C-contiguous. float64=False sums blocks of <= block_rows rows\n"
-        "in float32 (x - float32(shift)) before adding into the float64 totals; True uses double.");
-}
+}  // namespace probes_cpu
