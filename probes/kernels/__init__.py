@@ -7,10 +7,18 @@ oracle), ``cpu`` (C++/OpenMP), ``cuda`` (CUDA C++) and ``triton`` implement them
 from __future__ import annotations
 
 from probes.errors import BackendUnavailable
-from probes.kernels.backend import (BACKENDS, GRAM_BLOCK_ROWS, NEURON_GPU_ORDER,
-                                    available_backends, get_backend, gram_update,
-                                    neuron_update, preferred_chunk_rows, resolve,
-                                    resolve_backend)
+from probes.kernels.backend import (
+                                    BACKENDS,
+                                    GRAM_BLOCK_ROWS,
+                                    NEURON_GPU_ORDER,
+                                    available_backends,
+                                    get_backend,
+                                    gram_update,
+                                    neuron_update,
+                                    preferred_chunk_rows,
+                                    resolve,
+                                    resolve_backend,
+)
 
 __all__ = ["BACKENDS", "BackendUnavailable", "GRAM_BLOCK_ROWS", "NEURON_GPU_ORDER",
            "available_backends", "get_backend", "gram_update", "neuron_update",

@@ -232,7 +232,7 @@ def test_cpu_rejects_bad_input():
         cpu_backend.gram_update(s, X, np.zeros((3, 1)), np.array([0, 2, 0], np.int32))
     with pytest.raises(ValueError, match="precision"):
         cpu_backend.gram_update(s, X, np.zeros((3, 1)), np.zeros(3, np.int32), precision="float16")
-    from actstore.native import cpu as native
+    from probes import _C as native
 
     with pytest.raises(ValueError, match="fold id 5 at row 1"):
         native.gram_update(X, np.zeros((3, 1)), np.array([0, 5, 0], np.int32), s.shift.numpy(), s.n.numpy(),
