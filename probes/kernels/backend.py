@@ -161,8 +161,8 @@ def gram_update(stats, X, Y, fold=None, backend: str = "auto", precision: str | 
     return stats
 
 
-#: auto's order for the moments on a GPU: the CUDA kernel reads wide neuron activations about
-#: 3.5x as fast as the Triton one (bench/RESULTS.md, "GPU statistics kernels and extraction —
+#: auto's order for the moments on a GPU: the CUDA kernel reads wide neuron activations several
+#: times as fast as the Triton one (bench/RESULTS.md, "GPU statistics kernels and extraction —
 #: NVIDIA H200, 2026-11-27 14:08–14:31 UTC (session 3)", neuron correlations)
 NEURON_GPU_ORDER = ("cuda", "triton")
 
@@ -186,8 +186,8 @@ def preferred_chunk_rows(d: int, B: int = 1, n_folds: int = 1, max_bytes: int | 
     """Rows per ``gram_update`` call that keep the CPU kernel near its peak.
 
     Each call ends by adding its sums into the float64 totals (B·F·d² values read and written), so
-    small calls at large d are memory-bound (bench/RESULTS.md, "CPU statistics kernel: rows per
-    call"). The answer is GRAM_BLOCK_ROWS rows per fold (rows are split among folds),
+    small calls at large d are memory-bound (bench/RESULTS.md, "Measurements moved out of code
+    comments"). The answer is GRAM_BLOCK_ROWS rows per fold (rows are split among folds),
     lowered if one chunk of B layers would exceed ``max_bytes`` (at ``itemsize`` bytes a value),
     never below 64. Small d (<= 256) gains nothing from large chunks: 512.
     """

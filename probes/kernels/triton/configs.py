@@ -4,7 +4,8 @@ autotune helper every ``tune_*`` uses, and :data:`TUNING`, the one tuning state 
 
 Candidate lists put the best guess first (sm_90 compile reports: no spills, HGMMA/TMA where
 expected, bench/RESULTS.md "Kernels prepared for the next GPU run"); under the interpreter each
-list is one or two tiny tilings.
+list is one or two tiny tilings. "session 3" below: the bench/RESULTS.md section
+"GPU statistics kernels and extraction — NVIDIA H200, 2026-11-27 14:08–14:31 UTC (session 3)".
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def gram_configs() -> list[GramConfig]:
 
 
 def preshift_configs() -> list[PreConfig]:
-    """Candidates of the preshift Gram for H100/H200; the first is the H200's fastest (bench/
-    RESULTS.md, "GPU statistics kernels and extraction — NVIDIA H200 ... (session 3)")."""
+    """Candidates of the preshift Gram for H100/H200; the first is the H200's fastest
+    (session 3)."""
     if INTERPRET:
         return [PreConfig(16, 32, 16, 1, 1, False)]
     return [PreConfig(128, 256, 64, 8, 3, True), PreConfig(128, 256, 64, 8, 4, True),
@@ -86,8 +87,8 @@ def rawtma_configs() -> list[PreConfig]:
 
 def prep_tilings() -> list[PrepTiling]:
     """Candidates of the pre-shift pass; the first (the default) is the H200's fastest measured,
-    a 64-row, 8-warp step was slower (bench/RESULTS.md, session 3). The pipelined ones compile
-    for sm_90 without spills (bench/gpu_compile_check.py)."""
+    a 64-row, 8-warp step was slower (session 3). The pipelined ones compile for sm_90 without
+    spills (bench/gpu_compile_check.py)."""
     if INTERPRET:
         return [PrepTiling(16, 8, 1, 2048), PrepTiling(32, 4, 1, 16, 2)]
     return [PrepTiling(128, 16, 4, 2048), PrepTiling(256, 16, 8, 2048),
@@ -100,8 +101,8 @@ def prep_tilings() -> list[PrepTiling]:
 def moments_tilings() -> list[MomentsTiling]:
     """Candidates of the moments kernel (the first is the default). The first three read wide
     neuron activations far below the CUDA module's moments kernel (one 16-byte load per thread
-    and row, 4 rows in flight; bench/RESULTS.md, session 3); the pipelined ones keep more bytes
-    in flight (no spills on sm_90, bench/gpu_compile_check.py)."""
+    and row, 4 rows in flight; session 3); the pipelined ones keep more bytes in flight (no
+    spills on sm_90, bench/gpu_compile_check.py)."""
     if INTERPRET:
         return [MomentsTiling(16, 8, 1), MomentsTiling(32, 4, 1, 2)]
     return [MomentsTiling(256, 16, 8), MomentsTiling(128, 32, 8), MomentsTiling(512, 8, 4),

@@ -36,7 +36,7 @@ __all__ = ["RAW_MAX_RATIO", "ADD_BLOCK", "add_centred", "raw_accurate", "tma_rea
 #: Chunks with any column above this bound (|mean| > ~16 standard deviations, or a constant
 #: column) go through "preshift" instead; at the bound the centred Gram keeps about the accuracy
 #: of preshift's fp16 rounding of x - c. Real residual streams stay below it (bench/RESULTS.md,
-#: "Notes moved from code comments").
+#: "Measurements moved out of code comments").
 RAW_MAX_RATIO = 256.0
 
 #: tile of _add_centred_kernel: 64 x 64 float64 tiles spill on sm_90
