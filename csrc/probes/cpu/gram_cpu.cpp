@@ -149,22 +149,20 @@ struct Tile {
   int cost;       // panel pairs, for ordering big items first
 };
 
-template <class T> void run(const GramProblem &P) {
-  constexpr int W = panel_width<T>();
-  const int64_t B = P.B, d = P.d, k = P.k, F = P.F, r = P.r;
-  const int64_t n_pan = (d + W - 1) / W;
-  const int64_t n_mac = (n_pan + NPB - 1) / NPB;
-  const int ldc = NPB * W;
-
-  // Rows of each fold, in order; -1 rows are skipped.
-  std::vector<std::vector<int64_t>> rows(F);
-  for (int64_t t = 0; t < r; ++t) {
+// Rows of each fold, in order; -1 rows are skipped.
+std::vector<std::vector<int64_t>> fold_rows(const GramProblem &P) {
+  std::vector<std::vector<int64_t>> rows(P.F);
+  for (int64_t t = 0; t < P.r; ++t) {
     const int32_t f = P.fold ? P.fold[t] : 0;
     if (f >= 0) rows[f].push_back(t);
   }
+  return rows;
+}
 
-  // Target moments (double; tiny).
-  for (int64_t f = 0; f < F; ++f) {
+// Target moments n, Σy, ΣyyT (double; tiny).
+void add_target_moments(const GramProblem &P, const std::vector<std::vector<int64_t>> &rows) {
+  const int64_t k = P.k;
+  for (int64_t f = 0; f < P.F; ++f) {
     for (int64_t t : rows[f]) {
       const double *y = P.Y + t * k;
       P.n[f] += 1.0;
@@ -174,186 +172,252 @@ template <class T> void run(const GramProblem &P) {
       }
     }
   }
+}
 
+// Macro tiles (I <= J) of one layer, largest first so the dynamic schedule ends balanced.
+std::vector<Tile> macro_tiles(int64_t n_pan, int64_t n_mac) {
+  std::vector<Tile> tiles;
+  for (int J = 0; J < n_mac; ++J)
+    for (int I = 0; I <= J; ++I) {
+      const int pi = int(std::min<int64_t>(NPB, n_pan - int64_t(I) * NPB));
+      const int pj = int(std::min<int64_t>(NPB, n_pan - int64_t(J) * NPB));
+      tiles.push_back({0, I, J, I == J ? pi * (pi + 1) / 2 : pi * pj});
+    }
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile &a, const Tile &b) { return a.cost > b.cost; });
+  return tiles;
+}
+
+// The packed panels, reused across calls by the calling thread: a fresh allocation each call
+// would page-fault and zero tens of MiB per chunk.
+template <class T> T *packed_buffer(size_t need) {
+  thread_local std::unique_ptr<T[], AlignedFree> packed_cache;
+  thread_local size_t packed_cap = 0;
+  if (packed_cap < need) {
+    packed_cache.reset();
+    packed_cache = aligned_array<T>(need);
+    packed_cap = need;
+  }
+  return packed_cache.get();
+}
+
+// The layout of one call: column panels of W, blocks of <= R_cap rows of one fold, groups of
+// LG layers packed at once, and the buffers the work items share.
+template <class T> struct Work {
+  static constexpr int W = panel_width<T>();
+  const GramProblem &P;
+  int64_t n_pan, n_mac, R_cap, LG;
+  size_t panel_stride, layer_stride;  // elements
+  int ldc;
+  T *packed;
+  std::vector<T> shift;  // (B, d) in T: float mode subtracts the float-rounded shift
+
+  Work(const GramProblem &p, int64_t max_rows) : P(p) {
+    n_pan = (P.d + W - 1) / W;
+    n_mac = (n_pan + NPB - 1) / NPB;
+    ldc = NPB * W;
+    R_cap = std::min<int64_t>(std::max<int64_t>(P.block_rows, 1), max_rows);
+    const size_t layer_bytes = size_t(R_cap) * size_t(n_pan) * W * sizeof(T);
+    LG = std::max<int64_t>(
+        1, std::min<int64_t>(P.B, int64_t(kPackBudget / std::max<size_t>(layer_bytes, 1))));
+    panel_stride = size_t(R_cap) * W;
+    layer_stride = panel_stride * size_t(n_pan);
+    packed = packed_buffer<T>(layer_stride * size_t(LG));
+    shift.resize(size_t(P.B * P.d));
+    for (int64_t i = 0; i < P.B * P.d; ++i) shift[i] = static_cast<T>(P.shift[i]);
+  }
+};
+
+// 1a. Convert + shift + pack rows [t_beg, t_end) of layer b0 + l of the block (rows ridx).
+template <class T>
+void pack_rows(const Work<T> &w, int64_t b0, int64_t l, const int64_t *ridx, int64_t t_beg,
+               int64_t t_end) {
+  constexpr int W = Work<T>::W;
+  const GramProblem &P = w.P;
+  const int64_t b = b0 + l, d = P.d;
+  T *lp = w.packed + size_t(l) * w.layer_stride;
+  const T *shl = w.shift.data() + b * d;
+  alignas(32) T x[W];
+  for (int64_t t = t_beg; t < t_end; ++t) {
+    const int64_t base = (b * P.r + ridx[t]) * d;
+    for (int64_t p = 0; p < w.n_pan; ++p) {
+      const int64_t j0 = p * W;
+      const int n = int(std::min<int64_t>(W, d - j0));
+      T *dst = lp + size_t(p) * w.panel_stride + size_t(t) * W;
+      if (n == W && P.kind == InKind::F16) {  // the common case, straight SIMD
+        pack_f16(static_cast<const uint16_t *>(P.X) + base + j0, shl + j0, dst);
+        continue;
+      }
+      load_row<T, W>(P.X, P.kind, base + j0, n, x);
+      for (int j = 0; j < n; ++j) x[j] -= shl[j0 + j];
+      for (int j = n; j < W; ++j) x[j] = T(0);
+      std::memcpy(dst, x, sizeof(x));
+    }
+  }
+}
+
+// 1b. Σx and ΣxyT of panel p of layer b0 + l in double, from its R packed rows, into fold f's
+// totals; xyl: a (k, W) scratch of this thread (vectorises over columns).
+template <class T>
+void panel_sums(const Work<T> &w, int64_t b0, int64_t l, int64_t p, int64_t f,
+                const int64_t *ridx, int64_t R, double *xyl) {
+  constexpr int W = Work<T>::W;
+  const GramProblem &P = w.P;
+  const int64_t b = b0 + l, k = P.k, d = P.d, j0 = p * W;
+  const int n = int(std::min<int64_t>(W, d - j0));
+  const T *src = w.packed + size_t(l) * w.layer_stride + size_t(p) * w.panel_stride;
+  double sxl[W] = {};
+  std::fill(xyl, xyl + size_t(k) * W, 0.0);
+  for (int64_t t = 0; t < R; ++t) {
+    const T *x = src + size_t(t) * W;
+    for (int j = 0; j < W; ++j) sxl[j] += double(x[j]);
+    const double *y = P.Y + ridx[t] * k;
+    for (int64_t a = 0; a < k; ++a) {
+      double *xa = xyl + a * W;
+      const double ya = y[a];
+      for (int j = 0; j < W; ++j) xa[j] += double(x[j]) * ya;
+    }
+  }
+  double *sxo = P.sx + (b * P.F + f) * d + j0;
+  double *xyo = P.xty + ((b * P.F + f) * d + j0) * k;
+  for (int j = 0; j < n; ++j) {
+    sxo[j] += sxl[j];
+    for (int64_t a = 0; a < k; ++a) xyo[j * k + a] += xyl[size_t(a) * W + j];
+  }
+}
+
+// 2. SYRK of one macro tile over the block's R packed rows into C (ldc x ldc, zeroed here),
+// KC rows at a time so both operand panels stay in L1.
+template <class T> void syrk_tile(const Work<T> &w, const Tile &tl, int64_t R, T *C) {
+  constexpr int W = Work<T>::W;
+  const T *lp = w.packed + size_t(tl.layer) * w.layer_stride;
+  const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
+  const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
+  const int64_t pj1 = std::min<int64_t>(pj0 + NPB, w.n_pan);
+  std::fill(C, C + size_t(w.ldc) * w.ldc, T(0));
+  for (int64_t t0 = 0; t0 < R; t0 += KC) {
+    const int kc = int(std::min<int64_t>(KC, R - t0));
+    for (int64_t pj = pj0; pj < pj1; ++pj) {
+      const T *bp = lp + size_t(pj) * w.panel_stride + size_t(t0) * W;
+      const int64_t pi_end = std::min(pi1, pj + 1);
+      for (int64_t pi = pi0; pi < pi_end; ++pi) {
+        const T *ap = lp + size_t(pi) * w.panel_stride + size_t(t0) * W;
+        T *cblk = C + size_t(pi - pi0) * W * w.ldc + size_t(pj - pj0) * W;
+        for (int s = 0; s < W / MR; ++s)
+          micro_kernel<T>(ap + s * MR, bp, kc, cblk + size_t(s) * MR * w.ldc, w.ldc);
+      }
+    }
+  }
+}
+
+// 3. Add a macro tile into the float64 totals of layer b, fold f, and its mirror into the
+// lower half, so the totals stay fully symmetric without a separate pass.
+template <class T>
+void flush_tile(const Work<T> &w, const Tile &tl, int64_t b, int64_t f, const T *C) {
+  constexpr int W = Work<T>::W;
+  const int64_t d = w.P.d, ldc = w.ldc;
+  const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
+  const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
+  const int64_t pj1 = std::min<int64_t>(pj0 + NPB, w.n_pan);
+  double *G = w.P.xtx + (b * w.P.F + f) * d * d;
+  for (int64_t pj = pj0; pj < pj1; ++pj) {
+    const int64_t pi_end = std::min(pi1, pj + 1);
+    const int64_t cj0 = pj * W, wj = std::min<int64_t>(W, d - cj0);
+    for (int64_t pi = pi0; pi < pi_end; ++pi) {
+      const int64_t ci0 = pi * W, wi = std::min<int64_t>(W, d - ci0);
+      const T *cblk = C + size_t(pi - pi0) * W * ldc + size_t(pj - pj0) * W;
+      for (int64_t i = 0; i < wi; ++i) {
+        double *g = G + (ci0 + i) * d + cj0;
+        const T *c = cblk + size_t(i) * ldc;
+        for (int64_t j = 0; j < wj; ++j) g[j] += double(c[j]);
+      }
+      if (pi != pj)  // mirror into the lower half
+        for (int64_t j = 0; j < wj; ++j) {
+          double *g = G + (cj0 + j) * d + ci0;
+          for (int64_t i = 0; i < wi; ++i) g[i] += double(cblk[size_t(i) * ldc + j]);
+        }
+    }
+  }
+}
+
+inline int thread_id() {
+#ifdef ACTSTORE_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// One block: R rows (ridx) of fold f, layers [b0, b0 + nb): pack, sums, SYRK + flush, each an
+// OpenMP work-sharing loop of one parallel region. tile_bufs / xy_bufs: per-thread scratch,
+// allocated by the caller (nothing inside the parallel region may throw).
+template <class T>
+void run_block(const Work<T> &w, int64_t f, const int64_t *ridx, int64_t R, int64_t b0,
+               int64_t nb, const std::vector<Tile> &tiles_one_layer, T *tile_bufs,
+               double *xy_bufs, int n_threads) {
+  std::vector<Tile> tiles;
+  tiles.reserve(tiles_one_layer.size() * size_t(nb));
+  for (const Tile &tl : tiles_one_layer)  // cost-major order across layers
+    for (int64_t l = 0; l < nb; ++l) tiles.push_back({l, tl.I, tl.J, tl.cost});
+  const int64_t n_pack = nb * w.n_pan;
+  const int64_t n_rgrp = (R + kRowGroup - 1) / kRowGroup;
+  const int64_t n_conv = nb * n_rgrp;
+  const int64_t n_tiles = int64_t(tiles.size());
+  const size_t xy_size = size_t(w.P.k) * Work<T>::W, tile_size = size_t(w.ldc) * w.ldc;
+  (void)n_threads;
+#ifdef ACTSTORE_OPENMP
+#pragma omp parallel num_threads(n_threads)
+#endif
+  {
+    // ---- 1a. convert + shift + pack, row-sequential reads of X (items: layer x row group).
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t item = 0; item < n_conv; ++item) {
+      const int64_t t_beg = (item % n_rgrp) * kRowGroup;
+      pack_rows(w, b0, item / n_rgrp, ridx, t_beg, std::min<int64_t>(R, t_beg + kRowGroup));
+    }  // implicit barrier: all panels packed
+    // ---- 1b. Σx and ΣxyT of each panel's columns in double, from the packed rows.
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t item = 0; item < n_pack; ++item)
+      panel_sums(w, b0, item / w.n_pan, item % w.n_pan, f, ridx, R,
+                 xy_bufs + size_t(thread_id()) * xy_size);
+    // ---- 2./3. SYRK over macro tiles, flush into the float64 totals (both halves).
+    T *const cbuf = tile_bufs + size_t(thread_id()) * tile_size;
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t it = 0; it < n_tiles; ++it) {
+      syrk_tile(w, tiles[it], R, cbuf);
+      flush_tile(w, tiles[it], b0 + tiles[it].layer, f, cbuf);
+    }
+  }  // omp parallel
+}
+
+template <class T> void run(const GramProblem &P) {
+  const std::vector<std::vector<int64_t>> rows = fold_rows(P);
+  add_target_moments(P, rows);
   int64_t max_rows = 0;
   for (auto &v : rows) max_rows = std::max<int64_t>(max_rows, int64_t(v.size()));
   if (max_rows == 0) return;
-  const int64_t R_cap = std::min<int64_t>(std::max<int64_t>(P.block_rows, 1), max_rows);
-  const size_t layer_bytes = size_t(R_cap) * size_t(n_pan) * W * sizeof(T);
-  const int64_t LG = std::max<int64_t>(1, std::min<int64_t>(B, int64_t(kPackBudget / std::max<size_t>(layer_bytes, 1))));
-  const size_t panel_stride = size_t(R_cap) * W;  // elements
-  const size_t layer_stride = panel_stride * size_t(n_pan);
-  // The packed buffer is reused across calls by the calling thread: a fresh allocation each
-  // call would page-fault and zero tens of MiB per chunk.
-  thread_local std::unique_ptr<T[], AlignedFree> packed_cache;
-  thread_local size_t packed_cap = 0;
-  const size_t packed_need = layer_stride * size_t(LG);
-  if (packed_cap < packed_need) {
-    packed_cache.reset();
-    packed_cache = aligned_array<T>(packed_need);
-    packed_cap = packed_need;
-  }
-  T *const packed_base = packed_cache.get();
-
-  // Shift in the accumulation type (float mode subtracts the float-rounded shift).
-  std::vector<T> shiftT(size_t(B * d));
-  for (int64_t i = 0; i < B * d; ++i) shiftT[i] = static_cast<T>(P.shift[i]);
-
-  // One macro-tile accumulator per OpenMP thread, allocated here: nothing inside the parallel
-  // region may throw.
+  const Work<T> w(P, max_rows);
 #ifdef ACTSTORE_OPENMP
   const int n_threads = omp_get_max_threads();
 #else
   const int n_threads = 1;
 #endif
-  auto tile_bufs = aligned_array<T>(size_t(n_threads) * size_t(ldc) * ldc);
-  auto xy_bufs = aligned_array<double>(size_t(n_threads) * size_t(k) * W);
-
-  // Macro tiles, largest first so the dynamic schedule ends balanced.
-  std::vector<Tile> tiles_one_layer;
-  for (int J = 0; J < n_mac; ++J)
-    for (int I = 0; I <= J; ++I) {
-      const int pi = int(std::min<int64_t>(NPB, n_pan - int64_t(I) * NPB));
-      const int pj = int(std::min<int64_t>(NPB, n_pan - int64_t(J) * NPB));
-      tiles_one_layer.push_back({0, I, J, I == J ? pi * (pi + 1) / 2 : pi * pj});
-    }
-  std::stable_sort(tiles_one_layer.begin(), tiles_one_layer.end(),
-                   [](const Tile &a, const Tile &b) { return a.cost > b.cost; });
-
-  for (int64_t f = 0; f < F; ++f) {
+  auto tile_bufs = aligned_array<T>(size_t(n_threads) * size_t(w.ldc) * w.ldc);
+  auto xy_bufs = aligned_array<double>(size_t(n_threads) * size_t(P.k) * Work<T>::W);
+  const std::vector<Tile> tiles_one_layer = macro_tiles(w.n_pan, w.n_mac);
+  for (int64_t f = 0; f < P.F; ++f) {
     const std::vector<int64_t> &idx = rows[f];
-    for (int64_t r0 = 0; r0 < int64_t(idx.size()); r0 += R_cap) {
-      const int64_t R = std::min<int64_t>(R_cap, int64_t(idx.size()) - r0);
-      const int64_t *ridx = idx.data() + r0;
-      for (int64_t b0 = 0; b0 < B; b0 += LG) {
-        const int64_t nb = std::min<int64_t>(LG, B - b0);
-        std::vector<Tile> tiles;
-        tiles.reserve(tiles_one_layer.size() * size_t(nb));
-        for (const Tile &tl : tiles_one_layer)  // cost-major order across layers
-          for (int64_t l = 0; l < nb; ++l) tiles.push_back({l, tl.I, tl.J, tl.cost});
-        const int64_t n_pack = nb * n_pan;
-        const int64_t n_rgrp = (R + kRowGroup - 1) / kRowGroup;
-        const int64_t n_conv = nb * n_rgrp;
-        const int64_t n_tiles = int64_t(tiles.size());
-
-#ifdef ACTSTORE_OPENMP
-#pragma omp parallel num_threads(n_threads)
-#endif
-        {
-          // ---- 1a. convert + shift + pack, row-sequential reads of X (items: layer x row group).
-#ifdef ACTSTORE_OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-          for (int64_t item = 0; item < n_conv; ++item) {
-            const int64_t l = item / n_rgrp, t_beg = (item % n_rgrp) * kRowGroup, b = b0 + l;
-            const int64_t t_end = std::min<int64_t>(R, t_beg + kRowGroup);
-            T *lp = packed_base + size_t(l) * layer_stride;
-            const T *shl = shiftT.data() + b * d;
-            alignas(32) T x[W];
-            for (int64_t t = t_beg; t < t_end; ++t) {
-              const int64_t base = (b * r + ridx[t]) * d;
-              for (int64_t p = 0; p < n_pan; ++p) {
-                const int64_t j0 = p * W;
-                const int w = int(std::min<int64_t>(W, d - j0));
-                if (w == W && P.kind == InKind::F16) {  // the common case, straight SIMD
-                  pack_f16(static_cast<const uint16_t *>(P.X) + base + j0, shl + j0,
-                           lp + size_t(p) * panel_stride + size_t(t) * W);
-                  continue;
-                }
-                load_row<T, W>(P.X, P.kind, base + j0, w, x);
-                for (int j = 0; j < w; ++j) x[j] -= shl[j0 + j];
-                for (int j = w; j < W; ++j) x[j] = T(0);
-                std::memcpy(lp + size_t(p) * panel_stride + size_t(t) * W, x, sizeof(x));
-              }
-            }
-          }  // implicit barrier: all panels packed
-
-          // ---- 1b. Σx and ΣxyT of each panel's columns in double, from the packed rows.
-#ifdef ACTSTORE_OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-          for (int64_t item = 0; item < n_pack; ++item) {
-            const int64_t l = item / n_pan, p = item % n_pan, b = b0 + l;
-            const int64_t j0 = p * W;
-            const int w = int(std::min<int64_t>(W, d - j0));
-            const T *src = packed_base + size_t(l) * layer_stride + size_t(p) * panel_stride;
-            double sxl[W] = {};
-#ifdef ACTSTORE_OPENMP
-            double *const xyl = xy_bufs.get() + size_t(omp_get_thread_num()) * size_t(k) * W;
-#else
-            double *const xyl = xy_bufs.get();
-#endif
-            std::fill(xyl, xyl + size_t(k) * W, 0.0);  // (k, W): vectorises over columns
-            for (int64_t t = 0; t < R; ++t) {
-              const T *x = src + size_t(t) * W;
-              for (int j = 0; j < W; ++j) sxl[j] += double(x[j]);
-              const double *y = P.Y + ridx[t] * k;
-              for (int64_t a = 0; a < k; ++a) {
-                double *xa = xyl + a * W;
-                const double ya = y[a];
-                for (int j = 0; j < W; ++j) xa[j] += double(x[j]) * ya;
-              }
-            }
-            double *sxo = P.sx + (b * F + f) * d + j0;
-            double *xyo = P.xty + ((b * F + f) * d + j0) * k;
-            for (int j = 0; j < w; ++j) {
-              sxo[j] += sxl[j];
-              for (int64_t a = 0; a < k; ++a) xyo[j * k + a] += xyl[size_t(a) * W + j];
-            }
-          }
-
-          // ---- 2./3. SYRK over macro tiles, flush into the float64 totals (both halves).
-#ifdef ACTSTORE_OPENMP
-          T *const cbuf = tile_bufs.get() + size_t(omp_get_thread_num()) * size_t(ldc) * ldc;
-#else
-          T *const cbuf = tile_bufs.get();
-#endif
-#ifdef ACTSTORE_OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-          for (int64_t it = 0; it < n_tiles; ++it) {
-            const Tile tl = tiles[it];
-            const int64_t b = b0 + tl.layer;
-            const T *lp = packed_base + size_t(tl.layer) * layer_stride;
-            const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
-            const int64_t pi1 = std::min<int64_t>(pi0 + NPB, n_pan), pj1 = std::min<int64_t>(pj0 + NPB, n_pan);
-            T *C = cbuf;
-            std::fill(C, C + size_t(ldc) * ldc, T(0));
-            for (int64_t t0 = 0; t0 < R; t0 += KC) {
-              const int kc = int(std::min<int64_t>(KC, R - t0));
-              for (int64_t pj = pj0; pj < pj1; ++pj) {
-                const T *bp = lp + size_t(pj) * panel_stride + size_t(t0) * W;
-                const int64_t pi_end = std::min(pi1, pj + 1);
-                for (int64_t pi = pi0; pi < pi_end; ++pi) {
-                  const T *ap = lp + size_t(pi) * panel_stride + size_t(t0) * W;
-                  T *cblk = C + size_t(pi - pi0) * W * ldc + size_t(pj - pj0) * W;
-                  for (int s = 0; s < W / MR; ++s)
-                    micro_kernel<T>(ap + s * MR, bp, kc, cblk + size_t(s) * MR * ldc, ldc);
-                }
-              }
-            }
-            double *G = P.xtx + (b * F + f) * d * d;
-            for (int64_t pj = pj0; pj < pj1; ++pj) {
-              const int64_t pi_end = std::min(pi1, pj + 1);
-              const int64_t cj0 = pj * W, wj = std::min<int64_t>(W, d - cj0);
-              for (int64_t pi = pi0; pi < pi_end; ++pi) {
-                const int64_t ci0 = pi * W, wi = std::min<int64_t>(W, d - ci0);
-                const T *cblk = C + size_t(pi - pi0) * W * ldc + size_t(pj - pj0) * W;
-                for (int64_t i = 0; i < wi; ++i) {
-                  double *g = G + (ci0 + i) * d + cj0;
-                  const T *c = cblk + size_t(i) * ldc;
-                  for (int64_t j = 0; j < wj; ++j) g[j] += double(c[j]);
-                }
-                if (pi != pj)  // mirror into the lower half
-                  for (int64_t j = 0; j < wj; ++j) {
-                    double *g = G + (cj0 + j) * d + ci0;
-                    for (int64_t i = 0; i < wi; ++i) g[i] += double(cblk[size_t(i) * ldc + j]);
-                  }
-              }
-            }
-          }
-        }  // omp parallel
-      }
+    for (int64_t r0 = 0; r0 < int64_t(idx.size()); r0 += w.R_cap) {
+      const int64_t R = std::min<int64_t>(w.R_cap, int64_t(idx.size()) - r0);
+      for (int64_t b0 = 0; b0 < P.B; b0 += w.LG)
+        run_block(w, f, idx.data() + r0, R, b0, std::min<int64_t>(w.LG, P.B - b0),
+                  tiles_one_layer, tile_bufs.get(), xy_bufs.get(), n_threads);
     }
   }
 }
