@@ -26,7 +26,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
-def _tile_of(pid, n_tm, n_tn, BM: tl.constexpr, BN: tl.constexpr):
+def tile_of(pid, n_tm, n_tn, BM: tl.constexpr, BN: tl.constexpr):
     """(I, J) of the pid-th tile, row-major over I, among the BM x BN tiles of a d x d matrix
     that hold at least one entry with i <= j: row block I keeps J >= (BM * I) // BN."""
     ti = pid * 0
@@ -38,7 +38,7 @@ def _tile_of(pid, n_tm, n_tn, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _store_gram_tile(G, acc, bf, ti, tj, d, BM: tl.constexpr, BN: tl.constexpr,
+def store_gram_tile(G, acc, bf, ti, tj, d, BM: tl.constexpr, BN: tl.constexpr,
                      ACC: tl.constexpr = False):
     """Write the i <= j part of a float32 tile to (i, j) and the i < j part to (j, i) of the
     bf-th d x d matrix of G: every entry is written once and G is exactly symmetric.
@@ -67,7 +67,7 @@ def _store_gram_tile(G, acc, bf, ti, tj, d, BM: tl.constexpr, BN: tl.constexpr,
 
 def tile_grid(d: int, bm: int, bn: int) -> tuple[int, int, int]:
     """(n_tm, n_tn, n_prog): tile rows and columns of a d x d matrix in BM x BN tiles, and how
-    many of them hold an entry with i <= j (one program each, see ``_tile_of``)."""
+    many of them hold an entry with i <= j (one program each, see ``tile_of``)."""
     n_tm, n_tn = triton.cdiv(d, bm), triton.cdiv(d, bn)
     return n_tm, n_tn, sum(n_tn - (bm * i) // bn for i in range(n_tm))
 

@@ -21,12 +21,12 @@ import triton.language as tl
 from probes.kernels.triton.common import (
     INTERPRET,
     Chunk,
-    _store_gram_tile,
-    _tile_of,
     prepare_chunk,
     row_args,
     sm_count,
+    store_gram_tile,
     tile_grid,
+    tile_of,
     tma_descriptor,
 )
 from probes.kernels.triton.configs import (
@@ -110,7 +110,7 @@ def _gram_pre_kernel(XS, OFFP, G, d, d_pad, rows_tot, F, n_tm, n_tn,
     bf = tl.program_id(1)
     b = bf // F
     f = bf % F
-    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
+    ti, tj = tile_of(pid, n_tm, n_tn, BM, BN)
     p0 = tl.load(OFFP + f)
     p1 = tl.load(OFFP + f + 1)
     rr = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -124,7 +124,7 @@ def _gram_pre_kernel(XS, OFFP, G, d, d_pad, rows_tot, F, n_tm, n_tn,
         acc = tl.dot(tl.trans(a), c, acc)
         pa += BLOCK_R * d_pad
         pb += BLOCK_R * d_pad
-    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN, ACC)
+    store_gram_tile(G, acc, bf, ti, tj, d, BM, BN, ACC)
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def _gram_tma_kernel(DA, DB, OFFP, G, d, rows_tot, F, n_tm, n_tn,
     bf = tl.program_id(1)
     b = bf // F
     f = bf % F
-    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
+    ti, tj = tile_of(pid, n_tm, n_tn, BM, BN)
     p0 = tl.load(OFFP + f)
     p1 = tl.load(OFFP + f + 1)
     row0 = b * rows_tot
@@ -146,7 +146,7 @@ def _gram_tma_kernel(DA, DB, OFFP, G, d, rows_tot, F, n_tm, n_tn,
         a = DA.load([row0 + r, ti * BM])
         c = DB.load([row0 + r, tj * BN])
         acc = tl.dot(tl.trans(a), c, acc)
-    _store_gram_tile(G, acc, bf, ti, tj, d, BM, BN, ACC)
+    store_gram_tile(G, acc, bf, ti, tj, d, BM, BN, ACC)
 
 
 def prep_tiling(B, F, d_pad, n_pad_max, device, KP=2, tiling=None):

@@ -21,10 +21,10 @@ from probes.kernels.triton.column_moments import moments
 from probes.kernels.triton.common import (
     INTERPRET,
     Chunk,
-    _store_gram_tile,
-    _tile_of,
     counts_tensor,
+    store_gram_tile,
     tile_grid,
+    tile_of,
     tma_descriptor,
 )
 from probes.kernels.triton.configs import TUNING, PreConfig
@@ -55,7 +55,7 @@ def _gram_raw_tma_kernel(DA, DB, TA, TB, G, d, r, r0, nf, F, f, n_tm, n_tn,
     float32 tile (I, J) of matrix b * F + f of G."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
+    ti, tj = tile_of(pid, n_tm, n_tn, BM, BN)
     n_full = nf // BLOCK_R * BLOCK_R
     row0 = b * r + r0
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -67,7 +67,7 @@ def _gram_raw_tma_kernel(DA, DB, TA, TB, G, d, r, r0, nf, F, f, n_tm, n_tn,
         a = TA.load([b, n_full, ti * BM]).reshape(BLOCK_R, BM)
         c = TB.load([b, n_full, tj * BN]).reshape(BLOCK_R, BN)
         acc = tl.dot(tl.trans(a), c, acc)
-    _store_gram_tile(G, acc, b * F + f, ti, tj, d, BM, BN)
+    store_gram_tile(G, acc, b * F + f, ti, tj, d, BM, BN)
 
 
 @triton.jit

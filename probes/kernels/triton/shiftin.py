@@ -17,10 +17,10 @@ from probes.kernels.triton.column_moments import moments
 from probes.kernels.triton.common import (
     INTERPRET,
     Chunk,
-    _tile_of,
     counts_tensor,
     row_args,
     tile_grid,
+    tile_of,
 )
 from probes.kernels.triton.configs import (
     TUNING,
@@ -44,7 +44,7 @@ def _gram_kernel(X, Y, IDX, OFF, SHIFT, SX, XTX, XTY,
     bf = tl.program_id(1)
     b = bf // F
     f = bf % F
-    ti, tj = _tile_of(pid, n_tm, n_tn, BM, BN)
+    ti, tj = tile_of(pid, n_tm, n_tn, BM, BN)
     r0 = tl.load(OFF + f)
     r1 = tl.load(OFF + f + 1)
 
