@@ -14,8 +14,6 @@ import importlib
 from types import ModuleType
 from typing import Protocol, runtime_checkable
 
-import torch
-
 from probes.errors import BackendUnavailable
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "OPS", "available_backends",
@@ -85,6 +83,14 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if _load(b)[0] is not None]
 
 
+def _device_type(device) -> str:
+    """The type ("cuda", "cpu", ...) of a torch.device, a string such as "cuda:1", or None
+    (host data); parsed without torch, which ``fastprobe --help`` must not load."""
+    if device is None:
+        return "cpu"
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
 def resolve_backend(name: str = "auto", device=None, gpu_order=("triton", "cuda"),
                     op: str | None = None) -> str:
     """The concrete backend for ``name`` given the data's device (torch.device, str or None).
@@ -95,7 +101,7 @@ def resolve_backend(name: str = "auto", device=None, gpu_order=("triton", "cuda"
     """
     name = "auto" if name is None else str(name).lower()
     if name == "auto":
-        if device is not None and torch.device(device).type == "cuda":
+        if _device_type(device) == "cuda":
             for cand in gpu_order:
                 if not _lacks(cand, op):
                     return cand
@@ -117,6 +123,8 @@ def resolve(backend: str | None = "auto", device=None, gpu_order=("triton", "cud
     (``gpu_order``: auto's preference on a GPU). A CUDA device without a GPU, an unknown or
     unavailable backend: :class:`BackendUnavailable` with the reason.
     """
+    import torch  # deferred: the CLIs import this module to build their parsers, without torch
+
     name = "auto" if backend is None else str(backend).lower()
     if device is None:
         gpu = name in ("cuda", "triton") or (name == "auto" and torch.cuda.is_available())
@@ -136,13 +144,13 @@ def get_backend(name: str) -> ModuleType:
     return mod
 
 
-def _device_of(X) -> torch.device | None:
-    """The device of a torch tensor or a CUDA array (``__cuda_array_interface__``); None for
-    host arrays."""
-    if isinstance(X, torch.Tensor):
+def _device_of(X):
+    """The device of a torch tensor (torch.device) or a CUDA array (``__cuda_array_interface__``,
+    "cuda:N"); None for host arrays (numpy's ``.device`` is the string "cpu")."""
+    if type(X).__module__.split(".")[0] == "torch":
         return X.device
     if hasattr(X, "__cuda_array_interface__"):
-        return torch.device("cuda", int(getattr(getattr(X, "device", None), "id", 0) or 0))
+        return f"cuda:{int(getattr(getattr(X, 'device', None), 'id', 0) or 0)}"
     return None
 
 

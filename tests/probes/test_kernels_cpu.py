@@ -11,6 +11,8 @@ tiles, r = 1, d > r, B = 1 and 3, k = 1..3, F = 1 and 5, rows skipped with fold 
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -274,3 +276,10 @@ def test_dispatch_skips_a_backend_that_lacks_the_op(monkeypatch):
     assert resolve_backend("auto", None, op="neuron_update") == "torch"
     with pytest.raises(BackendUnavailable, match="lacks neuron_update"):
         resolve_backend("cpu", op="neuron_update")
+
+
+def test_the_dispatcher_imports_without_torch():
+    # the CLIs build their parsers from modules that import probes.kernels (resolve)
+    code = "import sys, probes.kernels; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
