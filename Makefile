@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 DEMO_LIMIT ?= 1000
 PYTEST_ARGS ?=
 
-NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/probes/*/*.cpp csrc/probes/*/*.h csrc/probes/*/*.cu csrc/probes/*/*.cuh)
 
 .PHONY: venv native demo test lint bench clean
 

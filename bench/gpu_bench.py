@@ -1,48 +1,39 @@
 """GPU benchmarks of the statistics pass, the neuron correlations and the whole fit.
 
-Run on a GPU machine (bench/gpu_check.sh calls it); every section is independent: a failing
-section records its error and the others still run. Results go to --json after each section and
-a short table is printed at the end.
+    python -m bench.gpu_bench [--sections ceilings,gram,fit,neurons] [--json bench.json]
 
-Sections
-- ceilings: the card's two ceilings, measured here: a large fp16 matrix product (TFLOP/s, random
-  data, median of repeated runs timed with CUDA events) and a large device-to-device copy (GB/s,
-  bytes read + bytes written).
-- gram: the statistics pass on a Llama-2-7B-shaped synthetic set (--layers x --rows x --d fp16,
-  generated on the device in memory), every backend variant: achieved TFLOP/s counts the useful
-  work, B·n·d·(d+1) flops (the upper triangle of XᵀX incl. the diagonal, 2 flops per
-  multiply-add); target >= 60% of the matmul ceiling. Accuracy vs float64 on one layer.
-  Variants: the preshift mode (default of the triton backend) at every candidate tiling, timed
-  on the full shape (the fastest becomes gram_update's default in this process), then that
-  tiling with the pre-shift pass overlapped by layer groups (--groups); the rawtma mode (no
-  pre-shift pass) at every TMA tiling, made the default when faster; the older shift-in and
-  raw+fix modes (unless --no-old-modes); 4 folds with 20% test rows (preshift, rawtma on rows
-  sorted by fold, shift-in).
-- fit: the whole fit --all-layers (25 alphas, exact LOO, primal form) = statistics pass (all
-  layers, best measured variant) + batched eigendecomposition + LOO pass (measured on
-  --fit-layers layers, scaled linearly to all layers), next to a naive torch GPU fit (per layer
-  float32 X.T @ X and torch.linalg.solve per alpha; measured on --fit-layers layers, scaled).
-  Targets carry a planted linear signal. Combos: eigh float64|float32 (probes.ridge's guarded
-  floor) x LOO projection float64|float32|TF32|fp16 (fp16: bench-local copy of the LOO maths
-  with Z = (X - x̄)V on fp16 tensor cores); for each, whether the chosen alphas (per layer and
-  per target) equal the float64 ones and the largest relative score difference. eigh is also
-  timed with MAGMA.
-- neurons: Σx, Σx², Σxy over --layers x --rows x --neurons fp16 with 2 targets: achieved GB/s
-  (activation bytes read once) vs the copy ceiling (target >= 60%); Spearman for one layer.
+Run on a GPU machine (bench/gpu_check.sh calls it). Every section is independent: a failing
+section records its error and the others still run. Results go to --json after each variant
+(a run cut off by a time limit keeps what it measured) and a short table is printed at the end.
+Each ``sec_*`` function's docstring says what it measures. The Triton tilings and mode the gram
+section finds fastest go into ``probes.kernels.triton.TUNING``, so the fit section uses them.
+``--device cpu`` with TRITON_INTERPRET=1 and tiny sizes dry-runs the logic.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
 
+from probes.kernels import cuda as ck
+from probes.kernels.reference import neuron_update as reference_neuron_update
+from probes.neurons import spearman
+from probes.stats import GramStats, NeuronStats, choose_shift
+
+try:  # the fit section records an error instead of failing the whole bench
+    from probes.ridge import LooAccumulator, primal_factor
+    _RIDGE_ERROR = ""
+except ImportError as exc:
+    LooAccumulator = primal_factor = None
+    _RIDGE_ERROR = f"probes.ridge not importable: {exc}"
 
 DEV = "cuda"   # --device cpu (with TRITON_INTERPRET=1, tiny sizes) dry-runs the script's logic
 # main() points this at its JSON writer: sections call it after each variant, so a run cut off by
@@ -50,14 +41,16 @@ DEV = "cuda"   # --device cpu (with TRITON_INTERPRET=1, tiny sizes) dry-runs the
 CHECKPOINT = lambda: None  # noqa: E731
 
 
-class _Skip(Exception):
-    pass
+def triton_backend():
+    """probes.kernels.triton, imported on first use: Triton is an optional dependency, and
+    ``--table-only`` or a CUDA-only run need none."""
+    from probes.kernels import triton as tk  # deferred: optional dependency (see docstring)
+
+    return tk
 
 
 def cuda_time(fn, reps=5, warmup=1):
     """Median milliseconds of fn() over reps runs (CUDA events), after warmup runs."""
-    import torch
-
     for _ in range(warmup):
         fn()
     if DEV != "cuda":
@@ -82,15 +75,11 @@ def cuda_time(fn, reps=5, warmup=1):
 
 
 def sync():
-    import torch
-
     if DEV == "cuda":
         torch.cuda.synchronize()
 
 
 def empty_cache():
-    import torch
-
     if DEV == "cuda":
         torch.cuda.empty_cache()
 
@@ -99,26 +88,33 @@ def rel_err(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-# ------------------------------------------------------------------------------------ sections
-def sec_ceilings(args, res):
-    import torch
+def _error(exc) -> dict:
+    return {"error": f"{type(exc).__name__}: {exc}"}
 
-    out = {}
-    n = 8192
+
+# ------------------------------------------------------------------------------------ sections
+def _matmul_ms(n: int) -> float:
     a = torch.randn(n, n, device=DEV, dtype=torch.float16)
     b = torch.randn(n, n, device=DEV, dtype=torch.float16)
     c = torch.empty(n, n, device=DEV, dtype=torch.float16)
-    ms, ts = cuda_time(lambda: torch.mm(a, b, out=c), reps=10, warmup=3)
-    out["matmul_fp16_tflops"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
-    out["matmul_ms"] = ms
-    del a, b, c
-    nbytes = 4 << 30
+    return cuda_time(lambda: torch.mm(a, b, out=c), reps=10, warmup=3)[0]
+
+
+def _copy_ms(nbytes: int) -> float:
     src = torch.randn(nbytes // 4, device=DEV, dtype=torch.float32)
     dst = torch.empty_like(src)
-    ms, ts = cuda_time(lambda: dst.copy_(src), reps=10, warmup=3)
-    out["copy_gbs"] = 2 * nbytes / (ms * 1e-3) / 1e9
-    out["copy_ms"] = ms
-    del src, dst
+    return cuda_time(lambda: dst.copy_(src), reps=10, warmup=3)[0]
+
+
+def sec_ceilings(args, res):
+    """The card's two ceilings, measured here: a large fp16 matrix product (TFLOP/s, random
+    data, median of repeated runs timed with CUDA events) and a large device-to-device copy
+    (GB/s, bytes read + bytes written)."""
+    n, nbytes = 8192, 4 << 30
+    ms = _matmul_ms(n)
+    out = {"matmul_fp16_tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12, "matmul_ms": ms}
+    ms = _copy_ms(nbytes)
+    out.update(copy_gbs=2 * nbytes / (ms * 1e-3) / 1e9, copy_ms=ms)
     empty_cache()
     return out
 
@@ -127,8 +123,6 @@ _DATA = {}
 
 
 def gram_data(args):
-    import torch
-
     if "X" not in _DATA:
         g = torch.Generator(device=DEV).manual_seed(1)
         B, n, d = args.layers, args.rows, args.d
@@ -142,277 +136,292 @@ def gram_data(args):
     return _DATA["X"], _DATA["Y"]
 
 
-def _paths_since(before: dict) -> dict:
-    """How many chunks took each gram_update path since ``before`` (a copy of the Triton
-    backend's PATHS): rawtma hands chunks its accuracy guard refuses to preshift."""
-    from probes.kernels import triton_kernels as tk
-
-    return {p: n - before.get(p, 0) for p, n in tk.PATHS.items() if n != before.get(p, 0)}
-
-
 def _cfg_name(cfg) -> str:
     bm, bn, br, warps, stages, tma = cfg
     return f"{bm}x{bn}x{br} w{warps} s{stages} {'tma' if tma else 'ptr'}"
 
 
-def sec_gram(args, res):
-    import torch
+class GramBench:
+    """The gram section's data, float64 reference of layer 0, output dict and timers."""
 
-    from probes.kernels import cuda as ck
-    from probes.kernels import triton_kernels as tk
-    from probes.stats import GramStats, choose_shift
+    def __init__(self, args, res, tk):
+        self.args, self.tk = args, tk
+        self.X, self.Y = gram_data(args)
+        self.B, self.n, self.d = self.X.shape
+        self.k = self.Y.shape[1]
+        self.dev = self.X.device
+        self.shift = choose_shift(self.X[:, :2048])
+        self.useful = self.B * self.n * self.d * (self.d + 1)
+        self.ceiling = res.get("ceilings", {}).get("matmul_fp16_tflops")
+        self.copy_ceiling = res.get("ceilings", {}).get("copy_gbs")
+        self.out = {"shape": [self.B, self.n, self.d], "useful_tflop": self.useful / 1e12,
+                    "variants": {}}
+        # float64 reference of layer 0 (on the GPU), for the accuracy column
+        Xd = self.X[0].double() - self.shift[0].to(DEV)
+        self.ref0 = Xd.T @ Xd
 
-    X, Y = gram_data(args)
-    B, n, d = X.shape
-    k = Y.shape[1]
-    shift = choose_shift(X[:, :2048])
-    useful = B * n * d * (d + 1)
-    ceiling = res.get("ceilings", {}).get("matmul_fp16_tflops")
-    out = {"shape": [B, n, d], "useful_tflop": useful / 1e12, "variants": {}}
-    if not args.merge:
-        res["gram"] = out          # partial results reach the JSON at every checkpoint
-        out["partial"] = True
+    def stats(self, n_folds: int = 1) -> GramStats:
+        return GramStats.zeros(self.B, self.d, self.k, n_folds, shift=self.shift, device=DEV)
 
-    use_triton, use_cuda = "triton" in args.backends, "cuda" in args.backends
-    if use_triton and args.tune_configs > 0:
-        t0 = time.time()
-        tuned = {}
-        for sik in (True, False):
-            cfg = tk.tune_gram(d, X.device, B=2, rows=8192, shift_in_kernel=sik,
-                               configs=tk.gram_configs()[:args.tune_configs], verbose=True)
-            tuned[sik] = list(cfg)
-        out["tuned"] = {"shift_in_kernel": tuned[True], "raw": tuned[False],
-                        "seconds": time.time() - t0,
-                        "timings_ms": {("shift-in " if key[2] else "raw ") + str(c): t
-                                       for key, v in tk.TUNE_LOG.items() for c, t in v.items()}}
+    def update(self, **kw):
+        """fn(stats, fold=None): the Triton gram_update of the whole set with these options."""
+        return lambda st, f=None: self.tk.gram_update(st, self.X, self.Y, f, **kw)
 
-    # float64 reference of layer 0 (on the GPU), for the accuracy column
-    Xd = X[0].double() - shift[0].to(DEV)
-    ref0 = Xd.T @ Xd
-    del Xd
-
-    variants = []
-    if use_triton:
-        # the default mode: pre-shift pass + plain Gram, every tiling timed on the full shape
-        for cfg in tk.preshift_configs():
-            variants.append((f"triton preshift {_cfg_name(cfg)}",
-                             lambda st, f=None, cfg=cfg: tk.gram_update(st, X, Y, f, mode="preshift",
-                                                                        config=cfg)))
-        if not args.no_old_modes:
-            # the older modes with the tiling the H200 run of 27 Nov 2026 tuned for both
-            h200 = None if tk.INTERPRET else tk.GramConfig(128, 128, 64, 8, 3, False)
-            old = tk._TUNED.get((d, str(X.device), True)) or h200
-            old_raw = tk._TUNED.get((d, str(X.device), False)) or h200
-            variants += [("triton shift-in", lambda st, f=None: tk.gram_update(
-                              st, X, Y, f, mode="shift-in", config=old)),
-                         ("triton raw+fix", lambda st, f=None: tk.gram_update(
-                             st, X, Y, f, mode="raw", config=old_raw))]
-    if use_triton and DEV == "cuda":
-        # context, not statistics: cuBLAS full square XᵀX per layer (fp16 out, 2x the useful work)
-        Gtmp = torch.empty(d, d, device=DEV, dtype=torch.float16)
-
-        def cublas_full(st, f=None):
-            for b in range(B):
-                torch.matmul(X[b].T, X[b], out=Gtmp)
-        variants.append(("cublas full XtX (reference only)", cublas_full))
-    if use_cuda:
-        if ck.is_available():
-            variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, X, Y, f)))
-        else:
-            out["variants"]["cuda wmma"] = {"error": ck.unavailable_reason()}
-    def timed(name, fn, check=True):
+    def timed(self, name, fn, check=True):
         """Time fn(stats) on fresh statistics (one untimed call first: compile + accuracy);
         record it under ``name``; return the milliseconds, or None when it failed."""
         try:
-            st = GramStats.zeros(B, d, k, shift=shift, device=DEV)
-            paths = dict(tk.PATHS)
+            st = self.stats()
+            before = dict(self.tk.TUNING.paths)
             fn(st)
             sync()
-            took = _paths_since(paths)
-            err = rel_err(st.xtx[0, 0], ref0) if check else None
-            ms, ts = cuda_time(lambda: fn(st), reps=args.reps, warmup=0)
-            tf = useful / (ms * 1e-3) / 1e12
-            out["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": tf,
-                                     "pct_of_matmul": (100 * tf / ceiling) if ceiling else None,
-                                     "rel_err_xtx_layer0": err, "paths": took}
-            print(f"  {name}: {ms:.2f} ms, {tf:.1f} TFLOP/s", flush=True)
-            CHECKPOINT()
-            st = None
-            empty_cache()
-            return ms
+            took = self.tk.TUNING.paths_since(before)
+            err = rel_err(st.xtx[0, 0], self.ref0) if check else None
+            ms, ts = cuda_time(lambda: fn(st), reps=self.args.reps, warmup=0)
         except Exception as exc:  # noqa: BLE001 - keep the other variants
-            out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.out["variants"][name] = _error(exc)
             traceback.print_exc()
             return None
+        tf = self.useful / (ms * 1e-3) / 1e12
+        self.out["variants"][name] = {
+            "ms": ms, "all_ms": ts, "tflops": tf, "rel_err_xtx_layer0": err, "paths": took,
+            "pct_of_matmul": (100 * tf / self.ceiling) if self.ceiling else None}
+        print(f"  {name}: {ms:.2f} ms, {tf:.1f} TFLOP/s", flush=True)
+        CHECKPOINT()
+        empty_cache()
+        return ms
 
-    def preshift(cfg, **kw):
-        return lambda st: tk.gram_update(st, X, Y, mode="preshift", config=cfg, **kw)
+    def time_pass(self, name, fn):
+        """Milliseconds of a bandwidth pass fn() (one untimed call first), recorded with the
+        GB/s of the chunk read once; None when it failed."""
+        try:
+            fn()
+            ms, ts = cuda_time(fn, reps=self.args.reps, warmup=0)
+        except Exception as exc:  # noqa: BLE001
+            self.out["moments"][name] = _error(exc)
+            traceback.print_exc()
+            return None
+        gbs = self.X.numel() * 2 / (ms * 1e-3) / 1e9
+        self.out["moments"][name] = {
+            "ms": ms, "all_ms": ts, "gbs": gbs,
+            "pct_of_copy": (100 * gbs / self.copy_ceiling) if self.copy_ceiling else None}
+        print(f"  {name}: {ms:.2f} ms, {gbs:.0f} GB/s", flush=True)
+        CHECKPOINT()
+        return ms
 
-    for name, fn in variants:
-        timed(name, fn, check=not name.startswith("cublas"))
-    # the fastest preshift tiling becomes the default of gram_update for this d (fit section)
-    pre = {n: v["ms"] for n, v in out["variants"].items()
+    def profile(self, fn) -> dict | None:
+        """The GPU milliseconds per kernel of one fn(stats) call, or the error (None off a GPU)."""
+        if DEV != "cuda":
+            return None
+        try:
+            return _profile_kernels(fn, self.stats)
+        except Exception as exc:  # noqa: BLE001
+            return _error(exc)
+
+
+def _gram_tune_older(g: GramBench) -> None:
+    """--tune-configs N: tune the older shift-in / raw kernels over the first N tilings."""
+    tk, t0, tuned = g.tk, time.time(), {}
+    for sik in (True, False):
+        cfg = tk.tune_gram(g.d, g.dev, B=2, rows=8192, shift_in_kernel=sik,
+                           configs=tk.gram_configs()[:g.args.tune_configs], verbose=True)
+        tuned[sik] = list(cfg)
+    g.out["tuned"] = {"shift_in_kernel": tuned[True], "raw": tuned[False],
+                      "seconds": time.time() - t0,
+                      "timings_ms": {f"{key[2]} {c}": t for key, v in tk.TUNING.log.items()
+                                     if key[2] in ("shift-in", "raw") for c, t in v.items()}}
+
+
+def _gram_variants(g: GramBench, use_triton: bool, use_cuda: bool) -> list:
+    """(name, fn(stats, fold=None)) of every whole-set variant: preshift at every tiling, the
+    older modes, cuBLAS for context, the CUDA module."""
+    tk, variants = g.tk, []
+    if use_triton:
+        variants += [(f"triton preshift {_cfg_name(cfg)}", g.update(mode="preshift", config=cfg))
+                     for cfg in tk.preshift_configs()]
+        if not g.args.no_old_modes:
+            # the older modes with the tiling the H200 run of 27 Nov 2026 tuned for both
+            h200 = None if tk.INTERPRET else tk.GramConfig(128, 128, 64, 8, 3, False)
+            old = tk.TUNING.get(g.d, g.dev, "shift-in") or h200
+            old_raw = tk.TUNING.get(g.d, g.dev, "raw") or h200
+            variants += [("triton shift-in", g.update(mode="shift-in", config=old)),
+                         ("triton raw+fix", g.update(mode="raw", config=old_raw))]
+    if use_triton and DEV == "cuda":
+        # context, not statistics: cuBLAS full square XᵀX per layer (fp16 out, 2x the useful work)
+        Gtmp = torch.empty(g.d, g.d, device=DEV, dtype=torch.float16)
+
+        def cublas_full(st, f=None):
+            for b in range(g.B):
+                torch.matmul(g.X[b].T, g.X[b], out=Gtmp)
+        variants.append(("cublas full XtX (reference only)", cublas_full))
+    if use_cuda:
+        if ck.is_available():
+            variants.append(("cuda wmma", lambda st, f=None: ck.gram_update(st, g.X, g.Y, f)))
+        else:
+            g.out["variants"]["cuda wmma"] = {"error": ck.unavailable_reason()}
+    return variants
+
+
+def _gram_moments(g: GramBench) -> None:
+    """rawtma's column sums: the moments kernel's tilings on this data (GB/s of the chunk read
+    once) and the CUDA module's moments kernel; the fastest becomes rawtma's source."""
+    tk = g.tk
+    Y32 = g.Y.to(torch.float32)
+    sh32 = g.shift.to(device=g.dev, dtype=torch.float32)
+    g.out["moments"] = {}
+    mom = {}
+    for t in tk.moments_tilings():
+        ms = g.time_pass("triton moments {}x{} w{} stages{}".format(*t),
+                         lambda t=t: tk.moments(g.X, Y32, sh32, squares=True, tiling=t))
+        if ms is not None:
+            mom[t] = ms
+    if ck.is_available():
+        z = dict(dtype=torch.float64, device=g.dev)
+        ms = g.time_pass("cuda moments (for rawtma's sums)", lambda: ck.moments(
+            g.X, Y32, sh32, torch.zeros(g.B, 1, g.d, **z), torch.zeros(g.B, 1, g.d, g.k, **z),
+            torch.zeros(g.B, 1, g.d, **z)))
+        if ms is not None and (not mom or ms < min(mom.values())):
+            tk.TUNING.set(g.d, g.dev, "rawtma_sums", "cuda")
+            g.out["rawtma_sums"] = "cuda"
+    if mom:
+        best = min(mom, key=mom.get)
+        tk.TUNING.set(g.d, g.dev, "moments", best)
+        g.out["best_moments"] = {"tiling": list(best), "ms": mom[best],
+                                 "rawtma_sums": g.out.get("rawtma_sums", "triton")}
+
+
+def _gram_rawtma(g: GramBench):
+    """"rawtma" (no pre-shift pass: the raw chunk read in place through TMA and centred in
+    float64 in the add pass) at every TMA tiling; the fastest is remembered; returns it."""
+    tk, raw_ms = g.tk, {}
+    for cfg in tk.rawtma_configs():
+        name = f"triton rawtma {_cfg_name(cfg)}"
+        ms = g.timed(name, g.update(mode="rawtma", config=cfg))
+        # only a time of the rawtma path itself counts (its guard may hand data to preshift)
+        if ms is not None and set(g.out["variants"][name]["paths"]) == {"rawtma"}:
+            raw_ms[cfg] = ms
+    if not raw_ms:
+        return None
+    best = min(raw_ms, key=raw_ms.get)
+    tk.TUNING.set(g.d, g.dev, "rawtma", best)
+    g.out["best_rawtma"] = {"config": list(best), "ms": raw_ms[best],
+                            "kernels_ms": g.profile(g.update(mode="rawtma", config=best))}
+    CHECKPOINT()
+    return best
+
+
+def _gram_best_preshift(g: GramBench, pre: dict, best_raw) -> None:
+    """The fastest preshift tiling becomes gram_update's default for this d; then the pre-shift
+    pass's tilings and layer groups with it; the faster of preshift and rawtma becomes the
+    default mode (the fit section uses it); separate vs fused float64 add re-timed side by side
+    (the card's clocks drift by several percent between minutes); kernels by time (profiler)."""
+    tk = g.tk
+    best_name = min(pre, key=pre.get)
+    best_cfg = next(c for c in tk.preshift_configs() if best_name.endswith(_cfg_name(c)))
+    tk.TUNING.set(g.d, g.dev, "preshift", best_cfg)
+    best_groups, best_ms = 1, pre[best_name]
+    prep_ms = {}
+    for prep in tk.prep_tilings():
+        ms = g.timed("triton preshift best, prep {}x{} w{} rows{} stages{}".format(*prep),
+                     g.update(mode="preshift", config=best_cfg, prep=prep), check=False)
+        if ms is not None:
+            prep_ms[prep] = ms
+    if prep_ms:
+        best_prep = min(prep_ms, key=prep_ms.get)
+        tk.TUNING.set(g.d, g.dev, "prep", best_prep)
+        g.out["best_prep"] = list(best_prep)
+        best_ms = min(best_ms, prep_ms[best_prep])
+    for groups in [int(x) for x in g.args.groups.split(",") if x]:
+        ms = g.timed(f"triton preshift best, {groups} layer groups",
+                     g.update(mode="preshift", config=best_cfg, groups=groups))
+        if ms is not None and ms < best_ms:
+            best_groups, best_ms = groups, ms
+    tk.TUNING.set(g.d, g.dev, "preshift groups", best_groups)
+    g.out["best_preshift"] = {"name": best_name, "config": list(best_cfg), "groups": best_groups,
+                              "prep": g.out.get("best_prep"), "ms": best_ms}
+    if best_raw is not None and g.out["best_rawtma"]["ms"] < best_ms:
+        tk.TUNING.set(g.d, g.dev, "mode", "rawtma")
+    g.out["default_mode"] = tk.TUNING.get(g.d, g.dev, "mode", "preshift")
+    CHECKPOINT()
+    best = dict(mode="preshift", config=best_cfg, groups=best_groups)
+    g.timed("triton preshift best (separate add), re-timed", g.update(**best), check=False)
+    g.timed("triton preshift best, fused float64 add", g.update(**best, fused_add=True),
+            check=False)
+    g.out["best_preshift"]["kernels_ms"] = g.profile(g.update(**best))
+
+
+def _gram_folds(g: GramBench) -> None:
+    """4 folds with 20 % test rows: preshift (rows sorted by fold in the pre-shift pass),
+    rawtma on rows sorted by fold (in place) and interleaved (one gather copy, the fit's case),
+    and the older gathered shift-in kernel."""
+    tk = g.tk
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    fold = torch.randint(-1, 4, (g.n,), device=DEV, dtype=torch.int32, generator=gen)
+    kept = int((fold >= 0).sum())
+    sorted_fold = torch.sort(fold).values.to(torch.int32)
+    modes = [("preshift", fold, "triton 4 folds + test rows")]
+    if "best_rawtma" in g.out:
+        modes += [("rawtma", sorted_fold,
+                   "triton rawtma 4 folds (rows sorted by fold) + test rows"),
+                  ("rawtma", fold, "triton rawtma 4 folds + test rows (one gather copy)")]
+    if not g.args.no_old_modes:
+        modes.append(("shift-in", fold, "triton 4 folds (shift-in)"))
+    for mode, fm, name in modes:
+        try:
+            st = g.stats(n_folds=4)
+            cfg = (None if mode in ("preshift", "rawtma") or tk.INTERPRET
+                   else tk.GramConfig(128, 128, 64, 8, 3, False))
+            fn = g.update(mode=mode, config=cfg)
+            before = dict(tk.TUNING.paths)
+            fn(st, fm)
+            took = tk.TUNING.paths_since(before)
+            ms, _ = cuda_time(lambda: fn(st, fm), reps=max(2, g.args.reps // 2), warmup=0)
+            tf = g.B * kept * g.d * (g.d + 1) / (ms * 1e-3) / 1e12
+            g.out["variants"][name] = {"ms": ms, "tflops": tf, "paths": took,
+                                       "pct_of_matmul": (100 * tf / g.ceiling)
+                                       if g.ceiling else None}
+            st = None
+            empty_cache()
+        except Exception as exc:  # noqa: BLE001
+            g.out["variants"][name] = _error(exc)
+            traceback.print_exc()
+
+
+def sec_gram(args, res):
+    """The statistics pass on a Llama-2-7B-shaped synthetic set (--layers x --rows x --d fp16,
+    generated on the device), every backend variant: achieved TFLOP/s count the useful work,
+    B·n·d·(d+1) flops (the upper triangle of XᵀX incl. the diagonal, 2 flops per multiply-add);
+    target >= 60% of the matmul ceiling; accuracy vs float64 on one layer. Variants: preshift
+    (the default mode) at every tiling, then its pre-shift tilings and layer groups; rawtma at
+    every TMA tiling with its column sums' source; the older shift-in and raw+fix modes (unless
+    --no-old-modes); 4 folds with 20% test rows. The fastest become the defaults (TUNING)."""
+    tk = triton_backend() if "triton" in args.backends else None
+    g = GramBench(args, res, tk)
+    if not args.merge:
+        res["gram"] = g.out          # partial results reach the JSON at every checkpoint
+        g.out["partial"] = True
+    use_triton, use_cuda = tk is not None, "cuda" in args.backends
+    if use_triton and args.tune_configs > 0:
+        _gram_tune_older(g)
+    for name, fn in _gram_variants(g, use_triton, use_cuda):
+        g.timed(name, fn, check=not name.startswith("cublas"))
+    pre = {n: v["ms"] for n, v in g.out["variants"].items()
            if n.startswith("triton preshift") and "ms" in v}
     best_raw = None
     if use_triton:
-        # "rawtma" next (the likeliest to reach the target, so a cut-off run still has it): no
-        # pre-shift pass at all, the raw chunk read in place through TMA and centred in float64
-        # in the add pass. Its column sums come from the moments kernel: that kernel's tilings
-        # on this data first (GB/s of the chunk read once), the fastest becomes its default.
-        Y32 = Y.to(torch.float32)
-        sh32 = shift.to(device=X.device, dtype=torch.float32)
-        copy_ceiling = res.get("ceilings", {}).get("copy_gbs")
-        out["moments"] = {}
-
-        def time_pass(name, fn):
-            """Milliseconds of fn() (one untimed call first), recorded with the GB/s of the
-            chunk read once; None when it failed."""
-            try:
-                fn()
-                ms, ts = cuda_time(fn, reps=args.reps, warmup=0)
-            except Exception as exc:  # noqa: BLE001
-                out["moments"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
-                return None
-            gbs = X.numel() * 2 / (ms * 1e-3) / 1e9
-            out["moments"][name] = {"ms": ms, "all_ms": ts, "gbs": gbs,
-                                    "pct_of_copy": (100 * gbs / copy_ceiling)
-                                    if copy_ceiling else None}
-            print(f"  {name}: {ms:.2f} ms, {gbs:.0f} GB/s", flush=True)
-            CHECKPOINT()
-            return ms
-
-        mom = {}
-        for t in tk.moments_tilings():
-            ms = time_pass("triton moments {}x{} w{} stages{}".format(*t),
-                           lambda t=t: tk.moments(X, Y32, sh32, squares=True, tiling=t))
-            if ms is not None:
-                mom[t] = ms
-        if ck.is_available():
-            # the CUDA module's moments kernel (67 % of copy on the H200) as rawtma's sums
-            z = dict(dtype=torch.float64, device=X.device)
-            ms = time_pass("cuda moments (for rawtma's sums)", lambda: ck.moments(
-                X, Y32, sh32, torch.zeros(B, 1, d, **z), torch.zeros(B, 1, d, k, **z),
-                torch.zeros(B, 1, d, **z)))
-            if ms is not None and (not mom or ms < min(mom.values())):
-                tk._TUNED[(d, str(X.device), "rawtma_sums")] = "cuda"
-                out["rawtma_sums"] = "cuda"
-        if mom:
-            best_mom = min(mom, key=mom.get)
-            tk._TUNED[(d, str(X.device), "moments")] = best_mom
-            out["best_moments"] = {"tiling": list(best_mom), "ms": mom[best_mom],
-                                   "rawtma_sums": out.get("rawtma_sums", "triton")}
-        raw_ms = {}
-        for cfg in tk.rawtma_configs():
-            name = f"triton rawtma {_cfg_name(cfg)}"
-            ms = timed(name, lambda st, cfg=cfg: tk.gram_update(st, X, Y, mode="rawtma", config=cfg))
-            # only a time of the rawtma path itself counts (its guard may hand data to preshift)
-            if ms is not None and set(out["variants"][name]["paths"]) == {"rawtma"}:
-                raw_ms[cfg] = ms
-        if raw_ms:
-            best_raw = min(raw_ms, key=raw_ms.get)
-            tk._TUNED[(d, str(X.device), "rawtma")] = best_raw
-            out["best_rawtma"] = {"config": list(best_raw), "ms": raw_ms[best_raw]}
-            if DEV == "cuda":
-                try:
-                    out["best_rawtma"]["kernels_ms"] = _profile_kernels(
-                        lambda st: tk.gram_update(st, X, Y, mode="rawtma", config=best_raw),
-                        lambda: GramStats.zeros(B, d, k, shift=shift, device=DEV))
-                except Exception as exc:  # noqa: BLE001
-                    out["best_rawtma"]["kernels_ms"] = {"error": f"{type(exc).__name__}: {exc}"}
-            CHECKPOINT()
+        # rawtma next (the likeliest to reach the target, so a cut-off run still has it)
+        _gram_moments(g)
+        best_raw = _gram_rawtma(g)
     if pre:
-        best_name = min(pre, key=pre.get)
-        best_cfg = next(c for c in tk.preshift_configs() if best_name.endswith(_cfg_name(c)))
-        key = (d, str(X.device), "preshift")
-        tk._TUNED[key] = best_cfg
-        best_groups, best_ms = 1, pre[best_name]
-        # the pre-shift pass's tilings with that Gram tiling (the pass took 12.5 ms of 53.7 on
-        # an H200, at 40 % of the copy ceiling); the fastest becomes the default here
-        prep_ms = {}
-        for prep in tk.prep_tilings():
-            ms = timed("triton preshift best, prep {}x{} w{} rows{} stages{}".format(*prep),
-                       preshift(best_cfg, prep=prep), check=False)
-            if ms is not None:
-                prep_ms[prep] = ms
-        if prep_ms:
-            best_prep = min(prep_ms, key=prep_ms.get)
-            tk._TUNED[(d, str(X.device), "prep")] = best_prep
-            out["best_prep"] = list(best_prep)
-            best_ms = min(best_ms, prep_ms[best_prep])
-        # the same tiling with the pre-shift pass of the next layer group overlapping the Gram
-        for groups in [int(x) for x in args.groups.split(",") if x]:
-            ms = timed(f"triton preshift best, {groups} layer groups",
-                       preshift(best_cfg, groups=groups))
-            if ms is not None and ms < best_ms:
-                best_groups, best_ms = groups, ms
-        tk._TUNED[key + ("groups",)] = best_groups
-        out["best_preshift"] = {"name": best_name, "config": list(best_cfg), "groups": best_groups,
-                                "prep": out.get("best_prep"), "ms": best_ms}
-        # the faster mode becomes gram_update's default for this d (the fit section uses it)
-        if best_raw is not None and out["best_rawtma"]["ms"] < best_ms:
-            tk._TUNED[(d, str(X.device), "mode")] = "rawtma"
-        out["default_mode"] = tk._TUNED.get((d, str(X.device), "mode"), "preshift")
-        CHECKPOINT()
-        # the best variant re-timed right here next to the Gram kernel adding its tiles into the
-        # float64 totals (fused epilogue), so the two epilogues compare under the same card state
-        # (clocks drift by several percent between minutes); then where the best variant's time
-        # goes, kernel by kernel (torch profiler)
-        timed("triton preshift best (separate add), re-timed", preshift(best_cfg, groups=best_groups),
-              check=False)
-        timed("triton preshift best, fused float64 add",
-              preshift(best_cfg, groups=best_groups, fused_add=True), check=False)
-        if DEV == "cuda":
-            try:
-                out["best_preshift"]["kernels_ms"] = _profile_kernels(
-                    preshift(best_cfg, groups=best_groups),
-                    lambda: GramStats.zeros(B, d, k, shift=shift, device=DEV))
-            except Exception as exc:  # noqa: BLE001
-                out["best_preshift"]["kernels_ms"] = {"error": f"{type(exc).__name__}: {exc}"}
-    # 4 folds with 20% test rows: preshift (rows sorted by fold in the pre-shift pass, one
-    # plain Gram per fold's contiguous row range) and the older gathered shift-in kernel
-    g = torch.Generator(device=DEV).manual_seed(2)
-    fold = torch.randint(-1, 4, (n,), device=DEV, dtype=torch.int32, generator=g)
-    kept = int((fold >= 0).sum())
-    fold_modes = [("preshift", "triton 4 folds + test rows")]
-    if "best_rawtma" in out:
-        # rawtma reads each fold's rows in place when they are contiguous (rows sorted by
-        # fold), else after one gather copy (the fit's case: test rows among train rows)
-        fold_sorted = torch.sort(fold).values.to(torch.int32)
-        fold_modes += [("rawtma-sorted", "triton rawtma 4 folds (rows sorted by fold) + test rows"),
-                       ("rawtma", "triton rawtma 4 folds + test rows (one gather copy)")]
-    if not args.no_old_modes:
-        fold_modes.append(("shift-in", "triton 4 folds (shift-in)"))
-    for mode, name in (fold_modes if use_triton else []):
-        try:
-            st = GramStats.zeros(B, d, k, n_folds=4, shift=shift, device=DEV)
-            cfg = (None if mode.startswith(("preshift", "rawtma")) or tk.INTERPRET
-                   else tk.GramConfig(128, 128, 64, 8, 3, False))
-            fm = fold_sorted if mode == "rawtma-sorted" else fold
-            mode = mode.replace("-sorted", "")
-            paths = dict(tk.PATHS)
-            tk.gram_update(st, X, Y, fm, mode=mode, config=cfg)
-            took = _paths_since(paths)
-            ms, ts = cuda_time(lambda: tk.gram_update(st, X, Y, fm, mode=mode, config=cfg),
-                               reps=max(2, args.reps // 2), warmup=0)
-            tf = B * kept * d * (d + 1) / (ms * 1e-3) / 1e12
-            out["variants"][name] = {"ms": ms, "tflops": tf, "paths": took,
-                                     "pct_of_matmul": (100 * tf / ceiling) if ceiling else None}
-            del st
-            empty_cache()
-        except Exception as exc:  # noqa: BLE001
-            out["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-            traceback.print_exc()
-    del ref0
-    out.pop("partial", None)
-    return out
+        _gram_best_preshift(g, pre, best_raw)
+    if use_triton:
+        _gram_folds(g)
+    g.out.pop("partial", None)
+    return g.out
 
 
 def _profile_kernels(fn, make_stats, top: int = 6) -> dict:
     """GPU milliseconds per kernel (name -> ms) of one fn(stats) call, the largest first."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     st = make_stats()
     fn(st)                                                   # compiled and warm
     sync()
@@ -437,15 +446,14 @@ def _loo_fp16(fac, alphas, X, Y, step=8192):
     """LOO scores like probes.ridge.LooAccumulator, but Z = (X - x̄)V on fp16 tensor cores
     (X - x̄ and V rounded to fp16, float32 accumulation); the rest in float32/float64. For the
     accuracy/speed comparison only (not in probes.ridge)."""
-    import torch
-
     B, d = fac.lam.shape
     k = fac.G.shape[2]
     A = len(alphas)
     a = torch.as_tensor(alphas, device=fac.lam.device, dtype=torch.float64)
     inv = 1.0 / (fac.lam[:, None, :] + a[None, :, None])                     # (B, A, d)
     inv_t = inv.transpose(1, 2).contiguous().float()
-    GA = (inv[:, :, :, None] * fac.G[:, None, :, :]).permute(0, 2, 1, 3).reshape(B, d, A * k).float()
+    GA = (inv[:, :, :, None] * fac.G[:, None, :, :]).permute(0, 2, 1, 3)
+    GA = GA.reshape(B, d, A * k).float()
     V16 = fac.V.to(torch.float16)
     mean16 = fac.mean.to(torch.float16)[:, None, :]
     sse = torch.zeros(B, A, k, dtype=torch.float64, device=fac.lam.device)
@@ -461,11 +469,15 @@ def _loo_fp16(fac, alphas, X, Y, step=8192):
 
 
 def sec_fit(args, res):
-    import numpy as np
-    import torch
-
-    from probes.stats import GramStats, choose_shift
-
+    """The whole fit --all-layers (25 alphas, exact LOO, primal form) = statistics pass (all
+    layers, best measured variant) + batched eigendecomposition + LOO pass (measured on
+    --fit-layers layers, scaled linearly to all layers), next to a naive torch GPU fit (per
+    layer float32 X.T @ X and torch.linalg.solve per alpha; measured on --fit-layers layers,
+    scaled). Targets carry a planted linear signal. Combos: eigh float64|float32 (probes.ridge's
+    guarded floor) x LOO projection float64|float32|TF32|fp16 (fp16: bench-local copy of the
+    LOO maths with Z = (X - x̄)V on fp16 tensor cores); for each, whether the chosen alphas (per
+    layer and per target) equal the float64 ones and the largest relative score difference.
+    eigh is also timed with MAGMA."""
     X, _ = gram_data(args)
     B, n, d = X.shape
     L = min(args.fit_layers, B)
@@ -502,13 +514,10 @@ def sec_fit(args, res):
                 if "ms" in v and "folds" not in name and not name.startswith("cublas")),
                default=None)
     out["stats_pass_s"] = best / 1e3 if best is not None else None
-    try:
-        from probes.ridge import LooAccumulator, primal_factor
-    except ImportError as exc:
-        out["error"] = f"probes.ridge not importable: {exc}"
+    if _RIDGE_ERROR:
+        out["error"] = _RIDGE_ERROR
         return out
-    from probes.kernels import triton_kernels as tk
-
+    tk = triton_backend()
     shift = choose_shift(X[:L, :2048])
     st = GramStats.zeros(L, d, k, shift=shift, device=DEV)
     tk.gram_update(st, X[:L], Y)
@@ -556,7 +565,8 @@ def sec_fit(args, res):
 
     # (name, factor precision, LOO flavour): flavours float64 / float32 (TF32 off) / tf32 /
     # fp16 (bench-local, tensor cores for Z)
-    combos = [("float64", "float64", "float64"), ("float64 eigh + float32 LOO", "float64", "float32"),
+    combos = [("float64", "float64", "float64"),
+              ("float64 eigh + float32 LOO", "float64", "float32"),
               ("float32", "float32", "float32"), ("float32 + TF32", "float32", "tf32"),
               ("float32 + fp16 Z", "float32", "fp16")]
     out["combos"] = {}
@@ -605,12 +615,9 @@ def sec_fit(args, res):
 
 
 def sec_neurons(args, res):
-    import torch
-
-    from probes.kernels import cuda as ck
-    from probes.kernels import triton_kernels as tk
-    from probes.neurons import NeuronStats, reference_neuron_update, spearman
-
+    """Σx, Σx², Σxy over --layers x --rows x --neurons fp16 with 2 targets: achieved GB/s
+    (activation bytes read once) vs the copy ceiling (target >= 60%), every Triton moments
+    tiling and the CUDA module; Spearman for one layer."""
     _DATA.clear()
     empty_cache()
     B, n, m = args.layers, args.rows, args.neurons
@@ -630,10 +637,9 @@ def sec_neurons(args, res):
     st_ref = NeuronStats.for_chunk(X[:1, :1024], Y[:1024], device=DEV)
     reference_neuron_update(st_ref, X[:1], Y)
     r_ref = st_ref.pearson()
-    import functools
-
     variants = []
     if "triton" in args.backends:
+        tk = triton_backend()
         variants += [("triton {}x{} w{} stages{}".format(*t),
                       functools.partial(tk.neuron_update, tiling=t))
                      for t in tk.moments_tilings()]
@@ -665,7 +671,7 @@ def sec_neurons(args, res):
     except Exception as exc:  # noqa: BLE001
         out["spearman_error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
-    del X
+    X = None                                     # frees the activations before the cache
     empty_cache()
     return out
 
@@ -693,12 +699,13 @@ def _kernels_line(km) -> list[str]:
         for name, ms in km.items())]
 
 
-def table(res) -> str:
-    lines = [f"device: {res.get('device')}  torch {res.get('torch')}  triton {res.get('triton')}"]
-    c = res.get("ceilings", {})
-    lines.append(f"ceiling fp16 matmul      {_f(c.get('matmul_fp16_tflops'))} TFLOP/s")
-    lines.append(f"ceiling d2d copy         {_f(c.get('copy_gbs'), '{:.0f}')} GB/s")
-    g = res.get("gram", {})
+def _s(x) -> str:
+    """Seconds with two decimals, or '-'."""
+    return _f(x, "{:.2f}")
+
+
+def _gram_lines(g: dict) -> list[str]:
+    lines = []
     if "shape" in g:
         lines.append(f"gram pass {'x'.join(map(str, g['shape']))} fp16  (target >= 60% of matmul)")
     lines += _rows(g.get("variants", {}), lambda v: (
@@ -706,10 +713,11 @@ def table(res) -> str:
         f"relerr {_f(v.get('rel_err_xtx_layer0'), '{:.1e}')}"
         + (f"  paths {v['paths']}" if len(v.get("paths") or {}) > 1 else "")))
     if "best_preshift" in g:
+        bp = g["best_preshift"]
         lines.append(f"  best preshift (gram_update's default for this d in this process): "
-                     f"{g['best_preshift']['name']}, {g['best_preshift'].get('groups', 1)} group(s), "
-                     f"pre-shift tiling {g['best_preshift'].get('prep')}")
-        lines += _kernels_line(g["best_preshift"].get("kernels_ms"))
+                     f"{bp['name']}, {bp.get('groups', 1)} group(s), "
+                     f"pre-shift tiling {bp.get('prep')}")
+        lines += _kernels_line(bp.get("kernels_ms"))
     lines += _rows(g.get("moments", {}), lambda v: (
         f"{v['ms']:9.1f} ms {v['gbs']:7.0f} GB/s {_f(v.get('pct_of_copy'))}% of copy"))
     if "best_moments" in g:
@@ -718,34 +726,43 @@ def table(res) -> str:
                      f"{g['best_moments'].get('rawtma_sums', 'triton')}")
     if "best_rawtma" in g:
         br = g["best_rawtma"]
-        lines.append(f"  best rawtma: {_cfg_name(br['config'])} {br['ms']:.1f} ms; default mode now "
-                     f"{g.get('default_mode')}")
+        lines.append(f"  best rawtma: {_cfg_name(br['config'])} {br['ms']:.1f} ms; "
+                     f"default mode now {g.get('default_mode')}")
         lines += _kernels_line(br.get("kernels_ms"))
     if "error" in g:
         lines.append(f"  gram ERROR {g['error'][:100]}")
-    f = res.get("fit", {})
-    if f:
-        lines.append(f"whole fit (25 alphas, LOO; eigh+LOO measured on {f.get('layers_measured')} "
-                     f"layers, scaled to {f.get('scaled_to')})")
-        lines.append(f"  ours: stats {_f(f.get('stats_pass_s'), '{:.2f}')} s + eigh "
-                     f"{_f(f.get('eigh_s'), '{:.2f}')} s + LOO {_f(f.get('loo_pass_s'), '{:.2f}')} s = "
-                     f"{_f(f.get('ours_total_s'), '{:.2f}')} s;  naive torch GPU "
-                     f"{_f(f.get('naive_torch_s'), '{:.2f}')} s;  speedup {_f(f.get('speedup_vs_naive'), '{:.1f}')}x")
-        lines.append(f"  eigh of {f.get('scaled_to')} layers: cuSOLVER float64 {_f(f.get('eigh_float64_s'), '{:.2f}')} s, "
-                     f"float32 {_f(f.get('eigh_float32_s'), '{:.2f}')} s; MAGMA float64 "
-                     f"{_f(f.get('eigh_float64_magma_s'), '{:.2f}')} s, float32 "
-                     f"{_f(f.get('eigh_float32_magma_s'), '{:.2f}')} s")
-        for name, c in f.get("combos", {}).items():
-            if "error" in c:
-                lines.append(f"  {name:28s} ERROR {c['error'][:90]}")
-                continue
-            lines.append(f"  {name:28s} eigh {c['eigh_s']:.2f} s + LOO {c['loo_s']:.2f} s = "
-                         f"{_f(c.get('total_s'), '{:.2f}')} s ({_f(c.get('speedup_vs_naive'), '{:.1f}')}x naive); "
-                         f"alphas same: {c['alpha_choices_identical']}/{c['alpha_per_target_identical']}"
-                         f" max|dscore| {c['max_rel_score_diff']:.1e}")
-        if "error" in f:
-            lines.append(f"  fit ERROR {f['error'][:100]}")
-    nr = res.get("neurons", {})
+    return lines
+
+
+def _fit_lines(f: dict) -> list[str]:
+    if not f:
+        return []
+    lines = [f"whole fit (25 alphas, LOO; eigh+LOO measured on {f.get('layers_measured')} "
+             f"layers, scaled to {f.get('scaled_to')})",
+             f"  ours: stats {_s(f.get('stats_pass_s'))} s + eigh {_s(f.get('eigh_s'))} s + LOO "
+             f"{_s(f.get('loo_pass_s'))} s = {_s(f.get('ours_total_s'))} s;  naive torch GPU "
+             f"{_s(f.get('naive_torch_s'))} s;  "
+             f"speedup {_f(f.get('speedup_vs_naive'), '{:.1f}')}x",
+             f"  eigh of {f.get('scaled_to')} layers: cuSOLVER float64 "
+             f"{_s(f.get('eigh_float64_s'))} s, float32 {_s(f.get('eigh_float32_s'))} s; "
+             f"MAGMA float64 {_s(f.get('eigh_float64_magma_s'))} s, "
+             f"float32 {_s(f.get('eigh_float32_magma_s'))} s"]
+    for name, c in f.get("combos", {}).items():
+        if "error" in c:
+            lines.append(f"  {name:28s} ERROR {c['error'][:90]}")
+            continue
+        lines.append(f"  {name:28s} eigh {c['eigh_s']:.2f} s + LOO {c['loo_s']:.2f} s = "
+                     f"{_s(c.get('total_s'))} s "
+                     f"({_f(c.get('speedup_vs_naive'), '{:.1f}')}x naive); alphas same: "
+                     f"{c['alpha_choices_identical']}/{c['alpha_per_target_identical']}"
+                     f" max|dscore| {c['max_rel_score_diff']:.1e}")
+    if "error" in f:
+        lines.append(f"  fit ERROR {f['error'][:100]}")
+    return lines
+
+
+def _neuron_lines(nr: dict) -> list[str]:
+    lines = []
     if "shape" in nr:
         lines.append(f"neurons {'x'.join(map(str, nr['shape']))} fp16, 2 targets "
                      f"({nr['gbytes']:.1f} GB; target >= 60% of copy)"
@@ -757,12 +774,34 @@ def table(res) -> str:
         lines.append(f"  spearman, one layer        {nr['spearman_one_layer_s']:.2f} s")
     if "error" in nr:
         lines.append(f"  neurons ERROR {nr['error'][:100]}")
+    return lines
+
+
+def table(res) -> str:
+    """The short summary of a result dict (or a --json file) printed at the end."""
+    c = res.get("ceilings", {})
+    lines = [f"device: {res.get('device')}  torch {res.get('torch')}  triton {res.get('triton')}",
+             f"ceiling fp16 matmul      {_f(c.get('matmul_fp16_tflops'))} TFLOP/s",
+             f"ceiling d2d copy         {_f(c.get('copy_gbs'), '{:.0f}')} GB/s"]
+    lines += _gram_lines(res.get("gram", {}))
+    lines += _fit_lines(res.get("fit", {}))
+    lines += _neuron_lines(res.get("neurons", {}))
     for sec in SECTIONS:
-        if isinstance(res.get(sec), dict) and "traceback" in res[sec]:
-            lines.append(f"{sec}: FAILED {res[sec]['error'][:100]}")
-        for e in (res.get(sec) or {}).get("merge_errors", []) if isinstance(res.get(sec), dict) else []:
-            lines.append(f"{sec} (second process): FAILED {e[:100]}")
+        r = res.get(sec)
+        if not isinstance(r, dict):
+            continue
+        if "traceback" in r:
+            lines.append(f"{sec}: FAILED {r['error'][:100]}")
+        lines += [f"{sec} (second process): FAILED {e[:100]}" for e in r.get("merge_errors", [])]
     return "\n".join(lines)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton  # deferred: optional dependency
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def main(argv=None):
@@ -781,21 +820,20 @@ def main(argv=None):
                    help="time only the preshift mode (not shift-in / raw+fix)")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--json", default=None)
-    p.add_argument("--device", default="cuda", help="cpu: dry run of the logic (TRITON_INTERPRET=1)")
+    p.add_argument("--device", default="cuda",
+                   help="cpu: dry run of the logic (TRITON_INTERPRET=1)")
     p.add_argument("--backends", default="triton,cuda", help="kernel variants to time")
     p.add_argument("--merge", action="store_true",
                    help="add to an existing --json (e.g. the CUDA variants from a second process, "
                         "so a crash there cannot take the Triton numbers with it)")
-    p.add_argument("--table-only", action="store_true", help="print the table of an existing --json")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of an existing --json")
     args = p.parse_args(argv)
     if args.table_only:
         print(table(json.loads(Path(args.json).read_text())))
         return 0
-    import torch
-    import triton
-
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-           "torch": torch.__version__, "triton": triton.__version__, "args": vars(args),
+           "torch": torch.__version__, "triton": _triton_version(), "args": vars(args),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if args.merge and args.json and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())

@@ -5,11 +5,12 @@
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
 #
 # Robust by design: every step runs even if an earlier one failed, each under its own time limit,
-# and all limits together stay inside GPU_CHECK_BUDGET seconds (default 230; the last H200 run
-# took 116 s with the older, shorter benchmark). Everything goes to
+# and all limits together stay inside GPU_CHECK_BUDGET seconds (default 230, with room over the
+# H200 run's time: bench/RESULTS.md, "Measurements moved out of code comments"). Everything goes to
 # $OUT (default out/gpu_check): gpu_check.log (all output), steps.tsv, bench.json, pytest.txt,
-# summary.txt. Knobs (environment): BENCH_ARGS (extra args of bench/gpu_bench.py, e.g.
-# "--rows 20000"), ONLY (comma-separated step names to run), EXTRACT_ARGS (args of bench/extract.py after the fixed ones; default
+# summary.txt. Knobs (environment): BENCH_ARGS (extra args of `python -m bench.gpu_bench`, e.g.
+# "--rows 20000"), ONLY (comma-separated step names to run), EXTRACT_ARGS (args of
+# `python -m bench.extract` after the fixed ones; default
 # "--rows 1024 --batch-size 64 --rss-rows="), PYTHON, GPU_CHECK_BUDGET, BENCH_LIMIT (seconds of the
 # Triton bench step, default 130; the bench saves its JSON after every variant, so a cut-off run
 # keeps what it measured).
@@ -96,13 +97,14 @@ fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 step build 170 env ACTSTORE_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
      $PY -m pip install --no-build-isolation --no-deps -e .
-if ! $PY -c "import actstore._native" > /dev/null 2>&1; then
+if ! $PY -c "import actstore._native, probes._C" > /dev/null 2>&1; then
   step build_cpu_only 120 env ACTSTORE_CUDA=OFF $PY -m pip install --no-build-isolation --no-deps -e .
 fi
 step import 30 $PY -c "
-from actstore import native
-print('cpu module:', native.cpu.__file__, 'openmp', native.cpu.openmp)
-print('cuda module:', native.cuda and native.cuda.__file__, 'devices', native.cuda and native.cuda.device_count())
+from actstore import _native; print('actstore._native (fp16 scan):', _native.__file__, 'openmp', _native.openmp)
+from probes import _C; print('probes._C (cpu kernels):', _C.__file__, 'openmp', _C.openmp)
+from probes.kernels import cuda
+print('probes._C_cuda:', cuda._ext and cuda._ext.__file__, 'devices', cuda._ext and cuda._ext.device_count())
 from probes.kernels import available_backends; print('backends:', available_backends())
 import zarr; print('zarr', zarr.__version__)
 "
@@ -110,8 +112,8 @@ import zarr; print('zarr', zarr.__version__)
 # ---------------------------------------------------------------------------------------- bench
 # Triton variants, the whole fit and the ceilings first; the CUDA C++ variants in a second
 # process merged into the same JSON (a crash there cannot take the Triton numbers with it)
-step bench ${BENCH_LIMIT:-130} $PY bench/gpu_bench.py --json "$OUT/bench.json" --backends triton $BENCH_ARGS
-step bench_cuda 50 $PY bench/gpu_bench.py --json "$OUT/bench.json" --merge --backends cuda \
+step bench ${BENCH_LIMIT:-130} $PY -m bench.gpu_bench --json "$OUT/bench.json" --backends triton $BENCH_ARGS
+step bench_cuda 50 $PY -m bench.gpu_bench --json "$OUT/bench.json" --merge --backends cuda \
      --sections gram,neurons $BENCH_ARGS
 
 # ---------------------------------------------------------------------------------------- tests
@@ -120,12 +122,12 @@ step tests_triton 90 $PY -m pytest -q -rs -p no:cacheprovider \
 step tests_cuda 45 $PY -m pytest -q -rs -p no:cacheprovider tests/probes/test_kernels_cuda.py
 cat /tmp/gpu_check_tests_triton.log /tmp/gpu_check_tests_cuda.log > "$OUT/pytest.txt" 2>/dev/null
 
-# extraction benchmark (bench/extract.py, the extract engineer's): a random-init Llama-2-7B shape
+# extraction benchmark (bench.extract, the extract engineer's): a random-init Llama-2-7B shape
 # on the GPU; the paper CSV is carried in .whl/ (../shared does not travel)
 DATA=.whl/world_place.csv
 [[ -f $DATA ]] || DATA=../shared/datasets/paper/world_place.csv
 if [[ -f bench/extract.py ]]; then
-  step extract 60 $PY bench/extract.py --device cuda --model-config llama2-7b --random-init \
+  step extract 60 $PY -m bench.extract --device cuda --model-config llama2-7b --random-init \
        --dataset "$DATA" --tmp /tmp --no-results ${EXTRACT_ARGS:---rows 2048 --batch-size 64 --rss-rows= --timing-only}
 else
   printf '%s\t%s\t%s\n' extract "absent" 0 >> "$STEPS"
@@ -145,7 +147,7 @@ cat /tmp/gpu_check_tests_gpu_marked.log >> "$OUT/pytest.txt" 2>/dev/null
     [[ -f /tmp/gpu_check_$t.log ]] && echo "$t: $(grep -E '(passed|failed|error)' /tmp/gpu_check_$t.log | tail -n 1)"
   done
   if [[ -f "$OUT/bench.json" ]]; then
-    $PY bench/gpu_bench.py --table-only --json "$OUT/bench.json" 2>&1
+    $PY -m bench.gpu_bench --table-only --json "$OUT/bench.json" 2>&1
   else
     echo "no bench.json (bench step failed before its first section finished)"
   fi

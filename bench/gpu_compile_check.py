@@ -5,7 +5,7 @@ GPUTarget), then the cubin's registers, stack (spills), local loads/stores and w
 tensor-core instructions are Hopper's (HGMMA) are read with the cuobjdump shipped in Triton's
 package. The CUDA C++ file is compiled with nvcc -Xptxas -v when nvcc is on the PATH.
 
-    python bench/gpu_compile_check.py [--arch 90] [--quick]
+    python -m bench.gpu_compile_check [--arch 90] [--quick]
 
 Exit status 1 if a kernel fails to compile. Spills are reported, not fatal.
 """
@@ -19,11 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import REPO
 
 GRAM_SIG = {"X": "*fp16", "Y": "*fp32", "IDX": "*i32", "OFF": "*i32", "SHIFT": "*fp32",
             "SX": "*fp64", "XTX": "*fp32", "XTY": "*fp64", "d": "i32", "k": "i32", "F": "i32",
@@ -119,96 +116,118 @@ def compile_for(fn, sig, consts, warps, stages, arch: int = 90, **options):
     return k, cubin_resources(k.asm["cubin"], cuobjdump)
 
 
+class _Report:
+    """Compiles kernels one by one, prints one line each, counts the failures."""
+
+    def __init__(self, arch: int):
+        self.arch, self.failed = arch, 0
+
+    def __call__(self, fn, sig, consts, warps, stages, label, **options):
+        t0 = time.time()
+        try:
+            k, r = compile_for(fn, sig, consts, warps, stages, self.arch, **options)
+            print(f"{label:48s} smem {k.metadata.shared:6d}  {resources_line(r)}"
+                  f"  ({time.time() - t0:.1f}s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report every failure
+            self.failed += 1
+            print(f"{label:48s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+
+def check_preshift(comp, tk, quick: bool) -> None:
+    """preshift mode (the default): the pre-shift pass + plain / TMA Gram on the padded copy;
+    rawtma: the raw chunk through TMA, then the float64 re-centring add."""
+    from probes.kernels.triton import preshift, rawtma  # deferred: see main()
+
+    for cfg in (tk.preshift_configs()[:2] if quick else tk.preshift_configs()):
+        bm, bn, br, warps, stages, tma = cfg
+        consts = {"BM": bm, "BN": bn, "BLOCK_R": br, "ACC": False}
+        if tma:
+            comp(preshift._gram_tma_kernel, tma_sig(bm, bn, br), consts, warps, stages,
+                 f"gram preshift {tuple(cfg)} tma")
+        else:
+            comp(preshift._gram_pre_kernel, PRE_SIG, consts, warps, stages,
+                 f"gram preshift {tuple(cfg)} ptr")
+    for cfg in (tk.rawtma_configs()[:2] if quick else tk.rawtma_configs()):
+        bm, bn, br, warps, stages = cfg[:5]
+        comp(rawtma._gram_raw_tma_kernel, raw_tma_sig(bm, bn, br),
+             {"BM": bm, "BN": bn, "BLOCK_R": br}, warps, stages, f"gram rawtma {tuple(cfg[:5])}")
+    comp(rawtma._add_centred_kernel, ADD_SIG, {"BLOCK": rawtma.ADD_BLOCK}, 4, 1, "add_centred",
+         enable_fp_fusion=False)
+    for gather in (False, True):
+        for kp in (1, 2, 4, 8, 16):
+            pbn, pbr, pw = 128, max(1, min(16, 64 // kp)), 4   # as preshift.prep_tiling on a GPU
+            comp(preshift._prep_kernel, PREP_SIG,
+                 {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": kp, "GATHER": gather, "NS": 1}, pw, 1,
+                 f"prep {pbn}x{pbr} w{pw} KP={kp} gather={gather}")
+    for t in tk.prep_tilings():
+        pbn, pbr, pw, _, pns = t
+        comp(preshift._prep_kernel, PREP_SIG,
+             {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": 2, "GATHER": False, "NS": pns}, pw, 1,
+             f"prep tiling {tuple(t)} KP=2")
+
+
+def check_older(comp, tk, quick: bool) -> None:
+    """The older shift-in / raw Gram kernel at every tiling, and the moments kernel."""
+    from probes.kernels.triton import column_moments, shiftin  # deferred: see main()
+
+    for cfg in (tk.gram_configs()[:2] if quick else tk.gram_configs()):
+        bm, bn, br, warps, stages, fused = cfg
+        for sik in (True, False):
+            for gather in (False, True):
+                if gather and quick:
+                    continue
+                comp(shiftin._gram_kernel, GRAM_SIG,
+                     {"BM": bm, "BN": bn, "BLOCK_R": br, "KP": 16, "GATHER": gather,
+                      "SHIFT_IN": sik, "DIAG_STATS": fused},
+                     warps, stages, f"gram {tuple(cfg)} shift_in={sik} gather={gather}")
+    for t in tk.moments_tilings():
+        bn, br, w, ns = t
+        comp(column_moments._moments_kernel, MOM_SIG,
+             {"BLOCK_N": bn, "BLOCK_R": br, "KP": 2, "GATHER": False, "SQUARES": True, "NS": ns},
+             w, 3, f"moments {tuple(t)}")
+
+
+def check_cuda(arch: int) -> int:
+    """nvcc -Xptxas -v of the CUDA C++ kernels: registers and spills per kernel; 1 if it fails."""
+    nvcc = shutil.which("nvcc")
+    src = REPO / "csrc" / "probes" / "cuda" / "stats_kernels.cu"
+    if not (nvcc and src.exists()):
+        print("nvcc not found: CUDA C++ not checked")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-Xptxas", "-v",
+                            "-c", str(src), "-o", os.path.join(tmp, "k.o")],
+                           capture_output=True, text=True)
+    if r.returncode:
+        print("nvcc FAILED\n" + r.stderr[-2000:])
+        return 1
+    names = re.findall(r"Compiling entry function '(\w+)'", r.stderr)
+    usage = re.findall(r"Used (\d+) registers.*", r.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
+    for n, u, sp in zip(names, usage, spills):
+        short = re.sub(r"_ZN11probes_cuda\w*?(gram_kernel|moments_kernel)(ILb?i?(\w+?)E)?.*",
+                       r"\1<\3>", n)
+        print(f"cuda {short:43s} regs {u} spill stores {sp}B")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--quick", action="store_true", help="first two Gram configs only")
     p.add_argument("--preshift-only", action="store_true", help="only the preshift-mode kernels")
     args = p.parse_args(argv)
+    # compiled for the target, not interpreted: triton.jit reads TRITON_INTERPRET when the
+    # kernels are defined, so the kernel package is imported only after this
     os.environ.pop("TRITON_INTERPRET", None)
-    from probes.kernels import triton_kernels as tk
+    from probes.kernels import triton as tk  # deferred: see above
 
-    failed = 0
-
-    def comp(fn, sig, consts, warps, stages, label, **options):
-        nonlocal failed
-        t0 = time.time()
-        try:
-            k, r = compile_for(fn, sig, consts, warps, stages, args.arch, **options)
-            print(f"{label:48s} smem {k.metadata.shared:6d}  {resources_line(r)}"
-                  f"  ({time.time() - t0:.1f}s)", flush=True)
-        except Exception as exc:  # noqa: BLE001 - report every failure
-            failed += 1
-            print(f"{label:48s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-
-    # preshift mode (the default): pre-shift pass + plain / TMA Gram on the padded copy
-    for cfg in (tk.preshift_configs()[:2] if args.quick else tk.preshift_configs()):
-        bm, bn, br, warps, stages, tma = cfg
-        consts = {"BM": bm, "BN": bn, "BLOCK_R": br, "ACC": False}
-        if tma:
-            comp(tk._gram_tma_kernel, tma_sig(bm, bn, br), consts, warps, stages,
-                 f"gram preshift {tuple(cfg)} tma")
-        else:
-            comp(tk._gram_pre_kernel, PRE_SIG, consts, warps, stages,
-                 f"gram preshift {tuple(cfg)} ptr")
-    # rawtma mode: the raw chunk through TMA, then the float64 re-centring add
-    for cfg in (tk.rawtma_configs()[:2] if args.quick else tk.rawtma_configs()):
-        bm, bn, br, warps, stages = cfg[:5]
-        comp(tk._gram_raw_tma_kernel, raw_tma_sig(bm, bn, br), {"BM": bm, "BN": bn, "BLOCK_R": br},
-             warps, stages, f"gram rawtma {tuple(cfg[:5])}")
-    comp(tk._add_centred_kernel, ADD_SIG, {"BLOCK": tk.ADD_BLOCK}, 4, 1, "add_centred",
-         enable_fp_fusion=False)
-    for gather in (False, True):
-        for kp in (1, 2, 4, 8, 16):
-            pbn, pbr, pw = 128, max(1, min(16, 64 // kp)), 4   # as tk._prep_tiling on a GPU
-            comp(tk._prep_kernel, PREP_SIG,
-                 {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": kp, "GATHER": gather, "NS": 1}, pw, 1,
-                 f"prep {pbn}x{pbr} w{pw} KP={kp} gather={gather}")
-    for t in tk.prep_tilings():
-        pbn, pbr, pw, _, pns = t
-        comp(tk._prep_kernel, PREP_SIG,
-             {"BLOCK_N": pbn, "BLOCK_R": pbr, "KP": 2, "GATHER": False, "NS": pns}, pw, 1,
-             f"prep tiling {tuple(t)} KP=2")
+    comp = _Report(args.arch)
+    check_preshift(comp, tk, args.quick)
     if args.preshift_only:
-        return 1 if failed else 0
-
-    cfgs = tk.gram_configs()[:2] if args.quick else tk.gram_configs()
-    for cfg in cfgs:
-        bm, bn, br, warps, stages, fused = cfg
-        for sik in (True, False):
-            for gather in (False, True):
-                if gather and args.quick:
-                    continue
-                comp(tk._gram_kernel, GRAM_SIG,
-                     {"BM": bm, "BN": bn, "BLOCK_R": br, "KP": 16, "GATHER": gather,
-                      "SHIFT_IN": sik, "DIAG_STATS": fused},
-                     warps, stages, f"gram {tuple(cfg)} shift_in={sik} gather={gather}")
-    for t in tk.moments_tilings():
-        bn, br, w, ns = t
-        comp(tk._moments_kernel, MOM_SIG,
-             {"BLOCK_N": bn, "BLOCK_R": br, "KP": 2, "GATHER": False, "SQUARES": True, "NS": ns},
-             w, 3, f"moments {tuple(t)}")
-
-    nvcc = shutil.which("nvcc")
-    src = REPO / "csrc" / "cuda" / "stats_kernels.cu"
-    if nvcc and src.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            r = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{args.arch}", "-Xptxas", "-v",
-                                "-c", str(src), "-o", os.path.join(tmp, "k.o")],
-                               capture_output=True, text=True)
-        if r.returncode:
-            failed += 1
-            print("nvcc FAILED\n" + r.stderr[-2000:])
-        else:
-            names = re.findall(r"Compiling entry function '(\w+)'", r.stderr)
-            usage = re.findall(r"Used (\d+) registers.*", r.stderr)
-            spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
-            for n, u, sp in zip(names, usage, spills):
-                short = re.sub(r"_ZN13actstore_cuda\w*?(gram_kernel|moments_kernel)(ILb?i?(\w+?)E)?.*", r"\1<\3>", n)
-                print(f"cuda {short:43s} regs {u} spill stores {sp}B")
-    else:
-        print("nvcc not found: CUDA C++ not checked")
-    return 1 if failed else 0
+        return 1 if comp.failed else 0
+    check_older(comp, tk, args.quick)
+    return 1 if comp.failed + check_cuda(args.arch) else 0
 
 
 if __name__ == "__main__":

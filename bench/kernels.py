@@ -13,8 +13,9 @@ from probes.stats import GramStats, choose_shift
 __all__ = ["benchmark_gram_update"]
 
 
-def benchmark_gram_update(B: int, r: int, d: int, k: int = 2, n_folds: int = 1, backend: str = "cpu",
-                          precision: str | None = None, repeat: int = 3, seed: int = 0) -> dict:
+def benchmark_gram_update(B: int, r: int, d: int, k: int = 2, n_folds: int = 1,
+                          backend: str = "cpu", precision: str | None = None, repeat: int = 3,
+                          seed: int = 0) -> dict:
     """Time one ``gram_update`` of a random fp16 chunk (B, r, d) against its float32 floor.
 
     The floor is the same matrix product done by the platform's float32 BLAS, per layer:

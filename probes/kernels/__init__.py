@@ -1,25 +1,28 @@
-"""The statistics kernels: one op set, several backends (docs/architecture.md).
+"""The statistics kernels: one op set, several backends (docs/fastprobe.md, "Backends").
 
-``backend`` holds the registry, THE resolver of backend and device (:func:`resolve`) and the
-dispatching ops :func:`gram_update` and :func:`neuron_update`; ``reference`` (torch float64, the
-oracle), ``cpu`` (C++/OpenMP), ``cuda`` (CUDA C++) and ``triton`` implement them.
+``backend`` holds the :class:`~probes.kernels.backend.Backend` protocol, the registry, THE
+resolver of backend and device (:func:`resolve`) and the dispatching ops :func:`gram_update`
+and :func:`neuron_update`; ``reference`` (torch float64, the oracle), ``cpu`` (C++/OpenMP,
+``probes._C``), ``cuda`` (CUDA C++, ``probes._C_cuda``) and ``triton`` implement them.
 """
 from __future__ import annotations
 
 from probes.errors import BackendUnavailable
 from probes.kernels.backend import (
-                                    BACKENDS,
-                                    GRAM_BLOCK_ROWS,
-                                    NEURON_GPU_ORDER,
-                                    available_backends,
-                                    get_backend,
-                                    gram_update,
-                                    neuron_update,
-                                    preferred_chunk_rows,
-                                    resolve,
-                                    resolve_backend,
+    BACKENDS,
+    GRAM_BLOCK_ROWS,
+    NEURON_GPU_ORDER,
+    OPS,
+    Backend,
+    available_backends,
+    get_backend,
+    gram_update,
+    neuron_update,
+    preferred_chunk_rows,
+    resolve,
+    resolve_backend,
 )
 
-__all__ = ["BACKENDS", "BackendUnavailable", "GRAM_BLOCK_ROWS", "NEURON_GPU_ORDER",
-           "available_backends", "get_backend", "gram_update", "neuron_update",
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "GRAM_BLOCK_ROWS", "NEURON_GPU_ORDER",
+           "OPS", "available_backends", "get_backend", "gram_update", "neuron_update",
            "preferred_chunk_rows", "resolve", "resolve_backend"]

@@ -1,53 +1,81 @@
-"""Backend dispatch for the statistics pass.
+"""The backend registry, THE resolver of backend and device, and the dispatching ops.
 
-``gram_update(stats, X, Y, fold=None, backend="auto")`` adds one chunk of rows into a
-:class:`probes.stats.GramStats`. Backends (imported lazily, each a module exposing
-``gram_update(stats, X, Y, fold, **options)``):
-
-- ``torch``  : probes.kernels.reference — float64 torch, the reference for every other backend
-- ``cpu``    : probes.kernels.cpu — the C++/OpenMP kernel in ``actstore._native``
-- ``triton`` : probes.kernels.triton_kernels — fused Triton kernel (CUDA tensors)
-- ``cuda``   : probes.kernels.cuda — CUDA C++ kernel in ``actstore._native_cuda``
-
-A backend module may define ``is_available() -> bool`` (checked before use); without it, a
-successful import means available. ``auto`` picks triton, then cuda, for CUDA inputs, else cpu
-(torch if the compiled module lacks the kernel).
+A backend is a module that implements :class:`Backend`: every op of :data:`OPS`, plus
+``is_available()`` / ``unavailable_reason()`` (can it run here at all) and ``missing_ops()``
+(the ops it cannot run in this build although available, e.g. a stale compiled module).
+``torch`` = :mod:`probes.kernels.reference` (float64, the oracle), ``cpu`` = C++/OpenMP
+(``probes._C``), ``triton`` = fused Triton kernels, ``cuda`` = CUDA C++ (``probes._C_cuda``).
+``auto`` picks, for CUDA data, the first runnable backend of a GPU order (the Gram statistics:
+triton then cuda; the neuron moments: :data:`NEURON_GPU_ORDER`), else cpu, else torch.
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Protocol, runtime_checkable
+
 from probes.errors import BackendUnavailable
 
-__all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "resolve_backend", "resolve",
-           "get_backend", "gram_update", "neuron_update", "NEURON_GPU_ORDER", "preferred_chunk_rows",
-           "GRAM_BLOCK_ROWS"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "OPS", "available_backends",
+           "resolve_backend", "resolve", "get_backend", "gram_update", "neuron_update",
+           "NEURON_GPU_ORDER", "preferred_chunk_rows", "GRAM_BLOCK_ROWS"]
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
+#: the ops every backend implements (or lists in its ``missing_ops()``)
+OPS = ("gram_update", "neuron_update")
 _MODULES = {
     "torch": "probes.kernels.reference",
     "cpu": "probes.kernels.cpu",
-    "triton": "probes.kernels.triton_kernels",
+    "triton": "probes.kernels.triton",
     "cuda": "probes.kernels.cuda",
 }
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend module provides (checked when it is loaded)."""
+
+    def is_available(self) -> bool:
+        """Whether the backend can run in this process (built, device present)."""
+
+    def unavailable_reason(self) -> str:
+        """One actionable line saying why it cannot run ("" when it can)."""
+
+    def missing_ops(self) -> tuple[str, ...]:
+        """The ops of OPS this build cannot run although the backend is available."""
+
+    def gram_update(self, stats, X, Y, fold=None, **options):
+        """Add one chunk X (B, r, d), Y (r, k), fold (r,) into a GramStats; return it."""
+
+    def neuron_update(self, stats, X, Y, fold=None, **options):
+        """Add one chunk X (B, r, m), Y (r, k), fold (r,) into a NeuronStats; return it."""
 
 
 def _load(name: str) -> tuple[ModuleType | None, str]:
     """(module, "") if the backend can run here, else (None, reason)."""
     try:
         mod = importlib.import_module(_MODULES[name])
-    except ImportError as exc:  # missing optional dependency or module not written/built
+    except ImportError as exc:  # missing optional dependency or module not built
         return None, f"{_MODULES[name]} cannot be imported: {exc}"
-    check = getattr(mod, "is_available", None)
-    if check is not None:
-        try:
-            ok = bool(check())
-        except Exception as exc:  # noqa: BLE001 - report any probe failure as unavailability
-            return None, f"{name} availability check failed: {exc}"
-        if not ok:
-            reason = getattr(mod, "unavailable_reason", None)
-            return None, (reason() if callable(reason) else f"{name} backend is not available here")
-    return mod, ""
+    if not isinstance(mod, Backend):
+        lacking = [a for a in ("is_available", "unavailable_reason", "missing_ops") + OPS
+                   if not callable(getattr(mod, a, None))]
+        return None, f"{_MODULES[name]} does not implement the Backend protocol: {lacking}"
+    try:
+        ok = bool(mod.is_available())
+    except Exception as exc:  # noqa: BLE001 - report any probe failure as unavailability
+        return None, f"{name} availability check failed: {exc}"
+    return (mod, "") if ok else (None, mod.unavailable_reason())
+
+
+def _lacks(name: str, op: str | None) -> str:
+    """Why backend ``name`` cannot run ``op`` here ("" when it can; op None: any op)."""
+    mod, reason = _load(name)
+    if mod is None:
+        return reason
+    if op is not None and op in mod.missing_ops():
+        return f"{name} lacks {op} in this build: {mod.unavailable_reason()}"
+    return ""
 
 
 def available_backends() -> list[str]:
@@ -56,33 +84,33 @@ def available_backends() -> list[str]:
 
 
 def _device_type(device) -> str:
+    """The type ("cuda", "cpu", ...) of a torch.device, a string such as "cuda:1", or None
+    (host data); parsed without torch, which ``fastprobe --help`` must not load."""
     if device is None:
         return "cpu"
-    import torch
-
-    return torch.device(device).type
+    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
-def resolve_backend(name: str = "auto", device=None, gpu_order=("triton", "cuda")) -> str:
+def resolve_backend(name: str = "auto", device=None, gpu_order=("triton", "cuda"),
+                    op: str | None = None) -> str:
     """The concrete backend for ``name`` given the data's device (torch.device, str or None).
 
-    auto: for data on CUDA the first of ``gpu_order`` that can run (the Gram statistics: Triton,
-    then the CUDA module), else "cpu" (or "torch" when the compiled kernel is missing).
-    A named backend that cannot run raises BackendUnavailable with the reason.
+    auto: for data on CUDA the first of ``gpu_order`` that can run (``op``, if given), else
+    "cpu" (or "torch" when the compiled kernel is missing). A named backend that cannot run
+    (that op) raises BackendUnavailable with the reason.
     """
-    if name is None:
-        name = "auto"
-    name = str(name).lower()
+    name = "auto" if name is None else str(name).lower()
     if name == "auto":
         if _device_type(device) == "cuda":
             for cand in gpu_order:
-                if _load(cand)[0] is not None:
+                if not _lacks(cand, op):
                     return cand
-        return "cpu" if _load("cpu")[0] is not None else "torch"
+        return "cpu" if not _lacks("cpu", op) else "torch"
     if name not in _MODULES:
-        raise BackendUnavailable(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    mod, reason = _load(name)
-    if mod is None:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of auto, "
+                                 f"{', '.join(BACKENDS)}")
+    reason = _lacks(name, op)
+    if reason:
         raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
     return name
 
@@ -95,7 +123,7 @@ def resolve(backend: str | None = "auto", device=None, gpu_order=("triton", "cud
     (``gpu_order``: auto's preference on a GPU). A CUDA device without a GPU, an unknown or
     unavailable backend: :class:`BackendUnavailable` with the reason.
     """
-    import torch
+    import torch  # deferred: the CLIs import this module to build their parsers, without torch
 
     name = "auto" if backend is None else str(backend).lower()
     if device is None:
@@ -117,15 +145,13 @@ def get_backend(name: str) -> ModuleType:
 
 
 def _device_of(X):
-    dev = getattr(X, "device", None)  # torch tensors (and CuPy arrays) carry a device
-    if dev is None:
-        return None
-    try:
-        import torch
-
-        return dev if isinstance(dev, torch.device) else torch.device("cuda", int(getattr(dev, "id", 0)))
-    except Exception:  # noqa: BLE001
-        return None
+    """The device of a torch tensor (torch.device) or a CUDA array (``__cuda_array_interface__``,
+    "cuda:N"); None for host arrays (numpy's ``.device`` is the string "cpu")."""
+    if type(X).__module__.split(".")[0] == "torch":
+        return X.device
+    if hasattr(X, "__cuda_array_interface__"):
+        return f"cuda:{int(getattr(getattr(X, 'device', None), 'id', 0) or 0)}"
+    return None
 
 
 def gram_update(stats, X, Y, fold=None, backend: str = "auto", precision: str | None = None):
@@ -137,23 +163,15 @@ def gram_update(stats, X, Y, fold=None, backend: str = "auto", precision: str | 
     "float64" (double throughout); None = the backend's default (float32 for compiled backends,
     float64 for torch).
     """
-    name = resolve_backend(backend, _device_of(X))
-    mod = get_backend(name)
+    name = resolve_backend(backend, _device_of(X), op="gram_update")
     opts = {} if precision is None else {"precision": precision}
-    mod.gram_update(stats, X, Y, fold, **opts)
+    get_backend(name).gram_update(stats, X, Y, fold, **opts)
     return stats
 
 
-def _on_cuda(X) -> bool:
-    import torch
-
-    if isinstance(X, torch.Tensor):
-        return X.device.type == "cuda"
-    return hasattr(X, "__cuda_array_interface__")
-
-
-#: auto's order for the moments on a GPU: the CUDA kernel read 11008-column activations at 67 %
-#: of the H200's copy ceiling, the Triton one at 19 % (bench/RESULTS.md, 27 Nov 2026)
+#: auto's order for the moments on a GPU: the CUDA kernel reads wide neuron activations several
+#: times as fast as the Triton one (bench/RESULTS.md, "GPU statistics kernels and extraction —
+#: NVIDIA H200, 2026-11-27 14:08–14:31 UTC (session 3)", neuron correlations)
 NEURON_GPU_ORDER = ("cuda", "triton")
 
 
@@ -163,19 +181,7 @@ def neuron_update(stats, X, Y, fold=None, backend: str = "auto"):
     backend: auto (for CUDA data the first of NEURON_GPU_ORDER that runs; else cpu, else
     torch) | torch | cpu | triton | cuda.
     """
-    name = (backend or "auto").lower()
-    if name == "auto":
-        if _on_cuda(X):
-            for cand in NEURON_GPU_ORDER:
-                try:
-                    return get_backend(cand).neuron_update(stats, X, Y, fold)
-                except (BackendUnavailable, ImportError):
-                    continue
-        from probes.kernels.cpu import _neuron_available
-        name = "cpu" if _neuron_available() else "torch"
-    if name not in _MODULES:
-        raise BackendUnavailable(f"unknown backend {backend!r}; choose auto, "
-                                 f"{', '.join(BACKENDS)}")
+    name = resolve_backend(backend, _device_of(X), NEURON_GPU_ORDER, op="neuron_update")
     return get_backend(name).neuron_update(stats, X, Y, fold)
 
 
@@ -188,8 +194,8 @@ def preferred_chunk_rows(d: int, B: int = 1, n_folds: int = 1, max_bytes: int | 
     """Rows per ``gram_update`` call that keep the CPU kernel near its peak.
 
     Each call ends by adding its sums into the float64 totals (B·F·d² values read and written), so
-    small calls at large d are memory-bound: at d = 4096, 128-row calls take about twice as long as
-    2048-row calls. The answer is GRAM_BLOCK_ROWS rows per fold (rows are split among folds),
+    small calls at large d are memory-bound (bench/RESULTS.md, "Measurements moved out of code
+    comments"). The answer is GRAM_BLOCK_ROWS rows per fold (rows are split among folds),
     lowered if one chunk of B layers would exceed ``max_bytes`` (at ``itemsize`` bytes a value),
     never below 64. Small d (<= 256) gains nothing from large chunks: 512.
     """

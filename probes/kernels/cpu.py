@@ -1,4 +1,4 @@
-"""CPU backend ("cpu"): the fused C++/OpenMP statistics kernel in ``actstore._native``.
+"""CPU backend ("cpu"): the fused C++/OpenMP statistics kernels in ``probes._C``.
 
 float32 mode (default): fp16 -> float32 (F16C), x - float32(shift), blocks of at most
 ``block_rows`` rows of one fold summed in float32 by a register-tiled FMA SYRK, then added into
@@ -13,24 +13,36 @@ import torch
 from probes.errors import BackendUnavailable, StatsError
 from probes.stats import GramStats, NeuronStats, prepare_neuron_chunk, validate_chunk
 
+try:
+    from probes import _C
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # not built (a source checkout without `make native`)
+    _C = None
+    _IMPORT_ERROR = str(exc)
+
+__all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update"]
+
 _PRECISIONS = ("float32", "float64")
+#: the compiled function behind each op
+_KERNELS = {"gram_update": "gram_update", "neuron_update": "neuron_moments"}
 
 
-def _native():
-    from actstore import native
-
-    return native.cpu
+def missing_ops() -> tuple[str, ...]:
+    """Ops whose kernel this build of probes._C lacks (all of them when it is not built)."""
+    return tuple(op for op, fn in _KERNELS.items() if not hasattr(_C, fn))
 
 
 def is_available() -> bool:
-    try:
-        return hasattr(_native(), "gram_update")
-    except ImportError:
-        return False
+    return _C is not None and "gram_update" not in missing_ops()
 
 
 def unavailable_reason() -> str:
-    return "actstore._native has no gram_update (rebuild with `make native`)"
+    if _C is None:
+        return f"probes._C is not built (run `make native`): {_IMPORT_ERROR}"
+    missing = missing_ops()
+    if missing:
+        return f"probes._C lacks {', '.join(missing)} (rebuild with `make native`)"
+    return ""
 
 
 def _to_numpy_x(X) -> np.ndarray:
@@ -68,6 +80,8 @@ def _direct_target(stats: GramStats, precision: str) -> bool:
 def gram_update(stats: GramStats, X, Y, fold=None, precision: str = "float32",
                 block_rows: int = 2048) -> GramStats:
     """Add X (B, r, d), Y (r, k), fold (r,) into ``stats`` with the C++ kernel (see module doc)."""
+    if "gram_update" in missing_ops():
+        raise BackendUnavailable(unavailable_reason())
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     if int(block_rows) < 1:
@@ -85,7 +99,7 @@ def gram_update(stats: GramStats, X, Y, fold=None, precision: str = "float32",
         if precision == "float32":
             shift = shift.to(torch.float32).to(torch.float64)
         target = GramStats.zeros(stats.B, stats.d, stats.k, stats.n_folds, shift=shift)
-    _native().gram_update(
+    _C.gram_update(
         Xn, Yn, fn, target.shift.numpy(), target.n.numpy(), target.sx.numpy(), target.xtx.numpy(),
         target.sy.numpy(), target.yty.numpy(), target.xty.numpy(),
         float64=(precision == "float64"), block_rows=int(block_rows))
@@ -95,16 +109,17 @@ def gram_update(stats: GramStats, X, Y, fold=None, precision: str = "float32",
 
 
 def neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
-    if not _neuron_available():
-        raise BackendUnavailable("the compiled module lacks neuron_moments; rebuild with "
-                                 "`make native`")
+    """Add X (B, r, m) float16, Y (r, k), fold (r,) into ``stats`` with the C++ kernel (float64
+    accumulation)."""
+    if "neuron_update" in missing_ops():
+        raise BackendUnavailable(unavailable_reason())
     Xt, Yc, keep, fold01 = prepare_neuron_chunk(stats, X, Y, fold)
     Xn = Xt.detach().cpu().numpy() if isinstance(Xt, torch.Tensor) else np.asarray(Xt)
     if Xn.dtype != np.float16:
         raise StatsError(f"the cpu backend needs float16 activations, got {Xn.dtype}")
     Xn = np.ascontiguousarray(Xn)
     f = (np.zeros(Xn.shape[1], np.int32) if fold01 is None else fold01)
-    sx, sxx, sxy = _native().neuron_moments(
+    sx, sxx, sxy = _C.neuron_moments(
         Xn.view(np.uint16), np.ascontiguousarray(Yc.cpu().numpy(), dtype=np.float64),
         f, np.ascontiguousarray(stats.shift.cpu().numpy(), dtype=np.float32))
     dev = stats.device
@@ -112,9 +127,3 @@ def neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
                       torch.from_numpy(sxy).to(dev), Yc)
     return stats
 
-
-def _neuron_available() -> bool:
-    try:
-        return hasattr(_native(), "neuron_moments")
-    except ImportError:
-        return False

@@ -1,27 +1,30 @@
-"""CUDA C++ backend (``actstore._native_cuda``): the statistics pass without Triton or torch.
+"""CUDA C++ backend (``probes._C_cuda``): the statistics pass without Triton.
 
 Two layers:
 
 - :func:`gram` and :func:`moments` take any CUDA arrays — torch tensors or CuPy arrays (anything
   with ``__cuda_array_interface__``) — and accumulate into caller-owned float64 outputs, on the
-  caller's current stream. A CuPy user needs neither torch nor Triton for these.
+  caller's current stream.
 - :func:`gram_update` / :func:`neuron_update` fill :class:`probes.stats.GramStats` /
-  :class:`probes.neurons.NeuronStats` (torch), like the other backends.
+  :class:`probes.stats.NeuronStats` (torch), like the other backends.
 
-Kernels: the Gram tile kernel uses WMMA (fp16 tensor cores, fp32 accumulation) over 128x128
-upper-triangle tiles, subtracting the float32 shift and rounding x - c to fp16 before the
-product (same precision contract as the Triton kernel: ~1e-3 relative Frobenius error at worst,
-float32 accumulation per chunk, float64 totals); Σx, Σx², XᵀY come from a memory-bound moments
-kernel accumulating in float32 per row range and adding into float64 with atomics.
+Kernels (csrc/probes/cuda/): a WMMA Gram (fp16 tensor cores, fp32 accumulation, 128x128
+upper-triangle tiles, x - c rounded to fp16 as in the Triton kernel: ~1e-3 relative Frobenius
+error at worst, float64 totals) and a memory-bound moments kernel (Σx, Σx², XᵀY in float32 per
+row range, added into float64 with atomics).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = ["is_available", "unavailable_reason", "gram", "moments", "gram_update", "neuron_update"]
+from probes.stats import fold_groups, prepare_neuron_chunk, validate_chunk
+
+__all__ = ["is_available", "unavailable_reason", "missing_ops", "gram", "moments", "gram_update",
+           "neuron_update"]
 
 try:
-    from actstore import _native_cuda as _ext
+    from probes import _C_cuda as _ext
     _IMPORT_ERROR = ""
 except ImportError as exc:  # built without nvcc
     _ext = None
@@ -34,9 +37,14 @@ def is_available() -> bool:
 
 def unavailable_reason() -> str:
     if _ext is None:
-        return ("actstore._native_cuda is not built (nvcc was not found at build time): "
+        return ("probes._C_cuda is not built (nvcc was not found at build time): "
                 f"{_IMPORT_ERROR}")
-    return "actstore._native_cuda is built but no CUDA device is visible"
+    return "probes._C_cuda is built but no CUDA device is visible"
+
+
+def missing_ops() -> tuple[str, ...]:
+    """None: the module implements every op (or is unavailable as a whole)."""
+    return ()
 
 
 # --------------------------------------------------------------------------- array plumbing
@@ -102,11 +110,9 @@ def _stream_of(x, stream):
     if stream is not None:
         return int(getattr(stream, "cuda_stream", getattr(stream, "ptr", stream)))
     if x.lib == "torch":
-        import torch
-
         return int(torch.cuda.current_stream(x.device).cuda_stream)
     if x.lib == "cupy":
-        import cupy
+        import cupy  # deferred: only CuPy callers have it
 
         return int(cupy.cuda.get_current_stream().ptr)
     return 0
@@ -127,18 +133,14 @@ def _fold_rows(fold, r, n_folds, like):
         raise ValueError(f"fold must have shape ({r},), got {f.shape}")
     if r and (f.min() < -1 or f.max() >= n_folds):
         raise ValueError(f"fold ids must lie in [-1, {n_folds}), got [{f.min()}, {f.max()}]")
-    from probes.stats import fold_groups
-
     order, counts, off = fold_groups(f, n_folds)
     off = off.tolist()
     if order is None:
         return None, off, counts
     if like.lib == "torch":
-        import torch
-
         idx = torch.from_numpy(order).to(f"cuda:{like.device}")
     else:
-        import cupy
+        import cupy  # deferred: only CuPy callers have it
 
         with cupy.cuda.Device(like.device):
             idx = cupy.asarray(order)
@@ -152,11 +154,9 @@ class _on_device:
 
     def __enter__(self):
         if self.info.lib == "torch":
-            import torch
-
             self.ctx = torch.cuda.device(self.info.device)
         else:
-            import cupy
+            import cupy  # deferred: only CuPy callers have it
 
             self.ctx = cupy.cuda.Device(self.info.device)
         self.ctx.__enter__()
@@ -226,8 +226,6 @@ def moments(X, Y, shift, sx, sxy, sxx=None, fold=None, n_folds: int = 1, stream=
 
 # --------------------------------------------------------------------------- torch statistics
 def _as_torch(a):
-    import torch
-
     if isinstance(a, torch.Tensor):
         return a
     if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack__"):
@@ -238,10 +236,6 @@ def _as_torch(a):
 def gram_update(stats, X, Y, fold=None, precision=None):
     """Add X (B, r, d) float16 CUDA (torch or CuPy), Y (r, k), fold (r,) into GramStats on the
     same CUDA device (float64)."""
-    import torch
-
-    from probes.stats import validate_chunk
-
     if precision not in (None, "float32"):
         raise ValueError(f"the cuda backend sums each chunk in float32 (into float64 totals); "
                          f"precision={precision!r} needs backend='torch' or 'cpu'")
@@ -271,10 +265,6 @@ def gram_update(stats, X, Y, fold=None, precision=None):
 
 def neuron_update(stats, X, Y, fold=None):
     """Add X (B, r, m) float16 CUDA neuron activations into a NeuronStats on that device."""
-    import torch
-
-    from probes.stats import prepare_neuron_chunk
-
     Xt, Yc, keep, fold01 = prepare_neuron_chunk(stats, _as_torch(X), Y, fold)
     if not bool(keep.any()):
         return stats
@@ -285,7 +275,8 @@ def neuron_update(stats, X, Y, fold=None):
     B, r, m = Xt.shape
     k = Yc.shape[1]
     z = dict(dtype=torch.float64, device=stats.device)
-    sx, sxx, sxy = torch.zeros(B, 1, m, **z), torch.zeros(B, 1, m, **z), torch.zeros(B, 1, m, k, **z)
+    sx, sxx = torch.zeros(B, 1, m, **z), torch.zeros(B, 1, m, **z)
+    sxy = torch.zeros(B, 1, m, k, **z)
     moments(Xt, Yc.to(torch.float32).contiguous(), stats.shift.to(torch.float32).contiguous(),
             sx, sxy, sxx, fold=fold01, n_folds=1)
     stats.add_moments(keep, sx[:, 0], sxx[:, 0], sxy[:, 0], Yc)

@@ -10,6 +10,22 @@ import torch
 
 from probes.stats import GramStats, NeuronStats, prepare_neuron_chunk, validate_chunk
 
+__all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update"]
+
+
+def is_available() -> bool:
+    """Always: plain torch, on whatever device the statistics live."""
+    return True
+
+
+def unavailable_reason() -> str:
+    return ""
+
+
+def missing_ops() -> tuple[str, ...]:
+    """None: the reference implements every op."""
+    return ()
+
 
 def _as_tensor(a, device) -> torch.Tensor:
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
@@ -37,7 +53,7 @@ def gram_update(stats: GramStats, X, Y, fold=None, precision: str | None = None)
         m = f == g
         if not bool(m.any()):
             continue
-        Xg, Yg = Xd[:, m], Yd[m]                                                  # (B, rg, d), (rg, k)
+        Xg, Yg = Xd[:, m], Yd[m]                                       # (B, rg, d), (rg, k)
         stats.n[g] += float(m.sum())
         stats.sx[:, g] += Xg.sum(1).to(dt)
         stats.xtx[:, g] += (Xg.transpose(1, 2) @ Xg).to(dt)

@@ -36,4 +36,4 @@ def test_scan_boundary_values_and_shapes():
 
 
 def test_module_reports_openmp():
-    assert isinstance(native.cpu.openmp, bool)
+    assert isinstance(native.OPENMP, bool)

@@ -2,7 +2,7 @@
 Hopper's tensor-core instructions (HGMMA) and TMA loads where they should, and do not spill
 registers (a spill in the Gram main loop costs a large share of its speed).
 
-Compiled ahead of time with triton.compile for a GPUTarget (bench/gpu_compile_check.py), in a
+Compiled ahead of time with triton.compile for a GPUTarget (bench.gpu_compile_check), in a
 subprocess: other test modules run the kernels under TRITON_INTERPRET=1, which changes what
 ``triton.jit`` builds in this process. The GPU machine's Triton may be older than this one;
 this checks the code, bench/gpu_check.sh checks the card.
@@ -22,26 +22,26 @@ REPO = Path(__file__).resolve().parents[2]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 SCRIPT = r"""
-import json, sys
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
-from gpu_compile_check import compile_for, raw_tma_sig, tma_sig, ADD_SIG, PREP_SIG, MOM_SIG
-from probes.kernels import triton_kernels as tk
+import json
+from bench.gpu_compile_check import compile_for, raw_tma_sig, tma_sig, ADD_SIG, PREP_SIG, MOM_SIG
+from probes.kernels import triton as tk
+from probes.kernels.triton import column_moments, preshift, rawtma
 
 out = {}
 bm, bn, br, w, st, _ = tk.preshift_configs()[0]
 c = {"BM": bm, "BN": bn, "BLOCK_R": br}
-out["gram preshift tma"] = compile_for(tk._gram_tma_kernel, tma_sig(bm, bn, br),
+out["gram preshift tma"] = compile_for(preshift._gram_tma_kernel, tma_sig(bm, bn, br),
                                        dict(c, ACC=False), w, st)[1]
 bm, bn, br, w, st, _ = tk.rawtma_configs()[0]
-out["gram rawtma"] = compile_for(tk._gram_raw_tma_kernel, raw_tma_sig(bm, bn, br),
+out["gram rawtma"] = compile_for(rawtma._gram_raw_tma_kernel, raw_tma_sig(bm, bn, br),
                                  {"BM": bm, "BN": bn, "BLOCK_R": br}, w, st)[1]
-out["add_centred"] = compile_for(tk._add_centred_kernel, ADD_SIG, {"BLOCK": tk.ADD_BLOCK}, 4, 1,
-                                 enable_fp_fusion=False)[1]
+out["add_centred"] = compile_for(rawtma._add_centred_kernel, ADD_SIG,
+                                 {"BLOCK": rawtma.ADD_BLOCK}, 4, 1, enable_fp_fusion=False)[1]
 for t in tk.prep_tilings():
-    out[f"prep {tuple(t)}"] = compile_for(tk._prep_kernel, PREP_SIG, {
+    out[f"prep {tuple(t)}"] = compile_for(preshift._prep_kernel, PREP_SIG, {
         "BLOCK_N": t[0], "BLOCK_R": t[1], "KP": 2, "GATHER": True, "NS": t[4]}, t[2], 1)[1]
 for t in tk.moments_tilings():
-    out[f"moments {tuple(t)}"] = compile_for(tk._moments_kernel, MOM_SIG, {
+    out[f"moments {tuple(t)}"] = compile_for(column_moments._moments_kernel, MOM_SIG, {
         "BLOCK_N": t[0], "BLOCK_R": t[1], "KP": 2, "GATHER": False, "SQUARES": True,
         "NS": t[3]}, t[2], 3)[1]
 print(json.dumps(out))
@@ -53,8 +53,9 @@ def compiled():
     if not CUOBJDUMP.exists():
         pytest.skip(f"this Triton wheel has no {CUOBJDUMP} to read the compiled kernels")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO)], capture_output=True,
-                       text=True, env=env, timeout=600)
+    # run from the repository root, where ``bench`` is importable as a package
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

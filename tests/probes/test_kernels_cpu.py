@@ -11,17 +11,24 @@ tiles, r = 1, d > r, B = 1 and 3, k = 1..3, F = 1 and 5, rows skipped with fold 
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+from bench.kernels import benchmark_gram_update
+from probes.errors import BackendUnavailable
 from probes.kernels import cpu as cpu_backend
-from probes.kernels import gram_update, reference
+from probes.kernels import gram_update, reference, resolve_backend
+from probes.kernels.backend import OPS, Backend
 from probes.stats import GramStats, choose_shift
 
-pytestmark = pytest.mark.skipif(not cpu_backend.is_available(), reason=cpu_backend.unavailable_reason())
+pytestmark = pytest.mark.skipif(not cpu_backend.is_available(),
+                                reason=cpu_backend.unavailable_reason())
+_C = pytest.importorskip("probes._C")
 
 FIELDS = ("n", "sx", "xtx", "sy", "yty", "xty")
 TOL = {"float64": 1e-12, "float32": 2e-6}
@@ -163,7 +170,8 @@ def test_shift_keeps_float32_exact_with_large_offsets():
         reference.gram_update(want, X, Y, None)
         cg, cw = got.centered(), want.centered()
         D = torch.diagonal(cw.Sxx, dim1=-2, dim2=-1)
-        errs[name] = float(((cg.Sxx - cw.Sxx).abs() / torch.sqrt(D.unsqueeze(-1) * D.unsqueeze(-2))).max())
+        scale = torch.sqrt(D.unsqueeze(-1) * D.unsqueeze(-2))
+        errs[name] = float(((cg.Sxx - cw.Sxx).abs() / scale).max())
     assert errs["shifted"] <= 1e-5, errs
     assert errs["unshifted"] > 100 * errs["shifted"], errs    # the cancellation the shift avoids
 
@@ -187,12 +195,14 @@ def test_fp16_conversion_every_finite_value(precision):
     s = GramStats.zeros(1, d, 1, 1)                     # shift 0: the raw values
     cpu_backend.gram_update(s, X, Y, None, precision=precision)
     X64 = X[0].astype(np.float64)
-    np.testing.assert_allclose(s.sx[0, 0].numpy(), X64.sum(0), rtol=1e-12, atol=1e-12 * np.abs(X64).sum(0).max())
+    np.testing.assert_allclose(s.sx[0, 0].numpy(), X64.sum(0), rtol=1e-12,
+                               atol=1e-12 * np.abs(X64).sum(0).max())
     np.testing.assert_allclose(s.xty[0, 0, :, 0].numpy(), X64.T @ Y[:, 0], rtol=0,
                                atol=1e-12 * (np.abs(X64).T @ np.abs(Y[:, 0])).max())
     diag = torch.diagonal(s.xtx[0, 0]).numpy()
     # float32 mode: 65504² fits float32; block sums of squares round at 2^-24 relative
-    np.testing.assert_allclose(diag, (X64 ** 2).sum(0), rtol=1e-12 if precision == "float64" else 2e-6)
+    np.testing.assert_allclose(diag, (X64 ** 2).sum(0),
+                               rtol=1e-12 if precision == "float64" else 2e-6)
 
 
 def test_fp16_extremes_exact_in_float64_mode():
@@ -232,24 +242,44 @@ def test_cpu_rejects_bad_input():
         cpu_backend.gram_update(s, X, np.zeros((3, 1)), np.array([0, 2, 0], np.int32))
     with pytest.raises(ValueError, match="precision"):
         cpu_backend.gram_update(s, X, np.zeros((3, 1)), np.zeros(3, np.int32), precision="float16")
-    from actstore.native import cpu as native
-
+    Y, ok = np.zeros((3, 1)), np.zeros(3, np.int32)
+    out = dict(shift=s.shift.numpy(), n=s.n.numpy(), sx=s.sx.numpy(), xtx=s.xtx.numpy(),
+               sy=s.sy.numpy(), yty=s.yty.numpy(), xty=s.xty.numpy())
     with pytest.raises(ValueError, match="fold id 5 at row 1"):
-        native.gram_update(X, np.zeros((3, 1)), np.array([0, 5, 0], np.int32), s.shift.numpy(), s.n.numpy(),
-                           s.sx.numpy(), s.xtx.numpy(), s.sy.numpy(), s.yty.numpy(), s.xty.numpy())
+        _C.gram_update(X, Y, np.array([0, 5, 0], np.int32), **out)
     with pytest.raises(ValueError, match="xtx has the wrong shape"):
-        native.gram_update(X, np.zeros((3, 1)), np.zeros(3, np.int32), s.shift.numpy(), s.n.numpy(),
-                           s.sx.numpy(), np.zeros((1, 2, 4, 3)), s.sy.numpy(), s.yty.numpy(), s.xty.numpy())
+        _C.gram_update(X, Y, ok, **dict(out, xtx=np.zeros((1, 2, 4, 3))))
     with pytest.raises(ValueError, match="float64"):
-        native.gram_update(X, np.zeros((3, 1)), np.zeros(3, np.int32), s.shift.numpy(), s.n.numpy(),
-                           s.sx.numpy().astype(np.float32), s.xtx.numpy(), s.sy.numpy(), s.yty.numpy(), s.xty.numpy())
+        _C.gram_update(X, Y, ok, **dict(out, sx=out["sx"].astype(np.float32)))
 
 
 def test_benchmark_callable_reports_both_floors():
-    from bench.kernels import benchmark_gram_update
-
     res = benchmark_gram_update(2, 40, 30, k=1, n_folds=2, backend="cpu", repeat=1)
     assert res["backend"] == "cpu" and res["precision"] == "float32"
     for key in ("seconds", "floor_syrk_seconds", "floor_gemm_seconds", "gflops", "ratio_gemm"):
         assert res[key] > 0
     assert res["gflops"] == pytest.approx(2 * 2 * 40 * 30 * 30 / res["seconds"] / 1e9)
+
+
+@pytest.mark.parametrize("module", ["reference", "cpu", "cuda", "triton"])
+def test_every_backend_implements_the_backend_protocol(module):
+    mod = pytest.importorskip(f"probes.kernels.{module}")
+    assert isinstance(mod, Backend)
+    assert set(mod.missing_ops()) <= set(OPS)
+    assert mod.is_available() or mod.unavailable_reason()
+
+
+def test_dispatch_skips_a_backend_that_lacks_the_op(monkeypatch):
+    # a build of probes._C without the neuron kernel: auto takes torch, a named cpu says why
+    monkeypatch.setattr(cpu_backend, "missing_ops", lambda: ("neuron_update",))
+    assert resolve_backend("auto", None, op="gram_update") == "cpu"
+    assert resolve_backend("auto", None, op="neuron_update") == "torch"
+    with pytest.raises(BackendUnavailable, match="lacks neuron_update"):
+        resolve_backend("cpu", op="neuron_update")
+
+
+def test_the_dispatcher_imports_without_torch():
+    # the CLIs build their parsers from modules that import probes.kernels (resolve)
+    code = "import sys, probes.kernels; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

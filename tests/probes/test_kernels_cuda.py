@@ -1,4 +1,4 @@
-"""CUDA C++ kernels (actstore._native_cuda) vs the torch float64 reference.
+"""CUDA C++ kernels (probes._C_cuda) vs the torch float64 reference.
 
 Without a GPU only the build is checked (the module exists wherever nvcc was found at build
 time and imports without a device). On a GPU (marked ``gpu``): Gram and moments on odd shapes,
@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from probes.kernels import cuda as ck
 from probes.kernels import reference
-from probes.stats import GramStats, choose_shift
+from probes.kernels.reference import neuron_update as reference_neuron_update
+from probes.stats import GramStats, NeuronStats, choose_shift
 
 gpu = pytest.mark.gpu
 
@@ -28,11 +30,10 @@ def rel(a, b):
 
 
 def test_cuda_module_built_where_nvcc_exists():
-    from probes.kernels import cuda as ck
-
     if shutil.which("nvcc") is None and ck._ext is None:
         pytest.skip("no nvcc on this machine: the CUDA module is not built here")
-    assert ck._ext is not None, f"nvcc is present but the CUDA module is missing: {ck._IMPORT_ERROR}"
+    assert ck._ext is not None, \
+        f"nvcc is present but the CUDA module is missing: {ck._IMPORT_ERROR}"
     if not torch.cuda.is_available():
         assert ck._ext.device_count() == 0
         assert not ck.is_available()
@@ -56,8 +57,6 @@ SHAPES = [(3, 1000, 300, 2, 2), (2, 777, 129, 3, 4), (1, 50, 520, 1, 1), (2, 33,
 @gpu
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gram_update_matches_reference(shape):
-    from probes.kernels import cuda as ck
-
     B, r, d, k, F = shape
     X, Y, fold = make(B, r, d, k, F, seed=r + d, skip=r > 1)
     shift = choose_shift(make(B, 8, d, k, 1, seed=5)[0])
@@ -77,8 +76,6 @@ def test_gram_update_matches_reference(shape):
 
 @gpu
 def test_gram_noncontiguous_layers_and_strided_rows():
-    from probes.kernels import cuda as ck
-
     B, r, d, k = 3, 300, 136, 2
     big, Y, _ = make(B + 2, r * 2, d, k, 1, seed=3)
     X = big[1:1 + B, ::2]                     # layer and row strides, unit stride along d
@@ -92,12 +89,9 @@ def test_gram_noncontiguous_layers_and_strided_rows():
 
 
 @gpu
-@pytest.mark.parametrize("shape", [(3, 1001, 1037, 2), (2, 4000, 4096, 3), (1, 5, 9, 1), (2, 300, 11008, 2)])
+@pytest.mark.parametrize("shape", [(3, 1001, 1037, 2), (2, 4000, 4096, 3), (1, 5, 9, 1),
+                                   (2, 300, 11008, 2)])
 def test_neuron_update_matches_reference(shape):
-    from probes.kernels import cuda as ck
-    from probes.kernels.reference import neuron_update as reference_neuron_update
-    from probes.stats import NeuronStats
-
     B, r, m, k = shape
     g = torch.Generator().manual_seed(m)
     X = (torch.randn(B, r, m, generator=g) * 1.5 + 0.7).half()
@@ -116,8 +110,6 @@ def test_neuron_update_matches_reference(shape):
 @gpu
 def test_cupy_arrays_without_torch_statistics():
     cp = pytest.importorskip("cupy")
-    from probes.kernels import cuda as ck
-
     B, r, d, k, F = 2, 500, 200, 2, 3
     X, Y, fold = make(B, r, d, k, F, seed=8)
     shift = choose_shift(make(B, 8, d, k, 1, seed=9)[0])
@@ -140,8 +132,6 @@ def test_cupy_arrays_without_torch_statistics():
 
 @gpu
 def test_bad_arguments_raise():
-    from probes.kernels import cuda as ck
-
     X = torch.randn(1, 4, 8, device="cuda").half()
     with pytest.raises(ValueError, match="dtype"):
         ck.gram(X, torch.zeros(1, 8, device="cuda", dtype=torch.float64),

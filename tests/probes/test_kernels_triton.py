@@ -28,12 +28,30 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from probes.kernels import reference  # noqa: E402
-from probes.stats import GramStats, choose_shift  # noqa: E402
+import numpy as np  # noqa: E402
+from test_fit import ALPHAS, entity_table, make_store  # noqa: E402
 
-tk = importlib.import_module("probes.kernels.triton_kernels")
+from probes import kernels  # noqa: E402
+from probes.fit import fit_all_layers  # noqa: E402
+from probes.kernels import cuda as ck  # noqa: E402
+from probes.kernels import neuron_update, reference  # noqa: E402
+from probes.kernels.reference import neuron_update as reference_neuron_update  # noqa: E402
+from probes.stats import GramStats, NeuronStats, choose_shift  # noqa: E402
+
+#: the package's modules in import order: a reload (the interpreter switched) redoes them all
+_MODULES = [f"probes.kernels.triton.{m}" for m in
+            ("common", "configs", "column_moments", "rawtma", "shiftin", "preshift")]
+
+
+def _reload_triton():
+    for name in _MODULES:
+        importlib.reload(importlib.import_module(name))
+    return importlib.reload(importlib.import_module("probes.kernels.triton"))
+
+
+tk = importlib.import_module("probes.kernels.triton")
 if not CUDA and not tk.INTERPRET:  # imported earlier in this process without the interpreter
-    tk = importlib.reload(tk)
+    tk = _reload_triton()
 
 DEV = "cuda" if CUDA else "cpu"
 
@@ -44,7 +62,7 @@ def _leave_triton_as_found():
     yield
     if _SET_ENV:
         os.environ.pop("TRITON_INTERPRET", None)
-        importlib.reload(tk)
+        _reload_triton()
 # (B, r, d, k, F): odd sizes, not multiples of the tiles; d > r; a single short chunk
 SHAPES_CPU = [(2, 37, 40, 3, 3), (1, 5, 33, 1, 1)]
 SHAPES_GPU = [(3, 1000, 300, 2, 2), (2, 777, 129, 3, 4), (1, 50, 520, 1, 1), (5, 64, 64, 2, 1)]
@@ -93,7 +111,7 @@ def check_chunk_vs_reference(B, r, d, k, F, seed, xtx_tol=2e-3, **update):
 
 def rawtma_chunks():
     """Chunks that took the rawtma path so far (it hands refused chunks to preshift)."""
-    return tk.PATHS["rawtma"]
+    return tk.TUNING.paths["rawtma"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -127,7 +145,8 @@ def test_shift_in_kernel_flag_selects_the_mode():
 
 @pytest.mark.parametrize("cfg", [(16, 32, 16, 1, 1, True), (32, 16, 16, 1, 1, False),
                                  (16, 16, 32, 1, 1, True)] if not CUDA
-                         else [tuple(c) for c in tk.preshift_configs()] + [(64, 64, 64, 4, 3, False)])
+                         else [tuple(c) for c in tk.preshift_configs()]
+                         + [(64, 64, 64, 4, 3, False)])
 @pytest.mark.parametrize("k", [1, 3])
 def test_preshift_tilings(cfg, k):
     # TMA descriptor and pointer loads, tall/wide/square tiles, folds with test rows dropped
@@ -194,9 +213,6 @@ def test_gram_rejects_non_fp16():
 @pytest.mark.parametrize("shape", [(3, 29, 21, 2), (1, 1, 5, 1)] if not CUDA
                          else [(3, 1001, 1037, 2), (2, 300, 4096, 3), (1, 7, 9, 1)])
 def test_neuron_moments_match_reference(shape):
-    from probes.kernels.reference import neuron_update as reference_neuron_update
-    from probes.stats import NeuronStats
-
     B, r, m, k = shape
     gen = torch.Generator().manual_seed(11 + r)
     X = (torch.randn(B, r, m, generator=gen) * 1.5 + 0.7).to(torch.float16)
@@ -252,11 +268,6 @@ def test_float64_precision_is_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; run bench/gpu_check.sh on a GPU machine")
 def test_auto_dispatch_on_cuda_picks_triton_and_matches():
-    from probes import kernels
-    from probes.kernels import neuron_update
-    from probes.kernels.reference import neuron_update as reference_neuron_update
-    from probes.stats import NeuronStats
-
     assert kernels.resolve_backend("auto", torch.device("cuda")) == "triton"
     gen = torch.Generator().manual_seed(21)
     X, Y, fold = make_chunk(2, 3000, 4096, 2, 3, gen)
@@ -342,13 +353,14 @@ def test_rawtma_guard_hands_far_off_mean_columns_to_preshift():
     gen = torch.Generator().manual_seed(3)
     X, Y, _ = make_chunk(B, r, d, k, 1, gen)
     shift = choose_shift(X)
-    for col, values in ((3, 1000.0 + torch.randn(r, generator=gen) * 5), (5, torch.full((r,), 7.0))):
+    far_off = 1000.0 + torch.randn(r, generator=gen) * 5
+    for col, values in ((3, far_off), (5, torch.full((r,), 7.0))):
         Xb = X.clone()
         Xb[0, :, col] = values.to(torch.float16)
         a, b = (GramStats.zeros(B, d, k, shift=shift, device=DEV) for _ in range(2))
-        refused = tk.PATHS["rawtma refused by the accuracy guard: preshift"]
+        refused = tk.TUNING.paths["rawtma refused by the accuracy guard: preshift"]
         tk.gram_update(a, Xb.to(DEV), Y.to(DEV), mode="rawtma")
-        assert tk.PATHS["rawtma refused by the accuracy guard: preshift"] == refused + 1
+        assert tk.TUNING.paths["rawtma refused by the accuracy guard: preshift"] == refused + 1
         tk.gram_update(b, Xb.to(DEV), Y.to(DEV), mode="preshift")
         assert torch.equal(a.xtx, b.xtx) and torch.equal(a.sx, b.sx)
     # the same data without those columns passes the guard (raw products, not preshift's)
@@ -360,7 +372,8 @@ def test_rawtma_guard_hands_far_off_mean_columns_to_preshift():
 
 def test_rawtma_interleaved_folds_and_test_rows():
     # folds interleaved with skipped (test) rows: one gather copy, then the same kernels
-    for B, r, d, k, F in ((2, 37, 24, 2, 3), (1, 30, 16, 1, 1)) if not CUDA else ((3, 1500, 520, 2, 4),):
+    shapes = ((2, 37, 24, 2, 3), (1, 30, 16, 1, 1)) if not CUDA else ((3, 1500, 520, 2, 4),)
+    for B, r, d, k, F in shapes:
         before = rawtma_chunks()
         check_chunk_vs_reference(B, r, d, k, F, 100 + F, xtx_tol=1e-5, mode="rawtma")
         assert rawtma_chunks() == before + 1
@@ -374,15 +387,11 @@ def test_rawtma_layout_rules():
     with pytest.raises(ValueError, match="multiple of 8"):
         tk.gram_update(odd, X[:, :, :13].contiguous().to(DEV), Y.to(DEV), mode="rawtma")
     # as the tuned default it falls back to preshift quietly (d = 13, here)
-    key = (13, str(odd.device), "mode")
-    tk._TUNED[key] = "rawtma"
-    try:
+    with tk.TUNING.override(13, odd.device, "mode", "rawtma"):
         a, b = (GramStats.zeros(B, 13, k, device=DEV) for _ in range(2))
         tk.gram_update(a, X[:, :, :13].contiguous().to(DEV), Y.to(DEV))
         tk.gram_update(b, X[:, :, :13].contiguous().to(DEV), Y.to(DEV), mode="preshift")
         assert torch.equal(a.xtx, b.xtx)
-    finally:
-        tk._TUNED.pop(key, None)
     # a strided view of the chunk (every row in fold 0) is copied, then read through TMA
     wide = make_chunk(B, r, 2 * d, k, 1, gen)[0]
     view = wide[:, :, :d]
@@ -396,18 +405,11 @@ def test_rawtma_layout_rules():
 def test_fit_all_layers_through_the_triton_modes(tmp_path, mode):
     # the whole fit with the Triton statistics as its tuned default mode: many chunks, test rows
     # (fold -1) among the train rows, three folds; same alphas and predictions as float64 torch
-    import numpy as np
-
-    from probes.fit import fit_all_layers
-    from test_fit import ALPHAS, entity_table, make_store
-
-    ent = entity_table(150 if not CUDA else 600, seed=12)
-    make_store(tmp_path / "s.zarr", ent, d=24 if not CUDA else 200, L=2, R=32)
     d = 24 if not CUDA else 200
-    key = (d, "cuda:0" if CUDA else "cpu", "mode")
-    tk._TUNED[key] = mode
-    before = dict(tk.PATHS)
-    try:
+    ent = entity_table(150 if not CUDA else 600, seed=12)
+    make_store(tmp_path / "s.zarr", ent, d=d, L=2, R=32)
+    before = dict(tk.TUNING.paths)
+    with tk.TUNING.override(d, DEV, "mode", mode):
         for cv in ("loo", 3):
             ref = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, backend="torch", cv=cv,
                                  chunk_rows=37)
@@ -417,30 +419,41 @@ def test_fit_all_layers_through_the_triton_modes(tmp_path, mode):
             np.testing.assert_allclose(got["arrays"]["predictions"], ref["arrays"]["predictions"],
                                        rtol=1e-3,
                                        atol=1e-3 * np.abs(ref["arrays"]["predictions"]).max())
-        took = {p: n - before.get(p, 0) for p, n in tk.PATHS.items() if n != before.get(p, 0)}
-        # the chunks went that way (rawtma's guard may hand a chunk whose fold has only a few
-        # rows, so a noisy spread, to preshift), and nothing failed
-        assert took.get(mode, 0) >= 4 and not any("failed" in p for p in took), took
-        if mode == "preshift":
-            assert set(took) == {"preshift"}, took
-    finally:
-        tk._TUNED.pop(key, None)
+    took = tk.TUNING.paths_since(before)
+    # the chunks went that way (rawtma's guard may hand a chunk whose fold has only a few
+    # rows, so a noisy spread, to preshift), and nothing failed
+    assert took.get(mode, 0) >= 4 and not any("failed" in p for p in took), took
+    if mode == "preshift":
+        assert set(took) == {"preshift"}, took
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; run bench/gpu_check.sh on a GPU machine")
 def test_rawtma_with_the_cuda_modules_sums():
     # rawtma takes its column sums from the CUDA module's moments kernel when the bench tuned it
-    from probes.kernels import cuda as ck
     if not ck.is_available():
         pytest.skip(ck.unavailable_reason())
     B, r, d, k, F = 3, 1500, 520, 2, 3
-    key = (d, "cuda:0", "rawtma_sums")
-    tk._TUNED[key] = "cuda"
-    try:
+    with tk.TUNING.override(d, DEV, "rawtma_sums", "cuda"):
         before = rawtma_chunks()
         check_chunk_vs_reference(B, r, d, k, F, 321, xtx_tol=1e-5, mode="rawtma")
         check_chunk_vs_reference(B, r, d, k, 1, 322, xtx_tol=1e-5, mode="rawtma")
         assert rawtma_chunks() == before + 2
-    finally:
-        tk._TUNED.pop(key, None)
+
+
+def test_tuning_state_keys_and_override():
+    st = tk.TuningState()
+    with pytest.raises(KeyError, match="unknown tuning choice"):
+        st.set(64, DEV, "bogus", 1)
+    st.set(64, DEV, "mode", "rawtma")
+    with st.override(64, DEV, "mode", "preshift"):
+        assert st.get(64, DEV, "mode") == "preshift"
+    assert st.get(64, DEV, "mode") == "rawtma"
+    with st.override(32, DEV, "prep", tk.prep_tilings()[0]):
+        assert st.get(32, DEV, "prep") == tk.prep_tilings()[0]
+    assert st.get(32, DEV, "prep", "none") == "none"
+    before = dict(st.paths)
+    st.took("preshift")
+    assert st.paths_since(before) == {"preshift": 1}
+    # under the interpreter the tuners return the default tiling untimed
+    assert tk.tune_preshift(40, DEV) == tk.preshift_configs()[0]

@@ -54,11 +54,10 @@ def test_pearson_matches_numpy_over_streamed_chunks():
 
 
 def test_cpu_backend_matches_reference():
-    pytest.importorskip("actstore._native")
-    from actstore import native
+    from probes.kernels import cpu as cpu_backend
 
-    if not hasattr(native.cpu, "neuron_moments"):
-        pytest.fail("actstore._native lacks neuron_moments: rebuild with `make native`")
+    if not cpu_backend.is_available() or "neuron_update" in cpu_backend.missing_ops():
+        pytest.fail(cpu_backend.unavailable_reason())
     B, m, k = 3, 301, 3   # m not a multiple of the 256-column work item
     data = chunks(B, m, k, [40, 7], seed=2)
     got = NeuronStats.for_chunk(*chunks(B, m, k, [5], seed=3)[0])

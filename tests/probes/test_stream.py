@@ -1,4 +1,5 @@
-"""probes.stream: read-ahead order and error propagation on CPU; GPU double buffering (marked gpu)."""
+"""probes.stream: read-ahead order and error propagation on CPU; GPU double buffering (marked
+gpu)."""
 from __future__ import annotations
 
 import threading
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from probes.kernels import gram_update, reference
+from probes.stats import GramStats, choose_shift
 from probes.stream import read_ahead, stream_to_device
 
 
@@ -98,12 +101,10 @@ def test_gpu_double_buffering_delivers_every_chunk_intact():
 @pytest.mark.gpu
 def test_gpu_stream_into_statistics_pass():
     # store-like chunks (L, r, d) streamed to the GPU and accumulated: same as one float64 pass
-    from probes.kernels import gram_update, reference
-    from probes.stats import GramStats, choose_shift
-
     g = np.random.default_rng(4)
     L, d, k = 3, 520, 2
-    chunks = [(s, (g.standard_normal((L, 700, d)) + 2).astype(np.float16)) for s in range(0, 4200, 700)]
+    chunks = [(s, (g.standard_normal((L, 700, d)) + 2).astype(np.float16))
+              for s in range(0, 4200, 700)]
     Y = g.standard_normal((4200, k))
     shift = choose_shift(chunks[0][1])
     got = GramStats.zeros(L, d, k, shift=shift, device="cuda")

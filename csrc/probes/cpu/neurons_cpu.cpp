@@ -4,22 +4,18 @@
 //   sx[b, j] = Σ (x - c),  sxx[b, j] = Σ (x - c)²,  sxy[b, j, t] = Σ (x - c) y_t   (float64)
 // over the kept rows. The shift and all accumulation are in double: the CPU pass is memory-bound, so the extra
 // precision is free. Work is split over (layer, block of columns) with OpenMP.
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
+#include "cpu_kernels.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-namespace py = pybind11;
-
+namespace probes_cpu {
 namespace {
 
 inline float half_to_float(uint16_t h) {
@@ -50,29 +46,11 @@ inline float half_to_float(uint16_t h) {
 
 constexpr int64_t kCols = 256;  // columns per work item: their accumulators stay in L1
 
-py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
-                         py::array_t<double, py::array::c_style> Y,
-                         py::array_t<int32_t, py::array::c_style> fold,
-                         py::array_t<float, py::array::c_style> shift) {
-  if (X.ndim() != 3) throw std::invalid_argument("X must be (B, r, m) float16 bits (uint16)");
-  const int64_t B = X.shape(0), r = X.shape(1), m = X.shape(2);
-  if (Y.ndim() != 2 || Y.shape(0) != r)
-    throw std::invalid_argument("Y must be (r, k) float64 with r = " + std::to_string(r));
-  const int64_t k = Y.shape(1);
-  if (fold.ndim() != 1 || fold.shape(0) != r)
-    throw std::invalid_argument("fold must be (r,) int32 with r = " + std::to_string(r));
-  if (shift.ndim() != 2 || shift.shape(0) != B || shift.shape(1) != m)
-    throw std::invalid_argument("shift must be (B, m) float32");
+}  // namespace
 
-  py::array_t<double> sx({B, m}), sxx({B, m}), sxy({B, m, k});
-  const uint16_t* xp = X.data();
-  const double* yp = Y.data();
-  const int32_t* fp = fold.data();
-  const float* cp = shift.data();
-  double* o_sx = sx.mutable_data();
-  double* o_sxx = sxx.mutable_data();
-  double* o_sxy = sxy.mutable_data();
-
+void neuron_moments(const uint16_t *xp, int64_t B, int64_t r, int64_t m, const double *yp,
+                    int64_t k, const int32_t *fp, const float *cp, double *o_sx, double *o_sxx,
+                    double *o_sxy) {
   std::vector<int64_t> rows;
   rows.reserve(r);
   for (int64_t i = 0; i < r; ++i)
@@ -81,7 +59,6 @@ py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
   const int64_t nblk = (m + kCols - 1) / kCols;
   const int64_t items = B * nblk;
   {
-    py::gil_scoped_release release;
 #ifdef ACTSTORE_OPENMP
 #pragma omp parallel for schedule(dynamic, 1)
 #endif
@@ -113,15 +90,6 @@ py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
       }
     }
   }
-  return py::make_tuple(sx, sxx, sxy);
 }
 
-}  // namespace
-
-void register_neurons_cpu(py::module_& m) {
-  m.def("neuron_moments", &neuron_moments, py::arg("X"), py::arg("Y"), py::arg("fold"),
-        py::arg("shift"),
-        "Per-neuron Σ(x-c), Σ(x-c)², Σ(x-c)y over rows with fold >= 0; X (B, r, m) float16 as "
-        "uint16 bits, Y (r, k) float64, fold (r,) int32, shift (B, m) float32. Returns float64 "
-        "(sx (B, m), sxx (B, m), sxy (B, m, k)).");
-}
+}  // namespace probes_cpu

@@ -1,4 +1,4 @@
-// CUDA kernels of the statistics pass (`actstore._native_cuda`): the shifted Gram XᵀX on tensor
+// CUDA kernels of the statistics pass (`probes._C_cuda`): the shifted Gram XᵀX on tensor
 // cores (WMMA, fp16 in, fp32 accumulate, fp64 out) and per-column moments (Σx, Σx², Σx·y) for
 // the Gram's Σx / XᵀY and for the neuron correlations. Raw device pointers + shapes + a stream
 // handle in, so torch, CuPy or any CUDA-array library can call them (bindings.cpp).
@@ -14,7 +14,7 @@
 
 using namespace nvcuda;
 
-namespace actstore_cuda {
+namespace probes_cuda {
 namespace {
 
 constexpr int BM = 128;          // square output tile of the Gram
@@ -340,4 +340,4 @@ int device_count() {
   return n;
 }
 
-}  // namespace actstore_cuda
+}  // namespace probes_cuda

@@ -1,4 +1,4 @@
-// pybind11 bindings of `actstore._native_cuda`: raw device pointers (integers) + shapes + a
+// pybind11 bindings of `probes._C_cuda`: raw device pointers (integers) + shapes + a
 // stream handle, so any CUDA array library can call in (probes/kernels/cuda.py wraps torch and
 // CuPy arrays). Importing this module needs the CUDA driver library only when a kernel runs.
 #include <pybind11/pybind11.h>
@@ -11,7 +11,7 @@
 #include "stats_kernels.h"
 
 namespace py = pybind11;
-using actstore_cuda::FoldOffsets;
+using probes_cuda::FoldOffsets;
 
 namespace {
 
@@ -21,9 +21,9 @@ T* ptr(uintptr_t p) {
 }
 
 FoldOffsets offsets(const std::vector<int64_t>& off) {
-  if (off.size() < 2 || off.size() > actstore_cuda::kMaxFolds + 1)
+  if (off.size() < 2 || off.size() > probes_cuda::kMaxFolds + 1)
     throw std::invalid_argument("fold offsets need between 2 and " +
-                                std::to_string(actstore_cuda::kMaxFolds + 1) + " entries");
+                                std::to_string(probes_cuda::kMaxFolds + 1) + " entries");
   FoldOffsets o{};
   for (size_t i = 0; i < off.size(); ++i) {
     if (off[i] < 0 || off[i] > INT32_MAX) throw std::invalid_argument("fold offset out of range");
@@ -34,16 +34,16 @@ FoldOffsets offsets(const std::vector<int64_t>& off) {
 
 }  // namespace
 
-PYBIND11_MODULE(_native_cuda, m) {
-  m.doc() = "actstore CUDA kernels: shifted Gram (WMMA tensor cores) and column moments";
-  m.attr("max_folds") = actstore_cuda::kMaxFolds;
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "probes CUDA kernels: shifted Gram (WMMA tensor cores) and column moments";
+  m.attr("max_folds") = probes_cuda::kMaxFolds;
 
   m.def(
       "gram",
       [](uintptr_t X, int B, int64_t sxb, int64_t sxr, int d, uintptr_t idx,
          const std::vector<int64_t>& off, uintptr_t shift, uintptr_t xtx, uintptr_t stream) {
         const int F = static_cast<int>(off.size()) - 1;
-        actstore_cuda::gram_launch(ptr<const void>(X), B, sxb, sxr, d, ptr<const int>(idx),
+        probes_cuda::gram_launch(ptr<const void>(X), B, sxb, sxr, d, ptr<const int>(idx),
                                    offsets(off), F, ptr<const float>(shift), ptr<double>(xtx),
                                    ptr<void>(stream));
       },
@@ -58,7 +58,7 @@ PYBIND11_MODULE(_native_cuda, m) {
          const std::vector<int64_t>& off, uintptr_t shift, uintptr_t Y, int k, uintptr_t sx,
          uintptr_t sxx, uintptr_t sxy, uintptr_t stream) {
         const int F = static_cast<int>(off.size()) - 1;
-        actstore_cuda::moments_launch(ptr<const void>(X), B, sxb, sxr, mcols, ptr<const int>(idx),
+        probes_cuda::moments_launch(ptr<const void>(X), B, sxb, sxr, mcols, ptr<const int>(idx),
                                       offsets(off), F, ptr<const float>(shift),
                                       ptr<const float>(Y), k, ptr<double>(sx), ptr<double>(sxx),
                                       ptr<double>(sxy), ptr<void>(stream));
@@ -68,7 +68,7 @@ PYBIND11_MODULE(_native_cuda, m) {
       py::arg("sxy"), py::arg("stream"),
       "sx += Σ(x-c), sxx += Σ(x-c)² (sxx = 0 skips), sxy += Σ(x-c)yᵀ per column, per layer*fold.");
 
-  m.def("synchronize", [](uintptr_t stream) { actstore_cuda::synchronize(ptr<void>(stream)); },
+  m.def("synchronize", [](uintptr_t stream) { probes_cuda::synchronize(ptr<void>(stream)); },
         py::arg("stream") = 0);
-  m.def("device_count", &actstore_cuda::device_count);
+  m.def("device_count", &probes_cuda::device_count);
 }

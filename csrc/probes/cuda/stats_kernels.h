@@ -3,7 +3,7 @@
 #pragma once
 #include <cstdint>
 
-namespace actstore_cuda {
+namespace probes_cuda {
 
 constexpr int kMaxFolds = 64;
 
@@ -27,4 +27,4 @@ void moments_launch(const void* X, int B, int64_t sxb, int64_t sxr, int m, const
 void synchronize(void* stream);
 int device_count();
 
-}  // namespace actstore_cuda
+}  // namespace probes_cuda

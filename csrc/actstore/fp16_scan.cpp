@@ -1,16 +1,12 @@
 // Scan a float32 buffer for values float16 cannot hold (|x| > 65504, inf, NaN).
 // The extractor runs it on every batch before narrowing to fp16, so overflow is an error,
 // never a silent inf in the store.
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
+#include "fp16_scan.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <limits>
 
-namespace py = pybind11;
-
+namespace actstore_native {
 namespace {
 
 constexpr float kFp16Max = 65504.0f;
@@ -30,32 +26,23 @@ int64_t first_bad(const float *x, int64_t begin, int64_t end) {
   return end;
 }
 
-int64_t find_fp16_overflow(py::array_t<float, py::array::c_style> arr) {
-  const float *x = arr.data();
-  const int64_t n = arr.size();
+}  // namespace
+
+int64_t find_fp16_overflow(const float *x, int64_t n) {
   int64_t found = n;
-  {
-    py::gil_scoped_release nogil;
 #ifdef ACTSTORE_OPENMP
-    const int64_t chunk = 1 << 16;
-    const int64_t n_chunks = (n + chunk - 1) / chunk;
+  const int64_t chunk = 1 << 16;
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) reduction(min : found) if (n_chunks > 1)
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      const int64_t b = c * chunk, e = std::min(n, b + chunk);
-      const int64_t i = first_bad(x, b, e);
-      if (i < e) found = std::min(found, i);
-    }
-#else
-    found = first_bad(x, 0, n);
-#endif
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t b = c * chunk, e = std::min(n, b + chunk);
+    const int64_t i = first_bad(x, b, e);
+    if (i < e) found = std::min(found, i);
   }
+#else
+  found = first_bad(x, 0, n);
+#endif
   return found == n ? -1 : found;
 }
 
-}  // namespace
-
-void register_fp16_scan(py::module_ &m) {
-  m.def("find_fp16_overflow", &find_fp16_overflow, py::arg("x"),
-        "Flat index of the first element of a C-contiguous float32 array that float16 cannot\n"
-        "represent (|x| > 65504, inf or NaN), or -1 if every value fits.");
-}
+}  // namespace actstore_native

@@ -1,0 +1,433 @@
+// Fused statistics pass on CPU: one chunk of activations X (B, r, d) (fp16, fp32 or fp64),
+// targets Y (r, k) float64 and fold ids (r,) int32 (-1 = skip the row) are added into float64
+// per-layer, per-fold totals: n, Σx, ΣxxT (full symmetric), ΣxyT, Σy, ΣyyT. Every x is shifted
+// by a per-layer constant first (x - c), which keeps the float32 products well conditioned.
+//
+// Layout of the work (per fold, per block of <= block_rows rows of that fold, per group of layers):
+//  1. pack: fp16 -> float (F16C), subtract the shift, store column panels P[p][t][W] (W columns
+//     of every row, contiguous); X is read row by row (threads split rows), then Σx and ΣxyT of
+//     each panel's columns are added in double from the packed rows (threads split panels);
+//  2. SYRK: the upper triangle of panel pairs, split into macro tiles of NPB x NPB panels, each a
+//     work item of the OpenMP loop; a register-tiled FMA micro-kernel (4 rows x 3 vectors)
+//     accumulates a macro tile over the whole row block in the accumulation type T (float or
+//     double) in a thread-private buffer, KC rows at a time so both operand panels stay in L1;
+//  3. flush: the macro tile is added into the float64 totals, into both halves (the mirror), so
+//     the totals stay fully symmetric without a separate pass.
+// float32 mode sums at most block_rows rows in float32 before adding into float64, which bounds
+// the rounding error; float64 mode uses double throughout (the exactness tests use it).
+#include "cpu_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef ACTSTORE_OPENMP
+#include <omp.h>
+#endif
+
+namespace probes_cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------ SIMD shim
+template <class T> struct Simd;
+template <> struct Simd<float> {
+  using V = __m256;
+  static constexpr int L = 8;
+  static V load(const float *p) { return _mm256_loadu_ps(p); }
+  static void store(float *p, V v) { _mm256_storeu_ps(p, v); }
+  static V bcast(const float *p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
+template <> struct Simd<double> {
+  using V = __m256d;
+  static constexpr int L = 4;
+  static V load(const double *p) { return _mm256_loadu_pd(p); }
+  static void store(double *p, V v) { _mm256_storeu_pd(p, v); }
+  static V bcast(const double *p) { return _mm256_broadcast_sd(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+};
+
+constexpr int MR = 4;  // rows of the register tile
+constexpr int NV = 3;  // vectors per register-tile row: 12 accumulators + 3 loads + 1 broadcast
+template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }  // 24 float, 12 double
+constexpr int NPB = 6;         // panels per macro tile side (144 float / 72 double columns)
+constexpr int KC = 128;        // rows per inner step: two 12 KiB operand chunks stay in L1
+constexpr int64_t kRowGroup = 32;  // rows per conversion work item
+constexpr size_t kPackBudget = size_t(32) << 20;  // bytes of packed panels per layer group (~L3)
+
+struct AlignedFree {
+  void operator()(void *p) const { std::free(p); }
+};
+template <class T> std::unique_ptr<T[], AlignedFree> aligned_array(size_t n) {
+  size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+  void *p = std::aligned_alloc(64, bytes ? bytes : 64);
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T *>(p));
+}
+
+// C[MR x W] (row stride ldc) += A_panel[t][0..MR) * B_panel[t][0..W) over kc rows.
+// a points at column offset s*MR of panel row 0; both panels have row stride W.
+template <class T>
+inline void micro_kernel(const T *__restrict a, const T *__restrict b, int kc, T *__restrict c,
+                         int ldc) {
+  using S = Simd<T>;
+  constexpr int W = panel_width<T>();
+  constexpr int L = S::L;
+  typename S::V acc[MR][NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = S::load(c + i * ldc + v * L);
+  for (int t = 0; t < kc; ++t) {
+    const typename S::V b0 = S::load(b), b1 = S::load(b + L), b2 = S::load(b + 2 * L);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const typename S::V ai = S::bcast(a + i);
+      acc[i][0] = S::fma(ai, b0, acc[i][0]);
+      acc[i][1] = S::fma(ai, b1, acc[i][1]);
+      acc[i][2] = S::fma(ai, b2, acc[i][2]);
+    }
+    a += W;
+    b += W;
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) S::store(c + i * ldc + v * L, acc[i][v]);
+}
+
+// ------------------------------------------------------------------------------------ input rows
+// Convert n <= W values of one row segment to float/double (exact for fp16 -> float).
+template <class T, int W>
+inline void load_row(const void *base, InKind kind, int64_t offset, int n, T *out) {
+  if (kind == InKind::F16) {
+    const uint16_t *src = static_cast<const uint16_t *>(base) + offset;
+    alignas(32) float tmp[W + 8];
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+      _mm256_store_ps(tmp + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + j))));
+    if (j < n) {  // tail through a zero-padded buffer: same instruction, same rounding
+      alignas(16) uint16_t pad[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(pad, src + j, size_t(n - j) * sizeof(uint16_t));
+      _mm256_store_ps(tmp + j, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i *>(pad))));
+    }
+    for (int i = 0; i < n; ++i) out[i] = static_cast<T>(tmp[i]);
+  } else if (kind == InKind::F32) {
+    const float *src = static_cast<const float *>(base) + offset;
+    for (int i = 0; i < n; ++i) out[i] = static_cast<T>(src[i]);
+  } else {
+    const double *src = static_cast<const double *>(base) + offset;
+    for (int i = 0; i < n; ++i) out[i] = static_cast<T>(src[i]);
+  }
+}
+
+// One full panel row from fp16: convert, subtract the shift, store (W = 24 floats / 12 doubles).
+inline void pack_f16(const uint16_t *src, const float *sh, float *dst) {
+  for (int v = 0; v < 3; ++v) {
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + 8 * v)));
+    _mm256_storeu_ps(dst + 8 * v, _mm256_sub_ps(x, _mm256_loadu_ps(sh + 8 * v)));
+  }
+}
+inline void pack_f16(const uint16_t *src, const double *sh, double *dst) {
+  for (int v = 0; v < 3; ++v) {
+    const __m128 h = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(src + 4 * v)));
+    _mm256_storeu_pd(dst + 4 * v, _mm256_sub_pd(_mm256_cvtps_pd(h), _mm256_loadu_pd(sh + 4 * v)));
+  }
+}
+static_assert(NV == 3, "pack_f16 writes three vectors per panel row");
+
+struct Tile {
+  int64_t layer;  // position inside the layer group
+  int I, J;       // macro-tile indices, I <= J
+  int cost;       // panel pairs, for ordering big items first
+};
+
+// Rows of each fold, in order; -1 rows are skipped.
+std::vector<std::vector<int64_t>> fold_rows(const GramProblem &P) {
+  std::vector<std::vector<int64_t>> rows(P.F);
+  for (int64_t t = 0; t < P.r; ++t) {
+    const int32_t f = P.fold ? P.fold[t] : 0;
+    if (f >= 0) rows[f].push_back(t);
+  }
+  return rows;
+}
+
+// Target moments n, Σy, ΣyyT (double; tiny).
+void add_target_moments(const GramProblem &P, const std::vector<std::vector<int64_t>> &rows) {
+  const int64_t k = P.k;
+  for (int64_t f = 0; f < P.F; ++f) {
+    for (int64_t t : rows[f]) {
+      const double *y = P.Y + t * k;
+      P.n[f] += 1.0;
+      for (int64_t a = 0; a < k; ++a) {
+        P.sy[f * k + a] += y[a];
+        for (int64_t c = 0; c < k; ++c) P.yty[(f * k + a) * k + c] += y[a] * y[c];
+      }
+    }
+  }
+}
+
+// Macro tiles (I <= J) of one layer, largest first so the dynamic schedule ends balanced.
+std::vector<Tile> macro_tiles(int64_t n_pan, int64_t n_mac) {
+  std::vector<Tile> tiles;
+  for (int J = 0; J < n_mac; ++J)
+    for (int I = 0; I <= J; ++I) {
+      const int pi = int(std::min<int64_t>(NPB, n_pan - int64_t(I) * NPB));
+      const int pj = int(std::min<int64_t>(NPB, n_pan - int64_t(J) * NPB));
+      tiles.push_back({0, I, J, I == J ? pi * (pi + 1) / 2 : pi * pj});
+    }
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile &a, const Tile &b) { return a.cost > b.cost; });
+  return tiles;
+}
+
+// The packed panels, reused across calls by the calling thread: a fresh allocation each call
+// would page-fault and zero tens of MiB per chunk.
+template <class T> T *packed_buffer(size_t need) {
+  thread_local std::unique_ptr<T[], AlignedFree> packed_cache;
+  thread_local size_t packed_cap = 0;
+  if (packed_cap < need) {
+    packed_cache.reset();
+    packed_cache = aligned_array<T>(need);
+    packed_cap = need;
+  }
+  return packed_cache.get();
+}
+
+// The layout of one call: column panels of W, blocks of <= R_cap rows of one fold, groups of
+// LG layers packed at once, and the buffers the work items share.
+template <class T> struct Work {
+  static constexpr int W = panel_width<T>();
+  const GramProblem &P;
+  int64_t n_pan, n_mac, R_cap, LG;
+  size_t panel_stride, layer_stride;  // elements
+  int ldc;
+  T *packed;
+  std::vector<T> shift;  // (B, d) in T: float mode subtracts the float-rounded shift
+
+  Work(const GramProblem &p, int64_t max_rows) : P(p) {
+    n_pan = (P.d + W - 1) / W;
+    n_mac = (n_pan + NPB - 1) / NPB;
+    ldc = NPB * W;
+    R_cap = std::min<int64_t>(std::max<int64_t>(P.block_rows, 1), max_rows);
+    const size_t layer_bytes = size_t(R_cap) * size_t(n_pan) * W * sizeof(T);
+    LG = std::max<int64_t>(
+        1, std::min<int64_t>(P.B, int64_t(kPackBudget / std::max<size_t>(layer_bytes, 1))));
+    panel_stride = size_t(R_cap) * W;
+    layer_stride = panel_stride * size_t(n_pan);
+    packed = packed_buffer<T>(layer_stride * size_t(LG));
+    shift.resize(size_t(P.B * P.d));
+    for (int64_t i = 0; i < P.B * P.d; ++i) shift[i] = static_cast<T>(P.shift[i]);
+  }
+};
+
+// 1a. Convert + shift + pack rows [t_beg, t_end) of layer b0 + l of the block (rows ridx).
+template <class T>
+void pack_rows(const Work<T> &w, int64_t b0, int64_t l, const int64_t *ridx, int64_t t_beg,
+               int64_t t_end) {
+  constexpr int W = Work<T>::W;
+  const GramProblem &P = w.P;
+  const int64_t b = b0 + l, d = P.d;
+  T *lp = w.packed + size_t(l) * w.layer_stride;
+  const T *shl = w.shift.data() + b * d;
+  alignas(32) T x[W];
+  for (int64_t t = t_beg; t < t_end; ++t) {
+    const int64_t base = (b * P.r + ridx[t]) * d;
+    for (int64_t p = 0; p < w.n_pan; ++p) {
+      const int64_t j0 = p * W;
+      const int n = int(std::min<int64_t>(W, d - j0));
+      T *dst = lp + size_t(p) * w.panel_stride + size_t(t) * W;
+      if (n == W && P.kind == InKind::F16) {  // the common case, straight SIMD
+        pack_f16(static_cast<const uint16_t *>(P.X) + base + j0, shl + j0, dst);
+        continue;
+      }
+      load_row<T, W>(P.X, P.kind, base + j0, n, x);
+      for (int j = 0; j < n; ++j) x[j] -= shl[j0 + j];
+      for (int j = n; j < W; ++j) x[j] = T(0);
+      std::memcpy(dst, x, sizeof(x));
+    }
+  }
+}
+
+// 1b. Σx and ΣxyT of panel p of layer b0 + l in double, from its R packed rows, into fold f's
+// totals; xyl: a (k, W) scratch of this thread (vectorises over columns).
+template <class T>
+void panel_sums(const Work<T> &w, int64_t b0, int64_t l, int64_t p, int64_t f,
+                const int64_t *ridx, int64_t R, double *xyl) {
+  constexpr int W = Work<T>::W;
+  const GramProblem &P = w.P;
+  const int64_t b = b0 + l, k = P.k, d = P.d, j0 = p * W;
+  const int n = int(std::min<int64_t>(W, d - j0));
+  const T *src = w.packed + size_t(l) * w.layer_stride + size_t(p) * w.panel_stride;
+  double sxl[W] = {};
+  std::fill(xyl, xyl + size_t(k) * W, 0.0);
+  for (int64_t t = 0; t < R; ++t) {
+    const T *x = src + size_t(t) * W;
+    for (int j = 0; j < W; ++j) sxl[j] += double(x[j]);
+    const double *y = P.Y + ridx[t] * k;
+    for (int64_t a = 0; a < k; ++a) {
+      double *xa = xyl + a * W;
+      const double ya = y[a];
+      for (int j = 0; j < W; ++j) xa[j] += double(x[j]) * ya;
+    }
+  }
+  double *sxo = P.sx + (b * P.F + f) * d + j0;
+  double *xyo = P.xty + ((b * P.F + f) * d + j0) * k;
+  for (int j = 0; j < n; ++j) {
+    sxo[j] += sxl[j];
+    for (int64_t a = 0; a < k; ++a) xyo[j * k + a] += xyl[size_t(a) * W + j];
+  }
+}
+
+// 2. SYRK of one macro tile over the block's R packed rows into C (ldc x ldc, zeroed here),
+// KC rows at a time so both operand panels stay in L1.
+template <class T> void syrk_tile(const Work<T> &w, const Tile &tl, int64_t R, T *C) {
+  constexpr int W = Work<T>::W;
+  const T *lp = w.packed + size_t(tl.layer) * w.layer_stride;
+  const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
+  const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
+  const int64_t pj1 = std::min<int64_t>(pj0 + NPB, w.n_pan);
+  std::fill(C, C + size_t(w.ldc) * w.ldc, T(0));
+  for (int64_t t0 = 0; t0 < R; t0 += KC) {
+    const int kc = int(std::min<int64_t>(KC, R - t0));
+    for (int64_t pj = pj0; pj < pj1; ++pj) {
+      const T *bp = lp + size_t(pj) * w.panel_stride + size_t(t0) * W;
+      const int64_t pi_end = std::min(pi1, pj + 1);
+      for (int64_t pi = pi0; pi < pi_end; ++pi) {
+        const T *ap = lp + size_t(pi) * w.panel_stride + size_t(t0) * W;
+        T *cblk = C + size_t(pi - pi0) * W * w.ldc + size_t(pj - pj0) * W;
+        for (int s = 0; s < W / MR; ++s)
+          micro_kernel<T>(ap + s * MR, bp, kc, cblk + size_t(s) * MR * w.ldc, w.ldc);
+      }
+    }
+  }
+}
+
+// 3. Add a macro tile into the float64 totals of layer b, fold f, and its mirror into the
+// lower half, so the totals stay fully symmetric without a separate pass.
+template <class T>
+void flush_tile(const Work<T> &w, const Tile &tl, int64_t b, int64_t f, const T *C) {
+  constexpr int W = Work<T>::W;
+  const int64_t d = w.P.d, ldc = w.ldc;
+  const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
+  const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
+  const int64_t pj1 = std::min<int64_t>(pj0 + NPB, w.n_pan);
+  double *G = w.P.xtx + (b * w.P.F + f) * d * d;
+  for (int64_t pj = pj0; pj < pj1; ++pj) {
+    const int64_t pi_end = std::min(pi1, pj + 1);
+    const int64_t cj0 = pj * W, wj = std::min<int64_t>(W, d - cj0);
+    for (int64_t pi = pi0; pi < pi_end; ++pi) {
+      const int64_t ci0 = pi * W, wi = std::min<int64_t>(W, d - ci0);
+      const T *cblk = C + size_t(pi - pi0) * W * ldc + size_t(pj - pj0) * W;
+      for (int64_t i = 0; i < wi; ++i) {
+        double *g = G + (ci0 + i) * d + cj0;
+        const T *c = cblk + size_t(i) * ldc;
+        for (int64_t j = 0; j < wj; ++j) g[j] += double(c[j]);
+      }
+      if (pi != pj)  // mirror into the lower half
+        for (int64_t j = 0; j < wj; ++j) {
+          double *g = G + (cj0 + j) * d + ci0;
+          for (int64_t i = 0; i < wi; ++i) g[i] += double(cblk[size_t(i) * ldc + j]);
+        }
+    }
+  }
+}
+
+inline int thread_id() {
+#ifdef ACTSTORE_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// One block: R rows (ridx) of fold f, layers [b0, b0 + nb): pack, sums, SYRK + flush, each an
+// OpenMP work-sharing loop of one parallel region. tile_bufs / xy_bufs: per-thread scratch,
+// allocated by the caller (nothing inside the parallel region may throw).
+template <class T>
+void run_block(const Work<T> &w, int64_t f, const int64_t *ridx, int64_t R, int64_t b0,
+               int64_t nb, const std::vector<Tile> &tiles_one_layer, T *tile_bufs,
+               double *xy_bufs, int n_threads) {
+  std::vector<Tile> tiles;
+  tiles.reserve(tiles_one_layer.size() * size_t(nb));
+  for (const Tile &tl : tiles_one_layer)  // cost-major order across layers
+    for (int64_t l = 0; l < nb; ++l) tiles.push_back({l, tl.I, tl.J, tl.cost});
+  const int64_t n_pack = nb * w.n_pan;
+  const int64_t n_rgrp = (R + kRowGroup - 1) / kRowGroup;
+  const int64_t n_conv = nb * n_rgrp;
+  const int64_t n_tiles = int64_t(tiles.size());
+  const size_t xy_size = size_t(w.P.k) * Work<T>::W, tile_size = size_t(w.ldc) * w.ldc;
+  (void)n_threads;
+#ifdef ACTSTORE_OPENMP
+#pragma omp parallel num_threads(n_threads)
+#endif
+  {
+    // ---- 1a. convert + shift + pack, row-sequential reads of X (items: layer x row group).
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t item = 0; item < n_conv; ++item) {
+      const int64_t t_beg = (item % n_rgrp) * kRowGroup;
+      pack_rows(w, b0, item / n_rgrp, ridx, t_beg, std::min<int64_t>(R, t_beg + kRowGroup));
+    }  // implicit barrier: all panels packed
+    // ---- 1b. Σx and ΣxyT of each panel's columns in double, from the packed rows.
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t item = 0; item < n_pack; ++item)
+      panel_sums(w, b0, item / w.n_pan, item % w.n_pan, f, ridx, R,
+                 xy_bufs + size_t(thread_id()) * xy_size);
+    // ---- 2./3. SYRK over macro tiles, flush into the float64 totals (both halves).
+    T *const cbuf = tile_bufs + size_t(thread_id()) * tile_size;
+#ifdef ACTSTORE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t it = 0; it < n_tiles; ++it) {
+      syrk_tile(w, tiles[it], R, cbuf);
+      flush_tile(w, tiles[it], b0 + tiles[it].layer, f, cbuf);
+    }
+  }  // omp parallel
+}
+
+template <class T> void run(const GramProblem &P) {
+  const std::vector<std::vector<int64_t>> rows = fold_rows(P);
+  add_target_moments(P, rows);
+  int64_t max_rows = 0;
+  for (auto &v : rows) max_rows = std::max<int64_t>(max_rows, int64_t(v.size()));
+  if (max_rows == 0) return;
+  const Work<T> w(P, max_rows);
+#ifdef ACTSTORE_OPENMP
+  const int n_threads = omp_get_max_threads();
+#else
+  const int n_threads = 1;
+#endif
+  auto tile_bufs = aligned_array<T>(size_t(n_threads) * size_t(w.ldc) * w.ldc);
+  auto xy_bufs = aligned_array<double>(size_t(n_threads) * size_t(P.k) * Work<T>::W);
+  const std::vector<Tile> tiles_one_layer = macro_tiles(w.n_pan, w.n_mac);
+  for (int64_t f = 0; f < P.F; ++f) {
+    const std::vector<int64_t> &idx = rows[f];
+    for (int64_t r0 = 0; r0 < int64_t(idx.size()); r0 += w.R_cap) {
+      const int64_t R = std::min<int64_t>(w.R_cap, int64_t(idx.size()) - r0);
+      for (int64_t b0 = 0; b0 < P.B; b0 += w.LG)
+        run_block(w, f, idx.data() + r0, R, b0, std::min<int64_t>(w.LG, P.B - b0),
+                  tiles_one_layer, tile_bufs.get(), xy_bufs.get(), n_threads);
+    }
+  }
+}
+
+}  // namespace
+
+void gram_update(const GramProblem &P, bool float64) {
+  if (P.r == 0) return;
+  if (float64) run<double>(P);
+  else run<float>(P);
+}
+
+}  // namespace probes_cpu
