@@ -72,10 +72,12 @@ def _bench_tokenizer(entities, vocab=1024):
 
 def _load(args, entities):
     import torch
+
     from actstore.models import load_model, load_tokenizer, wrap_model
     if not args.random_init:
         return load_model(args.model, device=args.device, compute_dtype=args.compute_dtype)
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from actstore.models import ModelError
     tok = None
     if args.model_config in ("llama2-7b", "smollm2-135m"):
@@ -115,6 +117,7 @@ def _plan(lm, dataset, prompt, rows_per_chunk, batch_size):
 
 def _measure(mode, args, lm, ds, pr, R, pad, side, dev, sync, tmp, res, keep) -> float:
     import torch
+
     from actstore.extract import _batch_tensors, _forward_base, extract
     if mode == "ours":
         t = time.perf_counter()
@@ -157,6 +160,7 @@ def _measure(mode, args, lm, ds, pr, R, pad, side, dev, sync, tmp, res, keep) ->
 
 def worker(args) -> dict:
     import torch
+
     from actstore.datasets import load_dataset
     from actstore.extract import _batch_tensors, _forward_base
     from actstore.prompts import get_prompt
@@ -236,9 +240,10 @@ def run_mode(args, mode: str, rows: int, **over) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def compressionmd_table(store_path: Path, tmp: str | None) -> list[dict]:
+def compression_table(store_path: Path, tmp: str | None) -> list[dict]:
     """Write the same activations with each codec; report size and write/read speed."""
     import numpy as np
+
     import actstore
     from actstore.store import create_store
     src = actstore.open(store_path)
@@ -265,13 +270,15 @@ def compressionmd_table(store_path: Path, tmp: str | None) -> list[dict]:
                 st.layer(i)
             r = time.perf_counter() - t
             rows.append({"compression": comp, "bytes": nbytes, "ratio": data.nbytes / nbytes,
-                         "write_MBps": data.nbytes / w / 2**20, "read_MBps": data.nbytes / r / 2**20})
+                         "write_MBps": data.nbytes / w / 2**20,
+                         "read_MBps": data.nbytes / r / 2**20})
         finally:
             shutil.rmtree(d, ignore_errors=True)
     return rows
 
 
-def writermd_table(L: int, rows: int, d: int, R: int, tmp: str | None, repeats: int = 3) -> list[dict]:
+def writer_table(L: int, rows: int, d: int, R: int, tmp: str | None,
+                 repeats: int = 3) -> list[dict]:
     """MB/s of writing an (L, rows, d) fp16 block in R-row windows, the extractor's write
     pattern, three ways in one run (fastest of ``repeats`` each): plain files (the disk's
     pace), zarr's own ``array[:, window] = block`` on our layout (its default config, and with
@@ -414,12 +421,14 @@ def main(argv=None) -> int:
     cols = [("mode", "mode", "s"), ("seconds", "seconds", ".2f"), ("rows_per_s", "rows/s", ".1f"),
             ("x_floor", "x floor", ".3f")]
     if not args.timing_only:
-        cols += [("peak_rss_mb", "peak RSS MB", ".0f"), ("rss_after_load_mb", "RSS after load MB", ".0f")]
+        cols += [("peak_rss_mb", "peak RSS MB", ".0f"),
+                 ("rss_after_load_mb", "RSS after load MB", ".0f")]
     if "cuda_peak_mb" in timing[0]:
         cols.append(("cuda_peak_mb", "GPU peak MB", ".0f"))
     t1 = md_table(timing, cols)
     print(t1)
-    print(f"  medians: floor {med['floor']:.2f} s, ours {med['ours']:.2f} s, paper {med['paper']:.2f} s;"
+    print(f"  medians: floor {med['floor']:.2f} s, ours {med['ours']:.2f} s, "
+          f"paper {med['paper']:.2f} s;"
           f" ours total/forward per run: {_fmt(over)}")
 
     rss = []
@@ -437,7 +446,7 @@ def main(argv=None) -> int:
                           ("seconds", "seconds", ".1f")])
         print(t2)
 
-    comp = [] if args.timing_only else compressionmd_table(
+    comp = [] if args.timing_only else compression_table(
         Path(args.compression_store) if args.compression_store else kept, args.tmp)
     t3 = md_table(comp, [("compression", "codec", "s"), ("bytes", "bytes", "d"),
                        ("ratio", "ratio", ".3f"), ("write_MBps", "write MB/s", ".0f"),
@@ -499,7 +508,7 @@ def writer_main(args, argv) -> int:
     from actstore.store import default_rows_per_chunk
     R = default_rows_per_chunk(d)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res = writermd_table(L, rows, d, R, args.tmp, args.repeats)
+    res = writer_table(L, rows, d, R, args.tmp, args.repeats)
     t = md_table(res, [("writer", "writer", "s"), ("seconds", "seconds", ".3f"),
                      ("MBps", "MB/s", ".0f")])
     print(t)

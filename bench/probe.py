@@ -31,7 +31,8 @@ ALPHAS = np.logspace(-2, 5, 25)
 
 
 class MemoryStore:
-    """The subset of ActivationStore that fit_all_layers reads, over an in-memory (L, n, d) array."""
+    """The part of ActivationStore that fit_all_layers reads, over an in-memory (L, n, d)
+    array."""
 
     def __init__(self, X: np.ndarray, ent: pd.DataFrame, targets, group_columns=()):
         self._X = X
@@ -170,19 +171,23 @@ def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=
         fl_full = sum(fl) * scale_ours
         fit_s = (el - r["seconds"]["metrics"]) * scale_ours
         rows.append(dict(shape=name, L=L, n=n, d=d, n_train=r["n_train"], form=r["form"],
-                         precision=prec, backend=r["backend"] + ("@cuda" if device == "cuda" else ""),
+                         precision=prec,
+                         backend=r["backend"] + ("@cuda" if device == "cuda" else ""),
                          ours_s=ours_full, fit_s=fit_s, sklearn_s=sk_full,
                          floor_s=fl_full, speedup=sk_full / ours_full, vs_floor=fit_s / fl_full,
                          speedup_fit=sk_full / fit_s,
-                         alphas_same=f"{same}/{common}", sk_layers=len(sk_l), our_layers=len(ours_layers),
+                         alphas_same=f"{same}/{common}", sk_layers=len(sk_l),
+                         our_layers=len(ours_layers),
                          stages=r["seconds"]))
     return rows
 
 
 def write_results_md(rows, path, note):
-    lines = [f"\n## Ridge probes on every layer (bench/probe.py) — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
+    now = dt.datetime.now(dt.timezone.utc)
+    lines = [f"\n## Ridge probes on every layer (bench/probe.py) — {now:%Y-%m-%d %H:%M} UTC\n",
              f"Machine: {_machine(load=True)}. {note}\n",
-             "| shape (L x n x d) | form | precision (stats backend) | ours: fit (s) | ours: + metrics (s) "
+             "| shape (L x n x d) | form | precision (stats backend) | ours: fit (s) "
+             "| ours: + metrics (s) "
              "| sklearn RidgeCV loop (s) | float32 floor (s) | fit speed-up vs sklearn "
              "| fit / floor | same alphas |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -193,13 +198,15 @@ def write_results_md(rows, path, note):
         if r["our_layers"] < r["L"]:
             ext.append(f"ours+floor measured on {r['our_layers']} layers")
         tag = f" ({'; '.join(ext)}, scaled to {r['L']})" if ext else ""
-        lines.append(f"| {r['L']} x {r['n']} x {r['d']}{tag} | {r['form']} (n_train={r['n_train']}) | "
+        lines.append(f"| {r['L']} x {r['n']} x {r['d']}{tag} "
+                     f"| {r['form']} (n_train={r['n_train']}) | "
                      f"{r['precision']} ({r['backend']}) | {r['fit_s']:.1f} | {r['ours_s']:.1f} | "
                      f"{r['sklearn_s']:.1f} | {r['floor_s']:.2f} | {r['speedup_fit']:.1f}x | "
                      f"{r['vs_floor']:.2f}x | {r['alphas_same']} |")
     lines.append("")
     lines.append("Stage seconds of our fit (measured layers): " + "; ".join(
-        f"{r['shape']}/{r['precision']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+        f"{r['shape']}/{r['precision']}: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         for r in rows))
     lines.append("")
     append_results(path, "\n".join(lines))
@@ -207,7 +214,8 @@ def write_results_md(rows, path, note):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["smollm2", "llama7b", "both"], default="both")
     ap.add_argument("--sk-layers", type=int, default=None,
                     help="layers for the sklearn loop (default 6 / 2), extrapolated to all")

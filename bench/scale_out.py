@@ -123,7 +123,8 @@ def main(argv=None) -> int:
 
     base = rows[0]["extract_rows_per_s"]
     cfg = CONFIGS[a.config]
-    print(f"\n{platform.node()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+    stamp = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    print(f"\n{platform.node()} {os.cpu_count()} CPUs, {stamp}; "
           f"random-init Llama d={cfg['hidden_size']} x {cfg['num_hidden_layers']} layers, "
           f"{a.rows} rows of world_place, batch {a.batch_size}, {a.rows_per_chunk} rows per "
           f"chunk, device {a.device}, "

@@ -3,8 +3,8 @@ ValueError), carries a whole one-line message, and is printed by the CLIs withou
 (``ACTSTORE_DEBUG=1`` shows it). The bottom of the package: it imports nothing."""
 from __future__ import annotations
 
-__all__ = ["ProbesError", "InputError", "StatsError", "BackendUnavailable", "RidgeError", "MetricsError",
-           "FitError", "NeuronReportError", "ExperimentError", "PipelineError"]
+__all__ = ["ProbesError", "InputError", "StatsError", "BackendUnavailable", "RidgeError",
+           "MetricsError", "FitError", "NeuronReportError", "ExperimentError", "PipelineError"]
 
 
 class ProbesError(ValueError):

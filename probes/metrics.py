@@ -7,6 +7,7 @@ Conventions: ``y_true`` and ``y_pred`` are (n,) or (n, k) in the targets' origin
 from __future__ import annotations
 
 import numpy as np
+
 from probes.errors import MetricsError
 
 __all__ = [

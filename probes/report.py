@@ -135,7 +135,8 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
     ax.plot(layers, [e["test"]["r2"] for e in result["layers"]], "s-", label="test")
     ax.set_xlabel("layer")
     ax.set_ylabel(f"R² (mean over {', '.join(result['targets'])})")
-    ax.set_title(f"ridge probe R² by layer ({'LOO' if result['cv'] == 'loo' else str(result['cv']) + '-fold'} alpha)")
+    cv = "LOO" if result["cv"] == "loo" else f"{result['cv']}-fold"
+    ax.set_title(f"ridge probe R² by layer ({cv} alpha)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -146,7 +147,8 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
     targets = [t.lower() for t in result["targets"]]
     best = result["best_layer"]
     if "latitude" in targets and "longitude" in targets:
-        lat, lon = result["targets"][targets.index("latitude")], result["targets"][targets.index("longitude")]
+        lat = result["targets"][targets.index("latitude")]
+        lon = result["targets"][targets.index("longitude")]
         fig, ax = plt.subplots(figsize=(10, 5.5))
         ax.scatter(df[lon], df[lat], s=3, c="0.8", label="true", rasterized=True)
         g = _pick_group(df, group_columns)
@@ -182,7 +184,7 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
             tr = ~df["is_test"].astype(bool)
             ax.scatter(df.loc[tr, t], df.loc[tr, f"pred_{t}"], s=4, alpha=0.5, label="train")
             ax.scatter(df.loc[~tr, t], df.loc[~tr, f"pred_{t}"], s=4, alpha=0.7, label="test")
-            lo = float(np.nanmin(df[t])); hi = float(np.nanmax(df[t]))
+            lo, hi = float(np.nanmin(df[t])), float(np.nanmax(df[t]))
             ax.plot([lo, hi], [lo, hi], "k--", lw=1)
             ax.set_xlabel(f"true {t}")
             ax.set_ylabel(f"predicted {t}")

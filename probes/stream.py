@@ -105,7 +105,8 @@ def stream_to_device(chunks: Iterable | list[Callable], device=None, prefetch: i
     source = read_ahead(chunks, prefetch=prefetch, workers=workers)
     if dev.type != "cuda":
         for start, arr in source:
-            t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(arr))
+            t = (arr if isinstance(arr, torch.Tensor)
+                 else torch.from_numpy(np.ascontiguousarray(arr)))
             yield start, (t.to(dtype) if dtype is not None else t)
         return
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Without a GPU, Triton kernels run under its interpreter. triton.jit (its standard library
@@ -42,8 +43,6 @@ def paper_data() -> Path:
 
 
 # ----------------------------------------------------------------------------- tiny model
-
-import numpy as np
 
 WORDS = ["Paris", "Lake", "Mount", "River", "Saint", "Zürich", "New", "Port", "Fort", "Isla",
          "Tower", "Bridge", "of", "the", "North", "São", "Ōsaka", "Abbey", "Castle", "Bay"]

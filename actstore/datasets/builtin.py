@@ -203,7 +203,8 @@ def builtin_cache_path(name: str) -> Path:
 def build_builtin(name: str) -> pd.DataFrame:
     """The built-in table (columns of EntityDataset.table) built from package data."""
     if name not in BUILTINS:
-        raise DatasetError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTINS)}")
+        raise DatasetError(f"unknown built-in dataset {name!r}; choose one of "
+                           f"{', '.join(BUILTINS)}")
     spec = BUILTINS[name]
     df = spec.build()
     # rows in a fixed pseudo-random order, so that any prefix (--limit N) is a fair sample
@@ -232,7 +233,8 @@ def _from_csv(data: bytes, spec: BuiltinSpec) -> pd.DataFrame:
 def load_builtin(name: str, use_cache: bool = True) -> EntityDataset:
     """Load a built-in from the cache, building (and caching) it on first use."""
     if name not in BUILTINS:
-        raise DatasetError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTINS)}")
+        raise DatasetError(f"unknown built-in dataset {name!r}; choose one of "
+                           f"{', '.join(BUILTINS)}")
     spec = BUILTINS[name]
     path = builtin_cache_path(name)
     data = None

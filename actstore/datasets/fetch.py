@@ -81,7 +81,8 @@ def _report(kind, dest: Path, src: str, ds, cached: bool) -> dict:
            "rows": len(ds) + ds.n_dropped, "test_rows": int(ds.is_test.sum()),
            "n_dropped": ds.n_dropped, "cached": cached}
     if rep["rows"] != EXPECTED_ROWS[kind]:
-        rep["note"] = f"the published file has {EXPECTED_ROWS[kind]} rows; this one has {rep['rows']}"
+        rep["note"] = (f"the published file has {EXPECTED_ROWS[kind]} rows; this one has "
+                       f"{rep['rows']}")
     return rep
 
 

@@ -151,7 +151,8 @@ class _Checker:
                     details.append(
                         f"  line {lines[i]}, column '{col}': {message(self.raw[col].iat[i])}"
                     )
-        more = f"\n  ... and {n_bad - MAX_REPORTED} more invalid rows" if n_bad > MAX_REPORTED else ""
+        more = (f"\n  ... and {n_bad - MAX_REPORTED} more invalid rows"
+                if n_bad > MAX_REPORTED else "")
         return DatasetError(
             f"{self.path}: {n_bad} invalid row(s) of {len(self.raw)}; fix them or drop them "
             f"with --drop-invalid (drop_invalid=True):\n" + "\n".join(details) + more

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from actstore.errors import StoreError
 from actstore.store.create import create_store, remove_store
-from actstore.store.format import (COMPRESSIONS, DEFAULT_COMPRESSION, DTYPES, FORMAT_NAME,
-                                   FORMAT_VERSION, default_rows_per_chunk, store_identity)
+from actstore.store.format import (
+                                   COMPRESSIONS,
+                                   DEFAULT_COMPRESSION,
+                                   DTYPES,
+                                   FORMAT_NAME,
+                                   FORMAT_VERSION,
+                                   default_rows_per_chunk,
+                                   store_identity,
+)
 from actstore.store.progress import merge_intervals
 from actstore.store.reader import ActivationStore, open_store
 from actstore.store.shard_files import ShardFiles

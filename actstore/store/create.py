@@ -11,9 +11,19 @@ from pathlib import Path
 import numpy as np
 
 from actstore.errors import StoreError
-from actstore.store.format import (COMPRESSIONS, DEFAULT_COMPRESSION, DTYPES, FORMAT_NAME,
-                                   FORMAT_VERSION, ZARR_ENTRIES, column_kind, column_values,
-                                   default_rows_per_chunk, format_from_path, storage_dtype)
+from actstore.store.format import (
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ZARR_ENTRIES,
+    column_kind,
+    column_values,
+    default_rows_per_chunk,
+    format_from_path,
+    storage_dtype,
+)
 from actstore.store.reader import ActivationStore
 
 __all__ = ["create_store", "remove_store"]

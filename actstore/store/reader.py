@@ -16,8 +16,14 @@ import numpy as np
 
 from actstore.errors import StoreError
 from actstore.io import PARTIAL_SUFFIX
-from actstore.store.format import (ARRAYS, PROGRESS_GROUP, as_torch, check_header,
-                                   detect_format, table_from_columns)
+from actstore.store.format import (
+    ARRAYS,
+    PROGRESS_GROUP,
+    as_torch,
+    check_header,
+    detect_format,
+    table_from_columns,
+)
 from actstore.store.progress import Progress
 from actstore.store.shard_files import BlockWriter
 
@@ -100,8 +106,9 @@ class ActivationStore(Progress, BlockWriter):
         return self.n_rows
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, format={self.format}, layers={self.n_layers}, "
-                f"rows={self.rows_done}/{self.n_rows}, d_model={self.d_model}, dtype={self.dtype}"
+        return (f"ActivationStore({str(self.path)!r}, format={self.format}, "
+                f"layers={self.n_layers}, rows={self.rows_done}/{self.n_rows}, "
+                f"d_model={self.d_model}, dtype={self.dtype}"
                 + (f", d_mlp={self.d_mlp}" if self.d_mlp else "") + ")")
 
     # -- entity table
@@ -123,11 +130,14 @@ class ActivationStore(Progress, BlockWriter):
 
     def target_array(self, names=None) -> np.ndarray:
         """(n_rows, k) float64 targets, columns in ``names`` order (default: ``targets``)."""
-        names = self.targets if names is None else tuple([names] if isinstance(names, str) else names)
+        if names is None:
+            names = self.targets
+        names = (names,) if isinstance(names, str) else tuple(names)
         ent = self.entities
         missing = [n for n in names if n not in ent.columns]
         if missing:
-            raise StoreError(f"{self.path}: no target column(s) {missing}; have {list(self.targets)}")
+            raise StoreError(f"{self.path}: no target column(s) {missing}; have "
+                             f"{list(self.targets)}")
         return ent[list(names)].to_numpy(dtype=np.float64)
 
     @property

@@ -19,7 +19,7 @@ from actstore.io import write_json
 from actstore.store import open_store
 from actstore.store.format import as_compute
 from probes.errors import ExperimentError
-from probes.metrics import latlon_columns, evaluate, proximity_error
+from probes.metrics import evaluate, latlon_columns, proximity_error
 from probes.report import save_figure
 
 __all__ = ["as_store", "layer_x", "alpha_grid", "ridge", "best_loo_index", "fit_layers",

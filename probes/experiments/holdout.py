@@ -26,7 +26,7 @@ from probes.experiments.common import (
     ridge,
 )
 from probes.inputs import parse_split, target_matrix
-from probes.metrics import latlon_columns, haversine_km
+from probes.metrics import haversine_km, latlon_columns
 from probes.report import md_num, md_table, text_table
 
 __all__ = ["holdout_experiment", "entity_type_experiment", "group_labels", "holdout_column",

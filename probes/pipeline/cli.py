@@ -29,7 +29,7 @@ def add_cli(subparsers) -> None:
         "Re-running resumes: unfinished stores continue, finished steps whose recorded inputs "
         "still match are not redone.",
         epilog="examples:\n"
-        "  actstore run paper --out demo-out --limit 1000      # offline built-ins, embedded SmolLM2\n"
+        "  actstore run paper --out demo-out --limit 1000   # offline built-ins, embedded SmolLM2\n"
         "  actstore run --out probes-only --limit 600           # extract + fit + report only\n"
         "  actstore run paper --datasets world_cities --prompts empty,coords,random --out p\n"
         "  actstore run paper --datasets ../shared/datasets/paper/world_place.csv "
@@ -44,7 +44,7 @@ def add_cli(subparsers) -> None:
 
 
 def _cli(args) -> int:
-    from probes.pipeline.run import run   # deferred: `actstore --help` must not load torch
+    from probes.pipeline.run import run  # deferred: `actstore --help` must not load torch
 
     report = run(from_args(PipelineConfig, args, progress=not args.no_progress))
     print(f"report: {report}")

@@ -42,7 +42,7 @@ class Section:
     skipped_prompts: list = field(default_factory=list)
     neurons: dict | None = None        # neurons.json
     neurons_note: str | None = None
-    experiments: dict = field(default_factory=dict)   # key -> (json dict | None, note | None, files)
+    experiments: dict = field(default_factory=dict)   # key -> (json | None, note | None, files)
 
     @property
     def main(self) -> Job:

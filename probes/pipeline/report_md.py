@@ -89,8 +89,8 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
         "",
         "Best layer by test R² (ridge, alpha by exact leave-one-out on the train split):",
         "",
-        "| dataset | kind | prompt | rows (train/test) | layers | best layer | test R² | Spearman | "
-        "proximity error | median km error |",
+        "| dataset | kind | prompt | rows (train/test) | layers | best layer | test R² "
+        "| Spearman | proximity error | median km error |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sec in sections:
@@ -99,9 +99,10 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
             b = _best(res)["test"]
             km = b.get("km_error_median")
             lines.append(
-                f"| {sec.ds.name} | {sec.ds.kind} | {job.prompt} | {res['n_train']}/{res['n_test']} "
-                f"| {store.n_layers} | {res['best_layer']} | {b['r2']:.3f} | {b['spearman']:.3f} | "
-                f"{b['proximity_error']:.3f} | {'' if km is None else f'{km:.0f}'} |")
+                f"| {sec.ds.name} | {sec.ds.kind} | {job.prompt} "
+                f"| {res['n_train']}/{res['n_test']} | {store.n_layers} | {res['best_layer']} "
+                f"| {b['r2']:.3f} | {b['spearman']:.3f} | {b['proximity_error']:.3f} "
+                f"| {'' if km is None else f'{km:.0f}'} |")
     lines += ["", "For scale, the paper's world places with Llama-2 (best-layer test R²): "
               f"{PAPER_WORLD_R2}.", ""]
     lines += _img(out, out / "r2_by_layer.png", "test R² by layer, every dataset")
@@ -156,7 +157,8 @@ def _dataset_section(sec: Section, out: Path) -> list[str]:
                          if probe else "") + "). Full list: "
                       f"`neurons/{sec.ds.name}/neurons.json`.", ""]
             for t in nr["targets"]:
-                rows = [[e["rank"], e["layer"], e["index"], md_num(e["spearman"]), md_num(e["pearson"])]
+                rows = [[e["rank"], e["layer"], e["index"], md_num(e["spearman"]),
+                         md_num(e["pearson"])]
                         + ([md_num((e.get("probe_cosine") or {}).get(t))] if probe else [])
                         for e in nr["top_neurons"][t][:REPORT_NEURONS]]
                 lines += [f"**{t}**", ""]

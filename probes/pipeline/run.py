@@ -11,8 +11,7 @@ from probes.errors import PipelineError
 from probes.pipeline.config import DEMO_DATASETS, RECIPES, PipelineConfig
 from probes.pipeline.plan import experiment_list, parse_list, plan_sections
 from probes.pipeline.report_md import plot_all_layers, report_markdown
-from probes.pipeline.steps import (FitStep, NeuronStep, experiment_steps, extract_job,
-                                   run_step)
+from probes.pipeline.steps import FitStep, NeuronStep, experiment_steps, extract_job, run_step
 
 __all__ = ["run_pipeline", "run_paper", "run"]
 

@@ -3,8 +3,8 @@ errors, drop_invalid, and the offline built-ins."""
 from __future__ import annotations
 
 import csv
-import re
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,19 @@ import pandas as pd
 import pytest
 
 from actstore.datasets import (
-    KINDS, DatasetError, EntityDataset, art_entity, build_builtin, detect_kind,
-    fractional_year, hash_split, load_csv, load_dataset, list_datasets,
-    normalise_nyc_name, normalise_world_name,
+    KINDS,
+    DatasetError,
+    EntityDataset,
+    art_entity,
+    build_builtin,
+    detect_kind,
+    fractional_year,
+    hash_split,
+    list_datasets,
+    load_csv,
+    load_dataset,
+    normalise_nyc_name,
+    normalise_world_name,
 )
 
 
@@ -91,7 +101,8 @@ def test_world_place_real(paper_data):
     assert by_name["Under (restaurant)"] == "restaurant's Under"
     assert by_name["The Verge, Singapore"] == "Singapore's The Verge"
     assert set(ds.table["entity_type"]) == {"populated_place", "structure", "natural_place"}
-    assert ds.sha256 and Path(ds.source) == (paper_data / "world_place.csv").resolve() and ds.n_dropped == 0
+    assert ds.sha256 and ds.n_dropped == 0
+    assert Path(ds.source) == (paper_data / "world_place.csv").resolve()
 
 
 @pytest.mark.slow

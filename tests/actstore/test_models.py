@@ -6,8 +6,15 @@ import hashlib
 import pytest
 
 from actstore.io import cache_dir, file_sha256
-from actstore.models import (ModelError, decoder_layers, down_projection, embedded_model_file,
-                             load_model, mlp_width, wrap_model)
+from actstore.models import (
+    ModelError,
+    decoder_layers,
+    down_projection,
+    embedded_model_file,
+    load_model,
+    mlp_width,
+    wrap_model,
+)
 from actstore.models import loading as models
 
 

@@ -15,7 +15,8 @@ def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, m
                           device="cpu", progress=False, log=logs.append)
     text = report.read_text()
     assert "| world_place | world_place | " in text
-    assert "r2_by_layer.png" in text and (out / "probes" / "world_place" / "r2_by_layer.png").exists()
+    assert "r2_by_layer.png" in text
+    assert (out / "probes" / "world_place" / "r2_by_layer.png").exists()
     results = json.loads((out / "probes" / "world_place" / "results.json").read_text())
     assert results["n_rows"] == 60 and results["targets"] == ["latitude", "longitude"]
     assert len(results["layers"]) == 3  # the tiny model has 3 blocks

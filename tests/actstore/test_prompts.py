@@ -128,7 +128,7 @@ def test_lookup_by_kind():
                                                           "empty_wo_period"}
     assert len(list_prompts()) == len(PROMPTS)
     with pytest.raises(PromptError, match=r"'coords' is for world_place, us_place, not art.*"
-                                          r"valid prompts for art: empty, all_caps, random, release"):
+                       r"valid prompts for art: empty, all_caps, random, release"):
         get_prompt("coords", "art")
     with pytest.raises(PromptError, match=r"unknown prompt 'coord'; valid prompts: empty"):
         get_prompt("coord")

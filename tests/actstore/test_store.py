@@ -8,8 +8,14 @@ import pandas as pd
 import pytest
 
 import actstore
-from actstore.store import (FORMAT_NAME, FORMAT_VERSION, StoreError, create_store,
-                            default_rows_per_chunk, open_store)
+from actstore.store import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    StoreError,
+    create_store,
+    default_rows_per_chunk,
+    open_store,
+)
 
 
 def _table(n, rng):
