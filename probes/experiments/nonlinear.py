@@ -105,8 +105,8 @@ def _train_all(Xs, Ys, fi, vi, wds, opts: dict, seed, dev):
     # deferred: torch is heavy and only this experiment trains with it
     import torch
     runs, best = [], None
-    # Tiny minibatch GEMMs are dominated by thread start-up/spinning (20x slower with 2 busy
-    # threads than with 1 on a shared 2-core box): train them single-threaded.
+    # Tiny minibatch GEMMs are dominated by thread start-up and spinning: train them
+    # single-threaded (bench/RESULTS.md, "Measurements moved out of code comments").
     threads = torch.get_num_threads()
     small = dev.type == "cpu" and opts["batch_size"] * (Xs.shape[1] + Ys.shape[1]) \
         * opts["hidden"] < 4e6

@@ -26,9 +26,9 @@ def rank_transform(x: Tensor, dim: int = 0) -> Tensor:
     """Average ranks (1-based, ties get the mean of their ranks) along ``dim``, float64.
 
     Works along the last, contiguous dimension (``dim`` is moved there first): sorting and the
-    tie-group scans along a strided dimension took 3.5x as long on CPU (40k x 1536 float32:
-    30.4 s against 8.7 s, same ranks bit for bit). Within a tie group the order is irrelevant,
-    so the sort need not be stable."""
+    tie-group scans along a strided dimension are several times slower on CPU for the same
+    ranks (bench/RESULTS.md, "Spearman ranks on CPU"). Within a tie group the order is
+    irrelevant, so the sort need not be stable."""
     x = x.movedim(dim, -1).contiguous()
     n = x.shape[-1]
     if n == 0:
