@@ -39,8 +39,13 @@ examples:
   ACTSTORE_DATASETS_URL=http://127.0.0.1:8000/ actstore datasets fetch us_place
 
 Downloads NAME.csv from the paper's repository (github.com/wesg52/world-models,
-data/entity_datasets/, pinned commit), checks that it loads, and stores it in the cache,
-where `actstore datasets show NAME` and `actstore extract --dataset NAME` find it.
+data/entity_datasets/, pinned commit), checks that it is the published file (its git blob id
+at that commit, and sha256 where known) and that it loads, and stores it in the cache, where
+`actstore datasets show NAME` and `actstore extract --dataset NAME` find it. A mirror (--url or
+$ACTSTORE_DATASETS_URL) must be http:// or https:// and serve the same bytes: a different file
+is refused and the cache keeps what it had. --allow-unverified keeps a different file anyway
+(recorded as unverified); --allow-file-url accepts a file:// folder. Errors name the URL and the
+problem, never the downloaded content.
 """
 
 
@@ -80,6 +85,11 @@ def add_cli(subparsers) -> None:
                     "or the paper's repository)")
     pf.add_argument("--force", action="store_true", help="download even if already cached")
     pf.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
+    pf.add_argument("--allow-file-url", action="store_true",
+                    help="accept a file:// base URL (a local folder holding NAME.csv)")
+    pf.add_argument("--allow-unverified", action="store_true",
+                    help="keep a download that is not the published file (an edited mirror) "
+                    "instead of refusing it; it is recorded as unverified")
     pf.add_argument("--json", action="store_true", help="print the results as JSON")
     pf.set_defaults(func=_cmd_fetch)
 
@@ -137,12 +147,14 @@ def _cmd_fetch(args) -> int:
                 of = f" of {total / 1e6:.1f}" if total else ""
                 print(f"\r{name}: {done / 1e6:.1f}{of} MB", end="", file=sys.stderr, flush=True)
         rep = fetch_dataset(name, url=args.url, force=args.force, timeout=args.timeout,
-                            progress=progress)
+                            progress=progress, allow_file_url=args.allow_file_url,
+                            allow_unverified=args.allow_unverified)
         if progress is not None:
             print(file=sys.stderr)
         reports.append(rep)
         if not args.json:
-            state = "already cached" if rep["cached"] else "downloaded"
+            state = ("already cached" if rep["cached"] else "downloaded") + (
+                ", verified" if rep["verified"] else ", UNVERIFIED")
             drop = (f", {rep['n_dropped']} invalid rows: load it with --drop-invalid"
                     if rep["n_dropped"] else "")
             print(f"{name}: {state}, {rep['rows']} rows ({rep['test_rows']} test{drop}) "
