@@ -24,8 +24,10 @@ from actstore.io import cache_dir
 __all__ = ["load_csv", "paper_path", "normalise_world_name", "normalise_nyc_name", "art_entity",
            "fractional_year", "MAX_REPORTED"]
 
-# How many offending rows an error message lists before summarising the rest.
+# How many offending rows an error message lists before summarising the rest (and how many
+# reasons the one-line error of a CSV without a single valid row gives).
 MAX_REPORTED = 5
+ALL_DROPPED_REPORTED = 3
 
 
 _PAREN = re.compile(r"\((.*?)\)")
@@ -140,23 +142,36 @@ class _Checker:
             bad |= mask
         return bad
 
-    def error(self) -> DatasetError:
+    def details(self, rows: int) -> list[str]:
+        """"line L, column 'C': problem" for the first ``rows`` invalid rows."""
         lines = _record_lines(self.text)
-        bad = self.bad_rows
-        n_bad = int(bad.sum())
-        details = []
-        for i in np.flatnonzero(bad)[:MAX_REPORTED]:
+        out = []
+        for i in np.flatnonzero(self.bad_rows)[:rows]:
             for mask, col, message in self.problems:
                 if mask[i]:
-                    details.append(
-                        f"  line {lines[i]}, column '{col}': {message(self.raw[col].iat[i])}"
-                    )
+                    out.append(f"line {lines[i]}, column '{col}': "
+                               f"{message(self.raw[col].iat[i])}")
+        return out
+
+    def error(self) -> DatasetError:
+        n_bad = int(self.bad_rows.sum())
         more = (f"\n  ... and {n_bad - MAX_REPORTED} more invalid rows"
                 if n_bad > MAX_REPORTED else "")
         return DatasetError(
             f"{self.path}: {n_bad} invalid row(s) of {len(self.raw)}; fix them or drop them "
-            f"with --drop-invalid (drop_invalid=True):\n" + "\n".join(details) + more
+            f"with --drop-invalid (drop_invalid=True):\n"
+            + "\n".join("  " + d for d in self.details(MAX_REPORTED)) + more
         )
+
+    def all_dropped_error(self, kind: str) -> DatasetError:
+        """--drop-invalid would leave no row: one line with how many and the first reasons."""
+        first = self.details(ALL_DROPPED_REPORTED)
+        n = len(self.raw)
+        more = f" (first {len(first)} reasons)" if n > ALL_DROPPED_REPORTED else ""
+        return DatasetError(
+            f"{self.path}: all {n} rows are invalid as kind {kind}, so --drop-invalid "
+            f"(drop_invalid=True) drops every one and nothing is left{more}: "
+            f"{'; '.join(first)}. Fix the file, or check that it is a {kind} CSV (--kind)")
 
 
 def _record_lines(text: str) -> np.ndarray:
@@ -234,6 +249,8 @@ def load_csv(path, kind: str | None = None, drop_invalid: bool = False,
     bad = chk.bad_rows
     if bad.any() and not drop_invalid:
         raise chk.error()
+    if len(raw) and bad.all():   # dropping would leave nothing: say so before any work starts
+        raise chk.all_dropped_error(kind)
     if is_test is None:  # a CSV without a split gets the built-ins' name-hash split
         is_test = hash_split(table["entity"].tolist())
     table.insert(len(schema.targets) + 2, "is_test", is_test)

@@ -228,7 +228,8 @@ def test_boundary_coordinates_are_valid(tmp_path):
 
 
 def test_empty_name_and_bad_is_test(tmp_path):
-    rows = [world_row("  ", 1, 2), world_row("X", 1, 2, test="maybe")]
+    # (a third, valid row: dropping every row is an error of its own)
+    rows = [world_row("  ", 1, 2), world_row("X", 1, 2, test="maybe"), world_row("Y", 1, 2)]
     path = write_csv(tmp_path / "names.csv", WORLD_HEADER, rows)
     with pytest.raises(DatasetError) as err:
         load_dataset(str(path))
@@ -271,6 +272,34 @@ def test_many_bad_rows_are_summarised(tmp_path):
     with pytest.raises(DatasetError, match=r"9 invalid row\(s\) of 10[\s\S]*and 4 more"):
         load_dataset(str(path))
     assert load_dataset(str(path), drop_invalid=True).n_dropped == 9
+
+
+def test_drop_invalid_dropping_every_row_is_one_line_error(tmp_path, monkeypatch):
+    """--drop-invalid on a CSV without one valid row: a one-line DatasetError saying how many
+    rows, the first reasons and that nothing is left, before any model is loaded."""
+    rows = [world_row("A", 95, 0), world_row("B", "x", 0), world_row("C", 0, 200),
+            world_row("D", "", 0), world_row("E", 91, 0)]
+    path = write_csv(tmp_path / "allbad.csv", WORLD_HEADER, rows)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(str(path), drop_invalid=True)
+    text = str(err.value)
+    assert "\n" not in text and str(path) in text
+    assert "all 5 rows are invalid as kind world_place" in text and "nothing is left" in text
+    assert "(first 3 reasons): line 2, column 'latitude': 95 is outside [-90, 90]; line 3, " \
+           "column 'latitude': 'x' is not a finite number; line 4, column 'longitude': 200 is " \
+           "outside [-180, 180]. Fix the file" in text
+    assert "line 5" not in text
+    with pytest.raises(DatasetError, match="invalid row"):   # without the flag: the listing
+        load_dataset(str(path))
+    import actstore.extract as ex
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded")
+    monkeypatch.setattr(ex, "load_model", no_model)
+    with pytest.raises(DatasetError, match="all 5 rows are invalid .*nothing is left"):
+        ex.extract("smollm2-135m", str(path), "coords", tmp_path / "s.zarr", drop_invalid=True,
+                progress=False)
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_missing_columns_and_wrong_kind(tmp_path):
