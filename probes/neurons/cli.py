@@ -24,11 +24,12 @@ examples:
       latitude and longitude (a place store's own targets), all rows, top 50 per target
   fastprobe neurons figures.zarr --target year --top 20 --out year-neurons
   fastprobe neurons w.zarr --split train --backend torch --device cpu --out n2
-  fastprobe neurons w.zarr --method projection --out proj-out
+  fastprobe neurons w.zarr --method projection --model store --out proj-out
       a store without neurons: projects the residual stream through the model's MLP weights
-      (the model named in the store; --model NAME_OR_PATH to point at a local copy)
+      (--model store: the model the store records; --model NAME_OR_PATH: another copy of it.
+      --model is required: a model named in a store is never loaded unasked)
   fastprobe fit --all-layers w.zarr --out probe-out
-  fastprobe neurons w.zarr --method projection --probe probe-out --top 20 --out n3
+  fastprobe neurons w.zarr --method projection --model store --probe probe-out --top 20 --out n3
       adds cos(probe): each neuron's output weights vs the probe of the layer it writes into
 
 output (DIR):
@@ -41,7 +42,7 @@ output (DIR):
                         longitude/latitude map coloured by the activation)
 
 Python: probes.neuron_report(store, targets=..., top=..., split=..., method=..., model=...,
-probe_dir=..., out=...).
+probe_dir=..., out=...); model="store" or a name, path or loaded model.
 """
 
 

@@ -26,7 +26,8 @@ class NeuronConfig:
     """stored: the store's neurons (extract --neurons); projection: computed from the residual
     stream with the model's MLP weights"""
     model: str | None = field(default=None, metadata=cli(metavar="NAME_OR_PATH"))
-    """model for --method projection / --probe (default: the store's model)"""
+    """model for --method projection / --probe, required by them: `store` loads the model the
+    store's metadata records (never loaded unasked), else a name or path"""
     probe_dir: str | None = field(default=None, metadata=cli("--probe", metavar="DIR"))
     """a `fastprobe fit --out` directory of this store: adds each top neuron's output-weight
     cosine with the probe direction"""

@@ -1,5 +1,6 @@
 """The model whose MLP weights the projection method and the probe cosines read, and the checks
-that it is the model the store was extracted with."""
+that it is the model the store was extracted with. A model named in a store's metadata is loaded
+only when the caller asks for it (``model="store"``, ``--model store``), never by default."""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,10 @@ from actstore.models import LoadedModel, decoder_layers, load_model, mlp_width
 from actstore.store import ActivationStore
 from probes.errors import NeuronReportError
 
-__all__ = ["resolve_model", "hf_model", "store_model_meta", "WEIGHT_KEYS"]
+__all__ = ["resolve_model", "hf_model", "store_model_meta", "WEIGHT_KEYS", "STORE_MODEL"]
 
 WEIGHT_KEYS = ("file_sha256", "files_sha256")   # weight-file hashes recorded by both sides
+STORE_MODEL = "store"   # --model store: load the model the store's metadata records
 
 
 def hf_model(model):
@@ -27,8 +29,16 @@ def store_model_meta(store: ActivationStore) -> dict:
     return m if isinstance(m, dict) else {}
 
 
-def _default_model(store, meta: dict):
-    """The name or path to load when the caller names no model: the one the store records."""
+def _recorded(meta: dict) -> str:
+    """The model a store records, in words ("the model in the local directory PATH")."""
+    if meta.get("source") == "local" and meta.get("path"):
+        return f"the model in the local directory {meta['path']}"
+    where = {"hub": "a Hugging Face id", "embedded": "embedded"}.get(meta.get("source"))
+    return f"model {meta.get('id')!r}" + (f" ({where})" if where else "")
+
+
+def _store_model(store, meta: dict):
+    """The name or path of the model the store records (``model="store"``)."""
     if not meta.get("id"):
         raise NeuronReportError(f"{store.path}: the store records no model; pass the model it "
                                 "was extracted with (--model NAME_OR_PATH)")
@@ -40,6 +50,31 @@ def _default_model(store, meta: dict):
     return meta.get("path") if meta.get("source") == "local" and meta.get("path") else meta["id"]
 
 
+def _no_model(store, meta: dict) -> NeuronReportError:
+    """No model given: a model named in a store's metadata is never loaded implicitly."""
+    _store_model(store, meta)   # raises first when the store records no reloadable model
+    return NeuronReportError(
+        f"{store.path}: --method projection and --probe read the model's MLP weights and no "
+        f"model was given; the store records {_recorded(meta)}: pass --model {STORE_MODEL} to "
+        f"load that one, or --model NAME_OR_PATH (in Python model={STORE_MODEL!r} or a name, "
+        "path or loaded model)")
+
+
+def _load(name: str):
+    """``load_model(name)`` on CPU in float32; any failure is one line naming the model."""
+    try:
+        return load_model(name, device="cpu", compute_dtype="float32")
+    except ModelError as exc:
+        raise NeuronReportError(f"cannot load model {name!r} for the neuron weights: "
+                                f"{exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a directory's files fail in their library's own
+        # error types (safetensors, torch.load, a config whose sizes disagree with the weights)
+        lines = str(exc).strip().splitlines()
+        first = lines[0][:300] if lines else ""
+        raise NeuronReportError(f"cannot load model {name!r} for the neuron weights: "
+                                f"{type(exc).__name__}: {first}") from exc
+
+
 def resolve_model(store: ActivationStore, model=None) -> tuple:
     """The HF model and its info dict, for the projection method and the probe cosines.
 
@@ -47,10 +82,10 @@ def resolve_model(store: ActivationStore, model=None) -> tuple:
     ----------
     store : ActivationStore
         The store the model must belong to.
-    model : str, os.PathLike, LoadedModel, HF model or None
-        None: the model named in the store's metadata; a name/path for
-        :func:`actstore.models.load_model` (loaded on CPU in float32); a ``LoadedModel``; or a
-        loaded HF model.
+    model : str, os.PathLike, LoadedModel or HF model
+        "store": the model named in the store's metadata (an explicit choice: None is refused,
+        naming that model); a name/path for :func:`actstore.models.load_model` (loaded on CPU
+        in float32); a ``LoadedModel``; or a loaded HF model.
 
     Returns
     -------
@@ -60,18 +95,16 @@ def resolve_model(store: ActivationStore, model=None) -> tuple:
     Raises
     ------
     NeuronReportError
-        The model cannot be loaded or disagrees with the store (d_model, blocks, architecture,
-        MLP width, weight file hashes where both sides record them).
+        No model given, the model cannot be loaded, or it disagrees with the store (d_model,
+        blocks, architecture, MLP width, weight file hashes where both sides record them).
     """
     meta = store_model_meta(store)
     if model is None:
-        model = _default_model(store, meta)
+        raise _no_model(store, meta)
+    if isinstance(model, str) and model == STORE_MODEL:
+        model = _store_model(store, meta)
     if isinstance(model, (str, os.PathLike)):
-        try:
-            lm = load_model(str(model), device="cpu", compute_dtype="float32")
-        except ModelError as exc:
-            raise NeuronReportError(f"cannot load model {str(model)!r} for the neuron weights: "
-                                    f"{exc}") from None
+        lm = _load(str(model))
         net, info = lm.model, lm.info
     elif isinstance(model, LoadedModel):
         net, info = model.model, dict(model.info)

@@ -192,8 +192,9 @@ def neuron_report(store: str | os.PathLike | ActivationStore,
         backend, device, out, layers, chunk_rows); None: the defaults.
     **options
         Fields of :class:`NeuronConfig` that override ``config`` (the keyword API:
-        ``neuron_report(store, targets="year", top=20, out="dir")``). In Python ``model`` may
-        also be a ``LoadedModel`` or a loaded HF model.
+        ``neuron_report(store, targets="year", top=20, out="dir")``). ``model`` (needed by
+        method "projection" and ``probe_dir``) is "store" (the model the store records, loaded
+        only when asked), a name or path, a ``LoadedModel`` or a loaded HF model.
 
     Returns
     -------

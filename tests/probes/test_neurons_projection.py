@@ -88,7 +88,7 @@ def _corr(a, y):
 def test_projection_matches_float64_reference(env):
     s = env["s_plain"]
     assert s.d_mlp is None and s.layers == [1, 2, 3]
-    res = neuron_report(s, method="projection", top=3, **CPU)
+    res = neuron_report(s, method="projection", top=3, model="store", **CPU)
     # hidden states 1, 2 feed blocks 1, 2, whose neurons write into hidden states 2, 3
     assert res["method"] == "projection" and res["layers"] == [2, 3]
     assert res["source_layers"] == [1, 2] and res["d_mlp"] == 64
@@ -113,7 +113,7 @@ def test_projection_equals_stored_when_attention_adds_nothing(env):
     s = env["s_exact"]
     assert s.dtype == "float32" and s.d_mlp == 64
     st = neuron_report(s, top=200, **CPU)
-    pr = neuron_report(s, method="projection", top=200, **CPU)
+    pr = neuron_report(s, method="projection", top=200, model="store", **CPU)
     assert st["method"] == "stored" and st["layers"] == [1, 2, 3] and pr["layers"] == [2, 3]
     for k in ("pearson", "spearman"):
         assert np.abs(pr["arrays"][k] - st["arrays"][k][1:]).max() < 1e-5
@@ -155,7 +155,7 @@ def test_probe_cosine_planted(env, tmp_path):
     s, model = env["s_plain"], env["model"]
     fit = _fit(s, tmp_path / "fit")
     _plant(fit, model, 3, 11, np.random.default_rng(0))
-    res = neuron_report(s, method="projection", top=128, probe_dir=fit, **CPU)
+    res = neuron_report(s, method="projection", top=128, probe_dir=fit, model="store", **CPU)
     assert res["probe"]["layers"] == [1, 2, 3]
     ent = {(e["layer"], e["index"]): e for e in res["top_neurons"]["latitude"]}
     assert len(ent) == 128
@@ -174,7 +174,7 @@ def test_probe_cosine_planted(env, tmp_path):
     s2 = env["s_exact"]
     fit2 = _fit(s2, tmp_path / "fit2")
     _plant(fit2, model, 2, 7, np.random.default_rng(1))
-    st = neuron_report(s2, top=192, probe_dir=fit2, **CPU)
+    st = neuron_report(s2, top=192, probe_dir=fit2, model="store", **CPU)
     assert st["model"] == str(env["mdir"])
     e = next(e for e in st["top_neurons"]["longitude"] if (e["layer"], e["index"]) == (2, 7))
     assert e["probe_cosine"]["longitude"] == pytest.approx(0.6, abs=1e-6)
@@ -212,17 +212,70 @@ def test_errors(env, tmp_path, make_llama):
     with pytest.raises(NeuronReportError, match="cannot load model"):
         neuron_report(s, method="projection", model=str(tmp_path / "no-model"), **CPU)
     with pytest.raises(NeuronReportError, match="no stored layer feeds a decoder block"):
-        neuron_report(s, method="projection", layers=[3], **CPU)   # hidden state 3: the last
+        # hidden state 3, the last: it feeds no block
+        neuron_report(s, method="projection", layers=[3], model="store", **CPU)
     with pytest.raises(NeuronReportError, match="moments use the torch reference"):
-        neuron_report(s, method="projection", backend="cpu", device="cpu")
+        neuron_report(s, method="projection", model="store", backend="cpu",
+                      device="cpu")
+
+
+def test_store_model_is_loaded_only_when_asked(env, tmp_path, capsys, monkeypatch):
+    """The model a store records (here a local directory) is loaded only on --model store /
+    model="store": without a model, projection and --probe are a one-line error naming it."""
+    import probes.neurons.model as pm
+
+    loads = []
+    real = pm.load_model
+    monkeypatch.setattr(pm, "load_model", lambda name, **kw: loads.append(name) or real(name,
+                                                                                        **kw))
+    s, s2 = env["s_plain"], env["s_exact"]
+    want = (f"the store records the model in the local directory {env['mdir']}: pass --model "
+            "store to load that one, or --model NAME_OR_PATH")
+    with pytest.raises(NeuronReportError, match="no model was given") as exc:
+        neuron_report(s, method="projection", **CPU)
+    assert want in str(exc.value) and "\n" not in str(exc.value)
+    fit = _fit(s2, tmp_path / "fit")
+    with pytest.raises(NeuronReportError, match="no model was given"):   # --probe needs it too
+        neuron_report(s2, probe_dir=fit, **CPU)
+    assert main(["neurons", str(s.path), "--method", "projection", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and want in err
+    assert loads == []                                  # nothing was loaded unasked
+    res = neuron_report(s, method="projection", top=2, model="store", **CPU)
+    assert res["model"] == str(env["mdir"]) and loads == [str(env["mdir"])]
+
+
+def test_unloadable_model_is_one_line_error(env, tmp_path, capsys):
+    """A model directory whose weights or config are broken: one line naming the model, not a
+    traceback (safetensors, and the size check of from_pretrained)."""
+    import shutil
+
+    s = env["s_plain"]
+    torn = tmp_path / "torn"
+    shutil.copytree(env["mdir"], torn)
+    w = torn / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    wide = tmp_path / "wide"
+    shutil.copytree(env["mdir"], wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    for bad, kind in ((torn, "SafetensorError"), (wide, "RuntimeError")):
+        with pytest.raises(NeuronReportError, match=f"cannot load model '{bad}' for the neuron "
+                           f"weights: {kind}: "):
+            neuron_report(s, method="projection", model=str(bad), **CPU)
+        assert main(["neurons", str(s.path), "--method", "projection", "--model", str(bad),
+                     "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and str(bad) in err
 
 
 def test_cli_projection_with_probe(env, tmp_path, capsys):
     s = env["s_plain"]
     fit = _fit(s, tmp_path / "fit")
     out = tmp_path / "o"
-    assert main(["neurons", str(s.path), "--method", "projection", "--probe", str(fit),
-                 "--top", "3", "--backend", "torch", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["neurons", str(s.path), "--method", "projection", "--model", "store",
+                 "--probe", str(fit), "--top", "3", "--backend", "torch", "--device", "cpu",
+                 "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "method projection" in text and "cos(probe)" in text
     doc = json.loads((out / "neurons.json").read_text())
@@ -257,7 +310,7 @@ def test_smollm2_projection_tracks_stored_neurons(tmp_path, make_world_csv):
     s = extract("smollm2-135m", csv, "coords", tmp_path / "s.zarr", layers="6,7", neurons=True,
                 dtype="float32", progress=False, device="cpu").store
     st = neuron_report(s, top=5, **CPU)
-    pr = neuron_report(s, method="projection", top=5, **CPU)
+    pr = neuron_report(s, method="projection", top=5, model="store", **CPU)
     assert pr["model"] == "smollm2-135m" and pr["layers"] == [7, 8] and st["layers"] == [6, 7]
     for k in ("pearson", "spearman"):
         for t in range(2):
