@@ -453,12 +453,42 @@ def weighted_factor(X, Y, w) -> WeightedFactor:
         lam, V = _eigh(0.5 * (C + C.T))
     else:
         Xt = w.sqrt()[:, None] * Xc
-        K = Xt @ Xt.T
-        lam, U = _eigh(0.5 * (K + K.T))
-        keep = lam > max(n, d) * float(torch.finfo(torch.float64).eps) * float(lam.max())
-        lam = lam[keep]
-        V = (Xt.T @ U[:, keep]) / lam.sqrt()
+        lam, U = _kernel_eig(Xt @ Xt.T, d)
+        V = (Xt.T @ U) / lam.sqrt()
     return WeightedFactor(wsum=wsum, mean=mean, ybar=ybar, lam=lam, V=V, G=V.T @ (Xc.T @ wYc))
+
+
+def _kernel_eig(K, d: int):
+    """Eigenpairs of a weighted centred kernel (m, m) of d-dimensional rows, without those of
+    rounding-level eigenvalue (the intercept direction √w, rows of weight 0, rank deficiency):
+    their directions X̃ᵀu have norm √λ ≈ 0 and carry no data."""
+    lam, U = _eigh(0.5 * (K + K.T))
+    keep = lam > max(K.shape[0], d) * float(torch.finfo(torch.float64).eps) * float(lam.max())
+    return lam[keep], U[:, keep]
+
+
+def _kernel_fold_predictions(K, Y, w, tr, va, alphas, d: int) -> torch.Tensor:
+    """Predictions (v, A, k) of rows ``va`` by the weighted fit on rows ``tr`` in kernel form,
+    from K = XₛXₛᵀ of all rows (X about any fixed shift): O(n_tr³), nothing of size d.
+
+    With p = w/Σw over the train rows, μ = Σ p x and m_a = x_aᵀμ, the kernel centred on μ is
+    K_ab - m_a - m_b + pᵀm; X̃ = √w(X_tr - μ) gives β = X̃ᵀU diag(1/(λ+α)) Uᵀ√w(y - ȳ), hence
+    the prediction ȳ + (K_c[va, tr] √w) U diag(1/(λ+α)) Uᵀ√w(y - ȳ)."""
+    wt = w[tr]
+    p = wt / wt.sum()
+    m = K[:, tr] @ p                                                          # (n,)
+    mm = p @ m[tr]
+    s = wt.sqrt()
+    Kc = K[tr][:, tr] - m[tr][:, None] - m[tr][None, :] + mm
+    lam, U = _kernel_eig(s[:, None] * Kc * s[None, :], d)
+    ybar = p @ Y[tr]
+    UTy = U.T @ (s[:, None] * (Y[tr] - ybar))                                 # (r, k)
+    P = ((K[va][:, tr] - m[va][:, None] - m[tr][None, :] + mm) * s[None, :]) @ U
+    a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), device=K.device)
+    inv = 1.0 / (lam[None, :] + a[:, None])                                   # (A, r)
+    r, k = UTy.shape
+    return (P @ (inv.T[:, :, None] * UTy[:, None, :]).reshape(r, -1)).reshape(
+        len(va), len(a), k) + ybar
 
 
 def _r2_rule(Yv, wv, pred) -> torch.Tensor:
@@ -498,7 +528,8 @@ def split_scores(X, Y, splits, alphas, w=None) -> torch.Tensor:
         (A, k) mean over splits of each target's R² (:func:`_r2_rule`).
     """
     w = torch.ones(X.shape[0], dtype=torch.float64, device=X.device) if w is None else w
-    total = None
+    d = X.shape[1]
+    total = K = None
     for f, (tr, va) in enumerate(splits):
         tr = torch.as_tensor(tr, device=X.device)
         va = torch.as_tensor(va, device=X.device)
@@ -511,7 +542,13 @@ def split_scores(X, Y, splits, alphas, w=None) -> torch.Tensor:
         if int((w[tr] > 0).sum()) < 2:
             raise RidgeError(f"fold {f}: fewer than 2 training rows (of positive weight) "
                              "outside it")
-        pred = weighted_factor(X[tr], Y[tr], w[tr]).predict(X[va], alphas)
+        if int((w[tr] > 0).sum()) >= d:
+            pred = weighted_factor(X[tr], Y[tr], w[tr]).predict(X[va], alphas)
+        else:                                   # dual: one n×n kernel serves every fold
+            if K is None:
+                Xs = X - X.mean(0)
+                K = Xs @ Xs.T
+            pred = _kernel_fold_predictions(K, Y, w, tr, va, alphas, d)
         r2 = _r2_rule(Y[va], w[va], pred)
         total = r2 if total is None else total + r2
     return total / len(splits)
