@@ -400,23 +400,24 @@ def test_weighted_kfold_equals_sklearn_ridgecv(n, d, cv):
     group splits and splits that are no partition."""
     from sklearn.model_selection import LeaveOneGroupOut, ShuffleSplit
     X, Y = make_data(n, d, seed=n * d)
+    grid = ALPHAS[::2]                                  # 7 alphas: GridSearchCV refits each
     w = make_weights(n, d, zeros=3)
     splitter = {"int": 4, "shuffled": KFold(3, shuffle=True, random_state=2),
                 "groups": list(LeaveOneGroupOut().split(X, groups=np.arange(n) % 3)),
                 "shufflesplit": ShuffleSplit(4, test_size=0.3, random_state=0)}[cv]
     for y in (Y[:, 0], Y):
-        ref = RidgeCV(alphas=ALPHAS, cv=splitter).fit(X, y, sample_weight=w)
-        me = RidgeProbeCV(ALPHAS, cv=splitter, standardize_targets=False)
+        ref = RidgeCV(alphas=grid, cv=splitter).fit(X, y, sample_weight=w)
+        me = RidgeProbeCV(grid, cv=splitter, standardize_targets=False)
         me.fit(X, y, sample_weight=w)
         assert me.alpha_ == ref.alpha_
         assert abs(me.best_score_ - ref.best_score_) <= 1e-9
         assert rel(me.coef_, ref.coef_) <= 1e-8
         assert rel(me.intercept_, ref.intercept_) <= 1e-8
     # per-target alphas with k-fold (RidgeCV refuses the combination): each target's own choice
-    apt = RidgeProbeCV(ALPHAS, cv=splitter, alpha_per_target=True, standardize_targets=False)
+    apt = RidgeProbeCV(grid, cv=splitter, alpha_per_target=True, standardize_targets=False)
     apt.fit(X, Y, sample_weight=w)
     for t in range(2):
-        one = RidgeCV(alphas=ALPHAS, cv=splitter).fit(X, Y[:, t], sample_weight=w)
+        one = RidgeCV(alphas=grid, cv=splitter).fit(X, Y[:, t], sample_weight=w)
         assert apt.alpha_[t] == one.alpha_
 
 
