@@ -9,13 +9,15 @@ from probes.errors import RidgeError
 __all__ = [
     "RidgeError", "parse_alphas", "DEFAULT_ALPHAS", "PrimalFactor", "primal_factor",
     "LooAccumulator", "select_alpha", "kfold_scores_primal", "dual_loo", "dual_kfold_scores",
-    "dual_coef", "kfold_assignment", "fit_arrays", "RidgeProbeCV",
+    "dual_coef", "kfold_assignment", "WeightedFactor", "weighted_factor", "split_scores",
+    "fit_arrays", "RidgeProbeCV",
 ]
 
 _LAZY = {"parse_alphas": "alphas", "DEFAULT_ALPHAS": "alphas", "RidgeProbeCV": "estimator",
          **{name: "solvers" for name in ("PrimalFactor", "primal_factor", "LooAccumulator",
                                          "select_alpha", "kfold_scores_primal", "dual_loo",
                                          "dual_kfold_scores", "dual_coef", "kfold_assignment",
+                                         "WeightedFactor", "weighted_factor", "split_scores",
                                          "fit_arrays")}}
 
 

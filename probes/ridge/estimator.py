@@ -1,15 +1,25 @@
-""":class:`RidgeProbeCV`, the scikit-learn face of the ridge solvers, for plain arrays. The only
-module of the project that imports scikit-learn."""
+""":class:`RidgeProbeCV`, the scikit-learn face of the ridge solvers, for plain arrays and
+DataFrames. The only module of the project that imports scikit-learn; it passes every check of
+``sklearn.utils.estimator_checks.check_estimator`` (tests/probes/test_estimator_conformance.py)."""
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from sklearn.model_selection import check_cv
+from sklearn.utils.validation import check_is_fitted
 
-from probes.errors import RidgeError
+from probes.errors import ProbesError, RidgeError
 from probes.kernels import resolve
 from probes.ridge.alphas import parse_alphas
 from probes.ridge.solvers import fit_arrays, kfold_assignment
+
+try:                                    # scikit-learn >= 1.6: the public validator
+    from sklearn.utils.validation import validate_data
+except ImportError:                     # 1.3 - 1.5 (pyproject's floor): the same, as a method
+    def validate_data(estimator, /, X="no_validation", y="no_validation", **kwargs):
+        return estimator._validate_data(X, y, **kwargs)
 
 __all__ = ["RidgeProbeCV"]
 
@@ -24,17 +34,19 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     ----------
     alphas : sequence of float or str
         The grid, as numbers or a string ``"LO:HI:N"`` (log-spaced) / ``"a,b,c"``.
-    cv : "loo", None or int
+    cv : "loo", None, int, CV splitter or iterable of (train, test)
         ``"loo"`` (or None): exact leave-one-out, identical to
-        ``sklearn.linear_model.RidgeCV()``; int K: K contiguous folds (sklearn ``KFold(K)``),
-        scored by R² as ``RidgeCV(cv=K)``.
+        ``sklearn.linear_model.RidgeCV()``; int K: K contiguous folds (sklearn ``KFold(K)``);
+        a splitter (``KFold(5, shuffle=True)``) or explicit index splits: those. k-fold is scored
+        by R² as ``RidgeCV(cv=...)`` scores it (a target constant on a validation fold scores
+        0, or 1 if predicted exactly, as ``r2_score``).
     alpha_per_target : bool
-        Choose one alpha per target column instead of one shared alpha.
+        Choose one alpha per target column instead of one shared alpha (with any ``cv``).
     standardize_targets : bool
-        z-score y with its mean and population std before fitting (the paper's convention;
-        changes the shared-alpha choice when targets have different scales). Coefficients and
-        predictions are always in y's original units. With False the fit equals
-        ``RidgeCV(alphas, alpha_per_target=...)`` on the raw y.
+        z-score y with its (weighted) mean and population std before fitting (the paper's
+        convention; changes the shared-alpha choice when targets have different scales).
+        Coefficients and predictions are always in y's original units. With False the fit
+        equals ``RidgeCV(alphas, alpha_per_target=...)`` on the raw y.
     backend : str
         ``"auto"`` (CUDA if available, else CPU), ``"cpu"``/``"torch"``, ``"cuda"``.
 
@@ -45,11 +57,13 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     coef_ : ndarray of shape (d,) or (k, d)
     intercept_ : float or ndarray of shape (k,)
     best_score_ : float or ndarray
-        CV score of the chosen alpha (LOO: -mean squared error in the fitted units; k-fold:
-        mean R²).
+        CV score of the chosen alpha (LOO: -mean of w·e² over the rows, e the LOO residual in
+        the fitted units, w the sample weight or 1; k-fold: mean R²).
     cv_scores_ : ndarray of shape (n_alphas, k)
         Per-target scores of every alpha.
     n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Column names, when X was a DataFrame with string column names.
     """
 
     def __init__(self, alphas=(0.1, 1.0, 10.0), *, cv="loo", alpha_per_target=False,
@@ -60,45 +74,80 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         self.standardize_targets = standardize_targets
         self.backend = backend
 
-    def fit(self, X, y) -> "RidgeProbeCV":
+    def fit(self, X, y, sample_weight=None) -> "RidgeProbeCV":
         """Choose alpha by CV on (X, y) and fit on all rows.
 
         Parameters
         ----------
-        X : array-like of shape (n, d)
+        X : array-like or DataFrame of shape (n, d)
         y : array-like of shape (n,) or (n, k)
+        sample_weight : float or array-like of shape (n,), optional
+            Weights >= 0 of the rows in the ridge loss Σ w (y - ŷ)² + α‖β‖², as
+            ``RidgeCV.fit(X, y, sample_weight)``: leave-one-out is then exact for the weighted
+            problem and scored by -mean(w·e²); k-fold fits each fold with the weights and scores
+            its validation rows by weighted R² (as RidgeCV's grid search does).
 
         Returns
         -------
         RidgeProbeCV
             self, fitted.
         """
-        X, y = check_X_y(X, y, multi_output=True, y_numeric=True, dtype=np.float64)
+        X, y = _validated(self, X, y, reset=True, multi_output=True, y_numeric=True,
+                          dtype=np.float64)
         alphas = parse_alphas(self.alphas)
-        cv = self._cv()
         Y = y[:, None] if y.ndim == 1 else y
         n = X.shape[0]
         if n < 3:
-            raise RidgeError(f"need at least 3 training rows, got {n}")
-        mu = Y.mean(0)
-        sd = Y.std(0) if self.standardize_targets else np.ones(Y.shape[1])
-        if np.any(sd == 0):
-            raise RidgeError(f"constant target column(s) {np.nonzero(sd == 0)[0].tolist()}")
-        fold = None if cv == "loo" else kfold_assignment(n, cv)
-        idx, best, scores, w, b = fit_arrays(X, (Y - mu) / sd, alphas, cv, self.alpha_per_target,
-                                             resolve(self.backend)[1], fold)
-        self._set_fitted(w.cpu().numpy() * sd[None, :], b.cpu().numpy() * sd + mu,
+            raise RidgeError(f"RidgeProbeCV needs at least 3 rows to choose alpha by "
+                             f"cross-validation, got n_samples={n}")
+        w = _sample_weight(sample_weight, n)
+        cv = self._splits(X, Y)
+        mu, sd = self._target_scale(Y, w)
+        idx, best, scores, coef, b = fit_arrays(X, (Y - mu) / sd, alphas, cv,
+                                                self.alpha_per_target, resolve(self.backend)[1],
+                                                sample_weight=w)
+        self._set_fitted(coef.cpu().numpy() * sd[None, :], b.cpu().numpy() * sd + mu,
                          alphas[idx], best, y.ndim == 1)
         self.cv_scores_ = scores.cpu().numpy()
-        self.n_features_in_ = X.shape[1]
         return self
 
-    def _cv(self):
-        if self.cv in (None, "loo"):
+    def _target_scale(self, Y, w):
+        """(mean, std) of the targets (weighted when w is given); a column whose rows of positive
+        weight are all equal cannot be standardised."""
+        if not self.standardize_targets:
+            return np.zeros(Y.shape[1]), np.ones(Y.shape[1])
+        rows = Y if w is None else Y[w > 0]
+        const = np.nonzero(rows.max(0) == rows.min(0))[0]
+        if const.size:
+            raise RidgeError(f"target column(s) {const.tolist()} are constant: they cannot be "
+                             "standardised (drop them, or pass standardize_targets=False)")
+        if w is None:
+            return Y.mean(0), Y.std(0)
+        p = w / w.sum()
+        mu = p @ Y
+        return mu, np.sqrt(p @ (Y - mu) ** 2)
+
+    def _splits(self, X, Y):
+        """"loo", or the list of (train, test) index arrays (an int K: ``KFold(K)``'s folds)."""
+        cv, n = self.cv, X.shape[0]
+        if cv is None or (isinstance(cv, str) and cv == "loo"):
             return "loo"
-        if isinstance(self.cv, bool) or not isinstance(self.cv, (int, np.integer)):
-            raise RidgeError(f"cv must be 'loo' or an int >= 2, got {self.cv!r}")
-        return int(self.cv)
+        if isinstance(cv, (str, bool)) or (isinstance(cv, numbers.Integral) and cv < 2):
+            raise RidgeError(f"cv must be 'loo', None, an int >= 2, a CV splitter or an iterable "
+                             f"of (train, test) index arrays, got {cv!r}")
+        if isinstance(cv, numbers.Integral):
+            fold = kfold_assignment(n, int(cv))
+            return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(cv)]
+        try:
+            splits = [(_indices(tr, n), _indices(te, n))
+                      for tr, te in check_cv(cv).split(X, Y[:, 0] if Y.shape[1] == 1 else Y)]
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ProbesError):
+                raise
+            raise RidgeError(f"cv={cv!r}: {' '.join(str(e).split())}") from None
+        if not splits:
+            raise RidgeError(f"cv={cv!r} gave no (train, test) split")
+        return splits
 
     def _set_fitted(self, W, B, a, best, y1d: bool) -> None:
         """coef_, intercept_, alpha_, best_score_ from W (d, k), B (k,), alphas (k,)."""
@@ -117,15 +166,57 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n, d)
+        X : array-like or DataFrame of shape (n, d)
+            The features of the fit (the same columns, by name, for a DataFrame).
 
         Returns
         -------
         ndarray of shape (n,) or (n, k)
         """
         check_is_fitted(self, "coef_")
-        X = check_array(X, dtype=np.float64)
-        if X.shape[1] != self.n_features_in_:
-            raise RidgeError(f"X has {X.shape[1]} features, the probe was fitted on "
-                             f"{self.n_features_in_}")
+        X = _validated(self, X, reset=False, dtype=np.float64)
         return X @ self.coef_.T + self.intercept_
+
+
+def _validated(estimator, X, y="no_validation", **kwargs):
+    """scikit-learn's input validation (dtypes, finiteness, n_features_in_, feature_names_in_
+    and its warnings), its errors re-raised as :class:`RidgeError` with scikit-learn's own
+    message (which its estimator checks match; a feature-name mismatch lists the names one per
+    line)."""
+    try:
+        return validate_data(estimator, X, y, **kwargs)
+    except ValueError as e:
+        if isinstance(e, ProbesError):
+            raise
+        raise RidgeError(str(e)) from None
+
+
+def _sample_weight(sample_weight, n: int):
+    """(n,) float64 weights, or None; RidgeError unless finite, >= 0 and not all zero."""
+    if sample_weight is None:
+        return None
+    w = np.array(sample_weight, dtype=np.float64)          # a copy: the caller's stays as is
+    if w.ndim == 0:
+        w = np.full(n, float(w))
+    if w.shape != (n,):
+        raise RidgeError(f"sample_weight has shape {w.shape}, expected ({n},): one weight per "
+                         "row of X")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise RidgeError("sample_weight must be finite and >= 0")
+    if not np.any(w > 0):
+        raise RidgeError("sample_weight is zero for every row: at least one weight must be "
+                         "positive")
+    return w
+
+
+def _indices(idx, n: int) -> np.ndarray:
+    """A split's rows as int64 indices (from indices or a boolean mask), checked against n."""
+    a = np.asarray(idx)
+    if a.dtype == bool:
+        if a.shape != (n,):
+            raise RidgeError(f"a cv split's boolean mask has shape {a.shape}, expected ({n},)")
+        return np.flatnonzero(a)
+    a = a.astype(np.int64, casting="same_kind").ravel()
+    if a.size and (a.min() < -n or a.max() >= n):
+        raise RidgeError(f"a cv split holds row indices outside [0, {n})")
+    return np.where(a < 0, a + n, a)

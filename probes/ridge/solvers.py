@@ -6,10 +6,12 @@ means, never scaled. Primal form (n ≥ d): C = Σ(x-x̄)(x-x̄)ᵀ = V diag(λ)
 statistics; dual form (n < d): K = (X-x̄)(X-x̄)ᵀ from the rows in memory. Selection by exact
 efficient leave-one-out (scikit-learn ``RidgeCV(cv=None)``) or K-fold R² from per-fold statistics;
 the first best alpha in grid order wins ties. Arithmetic in float64 torch (float32 on request,
-with a guarded eigenvalue floor). The estimator is in :mod:`probes.ridge.estimator`.
+with a guarded eigenvalue floor). In memory only: :class:`WeightedFactor` adds sample weights and
+any train/test splits (the estimator's). The estimator is in :mod:`probes.ridge.estimator`.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +21,8 @@ from probes.errors import RidgeError
 
 __all__ = [
     "PrimalFactor", "primal_factor", "LooAccumulator", "select_alpha", "kfold_scores_primal",
-    "kfold_assignment", "dual_loo", "dual_kfold_scores", "dual_coef", "fit_arrays",
+    "kfold_assignment", "dual_loo", "dual_kfold_scores", "dual_coef", "WeightedFactor",
+    "weighted_factor", "split_scores", "fit_arrays",
 ]
 
 
@@ -379,9 +382,181 @@ def dual_kfold_scores(X, Y, fold, alphas, precision="float64"):
 
 
 
+# ----------------------------------------------------------------------------- in memory, weighted
+
+@dataclass
+class WeightedFactor:
+    """Ridge with intercept and sample weights on one layer's rows in memory, every alpha at once.
+
+    Minimises Σ w_i (y_i - b - x_iᵀβ)² + α‖β‖² (scikit-learn ``Ridge().fit(X, y, w)``): x̄, ȳ are
+    the weighted means, C = Σ w (x-x̄)(x-x̄)ᵀ = V diag(λ) Vᵀ and G = Vᵀ Σ w (x-x̄)(y-ȳ)ᵀ, so that
+    β(α) = V diag(1/(λ+α)) G. V (d, r) is orthonormal: all d eigenvectors of C (primal), or, when
+    fewer rows than features carry weight, V = X̃ᵀU/√λ from the weighted kernel X̃X̃ᵀ = U diag(λ) Uᵀ
+    with X̃ = √w (X - x̄) (dual; directions of rounding-level λ dropped: they carry no data).
+    """
+    wsum: float
+    mean: torch.Tensor
+    ybar: torch.Tensor
+    lam: torch.Tensor
+    V: torch.Tensor
+    G: torch.Tensor
+
+    def _apply(self, Z, alphas) -> torch.Tensor:
+        """Z (m, r) projected rows -> fitted values (m, A, k) for every alpha, one GEMM."""
+        a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), device=self.lam.device)
+        inv = 1.0 / (self.lam[None, :] + a[:, None])                          # (A, r)
+        r, k = self.G.shape
+        M = (inv.T[:, :, None] * self.G[:, None, :]).reshape(r, -1)           # (r, A*k)
+        return (Z @ M).reshape(Z.shape[0], len(a), k) + self.ybar
+
+    def coef(self, alpha_per_t) -> torch.Tensor:
+        """β (d, k) at the given alpha per target (k,)."""
+        a = torch.as_tensor(np.asarray(alpha_per_t, dtype=np.float64), device=self.lam.device)
+        return self.V @ (self.G / (self.lam[:, None] + a[None, :]))
+
+    def intercept(self, coef) -> torch.Tensor:
+        """b = ȳ - x̄ᵀβ, (k,)."""
+        return self.ybar - self.mean @ coef
+
+    def predict(self, X, alphas) -> torch.Tensor:
+        """Predictions (m, A, k) of rows X (m, d) for every alpha of the grid."""
+        return self._apply((X - self.mean) @ self.V, alphas)
+
+    def loo_sse(self, X, Y, w, alphas) -> torch.Tensor:
+        """Σ_i w_i e_i² (A, k) over the fitted rows, e_i the exact leave-one-out residual.
+
+        h_i(α) = w_i (1/Σw + Σ_j Z_ij²/(λ_j+α)) with Z = (X - x̄)V is the hat diagonal of the
+        weighted problem (the 1/Σw term is the unpenalised intercept); e_i = (y_i - ŷ_i)/(1-h_i).
+        With unit weights this is :class:`LooAccumulator`'s residual; w_i e_i² is the square of
+        scikit-learn's rescaled ``looe`` (``RidgeCV(cv=None).fit(X, y, sample_weight=w)``).
+        """
+        a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), device=self.lam.device)
+        Z = (X - self.mean) @ self.V
+        h = w[:, None] * ((Z * Z) @ (1.0 / (self.lam[None, :] + a[:, None])).T + 1.0 / self.wsum)
+        e = (Y[:, None, :] - self._apply(Z, alphas)) / (1.0 - h)[..., None]
+        return (w[:, None, None] * e * e).sum(0)
+
+
+def weighted_factor(X, Y, w) -> WeightedFactor:
+    """:class:`WeightedFactor` of rows X (n, d), targets Y (n, k), weights w (n,) (float64 tensors
+    on one device; weights >= 0, rows of weight 0 ignored), primal or dual by shape."""
+    pos = w > 0
+    X, Y, w = X[pos], Y[pos], w[pos]
+    wsum = float(w.sum())
+    mean = (w @ X) / wsum
+    ybar = (w @ Y) / wsum
+    Xc = X - mean
+    wYc = w[:, None] * (Y - ybar)
+    n, d = X.shape
+    if n >= d:
+        C = Xc.T @ (w[:, None] * Xc)
+        lam, V = _eigh(0.5 * (C + C.T))
+    else:
+        Xt = w.sqrt()[:, None] * Xc
+        lam, U = _kernel_eig(Xt @ Xt.T, d)
+        V = (Xt.T @ U) / lam.sqrt()
+    return WeightedFactor(wsum=wsum, mean=mean, ybar=ybar, lam=lam, V=V, G=V.T @ (Xc.T @ wYc))
+
+
+def _kernel_eig(K, d: int):
+    """Eigenpairs of a weighted centred kernel (m, m) of d-dimensional rows, without those of
+    rounding-level eigenvalue (the intercept direction √w, rows of weight 0, rank deficiency):
+    their directions X̃ᵀu have norm √λ ≈ 0 and carry no data."""
+    lam, U = _eigh(0.5 * (K + K.T))
+    keep = lam > max(K.shape[0], d) * float(torch.finfo(torch.float64).eps) * float(lam.max())
+    return lam[keep], U[:, keep]
+
+
+def _kernel_fold_predictions(K, Y, w, tr, va, alphas, d: int) -> torch.Tensor:
+    """Predictions (v, A, k) of rows ``va`` by the weighted fit on rows ``tr`` in kernel form,
+    from K = XₛXₛᵀ of all rows (X about any fixed shift): O(n_tr³), nothing of size d.
+
+    With p = w/Σw over the train rows, μ = Σ p x and m_a = x_aᵀμ, the kernel centred on μ is
+    K_ab - m_a - m_b + pᵀm; X̃ = √w(X_tr - μ) gives β = X̃ᵀU diag(1/(λ+α)) Uᵀ√w(y - ȳ), hence
+    the prediction ȳ + (K_c[va, tr] √w) U diag(1/(λ+α)) Uᵀ√w(y - ȳ)."""
+    wt = w[tr]
+    p = wt / wt.sum()
+    m = K[:, tr] @ p                                                          # (n,)
+    mm = p @ m[tr]
+    s = wt.sqrt()
+    Kc = K[tr][:, tr] - m[tr][:, None] - m[tr][None, :] + mm
+    lam, U = _kernel_eig(s[:, None] * Kc * s[None, :], d)
+    ybar = p @ Y[tr]
+    UTy = U.T @ (s[:, None] * (Y[tr] - ybar))                                 # (r, k)
+    P = ((K[va][:, tr] - m[va][:, None] - m[tr][None, :] + mm) * s[None, :]) @ U
+    a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), device=K.device)
+    inv = 1.0 / (lam[None, :] + a[:, None])                                   # (A, r)
+    r, k = UTy.shape
+    return (P @ (inv.T[:, :, None] * UTy[:, None, :]).reshape(r, -1)).reshape(
+        len(va), len(a), k) + ybar
+
+
+def _r2_rule(Yv, wv, pred) -> torch.Tensor:
+    """Per-target R² (A, k) of predictions (v, A, k) of Yv (v, k) with row weights wv (v,), as
+    scikit-learn's ``r2_score(sample_weight=wv)`` (about the fold's own weighted mean): a target
+    constant on the fold's rows of positive weight scores 1.0 if predicted exactly, else 0.0
+    (``force_finite``; "constant" is tested exactly, so that z-scored targets, whose mean may
+    round, are judged as the raw ones)."""
+    sse = (wv[:, None, None] * (Yv[:, None, :] - pred) ** 2).sum(0)
+    ybar = (wv @ Yv) / wv.sum()
+    sst = (wv[:, None] * (Yv - ybar) ** 2).sum(0)
+    pos = Yv[wv > 0]
+    const = pos.max(0).values == pos.min(0).values                            # (k,)
+    r2 = 1.0 - sse / torch.where(const, torch.ones_like(sst), sst)
+    return torch.where(const[None, :], (sse == 0).to(torch.float64), r2)
+
+
+def split_scores(X, Y, splits, alphas, w=None) -> torch.Tensor:
+    """Per-target cross-validated R² (A, k), averaged over ``splits``, with sample weights.
+
+    Parameters
+    ----------
+    X : torch.Tensor (n, d); Y : torch.Tensor (n, k)
+        float64 rows and targets.
+    splits : list of (train, test)
+        Integer index arrays, as a scikit-learn CV splitter yields them (any train/test sets).
+    alphas : numpy.ndarray
+        The grid (A,).
+    w : torch.Tensor or None
+        (n,) row weights (None = 1): of the training fits and of the validation R², as
+        ``RidgeCV(cv=K).fit(X, y, sample_weight=w)`` uses them (its grid search passes the
+        weights to ``Ridge.fit`` and to the R² scorer).
+
+    Returns
+    -------
+    torch.Tensor
+        (A, k) mean over splits of each target's R² (:func:`_r2_rule`).
+    """
+    w = torch.ones(X.shape[0], dtype=torch.float64, device=X.device) if w is None else w
+    d = X.shape[1]
+    total = K = None
+    for f, (tr, va) in enumerate(splits):
+        tr = torch.as_tensor(tr, device=X.device)
+        va = torch.as_tensor(va, device=X.device)
+        if len(va) < 2:
+            raise RidgeError(f"fold {f} has {len(va)} validation row(s); its R² needs at least 2 "
+                             "(use fewer folds)")
+        if not bool((w[va] > 0).any()):
+            raise RidgeError(f"fold {f}: every validation row has sample_weight 0; its R² is "
+                             "undefined (use other folds)")
+        if int((w[tr] > 0).sum()) < 2:
+            raise RidgeError(f"fold {f}: fewer than 2 training rows (of positive weight) "
+                             "outside it")
+        if int((w[tr] > 0).sum()) >= d:
+            pred = weighted_factor(X[tr], Y[tr], w[tr]).predict(X[va], alphas)
+        else:                                   # dual: one n×n kernel serves every fold
+            if K is None:
+                Xs = X - X.mean(0)
+                K = Xs @ Xs.T
+            pred = _kernel_fold_predictions(K, Y, w, tr, va, alphas, d)
+        r2 = _r2_rule(Y[va], w[va], pred)
+        total = r2 if total is None else total + r2
+    return total / len(splits)
+
+
 # ----------------------------------------------------------------------------- in memory
 
-def fit_arrays(X, Y, alphas, cv, alpha_per_target: bool, device, fold=None):
+def fit_arrays(X, Y, alphas, cv, alpha_per_target: bool, device, fold=None, sample_weight=None):
     """Ridge-CV on in-memory train arrays (the estimator's solve), primal or dual by shape.
 
     Parameters
@@ -390,11 +565,16 @@ def fit_arrays(X, Y, alphas, cv, alpha_per_target: bool, device, fold=None):
         Train rows and targets (converted to float64 on ``device``).
     alphas : numpy.ndarray
         The grid (A,).
-    cv : "loo" or int
-        Exact leave-one-out, or k-fold with the fold ids ``fold`` (n,).
+    cv : "loo", int or list of (train, test)
+        Exact leave-one-out; k-fold with the fold ids ``fold`` (n,); or explicit index splits.
+        k-fold and splits score R² (:func:`split_scores`).
     alpha_per_target : bool
         One alpha per target instead of one shared.
     device : torch.device
+    sample_weight : array (n,) or None
+        Weights >= 0 of the ridge loss (None: unweighted, the streaming solvers' arithmetic).
+        Leave-one-out then scores -Σ w e² / n, k-fold the weighted R² of the validation rows
+        (as scikit-learn ``RidgeCV`` does).
 
     Returns
     -------
@@ -402,21 +582,49 @@ def fit_arrays(X, Y, alphas, cv, alpha_per_target: bool, device, fold=None):
         (alpha index (k,), best score (scalar or (k,)), per-target scores (A, k) tensor,
         coef (d, k) tensor, intercept (k,) tensor).
     """
-    Xt = torch.as_tensor(X, dtype=torch.float64, device=device)
-    Yt = torch.as_tensor(Y, dtype=torch.float64, device=device)
+    Xt, Yt = _read_only_tensor(X, device), _read_only_tensor(Y, device)
     alphas = np.asarray(alphas)
     n, d = Xt.shape
+    if cv == "loo" and sample_weight is None:
+        return _unweighted_loo(Xt, Yt, alphas, alpha_per_target)
+    w = (torch.ones(n, dtype=torch.float64, device=device) if sample_weight is None
+         else torch.as_tensor(sample_weight, dtype=torch.float64, device=device))
+    if cv == "loo":
+        if int((w > 0).sum()) < 3:
+            raise RidgeError(f"leave-one-out needs at least 3 rows of positive sample_weight, got "
+                             f"{int((w > 0).sum())}")
+        fac = weighted_factor(Xt, Yt, w)
+        scores = -fac.loo_sse(Xt, Yt, w, alphas) / n
+    else:
+        if not isinstance(cv, (list, tuple)):
+            fold = np.asarray(fold)
+            cv = [(np.nonzero(fold != f)[0], np.nonzero(fold == f)[0])
+                  for f in range(int(fold.max()) + 1)]
+        scores = split_scores(Xt, Yt, cv, alphas, w)
+        fac = weighted_factor(Xt, Yt, w)
+    idx, best = select_alpha(scores[None], alpha_per_target)
+    coef = fac.coef(alphas[idx[0]])
+    return idx[0], best[0], scores, coef, fac.intercept(coef)
+
+
+def _read_only_tensor(a, device) -> torch.Tensor:
+    """float64 tensor of ``a``, sharing its memory when it can: the solvers never write into
+    their input, so torch's warning about a read-only array (a pandas frame's values, a memmap)
+    does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(a, dtype=torch.float64, device=device)
+
+
+def _unweighted_loo(X, Y, alphas, alpha_per_target):
+    """fit_arrays' leave-one-out without weights: the streaming solvers' own arithmetic."""
+    n, d = X.shape
     if n < d:
-        if cv == "loo":
-            scores, _, state = dual_loo(Xt, Yt, alphas)
-        else:
-            scores = dual_kfold_scores(Xt, Yt, fold, alphas)
-            _, _, state = dual_loo(Xt, Yt, alphas[:1])
+        scores, _, state = dual_loo(X, Y, alphas)
         idx, best = select_alpha(scores[None], alpha_per_target)
         w, b = dual_coef(state, alphas[idx[0]])
         return idx[0], best[0], scores, w, b
-    fac, scores = (_primal_loo(Xt, Yt, alphas) if cv == "loo"
-                   else _primal_kfold(Xt, Yt, alphas, fold))
+    fac, scores = _primal_loo(X, Y, alphas)
     idx, best = select_alpha(scores[None], alpha_per_target)
     w = fac.coef(alphas[idx])
     return idx[0], best[0], scores, w[0], fac.intercept(w)[0]
@@ -431,20 +639,3 @@ def _primal_loo(X, Y, alphas):
     acc = LooAccumulator(fac, alphas, n, keep_predictions=False)
     acc.update(0, X[None], Y, np.ones(n, dtype=bool))
     return fac, acc.scores()[0]
-
-
-def _primal_kfold(X, Y, alphas, fold):
-    """(factor of all rows, k-fold R² scores (A, k)) of one layer's rows in memory."""
-    shift = X.mean(0)
-    Xs = X - shift
-    ft = torch.as_tensor(fold, device=X.device)
-    parts = [ft == f for f in range(int(fold.max()) + 1)]
-    nf = torch.stack([m.sum().to(torch.float64) for m in parts])
-    sx = torch.stack([Xs[m].sum(0) for m in parts])[None]
-    xtx = torch.stack([Xs[m].T @ Xs[m] for m in parts])[None]
-    sy = torch.stack([Y[m].sum(0) for m in parts])
-    yty = torch.stack([Y[m].T @ Y[m] for m in parts])
-    xty = torch.stack([Xs[m].T @ Y[m] for m in parts])[None]
-    scores = kfold_scores_primal(nf, sx, xtx, sy, yty, xty, alphas)[0]
-    fac = primal_factor(X.shape[0], sx.sum(1), xtx.sum(1), sy.sum(0), xty.sum(1), shift[None])
-    return fac, scores

@@ -145,16 +145,39 @@ def test_kfold_equals_sklearn_and_brute_force(n, d, K):
 
 
 @pytest.mark.parametrize("d", [4, 20])                  # primal and dual
-def test_kfold_degenerate_validation_fold_raises(d):
-    X, Y = make_data(16, d, seed=4)
-    # 16 rows in 5 folds: sizes 4, 3, 3, 3, 3; rows 0..3 are fold 0
-    Yc = Y.copy()
-    Yc[:4, 1] = 2.5
-    with pytest.raises(RidgeError, match=r"fold 0: target column\(s\) \[1\] are constant"):
-        RidgeProbeCV(ALPHAS, cv=5, standardize_targets=False).fit(X, Yc)
+@pytest.mark.parametrize("standardize", [False, True])
+def test_kfold_constant_target_on_a_fold_scored_as_ridgecv(d, standardize):
+    """A target constant on a validation fold: R² is 0/0 there; RidgeCV (r2_score) scores it 0
+    (1 if predicted exactly) instead of failing, and so do we, also after z-scoring (whose
+    rounding must not turn "constant" into a near-zero variance)."""
+    rng = np.random.default_rng(d)
+    X = rng.normal(size=(30, d))
+    y = np.repeat([1.0, 2.0, 3.0], 10)                  # every 3-fold validation set constant
+    y[12] = 2.5                                         # ... but one
+    ref = RidgeCV(alphas=ALPHAS, cv=3).fit(X, y)
+    me = RidgeProbeCV(ALPHAS, cv=3, standardize_targets=standardize).fit(X, y)
+    assert me.alpha_ == ref.alpha_
+    assert abs(me.best_score_ - ref.best_score_) <= 1e-12
+    assert rel(me.coef_, ref.coef_) <= 1e-8
+    Y2 = np.column_stack([y, X[:, 0] + rng.normal(size=30)])
+    m2 = RidgeProbeCV(ALPHAS, cv=3, alpha_per_target=True, standardize_targets=standardize)
+    m2.fit(X, Y2)
+    assert np.all(np.isfinite(m2.cv_scores_)) and np.all(m2.cv_scores_[:, 0] <= 1)
+
+
+def test_kfold_fold_with_one_validation_row_raises():
+    X, Y = make_data(16, 4, seed=4)
     # 5 rows in 4 folds: sizes 2, 1, 1, 1
     with pytest.raises(RidgeError, match=r"fold 1 has 1 validation row"):
         RidgeProbeCV(ALPHAS, cv=4).fit(X[:5], Y[:5])
+
+
+def test_streaming_kfold_solver_still_refuses_a_constant_fold():
+    """fastprobe fit's fold-statistics solvers (not the estimator) keep their loud error."""
+    X, Y = make_data(16, 4, seed=4)
+    Y[:4, 1] = 2.5                                      # rows 0..3 are fold 0 of 5
+    with pytest.raises(RidgeError, match=r"fold 0: target column\(s\) \[1\] are constant"):
+        dual_kfold_scores(X, Y, kfold_assignment(16, 5), ALPHAS)
 
 
 @pytest.mark.parametrize("n,k", [(2, 2), (10, 3), (17, 5), (45, 4), (100, 7), (31, 31)])
@@ -262,7 +285,7 @@ def test_parse_alphas():
 
 def test_bad_inputs():
     X, Y = make_data(30, 5, seed=1)
-    with pytest.raises(RidgeError, match="at least 3"):
+    with pytest.raises(RidgeError, match="at least 3 rows .*got n_samples=2"):
         RidgeProbeCV(ALPHAS).fit(X[:2], Y[:2])
     Yc = Y.copy()
     Yc[:, 1] = 4.0
@@ -277,7 +300,8 @@ def test_bad_inputs():
     with pytest.raises(RidgeError):
         RidgeProbeCV(ALPHAS, cv=40).fit(X, Y)   # more folds than rows
     m = RidgeProbeCV(ALPHAS).fit(X, Y)
-    with pytest.raises(RidgeError, match="features"):
+    with pytest.raises(RidgeError, match="X has 3 features, but RidgeProbeCV is expecting 5 "
+                       "features as input"):
         m.predict(X[:, :3])
 
 
@@ -298,3 +322,165 @@ def test_float32_eigh_dual_and_primal_close_to_float64():
             torch.tensor(Y.sum(0)), torch.tensor(Xs.T @ Y)[None])
     a, b = primal_factor(*args), primal_factor(*args, precision="float32")
     assert rel(b.coef(np.full((1, 2), 1.0)).numpy(), a.coef(np.full((1, 2), 1.0)).numpy()) < 1e-4
+
+
+# ----------------------------------------------------------------------------- sample weights
+
+def make_weights(n, seed, zeros=0):
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(0.1, 5.0, n)
+    w[rng.choice(n, zeros, replace=False)] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("n,d", [(120, 17), (61, 60), (30, 75), (23, 200)])   # primal and dual
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("apt", [False, True])
+@pytest.mark.parametrize("zeros", [0, 5])
+def test_weighted_loo_equals_sklearn_ridgecv(n, d, k, apt, zeros):
+    """RidgeCV(alphas).fit(X, y, sample_weight=w): the same alpha(s), coefficients, intercept
+    and best_score_ (-mean of w·e² over the rows, e the weighted problem's exact LOO residual)."""
+    X, Y = make_data(n, d, k=k, seed=n + d + k, scales=(1.0, 40.0, 0.05))
+    y = Y[:, 0] if k == 1 else Y
+    w = make_weights(n, n + k, zeros)
+    ref = RidgeCV(alphas=ALPHAS, alpha_per_target=apt).fit(X, y, sample_weight=w)
+    me = RidgeProbeCV(ALPHAS, alpha_per_target=apt, standardize_targets=False)
+    me.fit(X, y, sample_weight=w)
+    np.testing.assert_array_equal(np.atleast_1d(me.alpha_), np.atleast_1d(ref.alpha_))
+    assert rel(me.coef_, ref.coef_) <= 1e-8
+    assert rel(me.intercept_, ref.intercept_) <= 1e-8
+    assert rel(me.best_score_, ref.best_score_) <= 1e-8
+    assert np.shape(me.best_score_) == np.shape(ref.best_score_)
+
+
+def test_weighted_loo_scores_equal_brute_force_weighted_refits():
+    """Independent of scikit-learn's GCV: refit the weighted Ridge without each row."""
+    X, Y = make_data(14, 4, seed=21)
+    w = make_weights(14, 3, zeros=2)
+    alphas = np.array([0.3, 3.0, 30.0])
+    me = RidgeProbeCV(alphas, alpha_per_target=True, standardize_targets=False)
+    me.fit(X, Y, sample_weight=w)
+    for a, alpha in enumerate(alphas):
+        sse = np.zeros(Y.shape[1])
+        for i in range(len(X)):
+            m = np.arange(len(X)) != i
+            r = Ridge(alpha=alpha).fit(X[m], Y[m], sample_weight=w[m])
+            sse += w[i] * (Y[i] - r.predict(X[i:i + 1])[0]) ** 2
+        np.testing.assert_allclose(me.cv_scores_[a], -sse / len(X), rtol=1e-9)
+
+
+def test_sample_weight_scalar_ones_and_standardized():
+    X, Y = make_data(50, 8, seed=6, scales=(1.0, 300.0))
+    plain = RidgeProbeCV(ALPHAS).fit(X, Y)
+    ones = RidgeProbeCV(ALPHAS).fit(X, Y, sample_weight=np.ones(50))
+    assert ones.alpha_ == plain.alpha_
+    assert rel(ones.coef_, plain.coef_) <= 1e-10
+    assert rel(ones.best_score_, plain.best_score_) <= 1e-10
+    # a scalar weight c scales the loss: RidgeCV's answer with the same scalar
+    for c in (0.25, 7.0):
+        ref = RidgeCV(alphas=ALPHAS).fit(X, Y[:, 0], sample_weight=c)
+        me = RidgeProbeCV(ALPHAS).fit(X, Y[:, 0], sample_weight=c)
+        assert me.alpha_ == ref.alpha_ and rel(me.coef_, ref.coef_) <= 1e-8
+    # standardize_targets z-scores y with the weighted mean and population std
+    w = make_weights(50, 9, zeros=4)
+    mu = np.average(Y, axis=0, weights=w)
+    sd = np.sqrt(np.average((Y - mu) ** 2, axis=0, weights=w))
+    ref = RidgeCV(alphas=ALPHAS).fit(X, (Y - mu) / sd, sample_weight=w)
+    me = RidgeProbeCV(ALPHAS).fit(X, Y, sample_weight=w)
+    assert me.alpha_ == ref.alpha_
+    assert rel(me.coef_, ref.coef_ * sd[:, None]) <= 1e-8
+    assert rel(me.intercept_, ref.intercept_ * sd + mu) <= 1e-8
+
+
+@pytest.mark.parametrize("n,d", [(80, 9), (26, 40)])
+@pytest.mark.parametrize("cv", ["int", "shuffled", "groups", "shufflesplit"])
+def test_weighted_kfold_equals_sklearn_ridgecv(n, d, cv):
+    """RidgeCV(cv=...).fit(X, y, sample_weight=w) (its grid search fits each fold with the
+    weights and scores the validation rows by weighted R²), for folds, shuffled folds, explicit
+    group splits and splits that are no partition."""
+    from sklearn.model_selection import LeaveOneGroupOut, ShuffleSplit
+    X, Y = make_data(n, d, seed=n * d)
+    grid = ALPHAS[::2]                                  # 7 alphas: GridSearchCV refits each
+    w = make_weights(n, d, zeros=3)
+    splitter = {"int": 4, "shuffled": KFold(3, shuffle=True, random_state=2),
+                "groups": list(LeaveOneGroupOut().split(X, groups=np.arange(n) % 3)),
+                "shufflesplit": ShuffleSplit(4, test_size=0.3, random_state=0)}[cv]
+    for y in (Y[:, 0], Y):
+        ref = RidgeCV(alphas=grid, cv=splitter).fit(X, y, sample_weight=w)
+        me = RidgeProbeCV(grid, cv=splitter, standardize_targets=False)
+        me.fit(X, y, sample_weight=w)
+        assert me.alpha_ == ref.alpha_
+        assert abs(me.best_score_ - ref.best_score_) <= 1e-9
+        assert rel(me.coef_, ref.coef_) <= 1e-8
+        assert rel(me.intercept_, ref.intercept_) <= 1e-8
+    # per-target alphas with k-fold (RidgeCV refuses the combination): each target's own choice
+    apt = RidgeProbeCV(grid, cv=splitter, alpha_per_target=True, standardize_targets=False)
+    apt.fit(X, Y, sample_weight=w)
+    for t in range(2):
+        one = RidgeCV(alphas=grid, cv=splitter).fit(X, Y[:, t], sample_weight=w)
+        assert apt.alpha_[t] == one.alpha_
+
+
+def test_sample_weight_errors_and_the_callers_array_untouched():
+    X, Y = make_data(20, 3, seed=2)
+    for bad, msg in ((np.ones(21), r"shape \(21,\), expected \(20,\)"),
+                     (np.ones((20, 2)), r"shape \(20, 2\)"),
+                     (np.r_[np.ones(19), -1.0], "finite and >= 0"),
+                     (np.r_[np.ones(19), np.nan], "finite and >= 0"),
+                     (np.zeros(20), "zero for every row")):
+        with pytest.raises(RidgeError, match=msg):
+            RidgeProbeCV(ALPHAS).fit(X, Y, sample_weight=bad)
+    w = np.r_[np.zeros(18), 1.0, 1.0]
+    with pytest.raises(RidgeError, match="at least 3 rows of positive sample_weight, got 2"):
+        RidgeProbeCV(ALPHAS).fit(X, Y, sample_weight=w)
+    w = make_weights(20, 1)
+    before = w.copy()
+    RidgeProbeCV(ALPHAS, cv=4).fit(X, Y, sample_weight=w)
+    np.testing.assert_array_equal(w, before)
+
+
+# ----------------------------------------------------------------------------- sklearn's API
+
+def test_feature_names_from_a_dataframe_and_the_warnings_on_mismatch():
+    import warnings
+
+    import pandas as pd
+    X, Y = make_data(40, 4, seed=3)
+    df = pd.DataFrame(X, columns=["a", "b", "c", "d"])
+    m = RidgeProbeCV(ALPHAS).fit(df, Y)
+    assert m.feature_names_in_.tolist() == ["a", "b", "c", "d"] and m.n_features_in_ == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(m.predict(df), RidgeProbeCV(ALPHAS).fit(X, Y).predict(X),
+                                   rtol=1e-12)
+    with pytest.warns(UserWarning, match="X does not have valid feature names, but "
+                      "RidgeProbeCV was fitted with feature names"):
+        m.predict(X)
+    with pytest.raises(RidgeError, match="Feature names must be in the same order"):
+        m.predict(df[["b", "a", "c", "d"]])
+    with pytest.raises(RidgeError, match="Feature names unseen at fit time:\n- e"):
+        m.predict(df.rename(columns={"d": "e"}))
+    plain = RidgeProbeCV(ALPHAS).fit(X, Y)
+    assert not hasattr(plain, "feature_names_in_")
+    with pytest.warns(UserWarning, match="X has feature names, but RidgeProbeCV was fitted "
+                      "without feature names"):
+        plain.predict(df)
+    m.fit(X, Y)                                           # refit on an array forgets the names
+    assert not hasattr(m, "feature_names_in_")
+
+
+def test_messages_scikit_learn_expects():
+    X, Y = make_data(20, 5, seed=8)
+    with pytest.raises(RidgeError, match="n_samples=1"):
+        RidgeProbeCV(ALPHAS).fit(X[:1], Y[:1])
+    with pytest.raises(RidgeError, match="n_samples=1"):
+        RidgeProbeCV(ALPHAS, cv=3).fit(X[:1], Y[:1])
+    m = RidgeProbeCV(ALPHAS, cv=3).fit(X, Y)
+    with pytest.raises(RidgeError, match="X has 1 features, but RidgeProbeCV is expecting 5 "
+                       "features as input"):
+        m.score(X[:, :1], Y)
+    for bad in ("five", 1, True, 2.5):
+        with pytest.raises(RidgeError, match="cv"):
+            RidgeProbeCV(ALPHAS, cv=bad).fit(X, Y)
+    with pytest.raises(RidgeError, match="outside"):
+        RidgeProbeCV(ALPHAS, cv=[(np.arange(10), np.arange(10, 25))]).fit(X, Y)
