@@ -180,7 +180,9 @@ def write_results(result: Mapping, out, store=None) -> Path:
     with report.OutputSet(out, last=(RESULTS_FILE,)) as stage:
         digests = {}
         if arr is not None:
-            digests[ARRAYS_FILE] = _write_hashed(stage / ARRAYS_FILE, lambda f: np.savez_compressed(
+            # stored, not deflated: the float64 predictions do not compress (a 33-layer,
+            # 40,000-row fit: 22.3 MB in 0.14 s stored vs 21.3 MB in 2.6 s deflated)
+            digests[ARRAYS_FILE] = _write_hashed(stage / ARRAYS_FILE, lambda f: np.savez(
                 f, **_npz_arrays(arr)))
             if store is not None:
                 df = _predictions_table(doc, arr, store)
