@@ -59,8 +59,8 @@ class FitResult(Mapping):
         Per layer: layer, position, alpha, cv_score, alpha_at_grid_edge, train and test metrics.
     arrays : dict of numpy.ndarray, optional
         coef (L, d, k) and intercept (L, k) in target units, alpha (L, k), cv_scores (L, A, k),
-        predictions (L, n, k), is_test (n,), layers (L,); None for a result read back from
-        results.json.
+        predictions (L, n, k), is_test (n,), layers (L,) (probes.npz holds the same); None
+        for a result read back from results.json, unless ``load_results(..., arrays=True)``.
     """
 
     store: str

@@ -40,7 +40,8 @@ def strict_load(path: Path):
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+    """Every entry of ``d`` by name: a file's bytes (a folder, e.g. a staging one: None)."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(Path(d).iterdir())}
 
 
 def make_store(path, seed=0, constant_test_latitude=False, neurons=False):
@@ -210,6 +211,39 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_outputs(store, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write {out / name}" in err
     assert _files(out) == before
+
+
+def test_an_interrupted_write_leaves_the_previous_set_and_a_killed_ones_stage_is_removed(
+        store, tmp_path, monkeypatch):
+    import socket
+    import sys
+
+    from probes import report
+
+    out = tmp_path / "out"
+    fit(store, out)
+    before = _files(out)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "make_plots", interrupted)   # after probes.npz and the CSV
+    with pytest.raises(KeyboardInterrupt):
+        fit(store, out, alphas="1e-3:1e-1:3")
+    assert _files(out) == before and not list(out.glob(".staging-*"))
+    monkeypatch.undo()
+    # a process killed outright leaves its staging folder; the next write into DIR removes it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = out / f".staging-{socket.gethostname()}-{dead}-abc"
+    stale.mkdir()
+    (stale / "probes.npz").write_bytes(b"half")
+    alive = out / f".staging-{socket.gethostname()}-{os.getpid()}-xyz"  # a live writer's
+    alive.mkdir()
+    fit(store, out, alphas="1e-3:1e-1:3")
+    assert not stale.exists() and alive.exists()
+    after = _files(out)
+    assert after.keys() == before.keys() | {alive.name} and after != before
+    load_results(out, arrays=True)
 
 
 def test_every_output_names_the_file_it_cannot_write(store, tmp_path, monkeypatch):
