@@ -2,10 +2,13 @@
 
 :func:`write_atomic` writes to a temporary ``*.partial`` file beside the target and renames it
 into place, so a killed writer leaves the old file or the new one, never a torn one (an
-exclusive store open deletes leftover ``*.partial`` files). Imports only the standard library.
+exclusive store open deletes leftover ``*.partial`` files); a write that fails (a full disk)
+raises :class:`WriteError`, naming the file and saying the previous one is unchanged. Imports
+only the standard library.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,10 +16,71 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
-__all__ = ["write_atomic", "write_json", "cache_dir", "file_sha256", "PARTIAL_SUFFIX"]
+__all__ = ["write_atomic", "write_json", "cache_dir", "file_sha256", "PARTIAL_SUFFIX",
+           "WriteError"]
 
 PARTIAL_SUFFIX = ".partial"
 Content = Union[bytes, str, Callable[[BinaryIO], None]]
+_NO_ROOM = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n))
+
+
+class WriteError(OSError):
+    """A file :func:`write_atomic` could not write: an OSError (``errno``, ``strerror`` of the
+    cause, ``filename`` = the target) whose one-line message names the file and says that the
+    previous file, if any, is unchanged (``kept``) and what to do.
+
+    Not an ``ActstoreError`` (a ValueError): code that catches OSError keeps catching it, and
+    the CLIs print any OSError as one line.
+    """
+
+    def __init__(self, filename, errno_: int | None, strerror: str | None, kept: str):
+        super().__init__(errno_, strerror, str(filename))
+        self.kept = kept
+
+    def __str__(self) -> str:
+        cause = (f"[Errno {self.errno}] {self.strerror}" if self.errno is not None
+                 else str(self.strerror))
+        hint = ("free some space or write elsewhere" if self.errno in _NO_ROOM
+                else "check the folder's permissions or write elsewhere"
+                if self.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                else "write elsewhere")
+        return f"cannot write {self.filename}: {cause}; {self.kept} ({hint})"
+
+    def __reduce__(self):
+        return type(self), (self.filename, self.errno, self.strerror, self.kept)
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    """The :class:`WriteError` of a failed write of ``path`` (the rename never happened)."""
+    if isinstance(exc, WriteError):
+        return exc
+    kept = (f"the previous {path.name} is unchanged" if path.exists()
+            else f"no {path.name} was written")
+    return WriteError(path, exc.errno, exc.strerror or str(exc), kept)
+
+
+class _Target:
+    """The open temporary file as ``content(file)`` sees it: its write errors become
+    :class:`WriteError` (naming the target), as does a full disk however the callable met it;
+    any other error of the callable (a failed download, say) passes through as it is."""
+
+    def __init__(self, f: BinaryIO, path: Path):
+        self._f, self._path = f, path
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            raise _write_error(self._path, exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as exc:
+            raise _write_error(self._path, exc) from exc
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def write_atomic(path, content: Content, *, check: Callable[[Path], None] | None = None,
@@ -39,20 +103,40 @@ def write_atomic(path, content: Content, *, check: Callable[[Path], None] | None
     -------
     Path
         ``path``.
+
+    Raises
+    ------
+    WriteError
+        The file could not be written or renamed (a full disk, no permission): the message
+        names ``path``; ``path`` is left as it was and no temporary file remains.
     """
     path = Path(path)
-    if mkdir:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     try:
-        with os.fdopen(fd, "wb") as f:
+        if mkdir:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                   suffix=PARTIAL_SUFFIX)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Target(raw, path)
             if callable(content):
-                content(f)
+                try:
+                    content(f)
+                except OSError as exc:   # a full disk, whichever way the callable wrote
+                    if exc.errno in _NO_ROOM:
+                        raise _write_error(path, exc) from exc
+                    raise
             else:
                 f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()             # a full disk may only show when the buffer is written
         if check is not None:
             check(Path(tmp))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
     except BaseException:
         try:
             os.unlink(tmp)

@@ -1,29 +1,33 @@
-"""Plots and the per-layer table of a fit (results.json + the best layer's predictions).
+"""Plots and the per-layer table of a fit (results.json + the best layer's predictions), and the
+output files' common rules.
 
-PNG files written by :func:`make_plots`:
+PNG files written by :func:`make_plots`: ``r2_by_layer.png`` (mean R² over targets, train and
+test, by layer); ``map_best_layer.png`` (places: predicted positions at the best layer, coloured
+by a group column, true positions in light grey); ``year_best_layer.png`` (time: predicted vs
+true year, with the y = x line); ``pred_vs_true_best_layer.png`` (any other targets).
 
-* ``r2_by_layer.png``   : mean R² over targets, train and test, against the layer index;
-* ``map_best_layer.png``: places (latitude + longitude targets) — predicted positions at the best
-  layer, coloured by a group column (region, country...), true positions in light grey;
-* ``year_best_layer.png``: time targets (``year``) — predicted vs true year, with the y = x line;
-* ``pred_vs_true_best_layer.png``: any other targets — predicted vs true, one panel per target.
-
-For ``fastprobe neurons``: :func:`format_neuron_table` (ranked top neurons per target, with the
-probe cosine column when a probe was given) and
-:func:`plot_best_neuron` (``neuron_<target>.png``: the best neuron's activation against the target;
-for places a longitude/latitude map coloured by the activation).
+For ``fastprobe neurons``: :func:`format_neuron_table` (top neurons per target, with the probe
+cosine column when a probe was given) and :func:`plot_best_neuron` (``neuron_<target>.png``).
+Output files: :func:`strict_json` / :func:`write_strict_json` (no bare NaN: a null and its
+reason) and :class:`OutputSet` (the files of one output written as a set, its JSON last).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from actstore.io import write_atomic
+from actstore.io import WriteError, write_atomic, write_json
 
 __all__ = ["format_table", "make_plots", "format_neuron_table", "plot_best_neuron", "text_table",
-           "save_figure", "md_table", "md_num"]
+           "save_figure", "md_table", "md_num", "strict_json", "write_strict_json", "OutputSet",
+           "NULL_REASONS", "STAGING_PREFIX", "sha256_of"]
 
 MAX_GROUPS = 10
 
@@ -258,3 +262,160 @@ def plot_best_neuron(path, target: str, y, act, best: dict, lonlat=None) -> Path
     path = Path(path)
     save_figure(fig, path)
     return path
+
+
+# ------------------------------------------------------------------------ strict JSON files
+_UNDEFINED_R2 = "R² is undefined: the target is constant on these rows"
+_UNDEFINED_CORR = "the correlation is undefined: one of its two variables is constant on these rows"
+NULL_REASONS = {
+    "r2": _UNDEFINED_R2, "r2_per_target": _UNDEFINED_R2,
+    **{k: _UNDEFINED_CORR for k in ("pearson", "pearson_per_target", "spearman",
+                                    "spearman_per_target", "probe_cosine")},
+    "cv_score": "the CV score is undefined: a target is constant on a validation fold",
+}
+"""Why a number can be missing, by the name of the key that holds it or of the nearest
+enclosing key that has an entry (``r2_per_target`` for ``r2_per_target.latitude``)."""
+
+
+def strict_json(doc: dict, reasons: dict | None = None) -> dict:
+    """``doc`` as strict JSON: numpy scalars and arrays made plain, and every NaN or infinity
+    written as null with its reason in the top-level ``"nulls"``.
+
+    Parameters
+    ----------
+    doc : dict
+        The document (a JSON object).
+    reasons : dict, optional
+        Key name -> why a number under that key can be missing, added to (and overriding)
+        :data:`NULL_REASONS`; other numbers get "not a finite number".
+
+    Returns
+    -------
+    dict
+        A copy; when any number was not finite, ``"nulls"`` maps the path of each null
+        (``layers[3].test.r2_per_target.latitude``) to ``"NaN: <why>"`` (or ``Infinity``,
+        ``-Infinity``). ``json.dumps(..., allow_nan=False)`` accepts it.
+    """
+    why = {**NULL_REASONS, **(reasons or {})}
+    nulls: dict[str, str] = {}
+    out = _strict(doc, "", (), nulls, why)
+    if nulls:
+        out["nulls"] = {**(out.get("nulls") or {}), **nulls}
+    return out
+
+
+def _strict(obj, path: str, keys: tuple, nulls: dict, why: dict):
+    if isinstance(obj, dict):
+        return {str(k): _strict(v, f"{path}.{k}" if path else str(k), keys + (str(k),), nulls,
+                                why) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, f"{path}[{i}]", keys, nulls, why) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        token = "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+        reason = next((why[k] for k in reversed(keys) if k in why), "not a finite number")
+        nulls[path] = f"{token}: {reason}"
+        return None
+    return obj
+
+
+def write_strict_json(path, doc: dict, reasons: dict | None = None, *,
+                      mkdir: bool = False) -> Path:
+    """:func:`actstore.io.write_json` of :func:`strict_json` ``(doc, reasons)`` with
+    ``allow_nan=False`` (indent 1; atomic; a failed write names the file)."""
+    return write_json(path, strict_json(doc, reasons), indent=1, mkdir=mkdir, allow_nan=False)
+
+
+# ------------------------------------------------------------------------ output sets
+STAGING_PREFIX = ".staging-"
+
+
+def sha256_of(path) -> str:
+    """sha256 of a file's bytes, read now (never cached, unlike ``actstore.io.file_sha256``: a
+    file replaced in place must not pass a check of the digest recorded beside it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class OutputSet:
+    """The files of one output (a fit, a neuron report, an experiment) written as a set.
+
+    ``with OutputSet(out, last=("results.json",)) as stage:`` gives a staging folder inside
+    ``out``; write every file there (each through ``actstore.io``). When the block ends without
+    an error, the files are renamed into ``out``, those named in ``last`` after all the others
+    (the JSON that describes them); on any error nothing in ``out`` changes, the staging folder
+    is removed, and a :class:`~actstore.io.WriteError` names the file in ``out`` that could not
+    be written. The staging folder of a killed process of this host is removed next time.
+    """
+
+    def __init__(self, out, last: tuple[str, ...] = ()):
+        self.out, self.last, self.stage = Path(out), tuple(last), None
+
+    def __enter__(self) -> Path:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _remove_stale_stages(self.out)
+            self.stage = Path(tempfile.mkdtemp(dir=self.out, prefix=_stage_prefix()))
+        except OSError as exc:
+            raise WriteError(self.out, exc.errno, exc.strerror or str(exc),
+                             "nothing was written") from exc
+        return self.stage
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is None:
+            try:
+                self._commit()
+            finally:
+                shutil.rmtree(self.stage, ignore_errors=True)
+            return False
+        shutil.rmtree(self.stage, ignore_errors=True)
+        if isinstance(exc, WriteError) and _same(Path(exc.filename).parent, self.stage):
+            raise WriteError(self.out / Path(exc.filename).name, exc.errno, exc.strerror,
+                             f"the previous files in {self.out} are unchanged") from exc
+        return False
+
+    def _commit(self) -> None:
+        names = sorted(p.name for p in self.stage.iterdir())
+        order = [n for n in names if n not in self.last] + [n for n in self.last if n in names]
+        for i, name in enumerate(order):
+            try:
+                os.replace(self.stage / name, self.out / name)
+            except OSError as exc:
+                done = ", ".join(order[:i]) or "none"
+                raise WriteError(self.out / name, exc.errno, exc.strerror or str(exc),
+                                 f"already replaced: {done}; run it again") from exc
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _stage_prefix() -> str:
+    return f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_stages(out: Path) -> None:
+    """Remove the staging folders that dead processes of this host left in ``out``."""
+    mine = f"{STAGING_PREFIX}{socket.gethostname()}-"
+    for p in out.glob(mine + "*"):
+        pid = p.name[len(mine):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":            # os.kill(pid, 0) would end the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True                # another user's process
+    return True

@@ -15,12 +15,11 @@ from typing import Callable
 
 import numpy as np
 
-from actstore.io import write_json
 from actstore.store import open_store
 from actstore.store.format import as_compute
 from probes.errors import ExperimentError
 from probes.metrics import evaluate, latlon_columns, proximity_error
-from probes.report import save_figure
+from probes.report import OutputSet, save_figure, write_strict_json
 
 __all__ = ["as_store", "layer_x", "alpha_grid", "ridge", "best_loo_index", "fit_layers",
            "probe_at", "proximity_rows", "summary", "layer_fields", "clean", "write_result",
@@ -144,15 +143,18 @@ def pyplot():
 
 
 def write_result(result: dict, out_dir, plot: Callable[[dict], object]) -> list[Path]:
-    """Write NAME.json (``result``, non-finite numbers as null) and NAME.png (the figure
-    ``plot(result)``), each atomically; return both paths."""
+    """Write NAME.png (the figure ``plot(result)``), then NAME.json (``result`` as strict JSON:
+    a non-finite number is null, its reason in ``"nulls"``), as one set
+    (:class:`probes.report.OutputSet`: a failed write changes neither file); return the paths
+    of NAME.json and NAME.png."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = result.get("name") or result["experiment"]
-    pj = write_json(out / f"{name}.json", clean(result), indent=1)
-    fig = plot(result)
-    fig.tight_layout()
-    return [pj, save_figure(fig, out / f"{name}.png")]
+    with OutputSet(out, last=(f"{name}.json",)) as stage:
+        fig = plot(result)
+        fig.tight_layout()
+        save_figure(fig, stage / f"{name}.png")
+        write_strict_json(stage / f"{name}.json", result)
+    return [out / f"{name}.json", out / f"{name}.png"]
 
 
 # ----------------------------------------------------------------------------- text and CLI

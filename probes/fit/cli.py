@@ -19,8 +19,10 @@ output (DIR):
   results.json          per layer: layer, alpha, cv_score, and for train and test: r2 (mean
                         over targets), r2_per_target, pearson, spearman, proximity_error and,
                         for places, km_error_median; plus best_layer (by test R2), targets,
-                        split sizes, backend, seconds
-  probes.npz            coef (L, d, k) in target units, intercept, alpha, cv_scores
+                        split sizes, backend, seconds, the sha256 of the files below (written
+                        last; a NaN is null, its reason under "nulls")
+  probes.npz            coef (L, d, k) in target units, intercept, alpha, cv_scores,
+                        predictions (L, n, k), is_test (n,), layers
   predictions_best_layer.csv   true and predicted targets of every row at the best layer
   r2_by_layer.png, map_best_layer.png (places) or year_best_layer.png (time)
 

@@ -85,7 +85,8 @@ class FitConfig:
                               metadata=cli(flag="--memory-gb", type=float, metavar="GB"))
     """memory for one batch of layers' statistics + eigenvectors + per-alpha predictions (GB on
     the command line, bytes in Python); fewer layers per pass when it is small (at least one
-    layer is always taken)"""
+    layer is always taken; an alpha grid whose per-alpha arrays of one layer exceed it is
+    refused before the fit starts)"""
     seed: int = 0
     """seed of the k-fold shuffle"""
     chunk_rows: int | None = field(default=None, metadata=cli(hidden=True))

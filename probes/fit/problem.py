@@ -17,10 +17,14 @@ from probes.distributed import Reducer
 from probes.errors import FitError
 from probes.fit.config import FitConfig
 from probes.inputs import parse_split, select_layers, target_matrix
+from probes.kernels import preferred_chunk_rows
 from probes.ridge.alphas import parse_alphas
 from probes.ridge.solvers import kfold_assignment
 
-__all__ = ["Problem", "prepare", "Meter", "Job", "BatchFit", "non_finite_error"]
+__all__ = ["Problem", "prepare", "Meter", "Job", "BatchFit", "non_finite_error", "alpha_memory",
+           "check_alpha_memory", "ALPHA_BUDGET_FLOOR"]
+
+ALPHA_BUDGET_FLOOR = 256 << 20   # bytes the per-alpha arrays may take whatever --memory-gb says
 
 
 @dataclass
@@ -71,8 +75,49 @@ def prepare(store, config: FitConfig) -> Problem:
         fold[train] = kfold_assignment(int(train.sum()), config.cv, shuffle=True,
                                        seed=config.seed)
     form = "dual" if int(train.sum()) < store.d_model else "primal"
-    return Problem(names=names, Y=Y, mu=mu, sd=sd, Yz=(Y - mu) / sd, is_test=is_test, fold=fold,
-                   alphas=parse_alphas(config.alphas), cv=config.cv, layers=layers, form=form)
+    problem = Problem(names=names, Y=Y, mu=mu, sd=sd, Yz=(Y - mu) / sd, is_test=is_test,
+                      fold=fold, alphas=parse_alphas(config.alphas), cv=config.cv,
+                      layers=layers, form=form)
+    check_alpha_memory(problem, store.d_model, config)
+    return problem
+
+
+def alpha_memory(problem: Problem, d: int, chunk_rows: int | None = None) -> int:
+    """Bytes of the per-alpha arrays of ONE layer (float64), what a long alpha grid multiplies:
+    primal LOO, every row's prediction at every alpha (n·k), the eigenbasis scaled per alpha
+    (d·(2k+2)) and one chunk's fitted values, hat diagonals and residuals (r·(4k+3)); primal
+    k-fold, the per-fold solutions (d·(4k+1)); dual LOO, the fitted values and residuals of
+    every row (n·(6k+2)); dual k-fold, a fold's (n·(5k+1)). Each times A alphas."""
+    n, k, A = problem.n, problem.Yz.shape[1], len(problem.alphas)
+    if problem.form == "dual":
+        per_alpha = n * (6 * k + 2) if problem.cv == "loo" else n * (5 * k + 1)
+    elif problem.cv == "loo":
+        r = min(n, chunk_rows or preferred_chunk_rows(d, 1, 1, max_bytes=64 << 20))
+        per_alpha = n * k + d * (2 * k + 2) + r * (4 * k + 3)
+    else:
+        per_alpha = d * (4 * k + 1)
+    return 8 * A * per_alpha
+
+
+def check_alpha_memory(problem: Problem, d: int, config: FitConfig) -> None:
+    """FitError, before anything is allocated, when the per-alpha arrays of one layer
+    (:func:`alpha_memory`) exceed the budget ``config.memory_bytes`` (``--memory-gb``), or
+    :data:`ALPHA_BUDGET_FLOOR` when the budget is smaller (a tiny budget only narrows the
+    batches: one layer is always taken)."""
+    need = alpha_memory(problem, d, config.chunk_rows)
+    limit = max(int(config.memory_bytes), ALPHA_BUDGET_FLOOR)
+    if need > limit:
+        A = len(problem.alphas)
+        fit = max(1, int(A * limit // need))
+        cv = "LOO" if problem.cv == "loo" else f"{problem.cv}-fold"
+        raise FitError(f"{A} alphas need {_gb(need)} for the per-alpha arrays of one layer "
+                       f"({problem.n} rows, d {d}, {problem.form} form, {cv}), more than the "
+                       f"memory budget of {_gb(limit)} (--memory-gb): use fewer alphas (about "
+                       f"{fit} fit) or raise --memory-gb if the machine has the memory")
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.3g} GB"
 
 
 def _check_split(split, n: int, n_train: int, n_test: int) -> None:

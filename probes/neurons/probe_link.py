@@ -26,17 +26,19 @@ def _same_path(a, b) -> bool:
 
 
 def _read_fit(pdir: Path) -> tuple[dict, np.ndarray, list[int]]:
-    """(results.json dict, coef (L, d, k) float64, layers) of a ``fastprobe fit --out`` dir."""
+    """(results.json dict, coef (L, d, k) float64, layers) of a ``fastprobe fit --out`` dir,
+    once its probes.npz is shown to be the one its results.json describes (the sha256 that
+    results.json records: a fit killed between the two files, or another fit's arrays copied
+    in, is refused)."""
     try:
-        res = load_results(pdir)
+        res = load_results(pdir, arrays=True)
     except FitError as exc:
         raise NeuronReportError(f"--probe {pdir}: {exc}") from None
-    npz = (pdir if pdir.is_dir() else pdir.parent) / ARRAYS_FILE
-    if not npz.exists():
-        raise NeuronReportError(f"--probe {pdir}: no {ARRAYS_FILE} beside results.json (the "
-                                "probe coefficients)")
-    with np.load(npz) as z:
-        return res, np.asarray(z["coef"], dtype=np.float64), [int(x) for x in z["layers"]]
+    z = res.arrays
+    if "coef" not in z or "layers" not in z:
+        raise NeuronReportError(f"--probe {pdir}: {ARRAYS_FILE} holds no probe coefficients "
+                                "(coef, layers)")
+    return res, np.asarray(z["coef"], dtype=np.float64), [int(x) for x in z["layers"]]
 
 
 def _model_diffs(res: dict, store) -> list[str]:
@@ -108,7 +110,9 @@ def load_probe(probe_dir: str | os.PathLike, store: ActivationStore) -> dict:
     Raises
     ------
     NeuronReportError
-        The fit cannot be read or does not belong to ``store`` (the message says what differs).
+        The fit cannot be read, its probes.npz is not the file its results.json describes
+        (``arrays_sha256``: another fit's arrays, or a fit killed between the two), or it does
+        not belong to ``store`` (the message says what differs).
     """
     pdir = Path(probe_dir)
     res, coef, lay = _read_fit(pdir)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from actstore.io import write_atomic, write_json
+from actstore.io import write_atomic
 from actstore.store import ActivationStore, open_store
 from probes.errors import NeuronReportError
 from probes.inputs import resolve_targets
@@ -22,9 +22,10 @@ from probes.neurons.correlations import neuron_correlations
 from probes.neurons.model import resolve_model
 from probes.neurons.probe_link import add_probe_cosines, load_probe
 from probes.neurons.projection import NEURON_LAYER_RULE, projected_neuron, projection_correlations
-from probes.report import plot_best_neuron
+from probes.report import OutputSet, plot_best_neuron, sha256_of, write_strict_json
 
-__all__ = ["neuron_report", "write_neuron_report", "NEURONS_JSON", "NEURONS_NPZ", "SPLITS"]
+__all__ = ["neuron_report", "write_neuron_report", "NEURONS_JSON", "NEURONS_NPZ", "SPLITS",
+           "NEURON_NULLS"]
 
 NEURONS_JSON = "neurons.json"
 NEURONS_NPZ = "neurons.npz"
@@ -238,12 +239,14 @@ def neuron_report(store: str | os.PathLike | ActivationStore,
     if probe is not None:
         add_probe_cosines(result["top_neurons"], net, probe)
         result["probe"] = {k: probe[k] for k in ("dir", "store", "targets", "layers")}
-    if cfg.out is not None:
-        _write_outputs(result, cfg, store, rows, net, dev)
-    t4 = time.perf_counter()
-    result["seconds"] = {**corr.seconds, "outputs": t4 - t3, "total": t4 - t0}
-    if cfg.out is not None:   # rewrite the JSON with the timings
-        _write_json(result, cfg.out)
+
+    def timed():
+        t4 = time.perf_counter()
+        result["seconds"] = {**corr.seconds, "outputs": t4 - t3, "total": t4 - t0}
+    if cfg.out is not None:        # neurons.json, last, holds the timings
+        _write_outputs(result, cfg, store, rows, net, dev, before_json=timed)
+    else:
+        timed()
     return result
 
 
@@ -261,43 +264,58 @@ def _best_activations(top_neurons: dict, read) -> dict:
     return acts
 
 
-def _write_outputs(result: dict, cfg: NeuronConfig, store, rows: _Rows, net, dev) -> list:
+def _write_outputs(result: dict, cfg: NeuronConfig, store, rows: _Rows, net, dev,
+                   before_json=None) -> list:
     acts = None
     if cfg.method == "projection":   # recomputed from the residual: the store has no neurons
         acts = _best_activations(result["top_neurons"], lambda e, idx: projected_neuron(
             store, net, e["source_layer"], idx, dev, cfg.chunk_rows))
-    return write_neuron_report(result, cfg.out, store, rows.mask, rows.Y, activations=acts)
+    return _write_set(result, cfg.out, store, rows.mask, rows.Y, acts, before_json)
 
 
-def _write_json(result: dict, out):
-    write_json(Path(out) / NEURONS_JSON, {k: v for k, v in result.items() if k != "arrays"})
+# a NaN correlation in neurons.json: the targets were checked non-constant, so the neuron is
+NEURON_NULLS = {k: "the correlation is undefined: the neuron is constant on these rows"
+                for k in ("pearson", "spearman")}
 
 
 def write_neuron_report(result: dict, out: str | os.PathLike, store: ActivationStore,
                         mask: np.ndarray, Y: np.ndarray,
                         activations: dict | None = None) -> list[Path]:
-    """neurons.json, neurons.npz and the best-neuron PNGs (see :func:`neuron_report`).
+    """neurons.npz, the best-neuron PNGs, then neurons.json (see :func:`neuron_report`), as
+    one set (:class:`probes.report.OutputSet`: a failed write changes nothing in ``out``).
 
-    activations: {target: (rows_done,) activation of that target's best neuron}; None reads
-    them from the store's stored neurons (method "stored")."""
+    neurons.json is strict JSON (a NaN correlation is null, its reason in ``"nulls"``) and
+    records ``"arrays_sha256"``: {"neurons.npz": its sha256}. activations: {target:
+    (rows_done,) activation of that target's best neuron}; None reads them from the store's
+    stored neurons (method "stored"). Returns the paths written (neurons.json first)."""
+    return _write_set(result, out, store, mask, Y, activations)
+
+
+def _write_set(result: dict, out, store, mask: np.ndarray, Y: np.ndarray, activations,
+               before_json=None) -> list[Path]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(result, out)
-    extra = ({"source_layers": np.asarray(result["source_layers"])}
-             if "source_layers" in result else {})
-    write_atomic(out / NEURONS_NPZ, lambda f: np.savez_compressed(
-        f, layers=np.asarray(result["layers"]), targets=np.asarray(result["targets"]), **extra,
-        **result["arrays"]))
-    written = [out / NEURONS_JSON, out / NEURONS_NPZ]
     names = result["targets"]
     ll = latlon_columns(names)
     coords = None if ll is None else (Y[mask, ll[1]], Y[mask, ll[0]])
     if activations is None:                  # stored neurons: each layer read once
         activations = _best_activations(result["top_neurons"], lambda e, idx: store.layer(
             e["layer"], array="neurons", as_="torch")[:, idx].to(torch.float32).numpy())
-    for i, t in enumerate(names):
-        best = result["top_neurons"][t][0]
-        act = np.asarray(activations[t], dtype=np.float32)[:len(mask)][mask]
-        written.append(plot_best_neuron(out / f"neuron_{t}.png", t, Y[mask, i], act, best,
-                                        lonlat=coords))
-    return written
+    extra = ({"source_layers": np.asarray(result["source_layers"])}
+             if "source_layers" in result else {})
+    digest = []
+    with OutputSet(out, last=(NEURONS_JSON,)) as stage:
+        write_atomic(stage / NEURONS_NPZ, lambda f: np.savez_compressed(
+            f, layers=np.asarray(result["layers"]), targets=np.asarray(result["targets"]),
+            **extra, **result["arrays"]), check=lambda tmp: digest.append(sha256_of(tmp)))
+        pngs = []
+        for i, t in enumerate(names):
+            best = result["top_neurons"][t][0]
+            act = np.asarray(activations[t], dtype=np.float32)[:len(mask)][mask]
+            pngs.append(plot_best_neuron(stage / f"neuron_{t}.png", t, Y[mask, i], act, best,
+                                         lonlat=coords).name)
+        if before_json is not None:
+            before_json()
+        doc = {k: v for k, v in result.items() if k != "arrays"}
+        write_strict_json(stage / NEURONS_JSON, {**doc, "arrays_sha256": {
+            NEURONS_NPZ: digest[0]}}, NEURON_NULLS)
+    return [out / NEURONS_JSON, out / NEURONS_NPZ] + [out / n for n in pngs]

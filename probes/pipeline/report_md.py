@@ -101,7 +101,8 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
             lines.append(
                 f"| {sec.ds.name} | {sec.ds.kind} | {job.prompt} "
                 f"| {res['n_train']}/{res['n_test']} | {store.n_layers} | {res['best_layer']} "
-                f"| {b['r2']:.3f} | {b['spearman']:.3f} | {b['proximity_error']:.3f} "
+                f"| {md_num(b['r2'])} | {md_num(b['spearman'])} "
+                f"| {md_num(b['proximity_error'])} "
                 f"| {'' if km is None else f'{km:.0f}'} |")
     lines += ["", "For scale, the paper's world places with Llama-2 (best-layer test R²): "
               f"{PAPER_WORLD_R2}.", ""]
@@ -137,8 +138,8 @@ def _dataset_section(sec: Section, out: Path) -> list[str]:
             alpha = (", ".join(f"{t} {a:.3g}" for t, a in alpha.items())
                      if isinstance(alpha, dict) else f"{alpha:.3g}")
             mark = " **(best)**" if e["layer"] == res["best_layer"] else ""
-            lines.append(f"| {e['layer']}{mark} | {alpha} | {e['train']['r2']:.3f} | "
-                         f"{e['test']['r2']:.3f} | {md_num(e['test'].get('spearman'))} | "
+            lines.append(f"| {e['layer']}{mark} | {alpha} | {md_num(e['train']['r2'])} | "
+                         f"{md_num(e['test']['r2'])} | {md_num(e['test'].get('spearman'))} | "
                          f"{md_num(e['test'].get('proximity_error'))} |")
         lines.append("")
         for png in sorted(job.probe_dir.glob("*.png")):

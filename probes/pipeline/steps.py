@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Protocol
 
 from actstore.extract import extract
-from actstore.io import write_json
 from actstore.store import store_identity
 from probes import experiments as ex
 from probes.errors import ExperimentError, NeuronReportError
 from probes.experiments.base import RunContext
 from probes.experiments.common import best_loo_index
 from probes.experiments.registry import EXPERIMENTS
-from probes.fit import RESULTS_FILE, fit_all_layers
+from probes.fit import ARRAYS_FILE, RESULTS_FILE, fit_all_layers
 from probes.neurons import NEURONS_JSON, neuron_report
 from probes.pipeline.plan import NEURON_TOP, Job, Section
-from probes.report import format_neuron_table, format_table
+from probes.report import format_neuron_table, format_table, write_strict_json
 
 __all__ = ["Step", "run_step", "extract_job", "FitStep", "NeuronStep", "ExperimentStep",
            "experiment_steps", "SOURCE_FILE", "REPORT_NEURONS"]
@@ -82,7 +81,7 @@ def run_step(step: Step, log) -> dict:
             rec.update(status="skipped", note=str(exc))
             log(f"{step.label}: skipped: {exc}")
         rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_json(step.record, rec, mkdir=True)   # a record is whole or absent
+        write_strict_json(step.record, rec, mkdir=True)   # a record is whole or absent
     step.load(rec)
     return rec
 
@@ -123,7 +122,7 @@ class FitStep:
         self.log(f"{self.label}: fitting ridge probes on {self.job.store.n_layers} layers")
         fit_all_layers(self.job.store, cv=self.cfg.cv, backend=self.cfg.backend,
                        out=self.job.probe_dir, progress=self.cfg.progress)
-        return [RESULTS_FILE]
+        return [RESULTS_FILE, ARRAYS_FILE]
 
     def load(self, record: dict) -> None:
         self.job.result = json.loads((self.job.probe_dir / RESULTS_FILE).read_text())

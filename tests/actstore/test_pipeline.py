@@ -20,6 +20,7 @@ def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, m
     results = json.loads((out / "probes" / "world_place" / "results.json").read_text())
     assert results["n_rows"] == 60 and results["targets"] == ["latitude", "longitude"]
     assert len(results["layers"]) == 3  # the tiny model has 3 blocks
+    _assert_strict_json_everywhere(out)
     first = (out / "probes" / "world_place" / "results.json").stat().st_mtime_ns
 
     logs.clear()
@@ -75,6 +76,18 @@ def _two_type_world_csv(make_world_csv, path, n):
     return path
 
 
+def _bare(text):
+    raise ValueError(f"bare {text}")
+
+
+def _assert_strict_json_everywhere(out):
+    files = sorted(out.rglob("*.json"))
+    assert any(f.name == "source.json" for f in files)      # the step records too
+    for f in files:
+        json.loads(f.read_text(), parse_constant=_bare)      # no bare NaN / Infinity
+    assert not [p for p in out.rglob(".staging-*")]
+
+
 def _mtimes(root):
     return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "report.md" and p.name != "r2_by_layer.png"}
@@ -106,6 +119,12 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     assert sorted(g["group"] for g in ho["groups"]) == ["Brazil", "France", "Japan"]
     pr = json.loads((edir / "prompts.json").read_text())
     assert pr["prompts"] == ["empty", "coords"]
+    # every JSON file of the run is strict (a NaN is null, with its reason), every fit's
+    # results.json carries its arrays' digest, and no staging folder is left
+    _assert_strict_json_everywhere(out)
+    for d in ("world_place", "world_place__coords"):
+        assert set(json.loads((out / "probes" / d / "results.json").read_text())[
+            "arrays_sha256"]) == {"probes.npz", "predictions_best_layer.csv"}
     # the experiments ran at the main fit's best leave-one-out layer
     res = json.loads((out / "probes" / "world_place" / "results.json").read_text())
     best_loo = max(res["layers"], key=lambda e: (e["cv_score"], -e["position"]))["layer"]

@@ -297,7 +297,14 @@ def test_nonlinear_divergence_is_recorded_not_a_crash(tmp_path):
     assert r["mlp"]["weight_decay"] == 0.01 and r["mlp"]["test"]["r2"] > 0
     assert "1e+30: diverged" in ex.format_experiment(r)
     out = ex.write_experiment(r, tmp_path / "o")
-    assert json.loads(out[0].read_text())["mlp"]["runs"][1]["diverged"] is True
+    doc = json.loads(out[0].read_text(), parse_constant=_bare)     # strict JSON
+    assert doc["mlp"]["runs"][1]["diverged"] is True
+    assert all(v.startswith(("NaN: ", "Infinity: ", "-Infinity: "))
+               for v in doc.get("nulls", {}).values())
+
+
+def _bare(text):
+    raise ValueError(f"bare {text} in an experiment's JSON")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -392,7 +399,7 @@ def test_cli_experiments_end_to_end(tmp_path, place_store, capsys):
     for argv, name in runs:
         assert main(["experiment"] + argv + a) == 0, argv
         text = capsys.readouterr().out
-        doc = json.loads((out / f"{name}.json").read_text())
+        doc = json.loads((out / f"{name}.json").read_text(), parse_constant=_bare)
         assert doc["name"] == name and (out / f"{name}.png").stat().st_size > 1000
         assert f"{name}.json" in text
     assert json.loads((out / "prompts.json").read_text())["prompts"] == ["e", "c"]

@@ -10,6 +10,7 @@ Llama.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch
 
 from actstore.errors import ModelError
 from probes.cli import main
-from probes.errors import InputError
+from probes.errors import FitError, InputError
+from probes.fit import load_results
 from probes.neurons import NeuronReportError, load_probe, neuron_report
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -139,7 +141,8 @@ def _fit(store, out):
 
 def _plant(fit_dir, model, layer, j, rng):
     """Rewrite probes.npz: at hidden state ``layer`` the latitude probe is 3 * w_j (cosine 1)
-    and the longitude probe 0.6 w/|w| + 0.8 u, u a unit vector orthogonal to w (cosine 0.6)."""
+    and the longitude probe 0.6 w/|w| + 0.8 u, u a unit vector orthogonal to w (cosine 0.6).
+    results.json then records the new file's sha256 (else --probe refuses the pair)."""
     z = dict(np.load(fit_dir / "probes.npz"))
     w = model.model.layers[layer - 1].mlp.down_proj.weight.detach().double().numpy()[:, j]
     u = rng.standard_normal(w.shape)
@@ -149,6 +152,12 @@ def _plant(fit_dir, model, layer, j, rng):
     z["coef"][i, :, 0] = 3 * w
     z["coef"][i, :, 1] = 0.6 * w / np.linalg.norm(w) + 0.8 * u
     np.savez_compressed(fit_dir / "probes.npz", **z)
+    with pytest.raises(FitError, match="probes.npz is not the file .*results.json describes"):
+        load_results(fit_dir, arrays=True)         # an edited probes.npz is another fit's
+    doc = json.loads((fit_dir / "results.json").read_text())
+    doc["arrays_sha256"]["probes.npz"] = hashlib.sha256(
+        (fit_dir / "probes.npz").read_bytes()).hexdigest()
+    (fit_dir / "results.json").write_text(json.dumps(doc, indent=1))
 
 
 def test_probe_cosine_planted(env, tmp_path):
