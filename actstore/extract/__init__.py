@@ -12,7 +12,10 @@ the windows are dealt to the ranks (docs/scale-out.md).
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,13 +133,34 @@ def extract(model=None, dataset=None, prompt=None, out=None, config: ExtractConf
     ctx = context(use_cuda=False)   # control messages only (gloo); None: one process
     inp = _inputs(cfg, _device(ctx, cfg))
     meta = store_meta(cfg, inp)
-    # rank 0 alone, holding the store's writer lock from here to the end; the others wait
-    store, todo, lock = prepare(ctx, cfg, out, meta, inp)
+    with _sigterm_exits():
+        # rank 0 alone, holding the store's writer lock from here to the end; the others wait
+        store, todo, lock = prepare(ctx, cfg, out, meta, inp)
+        try:
+            return _extract(cfg, inp, meta, store, todo, out, ctx)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+@contextmanager
+def _sigterm_exits():
+    """SIGTERM (torchrun stopping a failed job, a batch scheduler, ``kill``) raises SystemExit
+    (status 143) here, as Ctrl-C raises KeyboardInterrupt: queued windows are written and the
+    writer lock is released. Only where SIGTERM has its default action (main thread; a
+    program's own handler is left alone); restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
     try:
-        return _extract(cfg, inp, meta, store, todo, out, ctx)
+        yield
     finally:
-        if lock is not None:
-            lock.release()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _extract(cfg: ExtractConfig, inp: Inputs, meta: dict, store, todo: list[int], out: Path,

@@ -5,7 +5,7 @@ O_CREAT|O_EXCL before the store is opened, created or deleted, holds its holder 
 host, start time, command). A second writer is refused with a one-line error naming the holder;
 a lock whose holder process is gone (same host, pid dead or reused) is taken over with a note.
 Beside the store, not inside it: it exists before a store does, survives an overwrite's
-deletion, and is no entry of the store's format. docs/store-format.md, "Writer lock".
+deletion, and is no entry of the store's format. docs/scale-out.md, "One writer per store".
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ class StoreLock:
                 "store": str(self.store.absolute()), "token": uuid.uuid4().hex}
 
     def _create(self) -> bool:
-        """Create the lock file with our record; False if it exists."""
+        """Create the lock file with our record; False if it exists. Not through
+        actstore.io.write_atomic: its rename would replace another writer's lock."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -54,6 +54,8 @@ def _paused_writer(stage, flag, args, kw):
     try:
         torch.set_num_threads(1)
         extract(*args, **kw)
+    except SystemExit as exc:
+        code = exc.code
     except BaseException:  # noqa: BLE001 - the exit status tells the test
         traceback.print_exc()
         code = 1
@@ -201,6 +203,26 @@ def test_a_killed_writers_lock_is_taken_over_with_a_note(tmp_path, tiny_model, t
     assert f"actstore: note: took over the writer lock of {out}: its holder is gone (pid {pid} " \
            f"on {socket.gethostname()} since " in err
     assert res.resumed_from == 8 and res.store.complete and not lock_path(out).exists()
+
+
+def test_sigterm_writes_what_is_queued_and_releases_the_lock(tmp_path, tiny_model,
+                                                             tiny_tokenizer, csv):
+    """torchrun stops the other ranks of a failed job with SIGTERM (so do schedulers): the
+    writer ends as on Ctrl-C, with its lock released, so the next run (maybe with rank 0 on
+    another node, which could not tell whether the holder lives) starts at once."""
+    lm = (tiny_model, tiny_tokenizer)
+    out = tmp_path / "t.zarr"
+    p, flag, pid = _start_paused(tmp_path, "window", (lm, csv, "coords", out), KW)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.1)
+    code = _resume(p, flag)
+    assert code == 128 + signal.SIGTERM
+    assert not lock_path(out).exists()
+    done = actstore.open(out).rows_done
+    assert 8 <= done < N
+    res = extract(lm, csv, "coords", out, **KW)
+    assert res.resumed_from == done and res.store.complete
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # left as it was
 
 
 # ----------------------------------------------------------------------------- one process
