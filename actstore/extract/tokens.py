@@ -5,6 +5,8 @@ length, at most :data:`MAX_TOKENS_CAP`) is an error naming it, never truncated, 
 vector always belongs to the whole text BOS + prompt + entity that the metadata describes."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from actstore.errors import ExtractError
@@ -43,9 +45,11 @@ def encode_rows(prompt, tokenizer, entities: list[str]) -> EncodedRows:
     """Every row's ids (BOS + prompt + entity, ``prompt.encode_many``), in batched calls."""
     parts, lengths = [], []
     for a in range(0, len(entities), _ENCODE_ROWS):
-        for seq in prompt.encode_many(tokenizer, entities[a:a + _ENCODE_ROWS]):
-            parts.append(np.asarray(seq, dtype=np.int32))
-            lengths.append(len(seq))
+        seqs = prompt.encode_many(tokenizer, entities[a:a + _ENCODE_ROWS])
+        n = [len(q) for q in seqs]
+        parts.append(np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32,
+                                 count=sum(n)))
+        lengths.extend(n)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)

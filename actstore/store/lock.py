@@ -164,8 +164,11 @@ class StoreLock:
                 f.write(json.dumps(rec, indent=1))
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException:
+        except BaseException as exc:
             os.unlink(self.path)
+            if isinstance(exc, OSError):   # e.g. a full disk
+                raise StoreError(f"cannot write the writer lock {self.path}: "
+                                 f"{exc.strerror or exc}") from None
             raise
         self._holder, self.held = rec, True
         return True
