@@ -94,7 +94,9 @@ def test_killed_rank_then_restart_with_other_world_sizes(tmp_path, tiny_model, t
     # rank 1 (windows 40..70) dies right after writing its 2nd window, before recording it
     codes = launch_local(_extract_rank, 2, args,
                          env={"ACTSTORE_TEST_CRASH_AFTER_WINDOWS": "1:2"})
-    assert codes[1] == 75 and codes[0] in (0, -9)
+    # rank 0 is stopped by the launcher (-9), or had finished (0), or, waiting at the final
+    # exchange, saw rank 1's connection close before the launcher stopped it (1)
+    assert codes[1] == 75 and codes[0] in (0, 1, -9)
     s = open_store(out)
     records = s.range_records()
     assert (40, 70, 48) in records                # one window recorded, the written one not
