@@ -107,9 +107,10 @@ def plan_batches(lengths: list[int], batch_size: int,
                  max_slots: int | None = None) -> list[list[int]]:
     """Batches of row positions for one window: longest first (stable, so equal lengths keep
     dataset order and the plan is deterministic), ``batch_size`` rows each. A batch whose
-    token slots (rows x its longest row) exceed ``max_slots`` is split, as few rows as needed
-    first (at least one); batches within ``max_slots`` stay exactly as they were, and with
-    them their values (the batch shape changes them at rounding level)."""
+    token slots (rows x its longest row) exceed ``max_slots`` is split into batches as large
+    as ``max_slots`` allows (at least one row), its longest rows first; batches within
+    ``max_slots`` stay exactly as they were, and with them their values (a batch's shape
+    changes them at rounding level)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     plan = []
     for b in range(0, len(order), batch_size):

@@ -1,9 +1,11 @@
-"""Which store a run writes into, and which rows it computes: resume a store made the same way
-(:data:`IDENTITY_KEYS` must match), refuse one made otherwise, or create one; under torchrun
-rank 0 does this and broadcasts the plan (:func:`prepare`), the windows are dealt to the ranks
-(:func:`assign`), and at the end the ranks exchange their finished ranges, which rank 0 folds
-into ``rows_done`` (:func:`finish_ranks`). The progress records themselves live in
-actstore.store.progress; docs/scale-out.md tells the whole story."""
+"""Which store a run writes into, and which rows it computes: check every row's length, take
+the store's writer lock (actstore.store.lock), then resume a store made the same way
+(:data:`IDENTITY_KEYS` and the layout options given must match), refuse one made otherwise,
+or create one; under torchrun rank 0 does this (holding the lock for the job) and broadcasts
+the plan (:func:`prepare`), the windows are dealt to the ranks (:func:`assign`), and at the end
+the ranks exchange their finished ranges, which rank 0 folds into ``rows_done``
+(:func:`finish_ranks`). The progress records themselves live in actstore.store.progress;
+docs/scale-out.md tells the whole story."""
 from __future__ import annotations
 
 import time
