@@ -3,7 +3,8 @@
 A sidecar file ``<store>.actstore-lock`` beside the store (:func:`lock_path`), created with
 O_CREAT|O_EXCL before the store is opened, created or deleted, holds its holder as JSON (pid,
 host, start time, command). A second writer is refused with a one-line error naming the holder;
-a lock whose holder process is gone (same host, pid dead or reused) is taken over with a note.
+a lock whose holder is known to be gone (its process on this host, in this pid namespace, exited
+or its pid was reused; or the host rebooted since) is taken over with a note.
 Beside the store, not inside it: it exists before a store does, survives an overwrite's
 deletion, and is no entry of the store's format. docs/scale-out.md, "One writer per store".
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from actstore.errors import StoreError
 
-__all__ = ["LOCK_SUFFIX", "StoreLock", "lock_path", "read_lock"]
+__all__ = ["LOCK_SUFFIX", "StoreLock", "lock_path", "read_lock", "describe"]
 
 LOCK_SUFFIX = ".actstore-lock"
 _KIND = "actstore-writer-lock"
@@ -48,6 +49,40 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _ident(path: str, link: bool = False) -> str | None:
+    """The boot id (``/proc/sys/kernel/random/boot_id``) or pid namespace
+    (``/proc/self/ns/pid``) of this process's machine (Linux), else None."""
+    try:
+        return os.readlink(path) if link else Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    return _ident("/proc/sys/kernel/random/boot_id")
+
+
+def _pid_ns() -> str | None:
+    return _ident("/proc/self/ns/pid", link=True)
+
+
+def _visible(holder: dict) -> bool:
+    """Whether the holder's process would be visible from here: the same host and the same
+    pid namespace (a container on this host has its own pids)."""
+    return holder.get("host") == socket.gethostname() and holder.get("pid_ns") == _pid_ns()
+
+
+def _stale(holder: dict) -> bool:
+    """Whether the holder is known to be gone: its host rebooted since, or its process (visible
+    from here) exited. A holder that cannot be seen from here is never stale."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    boot = _boot_id()
+    if boot is not None and holder.get("boot_id") not in (None, boot):
+        return True
+    return _visible(holder) and not _alive(holder)
 
 
 def _alive(holder: dict) -> bool:
@@ -145,7 +180,8 @@ class StoreLock:
         pid = os.getpid()
         stat = _proc_stat(pid)
         return {"kind": _KIND, "pid": pid, "pid_start": None if stat is None else stat[1],
-                "host": socket.gethostname(), "user": os.environ.get("USER"),
+                "host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_ns(),
+                "user": os.environ.get("USER"),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": self.command,
                 "store": str(self.store.absolute()), "token": uuid.uuid4().hex}
 
@@ -206,18 +242,18 @@ class StoreLock:
                     raise StoreError(f"{self.store} is locked by an empty lock file {self.path} "
                                      "(its writer died while creating it?); delete it and retry")
                 continue
-            if holder.get("host") != socket.gethostname() or _alive(holder):
+            if not _stale(holder):
                 raise self._held_error(holder)
             self._break(holder)
         raise StoreError(f"cannot take the writer lock {self.path}: it keeps changing hands")
 
     def _held_error(self, holder: dict) -> StoreError:
-        other_host = holder.get("host") != socket.gethostname()
+        unseen = not _visible(holder)
         return StoreError(
             f"{self.store} is being written by another run ({describe(holder)}); wait for it "
             "to finish or stop it"
-            + (f"; if it is no longer running (it ran on another host, whose processes this "
-               f"one cannot see), delete {self.path}" if other_host else ""))
+            + (f"; if it is no longer running (it ran on another host or in another container, "
+               f"whose processes this one cannot see), delete {self.path}" if unseen else ""))
 
     def _break(self, holder: dict) -> None:
         """Remove the stale lock ``holder`` read: rename it to a private name first, so that

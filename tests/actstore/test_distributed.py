@@ -241,12 +241,12 @@ def test_rank_0_holds_the_writer_lock_for_the_job(tmp_path, tiny_model, tiny_tok
     and a lock held by a live writer stops every rank, rank 0 naming the holder."""
     import socket
 
-    from actstore.store.lock import lock_path, read_lock
+    from actstore.store.lock import _pid_ns, lock_path, read_lock
     out = tmp_path / "l.zarr"
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     stale = {"kind": "actstore-writer-lock", "pid": gone.pid, "host": socket.gethostname(),
-             "started": "earlier", "command": "a killed run", "token": "x"}
+             "pid_ns": _pid_ns(), "started": "earlier", "command": "a killed run", "token": "x"}
     lock_path(out).write_text(json.dumps(stale))
     args = (tiny_model, tiny_tokenizer, csv, out, KW)
     assert launch_local(_extract_rank_seeing_lock, 2, args) == [0, 0]

@@ -24,7 +24,7 @@ import torch
 import actstore
 from actstore.errors import StoreError
 from actstore.extract import ExtractError, extract
-from actstore.store.lock import LOCK_SUFFIX, StoreLock, lock_path, read_lock
+from actstore.store.lock import LOCK_SUFFIX, StoreLock, _boot_id, _pid_ns, lock_path, read_lock
 
 REPO = Path(__file__).resolve().parents[2]
 N = 48
@@ -260,9 +260,11 @@ def test_store_lock_holder_refusals_and_stale_cases(tmp_path):
             StoreLock(s).acquire()
     assert not lock_path(s).exists() and read_lock(s) is None
 
+    here = {"host": host, "pid_ns": _pid_ns(), "boot_id": _boot_id()}
+
     def plant(**fields):
-        rec = {"kind": "actstore-writer-lock", "host": host, "started": "then",
-               "command": "old run", "token": "t"}
+        rec = {"kind": "actstore-writer-lock", "started": "then", "command": "old run",
+               "token": "t", **here}
         rec.update(fields)
         lock_path(s).write_text(json.dumps(rec))
         return rec
@@ -274,7 +276,8 @@ def test_store_lock_holder_refusals_and_stale_cases(tmp_path):
     time.sleep(0.2)                                   # exited, not reaped: a zombie
     stale = [dict(pid=dead.pid),                      # gone
              dict(pid=zombie.pid),                    # a zombie
-             dict(pid=os.getpid(), pid_start=1)]      # pid reused by another process
+             dict(pid=os.getpid(), pid_start=1),      # pid reused by another process
+             dict(pid=os.getpid(), boot_id="an earlier boot")]   # the host rebooted since
     for fields in stale:
         plant(**fields)
         notes = []
@@ -287,9 +290,14 @@ def test_store_lock_holder_refusals_and_stale_cases(tmp_path):
     with pytest.raises(StoreError, match=_holder_pattern(os.getpid())):
         StoreLock(s).acquire()
     other = plant(pid=dead.pid, host="elsewhere.example")
-    with pytest.raises(StoreError, match=rf"on elsewhere\.example .*delete {lock_path(s)}"):
+    with pytest.raises(StoreError, match=rf"on elsewhere\.example .*another host or in another "
+                                         rf"container.*delete {lock_path(s)}"):
         StoreLock(s).acquire()
     assert json.loads(lock_path(s).read_text()) == other != live
+    other = plant(pid=dead.pid, pid_ns="pid:[1]")   # another container here: its pids unseen
+    with pytest.raises(StoreError, match=rf"another container.*delete {lock_path(s)}"):
+        StoreLock(s).acquire()
+    assert json.loads(lock_path(s).read_text()) == other
     lock_path(s).write_text("not ours")
     with pytest.raises(StoreError, match="is not an actstore writer lock"):
         StoreLock(s).acquire()
