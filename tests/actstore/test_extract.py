@@ -636,9 +636,11 @@ def test_config_is_the_keyword_api_and_the_command_line(tmp_path, tiny_model, ti
     args = build_parser().parse_args(["extract", "--dataset", "d", "--prompt", "p", "--out", "o"])
     assert from_args(ExtractConfig, args) == ExtractConfig(dataset="d", prompt="p", out="o")
     args = build_parser().parse_args(["extract", "--dataset", "d", "--prompt", "p", "--out", "o",
-                                      "--no-progress", "--batch-size", "4", "--neurons"])
+                                      "--no-progress", "--batch-size", "4", "--neurons",
+                                      "--max-tokens", "64"])
     assert from_args(ExtractConfig, args) == ExtractConfig(
-        dataset="d", prompt="p", out="o", progress=False, batch_size=4, neurons=True)
+        dataset="d", prompt="p", out="o", progress=False, batch_size=4, neurons=True,
+        max_tokens=64)
 
 
 @pytest.mark.slow
