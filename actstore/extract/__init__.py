@@ -2,7 +2,8 @@
 
 Modules, bottom to top: ``config`` (:class:`ExtractConfig`, also the command line), ``writer``
 (overflow check, window buffers, the writer thread), ``capture`` (hooks, batches, the batch
-loop), ``resume`` (resume / refuse / create, the ranks' plan and final exchange), ``cli``.
+loop), ``tokens`` (every row's ids, the --max-tokens rule), ``resume`` (writer lock, resume /
+refuse / create, the ranks' plan and final exchange), ``cli``.
 Rows go in windows of ``rows_per_chunk`` rows (one shard of the store); a finished window is
 written off the compute thread and ``rows_done`` advances only after its write returned, so a
 resumed run re-creates the same windows and batches and stores the same bytes. Under torchrun
@@ -11,7 +12,10 @@ the windows are dealt to the ranks (docs/scale-out.md).
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,12 @@ from actstore.errors import ExtractError
 from actstore.extract.capture import HOOK_POINT, TOKEN_RULE, BatchLoop, plan_batches
 from actstore.extract.capture import _batch_tensors as _batch_tensors  # for bench/ and tests
 from actstore.extract.capture import _forward_base as _forward_base
-from actstore.extract.config import DEFAULT_BATCH_SIZE, ExtractConfig, parse_layers
+from actstore.extract.config import (
+    BATCH_TOKENS_PER_ROW,
+    DEFAULT_BATCH_SIZE,
+    ExtractConfig,
+    parse_layers,
+)
 from actstore.extract.resume import (
     IDENTITY_KEYS,
     Inputs,
@@ -32,6 +41,7 @@ from actstore.extract.resume import (
     prepare,
     store_meta,
 )
+from actstore.extract.tokens import MAX_TOKENS_CAP, encode_rows
 from actstore.extract.writer import Writer, crash_after_windows, window_buffers, write_error
 from actstore.models import LoadedModel, decoder_layers, load_model, mlp_width, wrap_model
 from actstore.prompts import get_prompt
@@ -39,7 +49,8 @@ from actstore.store import open_store
 from actstore.store.format import storage_dtype
 
 __all__ = ["extract", "ExtractConfig", "ExtractResult", "ExtractError", "parse_layers",
-           "plan_batches", "DEFAULT_BATCH_SIZE", "HOOK_POINT", "TOKEN_RULE", "IDENTITY_KEYS"]
+           "plan_batches", "DEFAULT_BATCH_SIZE", "BATCH_TOKENS_PER_ROW", "MAX_TOKENS_CAP",
+           "HOOK_POINT", "TOKEN_RULE", "IDENTITY_KEYS"]
 
 _INPUTS = ("model", "dataset", "prompt", "out")
 
@@ -79,7 +90,10 @@ def extract(model=None, dataset=None, prompt=None, out=None, config: ExtractConf
 
     An existing store at ``out`` is resumed if it was made with the same model, prompt,
     dataset, layers, dtype, neuron setting, compute dtype, batch size and padding side, and
-    refused otherwise (``overwrite=True`` replaces it). Under torchrun (``WORLD_SIZE`` > 1)
+    refused otherwise (``overwrite=True`` replaces it). The run holds the store's writer lock
+    (``<out>.actstore-lock``, :mod:`actstore.store.lock`) from before the store is opened,
+    created or deleted until it ends: a second writer is refused. Every row is tokenised
+    first and one longer than ``max_tokens`` is an error. Under torchrun (``WORLD_SIZE`` > 1)
     every rank runs this function: rank 0 creates or validates the store, the unfinished row
     windows are dealt to the ranks, each writes its own windows (whole shards) and records
     them in its own range record, and rank 0 folds the records into ``rows_done`` at the end.
@@ -110,15 +124,49 @@ def extract(model=None, dataset=None, prompt=None, out=None, config: ExtractConf
     Raises
     ------
     ExtractError
-        A bad option, a store made with other settings, a value the stored dtype cannot hold,
-        a failed write (the message says what is kept and how to resume).
+        A bad option, a row over ``max_tokens``, a store another run is writing, a store made
+        with other settings, a value the stored dtype cannot hold, a failed write (the
+        message says what is kept and how to resume).
     """
     cfg = _config(config, options, model=model, dataset=dataset, prompt=prompt, out=out)
     out = Path(cfg.out)
     ctx = context(use_cuda=False)   # control messages only (gloo); None: one process
     inp = _inputs(cfg, _device(ctx, cfg))
     meta = store_meta(cfg, inp)
-    store, todo = prepare(ctx, cfg, out, meta, inp)   # rank 0 alone; the others wait
+    with _sigterm_exits():
+        # rank 0 alone, holding the store's writer lock from here to the end; the others wait
+        store, todo, lock = prepare(ctx, cfg, out, meta, inp)
+        try:
+            return _extract(cfg, inp, meta, store, todo, out, ctx)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+@contextmanager
+def _sigterm_exits():
+    """SIGTERM (torchrun stopping a failed job, a batch scheduler, ``kill``) raises SystemExit
+    (status 143) here, as Ctrl-C raises KeyboardInterrupt: queued windows are written and the
+    writer lock is released. Only where SIGTERM has its default action (main thread; a
+    program's own handler is left alone); restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _extract(cfg: ExtractConfig, inp: Inputs, meta: dict, store, todo: list[int], out: Path,
+             ctx) -> ExtractResult:
+    """The windows ``todo`` of the prepared ``store`` (``None``: another rank's), computed,
+    written and recorded; the result (the store reopened read-only)."""
     # From here on an error on one rank must not leave the others waiting: every rank ends at
     # the same status exchange (finish_ranks), failed or not.
     failure, share = None, None
@@ -192,7 +240,9 @@ def _inputs(cfg: ExtractConfig, device: str) -> Inputs:
         raise ExtractError("--neurons needs layers >= 1 (the embeddings have no MLP); "
                            "drop layer 0 from --layers")
     d_mlp = mlp_width(decoder_layers(lm.model)[0]) if cfg.neurons else None
-    return Inputs(ds, pr, lm, layers, d_mlp)
+    # every row's ids once, here: the length check (rank 0) sees them all before any forward
+    rows = encode_rows(pr, lm.tokenizer, ds.table["entity"].tolist())
+    return Inputs(ds, pr, lm, layers, d_mlp, rows)
 
 
 def _run(cfg: ExtractConfig, inp: Inputs, meta: dict, store, share: Share, out: Path, ctx):
@@ -227,10 +277,10 @@ def _run(cfg: ExtractConfig, inp: Inputs, meta: dict, store, share: Share, out: 
 def _stream(loop: BatchLoop, writer: Writer, free, windows: list[int], inp: Inputs, R: int,
             bar) -> None:
     """Each window: tokenise, run its batches into a free buffer, queue it for the writer."""
-    n, tok, entities = len(inp.ds), inp.lm.tokenizer, loop.narrow.entities
+    n = len(inp.ds)
     for w0 in windows:
         w1 = min(n, w0 + R)
-        seqs = inp.prompt.encode_many(tok, entities[w0:w1])
+        seqs = inp.rows.window(w0, w1)
         bufs = free.get()
         if writer.error is not None:
             break  # reported by the caller, after the writer has stopped

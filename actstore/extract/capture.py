@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from actstore.extract.config import BATCH_TOKENS_PER_ROW
 from actstore.extract.writer import Narrowing, Staging
 from actstore.models import decoder_layers, down_projection
 
@@ -102,11 +103,24 @@ def _batch_tensors(seqs: list[list[int]], pad_id: int, side: str, device):
     return ids.to(device), mask.to(device), pos.to(device), last.to(device)
 
 
-def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def plan_batches(lengths: list[int], batch_size: int,
+                 max_slots: int | None = None) -> list[list[int]]:
     """Batches of row positions for one window: longest first (stable, so equal lengths keep
-    dataset order and the plan is deterministic), ``batch_size`` rows each."""
+    dataset order and the plan is deterministic), ``batch_size`` rows each. A batch whose
+    token slots (rows x its longest row) exceed ``max_slots`` is split into batches as large
+    as ``max_slots`` allows (at least one row), its longest rows first; batches within
+    ``max_slots`` stay exactly as they were, and with them their values (a batch's shape
+    changes them at rounding level)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    plan = []
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        while batch:   # batch[0] is the longest row of what is left
+            k = len(batch) if max_slots is None else max(
+                1, min(len(batch), max_slots // max(1, lengths[batch[0]])))
+            plan.append(batch[:k])
+            batch = batch[k:]
+    return plan
 
 
 def _forward_base(model):
@@ -133,6 +147,7 @@ class BatchLoop:
         self.base = _forward_base(net)
         self.shape = (len(layers), lm.d_model, d_mlp)
         self.batch_size, self.side = batch_size, side
+        self.max_slots = batch_size * BATCH_TOKENS_PER_ROW   # token slots of one forward pass
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.narrow = Narrowing(dtype, layers, entities, self.compute_dtype)
         self.staging = (Staging(len(layers), batch_size, lm.d_model, d_mlp, self.compute_dtype)
@@ -150,7 +165,8 @@ class BatchLoop:
         """Run the token id lists ``seqs`` of the window starting at row ``w0`` and store their
         vectors into ``bufs`` (resid, neurons or None) rows 0..len(seqs)."""
         pending = None
-        for k, rows in enumerate(plan_batches([len(q) for q in seqs], self.batch_size)):
+        plan = plan_batches([len(q) for q in seqs], self.batch_size, self.max_slots)
+        for k, rows in enumerate(plan):
             item = self._forward(k, [seqs[i] for i in rows], rows)
             if pending is not None:
                 self._store(pending, bufs, w0)

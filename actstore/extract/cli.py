@@ -31,8 +31,10 @@ examples:
       --prompt empty --out g.zarr
 
 Re-running the same command resumes an interrupted run (Ctrl-C, kill -9, full disk) where it
-stopped, with the store's batch size; a store made with another model, prompt, dataset, layer
-list, dtype or compute dtype is refused (--overwrite replaces it). Then:
+stopped, with the store's batch size, rows per chunk, compression and format; a store made with
+another model, prompt, dataset, layer list, dtype or compute dtype (or those options given with
+other values) is refused (--overwrite replaces it). One run writes a store at a time: a second
+is refused, naming the first (lock file STORE.actstore-lock). Then:
   python -c "import actstore; s = actstore.open('w.zarr'); print(s, s.entities.head())"
 """
 

@@ -8,9 +8,15 @@ from dataclasses import dataclass, field
 from actstore.errors import ExtractError
 from actstore.options import cli
 
-__all__ = ["ExtractConfig", "DEFAULT_BATCH_SIZE", "DTYPES", "COMPUTE_DTYPES", "parse_layers"]
+__all__ = ["ExtractConfig", "DEFAULT_BATCH_SIZE", "BATCH_TOKENS_PER_ROW", "DTYPES",
+           "COMPUTE_DTYPES", "parse_layers"]
 
 DEFAULT_BATCH_SIZE = 32
+# A forward pass holds at most batch_size x BATCH_TOKENS_PER_ROW token slots (rows x longest
+# row): a batch over it is split, its longest rows in smaller batches, so one long row cannot
+# blow up a batch's memory. Entity rows are far shorter (tens of tokens), so their batches,
+# and hence their values, are those of batch_size alone.
+BATCH_TOKENS_PER_ROW = 256
 DTYPES = ("float16", "bfloat16", "float32")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -41,7 +47,11 @@ class ExtractConfig:
     limit: int | None = field(default=None, metadata=cli(metavar="N"))
     """first N entities only"""
     batch_size: int | None = field(default=None, metadata=cli(metavar="B"))
-    """rows per forward pass (default 32; a resume uses the store's)"""
+    """rows per forward pass (default 32; a resume uses the store's); a batch also holds at
+    most 256 x B token slots (rows x its longest row): longer rows go in smaller batches"""
+    max_tokens: int | None = field(default=None, metadata=cli(metavar="T"))
+    """longest row allowed, in tokens (BOS + prompt + entity); a longer row is an error naming
+    it, before any forward pass (default: the model's context length, at most 8192)"""
     layers: str | tuple[int, ...] = "all"
     """'all' (blocks 1..N), 'all+emb' (also the embeddings, 0) or a list like 0,5,10-20
     (hidden-state indices)"""
@@ -84,6 +94,10 @@ class ExtractConfig:
             raise ExtractError("padding_side must be 'left' or 'right'")
         if self.limit is not None and self.limit < 1:
             raise ExtractError("--limit must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ExtractError("--max-tokens must be at least 1")
+        if self.rows_per_chunk is not None and self.rows_per_chunk < 1:
+            raise ExtractError("--rows-per-chunk must be at least 1")
 
 
 def _layer_items(spec: str) -> list[int]:

@@ -1,9 +1,11 @@
-"""Which store a run writes into, and which rows it computes: resume a store made the same way
-(:data:`IDENTITY_KEYS` must match), refuse one made otherwise, or create one; under torchrun
-rank 0 does this and broadcasts the plan (:func:`prepare`), the windows are dealt to the ranks
-(:func:`assign`), and at the end the ranks exchange their finished ranges, which rank 0 folds
-into ``rows_done`` (:func:`finish_ranks`). The progress records themselves live in
-actstore.store.progress; docs/scale-out.md tells the whole story."""
+"""Which store a run writes into, and which rows it computes: check every row's length, take
+the store's writer lock (actstore.store.lock), then resume a store made the same way
+(:data:`IDENTITY_KEYS` and the layout options given must match), refuse one made otherwise,
+or create one; under torchrun rank 0 does this (holding the lock for the job) and broadcasts
+the plan (:func:`prepare`), the windows are dealt to the ranks (:func:`assign`), and at the end
+the ranks exchange their finished ranges, which rank 0 folds into ``rows_done``
+(:func:`finish_ranks`). The progress records themselves live in actstore.store.progress;
+docs/scale-out.md tells the whole story."""
 from __future__ import annotations
 
 import time
@@ -16,11 +18,14 @@ from actstore.distributed import Context, exchange, mark_all_ranks, raise_failur
 from actstore.errors import ExtractError, PeerError, StoreError
 from actstore.extract.capture import HOOK_POINT, TOKEN_RULE
 from actstore.extract.config import DEFAULT_BATCH_SIZE, ExtractConfig
+from actstore.extract.tokens import EncodedRows, check_lengths, token_limit
+from actstore.extract.writer import pause_point
 from actstore.store import create_store, default_rows_per_chunk, open_store
 from actstore.store.format import format_from_path
+from actstore.store.lock import StoreLock
 from actstore.store.progress import segments, split_windows, todo_windows
 
-__all__ = ["IDENTITY_KEYS", "Inputs", "Share", "store_meta", "prepare", "assign",
+__all__ = ["IDENTITY_KEYS", "Inputs", "Share", "store_meta", "prepare", "take_lock", "assign",
            "finish_ranks"]
 
 # batch_size, padding_side and compute_dtype change values at rounding level: a resume must
@@ -36,12 +41,14 @@ class _PeerCopy(ExtractError, PeerError):
 
 @dataclass
 class Inputs:
-    """What a run extracts: the dataset, prompt and model, resolved, and the layers."""
+    """What a run extracts: the dataset, prompt and model, resolved, the layers, and every
+    row's token ids."""
     ds: object                 # EntityDataset
     prompt: object             # Prompt
     lm: object                 # LoadedModel
     layers: list[int]
     d_mlp: int | None          # MLP width when neurons are stored, else None
+    rows: EncodedRows          # token ids of every row (BOS + prompt + entity)
 
 
 def _identity(meta: dict) -> dict:
@@ -127,13 +134,33 @@ def _open_existing(cfg: ExtractConfig, out: Path, meta: dict, d_model: int,
     diff = _differences(store.meta, meta)
     if store.d_model != d_model:
         diff.append(f"d_model: {store.d_model} -> {d_model}")
-    if diff:
+    layout = _layout_differences(cfg, store)
+    if diff or layout:
         store.close()
         hint = (" (leave --batch-size / padding_side unset to resume with the store's)"
                 if any(d.startswith(("batch_size", "padding_side")) for d in diff) else "")
-        raise ExtractError(f"{out} was made with different settings ({'; '.join(diff)}){hint}; "
+        if layout:
+            flags = " / ".join("--" + d.split(":")[0].replace("_", "-") for d in layout)
+            hint += f" (leave {flags} unset to resume with the store's)"
+        raise ExtractError(f"{out} was made with different settings "
+                           f"({'; '.join(diff + layout)}){hint}; "
                            "use --overwrite to replace it, or another --out")
     return store
+
+
+def _layout_differences(cfg: ExtractConfig, store) -> list[str]:
+    """'key: store's -> asked' for the layout options given explicitly (``--format``,
+    ``--rows-per-chunk``, ``--compression``) that differ from the store's; options left unset
+    take the store's."""
+    out = []
+    if cfg.format is not None and cfg.format != store.format:
+        out.append(f"format: {store.format!r} -> {cfg.format!r}")
+    if cfg.rows_per_chunk is not None and \
+            min(int(cfg.rows_per_chunk), store.n_rows) != store.rows_per_chunk:
+        out.append(f"rows_per_chunk: {store.rows_per_chunk} -> {int(cfg.rows_per_chunk)}")
+    if cfg.compression is not None and cfg.compression != store.compression:
+        out.append(f"compression: {store.compression!r} -> {cfg.compression!r}")
+    return out
 
 
 def _create(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs):
@@ -149,45 +176,77 @@ def _create(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs):
         raise ExtractError(str(exc)) from None
 
 
+def _check_rows(cfg: ExtractConfig, inp: Inputs) -> None:
+    """Every row within --max-tokens (default: the model's context), before any forward pass."""
+    context = inp.lm.context_length
+    limit, why = token_limit(cfg.max_tokens, context)
+    check_lengths(inp.rows, limit, why, inp.ds.table["entity"].tolist(), context)
+
+
+def take_lock(out: Path) -> StoreLock:
+    """The writer lock of the store at ``out`` (actstore.store.lock), or an ExtractError naming
+    its holder."""
+    try:
+        return StoreLock(out).acquire()
+    except StoreError as exc:
+        raise ExtractError(str(exc)) from None
+
+
 def _prepare_store(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs, distributed: bool):
-    """Resume, refuse or create the store; (store, start rows of the windows still to do)."""
+    """Check the rows' lengths, take the writer lock, then resume, refuse or create the store:
+    (store, start rows of the windows still to do, the lock)."""
     if distributed and format_from_path(out, cfg.format) == "hdf5" and (
             cfg.overwrite or not out.exists()):
         raise ExtractError(f"{out}: distributed extraction writes Zarr stores only (an HDF5 "
                            "file allows one writer, and parallel HDF5 is not supported); "
                            "use a directory path / --format zarr, or run one process")
-    store = None
-    if out.exists() and not cfg.overwrite:
-        store = _open_existing(cfg, out, meta, inp.lm.d_model, distributed)
-    if store is None:
-        store = _create(cfg, out, meta, inp)
-    todo = todo_windows(len(inp.ds), store.rows_per_chunk, store.done_intervals())
-    if distributed and todo:
-        store.begin_ranges()
-    return store, todo
+    _check_rows(cfg, inp)
+    # the lock before anything is opened, created or deleted (--overwrite): a second writer,
+    # also one racing to create the same store, is refused here, never told to overwrite
+    lock = take_lock(out)
+    try:
+        pause_point("locked")
+        store = None
+        if out.exists() and not cfg.overwrite:
+            store = _open_existing(cfg, out, meta, inp.lm.d_model, distributed)
+        if store is None:
+            store = _create(cfg, out, meta, inp)
+        todo = todo_windows(len(inp.ds), store.rows_per_chunk, store.done_intervals())
+        if distributed and todo:
+            store.begin_ranges()
+    except BaseException:
+        lock.release()
+        raise
+    return store, todo, lock
 
 
 def prepare(ctx: Context | None, cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs):
-    """Resume, refuse or create the store at ``out``: ``(store, todo)``, ``todo`` the start
-    rows of the windows still to compute; ``meta``'s batch size and padding side become the
-    store's on a resume. Distributed: rank 0 alone does it while the others wait, then tells
-    them the plan (or its error, which every rank raises); the others get ``store`` None and
-    open the store with :func:`open_peer`."""
+    """Check the rows' lengths, take the store's writer lock, and resume, refuse or create the
+    store at ``out``: ``(store, todo, lock)``, ``todo`` the start rows of the windows still to
+    compute, ``lock`` the held :class:`~actstore.store.lock.StoreLock` (the caller releases
+    it); ``meta``'s batch size and padding side become the store's on a resume. Distributed:
+    rank 0 alone does it (and holds the lock for the job) while the others wait, then tells
+    them the plan (or its error, which every rank raises); the others get ``store`` and
+    ``lock`` None and open the store with :func:`open_peer`."""
     if ctx is None:
         return _prepare_store(cfg, out, meta, inp, False)
     if ctx.is_main:
         try:
-            store, todo = _prepare_store(cfg, out, meta, inp, True)
+            store, todo, lock = _prepare_store(cfg, out, meta, inp, True)
         except BaseException as exc:
             ctx.broadcast(("error", str(exc)))  # the other ranks stop with the same message
             raise mark_all_ranks(exc)
-        ctx.broadcast(("ok", todo, meta["batch_size"], meta["padding_side"]))
-        return store, todo
+        try:
+            ctx.broadcast(("ok", todo, meta["batch_size"], meta["padding_side"]))
+        except BaseException:
+            lock.release()
+            raise
+        return store, todo, lock
     msg = ctx.broadcast(None)   # waits until rank 0 has the store ready
     if msg[0] == "error":
         raise mark_all_ranks(_PeerCopy(msg[1]))   # rank 0 reports it
     _, todo, meta["batch_size"], meta["padding_side"] = msg
-    return None, todo
+    return None, todo, None
 
 
 def open_peer(ctx: Context, out: Path):

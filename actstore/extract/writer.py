@@ -15,10 +15,11 @@ import numpy as np
 
 from actstore import native
 from actstore.errors import ExtractError
+from actstore.io import write_atomic
 from actstore.store.format import storage_dtype, to_storage
 
 __all__ = ["Narrowing", "Staging", "Writer", "window_buffers", "crash_after_windows",
-           "write_error"]
+           "pause_point", "write_error"]
 
 
 def window_buffers(n_layers: int, rows: int, d_model: int, d_mlp: int | None, dtype: str,
@@ -159,6 +160,8 @@ class Writer(threading.Thread):
         if self.windows == self.crash_after:
             os._exit(75)   # test hook: die like kill -9 with a block written but not recorded
         self.record(start, start + r)
+        if self.windows == 1:
+            pause_point("window")
 
     def put(self, start: int, rows: int, bufs) -> None:
         """Queue a finished window: rows ``start..start + rows`` are in ``bufs``."""
@@ -168,6 +171,20 @@ class Writer(threading.Thread):
         """Write what is queued, then end the thread."""
         self.q.put(None)
         self.join()
+
+
+def pause_point(stage: str) -> None:
+    """The test hook ``ACTSTORE_TEST_PAUSE=STAGE:FILE``: at ``stage`` ("locked": the writer
+    lock taken, the store not yet touched; "window": the first window recorded) write this
+    process's pid into FILE and wait until FILE is deleted (at most 10 minutes)."""
+    hook = os.environ.get("ACTSTORE_TEST_PAUSE", "")
+    if not hook.startswith(stage + ":"):
+        return
+    path = hook[len(stage) + 1:]
+    write_atomic(path, str(os.getpid()))
+    t0 = time.monotonic()
+    while os.path.exists(path) and time.monotonic() - t0 < 600:
+        time.sleep(0.01)
 
 
 def crash_after_windows(rank: int) -> int | None:

@@ -11,7 +11,24 @@ import numpy as np
 from actstore.errors import ModelError
 
 __all__ = ["decoder_layers", "down_projection", "mlp_width", "PRE_MLP_NORM", "pre_mlp_norm_name",
-           "mlp_parts", "output_weights"]
+           "mlp_parts", "output_weights", "context_length"]
+
+# Where configs keep the number of positions a model was made for (Llama, Mistral, Qwen, Gemma,
+# NeoX, OPT: max_position_embeddings; GPT-2: n_positions; GPT-J/older: n_ctx; others below).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                 "seq_length")
+
+
+def context_length(model) -> int | None:
+    """The longest token sequence a causal LM's positions cover, from its config (also a
+    multimodal model's ``text_config``), or None when the config does not say."""
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        for key in _CONTEXT_KEYS:
+            v = getattr(c, key, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
 
 
 def decoder_layers(model) -> list:

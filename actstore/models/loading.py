@@ -21,7 +21,7 @@ from pathlib import Path
 
 from actstore.errors import ModelError
 from actstore.io import cache_dir, file_sha256
-from actstore.models.architecture import decoder_layers
+from actstore.models.architecture import context_length, decoder_layers
 
 __all__ = ["DEFAULT_MODEL", "EMBEDDED", "COMPUTE_DTYPES", "LoadedModel", "embedded_model_file",
            "resolve_device", "load_tokenizer", "load_model", "wrap_model"]
@@ -49,6 +49,12 @@ class LoadedModel:
     @property
     def d_model(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model was made for (config ``max_position_embeddings`` or the like),
+        None when its config does not say."""
+        return context_length(self.model)
 
 
 def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:

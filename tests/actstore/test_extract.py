@@ -187,6 +187,51 @@ def test_mismatched_store_refused_and_overwrite(tmp_path, tiny_model, tiny_token
     assert again.rows == 0 and again.resumed_from == 8
 
 
+@pytest.mark.parametrize("name", ["o.zarr", "o.h5"])
+def test_resume_refuses_other_layout_options(tmp_path, tiny_model, tiny_tokenizer, world_csv,
+                                             name):
+    """--rows-per-chunk, --compression and --format were silently ignored on a resume: given
+    and different from the store's they are refused with the difference, like the other
+    settings; left unset (or given equal) the store's are used."""
+    lm = (tiny_model, tiny_tokenizer)
+    out = tmp_path / name
+    kw = dict(batch_size=5, progress=False)
+    part = extract(lm, world_csv, "coords", out, rows_per_chunk=8, stop_after_rows=8, **kw)
+    assert part.rows_done == 8
+    part.store.close()
+    fmt = part.store.format
+    other = "hdf5" if fmt == "zarr" else "zarr"
+    cases = [(dict(rows_per_chunk=16), "rows_per_chunk: 8 -> 16", "--rows-per-chunk"),
+             (dict(compression="zstd"), "compression: 'none' -> 'zstd'", "--compression"),
+             (dict(format=other), f"format: '{fmt}' -> '{other}'", "--format"),
+             (dict(rows_per_chunk=4, compression="blosc"), "rows_per_chunk: 8 -> 4; "
+              "compression: 'none' -> 'blosc'", "--rows-per-chunk / --compression")]
+    for change, diff, flags in cases:
+        with pytest.raises(ExtractError, match="different settings") as ei:
+            extract(lm, world_csv, "coords", out, **kw, **change)
+        msg = str(ei.value)
+        assert diff in msg and f"(leave {flags} unset to resume with the store's)" in msg
+        assert "--overwrite" in msg
+    assert actstore.open(out).rows_done == 8   # untouched
+    # given equal to the store's: resumed; unset: the store's
+    res = extract(lm, world_csv, "coords", out, rows_per_chunk=8, compression="none",
+                  format=fmt, stop_after_rows=16, **kw)
+    assert res.resumed_from == 8 and res.rows_done == 16
+    res.store.close()
+    res = extract(lm, world_csv, "coords", out, **kw)
+    assert res.resumed_from == 16 and res.store.complete and res.store.rows_per_chunk == 8
+    full = extract(lm, world_csv, "coords", tmp_path / "full.zarr", rows_per_chunk=8, **kw)
+    np.testing.assert_array_equal(res.store.read(slice(0, 40)), full.store.read(slice(0, 40)))
+    # a --rows-per-chunk above the row count is the row count (what the store records)
+    assert extract(lm, world_csv, "coords", tmp_path / "full.zarr", rows_per_chunk=8, **kw
+                   ).rows == 0
+    small = extract(lm, world_csv, "coords", tmp_path / "small.zarr", limit=6,
+                    rows_per_chunk=64, **kw)
+    assert small.store.rows_per_chunk == 6
+    assert extract(lm, world_csv, "coords", tmp_path / "small.zarr", limit=6,
+                   rows_per_chunk=100, **kw).rows == 0
+
+
 def test_overwrite_never_deletes_a_non_store(tmp_path, tiny_model, tiny_tokenizer, world_csv):
     lm = (tiny_model, tiny_tokenizer)
     user = tmp_path / "mydir"
@@ -265,6 +310,128 @@ def test_bad_inputs(tmp_path, tiny_model, tiny_tokenizer, world_csv):
         extract(lm, world_csv, "coords", tmp_path / "junk", progress=False)
     with pytest.raises(ModelError, match="does not exist"):
         load_model("./no/such/model")
+
+
+def _with_name(csv, tmp_path, row: int, name: str):
+    """A copy of ``csv`` whose row ``row`` is named ``name``."""
+    import pandas as pd
+    t = pd.read_csv(csv)
+    t.loc[row, "name"] = name
+    out = tmp_path / f"named{row}.csv"
+    t.to_csv(out, index=False)
+    return out
+
+
+def test_a_row_over_the_context_is_refused_before_any_forward(tmp_path, tiny_model,
+                                                              tiny_tokenizer, world_csv):
+    """The issue: a 10,000-character name became 12,712 tokens, past the model's 8,192
+    positions, without a word. With the tiny model (256 positions): an error naming the row,
+    its length and the limit, before any forward pass and before the store is touched."""
+    from actstore.datasets import load_dataset
+    from actstore.store.lock import lock_path
+    lm = (tiny_model, tiny_tokenizer)
+    long = ("Saint Abbey Castle " * 600)[:9999] + "X"
+    bad = _with_name(world_csv, tmp_path, 13, long)
+    entity = load_dataset(str(bad)).table["entity"][13]
+    n = len(get_prompt("coords").encode(tiny_tokenizer, entity))
+    assert len(entity) == 10_000 and n > 256
+    calls = []
+    hook = tiny_model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    out = tmp_path / "s.zarr"
+    try:
+        with pytest.raises(ExtractError) as ei:
+            extract(lm, bad, "coords", out, progress=False)
+        # an explicit --max-tokens names itself and the model's context
+        with pytest.raises(ExtractError, match=r"row 0 .* over the limit of 20 \(--max-tokens\)"
+                           r" \(and \d+ more rows\); fix or drop the row in the dataset, or "
+                           r"raise --max-tokens \(up to the model's context, 256\)"):
+            extract(lm, world_csv, "coords", out, progress=False, max_tokens=20)
+        with pytest.raises(ExtractError, match="--max-tokens 300 exceeds the model's context "
+                                               "length of 256 tokens"):
+            extract(lm, world_csv, "coords", out, progress=False, max_tokens=300)
+    finally:
+        hook.remove()
+    assert str(ei.value) == (
+        f"row 13 ('{long[:40]}'... (10000 characters)) is {n} tokens long (BOS + prompt + "
+        "entity), over the limit of 256 (the model's context length); the model cannot read "
+        "it whole: fix or drop the row in the dataset")
+    assert not calls and not out.exists() and not lock_path(out).exists()
+    # within the limit: fine (the longest row of world_csv is 26 tokens)
+    assert extract(lm, world_csv, "coords", out, progress=False, max_tokens=26).store.complete
+
+
+def test_max_tokens_default_and_context_length(tiny_model, make_llama):
+    from actstore.extract.tokens import MAX_TOKENS_CAP, token_limit
+    from actstore.models import context_length
+    assert MAX_TOKENS_CAP == 8192
+    assert context_length(tiny_model) == 256
+    assert token_limit(None, 256) == (256, "the model's context length")
+    assert token_limit(None, 131072) == (8192, "the default cap; the model's context is 131072")
+    assert token_limit(None, None)[0] == 8192
+    assert token_limit(100, 256) == (100, "--max-tokens")
+    assert token_limit(100, None) == (100, "--max-tokens")
+    with pytest.raises(ExtractError, match="exceeds the model's context length of 256"):
+        token_limit(257, 256)
+    with pytest.raises(ExtractError, match="--max-tokens must be at least 1"):
+        from actstore.extract import ExtractConfig
+        ExtractConfig(max_tokens=0)
+
+    class Cfg:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class M:
+        def __init__(self, cfg):
+            self.config = cfg
+    assert context_length(M(Cfg(n_positions=1024))) == 1024                      # GPT-2
+    assert context_length(M(Cfg(text_config=Cfg(max_position_embeddings=9)))) == 9  # multimodal
+    assert context_length(M(Cfg(hidden_size=8))) is None
+
+
+def test_batches_over_the_token_budget_are_split_only_they():
+    from actstore.extract import plan_batches
+    lengths = [5, 3, 200, 4, 4, 6, 2, 7, 3, 3]
+    assert plan_batches(lengths, 4) == [[2, 7, 5, 0], [3, 4, 1, 8], [9, 6]]
+    # 4 x 200 slots > 64: the long row alone, the rest of its batch together; others unchanged
+    assert plan_batches(lengths, 4, 64) == [[2], [7, 5, 0], [3, 4, 1, 8], [9, 6]]
+    assert plan_batches([50, 40, 30, 20, 10], 5, 100) == [[0, 1], [2, 3, 4]]
+    rng = np.random.default_rng(0)
+    for _ in range(50):   # within the budget: exactly the plan of batch_size alone
+        ls = rng.integers(1, 17, size=int(rng.integers(1, 70))).tolist()
+        b = int(rng.integers(1, 9))
+        assert plan_batches(ls, b, b * 16) == plan_batches(ls, b)
+        for batch in plan_batches(ls, b, 24):
+            assert len(batch) == 1 or len(batch) * ls[batch[0]] <= 24
+
+
+def test_one_long_row_cannot_blow_up_its_batch(tmp_path, tiny_model, tiny_tokenizer, world_csv,
+                                               monkeypatch):
+    """A long row goes in a batch of its own (the budget: batch_size x BATCH_TOKENS_PER_ROW
+    token slots, shrunk here so that the tiny model's rows can reach it); every other batch
+    keeps its rows, and the values match the unpadded one-entity forward."""
+    from actstore.extract import capture
+    lm = (tiny_model, tiny_tokenizer)
+    data = _with_name(world_csv, tmp_path, 13, "Saint Abbey Castle " * 30 + "Bay")
+    shapes = []
+    real = capture._batch_tensors
+
+    def spy(seqs, *a):
+        shapes.append((len(seqs), max(len(q) for q in seqs)))
+        return real(seqs, *a)
+    monkeypatch.setattr(capture, "_batch_tensors", spy)
+    kw = dict(batch_size=8, rows_per_chunk=16, progress=False)
+    plain = extract(lm, data, "coords", tmp_path / "plain.zarr", **kw).store
+    before, shapes[:] = list(shapes), []
+    monkeypatch.setattr(capture, "BATCH_TOKENS_PER_ROW", 27)   # 8 x 27: rows of <= 26 fit
+    s = extract(lm, data, "coords", tmp_path / "split.zarr", **kw).store
+    longest = before[0][1]
+    assert longest > 180 and before[0] == (8, longest)          # was: 8 x 191 token slots
+    assert shapes[0] == (1, longest) and shapes[1][0] == 7      # now: 1 x 191, then 7 rows
+    assert shapes[2:] == before[1:]                              # the other batches unchanged
+    assert all(b * t <= 8 * 27 for b, t in shapes[1:])
+    want = reference(tiny_model, tiny_tokenizer, s.entities["entity"])
+    np.testing.assert_allclose(s.read(slice(0, 40)).astype(np.float32), want, **FP16_TOL)
+    np.testing.assert_array_equal(s.read(slice(16, 40)), plain.read(slice(16, 40)))
 
 
 def test_unwritable_path(tmp_path, tiny_model, tiny_tokenizer, world_csv):
@@ -469,9 +636,11 @@ def test_config_is_the_keyword_api_and_the_command_line(tmp_path, tiny_model, ti
     args = build_parser().parse_args(["extract", "--dataset", "d", "--prompt", "p", "--out", "o"])
     assert from_args(ExtractConfig, args) == ExtractConfig(dataset="d", prompt="p", out="o")
     args = build_parser().parse_args(["extract", "--dataset", "d", "--prompt", "p", "--out", "o",
-                                      "--no-progress", "--batch-size", "4", "--neurons"])
+                                      "--no-progress", "--batch-size", "4", "--neurons",
+                                      "--max-tokens", "64"])
     assert from_args(ExtractConfig, args) == ExtractConfig(
-        dataset="d", prompt="p", out="o", progress=False, batch_size=4, neurons=True)
+        dataset="d", prompt="p", out="o", progress=False, batch_size=4, neurons=True,
+        max_tokens=64)
 
 
 @pytest.mark.slow
