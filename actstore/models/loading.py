@@ -258,8 +258,11 @@ def _load_pretrained(name: str, torch_dtype, device_map, info: dict):
                 raise
             tok = AutoTokenizer.from_pretrained(src)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **placement)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - a model's files fail in their libraries' own
+        # error types (OSError offline, safetensors, torch.load, sizes that disagree): one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not isinstance(exc, (OSError, ValueError, KeyError)) or not first:
+            first = f"{type(exc).__name__}: {first}"
         where = ("local directory" if local.exists() else "Hugging Face hub" if online else
                  "local Hugging Face cache (and the hub is unreachable: offline)")
         raise ModelError(f"cannot load model {name!r} from the {where}: {first[:300]} "

@@ -64,15 +64,8 @@ def _load(name: str):
     """``load_model(name)`` on CPU in float32; any failure is one line naming the model."""
     try:
         return load_model(name, device="cpu", compute_dtype="float32")
-    except ModelError as exc:
-        raise NeuronReportError(f"cannot load model {name!r} for the neuron weights: "
-                                f"{exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a directory's files fail in their library's own
-        # error types (safetensors, torch.load, a config whose sizes disagree with the weights)
-        lines = str(exc).strip().splitlines()
-        first = lines[0][:300] if lines else ""
-        raise NeuronReportError(f"cannot load model {name!r} for the neuron weights: "
-                                f"{type(exc).__name__}: {first}") from exc
+    except ModelError as exc:   # every load failure is one (actstore.models.loading)
+        raise NeuronReportError(f"{exc}; the neuron weights need it") from None
 
 
 def resolve_model(store: ActivationStore, model=None) -> tuple:

@@ -112,3 +112,24 @@ def test_embedded_smollm2_loads_offline(monkeypatch):
     assert len(lm.info["file_sha256"]) == 64
     ids = lm.tokenizer("Paris", add_special_tokens=False)["input_ids"]
     assert ids and max(ids) < lm.model.config.vocab_size
+
+
+def test_a_broken_model_directory_is_one_line_model_error(tmp_path, tiny_model_dir):
+    """Torn weights or a config whose sizes disagree with them fail in their libraries' own
+    error types (safetensors, torch): load_model makes them one ModelError naming the model."""
+    import json
+    import shutil
+
+
+    torn = tmp_path / "torn"
+    shutil.copytree(tiny_model_dir, torn)
+    w = torn / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_model_dir, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    for bad, kind in ((torn, "SafetensorError"), (wide, "RuntimeError")):
+        with pytest.raises(ModelError, match=f"cannot load model '{bad}' from the local "
+                                             f"directory: {kind}: "):
+            load_model(str(bad), device="cpu")
