@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from actstore.errors import StoreError
 from actstore.store.format import INTEGRITY_GROUP, storage_dtype
 from actstore.store.layout import (
     block_rows,
@@ -24,7 +25,8 @@ from actstore.store.layout import (
 )
 from actstore.store.progress import merge_intervals
 
-__all__ = ["Problem", "REPAIR", "RECREATE", "structure_problems", "summary", "span"]
+__all__ = ["Problem", "REPAIR", "RECREATE", "structure_problems", "settle", "summary", "span",
+           "problem_error"]
 
 REPAIR = "actstore extract ... --repair"
 RECREATE = "re-create the store (actstore extract ... --overwrite)"
@@ -83,6 +85,23 @@ class Problem:
         return d
 
 
+def problem_error(p: Problem) -> StoreError:
+    """The StoreError of one problem (its one line); ``.problem`` keeps the problem, for
+    :func:`actstore.store.integrity.check_store`, which lists them instead of stopping."""
+    err = StoreError(p.line(), replaceable=True)
+    err.problem = p
+    return err
+
+
+def settle(problems: list[Problem]) -> list[Problem]:
+    """Re-extracting rows repairs a store only when everything else is intact (header, entity
+    table, arrays' metadata, rows_done): if any problem is not a row block's, none is
+    repairable."""
+    if all(p.repairable for p in problems):
+        return list(problems)
+    return [replace(p, repairable=False) for p in problems]
+
+
 def summary(problems: list[Problem], path) -> str:
     """One line for an error: the first problem, and how many more ``actstore verify`` lists."""
     more = len(problems) - 1
@@ -100,15 +119,14 @@ def _all_layers(store) -> tuple[int, int]:
 
 def structure_problems(store) -> list[Problem]:
     """Everything :func:`open_store` checks, in order: progress, arrays, entity table, files.
-    Row-block problems are repairable only when the header and entity table are intact."""
+    Row-block problems are repairable only when the rest is intact (:func:`settle`)."""
     probs = _progress_problems(store)
     arrays, found = _array_problems(store)
     probs += found
-    entity = _entity_problems(store)
-    probs += entity
+    probs += _entity_problems(store)
     if not any(p.array == "rows_done" for p in probs) and store.format == "zarr":
-        probs += _file_problems(store, arrays, intact=not entity)
-    return probs
+        probs += _file_problems(store, arrays)
+    return settle(probs)
 
 
 def _progress_problems(store) -> list[Problem]:
@@ -185,6 +203,10 @@ def _entity_problems(store) -> list[Problem]:
     kinds = store._header["entity_kinds"]
     has_crcs = store.checksums.present
     probs = []
+    if has_crcs and set(store.checksums.entities() or {}) != set(store._header["entity_columns"]):
+        key = f"{INTEGRITY_GROUP}/entities"
+        probs.append(Problem(_file(store, key), "entity checksums missing, unreadable or not "
+                             "those of the header's columns", array=INTEGRITY_GROUP))
     for c in store._header["entity_columns"]:
         key = f"entities/{c}"
         try:
@@ -222,7 +244,7 @@ def _integrity_meta(store, name: str, L: int, nb: int) -> str | None:
         return f"missing or unreadable ({type(exc).__name__})"
 
 
-def _file_problems(store, arrays: dict, intact: bool) -> list[Problem]:
+def _file_problems(store, arrays: dict) -> list[Problem]:
     """Zarr: a stat of every shard and checksum file of the finished row blocks."""
     L, N, R = store.n_layers, store.n_rows, store.rows_per_chunk
     blocks = blocks_of(merge_intervals([(0, store.rows_done)] + store.ranges_done), R)
@@ -247,7 +269,7 @@ def _file_problems(store, arrays: dict, intact: bool) -> list[Problem]:
                 if msg:
                     probs.append(Problem(str(store.path / key), msg, array=name,
                                          layers=_all_layers(store), rows=rows,
-                                         repairable=intact))
+                                         repairable=True))
     return probs
 
 

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from actstore.errors import StoreError
-from actstore.store.checks import Problem
+from actstore.store.checks import Problem, problem_error
 from actstore.store.checksums import crc32c
 from actstore.store.layout import EMPTY, block_rows, checksum_key, our_layout, shard_key
 
@@ -68,9 +68,9 @@ class BlockReader:
         s = self.store
         layers = (layer, layer) if layer is not None else (s.layers[0], s.layers[-1])
         file = str(s.path / key) if s.format == "zarr" else f"{s.path} (dataset {key})"
-        p = Problem(file, message, array=self.array, layers=layers,
-                    rows=block_rows(b, s.rows_per_chunk, s.n_rows), repairable=True)
-        return StoreError(p.line(), replaceable=True)
+        return problem_error(Problem(file, message, array=self.array, layers=layers,
+                                     rows=block_rows(b, s.rows_per_chunk, s.n_rows),
+                                     repairable=True))
 
     def _want(self, checks, b: int) -> np.ndarray:
         want = checks.get(self.array, b)

@@ -17,7 +17,7 @@ import numpy as np
 
 from actstore.errors import StoreError
 from actstore.io import PARTIAL_SUFFIX
-from actstore.store.checks import Problem, structure_problems, summary
+from actstore.store.checks import Problem, problem_error, structure_problems, summary
 from actstore.store.checksums import Checksums, column_crc
 from actstore.store.chunks import BlockReader
 from actstore.store.format import (
@@ -143,20 +143,19 @@ class ActivationStore(Progress, BlockWriter):
 
     def _entity_column(self, c: str, kind: str, crcs: dict | None) -> np.ndarray:
         """One stored entity column, checked against its crc32c when there is one."""
-        key = f"entities/{c}"
-        file = str(self.path / key) if self.format == "zarr" else f"{self.path} (dataset {key})"
+        key = f"entities/{c}"     # Zarr: one chunk of n_rows values, c/0
+        file = (str(self.path / key / "c" / "0") if self.format == "zarr"
+                else f"{self.path} (dataset {key})")
         try:
             ds = self._h["entities"][c]
             v = ds.asstr()[:] if self.format == "hdf5" and kind == "str" else ds[:]
         except Exception as exc:  # noqa: BLE001 - a missing or damaged chunk: name the file
             msg = str(exc).splitlines()[0][:100] if str(exc) else ""
-            raise StoreError(Problem(file, f"entity column {c!r} cannot be read "
-                                     f"({type(exc).__name__}: {msg})", "entities").line(),
-                             replaceable=True) from None
+            raise problem_error(Problem(file, f"entity column {c!r} cannot be read "
+                                        f"({type(exc).__name__}: {msg})", "entities")) from None
         if crcs and c in crcs and column_crc(v, kind) != crcs[c]:
-            raise StoreError(Problem(file, f"entity column {c!r}: checksum mismatch (the column "
-                                     "is not what was written)", "entities").line(),
-                             replaceable=True)
+            raise problem_error(Problem(file, f"entity column {c!r}: checksum mismatch (the "
+                                        "column is not what was written)", "entities"))
         return v
 
     def target_array(self, names=None) -> np.ndarray:
