@@ -11,6 +11,7 @@ datasets. A store without ``integrity`` (made before checksums) reads unverified
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ class Checksums:
     (write one block's crcs, durable when ``fsync``), ``entities()`` (column -> crc)."""
 
     def __init__(self, store):
-        self.store = store
+        self.store = weakref.proxy(store)   # no reference cycle: a dropped store closes at once
         self.fmt = store.format
         self._cache: dict = {}
         if self.fmt == "zarr":

@@ -9,6 +9,7 @@ partial-block read costs a whole block (docs/store-format.md "Integrity").
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 
@@ -24,7 +25,8 @@ class BlockReader:
     """Reads ``(positions, rows)`` of one activation array of an open store."""
 
     def __init__(self, store, array: str, arr):
-        self.store, self.array, self.arr = store, array, arr
+        # a proxy: no reference cycle, so a dropped store (an HDF5 file) closes at once
+        self.store, self.array, self.arr = weakref.proxy(store), array, arr
         self.layout = our_layout(arr) if store.format == "zarr" else None
         self.d = int(arr.shape[2])
         self.dtype = np.dtype(arr.dtype)

@@ -7,13 +7,14 @@ in windows of ``rows_per_chunk`` rows, the store's shards, so no file ever has t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 from actstore.errors import StoreError
-from actstore.io import fsync_file, write_json
+from actstore.io import write_atomic, write_json
 from actstore.store.format import PROGRESS_GROUP, RANGE_KEY
 
 __all__ = ["merge_intervals", "subtract_intervals", "todo_windows", "split_windows", "segments",
@@ -138,20 +139,24 @@ class Progress:
         if not 0 <= rows_done <= self.n_rows:
             raise StoreError(f"rows_done={rows_done} outside [0, {self.n_rows}]")
         if self.format == "zarr":
-            self._h.attrs["rows_done"] = rows_done   # rewrites zarr.json atomically
+            self._put_attrs({**dict(self._h.attrs), "rows_done": rows_done})
         else:
             self._h["rows_done"][0] = rows_done      # in-place raw write, pre-allocated
             self._h.flush()
-        self._sync_progress()
+            if self.durable:
+                os.fsync(self._h.id.get_vfd_handle())
 
-    def _sync_progress(self) -> None:
-        """Make the rewritten progress record durable (``durable`` stores)."""
-        if not getattr(self, "durable", False):
-            return
-        if self.format == "zarr":
-            fsync_file(self.path / "zarr.json")
-        else:
-            os.fsync(self._h.id.get_vfd_handle())
+    def _put_attrs(self, attrs: dict) -> None:
+        """Rewrite the group's ``zarr.json`` with ``attrs`` (the bytes zarr writes) through a
+        temporary file, durable before the rename when ``durable`` (zarr's own write has no
+        fsync: a power loss could leave a torn zarr.json, and the header lives there)."""
+        import zarr  # deferred, as everywhere in the store (a light `import actstore`)
+        from zarr.core.buffer import default_buffer_prototype
+
+        meta = dataclasses.replace(self._h.metadata, attributes=attrs)
+        raw = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        write_atomic(self.path / "zarr.json", raw, fsync=self.durable)
+        self._h = zarr.open_group(str(self.path), mode="r+")
 
     # -- row ranges (distributed extraction; docs/store-format.md "Row ranges")
     @property
@@ -199,8 +204,7 @@ class Progress:
         if rest:
             new["ranges_done"] = rest
         if new != attrs:
-            self._h.attrs.put(new)  # one atomic rewrite of zarr.json
-            self._sync_progress()
+            self._put_attrs(new)  # one atomic rewrite of zarr.json
 
     def mark_rows(self, start: int, stop: int) -> None:
         """Record that rows ``[start, stop)`` are written (the single-writer form of

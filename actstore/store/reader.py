@@ -31,10 +31,14 @@ from actstore.store.format import (
 from actstore.store.progress import Progress
 from actstore.store.shard_files import BlockWriter
 
-__all__ = ["ActivationStore", "open_store", "NO_VERIFY_ENV"]
+__all__ = ["ActivationStore", "open_store", "NO_VERIFY_ENV", "FSYNC_ENV"]
 
 # Set to 1 to skip content verification on read by default (open_store(verify=None)).
 NO_VERIFY_ENV = "ACTSTORE_NO_VERIFY"
+# Set to 0 to write without fsync (scratch stores on a file system where fsync is slow): a power
+# loss may then lose recorded blocks, which `actstore verify` finds. bench/RESULTS.md "Store
+# integrity" has the cost.
+FSYNC_ENV = "ACTSTORE_FSYNC"
 
 
 def _ranges(xs: list[int]) -> str:
@@ -74,7 +78,7 @@ class ActivationStore(Progress, BlockWriter):
         file on a mismatch); a store made before checksums reads unverified.
     durable : bool
         Writes flush each row block, its checksums and the progress record to the disk
-        (fsync) before ``rows_done`` advances.
+        (fsync) before ``rows_done`` advances (default; ``ACTSTORE_FSYNC=0`` turns it off).
     targets, group_columns, rows_per_chunk, compression
 
     Examples
@@ -108,7 +112,7 @@ class ActivationStore(Progress, BlockWriter):
         self._readers: dict = {}
         self._checksums: Checksums | None = None
         self.verify = bool(verify)
-        self.durable = True
+        self.durable = os.environ.get(FSYNC_ENV, "1").strip() != "0"
 
     # -- header
     @property

@@ -97,7 +97,7 @@ class BlockWriter:
         for name, block in (("resid", resid), ("neurons", neurons)):
             if block is None:
                 continue
-            crcs = self._writer(name)(start, block, sums)
+            crcs = self._writer(name)(self, start, block, sums)
             for b, c in crcs.items():
                 self.checksums.put(name, b, c, fsync=self.durable)
         if self.format == "hdf5":
@@ -127,25 +127,26 @@ class BlockWriter:
                                  f"{self.dtype}, got {tuple(neurons.shape)} {neurons.dtype}")
 
     def _writer(self, array: str):
-        """write(start, block, crcs) -> {row block: crcs} for one array: direct shard files
-        for our Zarr layout, else zarr (without its per-chunk fill-value comparison: every row
-        block is real data) or h5py, then the crcs of the block as given."""
+        """write(store, start, block, crcs) -> {row block: crcs} for one array: direct shard
+        files for our Zarr layout, else zarr (without its per-chunk fill-value comparison:
+        every row block is real data) or h5py, then the crcs of the block as given. (The store
+        is an argument, not captured: no reference cycle keeps a dropped store open.)"""
         w = self._writers.get(array)
         if w is None:
             arr = self._h[array]
             direct = ShardFiles.for_array(arr) if self.format == "zarr" else None
             if direct is not None:
-                def w(start, block, crcs):
-                    return direct.write(start, block, crcs=crcs, fsync=self.durable)
+                def w(store, start, block, crcs):
+                    return direct.write(start, block, crcs=crcs, fsync=store.durable)
             else:
                 if self.format == "zarr":
                     arr = arr.with_config({"write_empty_chunks": True})
 
-                def w(start, block, crcs, arr=arr):
+                def w(store, start, block, crcs, arr=arr):
                     arr[:, start:start + block.shape[1]] = block
-                    if self.format == "zarr" and self.durable:
-                        self._sync_shards(array, start, block.shape[1])
-                    return self._block_crcs(start, block) if crcs else {}
+                    if store.format == "zarr" and store.durable:
+                        store._sync_shards(array, start, block.shape[1])
+                    return store._block_crcs(start, block) if crcs else {}
             self._writers[array] = w
         return w
 

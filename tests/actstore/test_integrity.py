@@ -436,9 +436,47 @@ def test_rows_done_advances_after_data_and_checksums_are_on_disk(tmp_path, monke
     root = str(tmp_path / name)
     shard = [i for i, f in enumerate(synced) if "/resid/c/0/1/." in f]
     crc = [i for i, f in enumerate(synced) if "/integrity/resid/c/0/.1." in f]
-    top = [i for i, f in enumerate(synced) if f == f"{root}/zarr.json"]
+    top = [i for i, f in enumerate(synced) if f.startswith(f"{root}/.zarr.json.")]
     assert shard and crc and top and shard[0] < crc[0] < top[-1], synced
+    assert synced[-1] == root            # the rename of zarr.json, last
     assert f"{root}/resid/c/0/1" in synced and f"{root}/integrity/resid/c/0" in synced  # dirs
+
+
+def test_fsync_can_be_turned_off_for_scratch_stores(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("ACTSTORE_FSYNC", "0")
+    st = create_store(tmp_path / "s.zarr", layers=[1, 2, 3], n_rows=N, d_model=D,
+                      entities=_table(N), targets=("latitude",), group_columns=(), meta={},
+                      rows_per_chunk=R)
+    assert not st.durable
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
+    st.write_rows(0, np.ones((L, 8, D), np.float16))
+    st.mark_done(8)
+    assert calls == [] and open_store(tmp_path / "s.zarr").layer(1).shape == (8, D)
+
+
+def test_a_dropped_store_closes_its_file_at_once(tmp_path):
+    """No reference cycle (store <-> checksums, readers, writers): dropping the last reference
+    closes an HDF5 file without waiting for the garbage collector."""
+    import gc
+    import weakref
+    p, _, _ = _store(tmp_path / "s.h5", fmt="hdf5", neurons=True)
+    gc.disable()
+    try:
+        s = open_store(p)
+        s.layer(1)
+        s.layer(2, array="neurons")
+        s.entities
+        ref = weakref.ref(s)
+        del s
+        assert ref() is None
+        w = open_store(p, mode="a")        # the read-only handle is gone: a writer may open
+        w.write_rows(0, np.ones((L, 8, D), np.float16), np.ones((L, 8, DM), np.float16))
+        ref = weakref.ref(w)
+        del w
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_write_atomic_fsync_syncs_the_file_and_new_directories(tmp_path, monkeypatch):
