@@ -26,7 +26,7 @@ from actstore.store.layout import (
 from actstore.store.progress import merge_intervals
 
 __all__ = ["Problem", "REPAIR", "RECREATE", "structure_problems", "settle", "summary", "span",
-           "problem_error"]
+           "problem_error", "first_line"]
 
 REPAIR = "actstore extract ... --repair"
 RECREATE = "re-create the store (actstore extract ... --overwrite)"
@@ -91,6 +91,12 @@ def problem_error(p: Problem) -> StoreError:
     err = StoreError(p.line(), replaceable=True)
     err.problem = p
     return err
+
+
+def first_line(exc: BaseException, width: int = 120) -> str:
+    """``Type: first line of the message`` (shortened): a foreign error inside a one-line one."""
+    text = (str(exc).splitlines() or [""])[0][:width]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def settle(problems: list[Problem]) -> list[Problem]:
@@ -186,7 +192,7 @@ def _array_problems(store) -> tuple[dict, list[Problem]]:
                 d = widths[name]
                 bad = _meta_mismatch(arr, (L, N, d), npdt, (1, R, d), (L, R, d) if zarr else None)
         except Exception as exc:  # noqa: BLE001 - missing or unreadable metadata
-            bad = f"missing or unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            bad = f"missing or unreadable ({first_line(exc)})"
         if bad is None:
             ok[name] = arr
         else:

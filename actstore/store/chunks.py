@@ -14,7 +14,7 @@ import weakref
 import numpy as np
 
 from actstore.errors import StoreError
-from actstore.store.checks import Problem, problem_error
+from actstore.store.checks import Problem, first_line, problem_error
 from actstore.store.checksums import crc32c
 from actstore.store.layout import EMPTY, block_rows, checksum_key, our_layout, shard_key
 
@@ -101,9 +101,7 @@ class BlockReader:
                 raise
             b = start // self.store.rows_per_chunk
             key = shard_key(self.array, b) if self.store.format == "zarr" else self.array
-            raise self._problem(key, f"cannot be decoded ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:100] if str(exc) else ''})",
-                                b) from None
+            raise self._problem(key, f"cannot be decoded ({first_line(exc)})", b) from None
 
     def _direct(self, b: int, pos: list[int], a: int, e: int, out: np.ndarray, want) -> None:
         """Rows ``[a, e)`` of block ``b`` for ``pos`` into ``out`` (len(pos), e - a, d), from

@@ -17,7 +17,13 @@ import numpy as np
 
 from actstore.errors import StoreError
 from actstore.io import PARTIAL_SUFFIX
-from actstore.store.checks import Problem, problem_error, structure_problems, summary
+from actstore.store.checks import (
+    Problem,
+    first_line,
+    problem_error,
+    structure_problems,
+    summary,
+)
 from actstore.store.checksums import Checksums, column_crc
 from actstore.store.chunks import BlockReader
 from actstore.store.format import (
@@ -154,9 +160,8 @@ class ActivationStore(Progress, BlockWriter):
             ds = self._h["entities"][c]
             v = ds.asstr()[:] if self.format == "hdf5" and kind == "str" else ds[:]
         except Exception as exc:  # noqa: BLE001 - a missing or damaged chunk: name the file
-            msg = str(exc).splitlines()[0][:100] if str(exc) else ""
             raise problem_error(Problem(file, f"entity column {c!r} cannot be read "
-                                        f"({type(exc).__name__}: {msg})", "entities")) from None
+                                        f"({first_line(exc)})", "entities")) from None
         if crcs and c in crcs and column_crc(v, kind) != crcs[c]:
             raise problem_error(Problem(file, f"entity column {c!r}: checksum mismatch (the "
                                         "column is not what was written)", "entities"))
@@ -250,6 +255,12 @@ class ActivationStore(Progress, BlockWriter):
         Returns
         -------
         (rows_done, d) array
+
+        Raises
+        ------
+        StoreError
+            ``verify`` and a row block that fails its checksum (or a shard that cannot be
+            read): the message names the file, the layer and the rows.
         """
         p = self._position(layer)
         x = self._reader(array).read([p], 0, self.rows_done, self.verify)[0]
@@ -283,6 +294,7 @@ class ActivationStore(Progress, BlockWriter):
 
         ``rows`` is the block height (default: ``rows_per_chunk``; rounded up to a multiple of
         it so reads are chunk-aligned). Iteration covers ``[start, min(stop, rows_done))``.
+        Each block is verified as :meth:`read` verifies (``verify``).
         """
         R = self.rows_per_chunk
         step = R if rows is None else max(R, -(-int(rows) // R) * R)

@@ -129,6 +129,24 @@ def test_missing_array_metadata_and_edited_layer_array(tmp_path):
         open_store(q)
 
 
+def test_hdf5_structure_is_checked_at_open(tmp_path):
+    import h5py
+    p, _, _ = _store(tmp_path / "s.h5", fmt="hdf5")
+    q = tmp_path / "q.h5"
+    shutil.copy(p, q)
+    with h5py.File(p, "r+") as f:
+        del f["layer"]
+        f["layer"] = np.array([3, 2, 1], dtype=np.int32)
+    with pytest.raises(StoreError, match=rf"{p} \(dataset layer\): array metadata: holds "
+                                         r"layers \[3, 2, 1\]"):
+        open_store(p)
+    with h5py.File(q, "r+") as f:
+        del f["entities/latitude"]
+    with pytest.raises(StoreError, match=r"\(dataset entities/latitude\): entity column "
+                                         r"'latitude': missing"):
+        open_store(q)
+
+
 @pytest.mark.parametrize("fmt,name", [("zarr", "s.zarr"), ("hdf5", "s.h5")])
 @pytest.mark.parametrize("rows_done", [-3, N + 1])
 def test_rows_done_outside_the_store_is_an_error(tmp_path, fmt, name, rows_done):
