@@ -13,6 +13,7 @@ import numpy as np
 
 from actstore.errors import StoreError
 from actstore.io import fsync_dir, fsync_file
+from actstore.store.checks import first_line
 from actstore.store.checksums import column_crc, create_hdf5_integrity, create_zarr_integrity
 from actstore.store.format import (
     COMPRESSIONS,
@@ -240,6 +241,8 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
     arrays = {"resid": int(d_model)}
     if d_mlp is not None:
         arrays["neurons"] = int(d_mlp)
+    if fmt == "hdf5":
+        _check_room(path, sum(L * int(n_rows) * d * npdt.itemsize for d in arrays.values()))
     values = {c: column_values(ent[c], kinds[c]) for c in columns}
     crcs = {c: column_crc(values[c], kinds[c]) for c in columns}
     try:
@@ -251,9 +254,36 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
             handle = _create_hdf5(path, header, arrays, L, int(n_rows), R, npdt, values, crcs)
     except (OSError, RuntimeError) as exc:   # h5py raises RuntimeError for a failed flush
         _delete(path)  # the half-created store this call just made
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        # h5py's messages span lines: the errno's text, else the first line
+        reason = (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
+                  else first_line(exc))
         raise StoreError(f"cannot create store {path}: {reason}") from None
     return ActivationStore(path, fmt, header, handle, "a")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_room(path: Path, nbytes: int) -> None:
+    """An HDF5 store allocates all its chunks when it is created: refuse at once when they cannot
+    fit (free space, the process's file-size limit). HDF5 cannot recover from a write that fails
+    while it creates the file's structure: it crashes the process when it exits (exit 139)."""
+    need = int(nbytes * 1.01) + (1 << 20)          # + HDF5 metadata and the entity table
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise StoreError(f"cannot create store {path}: it needs {_size(need)} and "
+                         f"{path.parent} has {_size(free)} free; free some space or write "
+                         "elsewhere")
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return
+    if limit != resource.RLIM_INFINITY and limit < need:
+        raise StoreError(f"cannot create store {path}: it needs {_size(need)}, more than this "
+                         f"process's file-size limit ({_size(limit)}, ulimit -f); raise the limit "
+                         "or use --format zarr")
 
 
 def _sync_tree(path: Path) -> None:
@@ -320,9 +350,25 @@ def _create_hdf5(path, header, arrays, L, N, R, npdt, values, crcs):
         f.flush()
         os.fsync(f.id.get_vfd_handle())
     except BaseException:
-        try:
-            f.close()
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            pass
+        _discard_hdf5(f)
         raise
     return f
+
+
+def _discard_hdf5(f) -> None:
+    """Close a half-created HDF5 file (the caller deletes it), also on a full disk: its file
+    descriptor is pointed at /dev/null first, so the metadata HDF5 writes at close goes nowhere
+    instead of failing. (A failed close leaves the file open inside HDF5, which retries at exit
+    and crashes the process: exit 139.)"""
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, f.id.get_vfd_handle())
+        finally:
+            os.close(null)
+    except Exception:  # noqa: BLE001 - best effort: the close below still runs
+        pass
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass

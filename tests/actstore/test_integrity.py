@@ -536,6 +536,11 @@ except OSError as exc:
     print("write failed:", exc.errno, flush=True)
 st.close()
 print("closed", open_store(p).rows_done, flush=True)
+try:                                               # creating a store past the limit
+    create_store(p + ".2.h5", layers=[1, 2, 3, 4], n_rows=n, d_model=d, entities=ent,
+                 targets=("lat",), group_columns=(), meta={}, rows_per_chunk=R)
+except ValueError as exc:
+    print("create failed:", exc, flush=True)
 """
 
 
@@ -551,9 +556,11 @@ def test_hdf5_write_on_a_full_disk_fails_cleanly(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert "write failed: 27" in r.stdout                     # EFBIG
-    done = int(r.stdout.split("closed")[1])
+    done = int(r.stdout.split("closed")[1].split()[0])
     assert done < 1024 and done % 256 == 0
     assert check_store(tmp_path / "s.h5").ok
+    assert f"create failed: cannot create store {tmp_path / 's.h5.2.h5'}: it needs " in r.stdout
+    assert "file-size limit" in r.stdout and not (tmp_path / "s.h5.2.h5").exists()
 
 
 # ----------------------------------------------------------------------------- --overwrite
