@@ -108,8 +108,7 @@ class BlockReader:
         the shard file itself; ``want``: the block's crcs (then ``[a, e)`` is the whole
         block)."""
         lay, key = self.layout, shard_key(self.array, b)
-        row = lay.d * lay.itemsize
-        skip = (a - b * lay.R) * row            # bytes of the chunk before row a
+        skip = (a - b * lay.R) * lay.d * lay.itemsize    # bytes of the chunk before row a
         try:
             fd = os.open(self.store.path / key, os.O_RDONLY)
         except FileNotFoundError:
@@ -121,6 +120,7 @@ class BlockReader:
                    if size >= n_index else None)
             if idx is None:
                 raise self._problem(key, f"shard index damaged (file of {size} bytes)", b)
+            runs: list[list] = []     # [offset, [(i, p), ...]]: chunks adjacent in the file
             for i, p in enumerate(pos):
                 off, nb = idx[p]
                 if off == EMPTY and nb == EMPTY:        # a chunk zarr did not store: zeros
@@ -131,25 +131,38 @@ class BlockReader:
                 if nb != lay.chunk_nbytes or int(off) + int(nb) > size - n_index:
                     raise self._problem(key, "shard index damaged (a chunk outside the file)",
                                         b, self.store.layers[p])
-                self._chunk(fd, int(off) + skip, out[i], b, p, key,
-                            None if want is None else want[p])
+                whole = skip == 0 and out[i].nbytes == lay.chunk_nbytes
+                last = runs[-1] if runs else None
+                if (whole and last is not None and last[2] and len(last[1]) < 512
+                        and last[0] + len(last[1]) * lay.chunk_nbytes == int(off)):
+                    last[1].append((i, p))
+                else:
+                    runs.append([int(off), [(i, p)], whole])
+            for off, members, _ in runs:
+                self._run(fd, off + skip, out, members, b, key, want)
         finally:
             os.close(fd)
 
-    def _chunk(self, fd: int, offset: int, dst: np.ndarray, b: int, p: int, key: str,
-               want) -> None:
-        """Read ``dst.nbytes`` bytes at ``offset`` into ``dst``, then check them against
-        ``want``. The kernel copies straight into ``dst`` and the crc is taken from a copy of
-        it: faster than reading into a bytes object and copying that into a fresh ``dst``
-        (page faults in user space; bench/RESULTS.md "Store integrity")."""
+    def _run(self, fd: int, offset: int, out: np.ndarray, members: list, b: int, key: str,
+             want) -> None:
+        """Read chunks that lie one after another in the file, ``members`` = (i, position),
+        into ``out[i]`` with one system call, then check each against ``want``. The kernel
+        copies straight into ``out`` and the crc is taken from a copy of it: faster than
+        reading into a bytes object and copying that into a fresh array (page faults in user
+        space; bench/RESULTS.md "Store integrity")."""
+        dst = [out[i] for i, _ in members]
+        total = sum(x.nbytes for x in dst)
         if hasattr(os, "preadv"):
-            got = os.preadv(fd, [memoryview(dst).cast("B")], offset)
+            got = os.preadv(fd, [memoryview(x).cast("B") for x in dst], offset)
         else:
-            raw = os.pread(fd, dst.nbytes, offset)
+            raw = os.pread(fd, total, offset)
             got = len(raw)
-            if got == dst.nbytes:
-                dst[...] = np.frombuffer(raw, dtype=self.dtype).reshape(dst.shape)
-        if got != dst.nbytes:
-            raise self._problem(key, "shard file truncated", b, self.store.layers[p])
+            if got == total:
+                flat = np.frombuffer(raw, dtype=self.dtype)
+                for k, x in enumerate(dst):
+                    x[...] = flat[k * x.size:(k + 1) * x.size].reshape(x.shape)
+        if got != total:
+            raise self._problem(key, "shard file truncated", b, self.store.layers[members[0][1]])
         if want is not None:
-            self._compare(b, p, want, crc32c(dst))
+            for (_, p), x in zip(members, dst):
+                self._compare(b, p, want[p], crc32c(x))
