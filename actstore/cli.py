@@ -13,7 +13,7 @@ import os
 import sys
 from importlib.metadata import entry_points
 
-COMMANDS = ("actstore.datasets", "actstore.extract.cli")
+COMMANDS = ("actstore.datasets", "actstore.extract.cli", "actstore.store.cli")
 # Commands other packages add (``actstore run`` comes from probes.pipeline.cli): entry points of
 # this group name a function add_cli(subparsers), so actstore never imports them by name.
 PLUGIN_GROUP = "actstore.commands"

@@ -3,8 +3,9 @@
 :func:`write_atomic` writes to a temporary ``*.partial`` file beside the target and renames it
 into place, so a killed writer leaves the old file or the new one, never a torn one (an
 exclusive store open deletes leftover ``*.partial`` files); a write that fails (a full disk)
-raises :class:`WriteError`, naming the file and saying the previous one is unchanged. Imports
-only the standard library.
+raises :class:`WriteError`, naming the file and saying the previous one is unchanged.
+``fsync=True`` also makes it survive power loss (:func:`fsync_file`, :func:`fsync_dir`).
+Imports only the standard library.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
-__all__ = ["write_atomic", "write_json", "cache_dir", "file_sha256", "PARTIAL_SUFFIX",
-           "WriteError"]
+__all__ = ["write_atomic", "write_json", "fsync_file", "fsync_dir", "cache_dir", "file_sha256",
+           "PARTIAL_SUFFIX", "WriteError"]
 
 PARTIAL_SUFFIX = ".partial"
 Content = Union[bytes, str, Callable[[BinaryIO], None]]
@@ -84,7 +85,7 @@ class _Target:
 
 
 def write_atomic(path, content: Content, *, check: Callable[[Path], None] | None = None,
-                 mkdir: bool = False) -> Path:
+                 mkdir: bool = False, fsync: bool = False) -> Path:
     """Write ``content`` to ``path`` through a temporary file and a rename.
 
     Parameters
@@ -98,6 +99,10 @@ def write_atomic(path, content: Content, *, check: Callable[[Path], None] | None
         deleted and ``path`` is left as it was (e.g. a download that must parse first).
     mkdir : bool
         Create the parent directories first.
+    fsync : bool
+        Durable against power loss when it returns: the file's bytes are flushed to the disk
+        before the rename, and the directory entries (the rename, and any directory ``mkdir``
+        created) after it. A store's row blocks and progress records use it.
 
     Returns
     -------
@@ -112,8 +117,7 @@ def write_atomic(path, content: Content, *, check: Callable[[Path], None] | None
     """
     path = Path(path)
     try:
-        if mkdir:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(path.parent) if mkdir else []
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                                    suffix=PARTIAL_SUFFIX)
     except OSError as exc:
@@ -131,6 +135,11 @@ def write_atomic(path, content: Content, *, check: Callable[[Path], None] | None
             else:
                 f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()             # a full disk may only show when the buffer is written
+            if fsync:
+                try:
+                    os.fsync(f.fileno())
+                except OSError as exc:
+                    raise _write_error(path, exc) from exc
         if check is not None:
             check(Path(tmp))
         try:
@@ -143,13 +152,59 @@ def write_atomic(path, content: Content, *, check: Callable[[Path], None] | None
         except OSError:
             pass
         raise
+    if fsync:
+        for d in dict.fromkeys([path.parent] + [c.parent for c in created]):
+            fsync_dir(d)
     return path
 
 
+def _make_parents(d: Path) -> list[Path]:
+    """``mkdir -p d``; the directories that were missing, outermost first (their entries are
+    synced too, even where another writer made one meanwhile)."""
+    missing = []
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        m.mkdir(exist_ok=True)
+    return missing[::-1]
+
+
+def fsync_file(path) -> None:
+    """Flush a file's bytes to the disk (e.g. one another library wrote), then its directory
+    entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(Path(path).parent)
+
+
+def fsync_dir(path) -> None:
+    """Flush a directory's entries (renames, new files) to the disk. A no-op where directories
+    cannot be opened or synced (Windows; some network file systems)."""
+    flags = getattr(os, "O_DIRECTORY", None)
+    if flags is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_json(path, obj, *, indent: int | None = 1, mkdir: bool = False,
-               allow_nan: bool = True) -> Path:
+               allow_nan: bool = True, fsync: bool = False) -> Path:
     """:func:`write_atomic` of ``json.dumps(obj, indent=indent)``."""
-    return write_atomic(path, json.dumps(obj, indent=indent, allow_nan=allow_nan), mkdir=mkdir)
+    return write_atomic(path, json.dumps(obj, indent=indent, allow_nan=allow_nan), mkdir=mkdir,
+                        fsync=fsync)
 
 
 def cache_dir() -> Path:

@@ -2,8 +2,11 @@
 
 Modules, bottom to top: ``format`` (constants, the dtype codec, column kinds, the store
 identity), ``progress`` (rows_done, range records, which windows a resume still needs),
-``shard_files`` (row-block writes), ``reader`` (:class:`ActivationStore`, :func:`open_store`),
-``create`` (:func:`create_store`, :func:`remove_store`).
+``layout`` (files, sizes, what the format defines), ``checksums`` (crc32c tables),
+``checks`` (open-time checks), ``chunks`` (verified block reads), ``shard_files`` (row-block
+writes), ``reader`` (:class:`ActivationStore`, :func:`open_store`), ``create``
+(:func:`create_store`, :func:`remove_store`), ``integrity`` (:func:`check_store`), ``cli``
+(``actstore verify``).
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ from actstore.store.format import (
                                    default_rows_per_chunk,
                                    store_identity,
 )
+from actstore.store.integrity import IntegrityReport, check_store
 from actstore.store.progress import merge_intervals
 from actstore.store.reader import ActivationStore, open_store
 from actstore.store.shard_files import ShardFiles
 
 __all__ = ["StoreError", "ActivationStore", "open_store", "create_store", "remove_store",
+           "check_store", "IntegrityReport",
            "ShardFiles", "merge_intervals", "default_rows_per_chunk", "store_identity",
            "FORMAT_NAME", "FORMAT_VERSION", "DTYPES", "COMPRESSIONS", "DEFAULT_COMPRESSION"]

@@ -13,10 +13,11 @@ import numpy as np
 from actstore.errors import StoreError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ARRAYS", "DTYPES", "COMPRESSIONS",
-           "DEFAULT_COMPRESSION", "PROGRESS_GROUP", "RANGE_KEY", "ZARR_ENTRIES",
+           "DEFAULT_COMPRESSION", "PROGRESS_GROUP", "RANGE_KEY", "INTEGRITY_GROUP", "LOCK_FILE",
+           "ZARR_ENTRIES", "ENTITY_KINDS",
            "default_rows_per_chunk", "storage_dtype", "to_storage", "as_torch", "as_compute",
            "detect_format", "format_from_path", "column_kind", "column_values",
-           "table_from_columns", "store_identity", "check_header"]
+           "table_from_columns", "store_identity", "check_header", "header_problem"]
 
 FORMAT_NAME = "actstore-activations"
 FORMAT_VERSION = 1
@@ -30,8 +31,17 @@ COMPRESSIONS = ("none", "zstd", "blosc")
 # whose zarr.json attribute "actstore_range" each belongs to exactly one writer process.
 PROGRESS_GROUP = "progress"
 RANGE_KEY = "actstore_range"
-# What an interrupted Zarr creation can leave at the top level of the store directory.
-ZARR_ENTRIES = frozenset({"zarr.json", "resid", "neurons", "layer", "entities", PROGRESS_GROUP})
+# Content checksums (crc32c per array, layer and row block; entity columns): a zarr group
+# integrity/ (HDF5: datasets integrity/<name>). Stores made before them lack it: they read,
+# unverified (docs/store-format.md "Integrity").
+INTEGRITY_GROUP = "integrity"
+# The writer lock a running extraction holds inside a Zarr store (part of the format, so that
+# --overwrite may delete it).
+LOCK_FILE = "actstore.lock"
+# The top-level names of a Zarr store directory.
+ZARR_ENTRIES = frozenset({"zarr.json", "resid", "neurons", "layer", "entities", PROGRESS_GROUP,
+                          INTEGRITY_GROUP, LOCK_FILE})
+ENTITY_KINDS = ("str", "float64", "bool", "int64")
 
 
 def default_rows_per_chunk(d: int) -> int:
@@ -176,3 +186,36 @@ def check_header(path, header, on_fail=None) -> None:
     if v != FORMAT_VERSION:
         fail(f"{path}: store format version {v} is not supported (this actstore reads "
              f"version {FORMAT_VERSION}); re-extract it with this version", replaceable=True)
+    bad = header_problem(header)
+    if bad:
+        fail(f"{path}: the store header is damaged ({bad}); the store cannot be read or "
+             "repaired: re-create it (actstore extract ... --overwrite)", replaceable=True)
+
+
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def header_problem(h: dict) -> str | None:
+    """What is wrong with the fields of an actstore header (version 1), or None."""
+    cols = h.get("entity_columns")
+    kinds = h.get("entity_kinds")
+    checks = [
+        ("n_rows", _is_int(h.get("n_rows"), 1)), ("d_model", _is_int(h.get("d_model"), 1)),
+        ("d_mlp", h.get("d_mlp") is None or _is_int(h.get("d_mlp"), 1)),
+        ("layers", isinstance(h.get("layers"), list) and len(h["layers"]) > 0
+         and all(_is_int(x) for x in h["layers"]) and len(set(h["layers"])) == len(h["layers"])),
+        ("dtype", h.get("dtype") in DTYPES),
+        ("rows_per_chunk", _is_int(h.get("rows_per_chunk"), 1)),
+        ("compression", h.get("compression", "none") in COMPRESSIONS),
+        ("entity_columns", isinstance(cols, list) and all(isinstance(c, str) for c in cols)),
+        ("entity_kinds", isinstance(kinds, dict) and isinstance(cols, list)
+         and all(kinds.get(c) in ENTITY_KINDS for c in cols)),
+        ("targets", isinstance(h.get("targets"), list) and isinstance(cols, list)
+         and all(t in cols for t in h["targets"])),
+        ("group_columns", isinstance(h.get("group_columns"), list) and isinstance(cols, list)
+         and all(t in cols for t in h["group_columns"])),
+        ("meta", isinstance(h.get("meta"), dict)),
+    ]
+    bad = [k for k, ok in checks if not ok]
+    return None if not bad else "invalid or missing " + ", ".join(bad)

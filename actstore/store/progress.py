@@ -7,16 +7,18 @@ in windows of ``rows_per_chunk`` rows, the store's shards, so no file ever has t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
 from actstore.errors import StoreError
-from actstore.io import write_json
+from actstore.io import write_atomic, write_json
 from actstore.store.format import PROGRESS_GROUP, RANGE_KEY
 
-__all__ = ["merge_intervals", "todo_windows", "split_windows", "segments", "RangeRecord",
-           "Progress"]
+__all__ = ["merge_intervals", "subtract_intervals", "todo_windows", "split_windows", "segments",
+           "RangeRecord", "Progress"]
 
 
 def merge_intervals(intervals) -> list[tuple[int, int]]:
@@ -28,6 +30,25 @@ def merge_intervals(intervals) -> list[tuple[int, int]]:
         else:
             out.append([a, b])
     return [(a, b) for a, b in out]
+
+
+def subtract_intervals(intervals, minus) -> list[tuple[int, int]]:
+    """The rows of ``intervals`` outside every interval of ``minus``, merged and sorted (e.g.
+    the finished rows less those a repair must re-extract)."""
+    out = []
+    cut = merge_intervals(minus)
+    for a, b in merge_intervals(intervals):
+        for c, d in cut:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append((a, c))
+            a = max(a, d)
+            if a >= b:
+                break
+        if a < b:
+            out.append((a, b))
+    return out
 
 
 def todo_windows(n_rows: int, rows_per_chunk: int, done) -> list[int]:
@@ -76,10 +97,11 @@ class RangeRecord:
     ``[start, done)`` are written and durable. Each record has one writer process, so no two
     processes ever rewrite the same file (zarr attribute updates are read-modify-write)."""
 
-    def __init__(self, store_path: Path, start: int, stop: int):
+    def __init__(self, store_path: Path, start: int, stop: int, fsync: bool = True):
         self.start, self.stop = int(start), int(stop)
         self.dir = Path(store_path) / PROGRESS_GROUP / f"{self.start}-{self.stop}"
         self.done = self.start
+        self.fsync = fsync
 
     def update(self, done: int) -> None:
         done = int(done)
@@ -88,7 +110,7 @@ class RangeRecord:
         write_json(self.dir / "zarr.json", {
             "zarr_format": 3, "node_type": "group",
             "attributes": {RANGE_KEY: {"start": self.start, "stop": self.stop, "done": done}}},
-            indent=None, mkdir=True)
+            indent=None, mkdir=True, fsync=self.fsync)
         self.done = done
 
 
@@ -117,10 +139,24 @@ class Progress:
         if not 0 <= rows_done <= self.n_rows:
             raise StoreError(f"rows_done={rows_done} outside [0, {self.n_rows}]")
         if self.format == "zarr":
-            self._h.attrs["rows_done"] = rows_done   # rewrites zarr.json atomically
+            self._put_attrs({**dict(self._h.attrs), "rows_done": rows_done})
         else:
             self._h["rows_done"][0] = rows_done      # in-place raw write, pre-allocated
             self._h.flush()
+            if self.durable:
+                os.fsync(self._h.id.get_vfd_handle())
+
+    def _put_attrs(self, attrs: dict) -> None:
+        """Rewrite the group's ``zarr.json`` with ``attrs`` (the bytes zarr writes) through a
+        temporary file, durable before the rename when ``durable`` (zarr's own write has no
+        fsync: a power loss could leave a torn zarr.json, and the header lives there)."""
+        import zarr  # deferred, as everywhere in the store (a light `import actstore`)
+        from zarr.core.buffer import default_buffer_prototype
+
+        meta = dataclasses.replace(self._h.metadata, attributes=attrs)
+        raw = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        write_atomic(self.path / "zarr.json", raw, fsync=self.durable)
+        self._h = zarr.open_group(str(self.path), mode="r+")
 
     # -- row ranges (distributed extraction; docs/store-format.md "Row ranges")
     @property
@@ -168,7 +204,7 @@ class Progress:
         if rest:
             new["ranges_done"] = rest
         if new != attrs:
-            self._h.attrs.put(new)  # one atomic rewrite of zarr.json
+            self._put_attrs(new)  # one atomic rewrite of zarr.json
 
     def mark_rows(self, start: int, stop: int) -> None:
         """Record that rows ``[start, stop)`` are written (the single-writer form of
@@ -185,7 +221,7 @@ class Progress:
         if self.format != "zarr":
             raise StoreError(f"{self.path}: only Zarr stores take parallel writers "
                              "(HDF5 files allow one writer)")
-        return RangeRecord(self.path, start, stop)
+        return RangeRecord(self.path, start, stop, fsync=self.durable)
 
     def begin_ranges(self) -> None:
         """Create the (zarr group) directory that holds per-range records (one process)."""
@@ -194,7 +230,7 @@ class Progress:
         g.mkdir(exist_ok=True)
         if not (g / "zarr.json").exists():
             write_json(g / "zarr.json", {"zarr_format": 3, "node_type": "group",
-                                         "attributes": {}}, indent=None)
+                                         "attributes": {}}, indent=None, fsync=self.durable)
 
     def finalize_ranges(self, finished=None) -> int:
         """Fold the per-range records into ``rows_done`` / ``ranges_done`` and delete them;

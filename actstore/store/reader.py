@@ -9,6 +9,7 @@ Zarr v3 (a directory) and HDF5 (one file) behave alike; docs/store-format.md is 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +17,15 @@ import numpy as np
 
 from actstore.errors import StoreError
 from actstore.io import PARTIAL_SUFFIX
+from actstore.store.checks import (
+    Problem,
+    first_line,
+    problem_error,
+    structure_problems,
+    summary,
+)
+from actstore.store.checksums import Checksums, column_crc
+from actstore.store.chunks import BlockReader
 from actstore.store.format import (
     ARRAYS,
     PROGRESS_GROUP,
@@ -27,7 +37,14 @@ from actstore.store.format import (
 from actstore.store.progress import Progress
 from actstore.store.shard_files import BlockWriter
 
-__all__ = ["ActivationStore", "open_store"]
+__all__ = ["ActivationStore", "open_store", "NO_VERIFY_ENV", "FSYNC_ENV"]
+
+# Set to 1 to skip content verification on read by default (open_store(verify=None)).
+NO_VERIFY_ENV = "ACTSTORE_NO_VERIFY"
+# Set to 0 to write without fsync (scratch stores on a file system where fsync is slow): a power
+# loss may then lose recorded blocks, which `actstore verify` finds. bench/RESULTS.md "Store
+# integrity" has the cost.
+FSYNC_ENV = "ACTSTORE_FSYNC"
 
 
 def _ranges(xs: list[int]) -> str:
@@ -62,6 +79,12 @@ class ActivationStore(Progress, BlockWriter):
         How the store was made (model, prompt, dataset, ...).
     rows_done : int
         Rows ``[0, rows_done)`` are complete; reads never go past it.
+    verify : bool
+        Reads compare every row block they return with its checksum (StoreError naming the
+        file on a mismatch); a store made before checksums reads unverified.
+    durable : bool
+        Writes flush each row block, its checksums and the progress record to the disk
+        (fsync) before ``rows_done`` advances (default; ``ACTSTORE_FSYNC=0`` turns it off).
     targets, group_columns, rows_per_chunk, compression
 
     Examples
@@ -72,7 +95,8 @@ class ActivationStore(Progress, BlockWriter):
     >>> X = s.layer(12)                      # hidden state 12 = output of block 12
     """
 
-    def __init__(self, path: Path, fmt: str, header: dict, handle, mode: str):
+    def __init__(self, path: Path, fmt: str, header: dict, handle, mode: str,
+                 verify: bool = True):
         self.path = Path(path)
         self.format = fmt
         self._h = handle
@@ -91,6 +115,10 @@ class ActivationStore(Progress, BlockWriter):
         self.meta = dict(header["meta"])
         self._entities = None
         self._writers: dict = {}
+        self._readers: dict = {}
+        self._checksums: Checksums | None = None
+        self.verify = bool(verify)
+        self.durable = os.environ.get(FSYNC_ENV, "1").strip() != "0"
 
     # -- header
     @property
@@ -118,15 +146,26 @@ class ActivationStore(Progress, BlockWriter):
         if self._entities is None:
             cols = self._header["entity_columns"]
             kinds = self._header["entity_kinds"]
-            grp = self._h["entities"]
-            if self.format == "zarr":
-                get = lambda c: grp[c][:]  # noqa: E731
-            else:
-                def get(c):
-                    ds = grp[c]
-                    return ds.asstr()[:] if kinds[c] == "str" else ds[:]
-            self._entities = table_from_columns(cols, kinds, get)
+            crcs = self.checksums.entities() if self.verify else None
+            self._entities = table_from_columns(
+                cols, kinds, lambda c: self._entity_column(c, kinds[c], crcs))
         return self._entities.copy()
+
+    def _entity_column(self, c: str, kind: str, crcs: dict | None) -> np.ndarray:
+        """One stored entity column, checked against its crc32c when there is one."""
+        key = f"entities/{c}"     # Zarr: one chunk of n_rows values, c/0
+        file = (str(self.path / key / "c" / "0") if self.format == "zarr"
+                else f"{self.path} (dataset {key})")
+        try:
+            ds = self._h["entities"][c]
+            v = ds.asstr()[:] if self.format == "hdf5" and kind == "str" else ds[:]
+        except Exception as exc:  # noqa: BLE001 - a missing or damaged chunk: name the file
+            raise problem_error(Problem(file, f"entity column {c!r} cannot be read "
+                                        f"({first_line(exc)})", "entities")) from None
+        if crcs and c in crcs and column_crc(v, kind) != crcs[c]:
+            raise problem_error(Problem(file, f"entity column {c!r}: checksum mismatch (the "
+                                        "column is not what was written)", "entities"))
+        return v
 
     def target_array(self, names=None) -> np.ndarray:
         """(n_rows, k) float64 targets, columns in ``names`` order (default: ``targets``)."""
@@ -171,6 +210,14 @@ class ActivationStore(Progress, BlockWriter):
         return [self._position(x) for x in layers]
 
     # -- reading
+    @property
+    def checksums(self) -> Checksums:
+        """The store's checksum tables (``checksums.present``: False for a store made before
+        checksums)."""
+        if self._checksums is None:
+            self._checksums = Checksums(self)
+        return self._checksums
+
     def _array(self, array: str):
         if array not in ARRAYS:
             raise StoreError(f"unknown array {array!r}; choose one of {ARRAYS}")
@@ -178,6 +225,12 @@ class ActivationStore(Progress, BlockWriter):
             raise StoreError(f"{self.path}: this store has no neuron activations "
                              "(extract with --neurons)")
         return self._h[array]
+
+    def _reader(self, array: str) -> BlockReader:
+        r = self._readers.get(array)
+        if r is None:
+            r = self._readers[array] = BlockReader(self, array, self._array(array))
+        return r
 
     def _to_out(self, x: np.ndarray, as_: str):
         if as_ == "numpy":
@@ -202,17 +255,25 @@ class ActivationStore(Progress, BlockWriter):
         Returns
         -------
         (rows_done, d) array
+
+        Raises
+        ------
+        StoreError
+            ``verify`` and a row block that fails its checksum (or a shard that cannot be
+            read): the message names the file, the layer and the rows.
         """
         p = self._position(layer)
-        x = np.asarray(self._array(array)[p, :self.rows_done])
+        x = self._reader(array).read([p], 0, self.rows_done, self.verify)[0]
         return self._to_out(x, as_)
 
     def read(self, rows: slice, layers=None, array: str = "resid") -> np.ndarray:
         """(L, r, d) for a row slice and hidden-state ``layers`` (default all), stored dtype.
 
-        Only rows ``[0, rows_done)`` are readable (later rows are not written yet; in HDF5 they
-        are uninitialised bytes): an open-ended slice stops at ``rows_done`` and negative
-        indices count from it; an explicit stop past ``rows_done`` is an error."""
+        With ``verify`` (the default) every row block the slice touches is read whole and
+        checked against its checksum. Only rows ``[0, rows_done)`` are readable (later rows are
+        not written yet; in HDF5 they are uninitialised bytes): an open-ended slice stops at
+        ``rows_done`` and negative indices count from it; an explicit stop past ``rows_done``
+        is an error."""
         return self._read_positions(rows, self._positions(layers), array)
 
     def _read_positions(self, rows: slice, pos: list[int], array: str) -> np.ndarray:
@@ -224,12 +285,7 @@ class ActivationStore(Progress, BlockWriter):
                              f"{done} (of {self.n_rows}); rows at or after it are not written "
                              "yet (resume the extraction to complete the store)")
         start, stop, _ = rows.indices(done)
-        arr = self._array(array)
-        if not pos:
-            return np.empty((0, max(0, stop - start), arr.shape[2]), dtype=arr.dtype)
-        if pos == list(range(pos[0], pos[-1] + 1)):  # contiguous layers: one read
-            return np.asarray(arr[pos[0]:pos[-1] + 1, start:stop])
-        return np.stack([np.asarray(arr[p, start:stop]) for p in pos])
+        return self._reader(array).read(pos, start, max(start, stop), self.verify)
 
     def iter_chunks(self, rows: int | None = None, layers=None, array: str = "resid",
                     start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -238,6 +294,7 @@ class ActivationStore(Progress, BlockWriter):
 
         ``rows`` is the block height (default: ``rows_per_chunk``; rounded up to a multiple of
         it so reads are chunk-aligned). Iteration covers ``[start, min(stop, rows_done))``.
+        Each block is verified as :meth:`read` verifies (``verify``).
         """
         R = self.rows_per_chunk
         step = R if rows is None else max(R, -(-int(rows) // R) * R)
@@ -251,6 +308,8 @@ class ActivationStore(Progress, BlockWriter):
             s = e
 
     def close(self) -> None:
+        self._readers.clear()     # they hold h5py datasets of the file
+        self._writers.clear()
         if self.format == "hdf5" and self._h is not None:
             try:
                 self._h.close()
@@ -265,7 +324,8 @@ class ActivationStore(Progress, BlockWriter):
         self.close()
 
 
-def open_store(path, mode: str = "r", exclusive: bool = True) -> ActivationStore:
+def open_store(path, mode: str = "r", exclusive: bool = True, verify: bool | None = None,
+               check: bool = True) -> ActivationStore:
     """Open an existing store (``actstore.open``).
 
     Parameters
@@ -279,6 +339,14 @@ def open_store(path, mode: str = "r", exclusive: bool = True) -> ActivationStore
         writer left and folds per-range progress records into ``rows_done``
         (:meth:`ActivationStore.finalize_ranges`). Parallel writers (distributed extraction
         ranks other than 0) open with ``exclusive=False``, which touches nothing.
+    verify : bool, optional
+        Compare every row block a read returns with its checksum (whole blocks are read).
+        Default: True, unless the environment sets ``ACTSTORE_NO_VERIFY=1``.
+    check : bool
+        Run the open-time checks (header, arrays' metadata and ``rows_done`` agree; every
+        shard and checksum file below ``rows_done`` is there with its size; every entity
+        column is complete). Only a repair, after
+        :func:`actstore.store.integrity.check_store`, opens a damaged store without them.
 
     Returns
     -------
@@ -288,7 +356,8 @@ def open_store(path, mode: str = "r", exclusive: bool = True) -> ActivationStore
     ------
     StoreError
         For anything that is not an activation store of this format version (the message says
-        what it is instead).
+        what it is instead), and for a store that fails the open-time checks (the message
+        names the file, the array, layers and rows, and whether ``--repair`` can fix it).
 
     Examples
     --------
@@ -302,38 +371,61 @@ def open_store(path, mode: str = "r", exclusive: bool = True) -> ActivationStore
     mode = "a" if mode == "r+" else mode
     fmt = detect_format(path)
     if fmt == "zarr":
-        import zarr
-        try:
-            handle = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
-        except Exception as exc:  # zarr raises several types for a broken directory
-            raise StoreError(f"{path}: cannot open as Zarr v3 group: {exc}") from None
-        attrs = dict(handle.attrs)
-        header = attrs.get("actstore")
-        if "rows_done" not in attrs and header is not None:
-            raise StoreError(f"{path}: incomplete store (creation was interrupted); "
-                             "re-create it with --overwrite", replaceable=True)
-        if mode == "a" and exclusive:
-            _remove_partials(path)
+        handle, header = _open_zarr(path, mode, exclusive)
     else:
-        import h5py
-        try:
-            handle = h5py.File(path, "r" if mode == "r" else "r+")
-        except OSError as exc:
-            hint = (" (HDF5 allows one writer and no readers at once: close other handles, "
-                    "e.g. store.close())" if "already open" in str(exc) or "lock" in str(exc)
-                    else "")
-            raise StoreError(f"{path}: cannot open HDF5 file: {exc}{hint}") from None
-        raw = handle.attrs.get("actstore")
-        header = json.loads(raw) if raw is not None else None
-        if header is not None and "rows_done" not in handle:
-            handle.close()
-            raise StoreError(f"{path}: incomplete store (creation was interrupted); "
-                             "re-create it with --overwrite", replaceable=True)
+        handle, header = _open_hdf5(path, mode)
     check_header(path, header, handle.close if fmt == "hdf5" else None)
-    store = ActivationStore(path, fmt, header, handle, mode)
+    if verify is None:
+        verify = os.environ.get(NO_VERIFY_ENV, "") in ("", "0")
+    store = ActivationStore(path, fmt, header, handle, mode, verify=verify)
+    if check:
+        problems = structure_problems(store)
+        if problems:
+            store.close()
+            raise StoreError(summary(problems, path), replaceable=True)
     if mode == "a" and exclusive and fmt == "zarr" and (path / PROGRESS_GROUP).exists():
         store.finalize_ranges()
     return store
+
+
+def _open_zarr(path: Path, mode: str, exclusive: bool):
+    import zarr
+    try:
+        handle = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+    except Exception as exc:  # zarr raises several types for a broken directory
+        raise StoreError(f"{path}: cannot open as Zarr v3 group: {exc}") from None
+    attrs = dict(handle.attrs)
+    header = attrs.get("actstore")
+    if "rows_done" not in attrs and header is not None:
+        raise StoreError(f"{path}: incomplete store (creation was interrupted); "
+                         "re-create it with --overwrite", replaceable=True)
+    if mode == "a" and exclusive:
+        _remove_partials(path)
+    return handle, header
+
+
+def _open_hdf5(path: Path, mode: str):
+    import h5py
+    try:
+        # no chunk cache for writers: a failed write (full disk) then fails at once and leaves
+        # no dirty chunk behind, which HDF5 would retry at close and at exit (a crash)
+        handle = (h5py.File(path, "r") if mode == "r"
+                  else h5py.File(path, "r+", rdcc_nbytes=0))
+    except OSError as exc:
+        hint = (" (HDF5 allows one writer and no readers at once: close other handles, "
+                "e.g. store.close())" if "already open" in str(exc) or "lock" in str(exc)
+                else "")
+        raise StoreError(f"{path}: cannot open HDF5 file: {exc}{hint}") from None
+    raw = handle.attrs.get("actstore")
+    try:
+        header = json.loads(raw) if raw is not None else None
+    except ValueError:
+        header = "unreadable"
+    if isinstance(header, dict) and "rows_done" not in handle:
+        handle.close()
+        raise StoreError(f"{path}: incomplete store (creation was interrupted); "
+                         "re-create it with --overwrite", replaceable=True)
+    return handle, header
 
 
 def _remove_partials(path: Path) -> None:

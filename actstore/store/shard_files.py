@@ -1,15 +1,18 @@
 """Writing row blocks: our uncompressed Zarr shards straight to their files (ShardFiles), any
-other layout through zarr or h5py. Whole blocks only, never a read-modify-write of a shard."""
+other layout through zarr or h5py, each block's checksums after its data, all fsynced before
+``rows_done`` may advance. Whole blocks only, never a read-modify-write of a shard."""
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from actstore.errors import StoreError
-from actstore.io import write_atomic
+from actstore.io import fsync_dir, fsync_file, write_atomic
+from actstore.store.checksums import block_crcs, crc32c
 from actstore.store.format import storage_dtype
+from actstore.store.layout import ShardLayout, our_layout, shard_key
 
 __all__ = ["ShardFiles", "BlockWriter"]
 
@@ -21,62 +24,37 @@ class ShardFiles:
     array, encode, concatenate) and, by default, compares each inner chunk with the fill value:
     250 MB/s on a 2-core box, too slow for a GPU that produces ~470 MB/s of Llama-2-7B hidden
     states (bench/RESULTS.md). For our layout a shard is just the (L, R, d) row block's bytes,
-    one (1, R, d) inner chunk per layer in C order, followed by the shard index and its CRC32C,
-    so it is written here with the row block's own buffers: the bytes are identical to what
-    zarr writes with ``write_empty_chunks=True`` (tests/actstore compare them file for file).
-    Like zarr's LocalStore, each shard goes through a temporary file that is renamed into place
-    (:func:`actstore.io.write_atomic`), so a killed writer leaves the old shard or the new one.
+    one (1, R, d) inner chunk per layer in C order, followed by the shard index and its CRC32C
+    (:class:`~actstore.store.layout.ShardLayout`), so it is written here with the row block's
+    own buffers: the bytes are identical to what zarr writes with ``write_empty_chunks=True``
+    (tests/actstore compare them file for file). Like zarr's LocalStore, each shard goes
+    through a temporary file that is renamed into place (:func:`actstore.io.write_atomic`), so
+    a killed writer leaves the old shard or the new one.
 
     :meth:`for_array` returns None for any other layout (compression, another codec chain,
     another key encoding, a non-local store): those keep zarr's path.
     """
 
-    def __init__(self, root: Path, shape, R: int, itemsize: int):
-        import google_crc32c  # zarr's own CRC32C implementation (a zarr dependency)
-
+    def __init__(self, root: Path, layout: ShardLayout):
         self.root = Path(root)
-        L, _, d = (int(x) for x in shape)
-        self.R = int(R)
-        chunk = self.R * d * int(itemsize)
-        index = np.empty((L, 2), dtype="<u8")          # (offset, nbytes) per inner chunk
-        index[:, 0] = np.arange(L, dtype=np.uint64) * chunk
-        index[:, 1] = chunk
-        raw = index.tobytes()
-        self._index = raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
+        self.layout = layout
+        self.R = layout.R
 
     @classmethod
     def for_array(cls, arr) -> "ShardFiles | None":
         """The direct writer for a zarr array when its layout is ours, else None."""
-        import sys
+        layout = our_layout(arr)
+        return None if layout is None else cls(Path(arr.store.root) / arr.path, layout)
 
-        try:
-            from zarr.storage import LocalStore
-
-            if not isinstance(arr.store, LocalStore) or sys.byteorder != "little":
-                return None
-            meta = json.loads(json.dumps(arr.metadata.to_dict(), default=str))
-            L, _, d = (int(x) for x in arr.shape)
-            R = int(meta["chunk_grid"]["configuration"]["chunk_shape"][1])
-            little = {"name": "bytes", "configuration": {"endian": "little"}}
-            want = {
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [L, R, d]}},
-                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-                "codecs": [{"name": "sharding_indexed", "configuration": {
-                    "chunk_shape": [1, R, d], "codecs": [little],
-                    "index_codecs": [little, {"name": "crc32c"}], "index_location": "end"}}],
-                "storage_transformers": [],
-            }
-            if any(meta.get(k) != v for k, v in want.items()) or float(meta["fill_value"]) != 0:
-                return None
-            return cls(Path(arr.store.root) / arr.path, arr.shape, R, arr.dtype.itemsize)
-        except Exception:  # noqa: BLE001 - anything unexpected: zarr's own path is always right
-            return None
-
-    def write(self, start: int, block: np.ndarray) -> None:
+    def write(self, start: int, block: np.ndarray, crcs: bool = False,
+              fsync: bool = False) -> dict[int, np.ndarray]:
         """Write rows [start, start + r) of every layer: block (L, r, d), whole shards (start a
-        multiple of R; r too unless the block ends at the array's last row)."""
+        multiple of R; r too unless the block ends at the array's last row). ``crcs``: return
+        each shard's (L,) crc32c of its rows (row block -> crcs), computed from the bytes
+        written; ``fsync``: each shard is on the disk when this returns."""
         L, r, d = block.shape
         R = self.R
+        out = {}
         for s0 in range(0, r, R):
             n = min(R, r - s0)
             part = block[:, s0:s0 + n]
@@ -84,23 +62,50 @@ class ShardFiles:
                 full = np.zeros((L, R, d), dtype=block.dtype)
                 full[:, :n] = part
                 part = full
-            path = self.root / "c" / "0" / str((start + s0) // R) / "0"
+            b = (start + s0) // R
+            sums = np.zeros(L, dtype=np.uint32)
 
-            def write(f, part=part):
+            def write(f, part=part, n=n, sums=sums):
                 for layer in range(L):  # each (1, R, d) inner chunk is contiguous
+                    if crcs and n == R:     # one copy, checksummed and written
+                        raw = part[layer].tobytes()
+                        sums[layer] = crc32c(raw)
+                        f.write(raw)
+                        continue
+                    if crcs:
+                        sums[layer] = crc32c(part[layer, :n])
                     f.write(np.ascontiguousarray(part[layer]).data)
-                f.write(self._index)
-            write_atomic(path, write, mkdir=True)
+                f.write(self.layout.index)
+            write_atomic(self.root / "c" / "0" / str(b) / "0", write, mkdir=True, fsync=fsync)
+            if crcs:
+                out[b] = sums
+        return out
 
 
 class BlockWriter:
     """Mixin of :class:`~actstore.store.reader.ActivationStore`: the row-block writes."""
 
     def write_rows(self, start: int, resid: np.ndarray, neurons: np.ndarray | None = None) -> None:
-        """Write rows ``[start, start + r)`` for every layer. Whole chunks only: ``start`` is a
-        multiple of ``rows_per_chunk`` and ``r`` is too, unless the block ends at ``n_rows``.
-        Does not advance ``rows_done`` (call :meth:`mark_done` once the write returned)."""
+        """Write rows ``[start, start + r)`` for every layer, and their checksums. Whole chunks
+        only: ``start`` is a multiple of ``rows_per_chunk`` and ``r`` is too, unless the block
+        ends at ``n_rows``. With ``durable`` (the default) the data and the checksums are on
+        the disk when it returns. Does not advance ``rows_done`` (call :meth:`mark_done` once
+        the write returned)."""
         self._check_writable()
+        self._check_block(start, resid, neurons)
+        sums = self.checksums.present
+        for name, block in (("resid", resid), ("neurons", neurons)):
+            if block is None:
+                continue
+            crcs = self._writer(name)(self, start, block, sums)
+            for b, c in crcs.items():
+                self.checksums.put(name, b, c, fsync=self.durable)
+        if self.format == "hdf5":
+            self._h.flush()
+            if self.durable:
+                os.fsync(self._h.id.get_vfd_handle())
+
+    def _check_block(self, start: int, resid: np.ndarray, neurons: np.ndarray | None) -> None:
         R = self.rows_per_chunk
         r = int(resid.shape[1]) if resid.ndim == 3 else -1
         if resid.ndim != 3 or resid.shape[0] != self.n_layers or resid.shape[2] != self.d_model:
@@ -120,27 +125,40 @@ class BlockWriter:
             if neurons.shape != (self.n_layers, r, self.d_mlp) or neurons.dtype != npdt:
                 raise StoreError(f"neurons block must be ({self.n_layers}, {r}, {self.d_mlp}) "
                                  f"{self.dtype}, got {tuple(neurons.shape)} {neurons.dtype}")
-        self._writer("resid")(start, resid)
-        if neurons is not None:
-            self._writer("neurons")(start, neurons)
-        if self.format == "hdf5":
-            self._h.flush()
 
     def _writer(self, array: str):
-        """write(start, block) for one array: direct shard files for our Zarr layout, else
-        zarr (without its per-chunk fill-value comparison: every row block is real data) or
-        h5py."""
+        """write(store, start, block, crcs) -> {row block: crcs} for one array: direct shard
+        files for our Zarr layout, else zarr (without its per-chunk fill-value comparison:
+        every row block is real data) or h5py, then the crcs of the block as given. (The store
+        is an argument, not captured: no reference cycle keeps a dropped store open.)"""
         w = self._writers.get(array)
         if w is None:
             arr = self._h[array]
-            if self.format == "zarr":
-                direct = ShardFiles.for_array(arr)
-                if direct is not None:
-                    w = direct.write
-                else:
+            direct = ShardFiles.for_array(arr) if self.format == "zarr" else None
+            if direct is not None:
+                def w(store, start, block, crcs):
+                    return direct.write(start, block, crcs=crcs, fsync=store.durable)
+            else:
+                if self.format == "zarr":
                     arr = arr.with_config({"write_empty_chunks": True})
-            if w is None:
-                def w(start, block, arr=arr):
+
+                def w(store, start, block, crcs, arr=arr):
                     arr[:, start:start + block.shape[1]] = block
+                    if store.format == "zarr" and store.durable:
+                        store._sync_shards(array, start, block.shape[1])
+                    return store._block_crcs(start, block) if crcs else {}
             self._writers[array] = w
         return w
+
+    def _block_crcs(self, start: int, block: np.ndarray) -> dict[int, np.ndarray]:
+        R = self.rows_per_chunk
+        return {(start + s0) // R: block_crcs(block[:, s0:s0 + R])
+                for s0 in range(0, block.shape[1], R)}
+
+    def _sync_shards(self, array: str, start: int, r: int) -> None:
+        """fsync the shard files zarr wrote for rows [start, start + r), and their entries."""
+        R = self.rows_per_chunk
+        for b in range(start // R, -(-(start + r) // R)):
+            f = self.path / shard_key(array, b)
+            fsync_file(f)                        # the file and its directory c/0/<b>
+            fsync_dir(f.parent.parent)           # c/0, where zarr made <b>
