@@ -14,6 +14,7 @@ import weakref
 import numpy as np
 
 from actstore.errors import StoreError
+from actstore.native import pread_crc
 from actstore.store.checks import Problem, first_line, problem_error
 from actstore.store.checksums import crc32c
 from actstore.store.layout import EMPTY, block_rows, checksum_key, our_layout, shard_key
@@ -30,6 +31,8 @@ class BlockReader:
         self.layout = our_layout(arr) if store.format == "zarr" else None
         self.d = int(arr.shape[2])
         self.dtype = np.dtype(arr.dtype)
+        self._paths: dict[int, str] = {}       # block -> its shard file
+        self._indexes: dict[int, tuple] = {}   # block -> ((size, mtime, inode), parsed index)
 
     def read(self, pos: list[int], start: int, stop: int, verify: bool) -> np.ndarray:
         """(len(pos), stop - start, d) in the stored dtype; ``verify``: every block touched is
@@ -110,16 +113,11 @@ class BlockReader:
         lay, key = self.layout, shard_key(self.array, b)
         skip = (a - b * lay.R) * lay.d * lay.itemsize    # bytes of the chunk before row a
         try:
-            fd = os.open(self.store.path / key, os.O_RDONLY)
+            fd = os.open(self._file(b, key), os.O_RDONLY)
         except FileNotFoundError:
             raise self._problem(key, "shard file missing", b) from None
         try:
-            size = os.fstat(fd).st_size
-            n_index = len(lay.index)
-            idx = (lay.parse_index(os.pread(fd, n_index, size - n_index))
-                   if size >= n_index else None)
-            if idx is None:
-                raise self._problem(key, f"shard index damaged (file of {size} bytes)", b)
+            size, idx = self._index(fd, b, key)
             runs: list[list] = []     # [offset, [(i, p), ...]]: chunks adjacent in the file
             for i, p in enumerate(pos):
                 off, nb = idx[p]
@@ -128,7 +126,7 @@ class BlockReader:
                     if want is not None:
                         self._compare(b, p, want[p], crc32c(out[i]))
                     continue
-                if nb != lay.chunk_nbytes or int(off) + int(nb) > size - n_index:
+                if nb != lay.chunk_nbytes or int(off) + int(nb) > size - len(lay.index):
                     raise self._problem(key, "shard index damaged (a chunk outside the file)",
                                         b, self.store.layers[p])
                 whole = skip == 0 and out[i].nbytes == lay.chunk_nbytes
@@ -143,26 +141,46 @@ class BlockReader:
         finally:
             os.close(fd)
 
+    def _file(self, b: int, key: str) -> str:
+        path = self._paths.get(b)
+        if path is None:
+            path = self._paths[b] = str(self.store.path / key)
+        return path
+
+    def _index(self, fd: int, b: int, key: str):
+        """(file size, (L, 2) chunk offsets and sizes) of the open shard of block ``b``; the
+        parsed index is reused while the file's size and modification time stay the same (a
+        layer-by-layer read opens each shard once per layer)."""
+        st = os.fstat(fd)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        hit = self._indexes.get(b)
+        if hit is not None and hit[0] == stamp:
+            return st.st_size, hit[1]
+        n_index = len(self.layout.index)
+        idx = (self.layout.parse_index(os.pread(fd, n_index, st.st_size - n_index))
+               if st.st_size >= n_index else None)
+        if idx is None:
+            raise self._problem(key, f"shard index damaged (file of {st.st_size} bytes)", b)
+        self._indexes[b] = (stamp, idx)
+        return st.st_size, idx
+
     def _run(self, fd: int, offset: int, out: np.ndarray, members: list, b: int, key: str,
              want) -> None:
         """Read chunks that lie one after another in the file, ``members`` = (i, position),
-        into ``out[i]`` with one system call, then check each against ``want``. The kernel
-        copies straight into ``out`` and the crc is taken from a copy of it: faster than
-        reading into a bytes object and copying that into a fresh array (page faults in user
-        space; bench/RESULTS.md "Store integrity")."""
+        into ``out[i]`` with one call, then check each against ``want``. The bytes go straight
+        into ``out`` (reading into a bytes object and copying it into a fresh array page-faults
+        in user space); verified, a second thread checksums each piece right behind the read
+        (``actstore.native.pread_crc``; bench/RESULTS.md "Store integrity")."""
         dst = [out[i] for i, _ in members]
         total = sum(x.nbytes for x in dst)
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, [memoryview(x).cast("B") for x in dst], offset)
+        if want is not None:
+            got, crcs = pread_crc(fd, offset, dst)
+        elif hasattr(os, "preadv"):
+            got, crcs = os.preadv(fd, [memoryview(x).cast("B") for x in dst], offset), None
         else:
-            raw = os.pread(fd, total, offset)
-            got = len(raw)
-            if got == total:
-                flat = np.frombuffer(raw, dtype=self.dtype)
-                for k, x in enumerate(dst):
-                    x[...] = flat[k * x.size:(k + 1) * x.size].reshape(x.shape)
+            got, crcs = pread_crc(fd, offset, dst)
         if got != total:
             raise self._problem(key, "shard file truncated", b, self.store.layers[members[0][1]])
         if want is not None:
-            for (_, p), x in zip(members, dst):
-                self._compare(b, p, want[p], crc32c(x))
+            for (_, p), crc in zip(members, crcs):
+                self._compare(b, p, want[p], crc)

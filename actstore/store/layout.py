@@ -57,7 +57,7 @@ class ShardLayout:
     CRC32C. This is what zarr writes for the layout :func:`our_layout` accepts."""
 
     def __init__(self, L: int, R: int, d: int, itemsize: int):
-        import google_crc32c  # zarr's own CRC32C implementation (a zarr dependency)
+        from actstore.native import crc32c
 
         self.L, self.R, self.d, self.itemsize = int(L), int(R), int(d), int(itemsize)
         self.chunk_nbytes = self.R * self.d * self.itemsize
@@ -65,17 +65,17 @@ class ShardLayout:
         index[:, 0] = np.arange(self.L, dtype=np.uint64) * self.chunk_nbytes
         index[:, 1] = self.chunk_nbytes
         raw = index.tobytes()
-        self.index = raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
+        self.index = raw + np.uint32(crc32c(raw)).astype("<u4").tobytes()
         self.shard_nbytes = self.L * self.chunk_nbytes + len(self.index)
 
     def parse_index(self, raw: bytes) -> np.ndarray | None:
         """(L, 2) offsets and sizes from a shard's last bytes, or None if its CRC32C fails."""
-        import google_crc32c
+        from actstore.native import crc32c
 
         if len(raw) != len(self.index):
             return None
         body = raw[:-4]
-        if google_crc32c.value(body) != int(np.frombuffer(raw[-4:], "<u4")[0]):
+        if crc32c(body) != int(np.frombuffer(raw[-4:], "<u4")[0]):
             return None
         return np.frombuffer(body, "<u8").reshape(self.L, 2)
 

@@ -1,8 +1,9 @@
-"""The native fp16 overflow scan against a numpy reference."""
+"""The native fp16 overflow scan against a numpy reference, its crc32c against the definition
+and google_crc32c."""
 import numpy as np
 import pytest
 
-from actstore import native
+from actstore import _native, native
 
 
 def reference(x: np.ndarray) -> int:
@@ -37,3 +38,44 @@ def test_scan_boundary_values_and_shapes():
 
 def test_module_reports_openmp():
     assert isinstance(native.OPENMP, bool)
+
+
+def crc32c_bitwise(data: bytes) -> int:
+    """CRC32C one bit at a time from its definition (reflected polynomial 0x82F63B78)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 100, 1023])
+def test_crc32c_matches_its_definition(n):
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    want = crc32c_bitwise(data)
+    assert native.crc32c(data) == want
+    assert _native.crc32c(data, portable=True) == want
+    assert native.crc32c(b"123456789") == 0xE3069283    # the standard check value
+
+
+# around the three-stream round of 3 x 4096 bytes, and several rounds plus a tail
+@pytest.mark.parametrize("n", [12287, 12288, 12289, 3 * 12288 + 13, 1_000_003])
+def test_crc32c_matches_google_crc32c_on_long_input(n):
+    import google_crc32c   # zarr's CRC32C (a zarr dependency)
+
+    rng = np.random.default_rng(n)
+    data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    want = int(google_crc32c.value(data))
+    assert native.crc32c(data) == want
+    assert _native.crc32c(data, portable=True) == want
+    k = int(rng.integers(0, n))       # continuing from a previous result
+    assert _native.crc32c(data[k:], _native.crc32c(data[:k])) == want
+
+
+def test_crc32c_reads_arrays_in_place_and_copies_only_strided_ones():
+    x = np.random.default_rng(1).normal(size=(3, 50, 37)).astype(np.float16)
+    assert native.crc32c(x[1]) == crc32c_bitwise(x[1].tobytes())
+    assert native.crc32c(x[:, :, 2]) == crc32c_bitwise(np.ascontiguousarray(x[:, :, 2]).tobytes())
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.crc32c(x[:, :, 2])
