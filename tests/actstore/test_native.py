@@ -1,5 +1,7 @@
 """The native fp16 overflow scan against a numpy reference, its crc32c against the definition
 and google_crc32c."""
+import os
+
 import numpy as np
 import pytest
 
@@ -62,7 +64,7 @@ def test_crc32c_matches_its_definition(n):
 # around the three-stream round of 3 x 4096 bytes, and several rounds plus a tail
 @pytest.mark.parametrize("n", [12287, 12288, 12289, 3 * 12288 + 13, 1_000_003])
 def test_crc32c_matches_google_crc32c_on_long_input(n):
-    import google_crc32c   # zarr's CRC32C (a zarr dependency)
+    import google_crc32c  # zarr's CRC32C (a zarr dependency)
 
     rng = np.random.default_rng(n)
     data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
@@ -79,3 +81,31 @@ def test_crc32c_reads_arrays_in_place_and_copies_only_strided_ones():
     assert native.crc32c(x[:, :, 2]) == crc32c_bitwise(np.ascontiguousarray(x[:, :, 2]).tobytes())
     with pytest.raises(ValueError, match="C-contiguous"):
         _native.crc32c(x[:, :, 2])
+
+
+@pytest.mark.parametrize("sizes", [[1], [5, 70_000, 3], [1_500_000, 2_000_001], [0, 10]])
+def test_pread_crc_reads_spans_in_order_with_each_crc(tmp_path, sizes):
+    rng = np.random.default_rng(len(sizes))
+    data = rng.integers(0, 256, sum(sizes) + 100, dtype=np.uint8).tobytes()
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    bufs = [np.empty(n, np.uint8) for n in sizes]
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        got, crcs = native.pread_crc(fd, 7, bufs)
+        assert got == sum(sizes)
+        at = 7
+        for b, c in zip(bufs, crcs):
+            assert bytes(b) == data[at:at + b.size]
+            assert c == native.crc32c(data[at:at + b.size])
+            at += b.size
+        # the file ends inside the second buffer: fewer bytes, and no error
+        short = [np.empty(50, np.uint8), np.empty(10**6, np.uint8)]
+        got, _ = native.pread_crc(fd, len(data) - 80, short)
+        assert got == 80
+        with pytest.raises(ValueError, match="C-contiguous"):
+            native.pread_crc(fd, 0, [np.empty((4, 4), np.uint8)[:, 1]])
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        native.pread_crc(fd, 0, [np.empty(4, np.uint8)])      # a closed descriptor
