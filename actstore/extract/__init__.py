@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from actstore import datasets
@@ -70,6 +70,7 @@ class ExtractResult:
     write_seconds: float = 0.0     # writer thread busy writing (overlapped with the forwards)
     processes: int = 1             # ranks of a distributed run (rows: computed by all of them)
     rank: int = 0
+    repaired: list = field(default_factory=list)   # [start, stop) row ranges --repair rewrote
 
     @property
     def rows_per_s(self) -> float:
@@ -81,7 +82,10 @@ class ExtractResult:
                 f"({self.bytes / 2**20:.1f} MiB {s.dtype}) -> {s.path} in {self.seconds:.1f} s "
                 f"({self.rows_per_s:.1f} rows/s, padding {100 * self.padding_fraction:.1f}%"
                 + (f", {self.processes} processes" if self.processes > 1 else "")
-                + (f", resumed at row {self.resumed_from}" if self.resumed_from else "") + ")")
+                + (f", resumed at row {self.resumed_from}"
+                   if self.resumed_from and not self.repaired else "") + ")"
+                + ("; repaired rows " + ", ".join(f"{a}-{b - 1}" for a, b in self.repaired)
+                   if self.repaired else ""))
 
 
 def extract(model=None, dataset=None, prompt=None, out=None, config: ExtractConfig | None = None,
@@ -135,9 +139,11 @@ def extract(model=None, dataset=None, prompt=None, out=None, config: ExtractConf
     meta = store_meta(cfg, inp)
     with _sigterm_exits():
         # rank 0 alone, holding the store's writer lock from here to the end; the others wait
-        store, todo, lock = prepare(ctx, cfg, out, meta, inp)
+        store, todo, lock, repaired = prepare(ctx, cfg, out, meta, inp)
         try:
-            return _extract(cfg, inp, meta, store, todo, out, ctx)
+            result = _extract(cfg, inp, meta, store, todo, out, ctx)
+            result.repaired = repaired
+            return result
         finally:
             if lock is not None:
                 lock.release()

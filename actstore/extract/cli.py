@@ -34,7 +34,10 @@ Re-running the same command resumes an interrupted run (Ctrl-C, kill -9, full di
 stopped, with the store's batch size, rows per chunk, compression and format; a store made with
 another model, prompt, dataset, layer list, dtype or compute dtype (or those options given with
 other values) is refused (--overwrite replaces it). One run writes a store at a time: a second
-is refused, naming the first (lock file STORE.actstore-lock). Then:
+is refused, naming the first (lock file STORE.actstore-lock). Reads check every block against
+the checksum written with it; `actstore verify STORE` checks a whole store, and the command that
+made it plus --repair re-extracts the damaged blocks (a shard deleted, truncated or changed).
+Then:
   python -c "import actstore; s = actstore.open('w.zarr'); print(s, s.entities.head())"
 """
 

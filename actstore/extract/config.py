@@ -76,6 +76,10 @@ class ExtractConfig:
     (models too big for one; see docs/scale-out.md)"""
     overwrite: bool = False
     """replace an existing store"""
+    repair: bool = False
+    """first check the existing store (as `actstore verify` does) and re-extract the row blocks
+    found damaged (a shard missing, truncated or failing its checksum), then resume; give the
+    options the store was made with"""
     padding_side: str | None = field(default=None, metadata=cli(hidden=True))
     """'right' or 'left' (default: the tokenizer's; a resume uses the store's)"""
     stop_after_rows: int | None = field(default=None, metadata=cli(hidden=True))
@@ -98,6 +102,9 @@ class ExtractConfig:
             raise ExtractError("--max-tokens must be at least 1")
         if self.rows_per_chunk is not None and self.rows_per_chunk < 1:
             raise ExtractError("--rows-per-chunk must be at least 1")
+        if self.repair and self.overwrite:
+            raise ExtractError("--repair keeps the store and rewrites its damaged blocks; "
+                               "--overwrite replaces it: give one of them")
 
 
 def _layer_items(spec: str) -> list[int]:

@@ -112,9 +112,10 @@ def _open_existing(cfg: ExtractConfig, out: Path, meta: dict, d_model: int,
                    distributed: bool):
     """The store at ``out`` opened for a resume (exclusive: folds range records, if any), or
     an ExtractError saying why not. Fills ``meta``'s batching from the store where the
-    config leaves it unset (same batches -> same values)."""
+    config leaves it unset (same batches -> same values). A repair opens it without the
+    open-time checks (they would refuse the damage it is about to repair)."""
     try:
-        store = open_store(out, mode="a")
+        store = open_store(out, mode="a", check=not cfg.repair)
     except StoreError as exc:
         # --overwrite only for what it may delete (a store of ours of another version, an
         # interrupted creation, an empty directory): anything else is not ours
@@ -176,6 +177,25 @@ def _create(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs):
         raise ExtractError(str(exc)) from None
 
 
+def _repair_windows(store) -> list[tuple[int, int]]:
+    """The row ranges whose blocks a repair re-extracts: every problem
+    :func:`~actstore.store.integrity.check_store` finds, if all of them are repairable (else
+    an ExtractError listing those that are not)."""
+    from actstore.store.integrity import check_store
+
+    report = check_store(store)
+    if report.ok:
+        return []
+    if not report.repairable:
+        bad = [p for p in report.problems if not p.repairable]
+        more = f" (and {len(bad) - 3} more: actstore verify {store.path})" if len(bad) > 3 else ""
+        store.close()
+        raise ExtractError(f"{store.path}: --repair re-extracts damaged row blocks only, and "
+                           f"this store has other damage: "
+                           + "; ".join(str(p) for p in bad[:3]) + more)
+    return report.bad_rows
+
+
 def _check_rows(cfg: ExtractConfig, inp: Inputs) -> None:
     """Every row within --max-tokens (default: the model's context), before any forward pass."""
     context = inp.lm.context_length
@@ -193,8 +213,13 @@ def take_lock(out: Path) -> StoreLock:
 
 
 def _prepare_store(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs, distributed: bool):
-    """Check the rows' lengths, take the writer lock, then resume, refuse or create the store:
-    (store, start rows of the windows still to do, the lock)."""
+    """Check the rows' lengths, take the writer lock, then resume (or repair), refuse or create
+    the store: (store, start rows of the windows still to do, the lock, the row ranges a
+    repair re-extracts)."""
+    if cfg.repair and (distributed or not out.exists()):
+        raise ExtractError(f"{out}: --repair needs an existing store" if not out.exists() else
+                           "--repair runs in one process (not under torchrun): it rewrites "
+                           "a few blocks")
     if distributed and format_from_path(out, cfg.format) == "hdf5" and (
             cfg.overwrite or not out.exists()):
         raise ExtractError(f"{out}: distributed extraction writes Zarr stores only (an HDF5 "
@@ -211,28 +236,33 @@ def _prepare_store(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs, distr
             store = _open_existing(cfg, out, meta, inp.lm.d_model, distributed)
         if store is None:
             store = _create(cfg, out, meta, inp)
-        todo = todo_windows(len(inp.ds), store.rows_per_chunk, store.done_intervals())
+        repair = _repair_windows(store) if cfg.repair else []
+        R = store.rows_per_chunk
+        todo = sorted(set(todo_windows(len(inp.ds), R, store.done_intervals()))
+                      | {w for a, b in repair for w in range(a - a % R, b, R)})
         if distributed and todo:
             store.begin_ranges()
     except BaseException:
         lock.release()
         raise
-    return store, todo, lock
+    return store, todo, lock, repair
 
 
 def prepare(ctx: Context | None, cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs):
-    """Check the rows' lengths, take the store's writer lock, and resume, refuse or create the
-    store at ``out``: ``(store, todo, lock)``, ``todo`` the start rows of the windows still to
-    compute, ``lock`` the held :class:`~actstore.store.lock.StoreLock` (the caller releases
-    it); ``meta``'s batch size and padding side become the store's on a resume. Distributed:
-    rank 0 alone does it (and holds the lock for the job) while the others wait, then tells
-    them the plan (or its error, which every rank raises); the others get ``store`` and
-    ``lock`` None and open the store with :func:`open_peer`."""
+    """Check the rows' lengths, take the store's writer lock, and resume (``--repair``: repair
+    and resume), refuse or create the store at ``out``: ``(store, todo, lock, repair)``,
+    ``todo`` the start rows of the windows still to compute, ``lock`` the held
+    :class:`~actstore.store.lock.StoreLock` (the caller releases it), ``repair`` the damaged
+    row ranges among them (one process only); ``meta``'s batch size and padding side become
+    the store's on a resume. Distributed: rank 0 alone does it (and holds the lock for the
+    job) while the others wait, then tells them the plan (or its error, which every rank
+    raises); the others get ``store`` and ``lock`` None and open the store with
+    :func:`open_peer`."""
     if ctx is None:
         return _prepare_store(cfg, out, meta, inp, False)
     if ctx.is_main:
         try:
-            store, todo, lock = _prepare_store(cfg, out, meta, inp, True)
+            store, todo, lock, _ = _prepare_store(cfg, out, meta, inp, True)
         except BaseException as exc:
             ctx.broadcast(("error", str(exc)))  # the other ranks stop with the same message
             raise mark_all_ranks(exc)
@@ -241,12 +271,12 @@ def prepare(ctx: Context | None, cfg: ExtractConfig, out: Path, meta: dict, inp:
         except BaseException:
             lock.release()
             raise
-        return store, todo, lock
+        return store, todo, lock, []
     msg = ctx.broadcast(None)   # waits until rank 0 has the store ready
     if msg[0] == "error":
         raise mark_all_ranks(_PeerCopy(msg[1]))   # rank 0 reports it
     _, todo, meta["batch_size"], meta["padding_side"] = msg
-    return None, todo, None
+    return None, todo, None, []
 
 
 def open_peer(ctx: Context, out: Path):

@@ -599,7 +599,8 @@ def test_cli_help_teaches():
     p = _cli("extract", "--help")
     so, se = p.communicate(timeout=120)
     assert p.returncode == 0
-    for word in ("examples:", "--neurons", "--dtype", "resumes", "--overwrite", "smollm2-135m"):
+    for word in ("examples:", "--neurons", "--dtype", "resumes", "--overwrite", "smollm2-135m",
+                 "--repair", "actstore verify"):
         assert word in so
     # every option's help is its ExtractConfig field's docstring (compared without whitespace:
     # argparse wraps lines, also after a hyphen)
