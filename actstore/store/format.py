@@ -13,7 +13,7 @@ import numpy as np
 from actstore.errors import StoreError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ARRAYS", "DTYPES", "COMPRESSIONS",
-           "DEFAULT_COMPRESSION", "PROGRESS_GROUP", "RANGE_KEY", "INTEGRITY_GROUP", "LOCK_FILE",
+           "DEFAULT_COMPRESSION", "PROGRESS_GROUP", "RANGE_KEY", "INTEGRITY_GROUP",
            "ZARR_ENTRIES", "ENTITY_KINDS",
            "default_rows_per_chunk", "storage_dtype", "to_storage", "as_torch", "as_compute",
            "detect_format", "format_from_path", "column_kind", "column_values",
@@ -35,12 +35,9 @@ RANGE_KEY = "actstore_range"
 # integrity/ (HDF5: datasets integrity/<name>). Stores made before them lack it: they read,
 # unverified (docs/store-format.md "Integrity").
 INTEGRITY_GROUP = "integrity"
-# The writer lock a running extraction holds inside a Zarr store (part of the format, so that
-# --overwrite may delete it).
-LOCK_FILE = "actstore.lock"
 # The top-level names of a Zarr store directory.
 ZARR_ENTRIES = frozenset({"zarr.json", "resid", "neurons", "layer", "entities", PROGRESS_GROUP,
-                          INTEGRITY_GROUP, LOCK_FILE})
+                          INTEGRITY_GROUP})
 ENTITY_KINDS = ("str", "float64", "bool", "int64")
 
 

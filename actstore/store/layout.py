@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from actstore.io import PARTIAL_SUFFIX
-from actstore.store.format import ARRAYS, INTEGRITY_GROUP, LOCK_FILE, PROGRESS_GROUP
+from actstore.store.format import ARRAYS, INTEGRITY_GROUP, PROGRESS_GROUP
 
 __all__ = ["n_blocks", "block_rows", "blocks_of", "shard_key", "checksum_key", "ShardLayout",
            "our_layout", "foreign_entries", "store_files"]
@@ -119,7 +119,7 @@ def _schema(header: dict | None) -> dict:
     cols = header.get("entity_columns") if isinstance(header, dict) else None
     entities = ({str(c): _ARRAY for c in cols} if isinstance(cols, list) else {"*": _ARRAY})
     return {
-        "zarr.json": _FILE, LOCK_FILE: _FILE, "layer": _ARRAY,
+        "zarr.json": _FILE, "layer": _ARRAY,
         **{a: _ARRAY for a in ARRAYS},
         "entities": {"zarr.json": _FILE, **entities},
         PROGRESS_GROUP: {"zarr.json": _FILE, "*range": {"zarr.json": _FILE}},

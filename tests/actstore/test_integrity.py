@@ -590,12 +590,11 @@ def test_overwrite_refuses_a_symlink_inside_and_deletes_a_clean_store(tmp_path):
     with pytest.raises(StoreError, match="resid/c/link"):
         remove_store(p)
     (p / "resid" / "c" / "link").unlink()
-    # what the format defines: progress records, temporaries a killed writer left, the lock
+    # what the format defines: progress records, temporaries a killed writer left
     st = open_store(p, mode="a", exclusive=False)
     st.begin_ranges()
     st.range_record(8, 16).update(16)
     (p / "resid" / "c" / "0" / "1" / ".0.abc.partial").write_bytes(b"x")
-    (p / "actstore.lock").write_text("123")
     st.close()
     remove_store(p)
     assert not p.exists() and (outside / "data.bin").read_bytes() == b"1"
