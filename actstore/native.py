@@ -39,8 +39,8 @@ def crc32c(data) -> int:
 
 def pread_crc(fd: int, offset: int, buffers: list) -> tuple[int, list[int]]:
     """Read file ``fd`` from ``offset`` into the C-contiguous numpy ``buffers``, one after
-    another, returning (bytes read, crc32c of each buffer). One thread reads while another
-    checksums in cache-sized pieces (OpenMP), so the check costs little beyond the read. Fewer
+    another, returning (bytes read, crc32c of each buffer). The caller reads while a helper
+    thread checksums in cache-sized pieces, so the check costs little beyond the read. Fewer
     bytes than the buffers hold: the file ended. A failed read raises OSError."""
     got, crcs = _native.pread_crc(int(fd), int(offset), list(buffers))
     return int(got), [int(c) for c in crcs]

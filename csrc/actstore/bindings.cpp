@@ -53,6 +53,8 @@ PYBIND11_MODULE(_native, m) {
       "crc32c (Castagnoli, as zarr's codec and google_crc32c) of a C-contiguous buffer's bytes;\n"
       "``crc``: a previous result, to continue over a concatenation; ``portable``: the table-driven\n"
       "loop even where the CPU has crc32 instructions (tests compare the two).");
+  m.def("crc32c_combine", &actstore_native::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
+        py::arg("len_b"), "crc32c of A followed by B, from crc32c(A), crc32c(B) and len(B).");
   m.def(
       "pread_crc",
       [](int fd, int64_t offset, py::list buffers) {
@@ -85,6 +87,6 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("fd"), py::arg("offset"), py::arg("buffers"),
       "Read file ``fd`` from ``offset`` into the writable C-contiguous ``buffers`` one after\n"
-      "another; returns (bytes read, [crc32c of each buffer]). One thread reads while another\n"
-      "checksums (OpenMP). Fewer bytes than the buffers hold: the file ended.");
+      "another; returns (bytes read, [crc32c of each buffer]). The caller reads while a helper\n"
+      "thread checksums. Fewer bytes than the buffers hold: the file ended.");
 }

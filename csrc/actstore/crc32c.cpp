@@ -124,7 +124,41 @@ bool has_sse42() {
 }
 #endif
 
+// Polynomials modulo P in the reflected bit order: bit 31 is x^0.
+uint32_t mult_mod_p(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t m = 1u << 31; m != 0; m >>= 1) {
+    if (a & m) product ^= b;
+    b = (b >> 1) ^ (kPoly & (0u - (b & 1u)));   // b *= x
+  }
+  return product;
+}
+
+// x^(2^k) mod P for k = 0..63
+const std::array<uint32_t, 64> &x_pow_2k() {
+  static const std::array<uint32_t, 64> table = [] {
+    std::array<uint32_t, 64> t{};
+    uint32_t p = 1u << 30;   // x^1
+    for (auto &v : t) {
+      v = p;
+      p = mult_mod_p(p, p);
+    }
+    return t;
+  }();
+  return table;
+}
+
 }  // namespace
+
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, size_t len_b) {
+  // x^(8 len_b) mod P by squaring: bit k of 8 len_b contributes x^(2^k)
+  const auto &t = x_pow_2k();
+  uint32_t x = 1u << 31;   // x^0
+  uint64_t bits = static_cast<uint64_t>(len_b) << 3;
+  for (int k = 0; bits != 0; ++k, bits >>= 1)
+    if (bits & 1) x = mult_mod_p(t[k], x);
+  return mult_mod_p(x, crc_a) ^ crc_b;
+}
 
 uint32_t crc32c(const uint8_t *data, size_t n, uint32_t crc, bool portable) {
   uint32_t r = ~crc;

@@ -11,4 +11,8 @@ namespace actstore_native {
 // interleaved streams), a table-driven loop elsewhere or when `portable` (for the tests).
 uint32_t crc32c(const uint8_t *data, size_t n, uint32_t crc = 0, bool portable = false);
 
+// The crc32c of A followed by B from crc(A), crc(B) and the length of B (polynomial arithmetic
+// modulo the CRC polynomial: x^(8 len_b) times crc(A), plus crc(B)).
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, size_t len_b);
+
 }  // namespace actstore_native

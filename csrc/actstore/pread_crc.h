@@ -19,8 +19,9 @@ struct ReadCrc {
 };
 
 // Read the file `fd` from `offset` into the spans, one after another, and return each span's
-// crc32c. With OpenMP, one thread reads while another checksums what is already read, in
-// pieces small enough to stay in cache, so the checksum costs little more than the read.
+// crc32c. The calling thread reads while a helper thread checksums what is already read, in
+// pieces small enough to stay in cache, so the checksum costs little more than the read; the
+// caller checksums what the helper has not taken, never waiting for it to be scheduled.
 ReadCrc pread_crc(int fd, int64_t offset, const std::vector<Span> &spans);
 
 }  // namespace actstore_native

@@ -75,6 +75,15 @@ def test_crc32c_matches_google_crc32c_on_long_input(n):
     assert _native.crc32c(data[k:], _native.crc32c(data[:k])) == want
 
 
+def test_crc32c_combine_joins_two_checksums():
+    rng = np.random.default_rng(7)
+    for na, nb in [(0, 5), (5, 0), (1, 1), (100, 3), (4096, 70_001), (1 << 20, 12345)]:
+        a = rng.integers(0, 256, na, dtype=np.uint8).tobytes()
+        b = rng.integers(0, 256, nb, dtype=np.uint8).tobytes()
+        assert _native.crc32c_combine(native.crc32c(a), native.crc32c(b), nb) == \
+            native.crc32c(a + b)
+
+
 def test_crc32c_reads_arrays_in_place_and_copies_only_strided_ones():
     x = np.random.default_rng(1).normal(size=(3, 50, 37)).astype(np.float16)
     assert native.crc32c(x[1]) == crc32c_bitwise(x[1].tobytes())
