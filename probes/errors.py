@@ -4,7 +4,8 @@ ValueError), carries a whole one-line message, and is printed by the CLIs withou
 from __future__ import annotations
 
 __all__ = ["ProbesError", "InputError", "StatsError", "BackendUnavailable", "RidgeError",
-           "MetricsError", "FitError", "NeuronReportError", "ExperimentError", "PipelineError"]
+           "ClassifyError", "MetricsError", "FitError", "NeuronReportError", "ExperimentError",
+           "PipelineError"]
 
 
 class ProbesError(ValueError):
@@ -25,6 +26,10 @@ class BackendUnavailable(ProbesError):
 
 class RidgeError(ProbesError):
     """Invalid ridge input (alpha grid, too few rows, non-finite statistics...)."""
+
+
+class ClassifyError(ProbesError):
+    """Classification probes: labels, folds, solvers (probes.classify)."""
 
 
 class MetricsError(ProbesError):

@@ -24,7 +24,7 @@ FLOORS = [
     ["probes.errors", "probes.cli_common"],
     ["probes.inputs", "probes.metrics", "probes.stats", "probes.stream"],
     ["probes.kernels"],
-    ["probes.ridge"],
+    ["probes.ridge", "probes.classify"],
     ["probes.report"],
     ["probes.distributed"],
     ["probes.fit"],
