@@ -50,27 +50,51 @@ def _as_chunk(x_chunk, codes, n_layers: int, dim: int, n_classes: int):
 class ClassStats:
     """Per-class first moments and the total Gram of L layers, streamed in float64.
 
-    Attributes (float64 tensors, shift c (L, d) subtracted from every row): ``count`` (K,) rows
-    per class; ``sums`` (L, K, d) Σ(x-c) per class; ``sumsq`` (L, K, d) Σ(x-c)² per class; ``gram``
-    (L, d, d) Σ(x-c)(x-c)ᵀ over all rows; ``class_gram`` (L, K, d, d) per class, only with
+    Attributes (float64 tensors on ``device``, shift c (L, d) subtracted from every row):
+    ``count`` (K,) rows per class; ``sums`` (L, K, d) Σ(x-c) per class; ``gram`` (L, d, d)
+    Σ(x-c)(x-c)ᵀ over all rows; ``class_gram`` (L, K, d, d) per class, only with
     ``class_gram=True`` (needed by ``lda(..., shrinkage="auto")``; K times the memory).
+    The same numbers come from the ridge statistics pass with one-hot targets
+    (:meth:`from_gram_stats`), which runs on every kernel backend and keeps folds.
     """
 
-    def __init__(self, n_classes: int, n_layers: int, dim: int, *, class_gram: bool = False):
+    def __init__(self, n_classes: int, n_layers: int, dim: int, *, class_gram: bool = False,
+                 device=None):
         if n_classes < 2:
             raise ClassifyError(f"a classifier needs at least 2 classes, got {n_classes}")
         self.n_classes, self.n_layers, self.dim = int(n_classes), int(n_layers), int(dim)
         K, L, d = self.n_classes, self.n_layers, self.dim
+        z = dict(dtype=_F64, device=device)
         self.shift: torch.Tensor | None = None
-        self.count = torch.zeros(K, dtype=_F64)
-        self.sums = torch.zeros(L, K, d, dtype=_F64)
-        self.sumsq = torch.zeros(L, K, d, dtype=_F64)
-        self.gram = torch.zeros(L, d, d, dtype=_F64)
-        self.class_gram = torch.zeros(L, K, d, d, dtype=_F64) if class_gram else None
+        self.count = torch.zeros(K, **z)
+        self.sums = torch.zeros(L, K, d, **z)
+        self.gram = torch.zeros(L, d, d, **z)
+        self.class_gram = torch.zeros(L, K, d, d, **z) if class_gram else None
+
+    @classmethod
+    def from_gram_stats(cls, stats, fold_mask=None) -> ClassStats:
+        """The class statistics inside a :class:`probes.stats.GramStats` whose targets Y were
+        the one-hot class indicators (n, K) (any backend's ``gram_update``): count = Σy,
+        sums = (Σ x yᵀ)ᵀ, gram = Σ x xᵀ, same shift. ``fold_mask`` selects folds as
+        :meth:`GramStats.select` (None = all), e.g. the training folds of a k-fold split.
+        """
+        t = stats.select(fold_mask)
+        sy, yty = t.sy[0], t.yty[0]
+        if t.k < 2 or not torch.equal(yty, torch.diag(sy)) \
+                or not torch.equal(sy, sy.round()):
+            raise ClassifyError("the GramStats targets are not one-hot class indicators; "
+                                "accumulate with Y = one-hot(codes, K)")
+        out = cls(t.k, t.B, t.d, device=t.xtx.device)
+        out.shift = stats.shift.to(_F64).clone()
+        out.count = sy.to(_F64).clone()
+        out.sums = t.xty[:, 0].transpose(1, 2).to(_F64).contiguous()
+        out.gram = t.xtx[:, 0].to(_F64).clone()
+        return out
 
     def update(self, x_chunk, codes) -> ClassStats:
         """Add a chunk: ``x_chunk`` (L, r, d) float16/32/64, ``codes`` (r,) ints in 0..K-1."""
         x, c = _as_chunk(x_chunk, codes, self.n_layers, self.dim, self.n_classes)
+        x, c = x.to(self.gram.device), c.to(self.gram.device)
         if x.shape[1] == 0:
             return self
         if self.shift is None:
@@ -79,7 +103,6 @@ class ClassStats:
         onehot = torch.nn.functional.one_hot(c, self.n_classes).to(_F64)     # (r, K)
         self.count += onehot.sum(0)
         self.sums += torch.einsum("rk,lrd->lkd", onehot, xs)
-        self.sumsq += torch.einsum("rk,lrd->lkd", onehot, xs * xs)
         self.gram += torch.einsum("lri,lrj->lij", xs, xs)
         if self.class_gram is not None:
             for k in torch.unique(c).tolist():
@@ -88,11 +111,10 @@ class ClassStats:
         return self
 
     def _reshifted(self, shift: torch.Tensor):
-        """(sums, sumsq, gram, class_gram) of this object about another shift."""
+        """(sums, gram, class_gram) of this object about another shift."""
         delta = self.shift - shift                                          # (L, d)
         n = self.count[None, :, None]
         sums = self.sums + n * delta[:, None, :]
-        sumsq = self.sumsq + 2 * delta[:, None, :] * self.sums + n * delta[:, None, :] ** 2
         tot = self.sums.sum(1)                                              # (L, d)
         outer = torch.einsum("li,lj->lij", tot, delta)
         gram = self.gram + outer + outer.transpose(1, 2) \
@@ -102,7 +124,7 @@ class ClassStats:
             o = torch.einsum("lki,lj->lkij", self.sums, delta)
             cg = self.class_gram + o + o.transpose(2, 3) \
                 + n[..., None] * torch.einsum("li,lj->lij", delta, delta)[:, None]
-        return sums, sumsq, gram, cg
+        return sums, gram, cg
 
     def merge(self, other: ClassStats) -> ClassStats:
         """Add another ClassStats of the same classes, layers and dim (any shift); returns self."""
@@ -115,10 +137,9 @@ class ClassStats:
             return self
         if self.shift is None:
             self.shift = other.shift.clone()
-        sums, sumsq, gram, cg = other._reshifted(self.shift)
+        sums, gram, cg = other._reshifted(self.shift)
         self.count += other.count
         self.sums += sums
-        self.sumsq += sumsq
         self.gram += gram
         if cg is not None:
             self.class_gram += cg
@@ -166,10 +187,8 @@ class ClassStats:
         return 0.5 * (S + S.transpose(2, 3))
 
     def class_var(self) -> torch.Tensor:
-        """Biased per-class feature variances, (L, K, d)."""
-        self._check_ready()
-        m = self.sums / self.count[None, :, None]
-        return (self.sumsq / self.count[None, :, None] - m * m).clamp_min(0.0)
+        """Biased per-class feature variances, (L, K, d); needs ``class_gram=True``."""
+        return torch.diagonal(self.class_cov(), dim1=2, dim2=3).clamp_min(0.0)
 
 
 def class_stats(x, codes, n_classes: int, *, class_gram: bool = False) -> ClassStats:
@@ -195,6 +214,8 @@ class FourthMoments:
     """
 
     def __init__(self, stats: ClassStats):
+        if stats.class_gram is None:
+            raise ClassifyError("shrinkage='auto' needs ClassStats(..., class_gram=True)")
         self.mean = stats.means()                                          # (L, K, d)
         var = stats.class_var()
         n = stats.count[None, :, None]
@@ -202,11 +223,13 @@ class FourthMoments:
         constant = var <= n * eps * var + (n * self.mean * eps) ** 2
         self.scale = torch.where(constant, torch.ones_like(var), var.sqrt())
         self.n_classes, self.n_layers, self.dim = stats.n_classes, stats.n_layers, stats.dim
-        self.total = torch.zeros(stats.n_layers, stats.n_classes, dtype=_F64)
+        self.total = torch.zeros(stats.n_layers, stats.n_classes, dtype=_F64,
+                                 device=self.mean.device)
 
     def update(self, x_chunk, codes) -> FourthMoments:
         """Add a chunk: ``x_chunk`` (L, r, d), ``codes`` (r,)."""
         x, c = _as_chunk(x_chunk, codes, self.n_layers, self.dim, self.n_classes)
+        x, c = x.to(self.mean.device), c.to(self.mean.device)
         z = (x - self.mean[:, c, :]) / self.scale[:, c, :]
         q = (z * z).sum(-1)                                                 # (L, r)
         onehot = torch.nn.functional.one_hot(c, self.n_classes).to(_F64)
@@ -280,7 +303,8 @@ def mass_mean(stats: ClassStats) -> LinearProbe:
     if stats.n_classes == 2:
         theta = mu[:, 1] - mu[:, 0]
         b = -0.5 * (theta * (mu[:, 0] + mu[:, 1])).sum(-1)
-        return LinearProbe(theta[:, None, :].numpy(), b[:, None].numpy(), 2, "mass_mean")
+        return LinearProbe(theta[:, None, :].cpu().numpy(), b[:, None].cpu().numpy(), 2,
+                           "mass_mean")
     return _probe(mu, -0.5 * (mu * mu).sum(-1), "mass_mean")
 
 
@@ -384,5 +408,5 @@ def lda(stats: ClassStats, shrinkage=0.0, fourth: FourthMoments | None = None) -
         cov, lam = _ledoit_wolf(stats, fourth)
         mu = stats.means()
         coef = torch.linalg.solve(cov, mu.transpose(1, 2)).transpose(1, 2)
-        return _lda_from_coef(stats, coef, lam.numpy())
+        return _lda_from_coef(stats, coef, lam.cpu().numpy())
     return lda_grid(stats, [shrinkage])[0]

@@ -61,6 +61,35 @@ def test_stats_streamed_equal_one_pass_and_merge():
         assert rel(whole.within()[layer].numpy(), ref) < 1e-10
 
 
+@pytest.mark.parametrize("backend,tol", [("torch", 1e-12), ("cpu", 1e-5)])
+def test_from_gram_stats_equals_streamed_per_fold(backend, tol):
+    """The ridge statistics pass with one-hot targets gives the class statistics, per fold."""
+    from probes.kernels import available_backends, gram_update
+    from probes.stats import GramStats, choose_shift
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} not built here")
+    L, n, d, K, F = 3, 90, 11, 4, 3
+    x, codes = make_data(8, L, n, d, K, offset=25.0)
+    x = x.astype(np.float32).astype(np.float64)
+    fold = np.arange(n) % F
+    g = GramStats.zeros(L, d, K, n_folds=F, shift=choose_shift(x))
+    for lo in range(0, n, 32):
+        gram_update(g, x[:, lo:lo + 32].astype(np.float32),
+                    np.eye(K)[codes[lo:lo + 32]].astype(np.float32), fold[lo:lo + 32],
+                    backend=backend)
+    for f in range(F):
+        train = fold != f
+        got = ClassStats.from_gram_stats(g, [i != f for i in range(F)])
+        ref = class_stats(x[:, train], codes[train], K)
+        assert rel(got.means().numpy(), ref.means().numpy()) < tol
+        assert rel(got.within().numpy(), ref.within().numpy()) < tol
+        assert rel(lda(got, 0.2).coef, lda(ref, 0.2).coef) < 100 * tol
+    bad = GramStats.zeros(L, d, 2, shift=choose_shift(x))
+    gram_update(bad, x, np.c_[codes, codes], backend="torch")
+    with pytest.raises(ClassifyError, match="one-hot"):
+        ClassStats.from_gram_stats(bad)
+
+
 def test_float16_chunks_accepted():
     x, codes = make_data(1, 2, 40, 5, 2)
     s = ClassStats(2, 2, 5).update(x.astype(np.float16), codes)
