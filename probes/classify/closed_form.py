@@ -323,7 +323,9 @@ def lda_grid(stats: ClassStats, shrinkages) -> list[LinearProbe]:
     (Σ_k p_k shrunk(S_k) is linear in S_k). With W = V diag(λ) Vᵀ: coef_k = V diag(1/((1-s)λ +
     s·tr W/d)) Vᵀ μ_k, eigenvalues below d·eps·max treated as 0 (the minimum-norm solution, as
     ``lstsq``; only s = 0 with a singular W reaches it); intercept_k = -½ μ_k·coef_k + log p_k,
-    two classes -> class 1 minus class 0.
+    two classes -> class 1 minus class 0. For s = 0 and a singular W (d > n - K) scikit-learn's
+    ``lstsq`` (cutoff eps·max) keeps directions of rounding noise and its coefficients are not
+    reproducible; ours are the minimum-norm solution. Use s > 0 there.
 
     Parameters
     ----------

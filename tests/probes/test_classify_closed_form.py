@@ -150,6 +150,19 @@ def test_lda_auto_equals_sklearn(K, n, d):
         assert rel(probe.predict_proba(x)[layer], ref.predict_proba(x[layer])) < 1e-8
 
 
+@pytest.mark.parametrize("K,n,d", [(2, 30, 50), (3, 40, 70), (4, 20, 33)])
+def test_lda_singular_no_shrinkage_is_min_norm(K, n, d):
+    """d > n - K and shrinkage 0: the minimum-norm solution (lstsq, cutoff d·eps), which
+    sklearn's lstsq (cutoff eps, keeps rounding-noise directions) does not give reproducibly."""
+    x, codes = make_data(1 + K, 1, n, d, K)
+    probe = lda(class_stats(x, codes, K), 0.0)
+    mu = np.stack([x[0, codes == k].mean(0) for k in range(K)])
+    W = sum((codes == k).mean() * np.cov(x[0, codes == k].T, bias=True) for k in range(K))
+    coef = np.linalg.lstsq(W, mu.T, rcond=d * np.finfo(float).eps)[0].T
+    coef = coef[1:] - coef[:1] if K == 2 else coef
+    assert rel(probe.coef[0], coef) < 1e-9
+
+
 def test_lda_grid_equals_per_shrinkage():
     x, codes = make_data(5, 3, 70, 30, 3)
     stats = class_stats(x, codes, 3)
