@@ -267,7 +267,8 @@ class LinearProbe:
         scikit-learn's LDA). For mass-mean these are not calibrated probabilities."""
         s = self.decision_function(x)
         if self.n_classes == 2:
-            p = 1.0 / (1.0 + np.exp(-s))
+            e = np.exp(-np.abs(s))                       # stable expit, no overflow
+            p = np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
             return np.stack([1.0 - p, p], axis=-1)
         s = s - s.max(-1, keepdims=True)
         e = np.exp(s)

@@ -113,6 +113,10 @@ def test_mass_mean_equals_numpy(K):
             assert rel(probe.decision_function(x)[layer], s) < 1e-10
             np.testing.assert_array_equal(probe.predict(x)[layer], s.argmax(1))
     assert np.allclose(probe.predict_proba(x).sum(-1), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # no overflow in exp
+        proba = probe.predict_proba(x * 1e4)
+    assert np.isfinite(proba).all() and np.allclose(proba.sum(-1), 1.0)
 
 
 @pytest.mark.parametrize("K,n,d,shrink", [(2, 80, 6, 0.0), (2, 37, 50, 0.3), (3, 101, 13, 0.05),
