@@ -120,3 +120,26 @@ def test_bad_inputs():
     with pytest.raises(ClassifyError, match="kind"):
         cm.evaluate_classification(y, np.ones((4, 2)) / 2, ["a", "b"], kind="logits")
     assert np.isnan(cm.auroc(np.zeros(4, dtype=int), np.ones((4, 2)) / 2))
+
+
+def test_batched_binary_scores_and_lda_output():
+    """(L, n) binary decisions; an LDA probe's output scored like sklearn scores its LDA."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from probes.classify.closed_form import class_stats, lda
+    rng = np.random.default_rng(9)
+    L, n, d = 3, 45, 6
+    y = rng.integers(0, 2, size=n)
+    x = rng.normal(size=(L, n, d)) + y[None, :, None] * 0.5
+    probe = lda(class_stats(x, y, 2), 0.1)
+    got_s = cm.evaluate_classification(y, probe.decision_function(x), [0, 1], kind="scores")
+    got_p = cm.evaluate_classification(y, probe.predict_proba(x), np.array([0, 1]))
+    json.dumps(got_p)
+    for layer in range(L):
+        sk = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.1).fit(x[layer], y)
+        ref = sk_all(y, sk.predict_proba(x[layer]), 2)
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+            assert np.isclose(got_s[key][layer], ref[key], rtol=1e-12), key
+            assert np.isclose(got_p[key][layer], ref[key], rtol=1e-12), key
+        assert np.isclose(got_p["log_loss"][layer], ref["log_loss"], rtol=1e-8)
+        assert np.isclose(got_s["accuracy"][layer], sk.score(x[layer], y))
