@@ -167,6 +167,20 @@ def test_lda_singular_no_shrinkage_is_min_norm(K, n, d):
     assert rel(probe.coef[0], coef) < 1e-9
 
 
+def test_lda_large_offset_streamed():
+    """Activations far from 0 (offset 300, spread ~1), streamed in chunks: the shift keeps
+    the pooled covariance exact enough for 1e-8 agreement."""
+    x, codes = make_data(31, 2, 120, 15, 3, offset=300.0)
+    stats = ClassStats(3, 2, 15)
+    for lo in range(0, 120, 25):
+        stats.update(x[:, lo:lo + 25], codes[lo:lo + 25])
+    probe = lda(stats, 0.01)
+    for layer in range(2):
+        ref = sk_lda(x[layer], codes, 0.01)
+        assert rel(probe.coef[layer], ref.coef_) < 1e-8
+        assert rel(probe.predict_proba(x)[layer], ref.predict_proba(x[layer])) < 1e-8
+
+
 def test_lda_grid_equals_per_shrinkage():
     x, codes = make_data(5, 3, 70, 30, 3)
     stats = class_stats(x, codes, 3)
