@@ -1,15 +1,22 @@
 """Classification probes for many layers at once (issue 15): class labels and stratified folds
 (``labels``), L2-regularised logistic regression batched over layers and C values with the C
 chosen by stratified k-fold (``logistic``, ``select``), the closed-form difference-of-means and
-shrinkage-LDA probes (``closed_form``) and classification metrics (``metrics``). Names resolve
+shrinkage-LDA probes from streamed class statistics (``closed_form``; the shrinkage chosen by
+k-fold in ``shrinkage_cv``) and classification metrics (``metrics``). Names resolve
 lazily: importing the package loads neither torch nor scikit-learn."""
 from __future__ import annotations
 
 from actstore.lazy import lazy_exports
 
-__all__: list[str] = []
-
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    **{name: "closed_form" for name in ("ClassStats", "FourthMoments", "LinearProbe",
+                                        "mass_mean", "lda", "lda_grid", "class_stats")},
+    **{name: "metrics" for name in ("confusion_matrix", "accuracy", "balanced_accuracy",
+                                    "macro_f1", "auroc", "log_loss",
+                                    "evaluate_classification")},
+    "ShrinkageCV": "shrinkage_cv", "SCORINGS": "shrinkage_cv",
+}
+__all__ = sorted(_LAZY)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
