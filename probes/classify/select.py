@@ -1,0 +1,125 @@
+"""C chosen per layer by stratified k-fold, as scikit-learn ``LogisticRegressionCV(Cs=grid,
+cv=StratifiedKFold(k), refit=True)``: every (layer, fold, C) problem is fitted in one batched
+solve (a fold's held-out rows get weight 0), each fold's held-out rows are scored (accuracy, or
+negative log loss), the fold scores are summed and the first best C in grid order wins (with an
+increasing grid: the smallest C among ties), then each layer is refitted on all rows at its C,
+warm-started from the mean of its fold solutions. ``class_weight="balanced"`` weights come from
+all the rows given, once (as scikit-learn); held-out rows are scored unweighted."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from probes.classify.labels import stratified_folds
+from probes.classify.logistic import _TOL, _check, _solve, balanced_weights, predict_proba
+from probes.errors import ClassifyError
+
+__all__ = ["LogisticCV", "select_c", "SCORINGS"]
+
+SCORINGS = ("accuracy", "neg_log_loss")
+
+
+@dataclass
+class LogisticCV:
+    """Result of :func:`select_c` per layer position.
+
+    Cs: (n_C,) grid; fold_scores: (L, k, n_C); scores: (L, n_C) mean over folds; best_index:
+    (L,); C: (L,) chosen C; coef: (L, d) or (L, K, d) and intercept: (L,) or (L, K) refitted on
+    all rows; n_iter, converged: (L,) of the refit; folds: (n,) fold ids; scoring: its name.
+    """
+    Cs: np.ndarray
+    fold_scores: np.ndarray
+    scores: np.ndarray
+    best_index: np.ndarray
+    C: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    n_iter: np.ndarray
+    converged: np.ndarray
+    folds: np.ndarray
+    n_classes: int
+    scoring: str
+
+
+def _fold_scores(X, codes, folds, coef, icpt, scoring: str) -> np.ndarray:
+    """Held-out scores (L, k, n_C) from fold fits coef (L, k, n_C, [K,] d)."""
+    L, k, nC = coef.shape[:3]
+    out = np.empty((L, k, nC))
+    for f in range(k):
+        test = folds == f
+        y = codes[test]
+        Xt = np.asarray(X[:, test], dtype=np.float64)
+        for j in range(nC):
+            P = predict_proba(Xt, coef[:, f, j], icpt[:, f, j])           # (L, n_test, K)
+            if scoring == "accuracy":
+                out[:, f, j] = (P.argmax(-1) == y[None]).mean(1)
+            else:
+                p = np.clip(P[:, np.arange(y.size), y], np.finfo(np.float64).eps, 1.0)
+                out[:, f, j] = np.log(p).mean(1)
+    return out
+
+
+def _refit(X, codes, K, Cs, best, w, fold_coef, fold_icpt, dtype, tol, max_iter, device):
+    """Refit each layer on all rows at its chosen C, one batched solve per distinct C."""
+    L = X.shape[0]
+    coef = np.empty((L,) + fold_coef.shape[3:])
+    icpt = np.empty((L,) + fold_icpt.shape[3:])
+    n_iter, conv = np.empty(L, np.int64), np.empty(L, bool)
+    for j in np.unique(best):
+        ls = np.flatnonzero(best == j)
+        init = (fold_coef[ls, :, j].mean(1)[:, None, None],
+                fold_icpt[ls, :, j].mean(1)[:, None, None])
+        c, b, it, cv = _solve(X[ls], codes, K, Cs[j:j + 1], w[None], dtype, tol, max_iter,
+                              device, init)
+        coef[ls], icpt[ls], n_iter[ls], conv[ls] = c[:, 0, 0], b[:, 0, 0], it[:, 0, 0], cv[:, 0, 0]
+    return coef, icpt, n_iter, conv
+
+
+def select_c(X, codes, Cs, *, cv: int = 5, folds=None, scoring: str = "accuracy",
+             n_classes: int | None = None, sample_weight=None, class_weight: str | None = None,
+             dtype: str = "float64", tol: float | None = None, max_iter: int = 100,
+             device=None) -> LogisticCV:
+    """Choose C per layer by stratified k-fold on the given (train) rows, then refit.
+
+    Parameters
+    ----------
+    X : (L, n, d) array
+        Features of L layers (train rows only).
+    codes : (n,) int array
+        Class codes 0..K-1.
+    Cs : sequence of float
+        The grid, in the order ties are broken (first best wins).
+    cv : int
+        Number of stratified folds (ignored when ``folds`` is given).
+    folds : (n,) int array, optional
+        Fold ids 0..k-1 to use instead of :func:`stratified_folds`.
+    scoring : {"accuracy", "neg_log_loss"}
+        Held-out score, higher is better.
+    n_classes, sample_weight, class_weight, dtype, tol, max_iter, device
+        As :func:`probes.classify.logistic.fit_logistic_path`.
+
+    Returns
+    -------
+    LogisticCV
+    """
+    if scoring not in SCORINGS:
+        raise ClassifyError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    codes, K, Cs, w = _check(X, codes, Cs, n_classes, sample_weight)
+    if class_weight == "balanced":
+        w = w * balanced_weights(codes, K, w)
+    elif class_weight is not None:
+        raise ClassifyError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    folds = stratified_folds(codes, cv) if folds is None else np.asarray(folds, np.int64)
+    k = int(folds.max()) + 1
+    if folds.shape != codes.shape or folds.min() < 0 or k < 2:
+        raise ClassifyError("folds must be (n,) ids 0..k-1 with k >= 2")
+    tol = _TOL[dtype] if tol is None else tol
+    weights = np.stack([w * (folds != f) for f in range(k)])
+    fc, fi, _, _ = _solve(X, codes, K, Cs, weights, dtype, tol, max_iter, device)
+    fold_scores = _fold_scores(X, codes, folds, fc, fi, scoring)
+    best = fold_scores.sum(axis=1).argmax(-1)                         # first best in grid order
+    coef, icpt, n_iter, conv = _refit(X, codes, K, Cs, best, w, fc, fi, dtype, tol, max_iter,
+                                      device)
+    return LogisticCV(Cs, fold_scores, fold_scores.mean(1), best, Cs[best], coef, icpt, n_iter,
+                      conv, folds, K, scoring)
