@@ -72,10 +72,12 @@ class _Problem:
         self.X, self.Y, self.wts, self.pen, self.binary = X, Y, wts, pen, binary
         self.L, self.n, self.d = X.shape
         self.M, self.K = wts.shape[1], Y.shape[1]
+        self.idx = Y.argmax(1)[None, :, None, None].expand(self.L, self.n, self.M, 1)
 
     def xw(self, W, b):
         L, d, M, K = W.shape
-        return (self.X @ W.reshape(L, d, M * K)).reshape(L, self.n, M, K) + b[:, None]
+        Z = torch.baddbmm(b.reshape(L, 1, M * K), self.X, W.reshape(L, d, M * K))
+        return Z.reshape(L, self.n, M, K)
 
     def xtr(self, R):
         return (self.X.transpose(1, 2) @ R.reshape(self.L, self.n, -1)).reshape(
@@ -85,31 +87,36 @@ class _Problem:
         """Objective (L, M) and probabilities (L, n, M, K')."""
         Z = self.xw(W, b)
         if self.binary:
-            ell = torch.nn.functional.softplus(Z) - self.Y[:, None] * Z
+            ell = (torch.nn.functional.softplus(Z) - self.Y[:, None] * Z)[..., 0]
             P = torch.sigmoid(Z)
-        else:
-            lse = torch.logsumexp(Z, -1, keepdim=True)
-            ell = lse - (self.Y[:, None] * Z).sum(-1, keepdim=True)
-            P = torch.exp(Z - lse)
-        f = (ell.sum(-1) * self.wts).sum(1) + 0.5 * self.pen * (W * W).sum((1, 3))
+        else:                                   # in place: the tensors are (L, n, M, K) large
+            zy = Z.gather(-1, self.idx)[..., 0]
+            m = Z.amax(-1, keepdim=True)
+            P = Z.sub_(m).exp_()
+            s = P.sum(-1, keepdim=True)
+            ell = (m + s.log())[..., 0] - zy
+            P.div_(s)
+        f = torch.einsum("lnm,nm->lm", ell, self.wts) + 0.5 * self.pen * _dot(W, None, W, None)
         return f, P
 
     def grad(self, W, P):
-        E = (P - self.Y[:, None]) * self.wts[..., None]
+        E = (P - self.Y[:, None]).mul_(self.wts[..., None])
         return self.xtr(E) + self.pen[:, None] * W, E.sum(1)
 
     def hvp(self, P, V, v):
-        Zd = self.xw(V, v)
+        R = self.xw(V, v)
         if self.binary:
-            R = P * (1 - P) * Zd
+            R.mul_(P * (1 - P))
         else:
-            R = P * (Zd - (P * Zd).sum(-1, keepdim=True))
-        R = R * self.wts[..., None]
+            R.mul_(P)
+            R.addcmul_(P, R.sum(-1, keepdim=True), value=-1)
+        R.mul_(self.wts[..., None])
         return self.xtr(R) + self.pen[:, None] * V, R.sum(1)
 
 
 def _dot(A, a, B, b):
-    return (A * B).sum((1, 3)) + (a * b).sum(-1)
+    out = torch.einsum("ldmk,ldmk->lm", A, B)
+    return out if a is None else out + (a * b).sum(-1)
 
 
 def _cg(prob: _Problem, P, gW, gb, active, max_cg: int):
@@ -213,7 +220,7 @@ def _solve(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_it
             0, 3, 1, 2).contiguous()
         b = torch.as_tensor(init[1], device=Xt.device).to(tdt).reshape(L, M, K)
         b = b + torch.einsum("ld,ldmk->lmk", mean[:, 0], W)
-    W, b, n_iter, conv = _newton(prob, W, b, tol, max_iter, max_cg=max(50, 2 * d * K))
+    W, b, n_iter, conv = _newton(prob, W, b, tol, max_iter, max_cg=max(50, min(2 * d * K, 250)))
     b = b - torch.einsum("ld,ldmk->lmk", mean[:, 0], W)
     if not binary:
         b = b - b.mean(-1, keepdim=True)
