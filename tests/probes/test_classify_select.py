@@ -15,6 +15,17 @@ from probes.errors import ClassifyError
 GRID = np.logspace(-3, 3, 7)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread: the test machine's cores are shared, and spinning OpenMP threads on
+    small tensors made these tests 10x slower there."""
+    import torch  # deferred: heavy optional dependency
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_data(L, n, d, K, seed, noise=2.0):
     """Layers with increasing signal, so that different Cs win on different layers."""
     rng = np.random.default_rng(seed)
@@ -87,3 +98,29 @@ def test_given_folds_and_bad_inputs():
         select_c(X, np.r_[np.zeros(37, int), 1, 1, 1], [1.0])
     with pytest.raises(ClassifyError, match="folds must be"):
         select_c(X, y, [1.0], folds=np.zeros(40, int))
+
+
+def test_real_countries_of_world_places():
+    """Country (top 5 + "other") of 700 world places, from noisy random projections of
+    latitude, longitude and entity type: the C chosen per layer equals LogisticRegressionCV's."""
+    import pandas as pd  # deferred: heavy optional dependency
+
+    from probes.classify.labels import encode_labels
+    df = pd.read_csv("/work/shared/datasets/paper/world_place.csv",
+                     usecols=["country", "latitude", "longitude", "entity_type"]).dropna()
+    df = df.sample(700, random_state=0)
+    lab = encode_labels(df["country"].to_numpy(), max_classes=6)
+    rng = np.random.default_rng(0)
+    raw = np.column_stack([df[["latitude", "longitude"]].to_numpy() / 30.0,
+                           pd.get_dummies(df["entity_type"]).to_numpy(float)])
+    X = np.stack([raw @ rng.normal(size=(raw.shape[1], 9)) + rng.normal(size=(700, 9)) * s
+                  for s in (0.5, 1.0, 3.0)])
+    grid = np.logspace(-3, 1, 5)              # sklearn's lbfgs crawls at larger C on this data
+    res = select_c(X, lab.codes, grid, cv=5, tol=1e-10)
+    assert len(set(res.C.tolist())) > 1
+    for l in range(3):
+        m = fitted(sk(LogisticRegressionCV, Cs=grid, cv=StratifiedKFold(5), scoring="accuracy"),
+                   X[l], lab.codes)
+        assert res.C[l] == m.C_[0]
+        ref = fitted(sk(LogisticRegression, C=res.C[l]), X[l], lab.codes)
+        assert rel(res.coef[l], ref.coef_) < 1e-4
