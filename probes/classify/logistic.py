@@ -188,17 +188,30 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
     return W, b, n_iter, converged
 
 
+def _initial(init, mean, L, F, nC, K, d, tdt, device):
+    """Starting point (L, d, F, n_C, K), (L, F, n_C, K) in centred coordinates (zeros if None)."""
+    if init is None:
+        return (torch.zeros(L, d, F, nC, K, dtype=tdt, device=device),
+                torch.zeros(L, F, nC, K, dtype=tdt, device=device))
+    W = torch.as_tensor(np.asarray(init[0]), device=device).to(tdt).reshape(L, F, nC, K, d)
+    W = W.permute(0, 4, 1, 2, 3).contiguous()
+    b = torch.as_tensor(np.asarray(init[1]), device=device).to(tdt).reshape(L, F, nC, K)
+    return W, b + torch.einsum("ld,ldfck->lfck", mean, W)
+
+
 def _solve(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_iter: int,
-           device=None, init=None):
+           device=None, init=None, warm_start: bool = True):
     """Fit every (layer, weight set, C) problem. weights (F, n) -> arrays shaped (L, F, n_C, ...)
-    with K' = 1 for two classes; ``init`` = (coef, intercept) in the same shapes, or None."""
+    with K' = 1 for two classes; ``init`` = (coef, intercept) in the same shapes, or None.
+    ``warm_start``: one batched solve per C in increasing order, each started from the previous
+    C's solution (unless ``init``); else all Cs in one batch from ``init`` (or zero)."""
     tdt = _DTYPES[dtype]
     Xt = torch.as_tensor(X, device=device).to(tdt)
     if Xt.ndim != 3:
         raise ClassifyError(f"X must be (layers, rows, features), got shape {tuple(Xt.shape)}")
     L, n, d = Xt.shape
-    mean = Xt.mean(1, keepdim=True)
-    Xt = Xt - mean
+    mean = Xt.mean(1)
+    Xt = Xt - mean[:, None]
     binary = n_classes == 2
     codes_t = torch.as_tensor(np.asarray(codes), device=Xt.device)
     Y = (codes_t == 1).to(tdt)[:, None] if binary else \
@@ -208,28 +221,32 @@ def _solve(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_it
     wf = np.asarray(weights, dtype=np.float64)                      # (F, n)
     F, nC = wf.shape[0], Cs.size
     S = wf.sum(1)                                                   # (F,)
-    wts = torch.as_tensor(np.repeat(wf / S[:, None], nC, axis=0).T, device=Xt.device).to(tdt)
-    pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, :])).ravel(), device=Xt.device).to(tdt)
-    prob = _Problem(Xt, Y, wts, pen, binary)
-    M = F * nC
-    if init is None:
-        W = torch.zeros(L, d, M, K, dtype=tdt, device=Xt.device)
-        b = torch.zeros(L, M, K, dtype=tdt, device=Xt.device)
-    else:
-        W = torch.as_tensor(init[0], device=Xt.device).to(tdt).reshape(L, M, K, d).permute(
-            0, 3, 1, 2).contiguous()
-        b = torch.as_tensor(init[1], device=Xt.device).to(tdt).reshape(L, M, K)
-        b = b + torch.einsum("ld,ldmk->lmk", mean[:, 0], W)
-    W, b, n_iter, conv = _newton(prob, W, b, tol, max_iter, max_cg=max(50, min(2 * d * K, 250)))
-    b = b - torch.einsum("ld,ldmk->lmk", mean[:, 0], W)
+    W, b = _initial(init, mean, L, F, nC, K, d, tdt, Xt.device)
+    n_iter = torch.zeros(L, F, nC, dtype=torch.int64)
+    conv = torch.zeros(L, F, nC, dtype=torch.bool)
+    groups = [[j] for j in np.argsort(Cs, kind="stable")] if warm_start else [list(range(nC))]
+    prev = None
+    for g in groups:
+        wts = torch.as_tensor(np.repeat(wf / S[:, None], len(g), axis=0).T, device=Xt.device)
+        pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, g])).ravel(), device=Xt.device)
+        prob = _Problem(Xt, Y, wts.to(tdt), pen.to(tdt), binary)
+        W0, b0 = W[:, :, :, g], b[:, :, g]
+        if prev is not None and init is None:
+            W0, b0 = prev
+        Wg, bg, it, cv = _newton(prob, W0.reshape(L, d, -1, K), b0.reshape(L, -1, K), tol,
+                                 max_iter, max_cg=max(50, min(2 * d * K, 250)))
+        W[:, :, :, g] = Wg.reshape(L, d, F, len(g), K)
+        b[:, :, g] = bg.reshape(L, F, len(g), K)
+        n_iter[:, :, g], conv[:, :, g] = it.reshape(L, F, -1).cpu(), cv.reshape(L, F, -1).cpu()
+        prev = W[:, :, :, g], b[:, :, g]
+    b = b - torch.einsum("ld,ldfck->lfck", mean, W)
     if not binary:
         b = b - b.mean(-1, keepdim=True)
-    coef = W.permute(0, 2, 3, 1).reshape(L, F, nC, K, d).to(torch.float64).cpu().numpy()
-    icpt = b.reshape(L, F, nC, K).to(torch.float64).cpu().numpy()
+    coef = W.permute(0, 2, 3, 4, 1).to(torch.float64).cpu().numpy()
+    icpt = b.to(torch.float64).cpu().numpy()
     if binary:
         coef, icpt = coef[..., 0, :], icpt[..., 0]
-    return (coef, icpt, n_iter.reshape(L, F, nC).cpu().numpy(),
-            conv.reshape(L, F, nC).cpu().numpy())
+    return coef, icpt, n_iter.numpy(), conv.numpy()
 
 
 def _check(X, codes, Cs, n_classes, sample_weight):
@@ -256,7 +273,7 @@ def _check(X, codes, Cs, n_classes, sample_weight):
 def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weight=None,
                       class_weight: str | None = None, dtype: str = "float64",
                       tol: float | None = None, max_iter: int = 100, device=None,
-                      ) -> LogisticPath:
+                      warm_start: bool = True) -> LogisticPath:
     """Fit L2 logistic regression on every layer for every C of a grid, batched.
 
     Parameters
@@ -281,6 +298,10 @@ def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weig
         Newton iterations at most.
     device : torch device, optional
         Where to compute (default: X's device, or CPU for numpy).
+    warm_start : bool
+        Solve the Cs one at a time in increasing order (batched over layers), each started from
+        the previous C's solution (default; less memory, fewer Newton steps); False: all Cs in
+        one batch from zero.
 
     Returns
     -------
@@ -294,7 +315,8 @@ def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weig
     elif class_weight is not None:
         raise ClassifyError(f"class_weight must be None or 'balanced', got {class_weight!r}")
     coef, icpt, n_iter, conv = _solve(X, codes, K, Cs, w[None, :], dtype,
-                                      _TOL[dtype] if tol is None else tol, max_iter, device)
+                                      _TOL[dtype] if tol is None else tol, max_iter, device,
+                                      warm_start=warm_start)
     return LogisticPath(Cs, coef[:, 0], icpt[:, 0], n_iter[:, 0], conv[:, 0], K)
 
 

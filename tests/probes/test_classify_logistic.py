@@ -137,6 +137,18 @@ def test_float32_close_to_float64(K):
         assert rel(fast.coef[:, j], ref.coef[:, j]) < 2e-3
 
 
+@pytest.mark.parametrize("K", [2, 3])
+def test_warm_path_equals_cold_batch(K):
+    X, y = make_data(2, 64, 5, K, 11)
+    Cs = [10.0, 0.01, 1.0, 1000.0]                                  # not sorted on purpose
+    warm = fit_logistic_path(X, y, Cs, tol=1e-10)
+    cold = fit_logistic_path(X, y, Cs, tol=1e-10, warm_start=False)
+    assert warm.converged.all() and cold.converged.all()
+    np.testing.assert_allclose(warm.coef, cold.coef, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(warm.intercept, cold.intercept, rtol=1e-7, atol=1e-9)
+    assert warm.n_iter[:, 3].sum() < cold.n_iter[:, 3].sum()       # the largest C starts close
+
+
 def test_layers_independent_and_odd_codes_order():
     X, y = make_data(3, 50, 4, 3, 9)
     full = fit_logistic_path(X, y, [1.0], tol=1e-10)
