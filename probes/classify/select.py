@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from probes.classify.labels import stratified_folds
-from probes.classify.logistic import _TOL, _check, _solve, balanced_weights, predict_proba
+from probes.classify.logistic import _TOL, _check, _solve, balanced_weights
 from probes.errors import ClassifyError
 
 __all__ = ["LogisticCV", "select_c", "SCORINGS"]
@@ -43,20 +43,31 @@ class LogisticCV:
 
 
 def _fold_scores(X, codes, folds, coef, icpt, scoring: str) -> np.ndarray:
-    """Held-out scores (L, k, n_C) from fold fits coef (L, k, n_C, [K,] d)."""
+    """Held-out scores (L, k, n_C) from fold fits coef (L, k, n_C, [K,] d), in float64."""
+    import torch  # deferred: heavy optional dependency
+
     L, k, nC = coef.shape[:3]
+    d = coef.shape[-1]
     out = np.empty((L, k, nC))
     for f in range(k):
         test = folds == f
-        y = codes[test]
-        Xt = np.asarray(X[:, test], dtype=np.float64)
-        for j in range(nC):
-            P = predict_proba(Xt, coef[:, f, j], icpt[:, f, j])           # (L, n_test, K)
-            if scoring == "accuracy":
-                out[:, f, j] = (P.argmax(-1) == y[None]).mean(1)
-            else:
-                p = np.clip(P[:, np.arange(y.size), y], np.finfo(np.float64).eps, 1.0)
-                out[:, f, j] = np.log(p).mean(1)
+        y = torch.as_tensor(codes[test])
+        Xt = torch.as_tensor(np.asarray(X[:, test], dtype=np.float64))
+        W = torch.as_tensor(coef[:, f]).reshape(L, nC, -1, d)          # (L, n_C, K', d)
+        b = torch.as_tensor(icpt[:, f]).reshape(L, 1, nC, -1)
+        Z = (Xt @ W.permute(0, 3, 1, 2).reshape(L, d, -1)).reshape(L, -1, nC, W.shape[2]) + b
+        if W.shape[2] == 1:                                             # binary: class 1 if z > 0
+            z = Z[..., 0]
+            pred = (z > 0).long()
+            logp = -torch.nn.functional.softplus(torch.where(y[None, :, None] == 1, -z, z))
+        else:
+            pred = Z.argmax(-1)
+            idx = y[None, :, None, None].expand(L, -1, nC, 1)
+            logp = (Z.gather(-1, idx) - torch.logsumexp(Z, -1, keepdim=True))[..., 0]
+        if scoring == "accuracy":
+            out[:, f] = (pred == y[None, :, None]).double().mean(1).numpy()
+        else:
+            out[:, f] = logp.clamp_min(float(np.log(np.finfo(np.float64).eps))).mean(1).numpy()
     return out
 
 
@@ -114,10 +125,16 @@ def select_c(X, codes, Cs, *, cv: int = 5, folds=None, scoring: str = "accuracy"
     k = int(folds.max()) + 1
     if folds.shape != codes.shape or folds.min() < 0 or k < 2:
         raise ClassifyError("folds must be (n,) ids 0..k-1 with k >= 2")
+    for f in range(k):
+        present = np.bincount(codes[(folds != f) & (w > 0)], minlength=K) > 0
+        if not present.all():
+            raise ClassifyError(f"the train part of fold {f} has no rows of class "
+                                f"{int(np.argmin(present))}: use stratified folds or fewer folds")
     tol = _TOL[dtype] if tol is None else tol
     weights = np.stack([w * (folds != f) for f in range(k)])
     fc, fi, _, _ = _solve(X, codes, K, Cs, weights, dtype, tol, max_iter, device)
-    fold_scores = _fold_scores(X, codes, folds, fc, fi, scoring)
+    Xs = X.detach().cpu().numpy() if hasattr(X, "detach") else X    # torch tensor or array
+    fold_scores = _fold_scores(Xs, codes, folds, fc, fi, scoring)
     best = fold_scores.sum(axis=1).argmax(-1)                         # first best in grid order
     coef, icpt, n_iter, conv = _refit(X, codes, K, Cs, best, w, fc, fi, dtype, tol, max_iter,
                                       device)

@@ -96,6 +96,9 @@ def test_given_folds_and_bad_inputs():
         select_c(X, y, [1.0], scoring="f1")
     with pytest.raises(ClassifyError, match="fewer than the 5 folds"):
         select_c(X, np.r_[np.zeros(37, int), 1, 1, 1], [1.0])
+    with pytest.raises(ClassifyError, match="fold 0 has no rows of class 0"):
+        select_c(X, np.r_[np.zeros(20, int), np.ones(17, int), 2, 2, 2], [1.0],
+                 folds=np.r_[np.zeros(37, int), 1, 1, 1])
     with pytest.raises(ClassifyError, match="folds must be"):
         select_c(X, y, [1.0], folds=np.zeros(40, int))
 
