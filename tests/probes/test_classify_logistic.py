@@ -149,6 +149,12 @@ def test_warm_path_equals_cold_batch(K):
     assert warm.n_iter[:, 3].sum() < cold.n_iter[:, 3].sum()       # the largest C starts close
 
 
+def test_not_converged_is_reported():
+    X, y = make_data(2, 40, 4, 3, 12)
+    path = fit_logistic_path(X, y, [100.0], tol=1e-12, max_iter=1)
+    assert not path.converged.any() and (path.n_iter == 1).all()
+
+
 def test_layers_independent_and_odd_codes_order():
     X, y = make_data(3, 50, 4, 3, 9)
     full = fit_logistic_path(X, y, [1.0], tol=1e-10)
