@@ -33,7 +33,7 @@ class Labels:
 
 
 def _is_missing(v) -> bool:
-    if v is None:
+    if v is None or type(v).__name__ in ("NAType", "NaTType"):       # pandas' missing values
         return True
     if isinstance(v, (float, np.floating)) and np.isnan(v):
         return True

@@ -70,6 +70,16 @@ def test_missing_labels_refused(bad):
         encode_labels(values)
 
 
+def test_pandas_missing_values_refused():
+    import pandas as pd  # deferred: heavy optional dependency
+    for col in (pd.Series(["a", pd.NA, "b"], dtype="string"),
+                pd.Series([1, None, 2], dtype="Int64"), pd.Series(["x", None, "y"])):
+        with pytest.raises(ClassifyError, match=r"1 rows have no label .* rows \[1\]"):
+            encode_labels(col)
+    lab = encode_labels(pd.Series([3, 1, 3], dtype="Int64"))
+    assert lab.classes == ["1", "3"]
+
+
 def test_max_classes_other_and_drop():
     values = ["d"] * 5 + ["a"] * 3 + ["c"] * 3 + ["b"] * 1 + ["e"] * 2
     lab = encode_labels(values, max_classes=3, rest="other")

@@ -127,3 +127,25 @@ def test_real_countries_of_world_places():
         assert res.C[l] == m.C_[0]
         ref = fitted(sk(LogisticRegression, C=res.C[l]), X[l], lab.codes)
         assert rel(res.coef[l], ref.coef_) < 1e-4
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_d_greater_than_n(K):
+    X, y = make_data(2, 45, 61, K, 6, noise=1.0)
+    grid = [1e-4, 1e-3, 1e-2, 1e-1]
+    res = select_c(X, y, grid, cv=3, tol=1e-10)
+    for l in range(2):
+        m = fitted(sk(LogisticRegressionCV, Cs=grid, cv=StratifiedKFold(3), scoring="accuracy"),
+                   X[l], y)
+        np.testing.assert_allclose(res.fold_scores[l], next(iter(m.scores_.values())), atol=1e-9)
+        assert res.C[l] == m.C_[0]
+        ref = fitted(sk(LogisticRegression, C=res.C[l]), X[l], y)
+        assert rel(res.coef[l], ref.coef_[0] if K == 2 else ref.coef_) < 1e-4
+
+
+def test_float32_chooses_the_float64_c():
+    X, y = make_data(5, 300, 20, 4, 7)
+    ref = select_c(X, y, GRID, tol=1e-10)
+    fast = select_c(X.astype(np.float32), y, GRID, dtype="float32")
+    np.testing.assert_array_equal(fast.C, ref.C)
+    assert np.abs(fast.scores - ref.scores).max() <= 1 / 60           # one held-out row at most
