@@ -1,10 +1,11 @@
 """C chosen per layer by stratified k-fold, as scikit-learn ``LogisticRegressionCV(Cs=grid,
-cv=StratifiedKFold(k), refit=True)``: every (layer, fold, C) problem is fitted in one batched
-solve (a fold's held-out rows get weight 0), each fold's held-out rows are scored (accuracy, or
-negative log loss), the fold scores are summed and the first best C in grid order wins (with an
-increasing grid: the smallest C among ties), then each layer is refitted on all rows at its C,
-warm-started from the mean of its fold solutions. ``class_weight="balanced"`` weights come from
-all the rows given, once (as scikit-learn); held-out rows are scored unweighted."""
+cv=StratifiedKFold(k), refit=True)``: every (layer, fold) problem is fitted for each C in batched
+solves along the increasing C path (a fold's held-out rows get weight 0), each fold's held-out rows
+are scored (accuracy, or mean log-probability = negative log loss), the fold scores are summed and
+the first best C in grid order wins (with an increasing grid: the smallest C among ties), then
+each layer is refitted on all rows at its C, warm-started from the mean of its fold solutions.
+``class_weight="balanced"`` weights come from all the rows given, once (as scikit-learn); held-out
+rows are scored unweighted (as ``scoring="accuracy"``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
