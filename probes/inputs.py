@@ -32,8 +32,10 @@ def resolve_targets(store, targets=None) -> list[str]:
             raise InputError(f"unknown target {n!r}: the store's targets are {have}"
                              f" (entity columns: {cols})")
         if not is_numeric_dtype(ent[n]) or is_bool_dtype(ent[n]):
-            raise InputError(f"target column {n!r} is not numeric (dtype {ent[n].dtype}); a probe "
-                             f"target must be a number per entity (the store's targets: {have})")
+            raise InputError(f"target column {n!r} is not numeric (dtype {ent[n].dtype}); a "
+                             "ridge target must be a number per entity (the store's targets: "
+                             f"{have}); a class column is fitted alone, by classification "
+                             f"probes (--target {n} --task classify)")
     return names
 
 

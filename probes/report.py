@@ -25,7 +25,8 @@ import numpy as np
 
 from actstore.io import WriteError, write_atomic, write_json
 
-__all__ = ["format_table", "make_plots", "format_neuron_table", "plot_best_neuron", "text_table",
+__all__ = ["format_table", "make_plots", "format_classify_table", "plot_classify",
+           "format_neuron_table", "plot_best_neuron", "text_table",
            "save_figure", "md_table", "md_num", "strict_json", "write_strict_json", "OutputSet",
            "NULL_REASONS", "STAGING_PREFIX", "sha256_of"]
 
@@ -107,6 +108,71 @@ def format_table(result: dict) -> str:
                + f"   ({result['seconds']['total']:.1f} s; * = best by test R2, "
                "test columns are on the test split, ! = alpha at the edge of the grid)")
     return "\n".join(out)
+
+
+def format_classify_table(doc: dict) -> str:
+    """The per-layer table of a classification fit (``fastprobe fit`` / ``show``): logistic
+    C, CV and test accuracy, balanced accuracy, macro-F1, AUROC, and the test accuracy of the
+    difference-of-means and LDA probes."""
+    split = "test" if doc["n_test"] else "train"
+    head = ["layer", "C", "cv acc", f"{split} acc", "bal acc", "macro F1", "AUROC", "mass-mean",
+            "LDA"]
+    rows = []
+    for e in doc["layers"]:
+        lg = e["logistic"][split]
+        rows.append([str(e["layer"]) + ("*" if e["layer"] == doc["best_layer"] else ""),
+                     _alpha_str(e["logistic"]["C"]), _fmt(e["logistic"]["cv_score"]),
+                     _fmt(lg["accuracy"]), _fmt(lg["balanced_accuracy"]), _fmt(lg["macro_f1"]),
+                     _fmt(lg["auroc"]), _fmt(e["mass_mean"][split]["accuracy"]),
+                     _fmt(e["lda"][split]["accuracy"])])
+    pooled = (f", {len(doc['pooled'])} rarest {'dropped' if doc['rest'] == 'drop' else 'pooled'}"
+              if doc["pooled"] else "")
+    out = [f"store {doc['store']}  target {doc['target']}: {len(doc['classes'])} classes"
+           f"{pooled}  train {doc['n_train']} / test {doc['n_test']} ({doc['split']})  "
+           f"{doc['cv']}-fold stratified"]
+    out += text_table(head, rows)
+    chance = max(doc["class_counts"][split]) / max(1, sum(doc["class_counts"][split]))
+    out.append(f"best layer {doc['best_layer']} by {doc['best_by']}   (majority class "
+               f"{_fmt(chance)}; {doc['seconds']:.1f} s; * = best)")
+    return "\n".join(out)
+
+
+def plot_classify(doc: dict, out) -> list[Path]:
+    """accuracy_by_layer.png (the three probes, balanced accuracy of logistic, the majority
+    rate) and confusion_best_layer.png (rows: true class, normalised per row)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = "test" if doc["n_test"] else "train"
+    layers = [e["layer"] for e in doc["layers"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, style in (("logistic", "o-"), ("lda", "s-"), ("mass_mean", "^-")):
+        ax.plot(layers, [e[method][split]["accuracy"] for e in doc["layers"]], style,
+                label=f"{method} accuracy")
+    ax.plot(layers, [e["logistic"][split]["balanced_accuracy"] for e in doc["layers"]], "o:",
+            label="logistic balanced accuracy")
+    counts = doc["class_counts"][split]
+    ax.axhline(max(counts) / max(1, sum(counts)), color="grey", lw=0.8, label="majority class")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{split} accuracy")
+    ax.set_title(f"{doc['target']}: {len(doc['classes'])} classes")
+    ax.legend(fontsize=7)
+    written = [save_figure(fig, Path(out) / "accuracy_by_layer.png")]
+    cm = np.asarray(doc["confusion_matrix"]["matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(doc["classes"])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * k, 2 + 0.35 * k))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), doc["classes"], rotation=90, fontsize=7)
+    ax.set_yticks(range(k), doc["classes"], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"layer {doc['confusion_matrix']['layer']} ({split})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    written.append(save_figure(fig, Path(out) / "confusion_best_layer.png"))
+    return written
 
 
 REGION_COLUMNS = ("continent", "region", "borough_name", "borough", "state_name", "state_id",

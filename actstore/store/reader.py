@@ -141,6 +141,11 @@ class ActivationStore(Progress, BlockWriter):
 
     # -- entity table
     @property
+    def entity_kinds(self) -> dict[str, str]:
+        """Each entity column's kind: "str", "float64", "int64" or "bool" (header order)."""
+        return dict(self._header["entity_kinds"])
+
+    @property
     def entities(self):
         """The entity table, same columns (and order) as ``EntityDataset.table``."""
         if self._entities is None:

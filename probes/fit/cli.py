@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from actstore.distributed import cli_call
 from actstore.options import add_arguments, from_args
 from probes.cli_common import DESCRIPTION, layers_note
 from probes.errors import FitError
 from probes.fit.config import FitConfig
-from probes.report import format_table
+from probes.report import format_classify_table, format_table
 
 __all__ = ["add_cli", "cli_fit"]
 
@@ -62,6 +63,8 @@ def _cmd_fit(args) -> int:
     config = from_args(FitConfig, args, layers=_layers(args.layers),
                        memory_bytes=int(args.memory_bytes * (1 << 30)),
                        progress=not args.quiet and sys.stderr.isatty())
+    if config.task != "regress" and _classify(args, config):
+        return 0
     # under torchrun the ranks share the rows; rank 0 prints and writes, the others get None
     result = cli_fit(args.store, config, out=args.out)
     if result is None:
@@ -72,9 +75,37 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+def _classify(args, config) -> bool:
+    """A classification fit when the target is a class column (or --task classify): fitted,
+    printed and written here; False for a ridge fit."""
+    from actstore.store import open_store
+    from probes.fit.classify import classify_target, fit_classifier  # deferred: torch
+
+    store = open_store(args.store)
+    target = classify_target(store, config)
+    if target is None:
+        store.close()
+        return False
+    try:
+        result = fit_classifier(store, config, target, out=args.out)
+    finally:
+        store.close()
+    print(format_classify_table(result.doc))
+    if args.out:
+        print(f"wrote {args.out}/results.json, classify.npz and plots")
+    return True
+
+
 def _cmd_show(args) -> int:
     from probes.fit.results import load_results  # deferred: pandas
 
+    try:
+        doc = json.loads((Path(args.dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        doc = {}                  # load_results says what is wrong
+    if doc.get("task") == "classify":
+        print(json.dumps(doc, indent=1) if args.json else format_classify_table(doc))
+        return 0
     result = load_results(args.dir)
     print(json.dumps(result.to_json(), indent=1) if args.json else format_table(result))
     return 0

@@ -10,10 +10,11 @@ from actstore.options import cli
 from probes.errors import FitError
 from probes.ridge.alphas import DEFAULT_ALPHAS, parse_alphas
 
-__all__ = ["FitConfig", "BACKEND_CHOICES", "PRECISIONS"]
+__all__ = ["FitConfig", "BACKEND_CHOICES", "PRECISIONS", "TASKS"]
 
 BACKEND_CHOICES = ("auto", "cpu", "torch", "cuda", "triton")
 PRECISIONS = ("float64", "float32")
+TASKS = ("auto", "regress", "classify")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class FitConfig:
         Exact leave-one-out or K-fold alpha selection.
     alpha_per_target : bool
         One alpha per target instead of one per layer.
+    task : str
+        auto, regress or classify (:mod:`probes.fit.classify`).
+    cs, class_weight, max_classes, drop_rest
+        Classification: the C grid, class weights, and pooling or dropping the rarest classes.
     split : str
         The train/test split (:func:`probes.inputs.parse_split`).
     backend : str
@@ -69,6 +74,23 @@ class FitConfig:
     """alpha selection: exact leave-one-out (loo) or K-fold (an integer K >= 2; seeded shuffle)"""
     alpha_per_target: bool = False
     """choose one alpha per target instead of one per layer (the paper shares it)"""
+    task: str = field(default="auto", metadata=cli(choices=TASKS))
+    """auto: classification probes when the one --target is a text or boolean column of the
+    entity table (country, state_name, entity_type, is_test...), ridge otherwise; regress;
+    classify"""
+    cs: str | tuple[float, ...] = field(default="1e-4:1e4:17",
+                                        metadata=cli(flag="--Cs", metavar="GRID", type=str))
+    """classification: the C grid of the logistic probe (inverse L2 strength; LO:HI:N
+    log-spaced, or a list), chosen per layer by stratified k-fold (--cv K; loo means 5)"""
+    class_weight: str | None = field(default=None, metadata=cli(choices=("balanced",)))
+    """classification: balanced weighs each class by n / (classes x its count), as
+    scikit-learn"""
+    max_classes: int | None = field(default=None, metadata=cli(metavar="N"))
+    """classification: keep the N-1 most frequent classes and pool the rest into "other" (with
+    --drop-rest: keep N and drop the other rows); results.json lists them"""
+    drop_rest: bool = False
+    """classification: with --max-classes, drop the rows of the rarer classes instead of
+    pooling them into 'other'"""
     split: str = field(default="is_test", metadata=cli(metavar="SPEC"))
     """is_test (the store's column) | random:FRAC:SEED | group:COLUMN[:FRAC[:SEED]] (hold out
     whole groups, e.g. group:country)"""
@@ -98,6 +120,13 @@ class FitConfig:
         if self.precision not in PRECISIONS:
             raise FitError(f"precision must be 'float64' or 'float32', got {self.precision!r}")
         parse_alphas(self.alphas)                   # RidgeError now rather than mid-fit
+        parse_alphas(self.cs)
+        if self.task not in TASKS:
+            raise FitError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.class_weight not in (None, "balanced"):
+            raise FitError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        if self.max_classes is not None and self.max_classes < 2:
+            raise FitError(f"--max-classes must be at least 2, got {self.max_classes}")
         normal = {"cv": _cv(self.cv)}
         if self.targets is not None and not isinstance(self.targets, str):
             normal["targets"] = tuple(self.targets)

@@ -67,7 +67,8 @@ def test_fit_options(store, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--target", "altitude"], "unknown target 'altitude'"),
-    (["--target", "country"], "target column 'country' is not numeric"),
+    (["--target", "country", "--task", "regress"], "target column 'country' is not numeric"),
+    (["--target", "country,latitude"], "target column 'country' is not numeric"),
     (["--layers", "0,7"], "layer 0 is not in this store"),
     (["--split", "random:0.0001:0"], "empty test split"),
     (["--cv", "x"], "cv must be"),
