@@ -149,21 +149,25 @@ def _cg(prob: _Problem, P, gW, gb, active, max_cg: int):
     return pW, pb
 
 
-def _line_search(prob: _Problem, W, b, pW, pb, f0, slope, active):
-    """Armijo backtracking per problem; returns the step (0 where none decreased the objective)."""
+def _line_search(prob: _Problem, W, b, pW, pb, f0, P0, slope, active):
+    """Armijo backtracking per problem; returns the step (0 where none decreased the objective)
+    and the objective and probabilities at the new point (reused by the next Newton step)."""
     step = torch.zeros_like(f0)
+    f_new, P_new = f0.clone(), P0
     todo = active.clone()
     slack = 16 * torch.finfo(f0.dtype).eps * f0.abs()              # decreases below rounding
     t = 1.0
     for _ in range(40):
-        f, _ = prob.loss(W + t * pW, b + t * pb)
+        f, P = prob.loss(W + t * pW, b + t * pb)
         ok = todo & (f <= f0 + 1e-4 * t * slope + slack)
         step = torch.where(ok, torch.full_like(step, t), step)
+        f_new = torch.where(ok, f, f_new)
+        P_new = torch.where(ok[:, None, :, None], P, P_new)
         todo = todo & ~ok
         if not bool(todo.any()):
             break
         t *= 0.5
-    return step
+    return step, f_new, P_new
 
 
 def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
@@ -171,8 +175,8 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
     n_iter = torch.zeros(prob.L, prob.M, dtype=torch.int64, device=W.device)
     converged = torch.zeros(prob.L, prob.M, dtype=torch.bool, device=W.device)
     stalled = torch.zeros_like(converged)
+    f, P = prob.loss(W, b)
     for _ in range(max_iter + 1):
-        f, P = prob.loss(W, b)
         gW, gb = prob.grad(W, P)
         gmax = torch.maximum(gW.abs().amax((1, 3)), gb.abs().amax(-1))
         converged = gmax <= tol
@@ -181,7 +185,7 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
             break
         pW, pb = _cg(prob, P, gW, gb, active, max_cg)
         slope = _dot(gW, gb, pW, pb)
-        step = _line_search(prob, W, b, pW, pb, f, slope, active)
+        step, f, P = _line_search(prob, W, b, pW, pb, f, P, slope, active)
         stalled = stalled | (active & (step == 0))
         W = W + step[:, None, :, None] * pW
         b = b + step[..., None] * pb
