@@ -14,7 +14,11 @@ _LAZY: dict[str, str] = {
     **{name: "metrics" for name in ("confusion_matrix", "accuracy", "balanced_accuracy",
                                     "macro_f1", "auroc", "log_loss",
                                     "evaluate_classification")},
-    "ShrinkageCV": "shrinkage_cv", "SCORINGS": "shrinkage_cv",
+    "ShrinkageCV": "shrinkage_cv",
+    **{name: "labels" for name in ("Labels", "encode_labels", "stratified_folds")},
+    **{name: "logistic" for name in ("LogisticPath", "fit_logistic_path", "balanced_weights",
+                                     "decision_function", "predict_proba")},
+    "LogisticCV": "select", "select_c": "select",
 }
 __all__ = sorted(_LAZY)
 
