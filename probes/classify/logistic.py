@@ -18,7 +18,8 @@ import torch
 
 from probes.errors import ClassifyError
 
-__all__ = ["LogisticPath", "fit_logistic_path", "balanced_weights", "decision_function",
+__all__ = ["LogisticPath", "fit_logistic_path", "balanced_weights", "class_weights",
+           "decision_function",
            "predict_proba"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -275,6 +276,15 @@ def _check(X, codes, Cs, n_classes, sample_weight):
     return codes, K, Cs, w
 
 
+def class_weights(codes, n_classes: int, w: np.ndarray, class_weight: str | None) -> np.ndarray:
+    """Row weights ``w`` times the class weights: None (unchanged) or "balanced"."""
+    if class_weight == "balanced":
+        return w * balanced_weights(codes, n_classes, w)
+    if class_weight is not None:
+        raise ClassifyError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    return w
+
+
 def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weight=None,
                       class_weight: str | None = None, dtype: str = "float64",
                       tol: float | None = None, max_iter: int = 100, device=None,
@@ -315,10 +325,7 @@ def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weig
     if dtype not in _DTYPES:
         raise ClassifyError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     codes, K, Cs, w = _check(X, codes, Cs, n_classes, sample_weight)
-    if class_weight == "balanced":
-        w = w * balanced_weights(codes, K, w)
-    elif class_weight is not None:
-        raise ClassifyError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    w = class_weights(codes, K, w, class_weight)
     coef, icpt, n_iter, conv = _solve(X, codes, K, Cs, w[None, :], dtype,
                                       _TOL[dtype] if tol is None else tol, max_iter, device,
                                       warm_start=warm_start)

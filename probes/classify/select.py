@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from probes.classify.labels import stratified_folds
-from probes.classify.logistic import _TOL, _check, _solve, balanced_weights
+from probes.classify.logistic import _TOL, _check, _solve, class_weights
 from probes.errors import ClassifyError
 
 __all__ = ["LogisticCV", "select_c", "SCORINGS"]
@@ -118,10 +118,7 @@ def select_c(X, codes, Cs, *, cv: int = 5, folds=None, scoring: str = "accuracy"
     if scoring not in SCORINGS:
         raise ClassifyError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     codes, K, Cs, w = _check(X, codes, Cs, n_classes, sample_weight)
-    if class_weight == "balanced":
-        w = w * balanced_weights(codes, K, w)
-    elif class_weight is not None:
-        raise ClassifyError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    w = class_weights(codes, K, w, class_weight)
     folds = stratified_folds(codes, cv) if folds is None else np.asarray(folds, np.int64)
     k = int(folds.max()) + 1
     if folds.shape != codes.shape or folds.min() < 0 or k < 2:

@@ -18,13 +18,7 @@ N, D, LAYERS = 150, 9, [0, 4, 8]
 CS = "1e-2:1e2:5"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)        # the shared cores of the test machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _store(path, n_classes=3, seed=0):

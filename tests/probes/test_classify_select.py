@@ -15,15 +15,7 @@ from probes.errors import ClassifyError
 GRID = np.logspace(-3, 3, 7)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: the test machine's cores are shared, and spinning OpenMP threads on
-    small tensors made these tests 10x slower there."""
-    import torch  # deferred: heavy optional dependency
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_data(L, n, d, K, seed, noise=2.0):
