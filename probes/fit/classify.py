@@ -86,17 +86,21 @@ def _rows(store, config, labels: Labels, n: int) -> tuple[np.ndarray, np.ndarray
     return train, test
 
 
-def _read_layers(store, layers: list[int], rows: np.ndarray) -> np.ndarray:
-    """(L, len(rows), d) float32 activations of ``rows``."""
-    x = np.empty((len(layers), rows.size, store.d_model), dtype=np.float32)
+def _read_layers(store, layers: list[int], train: np.ndarray, test: np.ndarray):
+    """(L, rows, d) float32 activations of the train and of the test rows (each layer read
+    once)."""
+    x_tr = np.empty((len(layers), train.size, store.d_model), dtype=np.float32)
+    x_te = np.empty((len(layers), test.size, store.d_model), dtype=np.float32)
     for i, layer in enumerate(layers):
-        x[i] = store.layer(layer)[rows]
-    return x
+        x = store.layer(layer)
+        x_tr[i], x_te[i] = x[train], x[test]
+    return x_tr, x_te
 
 
-def _lda_by_folds(x: np.ndarray, codes: np.ndarray, k: int, folds: np.ndarray):
+def _lda_by_folds(x: np.ndarray, codes: np.ndarray, k: int, folds: np.ndarray, stats):
     """Shrinkage per layer by stratified k-fold (held-out accuracy summed over folds, the first
-    best in grid order), then LDA refitted on all train rows at each layer's shrinkage."""
+    best in grid order), then LDA refitted on all train rows (``stats``) at each layer's
+    shrinkage."""
     L = x.shape[0]
     score = np.zeros((L, len(SHRINKAGES)))
     for f in range(int(folds.max()) + 1):
@@ -105,7 +109,7 @@ def _lda_by_folds(x: np.ndarray, codes: np.ndarray, k: int, folds: np.ndarray):
         for j, probe in enumerate(probes):
             score[:, j] += (probe.predict(x[:, held]) == codes[held]).sum(-1)
     best = score.argmax(-1)
-    every = lda_grid(class_stats(x, codes, k), SHRINKAGES)
+    every = lda_grid(stats, SHRINKAGES)
     coef = np.stack([every[b].coef[i] for i, b in enumerate(best)])
     intercept = np.stack([every[b].intercept[i] for i, b in enumerate(best)])
     probe = every[0]
@@ -126,8 +130,9 @@ def _fit_probes(x_tr, y_tr, K: int, config) -> dict:
     cs = parse_alphas(config.cs)
     logit = select_c(x_tr, y_tr, cs, folds=folds, n_classes=K,
                      class_weight=config.class_weight, dtype=config.precision)
-    lda, shrink, lda_cv = _lda_by_folds(x_tr, y_tr, K, folds)
-    return {"k": k, "Cs": cs, "logistic": logit, "mass_mean": mass_mean(class_stats(x_tr, y_tr, K)),
+    stats = class_stats(x_tr, y_tr, K)          # all train rows: mass-mean and the LDA refit
+    lda, shrink, lda_cv = _lda_by_folds(x_tr, y_tr, K, folds, stats)
+    return {"k": k, "Cs": cs, "logistic": logit, "mass_mean": mass_mean(stats),
             "lda": lda, "shrinkage": shrink, "lda_cv": lda_cv}
 
 
@@ -171,12 +176,11 @@ def fit_classifier(store, config, target: str, out=None) -> ClassifyResult:
     train, test = _rows(store, config, labels, n)
     layers = select_layers(store, config.layers)
     K = len(labels.classes)
-    x_tr = _read_layers(store, layers, train)
+    x_tr, x_te = _read_layers(store, layers, train, test)
     y_tr = labels.codes[train]
     fits = _fit_probes(x_tr, y_tr, K, config)
     p_tr, kinds = _outputs(fits, x_tr)
     del x_tr
-    x_te = _read_layers(store, layers, test)
     p_te, _ = _outputs(fits, x_te) if test.size else ({}, kinds)
     scores = {"train": _scores(labels, y_tr, p_tr, kinds),
               "test": _scores(labels, labels.codes[test], p_te, kinds) if test.size else {}}
@@ -243,7 +247,7 @@ def _arrays(fits, labels, layers, train, test, p_te, n) -> dict:
     is_test = np.zeros(n, dtype=bool)
     is_test[test] = True
     out = {"layers": np.asarray(layers, np.int64), "codes": labels.codes, "is_test": is_test,
-           "is_train": np.isin(np.arange(n), train), "Cs": np.asarray(fits["Cs"]),
+           "is_train": labels.kept & ~is_test, "Cs": np.asarray(fits["Cs"]),
            "logistic_coef": np.asarray(logit.coef, np.float32),
            "logistic_intercept": np.asarray(logit.intercept), "C": np.asarray(logit.C),
            "logistic_cv_scores": np.asarray(logit.scores),
