@@ -17,19 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from actstore.io import write_atomic
+from actstore.native import crc32c  # the compiled one, equal to zarr's codec (tested)
 from actstore.store.format import INTEGRITY_GROUP
 from actstore.store.layout import checksum_key, n_blocks
 
 __all__ = ["crc32c", "block_crcs", "column_crc", "Checksums", "create_zarr_integrity",
            "create_hdf5_integrity"]
-
-
-def crc32c(data) -> int:
-    """crc32c of ``bytes`` or of a numpy array's C-order bytes (read in place; the compiled
-    ``actstore._native.crc32c``, equal to zarr's codec and google_crc32c, tested)."""
-    from actstore.native import crc32c as native_crc32c
-
-    return native_crc32c(data)
 
 
 def block_crcs(block: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from actstore.io import PARTIAL_SUFFIX
+from actstore.native import crc32c
 from actstore.store.format import ARRAYS, INTEGRITY_GROUP, PROGRESS_GROUP
 
 __all__ = ["n_blocks", "block_rows", "blocks_of", "shard_key", "checksum_key", "ShardLayout",
@@ -57,8 +58,6 @@ class ShardLayout:
     CRC32C. This is what zarr writes for the layout :func:`our_layout` accepts."""
 
     def __init__(self, L: int, R: int, d: int, itemsize: int):
-        from actstore.native import crc32c
-
         self.L, self.R, self.d, self.itemsize = int(L), int(R), int(d), int(itemsize)
         self.chunk_nbytes = self.R * self.d * self.itemsize
         index = np.empty((self.L, 2), dtype="<u8")
@@ -70,8 +69,6 @@ class ShardLayout:
 
     def parse_index(self, raw: bytes) -> np.ndarray | None:
         """(L, 2) offsets and sizes from a shard's last bytes, or None if its CRC32C fails."""
-        from actstore.native import crc32c
-
         if len(raw) != len(self.index):
             return None
         body = raw[:-4]
