@@ -2,8 +2,9 @@
 (``labels``), L2-regularised logistic regression batched over layers and C values with the C
 chosen by stratified k-fold (``logistic``, ``select``), the closed-form difference-of-means and
 shrinkage-LDA probes from streamed class statistics (``closed_form``; the shrinkage chosen by
-k-fold in ``shrinkage_cv``) and classification metrics (``metrics``). Names resolve
-lazily: importing the package loads neither torch nor scikit-learn."""
+k-fold in ``shrinkage_cv``), classification metrics (``metrics``) and the scikit-learn estimators
+``LogisticProbeCV`` and ``MassMeanProbe`` (``estimator``). Names resolve lazily: importing the
+package loads neither torch nor scikit-learn."""
 from __future__ import annotations
 
 from actstore.lazy import lazy_exports
@@ -19,6 +20,7 @@ _LAZY: dict[str, str] = {
     **{name: "logistic" for name in ("LogisticPath", "fit_logistic_path", "balanced_weights",
                                      "decision_function", "predict_proba")},
     "LogisticCV": "select", "select_c": "select",
+    "LogisticProbeCV": "estimator", "MassMeanProbe": "estimator",
 }
 __all__ = sorted(_LAZY)
 
