@@ -124,7 +124,7 @@ class LogisticProbeCV(_LinearClassifier):
         the smallest class, with a warning, when a class has fewer rows; at least 2 are
         needed); a splitter or explicit splits: their test sets must partition the rows.
     scoring : {"accuracy", "neg_log_loss"}
-        Held-out score (unweighted), higher is better.
+        Held-out score (unweighted), higher is better. (:meth:`score` is always accuracy.)
     class_weight : None, "balanced" or dict {label: weight}
         ``"balanced"``: n / (K·count(class)) per row (scikit-learn's rule); a dict: the weight
         of each label's rows (1 for labels not in it). Multiplied into ``sample_weight``.
@@ -180,6 +180,7 @@ class LogisticProbeCV(_LinearClassifier):
             self, fitted.
         """
         X, y = _validated(self, X, y, reset=True, dtype=np.float64)
+        X = X if X.flags.writeable else X.copy()         # torch refuses read-only memory
         w = _sample_weight(sample_weight, X.shape[0])
         codes = self._encode(y, w)
         Cs = _grid(self.Cs)
@@ -271,6 +272,7 @@ class MassMeanProbe(_LinearClassifier):
         """
         X, y = _validated(self, X, y, reset=True, dtype=np.float64)
         codes = self._encode(y)
+        X = X if X.flags.writeable else X.copy()         # torch refuses read-only memory
         stats = class_stats(X[None], codes, self.classes_.size)
         probe = mass_mean(stats)
         self.means_ = stats.means()[0].cpu().numpy()
