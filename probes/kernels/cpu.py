@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from probes.errors import BackendUnavailable, StatsError
-from probes.kernels.weighted import check_weighted, finish, mirror_upper
+from probes.kernels.weighted import check_weighted, mirror_upper
 from probes.stats import GramStats, NeuronStats, prepare_neuron_chunk, validate_chunk
 
 try:
@@ -141,18 +141,28 @@ def weighted_gram(X, w, out=None, block_rows: int = WEIGHTED_BLOCK_ROWS) -> torc
 
     Per layer, weight set and block of ``block_rows`` rows: (x·w)ᵀx as one float32 matmul
     (weights may be negative, so no √w·x SYRK; one matmul per weight set is faster than a
-    broadcast batch), each block's sum added into float64 totals; the upper triangle mirrored
-    (exact symmetry). Returns (B, M, d, d) float32, or adds into ``out`` and returns it.
+    broadcast batch), each block's sum added into float64 sums of one layer; the upper triangle
+    mirrored (exact symmetry). X and out on the CPU. Returns (B, M, d, d) float32, or adds
+    into ``out`` and returns it.
     """
     Xt, wt = check_weighted(X, w, out)
+    if Xt.device.type != "cpu":
+        raise ValueError(f"the cpu backend needs X on the CPU, got {Xt.device}; use "
+                         "backend='auto' (triton or cuda for GPU data)")
     B, n, d = Xt.shape
     M = wt.shape[0]
     step = max(1, int(block_rows))
     w32 = wt.to(torch.float32)
-    G = torch.zeros(B, M, d, d, dtype=torch.float64, device=Xt.device)
-    for b in range(B):
+    res = out if out is not None else torch.empty(B, M, d, d, dtype=torch.float32)
+    for b in range(B):                      # float64 sums of one layer at a time (M·d² values)
+        Gb = torch.zeros(M, d, d, dtype=torch.float64)
         for r0 in range(0, n, step):
             xb = Xt[b, r0:r0 + step].to(torch.float32)                     # (r, d)
             for m in range(M):
-                G[b, m] += ((xb * w32[m, r0:r0 + step, None]).T @ xb).to(torch.float64)
-    return finish(mirror_upper(G), out)
+                Gb[m] += ((xb * w32[m, r0:r0 + step, None]).T @ xb).to(torch.float64)
+        Gb = mirror_upper(Gb).to(res.dtype)
+        if out is None:
+            res[b] = Gb
+        else:
+            res[b] += Gb
+    return res

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from probes.kernels.weighted import check_weighted, finish, pow2_scale
+from probes.kernels.weighted import check_weighted, pow2_scale
 from probes.stats import fold_groups, prepare_neuron_chunk, validate_chunk
 
 __all__ = ["is_available", "unavailable_reason", "missing_ops", "gram", "moments", "gram_update",
@@ -307,10 +307,24 @@ def weighted_gram(X, w, out=None) -> torch.Tensor:
     scale = pow2_scale(wt)
     w32 = (wt / scale.to(wt.dtype)[:, None]).to(torch.float32).contiguous()
     direct = out is not None and out.dtype == torch.float64 and out.is_contiguous()
-    G = out if direct else torch.zeros(B, M, d, d, dtype=torch.float64, device=Xt.device)
-    if B * M and d and n:
+    res = out if out is not None else torch.empty(B, M, d, d, dtype=torch.float32,
+                                                  device=Xt.device)
+    # float64 sums of a group of layers at a time (at most ~2 GiB), then added into res
+    group = B if direct else max(1, (1 << 28) // max(1, M * d * d))
+    for b0 in range(0, B if B * M and d and n else 0, group):
+        nb = min(group, B - b0)
+        G = res[b0:b0 + nb] if direct else torch.zeros(nb, M, d, d, dtype=torch.float64,
+                                                        device=Xt.device)
         with torch.cuda.device(Xt.device):
-            _ext.weighted_gram(int(Xt.data_ptr()), B, Xt.stride(0), Xt.stride(1), n, d,
+            _ext.weighted_gram(int(Xt[b0].data_ptr()), nb, Xt.stride(0), Xt.stride(1), n, d,
                                int(w32.data_ptr()), M, int(scale.data_ptr()), int(G.data_ptr()),
                                int(torch.cuda.current_stream(Xt.device).cuda_stream))
-    return G if direct else finish(G, out)
+        if direct:
+            continue
+        if out is None:
+            res[b0:b0 + nb] = G
+        else:
+            res[b0:b0 + nb] += G.to(res.dtype)
+    if out is None and not (B * M and d and n):
+        res.zero_()
+    return res
