@@ -30,6 +30,8 @@
 #      GPU_CHECK_BUDGET=540 bash bench/gpu_check.sh   # the 60 % target (preshift vs rawtma), whole fit
 #   2. ONLY=bench_cuda,tests_triton,tests_cuda,extract BENCH_ARGS="--sections ceilings,neurons" \
 #      GPU_CHECK_BUDGET=400 bash bench/gpu_check.sh        # tests, CUDA kernels, extraction
+# The weighted Gram (Newton Hessians of the classification probes) has its own two steps:
+#   3. ONLY=bench_wgram,tests_wgram GPU_CHECK_BUDGET=200 bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD

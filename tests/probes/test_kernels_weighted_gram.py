@@ -233,3 +233,29 @@ def test_gpu_auto_picks_a_gpu_backend_and_huge_weights_do_not_overflow():
     want = reference.weighted_gram(X, w, out=torch.zeros(2, 2, 64, 64, dtype=torch.float64))
     G = weighted_gram(X.cuda(), w.cuda())
     assert torch.isfinite(G).all() and rel(G, want) < 1e-5
+
+
+def test_cpu_on_place_features_with_irls_weights():
+    """Real rows (world_place.csv): lat/lon, log page views and entity-type indicators,
+    randomly projected to d = 48 per layer plus noise, in float16; the weight sets are the
+    IRLS weights p(1 - p) of a logistic model and the balanced class weights of "is in the
+    United States" (the integrator's two kinds of row weights)."""
+    pd = pytest.importorskip("pandas")
+    path = Path("/work/shared/datasets/paper/world_place.csv")
+    if not path.exists():
+        pytest.skip(f"{path} is not on this machine")
+    df = pd.read_csv(path, nrows=3000)
+    num = np.c_[df["latitude"], df["longitude"], np.log1p(df["page_views"].fillna(0))]
+    feats = np.c_[num, pd.get_dummies(df["entity_type"]).to_numpy(float)]
+    rng = np.random.default_rng(0)
+    X = np.stack([feats @ rng.normal(size=(feats.shape[1], 48)) / 10
+                  + rng.normal(size=(len(df), 48)) for _ in range(2)]).astype(np.float16)
+    y = (df["country"] == "United_States").to_numpy()
+    p = 1 / (1 + np.exp(-(X[0].astype(np.float64) @ rng.normal(size=48) / 20)))
+    balanced = np.where(y, len(y) / (2 * y.sum()), len(y) / (2 * (~y).sum()))
+    w = np.stack([p * (1 - p), balanced])
+    want = numpy_gram(torch.from_numpy(X), torch.from_numpy(w))
+    assert rel(weighted_gram(X, w, backend="torch"), want) < 1e-7
+    if "cpu" in available_backends():
+        G = weighted_gram(X, w, backend="cpu")
+        assert rel(G, want) < 1e-5 and symmetric(G)
