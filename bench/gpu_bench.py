@@ -1,6 +1,6 @@
 """GPU benchmarks of the statistics pass, the neuron correlations and the whole fit.
 
-    python -m bench.gpu_bench [--sections ceilings,gram,fit,neurons] [--json bench.json]
+    python -m bench.gpu_bench [--sections ceilings,gram,fit,neurons,wgram] [--json bench.json]
 
 Run on a GPU machine (bench/gpu_check.sh calls it). Every section is independent: a failing
 section records its error and the others still run. Results go to --json after each variant
@@ -675,8 +675,83 @@ def sec_neurons(args, res):
     empty_cache()
     return out
 
+def _wgram_variants(args) -> list:
+    """(name, fn(X, w, out)) of the weighted Gram variants --backends asks for, plus the peer a
+    user would write in torch: M cuBLAS fp16 matmuls (x·w rounded to fp16: ~1e-3 accurate)."""
+    variants = []
+    if "triton" in args.backends:
+        tk = triton_backend()
+        variants += [("triton {}x{} r{} w{} s{}".format(*c),
+                      functools.partial(tk.weighted_gram, config=c)) for c in tk.WEIGHTED_CONFIGS]
+    if "cuda" in args.backends:
+        variants.append(("cuda (float64 out)", ck.weighted_gram))
 
-SECTIONS = {"ceilings": sec_ceilings, "gram": sec_gram, "fit": sec_fit, "neurons": sec_neurons}
+    def torch_fp16(X, w, out):
+        for m in range(w.shape[0]):
+            out[:, m] += (X * w[m, None, :, None].to(X.dtype)).transpose(1, 2) @ X
+        return out
+    variants.append(("torch fp16 bmm per weight set", torch_fp16))
+    return variants
+
+
+def _wgram_shape(args, shape, out: dict) -> None:
+    """One shape B x n x d, M weight sets: every variant's ms, TFLOP/s (2·B·M·n·d², as a GEMM),
+    GB/s (X read once + w + G written) and error vs float64 on layer 0; the unweighted Gram."""
+    from probes.kernels import reference
+    B, n, d, M = shape
+    g = torch.Generator(device=DEV).manual_seed(5)
+    X = (torch.randn(B, n, d, device=DEV, generator=g) * 1.5 + 0.3).to(torch.float16)
+    p = torch.rand(M, n, device=DEV, generator=g)
+    w = p * (1 - p)                                       # IRLS weights p(1 - p)
+    ref = reference.weighted_gram(X[:1], w, out=torch.zeros(1, M, d, d, dtype=torch.float64,
+                                                            device=DEV))
+    flops, nbytes = 2.0 * B * M * n * d * d, X.numel() * 2 + w.numel() * 4 + B * M * d * d * 4
+    rec = out.setdefault(f"{B}x{n}x{d} M={M}", {"shape": list(shape), "variants": {}})
+    for name, fn in _wgram_variants(args):
+        try:
+            dt = torch.float64 if name.startswith("cuda") else torch.float32
+            dt = torch.float16 if name.startswith("torch") else dt
+            G = torch.zeros(B, M, d, d, dtype=dt, device=DEV)
+            fn(X, w, G)
+            sync()
+            err = rel_err(G[:1], ref)
+            ms, ts = cuda_time(lambda: fn(X, w, G), reps=args.reps, warmup=0)
+            rec["variants"][name] = {"ms": ms, "all_ms": ts, "tflops": flops / ms / 1e9,
+                                     "gbs": nbytes / ms / 1e6, "rel_err_layer0": err}
+        except Exception as exc:  # noqa: BLE001
+            rec["variants"][name] = _error(exc)
+            traceback.print_exc()
+        G = None
+        empty_cache()
+        CHECKPOINT()
+    if "triton" in args.backends:          # the unweighted Gram of the same X (one target)
+        try:
+            st = GramStats.zeros(B, d, 1, shift=choose_shift(X[:, :64]), device=DEV)
+            Y = torch.randn(n, 1, device=DEV, dtype=torch.float64)
+            ms, _ = cuda_time(lambda: triton_backend().gram_update(st, X, Y), reps=args.reps)
+            rec["unweighted_gram_triton"] = {"ms": ms, "tflops": 2.0 * B * n * d * d / ms / 1e9}
+        except Exception as exc:  # noqa: BLE001
+            rec["unweighted_gram_triton"] = _error(exc)
+        st = None
+        empty_cache()
+
+
+def sec_wgram(args, res):
+    """The weighted Gram XᵀWX (Newton/IRLS Hessians, probes.kernels.weighted_gram) on
+    --wgram-shapes (BxNxDxM, default 32x4000x4096x5 and 30x20000x576x5), every variant of
+    --backends next to the unweighted Triton Gram of the same X and a torch fp16 peer."""
+    out = {"partial": True}
+    res["wgram"] = out
+    for spec in args.wgram_shapes.split(","):
+        _wgram_shape(args, tuple(int(v) for v in spec.split("x")), out)
+    out.pop("partial")
+    return out
+
+
+SECTIONS = {"ceilings": sec_ceilings, "gram": sec_gram, "fit": sec_fit, "neurons": sec_neurons,
+            "wgram": sec_wgram}
+#: what runs without --sections (the weighted Gram has its own gpu_check.sh step)
+DEFAULT_SECTIONS = ("ceilings", "gram", "fit", "neurons")
 
 
 # ------------------------------------------------------------------------------------ table
@@ -777,6 +852,24 @@ def _neuron_lines(nr: dict) -> list[str]:
     return lines
 
 
+def _wgram_lines(wg: dict) -> list[str]:
+    lines = []
+    for key, rec in wg.items():
+        if not isinstance(rec, dict) or "variants" not in rec:
+            continue
+        lines.append(f"weighted gram {key} fp16 (TFLOP/s as 2·B·M·n·d²)")
+        lines += _rows(rec["variants"], lambda v: (
+            f"{v['ms']:9.1f} ms {v['tflops']:7.1f} TFLOP/s {v['gbs']:7.0f} GB/s  "
+            f"rel err {v['rel_err_layer0']:.1e}"))
+        u = rec.get("unweighted_gram_triton", {})
+        if "ms" in u:
+            lines.append(f"  {'unweighted gram (triton, M=1)':38s} {u['ms']:9.1f} ms "
+                         f"{u['tflops']:7.1f} TFLOP/s")
+    if "error" in wg:
+        lines.append(f"  wgram ERROR {wg['error'][:100]}")
+    return lines
+
+
 def table(res) -> str:
     """The short summary of a result dict (or a --json file) printed at the end."""
     c = res.get("ceilings", {})
@@ -786,6 +879,7 @@ def table(res) -> str:
     lines += _gram_lines(res.get("gram", {}))
     lines += _fit_lines(res.get("fit", {}))
     lines += _neuron_lines(res.get("neurons", {}))
+    lines += _wgram_lines(res.get("wgram", {}))
     for sec in SECTIONS:
         r = res.get(sec)
         if not isinstance(r, dict):
@@ -818,7 +912,10 @@ def main(argv=None):
                    help="layer-group counts for the overlapped pre-shift pass ('' = none)")
     p.add_argument("--no-old-modes", action="store_true",
                    help="time only the preshift mode (not shift-in / raw+fix)")
-    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated, of {', '.join(SECTIONS)}")
+    p.add_argument("--wgram-shapes", default="32x4000x4096x5,30x20000x576x5",
+                   help="weighted Gram section: BxNxDxM shapes (layers, rows, d, weight sets)")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda",
                    help="cpu: dry run of the logic (TRITON_INTERPRET=1)")

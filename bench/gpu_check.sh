@@ -13,7 +13,7 @@
 # `python -m bench.extract` after the fixed ones; default
 # "--rows 1024 --batch-size 64 --rss-rows="), PYTHON, GPU_CHECK_BUDGET, BENCH_LIMIT (seconds of the
 # Triton bench step, default 130; the bench saves its JSON after every variant, so a cut-off run
-# keeps what it measured).
+# keeps what it measured), WGRAM_LIMIT (the weighted Gram bench step, default 90).
 #
 # Before the run, on the machine with network access, fill the git-ignored .whl/ (carried):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -30,6 +30,8 @@
 #      GPU_CHECK_BUDGET=540 bash bench/gpu_check.sh   # the 60 % target (preshift vs rawtma), whole fit
 #   2. ONLY=bench_cuda,tests_triton,tests_cuda,extract BENCH_ARGS="--sections ceilings,neurons" \
 #      GPU_CHECK_BUDGET=400 bash bench/gpu_check.sh        # tests, CUDA kernels, extraction
+# The weighted Gram (Newton Hessians of the classification probes) has its own two steps:
+#   3. ONLY=bench_wgram,tests_wgram GPU_CHECK_BUDGET=200 bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -115,12 +117,18 @@ import zarr; print('zarr', zarr.__version__)
 step bench ${BENCH_LIMIT:-130} $PY -m bench.gpu_bench --json "$OUT/bench.json" --backends triton $BENCH_ARGS
 step bench_cuda 50 $PY -m bench.gpu_bench --json "$OUT/bench.json" --merge --backends cuda \
      --sections gram,neurons $BENCH_ARGS
+# the weighted Gram (Newton/IRLS Hessians): Triton tilings, CUDA, a torch fp16 peer and the
+# unweighted Gram on 32x4000x4096 and 30x20000x576, M=5 weight sets (WGRAM_LIMIT seconds)
+step bench_wgram ${WGRAM_LIMIT:-90} $PY -m bench.gpu_bench --json "$OUT/bench.json" --merge \
+     $BENCH_ARGS --sections wgram --backends triton,cuda
 
 # ---------------------------------------------------------------------------------------- tests
 step tests_triton 90 $PY -m pytest -q -rs -p no:cacheprovider \
      tests/probes/test_kernels_triton.py tests/probes/test_stream.py tests/probes/test_neurons.py
 step tests_cuda 45 $PY -m pytest -q -rs -p no:cacheprovider tests/probes/test_kernels_cuda.py
-cat /tmp/gpu_check_tests_triton.log /tmp/gpu_check_tests_cuda.log > "$OUT/pytest.txt" 2>/dev/null
+step tests_wgram 90 $PY -m pytest -q -rs -p no:cacheprovider tests/probes/test_kernels_weighted_gram.py
+cat /tmp/gpu_check_tests_triton.log /tmp/gpu_check_tests_cuda.log /tmp/gpu_check_tests_wgram.log \
+    > "$OUT/pytest.txt" 2>/dev/null
 
 # extraction benchmark (bench.extract, the extract engineer's): a random-init Llama-2-7B shape
 # on the GPU; the paper CSV is carried in .whl/ (../shared does not travel)
@@ -135,6 +143,7 @@ fi
 
 step tests_gpu_marked 45 $PY -m pytest -q -rs -p no:cacheprovider -m gpu --continue-on-collection-errors \
      tests --ignore=tests/probes/test_kernels_cuda.py --ignore=tests/probes/test_kernels_triton.py \
+     --ignore=tests/probes/test_kernels_weighted_gram.py \
      --ignore=tests/probes/test_neurons.py --ignore=tests/probes/test_stream.py
 cat /tmp/gpu_check_tests_gpu_marked.log >> "$OUT/pytest.txt" 2>/dev/null
 
@@ -143,7 +152,7 @@ cat /tmp/gpu_check_tests_gpu_marked.log >> "$OUT/pytest.txt" 2>/dev/null
   echo "==================== gpu_check summary ($(date -u '+%F %T') UTC, $(( $(date +%s) - T0 )) s)"
   printf '%-18s %-8s %s\n' step rc seconds
   while IFS=$'\t' read -r n rc s; do printf '%-18s %-8s %s\n' "$n" "$rc" "$s"; done < "$STEPS"
-  for t in tests_triton tests_cuda tests_gpu_marked; do
+  for t in tests_triton tests_cuda tests_wgram tests_gpu_marked; do
     [[ -f /tmp/gpu_check_$t.log ]] && echo "$t: $(grep -E '(passed|failed|error)' /tmp/gpu_check_$t.log | tail -n 1)"
   done
   if [[ -f "$OUT/bench.json" ]]; then

@@ -59,6 +59,23 @@ def raw_tma_sig(bm, bn, br):
             "BLOCK_R": "constexpr"}
 
 
+WGRAM_SIG = {"X": "*fp16", "W": "*fp32", "S": "*fp32", "G": "*fp32", "n": "i32", "d": "i32",
+             "M": "i32", "n_tm": "i32", "n_tn": "i32", "s_xb": "i64", "s_xr": "i32",
+             "s_xd": "i32", "BM": "constexpr", "BN": "constexpr", "BLOCK_R": "constexpr",
+             "SPLIT": "constexpr", "ACC": "constexpr"}
+
+
+def check_weighted(comp, quick: bool) -> None:
+    """The weighted Gram (Newton Hessians) at every tiling the GPU bench tries, float16 X."""
+    from probes.kernels.triton import weighted  # deferred: see main()
+
+    for cfg in (weighted.WEIGHTED_CONFIGS[:1] if quick else weighted.WEIGHTED_CONFIGS):
+        bm, bn, br, warps, stages = cfg
+        comp(weighted._wgram_kernel, WGRAM_SIG,
+             {"BM": bm, "BN": bn, "BLOCK_R": br, "SPLIT": True, "ACC": False}, warps, stages,
+             f"weighted gram {tuple(cfg)}")
+
+
 ADD_SIG = {"XTX": "*fp64", "G": "*fp32", "S": "*fp64", "C": "*fp64", "NF": "*fp64", "d": "i32",
            "F": "i32", "BLOCK": "constexpr"}
 
@@ -205,7 +222,8 @@ def check_cuda(arch: int) -> int:
     usage = re.findall(r"Used (\d+) registers.*", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     for n, u, sp in zip(names, usage, spills):
-        short = re.sub(r"_ZN11probes_cuda\w*?(gram_kernel|moments_kernel)(ILb?i?(\w+?)E)?.*",
+        short = re.sub(r"_ZN11probes_cuda\w*?(wgram_kernel|gram_kernel|moments_kernel)"
+                       r"(ILb?i?(\w+?)E)?.*",
                        r"\1<\3>", n)
         print(f"cuda {short:43s} regs {u} spill stores {sp}B")
     return 0
@@ -227,6 +245,7 @@ def main(argv=None) -> int:
     if args.preshift_only:
         return 1 if comp.failed else 0
     check_older(comp, tk, args.quick)
+    check_weighted(comp, args.quick)
     return 1 if comp.failed + check_cuda(args.arch) else 0
 
 

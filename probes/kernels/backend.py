@@ -18,11 +18,12 @@ from probes.errors import BackendUnavailable
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "OPS", "available_backends",
            "resolve_backend", "resolve", "get_backend", "gram_update", "neuron_update",
-           "NEURON_GPU_ORDER", "preferred_chunk_rows", "GRAM_BLOCK_ROWS"]
+           "NEURON_GPU_ORDER", "preferred_chunk_rows", "GRAM_BLOCK_ROWS", "weighted_gram",
+           "WEIGHTED_GPU_ORDER"]
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 #: the ops every backend implements (or lists in its ``missing_ops()``)
-OPS = ("gram_update", "neuron_update")
+OPS = ("gram_update", "neuron_update", "weighted_gram")
 _MODULES = {
     "torch": "probes.kernels.reference",
     "cpu": "probes.kernels.cpu",
@@ -49,6 +50,9 @@ class Backend(Protocol):
 
     def neuron_update(self, stats, X, Y, fold=None, **options):
         """Add one chunk X (B, r, m), Y (r, k), fold (r,) into a NeuronStats; return it."""
+
+    def weighted_gram(self, X, w, out=None, **options):
+        """G[b, m] = Σ_i w[m, i] x_{b,i} x_{b,i}ᵀ, (B, M, d, d) float32, or added into out."""
 
 
 def _load(name: str) -> tuple[ModuleType | None, str]:
@@ -183,6 +187,34 @@ def neuron_update(stats, X, Y, fold=None, backend: str = "auto"):
     """
     name = resolve_backend(backend, _device_of(X), NEURON_GPU_ORDER, op="neuron_update")
     return get_backend(name).neuron_update(stats, X, Y, fold)
+
+
+#: auto's order for the weighted Gram on a GPU (not yet measured against each other)
+WEIGHTED_GPU_ORDER = ("triton", "cuda")
+
+
+def weighted_gram(X, w, *, backend: str = "auto", out=None):
+    """The weighted Gram of every layer for several weight sets: the Newton/IRLS Hessian XᵀWX.
+
+    Parameters
+    ----------
+    X : array (B, n, d) float16, bfloat16 or float32 (float64 accepted), numpy or torch, CPU
+        or CUDA: B layers, n rows, d features (no shift is subtracted).
+    w : array (M, n) or (n,) float32/float64 row weights, M weight sets (e.g. folds × Newton
+        problems); any finite values, negative allowed.
+    backend : auto (for CUDA data the first of WEIGHTED_GPU_ORDER that runs, else cpu, else
+        torch) | torch (float64 reference) | cpu | triton | cuda.
+    out : None, or a float32/float64 torch tensor (B, M, d, d) on X's device that the result
+        is ADDED into (stream over row chunks by calling once per chunk).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, M, d, d) float32 (``out`` itself when given) with G[b, m] = Σ_i w[m, i] x_{b,i}
+        x_{b,i}ᵀ, exactly symmetric. Precision: docs/fastprobe.md, "Weighted Gram".
+    """
+    name = resolve_backend(backend, _device_of(X), WEIGHTED_GPU_ORDER, op="weighted_gram")
+    return get_backend(name).weighted_gram(X, w, out=out)
 
 
 #: rows the compiled CPU kernel sums in float32 before adding into the float64 totals

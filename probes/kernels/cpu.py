@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from probes.errors import BackendUnavailable, StatsError
+from probes.kernels.weighted import check_weighted, mirror_upper
 from probes.stats import GramStats, NeuronStats, prepare_neuron_chunk, validate_chunk
 
 try:
@@ -20,7 +21,8 @@ except ImportError as exc:  # not built (a source checkout without `make native`
     _C = None
     _IMPORT_ERROR = str(exc)
 
-__all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update"]
+__all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update",
+           "weighted_gram"]
 
 _PRECISIONS = ("float32", "float64")
 #: the compiled function behind each op
@@ -28,7 +30,8 @@ _KERNELS = {"gram_update": "gram_update", "neuron_update": "neuron_moments"}
 
 
 def missing_ops() -> tuple[str, ...]:
-    """Ops whose kernel this build of probes._C lacks (all of them when it is not built)."""
+    """Ops whose kernel this build of probes._C lacks (all of them when it is not built);
+    weighted_gram runs on torch and is never missing."""
     return tuple(op for op, fn in _KERNELS.items() if not hasattr(_C, fn))
 
 
@@ -127,3 +130,39 @@ def neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
                       torch.from_numpy(sxy).to(dev), Yc)
     return stats
 
+
+
+#: rows of one layer summed in float32 before the add into the float64 totals
+WEIGHTED_BLOCK_ROWS = 8192
+
+
+def weighted_gram(X, w, out=None, block_rows: int = WEIGHTED_BLOCK_ROWS) -> torch.Tensor:
+    """G[b, m] = Σ_i w[m, i] x_{b,i} x_{b,i}ᵀ by torch float32 matmuls on the CPU.
+
+    Per layer, weight set and block of ``block_rows`` rows: (x·w)ᵀx as one float32 matmul
+    (weights may be negative, so no √w·x SYRK; one matmul per weight set is faster than a
+    broadcast batch), each block's sum added into float64 sums of one layer; the upper triangle
+    mirrored (exact symmetry). X and out on the CPU. Returns (B, M, d, d) float32, or adds
+    into ``out`` and returns it.
+    """
+    Xt, wt = check_weighted(X, w, out)
+    if Xt.device.type != "cpu":
+        raise ValueError(f"the cpu backend needs X on the CPU, got {Xt.device}; use "
+                         "backend='auto' (triton or cuda for GPU data)")
+    B, n, d = Xt.shape
+    M = wt.shape[0]
+    step = max(1, int(block_rows))
+    w32 = wt.to(torch.float32)
+    res = out if out is not None else torch.empty(B, M, d, d, dtype=torch.float32)
+    for b in range(B):                      # float64 sums of one layer at a time (M·d² values)
+        Gb = torch.zeros(M, d, d, dtype=torch.float64)
+        for r0 in range(0, n, step):
+            xb = Xt[b, r0:r0 + step].to(torch.float32)                     # (r, d)
+            for m in range(M):
+                Gb[m] += ((xb * w32[m, r0:r0 + step, None]).T @ xb).to(torch.float64)
+        Gb = mirror_upper(Gb).to(res.dtype)
+        if out is None:
+            res[b] = Gb
+        else:
+            res[b] += Gb
+    return res

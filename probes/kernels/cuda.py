@@ -1,10 +1,9 @@
-"""CUDA C++ backend (``probes._C_cuda``): the statistics pass without Triton.
-
-Two layers:
+"""CUDA C++ backend (``probes._C_cuda``): the statistics pass without Triton. Two layers:
 
 - :func:`gram` and :func:`moments` take any CUDA arrays — torch tensors or CuPy arrays (anything
   with ``__cuda_array_interface__``) — and accumulate into caller-owned float64 outputs, on the
   caller's current stream.
+- :func:`weighted_gram`: Σ w x xᵀ per layer and weight set (Newton Hessians), torch tensors.
 - :func:`gram_update` / :func:`neuron_update` fill :class:`probes.stats.GramStats` /
   :class:`probes.stats.NeuronStats` (torch), like the other backends.
 
@@ -18,10 +17,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from probes.kernels.weighted import check_weighted, pow2_scale
 from probes.stats import fold_groups, prepare_neuron_chunk, validate_chunk
 
 __all__ = ["is_available", "unavailable_reason", "missing_ops", "gram", "moments", "gram_update",
-           "neuron_update"]
+           "neuron_update", "weighted_gram"]
 
 try:
     from probes import _C_cuda as _ext
@@ -43,8 +43,11 @@ def unavailable_reason() -> str:
 
 
 def missing_ops() -> tuple[str, ...]:
-    """None: the module implements every op (or is unavailable as a whole)."""
-    return ()
+    """The ops a stale build of the module lacks (weighted_gram came later); none when it is
+    current (or unavailable as a whole)."""
+    if _ext is None or hasattr(_ext, "weighted_gram"):
+        return ()
+    return ("weighted_gram",)
 
 
 # --------------------------------------------------------------------------- array plumbing
@@ -281,3 +284,47 @@ def neuron_update(stats, X, Y, fold=None):
             sx, sxy, sxx, fold=fold01, n_folds=1)
     stats.add_moments(keep, sx[:, 0], sxx[:, 0], sxy[:, 0], Yc)
     return stats
+
+
+def weighted_gram(X, w, out=None) -> torch.Tensor:
+    """G[b, m] = Σ_i w[m, i] x_{b,i} x_{b,i}ᵀ with the WMMA kernel: X (B, n, d) float16 on a
+    CUDA device (torch or CuPy), w (M, n). x·w is split into fp16 hi + lo parts (two MMAs,
+    ~2⁻²² relative per product), float32 accumulation per tile over all rows, float64 totals.
+    Returns (B, M, d, d) float32, or adds into ``out`` (float32/float64) and returns it."""
+    if _ext is None or "weighted_gram" in missing_ops():
+        raise RuntimeError(unavailable_reason() if _ext is None else
+                           "probes._C_cuda lacks weighted_gram: rebuild it (pip install -e .)")
+    Xt, wt = check_weighted(X, w, out)
+    if Xt.dtype != torch.float16:
+        raise ValueError(f"the cuda backend needs float16 activations, got {Xt.dtype}; use "
+                         "backend='triton' for bfloat16/float32")
+    if Xt.device.type != "cuda":
+        raise ValueError(f"the cuda backend needs X on a CUDA device, got {Xt.device}")
+    if Xt.stride(2) != 1:
+        Xt = Xt.contiguous()
+    B, n, d = Xt.shape
+    M = wt.shape[0]
+    scale = pow2_scale(wt)
+    w32 = (wt / scale.to(wt.dtype)[:, None]).to(torch.float32).contiguous()
+    direct = out is not None and out.dtype == torch.float64 and out.is_contiguous()
+    res = out if out is not None else torch.empty(B, M, d, d, dtype=torch.float32,
+                                                  device=Xt.device)
+    # float64 sums of a group of layers at a time (at most ~2 GiB), then added into res
+    group = B if direct else max(1, (1 << 28) // max(1, M * d * d))
+    for b0 in range(0, B if B * M and d and n else 0, group):
+        nb = min(group, B - b0)
+        G = res[b0:b0 + nb] if direct else torch.zeros(nb, M, d, d, dtype=torch.float64,
+                                                        device=Xt.device)
+        with torch.cuda.device(Xt.device):
+            _ext.weighted_gram(int(Xt[b0].data_ptr()), nb, Xt.stride(0), Xt.stride(1), n, d,
+                               int(w32.data_ptr()), M, int(scale.data_ptr()), int(G.data_ptr()),
+                               int(torch.cuda.current_stream(Xt.device).cuda_stream))
+        if direct:
+            continue
+        if out is None:
+            res[b0:b0 + nb] = G
+        else:
+            res[b0:b0 + nb] += G.to(res.dtype)
+    if out is None and not (B * M and d and n):
+        res.zero_()
+    return res

@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from probes.kernels.weighted import check_weighted, finish, mirror_upper
 from probes.stats import GramStats, NeuronStats, prepare_neuron_chunk, validate_chunk
 
-__all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update"]
+__all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update",
+           "weighted_gram"]
 
 
 def is_available() -> bool:
@@ -76,3 +78,19 @@ def neuron_update(stats: NeuronStats, X, Y, fold=None) -> NeuronStats:
     stats.sy += Yk.sum(0)
     stats.syy += (Yk * Yk).sum(0)
     return stats
+
+
+def weighted_gram(X, w, out=None) -> torch.Tensor:
+    """G[b, m] = Σ_i w[m, i] x_{b,i} x_{b,i}ᵀ in float64 throughout (the oracle).
+
+    X (B, n, d), w (M, n); returns (B, M, d, d) float32, or adds into ``out`` (float32 or
+    float64, so a float64 ``out`` keeps the float64 result) and returns it.
+    """
+    Xt, wt = check_weighted(X, w, out)
+    Xd = Xt.to(torch.float64)
+    wd = wt.to(torch.float64)
+    B, _, d = Xd.shape
+    G = torch.empty(B, wd.shape[0], d, d, dtype=torch.float64, device=Xd.device)
+    for m in range(wd.shape[0]):
+        G[:, m] = (Xd * wd[m][None, :, None]).transpose(1, 2) @ Xd
+    return finish(mirror_upper(G), out)

@@ -35,7 +35,7 @@ FoldOffsets offsets(const std::vector<int64_t>& off) {
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "probes CUDA kernels: shifted Gram (WMMA tensor cores) and column moments";
+  m.doc() = "probes CUDA kernels: shifted and weighted Gram (WMMA tensor cores), column moments";
   m.attr("max_folds") = probes_cuda::kMaxFolds;
 
   m.def(
@@ -67,6 +67,17 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("off"), py::arg("shift"), py::arg("Y"), py::arg("k"), py::arg("sx"), py::arg("sxx"),
       py::arg("sxy"), py::arg("stream"),
       "sx += Σ(x-c), sxx += Σ(x-c)² (sxx = 0 skips), sxy += Σ(x-c)yᵀ per column, per layer*fold.");
+
+  m.def(
+      "weighted_gram",
+      [](uintptr_t X, int B, int64_t sxb, int64_t sxr, int n, int d, uintptr_t W, int M,
+         uintptr_t scale, uintptr_t G, uintptr_t stream) {
+        probes_cuda::wgram_launch(ptr<const void>(X), B, sxb, sxr, n, d, ptr<const float>(W), M,
+                                  ptr<const float>(scale), ptr<double>(G), ptr<void>(stream));
+      },
+      py::arg("X"), py::arg("B"), py::arg("sxb"), py::arg("sxr"), py::arg("n"), py::arg("d"),
+      py::arg("W"), py::arg("M"), py::arg("scale"), py::arg("G"), py::arg("stream"),
+      "G[b*M+m] += scale[m] · Σ W[m,row] x xᵀ (weighted Gram, |W| <= 1, exactly symmetric).");
 
   m.def("synchronize", [](uintptr_t stream) { probes_cuda::synchronize(ptr<void>(stream)); },
         py::arg("stream") = 0);

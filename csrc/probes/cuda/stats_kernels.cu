@@ -1,5 +1,6 @@
 // CUDA kernels of the statistics pass (`probes._C_cuda`): the shifted Gram XᵀX on tensor
-// cores (WMMA, fp16 in, fp32 accumulate, fp64 out) and per-column moments (Σx, Σx², Σx·y) for
+// cores (WMMA, fp16 in, fp32 accumulate, fp64 out), the weighted Gram Σ w x xᵀ (same tiles)
+// and per-column moments (Σx, Σx², Σx·y) for
 // the Gram's Σx / XᵀY and for the neuron correlations. Raw device pointers + shapes + a stream
 // handle in, so torch, CuPy or any CUDA-array library can call them (bindings.cpp).
 #include "stats_kernels.h"
@@ -189,6 +190,164 @@ __global__ void __launch_bounds__(THREADS) gram_kernel(const __half* __restrict_
   }
 }
 
+// Raw fp16 tile loader of the weighted Gram: a BK x BM tile of x (rows [pos, pos1), columns
+// col0..) kept as loaded; with a weight row w, store_split writes hi = fp16(x·w) and
+// lo = fp16(x·w - hi) (the products keep ~2^-22 relative precision through fp16 MMAs).
+template <bool VEC>
+struct RawLoader {
+  static constexpr int PER = VEC ? (BK * BM / 8) / THREADS : (BK * BM) / THREADS;  // 2 or 16
+  uint4 v4[VEC ? PER : 1];
+  __half v1[VEC ? 1 : PER];
+  float wr[PER];
+
+  __device__ void load(const __half* Xb, int64_t sxr, int pos, int pos1, int col0, int d,
+                       const float* w) {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int e = t + i * THREADS;
+      const int rr = VEC ? e / (BM / 8) : e / BM;
+      const int cc = VEC ? (e % (BM / 8)) * 8 : e % BM;
+      const bool row_ok = pos + rr < pos1;
+      const bool ok = row_ok && (col0 + cc < d);
+      const __half* p = Xb + static_cast<int64_t>(pos + rr) * sxr + col0 + cc;
+      if constexpr (VEC) {
+        v4[i] = ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0, 0, 0, 0);
+      } else {
+        v1[i] = ok ? *p : __float2half(0.f);
+      }
+      wr[i] = (w != nullptr && row_ok) ? w[pos + rr] : 0.f;
+    }
+  }
+
+  __device__ void store_raw(__half (*S)[LDS]) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int e = t + i * THREADS;
+      if constexpr (VEC) {
+        *reinterpret_cast<uint4*>(&S[e / (BM / 8)][(e % (BM / 8)) * 8]) = v4[i];
+      } else {
+        S[e / BM][e % BM] = v1[i];
+      }
+    }
+  }
+
+  __device__ void store_split(__half (*Hi)[LDS], __half (*Lo)[LDS]) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int e = t + i * THREADS;
+      if constexpr (VEC) {
+        const int rr = e / (BM / 8), cc = (e % (BM / 8)) * 8;
+        const __half* h = reinterpret_cast<const __half*>(&v4[i]);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const float a = __half2float(h[q]) * wr[i];
+          const __half hi = __float2half_rn(a);
+          Hi[rr][cc + q] = hi;
+          Lo[rr][cc + q] = __float2half_rn(a - __half2float(hi));
+        }
+      } else {
+        const float a = __half2float(v1[i]) * wr[i];
+        const __half hi = __float2half_rn(a);
+        Hi[e / BM][e % BM] = hi;
+        Lo[e / BM][e % BM] = __float2half_rn(a - __half2float(hi));
+      }
+    }
+  }
+};
+
+// One block per (upper-triangle tile pair, layer*weight set): G[b*M+m] += scale[m] ·
+// Σ_rows (x_I·w)ᵀ x_J, the x·w tile as hi + lo fp16 parts (two MMAs), fp32 accumulation,
+// entries i <= j computed and mirrored (exactly symmetric), added into float64.
+template <bool VEC>
+__global__ void __launch_bounds__(THREADS) wgram_kernel(const __half* __restrict__ X, int64_t sxb,
+                                                        int64_t sxr, int n,
+                                                        const float* __restrict__ W,
+                                                        const float* __restrict__ scale,
+                                                        double* __restrict__ G, int d, int M,
+                                                        int T) {
+  __shared__ __align__(128) __half Ah[BK][LDS];
+  __shared__ __align__(128) __half Al[BK][LDS];
+  __shared__ __align__(128) __half Bs[BK][LDS];
+  __shared__ __align__(128) float scratch[THREADS / 32][16 * 16];
+
+  int ti, tj;
+  tile_of(blockIdx.x, T, ti, tj);
+  const int bm = blockIdx.y;
+  const int b = bm / M, m = bm % M;
+  const __half* Xb = X + static_cast<int64_t>(b) * sxb;
+  const float* wm = W + static_cast<int64_t>(m) * n;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m0 = (warp / 2) * 32, n0 = (warp % 2) * 64;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  RawLoader<VEC> la, lb;
+  if (n > 0) {
+    la.load(Xb, sxr, 0, n, ti * BM, d, wm);
+    lb.load(Xb, sxr, 0, n, tj * BM, d, nullptr);
+  }
+  for (int pos = 0; pos < n; pos += BK) {
+    __syncthreads();  // previous step's reads of the shared tiles are done
+    la.store_split(Ah, Al);
+    lb.store_raw(Bs);
+    __syncthreads();
+    if (pos + BK < n) {  // prefetch the next step while the tensor cores work on this one
+      la.load(Xb, sxr, pos + BK, n, ti * BM, d, wm);
+      lb.load(Xb, sxr, pos + BK, n, tj * BM, d, nullptr);
+    }
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::col_major> fh[2], fl[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb[4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fh[i], &Ah[kk][m0 + 16 * i], LDS);
+        wmma::load_matrix_sync(fl[i], &Al[kk][m0 + 16 * i], LDS);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], &Bs[kk][n0 + 16 * j], LDS);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wmma::mma_sync(acc[i][j], fh[i], fb[j], acc[i][j]);
+          wmma::mma_sync(acc[i][j], fl[i], fb[j], acc[i][j]);
+        }
+    }
+  }
+
+  double* out = G + static_cast<int64_t>(bm) * d * d;
+  const double s = static_cast<double>(scale[m]);
+  float* sc = scratch[warp];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wmma::store_matrix_sync(sc, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const int e = lane + 32 * q;
+        const int gi = ti * BM + m0 + 16 * i + e / 16;
+        const int gj = tj * BM + n0 + 16 * j + e % 16;
+        if (gi <= gj && gj < d) {  // (j, i) of a diagonal tile is rounded differently: mirror
+          const double v = static_cast<double>(sc[e]) * s;
+          out[static_cast<int64_t>(gi) * d + gj] += v;
+          if (gi != gj) out[static_cast<int64_t>(gj) * d + gi] += v;
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
 constexpr int MT = 128;  // threads per moments block
 constexpr int KC = 4;    // targets per launch (more targets: several launches)
 
@@ -293,6 +452,24 @@ void gram_launch(const void* X, int B, int64_t sxb, int64_t sxr, int d, const in
   else
     gram_kernel<false><<<grid, THREADS, 0, s>>>(Xh, sxb, sxr, idx, offs, shift, xtx, d, F, T);
   check(cudaGetLastError(), "gram_kernel launch");
+}
+
+void wgram_launch(const void* X, int B, int64_t sxb, int64_t sxr, int n, int d, const float* W,
+                  int M, const float* scale, double* G, void* stream) {
+  if (B < 1 || d < 1 || M < 1 || n < 0)
+    throw std::invalid_argument("weighted_gram: B, d and M must be >= 1 and n >= 0");
+  if (n == 0) return;
+  const int T = (d + BM - 1) / BM;
+  dim3 grid(T * (T + 1) / 2, B * M);
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = (d % 8 == 0) && (sxr % 8 == 0) && (sxb % 8 == 0) &&
+                   (reinterpret_cast<uintptr_t>(X) % 16 == 0);
+  const auto* Xh = static_cast<const __half*>(X);
+  if (vec)
+    wgram_kernel<true><<<grid, THREADS, 0, s>>>(Xh, sxb, sxr, n, W, scale, G, d, M, T);
+  else
+    wgram_kernel<false><<<grid, THREADS, 0, s>>>(Xh, sxb, sxr, n, W, scale, G, d, M, T);
+  check(cudaGetLastError(), "wgram_kernel launch");
 }
 
 void moments_launch(const void* X, int B, int64_t sxb, int64_t sxr, int m, const int* idx,

@@ -24,6 +24,12 @@ void moments_launch(const void* X, int B, int64_t sxb, int64_t sxr, int m, const
                     const FoldOffsets& offs, int F, const float* shift, const float* Y, int k,
                     double* sx, double* sxx, double* sxy, void* stream);
 
+// G[b*M + m, i, j] += scale[m] · Σ_rows W[m, row] x_i x_j (no shift), X fp16 (B, n, d) with
+// element strides (sxb, sxr, 1), W float32 (M, n) contiguous with |W| <= 1 (x·w must fit in
+// fp16), scale float32 (M,), G float64 (B*M, d, d) contiguous, exactly symmetric. Async.
+void wgram_launch(const void* X, int B, int64_t sxb, int64_t sxr, int n, int d, const float* W,
+                  int M, const float* scale, double* G, void* stream);
+
 void synchronize(void* stream);
 int device_count();
 

@@ -4,8 +4,8 @@
 into a :class:`probes.stats.GramStats` held in float64 on the same device, in one of
 :data:`MODES`, one module per kernel family: ``preshift`` (the default), ``rawtma``, and the
 older ``shiftin`` ("shift-in" and "raw"); ``column_moments`` sums the per-column moments (the
-neurons, and the raw modes' column sums); ``configs`` holds the tilings, the autotune helper and
-:data:`TUNING`, the tuning state the bench and the tests read; ``common`` the shared pieces.
+neurons, and the raw modes' column sums); ``weighted`` the weighted Gram (Newton Hessians);
+``configs`` the tilings, the autotune helper and :data:`TUNING`; ``common`` the shared pieces.
 Modes, precision and measurements: docs/fastprobe.md and bench/RESULTS.md.
 
 Under ``TRITON_INTERPRET=1`` (read when this package is imported) the kernels run on CPU
@@ -39,10 +39,12 @@ from probes.kernels.triton.configs import (
 from probes.kernels.triton.preshift import tune_preshift
 from probes.kernels.triton.rawtma import RAW_MAX_RATIO
 from probes.kernels.triton.shiftin import tune_gram
+from probes.kernels.triton.weighted import WEIGHTED_CONFIGS, weighted_gram
 from probes.stats import prepare_neuron_chunk
 
-__all__ = ["gram_update", "neuron_update", "moments", "is_available", "unavailable_reason",
-           "missing_ops", "MODES", "RAW_MAX_RATIO", "INTERPRET", "TUNING", "TuningState",
+__all__ = ["gram_update", "neuron_update", "weighted_gram", "WEIGHTED_CONFIGS", "moments",
+           "is_available", "unavailable_reason", "missing_ops", "MODES", "RAW_MAX_RATIO",
+           "INTERPRET", "TUNING", "TuningState",
            "autotune", "tune_gram", "tune_preshift", "GramConfig", "PreConfig", "PrepTiling",
            "MomentsTiling", "gram_configs", "preshift_configs", "rawtma_configs", "prep_tilings",
            "moments_tilings"]
