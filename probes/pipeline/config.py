@@ -50,8 +50,12 @@ class PipelineConfig:
     cv: str = field(default="loo", metadata=cli(hidden=True))
     """alpha selection of the fits: loo or K folds (the classification step: K stratified
     folds; loo means 5)"""
-    cs: str = field(default="1e-4:1e4:17", metadata=cli(flag="--Cs", metavar="GRID"))
+    cs: str = field(default="1e-2:1e2:5", metadata=cli(flag="--Cs", metavar="GRID"))
     """paper recipe: the C grid of the logistic probe of each place dataset's class column
-    (country / state_name / borough_name): LO:HI:N log-spaced or a list (make demo: 1e-2:1e2:5)"""
+    (country / state_name / borough_name): LO:HI:N log-spaced or a list (fastprobe fit's full
+    grid: 1e-4:1e4:17)"""
+    classify_every: int = field(default=3, metadata=cli(metavar="K"))
+    """paper recipe: the classification probes on every K-th layer the store holds, and the last
+    (1: every layer, as the ridge fit)"""
     progress: bool = field(default=True, metadata=cli(hidden=True))
     """progress bars (the CLI's --no-progress)"""

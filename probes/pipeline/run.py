@@ -26,7 +26,8 @@ __all__ = ["run_pipeline", "run_paper", "run"]
 
 def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", prompts=None,
                  limit=None, recipe="probes", experiments=None, batch_size=None, device="auto",
-                 backend="auto", cv="loo", cs=PipelineConfig.cs, drop_invalid=False, progress=True,
+                 backend="auto", cv="loo", cs=PipelineConfig.cs,
+                 classify_every=PipelineConfig.classify_every, drop_invalid=False, progress=True,
                  log=print) -> Path:
     """Run ``recipe`` for every dataset and write ``out/report.md``; return its path.
 
@@ -50,9 +51,9 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
     experiments : str or list, optional
         Paper recipe: names from EXPERIMENTS, "all" (default) or "none"; each runs on the
         main prompt's store at its best LOO layer, prompts on all prompts' stores.
-    batch_size, device, backend, cv, cs, drop_invalid, progress
-        As :class:`PipelineConfig` (``cs``: the C grid of the paper recipe's classification
-        step).
+    batch_size, device, backend, cv, cs, classify_every, drop_invalid, progress
+        As :class:`PipelineConfig` (``cs``, ``classify_every``: the C grid and the layer stride
+        of the paper recipe's classification step).
     log : callable
         Where progress lines go (default print).
 
@@ -67,7 +68,7 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
         limit=limit, experiments=(experiments if experiments is None or isinstance(
             experiments, str) else ",".join(experiments)),
         batch_size=batch_size, drop_invalid=drop_invalid, device=device, backend=backend,
-        cv=cv, cs=cs, progress=progress)
+        cv=cv, cs=cs, classify_every=classify_every, progress=progress)
     return run(cfg, log=log)
 
 
@@ -83,6 +84,8 @@ def run(cfg: PipelineConfig, log=print) -> Path:
     datasets = parse_list(cfg.datasets, "dataset") if cfg.datasets else []
     if not datasets:
         raise PipelineError("no datasets given")
+    if cfg.classify_every < 1:
+        raise PipelineError(f"--classify-every must be at least 1, got {cfg.classify_every}")
     if cfg.limit is not None and cfg.limit < 3:
         raise PipelineError("--limit must be at least 3 rows")
     out = Path(cfg.out)

@@ -147,9 +147,10 @@ class FitStep:
 
 class ClassifyStep:
     """``fastprobe fit --task classify`` of a place dataset's class column (country, state_name,
-    borough_name) on its main store, every layer: the :data:`CLASSIFY_MAX_CLASSES` most frequent
-    classes (fewer when one of them has under two rows per fold on the train rows), the rows of
-    the rarer classes dropped (``--max-classes N --drop-rest``)."""
+    borough_name) on its main store, every ``classify_every``-th layer and the last: the
+    :data:`CLASSIFY_MAX_CLASSES` most frequent classes (fewer when one of them has under two rows
+    per fold on the train rows), the rows of the rarer classes dropped (``--max-classes N
+    --drop-rest``); the logistic solver in float32 (gradient tolerance 1e-4)."""
 
     def __init__(self, sec: Section, out: Path, counter: str, cfg, log):
         self.sec, self.cfg, self.log = sec, cfg, log
@@ -161,18 +162,23 @@ class ClassifyStep:
     def inputs(self) -> dict:
         return {"store": store_record(self.sec.main.store), "target": self.target,
                 "max_classes": CLASSIFY_MAX_CLASSES, "rest": "drop", "Cs": self.cfg.cs,
-                "cv": self.cfg.cv}
+                "cv": self.cfg.cv, "layers": self.layers(), "precision": "float32"}
+
+    def layers(self) -> list[int]:
+        every = self.sec.main.store.layers
+        return sorted(set(every[::self.cfg.classify_every]) | {every[-1]})
 
     def run(self) -> list[str]:
         store = self.sec.main.store
         if self.target not in store.entity_kinds:
             raise Skip(f"the store has no column {self.target!r}")
         config = FitConfig(task="classify", targets=(self.target,), cs=self.cfg.cs,
-                           cv=self.cfg.cv, drop_rest=True)
+                           cv=self.cfg.cv, drop_rest=True, layers=tuple(self.layers()),
+                           precision="float32")
         folds = config.cv if isinstance(config.cv, int) else fc.DEFAULT_FOLDS
         k = top_classes(store, self.target, 2 * folds, CLASSIFY_MAX_CLASSES)
         self.log(f"{self.label}: logistic, mass-mean and LDA probes of the {k} most frequent "
-                 f"classes on {store.n_layers} layers")
+                 f"classes on {len(self.layers())} layers")
         try:
             res = fc.fit_classifier(store, replace(config, max_classes=k), self.target,
                                     out=self.dir)

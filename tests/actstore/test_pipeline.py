@@ -98,7 +98,8 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     out = tmp_path / "paper"
     logs = []
     kw = dict(model=str(tiny_model_dir), datasets=[str(csv)], prompts="empty,coords",
-              device="cpu", cs="1e-2:1e2:5", progress=False, log=logs.append)
+              device="cpu", cs="1e-2:1e2:5", classify_every=2, progress=False,
+              log=logs.append)
     report = run_pipeline(out, recipe="paper", batch_size=16, **kw)
     text = report.read_text()
 
@@ -130,12 +131,14 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     best_loo = max(res["layers"], key=lambda e: (e["cv_score"], -e["position"]))["layer"]
     assert json.loads((edir / "pca.json").read_text())["layer"] == best_loo
 
-    # the classification probe of the place dataset's country column: every layer, 5 Cs
+    # the classification probe of the place dataset's country column: every 2nd layer, 5 Cs
     cdir = out / "classify" / "world_place"
     cj = json.loads((cdir / "results.json").read_text())
     assert cj["task"] == "classify" and cj["target"] == "country" and cj["rest"] == "drop"
     assert cj["classes"] == ["Brazil", "France", "Japan"] and cj["n_dropped"] == 0
-    assert len(cj["Cs"]) == 5 and len(cj["layers"]) == len(res["layers"])
+    every = [e["layer"] for e in res["layers"]]          # the ridge fit: every stored layer
+    assert len(cj["Cs"]) == 5 and len(every) == 3
+    assert [e["layer"] for e in cj["layers"]] == every[::2]  # every 2nd, and the last
     for png in ("accuracy_by_layer.png", "confusion_best_layer.png"):
         assert (cdir / png).exists(), png
     assert json.loads((cdir / "source.json").read_text())["inputs"]["target"] == "country"
