@@ -2,6 +2,7 @@
 
     dataset x prompt --extract--> OUT/stores/NAME[__PROMPT].zarr --fit--> OUT/probes/NAME[..]/
         (paper recipe) --neurons--> OUT/neurons/NAME/ --experiments--> OUT/experiments/NAME/
+        (paper recipe, place datasets) --classify--> OUT/classify/NAME/
         --> OUT/report.md (+ OUT/r2_by_layer.png)
 
 The first prompt is the main one (its store is OUT/stores/NAME.zarr; neurons and the

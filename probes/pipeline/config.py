@@ -6,13 +6,16 @@ from dataclasses import dataclass, field
 
 from actstore.options import cli
 
-__all__ = ["PipelineConfig", "RECIPES", "EXPERIMENTS", "DEMO_DATASETS"]
+__all__ = ["PipelineConfig", "RECIPES", "EXPERIMENTS", "DEMO_DATASETS", "CLASSIFY_COLUMNS"]
 
 DEMO_DATASETS = ("world_cities", "us_places", "nobel")
 RECIPES = {
     "probes": ("extract", "fit", "report"),
-    "paper": ("extract", "fit", "neurons", "experiments", "report"),
+    "paper": ("extract", "fit", "classify", "neurons", "experiments", "report"),
 }
+# the classification step of the paper recipe: the class column of each place dataset kind
+CLASSIFY_COLUMNS = {"world_place": "country", "us_place": "state_name",
+                    "nyc_place": "borough_name"}
 EXPERIMENTS = ("prompts", "holdout", "entity-type", "nonlinear", "pca")
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -45,6 +48,14 @@ class PipelineConfig:
     backend: str = "auto"
     """statistics backend: auto|cpu|torch|cuda|triton"""
     cv: str = field(default="loo", metadata=cli(hidden=True))
-    """alpha selection of the fits: loo or K folds"""
+    """alpha selection of the fits: loo or K folds (the classification step: K stratified
+    folds; loo means 5)"""
+    cs: str = field(default="1e-2:1e2:5", metadata=cli(flag="--Cs", metavar="GRID"))
+    """paper recipe: the C grid of the logistic probe of each place dataset's class column
+    (country / state_name / borough_name): LO:HI:N log-spaced or a list (fastprobe fit's full
+    grid: 1e-4:1e4:17)"""
+    classify_every: int = field(default=3, metadata=cli(metavar="K"))
+    """paper recipe: the classification probes on every K-th layer the store holds, and the last
+    (1: every layer, as the ridge fit)"""
     progress: bool = field(default=True, metadata=cli(hidden=True))
     """progress bars (the CLI's --no-progress)"""

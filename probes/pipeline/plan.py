@@ -43,6 +43,8 @@ class Section:
     neurons: dict | None = None        # neurons.json
     neurons_note: str | None = None
     experiments: dict = field(default_factory=dict)   # key -> (json | None, note | None, files)
+    classify: dict | None = None       # classify/NAME/results.json (place datasets)
+    classify_note: str | None = None
 
     @property
     def main(self) -> Job:

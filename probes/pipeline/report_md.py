@@ -1,5 +1,6 @@
 """The report of ``actstore run``: report.md (headline table, experiments at a glance, one
-section per dataset) and the R²-by-layer figure of every store."""
+section per dataset, with the classification probe of the place datasets) and the R²-by-layer
+figure of every store."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
 from probes.report import md_num, md_table, save_figure
 
-__all__ = ["report_markdown", "plot_all_layers"]
+__all__ = ["report_markdown", "plot_all_layers", "classify_markdown", "majority_baseline"]
 
 PAPER_WORLD_R2 = "7B ≈ 0.88, 13B ≈ 0.90, 70B ≈ 0.92"
 
@@ -144,6 +145,7 @@ def _dataset_section(sec: Section, out: Path) -> list[str]:
         lines.append("")
         for png in sorted(job.probe_dir.glob("*.png")):
             lines += _img(out, png, f"{job.label} {png.stem}")
+    lines += classify_markdown(sec, out)
     if sec.neurons is not None or sec.neurons_note:
         lines += ["### Neurons", ""]
         if sec.neurons is None:
@@ -180,3 +182,64 @@ def _dataset_section(sec: Section, out: Path) -> list[str]:
     return lines
 
 
+
+
+def majority_baseline(doc: dict) -> dict:
+    """Scores of always predicting the most frequent train class, on the split the best layer
+    was chosen on: accuracy, balanced accuracy and macro-F1 (averaged as
+    :mod:`probes.classify.metrics` does: over the classes present in the split, and for F1 the
+    predicted one too) and AUROC (0.5: constant scores)."""
+    split = "test" if doc["n_test"] else "train"
+    train, counts = doc["class_counts"]["train"], doc["class_counts"][split]
+    top = max(range(len(train)), key=lambda c: (train[c], -c))
+    p = counts[top] / max(1, sum(counts))
+    present = sum(1 for c in counts if c)
+    return {"class": doc["classes"][top], "accuracy": p,
+            "balanced_accuracy": (1 / present) if counts[top] else 0.0,
+            "macro_f1": 2 * p / (1 + p) / (present + (counts[top] == 0)), "auroc": 0.5}
+
+
+def _classes_line(doc: dict) -> str:
+    k, rest = len(doc["classes"]), doc["pooled"]
+    text = f"K = {k} classes"
+    if rest:
+        shown = ", ".join(rest[:5]) + (", …" if len(rest) > 5 else "")
+        text += (f" (the {k} most frequent; {doc['n_dropped']} rows of the {len(rest)} rarer "
+                 f"classes dropped: {shown})" if doc["rest"] == "drop" else
+                 f" (the {k - 1} most frequent + other, pooling {len(rest)} classes: {shown})")
+    return text
+
+
+def classify_markdown(sec: Section, out: Path) -> list[str]:
+    """The classification block of a place dataset's section (none for other kinds)."""
+    doc = sec.classify
+    if doc is None and not sec.classify_note:
+        return []
+    if doc is None:
+        return ["### Classification probe", "", f"Skipped: {sec.classify_note}", ""]
+    split = "test" if doc["n_test"] else "train"
+    best = next(e for e in doc["layers"] if e["layer"] == doc["best_layer"])
+    base = majority_baseline(doc)
+    cs = doc["Cs"]
+    lines = [f"### Classification probe: `{doc['target']}`", "",
+             f"{_classes_line(doc)}; {doc['n_train']} train / {doc['n_test']} test rows. "
+             f"Logistic regression (L2, C per layer by {doc['cv']}-fold stratified CV over "
+             f"{len(cs)} Cs, {cs[0]:.3g}..{cs[-1]:.3g}), mass-mean (difference of class means) "
+             f"and shrinkage LDA, on every layer. Best layer by {doc['best_by']}: "
+             f"**{doc['best_layer']}**; majority class `{base['class']}`.", ""]
+    rows = [[f"logistic (C = {best['logistic']['C']:.3g})", *_cells(best["logistic"][split])],
+            ["mass-mean", *_cells(best["mass_mean"][split])],
+            [f"LDA (shrinkage {best['lda']['shrinkage']:.3g})", *_cells(best["lda"][split])],
+            ["majority class", *_cells(base)]]
+    lines += md_table([f"layer {doc['best_layer']} ({split})", "accuracy", "balanced accuracy",
+                       "macro-F1", "AUROC"], rows)
+    cdir = out / "classify" / sec.ds.name
+    lines += _img(out, cdir / "accuracy_by_layer.png", f"{sec.ds.name} {doc['target']} accuracy "
+                  "by layer")
+    lines += _img(out, cdir / "confusion_best_layer.png", f"{sec.ds.name} {doc['target']} "
+                  "confusion matrix")
+    return lines + [f"Data: `{(cdir / 'results.json').relative_to(out)}`.", ""]
+
+
+def _cells(m: dict) -> list[str]:
+    return [md_num(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")]

@@ -1,4 +1,5 @@
-"""The orchestration of ``actstore run``: plan, extract, fit, neurons, experiments, report."""
+"""The orchestration of ``actstore run``: plan, extract, fit, classify, neurons, experiments,
+report."""
 from __future__ import annotations
 
 import time
@@ -8,17 +9,26 @@ from actstore.io import write_atomic
 from actstore.models import load_model
 from actstore.prompts import get_prompt
 from probes.errors import PipelineError
-from probes.pipeline.config import DEMO_DATASETS, RECIPES, PipelineConfig
+from probes.pipeline.config import CLASSIFY_COLUMNS, DEMO_DATASETS, RECIPES, PipelineConfig
 from probes.pipeline.plan import experiment_list, parse_list, plan_sections
 from probes.pipeline.report_md import plot_all_layers, report_markdown
-from probes.pipeline.steps import FitStep, NeuronStep, experiment_steps, extract_job, run_step
+from probes.pipeline.steps import (
+    ClassifyStep,
+    FitStep,
+    NeuronStep,
+    experiment_steps,
+    extract_job,
+    run_step,
+)
 
 __all__ = ["run_pipeline", "run_paper", "run"]
 
 
 def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", prompts=None,
                  limit=None, recipe="probes", experiments=None, batch_size=None, device="auto",
-                 backend="auto", cv="loo", drop_invalid=False, progress=True, log=print) -> Path:
+                 backend="auto", cv="loo", cs=PipelineConfig.cs,
+                 classify_every=PipelineConfig.classify_every, drop_invalid=False, progress=True,
+                 log=print) -> Path:
     """Run ``recipe`` for every dataset and write ``out/report.md``; return its path.
 
     Parameters
@@ -41,8 +51,9 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
     experiments : str or list, optional
         Paper recipe: names from EXPERIMENTS, "all" (default) or "none"; each runs on the
         main prompt's store at its best LOO layer, prompts on all prompts' stores.
-    batch_size, device, backend, cv, drop_invalid, progress
-        As :class:`PipelineConfig`.
+    batch_size, device, backend, cv, cs, classify_every, drop_invalid, progress
+        As :class:`PipelineConfig` (``cs``, ``classify_every``: the C grid and the layer stride
+        of the paper recipe's classification step).
     log : callable
         Where progress lines go (default print).
 
@@ -57,7 +68,7 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
         limit=limit, experiments=(experiments if experiments is None or isinstance(
             experiments, str) else ",".join(experiments)),
         batch_size=batch_size, drop_invalid=drop_invalid, device=device, backend=backend,
-        cv=cv, progress=progress)
+        cv=cv, cs=cs, classify_every=classify_every, progress=progress)
     return run(cfg, log=log)
 
 
@@ -73,6 +84,8 @@ def run(cfg: PipelineConfig, log=print) -> Path:
     datasets = parse_list(cfg.datasets, "dataset") if cfg.datasets else []
     if not datasets:
         raise PipelineError("no datasets given")
+    if cfg.classify_every < 1:
+        raise PipelineError(f"--classify-every must be at least 1, got {cfg.classify_every}")
     if cfg.limit is not None and cfg.limit < 3:
         raise PipelineError("--limit must be at least 3 rows")
     out = Path(cfg.out)
@@ -86,6 +99,9 @@ def run(cfg: PipelineConfig, log=print) -> Path:
     for n, job in enumerate(jobs, 1):
         extract_job(job, f"{n}/{len(jobs)}", model, cfg, log)
         run_step(FitStep(job, f"{n}/{len(jobs)}", cfg, log), log)
+    places = [s for s in sections if s.ds.kind in CLASSIFY_COLUMNS] if "classify" in steps else []
+    for n, sec in enumerate(places, 1):
+        run_step(ClassifyStep(sec, out, f"{n}/{len(places)}", cfg, log), log)
     for n, sec in enumerate(sections, 1):
         counter = f"{n}/{len(sections)}"
         if "neurons" in steps:

@@ -1,4 +1,4 @@
-"""The resumable steps of ``actstore run`` after extraction: fit, neurons, experiments.
+"""The resumable steps of ``actstore run`` after extraction: fit, classify, neurons, experiments.
 
 Every step is a :class:`Step`: it names its inputs (the options that shape its outputs plus
 the identity of the stores it reads), writes its outputs, and leaves ONE record beside them,
@@ -10,26 +10,42 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from actstore.extract import extract
 from actstore.store import store_identity
 from probes import experiments as ex
-from probes.errors import ExperimentError, NeuronReportError
+from probes.classify.labels import encode_labels
+from probes.errors import ExperimentError, NeuronReportError, ProbesError
 from probes.experiments.base import RunContext
 from probes.experiments.common import best_loo_index
 from probes.experiments.registry import EXPERIMENTS
-from probes.fit import ARRAYS_FILE, RESULTS_FILE, fit_all_layers
+from probes.fit import ARRAYS_FILE, RESULTS_FILE, FitConfig, fit_all_layers
+from probes.fit import classify as fc
+from probes.inputs import parse_split
 from probes.neurons import NEURONS_JSON, neuron_report
+from probes.pipeline.config import CLASSIFY_COLUMNS
 from probes.pipeline.plan import NEURON_TOP, Job, Section
-from probes.report import format_neuron_table, format_table, write_strict_json
+from probes.report import (
+    format_classify_table,
+    format_neuron_table,
+    format_table,
+    write_strict_json,
+)
 
-__all__ = ["Step", "run_step", "extract_job", "FitStep", "NeuronStep", "ExperimentStep",
-           "experiment_steps", "SOURCE_FILE", "REPORT_NEURONS"]
+__all__ = ["Step", "run_step", "extract_job", "FitStep", "ClassifyStep", "NeuronStep",
+           "ExperimentStep", "experiment_steps", "SOURCE_FILE", "REPORT_NEURONS",
+           "CLASSIFY_MAX_CLASSES", "CLASSIFY_FILES"]
 
-SOURCE_FILE = "source.json"   # the record of the fit and neuron steps (EXP.source.json for EXP)
+SOURCE_FILE = "source.json"   # the record of the fit, classify and neuron steps (EXP.source.json)
 REPORT_NEURONS = 5            # top neurons per target the log and the report show
+CLASSIFY_MAX_CLASSES = 10     # the classify step keeps the most frequent classes, drops the rest
+CLASSIFY_FILES = (fc.RESULTS_FILE, fc.ARRAYS_FILE, "accuracy_by_layer.png",
+                  "confusion_best_layer.png")
 
 
 class Skip(Exception):
@@ -127,6 +143,71 @@ class FitStep:
     def load(self, record: dict) -> None:
         self.job.result = json.loads((self.job.probe_dir / RESULTS_FILE).read_text())
         self.log(format_table(self.job.result))
+
+
+class ClassifyStep:
+    """``fastprobe fit --task classify`` of a place dataset's class column (country, state_name,
+    borough_name) on its main store, every ``classify_every``-th layer and the last: the
+    :data:`CLASSIFY_MAX_CLASSES` most frequent classes (fewer when one of them has under two rows
+    per fold on the train rows), the rows of the rarer classes dropped (``--max-classes N
+    --drop-rest``); the logistic solver in float32 (gradient tolerance 1e-4)."""
+
+    def __init__(self, sec: Section, out: Path, counter: str, cfg, log):
+        self.sec, self.cfg, self.log = sec, cfg, log
+        self.target = CLASSIFY_COLUMNS[sec.ds.kind]
+        self.dir = out / "classify" / sec.ds.name
+        self.label = f"[classify {counter}] {sec.ds.name} {self.target}"
+        self.record = self.dir / SOURCE_FILE
+
+    def inputs(self) -> dict:
+        return {"store": store_record(self.sec.main.store), "target": self.target,
+                "max_classes": CLASSIFY_MAX_CLASSES, "rest": "drop", "Cs": self.cfg.cs,
+                "cv": self.cfg.cv, "layers": self.layers(), "precision": "float32"}
+
+    def layers(self) -> list[int]:
+        every = self.sec.main.store.layers
+        return sorted(set(every[::self.cfg.classify_every]) | {every[-1]})
+
+    def run(self) -> list[str]:
+        store = self.sec.main.store
+        if self.target not in store.entity_kinds:
+            raise Skip(f"the store has no column {self.target!r}")
+        config = FitConfig(task="classify", targets=(self.target,), cs=self.cfg.cs,
+                           cv=self.cfg.cv, drop_rest=True, layers=tuple(self.layers()),
+                           precision="float32")
+        folds = config.cv if isinstance(config.cv, int) else fc.DEFAULT_FOLDS
+        k = top_classes(store, self.target, 2 * folds, CLASSIFY_MAX_CLASSES)
+        self.log(f"{self.label}: logistic, mass-mean and LDA probes of the {k} most frequent "
+                 f"classes on {len(self.layers())} layers")
+        try:
+            res = fc.fit_classifier(store, replace(config, max_classes=k), self.target,
+                                    out=self.dir)
+        except ProbesError as exc:
+            raise Skip(str(exc)) from None
+        self.log(format_classify_table(res.doc))
+        return list(CLASSIFY_FILES)
+
+    def load(self, record: dict) -> None:
+        if record.get("status") == "done":
+            self.sec.classify = json.loads((self.dir / fc.RESULTS_FILE).read_text())
+        else:
+            self.sec.classify_note = record.get("note")
+
+
+def top_classes(store, target: str, min_train: int, most: int) -> int:
+    """How many of the most frequent classes of ``target`` to keep: at most ``most``, and as
+    many as have each at least ``min_train`` rows in the store's train split (ranked as
+    :func:`probes.classify.labels.encode_labels` ranks them); Skip when fewer than two."""
+    n = int(store.rows_done)
+    values = store.entities[target].to_numpy()[:n]
+    train = ~parse_split("is_test", store, n)
+    for k in range(min(most, len(set(values))), 1, -1):
+        labels = encode_labels(values, k, "drop")
+        counts = np.bincount(labels.codes[train & labels.kept], minlength=len(labels.classes))
+        if counts.min() >= min_train:
+            return k
+    raise Skip(f"fewer than two {target} classes with at least {min_train} train rows "
+               "(two per fold): more rows (--limit) or fewer folds")
 
 
 class NeuronStep:

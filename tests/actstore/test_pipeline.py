@@ -98,7 +98,8 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     out = tmp_path / "paper"
     logs = []
     kw = dict(model=str(tiny_model_dir), datasets=[str(csv)], prompts="empty,coords",
-              device="cpu", progress=False, log=logs.append)
+              device="cpu", cs="1e-2:1e2:5", classify_every=2, progress=False,
+              log=logs.append)
     report = run_pipeline(out, recipe="paper", batch_size=16, **kw)
     text = report.read_text()
 
@@ -130,6 +131,26 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     best_loo = max(res["layers"], key=lambda e: (e["cv_score"], -e["position"]))["layer"]
     assert json.loads((edir / "pca.json").read_text())["layer"] == best_loo
 
+    # the classification probe of the place dataset's country column: every 2nd layer, 5 Cs
+    cdir = out / "classify" / "world_place"
+    cj = json.loads((cdir / "results.json").read_text())
+    assert cj["task"] == "classify" and cj["target"] == "country" and cj["rest"] == "drop"
+    assert cj["classes"] == ["Brazil", "France", "Japan"] and cj["n_dropped"] == 0
+    every = [e["layer"] for e in res["layers"]]          # the ridge fit: every stored layer
+    assert len(cj["Cs"]) == 5 and len(every) == 3
+    assert [e["layer"] for e in cj["layers"]] == every[::2]  # every 2nd, and the last
+    for png in ("accuracy_by_layer.png", "confusion_best_layer.png"):
+        assert (cdir / png).exists(), png
+    assert json.loads((cdir / "source.json").read_text())["inputs"]["target"] == "country"
+    block = text.split("### Classification probe: `country`")[1].split("###")[0]
+    best = next(e for e in cj["layers"] if e["layer"] == cj["best_layer"])
+    assert f"**{cj['best_layer']}**" in block and "K = 3 classes" in block
+    assert f"| {best['logistic']['test']['accuracy']:.3f} |" in block
+    for row in ("| logistic (C = ", "| mass-mean |", "| LDA (shrinkage ", "| majority class |"):
+        assert row in block, row
+    assert "classify/world_place/accuracy_by_layer.png" in block
+    assert "classify/world_place/confusion_best_layer.png" in block
+
     # the report holds every section, with numbers from those files
     for heading in ("## world_place", "### Neurons", "### Prompt variants", "### Block hold-out",
                     "### Entity-type hold-out", "### Nonlinear (MLP) probe vs linear",
@@ -145,8 +166,10 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     logs.clear()
     report2 = run_pipeline(out, recipe="paper", **kw)
     assert _mtimes(out) == before
-    assert sum("up to date" in m for m in logs) == 2 + 1 + 5   # 2 fits, neurons, 5 experiments
-    assert not any("fitting ridge" in m for m in logs)
+    # 2 fits, classify, neurons, 5 experiments
+    assert sum("up to date" in m for m in logs) == 2 + 1 + 1 + 5
+    assert any(m.startswith("[classify 1/1]") and "up to date" in m for m in logs)
+    assert not any("fitting ridge" in m or "most frequent classes" in m for m in logs)
     assert report2.read_text().split("wall time")[1].split("\n", 1)[1] == \
         text.split("wall time")[1].split("\n", 1)[1]
 
@@ -191,6 +214,19 @@ def test_paper_recipe_skips_what_a_dataset_lacks(tmp_path, tiny_model_dir, make_
     assert "Skipped: one entity type (populated_place)" in text
     assert "Skipped: " in text.split("### Block hold-out")[1] and "has only one group" in text
     assert not (out / "experiments" / "blocks" / "nonlinear.source.json").exists()
+    assert "### Classification probe\n\nSkipped: fewer than two country classes" in text
+
+
+def test_majority_baseline_and_classes_line():
+    from probes.pipeline.report_md import _classes_line, majority_baseline
+    doc = {"n_test": 10, "classes": ["a", "b", "c"], "pooled": ["d", "e"], "rest": "drop",
+           "n_dropped": 7, "class_counts": {"train": [5, 9, 9], "test": [2, 3, 5]}}
+    base = majority_baseline(doc)       # b and c tie on the train rows: the first, b
+    assert base["class"] == "b" and base["accuracy"] == pytest.approx(0.3)
+    assert base["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert base["macro_f1"] == pytest.approx(2 * 0.3 / 1.3 / 3)   # F1 of b, 0 for a and c
+    assert _classes_line(doc) == ("K = 3 classes (the 3 most frequent; 7 rows of the 2 rarer "
+                                  "classes dropped: d, e)")
 
 
 def test_paper_recipe_bad_options_are_clear(tmp_path, capsys):
