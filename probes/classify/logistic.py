@@ -7,11 +7,11 @@ intercepts centred to sum 0. Solver: truncated Newton (Hessian-vector products, 
 Armijo backtracking), batched in torch over layers × row-weight sets (the folds of
 :mod:`probes.classify.select`), the Cs in increasing order, each warm-started from the previous;
 features are centred internally (mapped back exactly). It stops per problem when the largest
-gradient entry of the objective divided by C·Σw is below ``tol`` (float64 1e-8, float32 1e-4).
+gradient entry of the objective divided by C·Σw is below ``tol`` (float64 1e-8, float32 1e-5).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ __all__ = ["LogisticPath", "fit_logistic_path", "balanced_weights", "class_weigh
            "predict_proba"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_TOL = {"float64": 1e-8, "float32": 1e-4}
+_TOL = {"float64": 1e-8, "float32": 1e-5}
+_EXACT_D = 1024               # larger d: the preconditioner is exact on a top-r subspace only
+_RANK = 256
 
 
 @dataclass
@@ -31,7 +33,8 @@ class LogisticPath:
     """Fitted coefficients per layer position and C.
 
     Cs: (n_C,); coef: (L, n_C, d) for two classes, else (L, n_C, K, d); intercept: (L, n_C) or
-    (L, n_C, K); n_iter: (L, n_C) Newton iterations; converged: (L, n_C) gradient below tol.
+    (L, n_C, K); n_iter: (L, n_C) Newton iterations; converged: (L, n_C) gradient below tol;
+    work: the work done (:func:`add_work`).
     """
     Cs: np.ndarray
     coef: np.ndarray
@@ -39,6 +42,7 @@ class LogisticPath:
     n_iter: np.ndarray
     converged: np.ndarray
     n_classes: int
+    work: dict = field(default_factory=dict)
 
 
 def balanced_weights(codes, n_classes: int | None = None, sample_weight=None) -> np.ndarray:
@@ -66,22 +70,90 @@ def balanced_weights(codes, n_classes: int | None = None, sample_weight=None) ->
     return w.sum() / (k * counts[codes])
 
 
+class _Basis:
+    """Where the preconditioner works, per layer: all of feature space for d ≤ 1024 (V None,
+    Z = X); above, the top-r eigenvectors V (L, d, r) of XᵀX, Z = X V (L, n, r) and the squared
+    row norms (L, n) for the mean curvature on the complement. Fixed for a whole solve."""
+
+    def __init__(self, X):
+        L, n, d = X.shape
+        self.d = d
+        self.V = None if d <= _EXACT_D else _top_eigenvectors(X, min(_RANK, n, d))
+        self.Z = X if self.V is None else X @ self.V
+        self.norm2 = None if self.V is None else X.square().sum(-1)
+
+
+def _top_eigenvectors(X, r: int):
+    """An orthonormal (L, d, r) basis of the top-r eigenvectors of XᵀX by randomised subspace
+    iteration (three power steps); its accuracy changes only how fast CG converges."""
+    L, n, d = X.shape
+    gen = torch.Generator(device=X.device).manual_seed(0)
+    Q = torch.randn(L, d, min(r + 16, d), generator=gen, device=X.device, dtype=X.dtype)
+    for _ in range(3):
+        Q, _ = torch.linalg.qr(X.transpose(1, 2) @ (X @ Q))
+    B = X @ Q
+    _, U = torch.linalg.eigh(B.transpose(1, 2) @ B)
+    return (Q @ U[..., -r:]).contiguous()
+
+
+class _Precond:
+    """(a_k·XᵀΩX + pen·I)⁻¹ per (layer, problem, class k), Ω_i = w_i·mean_k p_ik(1−p_ik) (the
+    Hessian itself for two classes), a_k = Σ w·p_k(1−p_k) / ΣΩ; the weighted Gram comes from
+    :func:`probes.kernels.weighted_gram` and one eigendecomposition serves every class. Above
+    d = 1024 it is exact on the basis's top-r subspace and the mean curvature elsewhere. Built
+    once per C (lagged over its Newton steps): rebuilding each step costs more than it saves."""
+
+    def __init__(self, prob: _Problem, P):
+        from probes.kernels import weighted_gram  # deferred: loads the kernel backends
+        h = (P * (1 - P)).mul_(prob.wts[..., None])                   # (L, n, M, K)
+        L, n, M, K = h.shape
+        om = h.mean(-1)                                               # (L, n, M)
+        tiny = torch.finfo(h.dtype).tiny
+        a = h.sum(1) / om.sum(1)[..., None].clamp_min(tiny)           # (L, M, K)
+        Zb, pen = prob.basis.Z, prob.pen[None, :, None]
+        G = torch.stack([weighted_gram(Zb[l:l + 1], om[l].T.contiguous())[0]
+                         for l in range(L)]).to(h.dtype)              # (L, M, r, r)
+        prob.grams += L * M
+        s, self.U = torch.linalg.eigh(G)
+        self.D = s.clamp_min(0)[..., None] * a[:, :, None, :] + pen[..., None]   # (L, M, r, K)
+        self.V = prob.basis.V
+        if self.V is not None:                                        # mean curvature elsewhere
+            rest = torch.einsum("ln,lnm->lm", prob.basis.norm2, om) - s.clamp_min(0).sum(-1)
+            c = rest.clamp_min(0) / max(prob.basis.d - self.V.shape[-1], 1)
+            self.c = (c[..., None] * a + pen)[:, :, None, :]          # (L, M, 1, K)
+        self.Db = h.sum(1).clamp_min(tiny)
+
+    def __call__(self, rW, rb):
+        R = rW.permute(0, 2, 1, 3)                                    # (L, M, d, K)
+        V = None if self.V is None else self.V[:, None]
+        T0 = R if V is None else V.transpose(-1, -2) @ R
+        Z = self.U @ ((self.U.transpose(-1, -2) @ T0) / self.D)
+        if V is not None:
+            Z = V @ Z + (R - V @ T0) / self.c
+        return Z.permute(0, 2, 1, 3), rb / self.Db
+
+
 class _Problem:
     """Objective pieces of a batch: X (L, n, d) centred; Y (n, K'); weights (n, M) normalised to
-    sum 1 per column; pen (M,) = 1/(C·Σw). Parameters W (L, d, M, K'), b (L, M, K')."""
+    sum 1 per column; pen (M,) = 1/(C·Σw); basis: the preconditioner's :class:`_Basis`.
+    Parameters W (L, d, M, K'), b (L, M, K')."""
 
-    def __init__(self, X, Y, wts, pen, binary: bool):
+    def __init__(self, X, Y, wts, pen, binary: bool, basis: _Basis):
         self.X, self.Y, self.wts, self.pen, self.binary = X, Y, wts, pen, binary
         self.L, self.n, self.d = X.shape
         self.M, self.K = wts.shape[1], Y.shape[1]
         self.idx = Y.argmax(1)[None, :, None, None].expand(self.L, self.n, self.M, 1)
+        self.basis = basis
+        self.passes = self.grams = 0            # work done: X products, preconditioner Grams
 
     def xw(self, W, b):
+        self.passes += 1
         L, d, M, K = W.shape
         Z = torch.baddbmm(b.reshape(L, 1, M * K), self.X, W.reshape(L, d, M * K))
         return Z.reshape(L, self.n, M, K)
 
     def xtr(self, R):
+        self.passes += 1
         return (self.X.transpose(1, 2) @ R.reshape(self.L, self.n, -1)).reshape(
             self.L, self.d, self.M, self.K)
 
@@ -121,29 +193,43 @@ def _dot(A, a, B, b):
     return out if a is None else out + (a * b).sum(-1)
 
 
-def _cg(prob: _Problem, P, gW, gb, active, max_cg: int):
-    """Truncated conjugate gradient for H p = -g per problem (forcing term min(0.5, √‖g‖))."""
+def _sum_zero(z, binary: bool):
+    """Multinomial: remove the class mean of a preconditioned residual. The loss does not change
+    when every class gains the same vector, so the Hessian keeps class-sum-zero directions among
+    themselves; a preconditioner that weighs classes unequally would leak into that flat
+    direction, where only the penalty curves (and CG would crawl)."""
+    if binary:
+        return z
+    zW, zb = z
+    return zW - zW.mean(-1, keepdim=True), zb - zb.mean(-1, keepdim=True)
+
+
+def _cg(prob: _Problem, P, gW, gb, active, max_cg: int, precond):
+    """Preconditioned truncated conjugate gradient for H p = -g per problem (forcing term
+    min(0.5, ‖g‖^¼) on the residual)."""
     pW, pb = torch.zeros_like(gW), torch.zeros_like(gb)
     rW, rb = -gW, -gb
-    dW, db = rW.clone(), rb.clone()
-    rr = _dot(rW, rb, rW, rb)
-    gn = rr.sqrt()
-    target = torch.minimum(torch.full_like(gn, 0.5), gn.sqrt()) * gn
+    zW, zb = _sum_zero(precond(rW, rb), prob.binary)
+    dW, db = zW.clone(), zb.clone()
+    rz = _dot(rW, rb, zW, zb)
+    gn = _dot(rW, rb, rW, rb).sqrt()
+    target = torch.minimum(torch.full_like(gn, 0.5), gn.pow(0.25)) * gn
     run = active.clone()
     for _ in range(max_cg):
-        run = run & (rr.sqrt() > target)
+        run = run & (_dot(rW, rb, rW, rb).sqrt() > target)
         if not bool(run.any()):
             break
         HW, Hb = prob.hvp(P, dW, db)
         dHd = _dot(dW, db, HW, Hb)
         run = run & (dHd > 0)
-        alpha = torch.where(run, rr / torch.where(run, dHd, torch.ones_like(dHd)), 0.0)
+        alpha = torch.where(run, rz / torch.where(run, dHd, torch.ones_like(dHd)), 0.0)
         pW, pb = pW + alpha[:, None, :, None] * dW, pb + alpha[..., None] * db
         rW, rb = rW - alpha[:, None, :, None] * HW, rb - alpha[..., None] * Hb
-        rr_new = _dot(rW, rb, rW, rb)
-        beta = torch.where(run, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), 0.0)
-        dW, db = rW + beta[:, None, :, None] * dW, rb + beta[..., None] * db
-        rr = torch.where(run, rr_new, rr)
+        zW, zb = _sum_zero(precond(rW, rb), prob.binary)
+        rz_new = _dot(rW, rb, zW, zb)
+        beta = torch.where(run, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
+        dW, db = zW + beta[:, None, :, None] * dW, zb + beta[..., None] * db
+        rz = torch.where(run, rz_new, rz)
     empty = (_dot(pW, pb, pW, pb) == 0) & active                    # no step: steepest descent
     pW = torch.where(empty[:, None, :, None], -gW, pW)
     pb = torch.where(empty[..., None], -gb, pb)
@@ -177,6 +263,7 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
     converged = torch.zeros(prob.L, prob.M, dtype=torch.bool, device=W.device)
     stalled = torch.zeros_like(converged)
     f, P = prob.loss(W, b)
+    precond = None
     for _ in range(max_iter + 1):
         gW, gb = prob.grad(W, P)
         gmax = torch.maximum(gW.abs().amax((1, 3)), gb.abs().amax(-1))
@@ -184,7 +271,9 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
         active = ~converged & ~stalled & (n_iter < max_iter)
         if not bool(active.any()):
             break
-        pW, pb = _cg(prob, P, gW, gb, active, max_cg)
+        if precond is None:
+            precond = _Precond(prob, P)
+        pW, pb = _cg(prob, P, gW, gb, active, max_cg, precond)
         slope = _dot(gW, gb, pW, pb)
         step, f, P = _line_search(prob, W, b, pW, pb, f, P, slope, active)
         stalled = stalled | (active & (step == 0))
@@ -192,6 +281,21 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
         b = b + step[..., None] * pb
         n_iter = n_iter + active.to(torch.int64)
     return W, b, n_iter, converged
+
+
+def add_work(work: dict | None, prob: _Problem | None = None, newton: int = 0) -> dict:
+    """Tally the work of a solve into ``work`` (a new dict if None): ``passes``, products of all
+    layers' rows X (L, n, d) with a (d, problems × classes) block or its transpose; ``grams``,
+    weighted Grams (of d or r features) built for the preconditioner; ``newton``, steps over all
+    problems; ``layers``, ``rows``, ``features``, ``columns``: the shape one pass multiplies."""
+    work = {"passes": 0, "grams": 0, "newton": 0} if work is None else work
+    if prob is not None:
+        work["passes"] += prob.passes
+        work["grams"] += prob.grams
+        work["newton"] += newton
+        work.update(layers=prob.L, rows=prob.n, features=prob.d, columns=prob.M * prob.K,
+                    gram_features=prob.basis.Z.shape[-1])
+    return work
 
 
 def _initial(init, mean, L, F, nC, K, d, tdt, device):
@@ -206,11 +310,12 @@ def _initial(init, mean, L, F, nC, K, d, tdt, device):
 
 
 def _solve(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_iter: int,
-           device=None, init=None, warm_start: bool = True):
+           device=None, init=None, warm_start: bool = True, work: dict | None = None):
     """Fit every (layer, weight set, C) problem. weights (F, n) -> arrays shaped (L, F, n_C, ...)
     with K' = 1 for two classes; ``init`` = (coef, intercept) in the same shapes, or None.
     ``warm_start``: one batched solve per C in increasing order, each started from the previous
-    C's solution (unless ``init``); else all Cs in one batch from ``init`` (or zero)."""
+    C's solution (unless ``init``); else all Cs in one batch from ``init`` (or zero). ``work``:
+    a dict the work done is added to (see :func:`add_work`)."""
     tdt = _DTYPES[dtype]
     Xt = torch.as_tensor(X, device=device).to(tdt)
     if Xt.ndim != 3:
@@ -218,6 +323,7 @@ def _solve(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_it
     L, n, d = Xt.shape
     mean = Xt.mean(1)
     Xt = Xt - mean[:, None]
+    basis = _Basis(Xt)
     binary = n_classes == 2
     codes_t = torch.as_tensor(np.asarray(codes), device=Xt.device)
     Y = (codes_t == 1).to(tdt)[:, None] if binary else \
@@ -235,7 +341,7 @@ def _solve(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_it
     for g in groups:
         wts = torch.as_tensor(np.repeat(wf / S[:, None], len(g), axis=0).T, device=Xt.device)
         pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, g])).ravel(), device=Xt.device)
-        prob = _Problem(Xt, Y, wts.to(tdt), pen.to(tdt), binary)
+        prob = _Problem(Xt, Y, wts.to(tdt), pen.to(tdt), binary, basis)
         W0, b0 = W[:, :, :, g], b[:, :, g]
         if prev is not None and init is None:
             W0, b0 = prev
@@ -245,6 +351,7 @@ def _solve(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_it
         b[:, :, g] = bg.reshape(L, F, len(g), K)
         n_iter[:, :, g], conv[:, :, g] = it.reshape(L, F, -1).cpu(), cv.reshape(L, F, -1).cpu()
         prev = W[:, :, :, g], b[:, :, g]
+        add_work(work, prob, int(it.sum()))
     b = b - torch.einsum("ld,ldfck->lfck", mean, W)
     if not binary:
         b = b - b.mean(-1, keepdim=True)
@@ -306,9 +413,9 @@ def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weig
     class_weight : {None, "balanced"}
         ``"balanced"``: multiply by n / (K · count(class_i)) (scikit-learn's rule).
     dtype : {"float64", "float32"}
-        float64 is the reference; float32 is faster (gradient tolerance ~1e-4).
+        float64 is the reference; float32 is faster (gradient tolerance 1e-5).
     tol : float, optional
-        Stop when max |∇| of (objective / (C·Σw)) is below it (default 1e-8, float32 1e-4).
+        Stop when max |∇| of (objective / (C·Σw)) is below it (default 1e-8, float32 1e-5).
     max_iter : int
         Newton iterations at most.
     device : torch device, optional
@@ -326,10 +433,11 @@ def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weig
         raise ClassifyError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     codes, K, Cs, w = _check(X, codes, Cs, n_classes, sample_weight)
     w = class_weights(codes, K, w, class_weight)
+    work = add_work(None)
     coef, icpt, n_iter, conv = _solve(X, codes, K, Cs, w[None, :], dtype,
                                       _TOL[dtype] if tol is None else tol, max_iter, device,
-                                      warm_start=warm_start)
-    return LogisticPath(Cs, coef[:, 0], icpt[:, 0], n_iter[:, 0], conv[:, 0], K)
+                                      warm_start=warm_start, work=work)
+    return LogisticPath(Cs, coef[:, 0], icpt[:, 0], n_iter[:, 0], conv[:, 0], K, work)
 
 
 def decision_function(X, coef, intercept) -> np.ndarray:

@@ -8,12 +8,12 @@ each layer is refitted on all rows at its C, warm-started from the mean of its f
 rows are scored unweighted (as ``scoring="accuracy"``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from probes.classify.labels import stratified_folds
-from probes.classify.logistic import _TOL, _check, _solve, class_weights
+from probes.classify.logistic import _TOL, _check, _solve, add_work, class_weights
 from probes.errors import ClassifyError
 
 __all__ = ["LogisticCV", "select_c", "SCORINGS"]
@@ -27,7 +27,8 @@ class LogisticCV:
 
     Cs: (n_C,) grid; fold_scores: (L, k, n_C); scores: (L, n_C) mean over folds; best_index:
     (L,); C: (L,) chosen C; coef: (L, d) or (L, K, d) and intercept: (L,) or (L, K) refitted on
-    all rows; n_iter, converged: (L,) of the refit; folds: (n,) fold ids; scoring: its name.
+    all rows; n_iter, converged: (L,) of the refit; folds: (n,) fold ids; scoring: its name;
+    work: the work of the fold fits and the refit (:func:`probes.classify.logistic.add_work`).
     """
     Cs: np.ndarray
     fold_scores: np.ndarray
@@ -41,6 +42,7 @@ class LogisticCV:
     folds: np.ndarray
     n_classes: int
     scoring: str
+    work: dict = field(default_factory=dict)
 
 
 def _fold_scores(X, codes, folds, coef, icpt, scoring: str) -> np.ndarray:
@@ -72,7 +74,7 @@ def _fold_scores(X, codes, folds, coef, icpt, scoring: str) -> np.ndarray:
     return out
 
 
-def _refit(X, codes, K, Cs, best, w, fold_coef, fold_icpt, dtype, tol, max_iter, device):
+def _refit(X, codes, K, Cs, best, w, fold_coef, fold_icpt, dtype, tol, max_iter, device, work):
     """Refit each layer on all rows at its chosen C, one batched solve per distinct C."""
     L = X.shape[0]
     coef = np.empty((L,) + fold_coef.shape[3:])
@@ -83,7 +85,7 @@ def _refit(X, codes, K, Cs, best, w, fold_coef, fold_icpt, dtype, tol, max_iter,
         init = (fold_coef[ls, :, j].mean(1)[:, None, None],
                 fold_icpt[ls, :, j].mean(1)[:, None, None])
         c, b, it, cv = _solve(X[ls], codes, K, Cs[j:j + 1], w[None], dtype, tol, max_iter,
-                              device, init)
+                              device, init, work=work)
         coef[ls], icpt[ls], n_iter[ls], conv[ls] = c[:, 0, 0], b[:, 0, 0], it[:, 0, 0], cv[:, 0, 0]
     return coef, icpt, n_iter, conv
 
@@ -130,11 +132,13 @@ def select_c(X, codes, Cs, *, cv: int = 5, folds=None, scoring: str = "accuracy"
                                 f"{int(np.argmin(present))}: use stratified folds or fewer folds")
     tol = _TOL[dtype] if tol is None else tol
     weights = np.stack([w * (folds != f) for f in range(k)])
-    fc, fi, _, _ = _solve(X, codes, K, Cs, weights, dtype, tol, max_iter, device)
+    work = add_work(None)
+    fc, fi, _, _ = _solve(X, codes, K, Cs, weights, dtype, tol, max_iter, device, work=work)
     Xs = X.detach().cpu().numpy() if hasattr(X, "detach") else X    # torch tensor or array
     fold_scores = _fold_scores(Xs, codes, folds, fc, fi, scoring)
     best = fold_scores.sum(axis=1).argmax(-1)                         # first best in grid order
+    refit_work = add_work(None)
     coef, icpt, n_iter, conv = _refit(X, codes, K, Cs, best, w, fc, fi, dtype, tol, max_iter,
-                                      device)
+                                      device, refit_work)
     return LogisticCV(Cs, fold_scores, fold_scores.mean(1), best, Cs[best], coef, icpt, n_iter,
-                      conv, folds, K, scoring)
+                      conv, folds, K, scoring, {"folds": work, "refit": refit_work})

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from probes.classify import logistic
 from probes.classify.logistic import (
     balanced_weights,
     decision_function,
@@ -172,3 +173,15 @@ def test_bad_inputs():
         fit_logistic_path(X, y, [1.0], sample_weight=-np.ones(20))
     with pytest.raises(ClassifyError, match="dtype"):
         fit_logistic_path(X, y, [1.0], dtype="float16")
+
+
+@pytest.mark.parametrize("K,n,d", [(2, 71, 17), (3, 71, 17), (3, 30, 41)])
+def test_subspace_preconditioner_of_wide_features(K, n, d, monkeypatch):
+    """Above _EXACT_D features the preconditioner is exact on a randomised top-r subspace only
+    (and the mean curvature elsewhere): it may slow CG, never change the answer."""
+    monkeypatch.setattr(logistic, "_EXACT_D", 8)
+    monkeypatch.setattr(logistic, "_RANK", 5)
+    X, y = make_data(2, n, d, K, 21)
+    Cs = GRID[:5] if n > d else GRID[:3]
+    path = fit_logistic_path(X, y, Cs)
+    check_against_sklearn(X, y, K, Cs, path)
