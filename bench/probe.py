@@ -10,9 +10,11 @@ float32 matmul floor, on the same synthetic fp16 activations.
     (2 n d² multiply-adds per layer); dual: the kernel X Xᵀ (n_train² d).
 
 Also checks that (a) and (b) choose identical alphas. Appends a section to bench/RESULTS.md.
+``--task classify``: the logistic-probe section instead (bench/probe_classify.py).
 
     python -m bench.probe                     # both shapes (slow parts measured on a few layers)
     python -m bench.probe --shape smollm2 --sk-layers 30
+    python -m bench.probe --task classify --shape smollm2 --sk-layers 2 --our-layers 6
 """
 from __future__ import annotations
 
@@ -216,12 +218,20 @@ def write_results_md(rows, path, note):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=["ridge", "classify"], default="ridge",
+                    help="ridge probes (default) or logistic probes with C by 5-fold CV")
     ap.add_argument("--shape", choices=["smollm2", "llama7b", "both"], default="both")
     ap.add_argument("--sk-layers", type=int, default=None,
                     help="layers for the sklearn loop (default 6 / 2), extrapolated to all")
     ap.add_argument("--our-layers", type=int, default=None,
                     help="layers for our fit and the floor (default all / 4), extrapolated")
-    ap.add_argument("--precision", default="float32,float64")
+    ap.add_argument("--precision", default=None,
+                    help="comma list (default: float32,float64; classify: float32)")
+    ap.add_argument("--store", help="classify: a real store instead of synthetic data")
+    ap.add_argument("--target", default="country", help="classify: the store's class column")
+    ap.add_argument("--layers", help="classify with --store: hidden-state indices, e.g. 5,10")
+    ap.add_argument("--sk-max-iter", type=int, default=1000,
+                    help="classify: max_iter of sklearn's lbfgs (its default 100 stops early)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where our fit and the floor run (sklearn always runs on the CPU)")
@@ -230,16 +240,38 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
+    if args.task == "classify":
+        return main_classify(args)
     rows = []
     shapes = ["smollm2", "llama7b"] if args.shape == "both" else [args.shape]
     for s in shapes:
         L, n, d = SHAPES[s]
         sk = args.sk_layers or (6 if s == "smollm2" else 2)
         ol = args.our_layers or (L if s == "smollm2" else 4)
-        rows += bench_shape(s, L, n, d, sk, ol, args.precision.split(","), args.backend,
-                            device=args.device)
+        rows += bench_shape(s, L, n, d, sk, ol, (args.precision or "float32,float64").split(","),
+                            args.backend, device=args.device)
     if not args.no_write:
         write_results_md(rows, args.results, args.note)
+
+
+def main_classify(args):
+    from bench import probe_classify as pc
+    precision = args.precision or "float32"
+    rows = []
+    if args.store:
+        layers = [int(x) for x in (args.layers or "5,10,15").split(",")]
+        X, y = pc.real_data(args.store, args.target, layers)
+        rows.append(pc.bench_classify(f"store {args.target}", X, y, args.sk_layers or 1,
+                                      precision, args.sk_max_iter))
+    else:
+        for s in (["smollm2", "llama7b"] if args.shape == "both" else [args.shape]):
+            L, n, d = SHAPES[s]
+            ol = min(L, args.our_layers or (6 if s == "smollm2" else 2))
+            X, y = pc.make_class_data(ol, n, d)
+            rows.append(pc.bench_classify(s, X, y, args.sk_layers or 1, precision,
+                                          args.sk_max_iter, L_full=L))
+    if not args.no_write:
+        pc.write_results_md(rows, args.results, args.note)
 
 
 if __name__ == "__main__":
