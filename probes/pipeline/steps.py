@@ -150,7 +150,7 @@ class ClassifyStep:
     borough_name) on its main store, every ``classify_every``-th layer and the last: the
     :data:`CLASSIFY_MAX_CLASSES` most frequent classes (fewer when one of them has under two rows
     per fold on the train rows), the rows of the rarer classes dropped (``--max-classes N
-    --drop-rest``); the logistic solver in float32 (gradient tolerance 1e-4)."""
+    --drop-rest``); the logistic solver in float32 (gradient tolerance 1e-5)."""
 
     def __init__(self, sec: Section, out: Path, counter: str, cfg, log):
         self.sec, self.cfg, self.log = sec, cfg, log
