@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -257,21 +258,21 @@ def main():
 def main_classify(args):
     from bench import probe_classify as pc
     precision = args.precision or "float32"
+    sk = 1 if args.sk_layers is None else args.sk_layers
     rows = []
     if args.store:
         layers = [int(x) for x in (args.layers or "5,10,15").split(",")]
         X, y = pc.real_data(args.store, args.target, layers)
-        rows.append(pc.bench_classify(f"store {args.target}", X, y, args.sk_layers or 1,
+        rows.append(pc.bench_classify(f"store {args.target}", X, y, sk,
                                       precision, args.sk_max_iter))
     else:
         for s in (["smollm2", "llama7b"] if args.shape == "both" else [args.shape]):
             L, n, d = SHAPES[s]
             ol = min(L, args.our_layers or (6 if s == "smollm2" else 2))
             X, y = pc.make_class_data(ol, n, d)
-            rows.append(pc.bench_classify(s, X, y, args.sk_layers or 1, precision,
+            rows.append(pc.bench_classify(s, X, y, sk, precision,
                                           args.sk_max_iter, L_full=L))
-    if not args.no_write:
-        pc.write_results_md(rows, args.results, args.note)
+    pc.write_results_md(rows, None if args.no_write else Path(args.results), args.note)
 
 
 if __name__ == "__main__":

@@ -124,15 +124,18 @@ def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None):
     print(f"== classify {name}: {L} layers x {n} rows x {d}, {y.max() + 1} classes", flush=True)
     r, t_ours = run_ours(X, y, folds, precision)
     print(f"   ours ({precision}): {t_ours:.1f}s  C={r.C.tolist()}", flush=True)
-    sk_l = list(range(min(L, sk_layers)))
-    sk_C, sk_t, unconv = run_sklearn(X, y, folds, sk_l, sk_max_iter)
-    print(f"   sklearn ({len(sk_l)} layers): {sum(sk_t):.1f}s  C={sk_C}  "
-          f"unconverged fits: {unconv}", flush=True)
+    sk_l = list(range(min(L, sk_layers)))              # 0: ours and the floor only
+    sk_C, sk_t, unconv = run_sklearn(X, y, folds, sk_l, sk_max_iter) if sk_l else ([], [], 0)
+    if sk_l:
+        print(f"   sklearn ({len(sk_l)} layers): {sum(sk_t):.1f}s  C={sk_C}  "
+              f"unconverged fits: {unconv}", flush=True)
     fl = floor_seconds(X, r.work)
+    print(f"   floor: {fl:.1f}s  work {r.work}", flush=True)
     same = int(np.sum(np.isclose(np.asarray(sk_C), r.C[:len(sk_l)])))
     scale = L_full / L
     return dict(shape=name, L=L_full, n=n, d=d, K=int(y.max()) + 1, precision=precision,
-                ours_s=t_ours * scale, sklearn_s=sum(sk_t) * L_full / len(sk_l),
+                ours_s=t_ours * scale,
+                sklearn_s=sum(sk_t) * L_full / len(sk_l) if sk_l else float("nan"),
                 floor_s=fl * scale, same=f"{same}/{len(sk_l)}", sk_layers=len(sk_l),
                 our_layers=L, unconverged=unconv, sk_max_iter=sk_max_iter,
                 newton=r.work["folds"]["newton"] + r.work["refit"]["newton"],
@@ -161,5 +164,6 @@ def write_results_md(rows, path, note):
             f"| {r['ours_s'] / r['floor_s']:.1f}x | {r['same']} "
             f"| {r['unconverged']} (max_iter={r['sk_max_iter']}) "
             f"| {r['newton']} / {r['passes']} |")
-    append_results(path, "\n".join(lines) + "\n")
+    if path is not None:                                  # None: print only (--no-write)
+        append_results(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
