@@ -1,6 +1,7 @@
 """:class:`RidgeProbeCV`, the scikit-learn face of the ridge solvers, for plain arrays and
-DataFrames. The only module of the project that imports scikit-learn; it passes every check of
-``sklearn.utils.estimator_checks.check_estimator`` (tests/probes/test_estimator_conformance.py)."""
+DataFrames. With probes.classify.estimator, one of the two modules that import scikit-learn; it
+passes every check of ``sklearn.utils.estimator_checks.check_estimator``
+(tests/probes/test_estimator_conformance.py)."""
 from __future__ import annotations
 
 import numbers
