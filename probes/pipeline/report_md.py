@@ -210,6 +210,13 @@ def _classes_line(doc: dict) -> str:
     return text
 
 
+def _layer_list(doc: dict) -> str:
+    """The layers probed, e.g. "0, 3, 6, …, 30" (first three, the last)."""
+    layers = [e["layer"] for e in doc["layers"]]
+    shown = layers if len(layers) <= 4 else layers[:3] + ["…", layers[-1]]
+    return ", ".join(str(x) for x in shown)
+
+
 def classify_markdown(sec: Section, out: Path) -> list[str]:
     """The classification block of a place dataset's section (none for other kinds)."""
     doc = sec.classify
@@ -225,7 +232,7 @@ def classify_markdown(sec: Section, out: Path) -> list[str]:
              f"{_classes_line(doc)}; {doc['n_train']} train / {doc['n_test']} test rows. "
              f"Logistic regression (L2, C per layer by {doc['cv']}-fold stratified CV over "
              f"{len(cs)} Cs, {cs[0]:.3g}..{cs[-1]:.3g}), mass-mean (difference of class means) "
-             f"and shrinkage LDA, on every layer. Best layer by {doc['best_by']}: "
+             f"and shrinkage LDA, on layers {_layer_list(doc)}. Best layer by {doc['best_by']}: "
              f"**{doc['best_layer']}**; majority class `{base['class']}`.", ""]
     rows = [[f"logistic (C = {best['logistic']['C']:.3g})", *_cells(best["logistic"][split])],
             ["mass-mean", *_cells(best["mass_mean"][split])],

@@ -145,6 +145,7 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     block = text.split("### Classification probe: `country`")[1].split("###")[0]
     best = next(e for e in cj["layers"] if e["layer"] == cj["best_layer"])
     assert f"**{cj['best_layer']}**" in block and "K = 3 classes" in block
+    assert "on layers " + ", ".join(str(x) for x in every[::2]) + "." in block
     assert f"| {best['logistic']['test']['accuracy']:.3f} |" in block
     for row in ("| logistic (C = ", "| mass-mean |", "| LDA (shrinkage ", "| majority class |"):
         assert row in block, row
