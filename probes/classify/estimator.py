@@ -18,13 +18,8 @@ from sklearn.utils.validation import check_is_fitted
 from probes.classify.closed_form import class_stats, mass_mean
 from probes.classify.labels import stratified_folds
 from probes.classify.select import select_c
-from probes.errors import ClassifyError, ProbesError
-
-try:                                    # scikit-learn >= 1.6: the public validator
-    from sklearn.utils.validation import validate_data
-except ImportError:                     # 1.3 - 1.5 (pyproject's floor): the same, as a method
-    def validate_data(estimator, /, X="no_validation", y="no_validation", **kwargs):
-        return estimator._validate_data(X, y, **kwargs)
+from probes.errors import ClassifyError
+from probes.ridge.estimator import sample_weights, validated
 
 __all__ = ["LogisticProbeCV", "MassMeanProbe"]
 
@@ -45,7 +40,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
         ndarray of shape (n,) for two classes (the score of ``classes_[1]``), else (n, K)
         """
         check_is_fitted(self, "coef_")
-        X = _validated(self, X, reset=False, dtype=np.float64)
+        X = validated(self, X, reset=False, dtype=np.float64, error=ClassifyError)
         s = X @ self.coef_.T + self.intercept_
         return s[:, 0] if s.shape[1] == 1 else s
 
@@ -179,9 +174,9 @@ class LogisticProbeCV(_LinearClassifier):
         LogisticProbeCV
             self, fitted.
         """
-        X, y = _validated(self, X, y, reset=True, dtype=np.float64)
+        X, y = validated(self, X, y, reset=True, dtype=np.float64, error=ClassifyError)
         X = X if X.flags.writeable else X.copy()         # torch refuses read-only memory
-        w = _sample_weight(sample_weight, X.shape[0])
+        w = sample_weights(sample_weight, X.shape[0], ClassifyError)
         codes = self._encode(y, w)
         Cs = _grid(self.Cs)
         folds = self._folds(X, codes)
@@ -270,7 +265,7 @@ class MassMeanProbe(_LinearClassifier):
         MassMeanProbe
             self, fitted.
         """
-        X, y = _validated(self, X, y, reset=True, dtype=np.float64)
+        X, y = validated(self, X, y, reset=True, dtype=np.float64, error=ClassifyError)
         codes = self._encode(y)
         X = X if X.flags.writeable else X.copy()         # torch refuses read-only memory
         stats = class_stats(X[None], codes, self.classes_.size)
@@ -296,31 +291,3 @@ def _grid(Cs) -> np.ndarray:
     return grid
 
 
-def _validated(estimator, X, y="no_validation", **kwargs):
-    """scikit-learn's input validation (dtypes, finiteness, n_features_in_, feature_names_in_
-    and its warnings), its errors re-raised as :class:`ClassifyError` with scikit-learn's own
-    message (which its estimator checks match)."""
-    try:
-        return validate_data(estimator, X, y, **kwargs)
-    except ValueError as e:
-        if isinstance(e, ProbesError):
-            raise
-        raise ClassifyError(str(e)) from None
-
-
-def _sample_weight(sample_weight, n: int):
-    """(n,) float64 weights, or None; ClassifyError unless finite, >= 0 and not all zero."""
-    if sample_weight is None:
-        return None
-    w = np.array(sample_weight, dtype=np.float64)          # a copy: the caller's stays as is
-    if w.ndim == 0:
-        w = np.full(n, float(w))
-    if w.shape != (n,):
-        raise ClassifyError(f"sample_weight has shape {w.shape}, expected ({n},): one weight "
-                            "per row of X")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ClassifyError("sample_weight must be finite and >= 0")
-    if not np.any(w > 0):
-        raise ClassifyError("sample_weight is zero for every row: at least one weight must be "
-                            "positive")
-    return w

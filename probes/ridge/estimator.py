@@ -93,7 +93,7 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         RidgeProbeCV
             self, fitted.
         """
-        X, y = _validated(self, X, y, reset=True, multi_output=True, y_numeric=True,
+        X, y = validated(self, X, y, reset=True, multi_output=True, y_numeric=True,
                           dtype=np.float64)
         alphas = parse_alphas(self.alphas)
         Y = y[:, None] if y.ndim == 1 else y
@@ -101,7 +101,7 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         if n < 3:
             raise RidgeError(f"RidgeProbeCV needs at least 3 rows to choose alpha by "
                              f"cross-validation, got n_samples={n}")
-        w = _sample_weight(sample_weight, n)
+        w = sample_weights(sample_weight, n)
         cv = self._splits(X, Y)
         mu, sd = self._target_scale(Y, w)
         idx, best, scores, coef, b = fit_arrays(X, (Y - mu) / sd, alphas, cv,
@@ -175,38 +175,37 @@ class RidgeProbeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         ndarray of shape (n,) or (n, k)
         """
         check_is_fitted(self, "coef_")
-        X = _validated(self, X, reset=False, dtype=np.float64)
+        X = validated(self, X, reset=False, dtype=np.float64)
         return X @ self.coef_.T + self.intercept_
 
 
-def _validated(estimator, X, y="no_validation", **kwargs):
+def validated(estimator, X, y="no_validation", error=RidgeError, **kwargs):
     """scikit-learn's input validation (dtypes, finiteness, n_features_in_, feature_names_in_
-    and its warnings), its errors re-raised as :class:`RidgeError` with scikit-learn's own
-    message (which its estimator checks match; a feature-name mismatch lists the names one per
-    line)."""
+    and its warnings), its errors re-raised as ``error`` (a :class:`ProbesError`) with
+    scikit-learn's own message (which its estimator checks match; a feature-name mismatch lists
+    the names one per line). Shared with the classification estimators."""
     try:
         return validate_data(estimator, X, y, **kwargs)
     except ValueError as e:
         if isinstance(e, ProbesError):
             raise
-        raise RidgeError(str(e)) from None
+        raise error(str(e)) from None
 
 
-def _sample_weight(sample_weight, n: int):
-    """(n,) float64 weights, or None; RidgeError unless finite, >= 0 and not all zero."""
+def sample_weights(sample_weight, n: int, error=RidgeError):
+    """(n,) float64 weights, or None; ``error`` unless finite, >= 0 and not all zero."""
     if sample_weight is None:
         return None
     w = np.array(sample_weight, dtype=np.float64)          # a copy: the caller's stays as is
     if w.ndim == 0:
         w = np.full(n, float(w))
     if w.shape != (n,):
-        raise RidgeError(f"sample_weight has shape {w.shape}, expected ({n},): one weight per "
-                         "row of X")
+        raise error(f"sample_weight has shape {w.shape}, expected ({n},): one weight per "
+                    "row of X")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise RidgeError("sample_weight must be finite and >= 0")
+        raise error("sample_weight must be finite and >= 0")
     if not np.any(w > 0):
-        raise RidgeError("sample_weight is zero for every row: at least one weight must be "
-                         "positive")
+        raise error("sample_weight is zero for every row: at least one weight must be positive")
     return w
 
 
