@@ -10,10 +10,7 @@ then runs in a fresh process that sets it."""
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -27,6 +24,7 @@ from sklearn.utils.estimator_checks import (
     check_estimator,
     parametrize_with_checks,
 )
+from sklearn_checks import array_api_results_in_fresh_process, check_name
 
 from probes import LogisticProbeCV, MassMeanProbe
 from probes.errors import ClassifyError
@@ -37,49 +35,15 @@ ESTIMATORS = [MassMeanProbe(), LogisticProbeCV(Cs=5, cv=3),
 PER_CHECK_PARAMS = {"check_sample_weight_equivalence_on_dense_data": {"tol": 1e-12}}
 
 
-def _check_name(check) -> str:
-    while isinstance(check, functools.partial):
-        check = check.func
-    return getattr(check, "__wrapped__", check).__name__
-
-
 @functools.lru_cache(maxsize=1)
 def _array_api_results_in_fresh_process() -> dict:
-    """check_estimator's array-API checks where SCIPY_ARRAY_API=1 holds from the start:
-    {repr(estimator): [(check, status, exception)...]}."""
-    code = (
-        "import json\n"
-        "from unittest import SkipTest\n"
-        "from sklearn.utils.estimator_checks import estimator_checks_generator\n"
-        "from probes import LogisticProbeCV, MassMeanProbe\n"
-        "out = {}\n"
-        f"for e in [{', '.join(repr(e) for e in ESTIMATORS)}]:\n"
-        "    res = out.setdefault(repr(e), [])\n"
-        "    for est, check in estimator_checks_generator(e):\n"
-        "        c = check\n"
-        "        while hasattr(c, 'func'):\n"
-        "            c = c.func\n"
-        "        name = getattr(c, '__wrapped__', c).__name__\n"
-        "        if not name.startswith('check_array_api'):\n"
-        "            continue\n"
-        "        try:\n"
-        "            check(est)\n"
-        "            res.append((name, 'passed', ''))\n"
-        "        except SkipTest as exc:\n"
-        "            res.append((name, 'skipped', str(exc)))\n"
-        "        except Exception as exc:\n"
-        "            res.append((name, 'failed', repr(exc)))\n"
-        "print(json.dumps(out))\n")
-    env = {**os.environ, "SCIPY_ARRAY_API": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return array_api_results_in_fresh_process(
+        "from probes import LogisticProbeCV, MassMeanProbe", ESTIMATORS)
 
 
 @parametrize_with_checks(ESTIMATORS)
 def test_sklearn_estimator_check(estimator, check):
-    name = _check_name(check)
+    name = check_name(check)
     if name.startswith("check_array_api") and not os.environ.get("SCIPY_ARRAY_API"):
         results = _array_api_results_in_fresh_process()[repr(estimator)]
         assert results, "check_estimator ran no array-API check"

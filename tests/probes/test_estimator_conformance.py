@@ -6,10 +6,7 @@ then runs in a fresh process that sets it, so that nothing is skipped."""
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -18,6 +15,7 @@ from sklearn.utils.estimator_checks import (
     check_estimator,
     parametrize_with_checks,
 )
+from sklearn_checks import array_api_results_in_fresh_process, check_name
 
 from probes import RidgeProbeCV
 
@@ -25,49 +23,14 @@ ESTIMATORS = [RidgeProbeCV(), RidgeProbeCV(cv=3), RidgeProbeCV(alpha_per_target=
               RidgeProbeCV(cv=3, alpha_per_target=True)]
 
 
-def _check_name(check) -> str:
-    while isinstance(check, functools.partial):
-        check = check.func
-    return getattr(check, "__wrapped__", check).__name__
-
-
 @functools.lru_cache(maxsize=1)
 def _array_api_results_in_fresh_process() -> dict:
-    """check_estimator's array-API checks, run where SCIPY_ARRAY_API=1 holds from the start:
-    {repr(estimator): [(check, status, exception)...]} for every estimator of ESTIMATORS."""
-    code = (
-        "import json\n"
-        "from unittest import SkipTest\n"
-        "from sklearn.utils.estimator_checks import estimator_checks_generator\n"
-        "from probes import RidgeProbeCV\n"
-        "out = {}\n"
-        f"for e in [{', '.join(repr(e) for e in ESTIMATORS)}]:\n"
-        "    res = out.setdefault(repr(e), [])\n"
-        "    for est, check in estimator_checks_generator(e):\n"
-        "        c = check\n"
-        "        while hasattr(c, 'func'):\n"
-        "            c = c.func\n"
-        "        name = getattr(c, '__wrapped__', c).__name__\n"
-        "        if not name.startswith('check_array_api'):\n"
-        "            continue\n"
-        "        try:\n"
-        "            check(est)\n"
-        "            res.append((name, 'passed', ''))\n"
-        "        except SkipTest as exc:\n"
-        "            res.append((name, 'skipped', str(exc)))\n"
-        "        except Exception as exc:\n"
-        "            res.append((name, 'failed', repr(exc)))\n"
-        "print(json.dumps(out))\n")
-    env = {**os.environ, "SCIPY_ARRAY_API": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return array_api_results_in_fresh_process("from probes import RidgeProbeCV", ESTIMATORS)
 
 
 @parametrize_with_checks(ESTIMATORS)
 def test_sklearn_estimator_check(estimator, check):
-    if _check_name(check).startswith("check_array_api") and not os.environ.get("SCIPY_ARRAY_API"):
+    if check_name(check).startswith("check_array_api") and not os.environ.get("SCIPY_ARRAY_API"):
         results = _array_api_results_in_fresh_process()[repr(estimator)]
         assert results, "check_estimator ran no array-API check"
         bad = [r for r in results if r[1] != "passed"]
