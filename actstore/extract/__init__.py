@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actstore import datasets
+from actstore.datasets.generic import TableSpec
 from actstore.distributed import context
 from actstore.errors import ExtractError
 from actstore.extract.capture import (
@@ -248,21 +249,13 @@ def _config(config: ExtractConfig | None, options: dict, **inputs) -> ExtractCon
 def _own_texts(ds) -> bool:
     """True for a table of the user's own (its texts in a ``text`` column), False for a paper
     dataset or built-in (texts made from a prompt)."""
-    return getattr(ds, "template", None) is not None or "text" in ds.table.columns
-
-
-def _has_entity(ds) -> bool:
-    """Whether every text has an entity (paper datasets and built-ins always do)."""
-    if not _own_texts(ds):
-        return True
-    return bool(getattr(ds, "has_entity", (ds.table["entity_start"] >= 0).all()))
+    return ds.template is not None or "text" in ds.table.columns
 
 
 def _table_spec(cfg: ExtractConfig):
     """The TableSpec of the config's table options, or None (a paper dataset or built-in)."""
     if not cfg.own_table:
         return None
-    from actstore.datasets.generic import TableSpec  # TODO(i14-data): top-level once merged
     return TableSpec(text_column=cfg.text_column, entity_column=cfg.entity_column,
                      template=cfg.template, targets=names(cfg.targets),
                      group_columns=names(cfg.group_columns), split_column=cfg.split_column,
@@ -274,7 +267,7 @@ def _table_meta(cfg: ExtractConfig, ds) -> dict | None:
     if not _own_texts(ds):
         return None
     return {"text_column": cfg.text_column, "entity_column": cfg.entity_column,
-            "template": getattr(ds, "template", None) or cfg.template,
+            "template": ds.template,
             "targets": list(names(cfg.targets)), "group_columns": list(names(cfg.group_columns)),
             "split_column": cfg.split_column, "id_column": cfg.id_column}
 
@@ -295,17 +288,15 @@ def _inputs(cfg: ExtractConfig, device: str) -> Inputs:
     and every text's ids."""
     # dataset, prompt and position first: cheap, and their errors should not wait for a model
     if isinstance(cfg.dataset, (str, Path)):
-        spec = _table_spec(cfg)
         ds = datasets.load_dataset(str(cfg.dataset), kind=cfg.kind,
-                                   drop_invalid=cfg.drop_invalid,
-                                   **({"table": spec} if spec is not None else {}))
+                                   drop_invalid=cfg.drop_invalid, table=_table_spec(cfg))
     else:
         ds = cfg.dataset
     if cfg.limit is not None:
         ds = ds.head(cfg.limit)
     if len(ds) == 0:
         raise ExtractError(f"dataset {ds.name!r} has no rows to extract")
-    own, has_entity = _own_texts(ds), _has_entity(ds)
+    own, has_entity = _own_texts(ds), ds.has_entity
     if own and cfg.prompt is not None:
         raise ExtractError("--prompt is for the paper datasets and built-ins: a table of your "
                            "own brings its texts (--text-column) or its template (--entity-"

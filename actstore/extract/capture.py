@@ -18,12 +18,15 @@ from actstore.models import attention_module, decoder_layers, down_projection, m
 
 __all__ = ["HOOK_POINT", "SITE_HOOKS", "TOKEN_RULE", "TOKEN_RULES", "BatchLoop", "plan_batches"]
 
-# Where each site is read (the store's meta "hook_points"). attn_out / mlp_out are the outputs
-# of the modules themselves: in blocks with post-norms (Gemma 2/3, OLMo 2) the residual gains
-# norm(attn_out) / norm(mlp_out), so there they are not the exact residual update.
+# What version-1 stores record as meta "hook_point" (a paper extraction's header keeps it).
+HOOK_POINT = ("residual stream after each decoder block, before the final norm "
+              "(HF output_hidden_states indexing: 0 = embeddings, i = output of block i-1); "
+              "neurons: input of the MLP down projection")
+# Where each site is read (meta "hook_points"). attn_out / mlp_out are the outputs of the
+# modules themselves: blocks with post-norms (Gemma 2/3, OLMo 2) add norm(attn_out) /
+# norm(mlp_out) to the residual, so there they are not the exact residual update.
 SITE_HOOKS = {
-    "resid": ("residual stream after each decoder block, before the final norm "
-              "(HF output_hidden_states indexing: 0 = embeddings, i = output of block i-1)"),
+    "resid": HOOK_POINT.split("; neurons")[0],
     "attn_out": ("output of block i-1's attention module (forward hook; the first element of a "
                  "tuple output), before it is added to the residual stream; in blocks with a "
                  "post-attention norm (Gemma 2/3, OLMo 2) before that norm, so not the exact "
@@ -33,10 +36,6 @@ SITE_HOOKS = {
                 "before that norm, so not the exact residual update there"),
     "neurons": "input of the MLP down projection of block i-1 (forward pre-hook)",
 }
-HOOK_POINT = (SITE_HOOKS["resid"] + "; neurons: input of the MLP down projection; attn_out / "
-              "mlp_out: output of block i-1's attention / MLP module before it is added to the "
-              "residual stream (in blocks with post-norms, Gemma 2/3 and OLMo 2: before the "
-              "post-attention / post-feedforward norm, so not the exact residual update)")
 TOKEN_RULE = "last token of the entity (last non-padding position of BOS + prompt + entity)"
 TOKEN_RULES = {
     "last-entity": TOKEN_RULE,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from actstore.errors import ExtractError
 from actstore.options import cli
+from actstore.store.format import POSITIONS, SITES
 
 __all__ = ["ExtractConfig", "DEFAULT_BATCH_SIZE", "BATCH_TOKENS_PER_ROW", "DTYPES",
            "COMPUTE_DTYPES", "POSITIONS", "SITES", "parse_layers", "parse_sites", "names"]
@@ -19,9 +20,6 @@ DEFAULT_BATCH_SIZE = 32
 BATCH_TOKENS_PER_ROW = 256
 DTYPES = ("float16", "bfloat16", "float32")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-POSITIONS = ("last-entity", "last", "mean", "first-entity", "all")
-# the store's site arrays, in the order a store lists them (actstore.store.format.SITES)
-SITES = ("resid", "attn_out", "mlp_out", "neurons")
 # options that only a table of your own takes (actstore.datasets.generic.TableSpec)
 TABLE_OPTIONS = ("template", "targets", "group_columns", "split_column", "id_column")
 

@@ -122,7 +122,7 @@ def store_meta(cfg: ExtractConfig, inp: Inputs) -> dict:
         "position": inp.position,
         "sites": list(inp.sites),
         "table": inp.table,
-        "template": getattr(ds, "template", None),
+        "template": ds.template,
         "text_column": (inp.table or {}).get("text_column"),
         "hook_point": HOOK_POINT,
         "hook_points": {site: SITE_HOOKS[site] for site in inp.sites},
@@ -201,7 +201,7 @@ def _create(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs):
             format=cfg.format, dtype=cfg.dtype, d_mlp=inp.d_mlp,
             rows_per_chunk=cfg.rows_per_chunk or default_rows_per_chunk(d_model),
             compression=cfg.compression, overwrite=cfg.overwrite, sites=dict(inp.sites),
-            position=inp.position, target_kinds=getattr(ds, "target_kinds", None),
+            position=inp.position, target_kinds=dict(ds.target_kinds),
             tokens=(rows.offsets, rows.ids) if inp.position == "all" else None)
     except StoreError as exc:
         raise ExtractError(str(exc)) from None
