@@ -242,7 +242,10 @@ def _config(config: ExtractConfig | None, options: dict, **inputs) -> ExtractCon
     needed = ("dataset", "out") if own else ("dataset", "prompt", "out")
     missing = [k for k in needed if getattr(cfg, k) is None]
     if missing:
-        raise ExtractError(f"extract() needs {', '.join(missing)}")
+        hint = ("; --prompt for a paper dataset or built-in (coords, where_is, ...), or "
+                "--text-column / --entity-column with --template for a table of your own"
+                if "prompt" in missing else "")
+        raise ExtractError(f"extract() needs {', '.join(missing)}{hint}")
     return cfg
 
 
@@ -301,10 +304,6 @@ def _inputs(cfg: ExtractConfig, device: str) -> Inputs:
         raise ExtractError("--prompt is for the paper datasets and built-ins: a table of your "
                            "own brings its texts (--text-column) or its template (--entity-"
                            "column with --template); drop --prompt")
-    if not own and cfg.prompt is None:
-        raise ExtractError(f"dataset {ds.name!r} needs --prompt (see `actstore prompts`), or "
-                           "give --text-column / --entity-column --template for a table of "
-                           "your own")
     pr = None if own else (cfg.prompt if not isinstance(cfg.prompt, str)
                            else get_prompt(cfg.prompt, kind=ds.kind))
     position = cfg.position or ("last-entity" if has_entity else "last")

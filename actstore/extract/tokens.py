@@ -96,7 +96,10 @@ class EncodedRows:
         texts = np.arange(w0, w1)
         dest = [np.array([t - w0]) for t in texts]
         if position == "mean":
-            a, b = self.spans[w0:w1, 0], self.spans[w0:w1, 1]
+            if self.spans is None:   # texts without entities: their spans were never needed
+                a = b = np.full(w1 - w0, -1, dtype=np.int64)
+            else:
+                a, b = self.spans[w0:w1, 0], self.spans[w0:w1, 1]
             lo = np.where(a < 0, self.head, a)              # no entity: the whole text, no BOS
             hi = np.where(a < 0, self.lengths[w0:w1], b)
             tokens = [np.arange(x, y) for x, y in zip(lo, hi)]
