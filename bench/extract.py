@@ -5,6 +5,8 @@ On the same windows and batches (rows sorted by length inside each store window)
   floor  the bare decoder forward pass (no hooks, no LM head, nothing kept): the lower bound
   ours   actstore.extract.extract(): hooks, last-token gather, fp16 check, store writes on a
          writer thread (everything included: tokenising, store creation, final drain)
+  ours_all    the same with --position all (every token a row: a ragged store)
+  ours_sites  the same with --sites resid,attn_out,mlp_out (three arrays, one forward pass)
   paper  HF model(..., output_hidden_states=True) (full model, LM head included, as the paper's
          code calls it), last-token vectors of every layer kept in RAM, one torch.save per layer
 
@@ -29,6 +31,12 @@ import time
 from pathlib import Path
 
 from bench.common import PAPER_CSV, REPO, RESULTS, machine, md_table, update_results
+
+# extract() options of each "ours" variant (--variants picks the ones beside plain ours)
+VARIANTS = {"ours": {}, "ours_all": {"position": "all"},
+            "ours_sites": {"sites": "resid,attn_out,mlp_out"}}
+
+_VARIANT_TEXT = {"ours_all": "--position all", "ours_sites": "--sites resid,attn_out,mlp_out"}
 
 CONFIGS = {
     # random-init Llama shapes; vocab comes from the tokenizer
@@ -119,17 +127,20 @@ def _measure(mode, args, lm, ds, pr, R, pad, side, dev, sync, tmp, res, keep) ->
     import torch
 
     from actstore.extract import _batch_tensors, _forward_base, extract
-    if mode == "ours":
+    if mode in VARIANTS:
         t = time.perf_counter()
-        r = extract(lm, ds, pr, tmp / "s.zarr", batch_size=args.batch_size, progress=False)
+        r = extract(lm, ds, pr, tmp / "s.zarr", batch_size=args.batch_size, progress=False,
+                    **VARIANTS[mode])
         sec = time.perf_counter() - t
-        res["padding_fraction"] = r.padding_fraction
-        res.setdefault("ours_forward_s", []).append(r.forward_seconds)
-        res.setdefault("ours_total_s", []).append(sec)
-        res.setdefault("ours_write_s", []).append(r.write_seconds)
-        res["store_bytes"] = sum(f.stat().st_size for f in (tmp / "s.zarr").rglob("*")
-                                 if f.is_file())
-        if keep and args.keep_store:
+        if mode == "ours":
+            res["padding_fraction"] = r.padding_fraction
+        res.setdefault(f"{mode}_forward_s", []).append(r.forward_seconds)
+        res.setdefault(f"{mode}_total_s", []).append(sec)
+        res.setdefault(f"{mode}_write_s", []).append(r.write_seconds)
+        res[f"{mode}_store_rows"] = r.store.n_rows
+        res[f"{mode}_store_bytes"] = sum(f.stat().st_size for f in (tmp / "s.zarr").rglob("*")
+                                         if f.is_file())
+        if mode == "ours" and keep and args.keep_store:
             shutil.rmtree(args.keep_store, ignore_errors=True)
             shutil.copytree(tmp / "s.zarr", args.keep_store)
         return sec
@@ -190,7 +201,8 @@ def worker(args) -> dict:
     rss0 = _rss_mb()
     res = {"mode": args.mode, "rows": len(ds), "device": str(dev), "model": lm.info["id"],
            "n_layers": lm.n_layers, "d_model": lm.d_model}
-    modes = ("floor", "ours", "paper") if args.mode == "interleaved" else (args.mode,)
+    modes = (("floor", "ours", *_variants(args), "paper") if args.mode == "interleaved"
+             else (args.mode,))
     times = {m: [] for m in modes}
     for rep in range(args.repeats):
         for m in modes:  # interleaved: slow drifts of a shared machine hit every mode alike
@@ -217,6 +229,15 @@ def worker(args) -> dict:
     return res
 
 
+def _variants(args) -> list[str]:
+    """The "ours" variants --variants names ('all,sites' -> ours_all, ours_sites)."""
+    out = [f"ours_{v.strip()}" for v in (args.variants or "").split(",") if v.strip()]
+    bad = [v for v in out if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown --variants {bad}; choose from all, sites")
+    return out
+
+
 # ----------------------------------------------------------------------------- driver side
 
 def run_mode(args, mode: str, rows: int, **over) -> dict:
@@ -224,7 +245,8 @@ def run_mode(args, mode: str, rows: int, **over) -> dict:
            "--dataset", str(args.dataset), "--prompt", args.prompt,
            "--batch-size", str(over.get("batch_size", args.batch_size)),
            "--device", args.device, "--compute-dtype", args.compute_dtype,
-           "--threads", str(args.threads), "--repeats", str(over.get("repeats", args.repeats))]
+           "--threads", str(args.threads), "--repeats", str(over.get("repeats", args.repeats)),
+           "--variants", args.variants]
     model_config = over.get("model_config", args.model_config)
     if over.get("random_init", args.random_init):
         cmd += ["--random-init", "--model-config", model_config]
@@ -266,8 +288,8 @@ def compression_table(store_path: Path, tmp: str | None) -> list[dict]:
             nbytes = sum(f.stat().st_size for f in (d / "c.zarr" / "resid").rglob("*")
                          if f.is_file())
             t = time.perf_counter()
-            for i in range(st.n_layers):
-                st.layer(i)
+            for layer in st.layers:   # hidden-state indices (layer 0 only with all+emb)
+                st.layer(layer)
             r = time.perf_counter() - t
             rows.append({"compression": comp, "bytes": nbytes, "ratio": data.nbytes / nbytes,
                          "write_MBps": data.nbytes / w / 2**20,
@@ -371,7 +393,13 @@ def main(argv=None) -> int:
     ap.add_argument("--timing-only", action="store_true",
                     help="only the interleaved timing process (no per-mode peak-RSS processes, no "
                          "compression table): for a GPU machine where each process start costs")
-    ap.add_argument("--worker", default=None, choices=("floor", "ours", "paper", "interleaved"),
+    ap.add_argument("--variants", default="all,sites",
+                    help="ours variants timed beside plain ours: all (--position all), sites "
+                         "(--sites resid,attn_out,mlp_out); '' for none")
+    ap.add_argument("--rss-modes", default="ours,paper",
+                    help="modes of the peak-RSS section (ours, ours_all, ours_sites, paper)")
+    ap.add_argument("--worker", default=None,
+                    choices=("floor", "paper", "interleaved", *VARIANTS),
                     help=argparse.SUPPRESS)
     ap.add_argument("--keep-store", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--writer", default=None, metavar="L,ROWS,D",
@@ -394,7 +422,8 @@ def main(argv=None) -> int:
     inter = run_mode(args, "interleaved", args.rows, keep_store=kept)
     # memory: each mode alone in a fresh process (peak RSS is per process)
     timing = []
-    for mode in ("floor", "ours", "paper"):
+    order = ("floor", "ours", *_variants(args), "paper")
+    for mode in order:
         r = (dict((key, inter[key]) for key in ("rows", "n_layers", "d_model", "cuda_peak_mb")
                   if key in inter) if args.timing_only
              else run_mode(args, mode, args.rows, repeats=1))
@@ -404,22 +433,32 @@ def main(argv=None) -> int:
         r["rows_per_s"] = r["rows"] / r["seconds"]
         if mode == "ours":
             r["padding_fraction"] = inter.get("padding_fraction", r.get("padding_fraction"))
+        r["store_rows"] = inter.get(f"{mode}_store_rows", r["rows"])
         timing.append(r)
-        print(f"  {mode:6s} {r['seconds']:8.2f} s  {r['rows_per_s']:8.1f} rows/s"
+        print(f"  {mode:10s} {r['seconds']:8.2f} s  {r['rows_per_s']:8.1f} rows/s"
               + (f"  peak RSS {r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else "")
               + (f"  GPU peak {r['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in r else ""))
     # Contention-proof view of our overhead: inside each 'ours' run, time in the model's
     # forward calls vs the run's total (CPU only: on a GPU forward calls return at launch).
-    over = [t / f for t, f in zip(inter.get("ours_total_s", []), inter.get("ours_forward_s", []))
-            if f > 0]
+    overs = {m: [t / f for t, f in zip(inter.get(f"{m}_total_s", []),
+                                       inter.get(f"{m}_forward_s", [])) if f > 0]
+             for m in order if m in VARIANTS}
+    over = overs["ours"]
     import statistics
     med = {m: statistics.median(inter["times"][m]) for m in inter["times"]}
+    by_mode = {r["mode"]: r for r in timing}
     floor = timing[0]["seconds"]
     for r in timing:
         r["x_floor"] = r["seconds"] / floor
     pad = timing[1].get("padding_fraction", float("nan"))
-    cols = [("mode", "mode", "s"), ("seconds", "seconds", ".2f"), ("rows_per_s", "rows/s", ".1f"),
-            ("x_floor", "x floor", ".3f")]
+    for r in timing:
+        r["x_floor_median"] = med[r["mode"]] / med["floor"]
+        r["total_per_forward"] = (statistics.median(overs[r["mode"]])
+                                  if overs.get(r["mode"]) else float("nan"))
+    cols = [("mode", "mode", "s"), ("store_rows", "store rows", "d"),
+            ("seconds", "seconds", ".2f"), ("rows_per_s", "texts/s", ".1f"),
+            ("x_floor", "x floor", ".3f"), ("x_floor_median", "x floor (medians)", ".3f"),
+            ("total_per_forward", "total / forward", ".3f")]
     if not args.timing_only:
         cols += [("peak_rss_mb", "peak RSS MB", ".0f"),
                  ("rss_after_load_mb", "RSS after load MB", ".0f")]
@@ -427,14 +466,14 @@ def main(argv=None) -> int:
         cols.append(("cuda_peak_mb", "GPU peak MB", ".0f"))
     t1 = md_table(timing, cols)
     print(t1)
-    print(f"  medians: floor {med['floor']:.2f} s, ours {med['ours']:.2f} s, "
-          f"paper {med['paper']:.2f} s;"
-          f" ours total/forward per run: {_fmt(over)}")
+    print("  medians: " + ", ".join(f"{m} {med[m]:.2f} s" for m in order)
+          + "; total/forward per run: "
+          + ", ".join(f"{m} {_fmt(v)}" for m, v in overs.items()))
 
     rss = []
     if args.rss_rows:
         for n in [int(x) for x in args.rss_rows.split(",")]:
-            for mode in ("ours", "paper"):
+            for mode in [m.strip() for m in args.rss_modes.split(",") if m.strip()]:
                 r = run_mode(args, mode, n, random_init=True, model_config=args.rss_model_config,
                              batch_size=64, repeats=1)
                 rss.append(r)
@@ -456,21 +495,23 @@ def main(argv=None) -> int:
     shutil.rmtree(tmpdir, ignore_errors=True)
 
     if not args.no_results:
-        ours, paper = timing[1], timing[2]
+        ours, paper = by_mode["ours"], by_mode["paper"]
+        extra = [by_mode[m] for m in order if m in VARIANTS and m != "ours"]
+        rounds = "; ".join(f"{r['mode']} {_fmt(r['seconds_all'])}" for r in timing)
         text = f"""Command: `python -m bench.extract {' '.join(argv if argv is not None else sys.argv[1:])}`
 Machine: {machine()}. Date: {stamp}.
 Model: {what} ({timing[0]['n_layers']} layers x {timing[0]['d_model']}), device {args.device},
 {args.rows} rows of {Path(args.dataset).name} with prompt `{args.prompt}`, batch size {args.batch_size},
-the same length-sorted batches for all three modes (padding {100 * pad:.1f}% of token slots).
-Seconds: fastest of {args.repeats} interleaved rounds in one process (all rounds: floor
-{_fmt(timing[0]['seconds_all'])}, ours {_fmt(timing[1]['seconds_all'])}, paper {_fmt(timing[2]['seconds_all'])});
-peak RSS: each mode alone in a fresh process.
+the same length-sorted batches for floor, ours and paper (padding {100 * pad:.1f}% of token slots).
+Seconds: fastest of {args.repeats} interleaved rounds in one process (all rounds: {rounds});
+peak RSS: each mode alone in a fresh process. Store rows: texts, or tokens for ours_all.
 
 {t1}
 
 Ours / floor = **{ours['x_floor']:.3f}x** on the fastest rounds, {med['ours'] / med['floor']:.3f}x on the medians
 (target <= 1.10x); paper / ours = {paper['seconds'] / ours['seconds']:.2f}x time ({med['paper'] / med['ours']:.2f}x medians).
-""" + (f"""Within each of our runs, total / time inside the forward calls = {_fmt(over)} (CPU; the
+""" + "".join(f"""{r['mode']} ({_VARIANT_TEXT[r['mode']]}) / floor = **{r['x_floor']:.3f}x** fastest, {r['x_floor_median']:.3f}x medians, total / forward {r['total_per_forward']:.3f} (target <= 1.15x).
+""" for r in extra) + (f"""Within each of our runs, total / time inside the forward calls = {_fmt(over)} (CPU; the
 writer thread's busy time {_fmt(inter.get('ours_write_s', []))} s overlaps the forwards). On a shared
 machine rounds vary by tens of percent; this per-run ratio is the contention-proof overhead.
 """ if over and args.device == "cpu" else "") + """
@@ -482,14 +523,14 @@ fp16 check, store writes on the writer thread, final drain); paper = full-model
             by = {(r["mode"], r["rows"]): r for r in rss}
             ns = sorted({r["rows"] for r in rss})
             grow = {m: by[(m, ns[-1])]["peak_rss_mb"] - by[(m, ns[0])]["peak_rss_mb"]
-                    for m in ("ours", "paper")}
+                    for m in sorted({r["mode"] for r in rss})}
             text += f"""
 Peak RSS vs rows (random-init Llama `{args.rss_model_config}` shape, batch 64, CPU; each run
 a fresh process):
 
 {t2}
 
-Growth from {ns[0]} to {ns[-1]} rows: ours {grow['ours']:+.0f} MB, paper {grow['paper']:+.0f} MB.
+Growth from {ns[0]} to {ns[-1]} rows: {', '.join(f'{m} {g:+.0f} MB' for m, g in grow.items())}.
 """
         text += f"""
 Store compression on these real fp16 activations (Zarr v3, chunk (1, R, d) in shards of one

@@ -99,8 +99,11 @@ class ExtractResult:
 
     def summary(self) -> str:
         s = self.store
-        return (f"{self.rows_done}/{s.n_rows} rows x {s.n_layers} layers x {s.d_model} "
-                f"({self.bytes / 2**20:.1f} MiB {s.dtype}) -> {s.path} in {self.seconds:.1f} s "
+        sites = tuple(s.sites)
+        what = "token rows" if s.ragged else "rows"
+        return (f"{self.rows_done}/{s.n_rows} {what} x {s.n_layers} layers x {s.d_model} "
+                + (f"[{', '.join(sites)}] " if sites != ("resid",) else "")
+                + f"({self.bytes / 2**20:.1f} MiB {s.dtype}) -> {s.path} in {self.seconds:.1f} s "
                 f"({self.rows_per_s:.1f} rows/s, padding {100 * self.padding_fraction:.1f}%"
                 + (f", {self.processes} processes" if self.processes > 1 else "")
                 + (f", resumed at row {self.resumed_from}"

@@ -455,3 +455,23 @@ def test_cli_takes_the_new_options(tmp_path, tiny_model_dir, table_csv, capsys):
                str(tmp_path / "d.zarr"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "--prompt is for the paper datasets" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("position", ["all", "mean", "first-entity"])
+def test_cuda_positions_and_sites_match_cpu(tmp_path, tiny_model, tiny_tokenizer, world_csv,
+                                            position):
+    """GPU path (pinned staging per site, grown for --position all's token rows, copy-out one
+    batch late) stores what the CPU path stores."""
+    kw = dict(batch_size=7, rows_per_chunk=16, progress=False, position=position,
+              sites="resid,attn_out,mlp_out,neurons")
+    cpu = extract((tiny_model, tiny_tokenizer), world_csv, "coords", tmp_path / "c.zarr",
+                  **kw).store
+    gpu_model = copy.deepcopy(tiny_model).to("cuda")
+    gpu = extract((gpu_model, tiny_tokenizer), world_csv, "coords", tmp_path / "g.zarr",
+                  **kw).store
+    assert gpu.n_rows == cpu.n_rows
+    for site in SITES:
+        np.testing.assert_allclose(gpu.read(slice(0, gpu.n_rows), site=site).astype(np.float32),
+                                   cpu.read(slice(0, cpu.n_rows), site=site).astype(np.float32),
+                                   rtol=5e-3, atol=1e-2)
