@@ -40,6 +40,7 @@ MAX_CLASS_INT_VALUES = 20
 FILE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet",
                  ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INT = re.compile(r"[+-]?\d+")
+_NA_WORDS = frozenset({"nan", "na", "n/a", "null", "none"})
 _SPLIT_WORDS = {"train": False, "test": True, "false": False, "true": True}
 _OWN_TABLE = ("--text-column COL (the full text), or --entity-column COL with --template "
               "'... {entity} ...'")
@@ -445,11 +446,14 @@ def _typed(src: _Source, col: str) -> tuple[str, list, np.ndarray]:
         present = [v for v, m in zip(strip, miss) if not m]
         if present and all(v.lower() in ("true", "false") for v in present):
             return "bool", [None if m else v.lower() == "true" for v, m in zip(strip, miss)], miss
-        if present and all(_INT.fullmatch(v) for v in present):
-            return "int", [None if m else int(v) for v, m in zip(strip, miss)], miss
-        num = pd.to_numeric(pd.Series(present, dtype=object), errors="coerce")
-        if present and num.notna().all():
-            return "float", [None if m else float(v) for v, m in zip(strip, miss)], miss
+        # in a column of numbers, NaN / NA / null spell a missing value (elsewhere: a string)
+        na = np.array([v.lower() in _NA_WORDS for v in strip], dtype=bool)
+        nums = [v for v, m in zip(strip, miss | na) if not m]
+        if nums and all(_INT.fullmatch(v) for v in nums):
+            return "int", [None if m else int(v) for v, m in zip(strip, miss | na)], miss | na
+        if nums and pd.to_numeric(pd.Series(nums, dtype=object), errors="coerce").notna().all():
+            return ("float", [None if m else float(v) for v, m in zip(strip, miss | na)],
+                    miss | na)
         return "str", [None if m else v for v, m in zip(strip, miss)], miss
     if pd.api.types.is_bool_dtype(s):
         return "bool", [None if m else bool(v) for v, m in zip(values, miss)], miss
@@ -493,6 +497,8 @@ def _target(rows: _Rows, col: str, forced: str | None) -> tuple[str, np.ndarray]
         raise DatasetError(f"{src.label}: target column '{col}' holds {kind} values; a target "
                            f"must hold numbers, booleans or strings")
     rows.add(miss, col, lambda v: "missing target value")
+    if forced is None and kind == "str":
+        _refuse_almost_numbers(src, col, values)
     if forced is None:
         if kind == "float":
             forced = "regression"
@@ -520,6 +526,19 @@ def _target(rows: _Rows, col: str, forced: str | None) -> tuple[str, np.ndarray]
         return "class", np.array([0 if v is None else v for v in values], dtype=np.int64)
     return "class", np.array(["" if v is None else _scalar_str(v) for v in values],
                              dtype=object)
+
+
+def _refuse_almost_numbers(src: _Source, col: str, values: list) -> None:
+    """A string target whose values are mostly numbers is a typo, not a thousand classes."""
+    present = [(i, v) for i, v in enumerate(values) if v is not None]
+    bad = [(i, v) for i, v in present if _number(v) is None]
+    if bad and len(bad) <= len(present) // 2:
+        rows = _Rows(src)
+        shown = ", ".join(f"{rows.where(i)}: {v!r}" for i, v in bad[:3])
+        raise DatasetError(
+            f"{src.label}: target '{col}' is numbers except {len(bad)} value(s) ({shown}); "
+            f"fix them, or say '{col}:regression' (those rows become errors, dropped with "
+            f"--drop-invalid) or '{col}:class' (every distinct value a class)")
 
 
 def _split(rows: _Rows, col: str) -> np.ndarray:

@@ -537,3 +537,26 @@ def test_cli_show_your_own_table(tmp_path, capsys):
         cli(["datasets", "show", "--help"], capsys)
     out = capsys.readouterr().out
     assert "--split-column COL" in out and "20 % test" in out
+
+
+def test_na_spellings_and_almost_numeric_targets(tmp_path):
+    (tmp_path / "n.csv").write_text("text,y,region\na,1.5,NA\nb,NaN,EU\nc,2,EU\nd,null,NA\n"
+                                    "e,3,NA\nf,4,EU\n")
+    spec = TableSpec(text_column="text", targets="y,region")
+    with pytest.raises(DatasetError, match=r"row 1 \(line 3\), column 'y': missing target"):
+        load_dataset(tmp_path / "n.csv", table=spec)
+    ds = load_dataset(tmp_path / "n.csv", table=spec, drop_invalid=True)
+    assert ds.target_kinds == {"y": "regression", "region": "class"}
+    assert ds.table["region"].tolist() == ["NA", "EU", "NA", "EU"] and ds.n_dropped == 2
+    assert ds.table["y"].tolist() == [1.5, 2.0, 3.0, 4.0]
+    # a column of numbers with a typo is not a column of classes
+    (tmp_path / "t.csv").write_text("text,y\n" + "".join(f"r{i},{i}.5\n" for i in range(9))
+                                    + "r9,1,5\n".replace(",5", "x5"))
+    with pytest.raises(DatasetError, match=r"target 'y' is numbers except 1 value\(s\) \(row 9 "
+                       r"\(line 11\): '1x5'\); fix them, or say 'y:regression'"):
+        load_dataset(tmp_path / "t.csv", table=TableSpec(text_column="text", targets="y"))
+    # strings that all look like numbers (Parquet) stay a string class target
+    write(pd.DataFrame({"text": list("abcd"), "zip": ["01", "02", "01", "02"]}),
+          tmp_path / "z.parquet")
+    ds = load_dataset(tmp_path / "z.parquet", table=TableSpec(text_column="text", targets="zip"))
+    assert ds.target_kinds == {"zip": "class"} and ds.table["zip"].tolist() == ["01", "02"] * 2
