@@ -666,7 +666,7 @@ def load_table(source, spec: TableSpec, drop_invalid: bool = False) -> EntityDat
         raise DatasetError(f"{src.label}: all {n} rows are invalid, so --drop-invalid "
                            f"(drop_invalid=True) leaves nothing: {'; '.join(first)}")
     for col, kind in kinds.items():
-        classes = pd.unique(values[col][keep])
+        classes = pd.unique(values[col][keep]) if kind == "class" else ()
         if kind == "class" and keep.any() and len(classes) < 2:
             raise DatasetError(
                 f"{src.label}: target '{col}' has a single class ({_plain(classes[0])!r}) in "

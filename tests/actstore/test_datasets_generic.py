@@ -560,3 +560,15 @@ def test_na_spellings_and_almost_numeric_targets(tmp_path):
           tmp_path / "z.parquet")
     ds = load_dataset(tmp_path / "z.parquet", table=TableSpec(text_column="text", targets="zip"))
     assert ds.target_kinds == {"zip": "class"} and ds.table["zip"].tolist() == ["01", "02"] * 2
+
+
+def test_the_table_flags_do_not_import_pandas():
+    code = ("import argparse, sys\n"
+            "from actstore.datasets import add_cli\n"
+            "p = argparse.ArgumentParser(); add_cli(p.add_subparsers())\n"
+            "p.format_help()\n"
+            "print('pandas' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "False"
