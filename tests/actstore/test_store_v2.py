@@ -407,3 +407,18 @@ def test_overwrite_deletes_every_v2_array_and_nothing_else(tmp_path):
         shutil.rmtree(p2 / sub)
     remove_store(p2)
     assert not p2.exists()
+
+
+def test_reading_bad_offsets_is_an_error(tmp_path):
+    offsets, ids = _ragged()
+    p, _ = _make(tmp_path / "r.zarr", n=int(offsets[-1]), sites={"resid": D},
+                 position="all", tokens=(offsets, ids), n_texts=7)
+    z = __import__("zarr").open_group(str(p), mode="r+")
+    bad = offsets.copy()
+    bad[2] = bad[3] + 1
+    z["tokens"]["offsets"][:] = bad
+    s = open_store(p, verify=False)
+    with pytest.raises(StoreError, match=r"tokens/offsets: token offsets are not 8 "
+                                         r"non-decreasing values"):
+        s.text_offsets
+    s.close()
