@@ -12,7 +12,8 @@ from probes.errors import MetricsError
 
 __all__ = [
     "MetricsError", "r2_per_target", "r2", "pearson_per_target", "spearman_per_target",
-    "haversine_km", "proximity_error", "evaluate", "EARTH_RADIUS_KM", "latlon_columns",
+    "haversine_km", "proximity_error", "proximity_error_paper", "evaluate", "EARTH_RADIUS_KM",
+    "latlon_columns",
 ]
 
 EARTH_RADIUS_KM = 6371.0
@@ -142,6 +143,18 @@ def proximity_error(y_true, y_pred, metric: str = "euclidean") -> np.ndarray:
     return np.asarray(counts, dtype=np.float64) / n
 
 
+def proximity_error_paper(y_true, y_pred) -> np.ndarray:
+    """:func:`proximity_error` as the paper's code ran it, for comparison with its published
+    numbers: it passes (longitude, latitude) to a haversine that reads column 0 as the
+    latitude, so distances are great-circle distances with the axes swapped (longitude taken
+    as latitude). ``y_true``/``y_pred`` are (n, 2) (latitude, longitude) in degrees; the true
+    great-circle version is :func:`proximity_error` with ``metric="haversine"``."""
+    t, p = _pair(y_true, y_pred)
+    if t.shape[1] != 2:
+        raise MetricsError("proximity_error_paper needs exactly (latitude, longitude) columns")
+    return proximity_error(t[:, ::-1], p[:, ::-1], "haversine")
+
+
 def latlon_columns(names) -> tuple[int, int] | None:
     """(index of latitude, index of longitude) among target ``names`` (case-insensitive), or
     None unless both are there: place targets are found by name, never by position."""
@@ -157,7 +170,8 @@ def evaluate(y_true, y_pred, target_names) -> dict:
     ``r2`` (mean over targets), ``r2_per_target``, ``pearson``/``spearman`` (means over targets)
     with ``*_per_target`` lists, ``proximity_error`` (mean of :func:`proximity_error` over the
     split; haversine when the targets include latitude and longitude, else euclidean over all
-    targets), and with latitude/longitude ``km_error_median`` and ``km_error_mean``: the
+    targets), and with latitude/longitude ``proximity_error_paper`` (the paper's code's swapped
+    axes, :func:`proximity_error_paper`), ``km_error_median`` and ``km_error_mean``: the
     great-circle distance between true and predicted positions.
     """
     t, p = _pair(y_true, y_pred)
@@ -182,6 +196,7 @@ def evaluate(y_true, y_pred, target_names) -> dict:
         tl, pl = t[:, list(ll)], p[:, list(ll)]
         km = haversine_km(tl[:, 0], tl[:, 1], pl[:, 0], pl[:, 1])
         out["proximity_error"] = float(proximity_error(tl, pl, "haversine").mean())
+        out["proximity_error_paper"] = float(proximity_error_paper(tl, pl).mean())
         out["km_error_median"] = float(np.median(km))
         out["km_error_mean"] = float(np.mean(km))
     else:

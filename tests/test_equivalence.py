@@ -23,6 +23,9 @@ FITS = {"fit_loo": dict(), "fit_kfold": dict(cv=3, alpha_per_target=True),
         "fit_dual": dict(split="random:0.8:0")}
 # Paths differ between machines; timings always differ.
 VOLATILE = {"store", "seconds"}
+# Keys an issue added after the fixtures were made: new numbers, none of the old ones changed
+# (issue 17: the paper's as-run proximity error beside the true one).
+ADDED_KEYS = {"proximity_error_paper"}
 
 
 def _golden_meta(name: str) -> dict:
@@ -147,7 +150,8 @@ def _root_header(path: Path) -> str:
 def _same(a, b, path="") -> list[str]:
     """Differences between two JSON values: floats to 1e-9 relative, the rest exactly."""
     if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}.{k}: only in one" for k in set(a) ^ set(b) if k not in VOLATILE]
+        out = [f"{path}.{k}: only in one" for k in set(a) ^ set(b)
+               if k not in VOLATILE and not (k in ADDED_KEYS and k in a)]
         for k in set(a) & set(b):
             if k not in VOLATILE:
                 out += _same(a[k], b[k], f"{path}.{k}")

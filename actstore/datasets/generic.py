@@ -40,6 +40,7 @@ MAX_CLASS_INT_VALUES = 20
 FILE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet",
                  ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INT = re.compile(r"[+-]?\d+")
+_NA_WORDS = frozenset({"nan", "na", "n/a", "null", "none"})
 _SPLIT_WORDS = {"train": False, "test": True, "false": False, "true": True}
 _OWN_TABLE = ("--text-column COL (the full text), or --entity-column COL with --template "
               "'... {entity} ...'")
@@ -324,8 +325,9 @@ def _read_saved(path: Path, split: str | None, columns: list[str]) -> _Source:
 
     try:
         obj = datasets.load_from_disk(str(path))
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot load the saved dataset: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of the library is one clear line
+        raise DatasetError(f"{path}: the datasets library cannot load this saved dataset: "
+                           f"{type(exc).__name__}: {exc}") from None
     label = f"{path}@{split}" if split else str(path)
     if split is not None:
         if not hasattr(obj, "keys"):
@@ -348,13 +350,17 @@ def _read_hf(source: str, columns: list[str]) -> _Source:
         obj = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - any failure of the library is one clear line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if datasets.config.HF_HUB_OFFLINE:
+        unreachable = (isinstance(exc, (ConnectionError, FileNotFoundError))
+                       or "NotFound" in type(exc).__name__)
+        if unreachable and datasets.config.HF_HUB_OFFLINE:
             raise DatasetError(
                 f"{source}: not found in the Hugging Face datasets cache "
                 f"({datasets.config.HF_DATASETS_CACHE}) and offline mode is on "
                 f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): load it once online, or pass a "
                 f"directory saved with save_to_disk ({msg})") from None
-        raise DatasetError(f"{source}: the datasets library cannot load it: {msg}") from None
+        raise DatasetError(f"{source}: the datasets library cannot load it: {msg}"
+                           + (" (check the name, config and split on the hub)"
+                              if unreachable else "")) from None
     ds = _one_split(obj, source, f"hf:{name}{':' + config if config else ''}@SPLIT")
     return _from_hf(ds, source, name.rsplit("/", 1)[-1], columns)
 
@@ -390,7 +396,7 @@ class _Rows:
             for mask, col, message in self.problems:
                 if mask[i]:
                     out.append(f"{self.where(i)}, column '{col}': "
-                               f"{message(self.src.raw[col].iat[i])}")
+                               f"{message(_plain(self.src.raw[col].iat[i]))}")
         return out
 
     def error(self, n_bad: int, n_rows: int) -> DatasetError:
@@ -400,6 +406,11 @@ class _Rows:
             f"{self.src.label}: {n_bad} invalid row(s) of {n_rows}; fix them or drop them "
             f"with --drop-invalid (drop_invalid=True):\n"
             + "\n".join("  " + d for d in self.details(MAX_REPORTED)) + more)
+
+
+def _plain(v):
+    """A numpy scalar as the Python value (messages show 2, not np.int64(2))."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def _missing(values: list) -> np.ndarray:
@@ -435,11 +446,14 @@ def _typed(src: _Source, col: str) -> tuple[str, list, np.ndarray]:
         present = [v for v, m in zip(strip, miss) if not m]
         if present and all(v.lower() in ("true", "false") for v in present):
             return "bool", [None if m else v.lower() == "true" for v, m in zip(strip, miss)], miss
-        if present and all(_INT.fullmatch(v) for v in present):
-            return "int", [None if m else int(v) for v, m in zip(strip, miss)], miss
-        num = pd.to_numeric(pd.Series(present, dtype=object), errors="coerce")
-        if present and num.notna().all():
-            return "float", [None if m else float(v) for v, m in zip(strip, miss)], miss
+        # in a column of numbers, NaN / NA / null spell a missing value (elsewhere: a string)
+        na = np.array([v.lower() in _NA_WORDS for v in strip], dtype=bool)
+        nums = [v for v, m in zip(strip, miss | na) if not m]
+        if nums and all(_INT.fullmatch(v) for v in nums):
+            return "int", [None if m else int(v) for v, m in zip(strip, miss | na)], miss | na
+        if nums and pd.to_numeric(pd.Series(nums, dtype=object), errors="coerce").notna().all():
+            return ("float", [None if m else float(v) for v, m in zip(strip, miss | na)],
+                    miss | na)
         return "str", [None if m else v for v, m in zip(strip, miss)], miss
     if pd.api.types.is_bool_dtype(s):
         return "bool", [None if m else bool(v) for v, m in zip(values, miss)], miss
@@ -483,6 +497,8 @@ def _target(rows: _Rows, col: str, forced: str | None) -> tuple[str, np.ndarray]
         raise DatasetError(f"{src.label}: target column '{col}' holds {kind} values; a target "
                            f"must hold numbers, booleans or strings")
     rows.add(miss, col, lambda v: "missing target value")
+    if forced is None and kind == "str":
+        _refuse_almost_numbers(src, col, values)
     if forced is None:
         if kind == "float":
             forced = "regression"
@@ -493,7 +509,7 @@ def _target(rows: _Rows, col: str, forced: str | None) -> tuple[str, np.ndarray]
             forced = "class"
     if forced == "regression":
         num = [None if m else _number(v) for v, m in zip(values, miss)]
-        nan = np.array([x is None for x in num]) & ~miss
+        nan = np.array([x is None for x in num], dtype=bool) & ~miss
         rows.add(nan, col, lambda v: f"{v!r} is not a number (a regression target; or "
                                      f"make it a class target with '{col}:class')")
         out = np.array([np.nan if x is None else x for x in num], dtype=np.float64)
@@ -512,6 +528,19 @@ def _target(rows: _Rows, col: str, forced: str | None) -> tuple[str, np.ndarray]
                              dtype=object)
 
 
+def _refuse_almost_numbers(src: _Source, col: str, values: list) -> None:
+    """A string target whose values are mostly numbers is a typo, not a thousand classes."""
+    present = [(i, v) for i, v in enumerate(values) if v is not None]
+    bad = [(i, v) for i, v in present if _number(v) is None]
+    if bad and len(bad) <= len(present) // 2:
+        rows = _Rows(src)
+        shown = ", ".join(f"{rows.where(i)}: {v!r}" for i, v in bad[:3])
+        raise DatasetError(
+            f"{src.label}: target '{col}' is numbers except {len(bad)} value(s) ({shown}); "
+            f"fix them, or say '{col}:regression' (those rows become errors, dropped with "
+            f"--drop-invalid) or '{col}:class' (every distinct value a class)")
+
+
 def _split(rows: _Rows, col: str) -> np.ndarray:
     src = rows.src
     kind, values, miss = _typed(src, col)
@@ -522,7 +551,7 @@ def _split(rows: _Rows, col: str) -> np.ndarray:
         return np.array([v == 1 for v in values], dtype=bool)
     words = [None if m else _SPLIT_WORDS.get(str(v).strip().lower()) for v, m in
              zip(values, miss)]
-    bad = np.array([w is None for w in words]) & ~miss
+    bad = np.array([w is None for w in words], dtype=bool) & ~miss
     if bad.any():
         seen = list(dict.fromkeys(str(v) for v, b in zip(values, bad) if b))
         listed = ", ".join(map(repr, seen[:10])) + (", ..." if len(seen) > 10 else "")
@@ -637,10 +666,10 @@ def load_table(source, spec: TableSpec, drop_invalid: bool = False) -> EntityDat
         raise DatasetError(f"{src.label}: all {n} rows are invalid, so --drop-invalid "
                            f"(drop_invalid=True) leaves nothing: {'; '.join(first)}")
     for col, kind in kinds.items():
-        classes = pd.unique(values[col][keep])
+        classes = pd.unique(values[col][keep]) if kind == "class" else ()
         if kind == "class" and keep.any() and len(classes) < 2:
             raise DatasetError(
-                f"{src.label}: target '{col}' has a single class ({classes[0]!r}) in "
+                f"{src.label}: target '{col}' has a single class ({_plain(classes[0])!r}) in "
                 f"{int(keep.sum())} rows; a class target needs at least two classes"
                 + (f" (or make it a number with '{col}:regression')"
                    if values[col].dtype.kind in "iuf" else ""))
@@ -695,5 +724,5 @@ def _texts(rows: _Rows, spec: TableSpec):
                  lambda v: f"entity {str(v).strip()!r} is not in its text (column "
                            f"'{text_col}')")
         start[:] = np.where(lost, -1, found)
-        end[:] = np.where(lost, -1, found + np.array([len(e) for e in entities]))
+        end[:] = np.where(lost, -1, found + np.array([len(e) for e in entities], dtype=np.int64))
     return texts, entities, start, end

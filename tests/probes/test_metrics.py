@@ -7,7 +7,13 @@ from scipy import stats
 from sklearn.metrics import r2_score
 
 from probes import metrics
-from probes.metrics import MetricsError, evaluate, haversine_km, proximity_error
+from probes.metrics import (
+    MetricsError,
+    evaluate,
+    haversine_km,
+    proximity_error,
+    proximity_error_paper,
+)
 
 
 def brute_haversine(a, b):
@@ -74,6 +80,26 @@ def test_proximity_error_equals_brute_force(seed):
     p3 = np.array([[0.0, -178.0], [0.0, 170.0], [89.0, 90.0], [80.0, 180.0], [11.0, 9.0]])
     np.testing.assert_array_equal(proximity_error(t3, p3, "haversine"),
                                   brute_proximity(t3, p3, brute_haversine))
+
+
+def test_proximity_error_paper_is_the_papers_swapped_haversine():
+    # the paper's code: haversine((lon, lat) of a, (lon, lat) of b) with column 0 read as the
+    # latitude; a brute-force count with exactly that call is the reference
+    rng = np.random.default_rng(3)
+    n = 41
+    true = np.c_[rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)]
+    pred = true + rng.normal(size=(n, 2)) * 30
+
+    def as_run(a, b):
+        return brute_haversine(a[::-1], b[::-1])
+    got = proximity_error_paper(true, pred)
+    np.testing.assert_array_equal(got, brute_proximity(true, pred, as_run))
+    assert not np.array_equal(got, proximity_error(true, pred, "haversine"))
+    e = evaluate(true, pred, ["latitude", "longitude"])
+    assert e["proximity_error_paper"] == pytest.approx(got.mean())
+    assert "proximity_error_paper" not in evaluate(true[:, :1], pred[:, :1], ["year"])
+    with pytest.raises(MetricsError, match="latitude, longitude"):
+        proximity_error_paper(true[:, :1], pred[:, :1])
 
 
 def test_proximity_error_hand_example():
