@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import actstore
@@ -59,7 +60,7 @@ class Inputs:
         """The store's rows: texts, or tokens for ``--position all``."""
         return self.rows.n_rows(self.position)
 
-    @property
+    @cached_property
     def labels(self) -> list[str]:
         """Each text's entity, or its text when it has none (error messages)."""
         t = self.ds.table

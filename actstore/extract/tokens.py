@@ -74,13 +74,14 @@ class EncodedRows:
         """Rows of the store: one per text, or one per token for ``all``."""
         return self.n_tokens if position == "all" else len(self)
 
-    def picks(self, position: str) -> np.ndarray:
-        """(n,) int64: the token each text keeps for ``last``, ``last-entity`` or
-        ``first-entity``."""
-        last = self.lengths - 1
+    def picks(self, position: str, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) int64: the token texts ``start..stop`` keep for ``last``,
+        ``last-entity`` or ``first-entity``."""
+        last = self.offsets[start + 1:stop + 1] - self.offsets[start:stop] - 1
         if position == "last" or (position == "last-entity" and self.entity_last):
             return last   # the paper's rule: last-entity is the last token (BOS + prompt + entity)
-        return self.spans[:, 0].copy() if position == "first-entity" else self.spans[:, 1] - 1
+        span = self.spans[start:stop]
+        return span[:, 0].copy() if position == "first-entity" else span[:, 1] - 1
 
     def select(self, position: str, w0: int, w1: int) -> Selection:
         """The work of the window of store rows ``w0..w1`` (texts, or tokens for ``all``: the
@@ -101,18 +102,11 @@ class EncodedRows:
             else:
                 a, b = self.spans[w0:w1, 0], self.spans[w0:w1, 1]
             lo = np.where(a < 0, self.head, a)              # no entity: the whole text, no BOS
-            hi = np.where(a < 0, self.lengths[w0:w1], b)
+            hi = np.where(a < 0, self.offsets[w0 + 1:w1 + 1] - self.offsets[w0:w1], b)
             tokens = [np.arange(x, y) for x, y in zip(lo, hi)]
         else:
-            tokens = [np.array([k]) for k in self.picks(position)[w0:w1]]
+            tokens = [np.array([k]) for k in self.picks(position, w0, w1)]
         return Selection(texts, self.window(w0, w1), tokens, dest, position == "mean")
-
-    def check_position(self, position: str, has_entity: bool) -> None:
-        """ExtractError if ``position`` needs an entity the texts do not have."""
-        if position in ("last-entity", "first-entity") and not has_entity:
-            raise ExtractError(f"--position {position} needs an entity in every text: this "
-                               "table has none (give --entity-column), or use --position "
-                               "last, mean or all")
 
 
 def _check_fast(tokenizer) -> None:
