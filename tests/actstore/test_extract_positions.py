@@ -475,3 +475,22 @@ def test_cuda_positions_and_sites_match_cpu(tmp_path, tiny_model, tiny_tokenizer
         np.testing.assert_allclose(gpu.read(slice(0, gpu.n_rows), site=site).astype(np.float32),
                                    cpu.read(slice(0, cpu.n_rows), site=site).astype(np.float32),
                                    rtol=5e-3, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_sites_and_mean(tmp_path, make_world_csv):
+    """The real SmolLM2 (a Llama): attn_out / mlp_out / mean as plain transformers gives them."""
+    from actstore.models import load_model
+    lm = load_model("smollm2-135m", device="cpu")
+    csv = make_world_csv(tmp_path / "w.csv", n=4, seed=7)
+    s = extract(lm, csv, "coords", tmp_path / "s.zarr", sites="resid,attn_out,mlp_out",
+                position="mean", layers="1,15,30", batch_size=4, dtype="float32",
+                progress=False).store
+    pr = get_prompt("coords")
+    for i, e in enumerate(s.entities["entity"]):
+        ids = pr.encode(lm.tokenizer, e)
+        text = pr.text(e)
+        span = span_by_offsets(lm.tokenizer, text, len(pr.template), len(text), 1)
+        want = expected(states(lm.model, ids, [1, 15, 30]), "mean", span, len(ids), 1)
+        for site in ("resid", "attn_out", "mlp_out"):
+            close(s.read(slice(i, i + 1), site=site)[:, 0], want[site][:, 0], rel=1e-4)
