@@ -18,6 +18,9 @@ from actstore.store.format import (
                                    DTYPES,
                                    FORMAT_NAME,
                                    FORMAT_VERSION,
+                                   POSITIONS,
+                                   SITES,
+                                   TARGET_KINDS,
                                    default_rows_per_chunk,
                                    store_identity,
 )
@@ -29,4 +32,5 @@ from actstore.store.shard_files import ShardFiles
 __all__ = ["StoreError", "ActivationStore", "open_store", "create_store", "remove_store",
            "check_store", "IntegrityReport",
            "ShardFiles", "merge_intervals", "default_rows_per_chunk", "store_identity",
-           "FORMAT_NAME", "FORMAT_VERSION", "DTYPES", "COMPRESSIONS", "DEFAULT_COMPRESSION"]
+           "FORMAT_NAME", "FORMAT_VERSION", "SITES", "POSITIONS", "TARGET_KINDS", "DTYPES",
+           "COMPRESSIONS", "DEFAULT_COMPRESSION"]

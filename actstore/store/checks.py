@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from actstore.errors import StoreError
-from actstore.store.format import INTEGRITY_GROUP, storage_dtype
+from actstore.store.format import (
+    CATEGORIES_GROUP,
+    CODES_GROUP,
+    INTEGRITY_GROUP,
+    TOKENS_GROUP,
+    storage_dtype,
+)
 from actstore.store.layout import (
     block_rows,
     blocks_of,
@@ -48,7 +54,8 @@ class Problem:
     message : str
         What is wrong, in words.
     array : str or None
-        "resid", "neurons", "layer", "entities", "integrity" or None (the store as a whole).
+        A site ("resid", "attn_out", "mlp_out", "neurons"), "layer", "entities",
+        "entity_codes", "tokens", "integrity", "rows_done" or None (the store as a whole).
     layers : (int, int) or None
         First and last hidden-state index concerned.
     rows : (int, int) or None
@@ -178,7 +185,7 @@ def _array_problems(store) -> tuple[dict, list[Problem]]:
     L, N, R = store.n_layers, store.n_rows, store.rows_per_chunk
     zarr = store.format == "zarr"
     npdt = storage_dtype(store.dtype)
-    widths = {"resid": store.d_model, "neurons": store.d_mlp}
+    widths = store.d_sites
     ok, probs = {}, []
     for name in store.arrays + ("layer",):
         key = f"{name}/zarr.json" if zarr else name
@@ -202,41 +209,62 @@ def _array_problems(store) -> tuple[dict, list[Problem]]:
 
 
 def _entity_problems(store) -> list[Problem]:
-    """Every entity column of the header: present, of n_rows values of its kind, and (Zarr)
-    every chunk file there. A store made before checksums may lack the chunk of a bool column
-    that is all False (zarr does not store a chunk equal to the fill value)."""
-    N = store.n_rows
+    """Every entity column of the header: present, of n_texts values of its kind, and (Zarr)
+    every chunk file there; the same for the code array of every str column and a ragged
+    store's tokens (version 2). A store made before checksums may lack the chunk of a bool
+    column that is all False (zarr does not store a chunk equal to the fill value)."""
+    T = store.n_texts
     kinds = store._header["entity_kinds"]
     has_crcs = store.checksums.present
+    v2 = store._header.get("format_version") != 1
+    columns = [("entities", c, kinds[c], T) for c in store._header["entity_columns"]]
+    if v2:
+        columns += [(CODES_GROUP, c, "int32", T) for c in store._header["entity_columns"]
+                    if kinds[c] == "str"]
+    if store.ragged:
+        columns += [(TOKENS_GROUP, "offsets", "int64", T + 1),
+                    (TOKENS_GROUP, "ids", "int32", store.n_rows)]
     probs = []
-    if has_crcs and set(store.checksums.entities() or {}) != set(store._header["entity_columns"]):
-        key = f"{INTEGRITY_GROUP}/entities"
-        probs.append(Problem(_file(store, key), "entity checksums missing, unreadable or not "
-                             "those of the header's columns", array=INTEGRITY_GROUP))
-    for c in store._header["entity_columns"]:
-        key = f"entities/{c}"
+    for table in ("entities", CODES_GROUP, TOKENS_GROUP):
+        want = {c for g, c, _, _ in columns if g == table}
+        if not has_crcs or (table != "entities" and not want):
+            continue
+        if set(store.checksums.table(table) or {}) != want:
+            key = f"{INTEGRITY_GROUP}/{table}"
+            probs.append(Problem(_file(store, key), f"{table} checksums missing, unreadable or "
+                                 "not those of the header's columns", array=INTEGRITY_GROUP))
+    what = {"entities": "entity column", CODES_GROUP: "entity code array",
+            TOKENS_GROUP: "token array"}
+    for group, c, kind, n in columns:
+        key = f"{group}/{c}"
         try:
-            a = store._h["entities"][c]
-            bad = None if tuple(a.shape) == (N,) else f"shape {tuple(a.shape)}, expected ({N},)"
-            if bad is None and kinds[c] != "str" and np.dtype(a.dtype) != np.dtype(kinds[c]):
-                bad = f"dtype {a.dtype}, expected {kinds[c]}"
+            a = store._h[group][c]
+            bad = None if tuple(a.shape) == (n,) else f"shape {tuple(a.shape)}, expected ({n},)"
+            if bad is None and kind != "str" and np.dtype(a.dtype) != np.dtype(kind):
+                bad = f"dtype {a.dtype}, expected {kind}"
+            if bad is None and group == CODES_GROUP:
+                cats = (store._h[CATEGORIES_GROUP][c] if store.format == "hdf5"
+                        else a.attrs.get("categories"))
+                if cats is None or (store.format == "zarr" and not isinstance(cats, list)):
+                    bad = "code table (attribute 'categories') missing"
         except Exception as exc:  # noqa: BLE001 - missing or unreadable metadata
             a, bad = None, f"missing or unreadable ({type(exc).__name__})"
         if bad is not None:
             probs.append(Problem(_file(store, key + ("/zarr.json" if store.format == "zarr"
                                                       else "")),
-                                 f"entity column {c!r}: {bad}", array="entities"))
+                                 f"{what[group]} {c!r}: {bad}", array=group))
             continue
-        if store.format != "zarr" or (not has_crcs and kinds[c] == "bool"):
+        if store.format != "zarr" or (not has_crcs and kind == "bool"):
             continue
-        step = int(a.chunks[0]) if a.chunks else N
-        for i in range(n_blocks(N, step)):
+        step = int(a.chunks[0]) if a.chunks else n
+        for i in range(n_blocks(n, step)):
             f = store.path / key / "c" / str(i)
             size = f.stat().st_size if f.is_file() else None
             if not size:
-                probs.append(Problem(str(f), f"entity column {c!r}: chunk file "
+                probs.append(Problem(str(f), f"{what[group]} {c!r}: chunk file "
                                      + ("missing" if size is None else "is empty"),
-                                     array="entities", rows=block_rows(i, step, N)))
+                                     array=group, rows=None if store.ragged
+                                     else block_rows(i, step, n)))
     return probs
 
 

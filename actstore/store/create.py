@@ -14,24 +14,36 @@ import numpy as np
 from actstore.errors import StoreError
 from actstore.io import fsync_dir, fsync_file
 from actstore.store.checks import first_line
-from actstore.store.checksums import column_crc, create_hdf5_integrity, create_zarr_integrity
+from actstore.store.checksums import (
+    codes_crc,
+    column_crc,
+    create_hdf5_integrity,
+    create_zarr_integrity,
+)
 from actstore.store.format import (
+    CATEGORIES_GROUP,
+    CODES_GROUP,
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    POSITIONS,
+    SITES,
+    TARGET_KINDS,
+    TOKENS_GROUP,
     ZARR_ENTRIES,
     column_kind,
     column_values,
     default_rows_per_chunk,
     format_from_path,
+    site_dim,
     storage_dtype,
 )
 from actstore.store.layout import store_files
 from actstore.store.reader import ActivationStore
 
-__all__ = ["create_store", "remove_store"]
+__all__ = ["create_store", "remove_store", "entity_codes"]
 
 
 def _is_store_or_empty(path: Path) -> bool:
@@ -140,7 +152,7 @@ def _compressors(name: str, fmt: str):
     return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)]
 
 
-def _check_request(layers, n_rows, dtype, entities, targets, group_columns) -> None:
+def _check_request(layers, n_rows, dtype, entities, targets, group_columns, n_texts) -> None:
     if not layers:
         raise StoreError("a store needs at least one layer")
     if len(set(layers)) != len(layers):
@@ -149,19 +161,109 @@ def _check_request(layers, n_rows, dtype, entities, targets, group_columns) -> N
         raise StoreError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
     if int(n_rows) <= 0:
         raise StoreError("a store needs at least one row (the dataset is empty)")
-    if len(entities) != n_rows:
-        raise StoreError(f"entity table has {len(entities)} rows, store has n_rows={n_rows}")
+    if len(entities) != n_texts:
+        what = (f"n_texts={n_texts} (len(offsets) - 1)" if n_texts != n_rows
+                else f"n_rows={n_rows}")
+        raise StoreError(f"entity table has {len(entities)} rows, store has {what}")
     missing = [t for t in list(targets) + list(group_columns) if t not in entities.columns]
     if missing:
         raise StoreError(f"entity table lacks column(s) {missing}")
+
+
+def _sites(sites: dict | None, d_model: int, d_mlp: int | None, layers: list[int]
+           ) -> tuple[dict[str, int], int | None]:
+    """The site arrays (name -> width, in SITES order) and d_mlp, checked."""
+    if sites is None:
+        sites = {"resid": int(d_model), **({"neurons": int(d_mlp)} if d_mlp is not None else {})}
+    if not isinstance(sites, dict) or not sites:
+        raise StoreError(f"sites must be a non-empty dict site -> width, got {sites!r}")
+    unknown = [s for s in sites if s not in SITES]
+    if unknown:
+        raise StoreError(f"unknown site(s) {unknown}; choose from {', '.join(SITES)}")
+    out = {s: int(sites[s]) for s in SITES if s in sites}
+    if any(d <= 0 for d in out.values()):
+        raise StoreError(f"site widths must be positive, got {out}")
+    wrong = [s for s, d in out.items() if s != "neurons" and d != int(d_model)]
+    if wrong:
+        raise StoreError(f"site(s) {wrong} must have width d_model={d_model} (they are added "
+                         f"to the residual stream), got {out}")
+    if "neurons" in out:
+        if d_mlp is not None and int(d_mlp) != out["neurons"]:
+            raise StoreError(f"d_mlp={d_mlp} differs from the neurons site's width "
+                             f"{out['neurons']}; give one of them")
+        d_mlp = out["neurons"]
+    elif d_mlp is not None:
+        raise StoreError(f"d_mlp={d_mlp} given but sites {list(out)} have no neurons; add "
+                         "\"neurons\" to sites or drop d_mlp")
+    if 0 in layers and list(out) != ["resid"]:
+        others = [s for s in out if s != "resid"]
+        raise StoreError(f"layer 0 (the embeddings) has no {', '.join(others)}: drop layer 0 "
+                         "from the layers or keep only the resid site")
+    return out, d_mlp
+
+
+def _tokens(tokens, n_rows: int, position: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ragged index (offsets int64, ids int32), checked; None for one row per text."""
+    if position not in POSITIONS:
+        raise StoreError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
+    if (tokens is None) != (position != "all"):
+        raise StoreError("position 'all' needs tokens=(offsets, ids), and only it takes them "
+                         f"(position={position!r}, tokens {'given' if tokens else 'missing'})")
+    if tokens is None:
+        return None
+    try:
+        offsets, ids = tokens
+    except (TypeError, ValueError):
+        raise StoreError("tokens must be a pair (offsets, ids) of arrays") from None
+    offsets, ids = np.asarray(offsets), np.asarray(ids)
+    if offsets.ndim != 1 or ids.ndim != 1 or offsets.dtype.kind not in "iu" \
+            or ids.dtype.kind not in "iu":
+        raise StoreError("tokens offsets and ids must be 1-D integer arrays, got "
+                         f"{offsets.dtype}{offsets.shape} and {ids.dtype}{ids.shape}")
+    if len(ids) != n_rows:
+        raise StoreError(f"a ragged store has one row per token: n_rows={n_rows} but "
+                         f"{len(ids)} token ids")
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n_rows:
+        raise StoreError(f"token offsets must start at 0 and end at n_rows={n_rows}, got "
+                         f"{len(offsets)} offsets"
+                         + (f" from {offsets[0]} to {offsets[-1]}" if len(offsets) else ""))
+    step = np.diff(offsets)
+    if (step < 0).any():
+        i = int(np.flatnonzero(step < 0)[0])
+        raise StoreError(f"token offsets must be non-decreasing: offsets[{i}]={offsets[i]} > "
+                         f"offsets[{i + 1}]={offsets[i + 1]}")
+    if ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max:
+        raise StoreError("token ids do not fit int32")
+    return offsets.astype(np.int64), ids.astype(np.int32)
+
+
+def _target_kinds(target_kinds: dict | None, targets) -> dict[str, str]:
+    if target_kinds is None:
+        return {t: "regression" for t in targets}
+    if not isinstance(target_kinds, dict) or set(target_kinds) != set(targets):
+        raise StoreError(f"target_kinds must name every target exactly once: targets "
+                         f"{list(targets)}, target_kinds {target_kinds!r}")
+    bad = {t: k for t, k in target_kinds.items() if k not in TARGET_KINDS}
+    if bad:
+        raise StoreError(f"target kinds must be one of {TARGET_KINDS}, got {bad}")
+    return {t: str(target_kinds[t]) for t in targets}
+
+
+def entity_codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(int32 codes, sorted unique strings) of a str column: ``categories[codes] == values``."""
+    cats, codes = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    return codes.astype(np.int32).reshape(-1), [str(c) for c in cats]
 
 
 def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities,
                  targets: tuple[str, ...], group_columns: tuple[str, ...], meta: dict,
                  format: str | None = None, dtype: str = "float16", d_mlp: int | None = None,
                  rows_per_chunk: int | None = None, compression: str | None = None,
-                 overwrite: bool = False) -> ActivationStore:
-    """Create an empty store (``rows_done = 0``) and return it open for writing.
+                 overwrite: bool = False, sites: dict[str, int] | None = None,
+                 position: str = "last-entity", target_kinds: dict[str, str] | None = None,
+                 tokens: tuple[np.ndarray, np.ndarray] | None = None) -> ActivationStore:
+    """Create an empty store (``rows_done = 0``, format version 2) and return it open for
+    writing.
 
     Parameters
     ----------
@@ -170,8 +272,10 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
     layers : list of int
         Hidden-state indices the store will hold (0 = embeddings, l = output of block l).
     n_rows, d_model : int
+        Rows of the activation arrays (tokens when ``position`` is "all") and model width.
     entities : pandas.DataFrame
-        The entity table (``n_rows`` rows, containing ``targets`` and ``group_columns``).
+        The entity table (one row per text: ``n_rows`` rows, or ``len(offsets) - 1`` for a
+        ragged store), containing ``targets`` and ``group_columns``.
     targets, group_columns : tuple of str
     meta : dict
         How the store is made (JSON-serialisable).
@@ -179,22 +283,44 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
         Default: zarr, or hdf5 for a .h5 / .hdf5 path.
     dtype : {"float16", "bfloat16", "float32"}
     d_mlp : int, optional
-        MLP width when the store holds neurons.
+        MLP width when the store holds neurons (or give ``sites["neurons"]``).
     rows_per_chunk : int, optional
-        Default: :func:`~actstore.store.format.default_rows_per_chunk`.
+        Default: :func:`~actstore.store.format.default_rows_per_chunk` of d_model.
     compression : {"none", "zstd", "blosc"}, optional
     overwrite : bool
         Replace an existing store at ``path`` (only a store or an empty directory).
+    sites : dict of str to int, optional
+        The activation arrays and their widths, from ``SITES`` ("resid", "attn_out",
+        "mlp_out": d_model; "neurons": d_mlp). Default: resid (+ neurons when ``d_mlp``).
+    position : {"last-entity", "last", "mean", "first-entity", "all"}
+        Recorded in the header; "all" (one row per token) needs ``tokens``.
+    target_kinds : dict of str to str, optional
+        "regression" or "class" per target. Default: every target "regression".
+    tokens : (offsets, ids), optional
+        Position "all" only: int64 offsets (n_texts + 1; text i has rows
+        ``offsets[i]:offsets[i+1]``, from 0 to n_rows, non-decreasing) and the token id of
+        every row (n_rows).
 
     Returns
     -------
     ActivationStore
         Open for writing.
+
+    Raises
+    ------
+    StoreError
+        A request that is inconsistent (the message names the argument), or a path that
+        exists (without ``overwrite``) or cannot be written.
     """
     path = Path(path)
     fmt = format_from_path(path, format)
     layers = [int(x) for x in layers]
-    _check_request(layers, n_rows, dtype, entities, targets, group_columns)
+    n_rows = int(n_rows)
+    tok = _tokens(tokens, n_rows, position)
+    n_texts = n_rows if tok is None else len(tok[0]) - 1
+    _check_request(layers, n_rows, dtype, entities, targets, group_columns, n_texts)
+    arrays, d_mlp = _sites(sites, d_model, d_mlp, layers)
+    kinds_t = _target_kinds(target_kinds, targets)
     try:
         meta_json = json.loads(json.dumps(meta))
     except (TypeError, ValueError) as exc:
@@ -202,7 +328,7 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
     R = int(rows_per_chunk or default_rows_per_chunk(d_model))
     if R <= 0:
         raise StoreError("rows_per_chunk must be positive")
-    R = min(R, int(n_rows))
+    R = min(R, n_rows)
     comp = DEFAULT_COMPRESSION if compression is None else compression
     if fmt == "hdf5" and compression is None:
         comp = "none"
@@ -223,7 +349,7 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "n_rows": int(n_rows),
+        "n_rows": n_rows,
         "d_model": int(d_model),
         "d_mlp": None if d_mlp is None else int(d_mlp),
         "layers": layers,
@@ -235,23 +361,35 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
         "entity_columns": columns,
         "entity_kinds": kinds,
         "meta": meta_json,
+        "position": position,
+        "sites": list(arrays),
+        "d_sites": dict(arrays),
+        "n_texts": int(n_texts),
+        "target_kinds": kinds_t,
+        "ragged": tok is not None,
     }
     L = len(layers)
     npdt = storage_dtype(dtype)
-    arrays = {"resid": int(d_model)}
-    if d_mlp is not None:
-        arrays["neurons"] = int(d_mlp)
     if fmt == "hdf5":
-        _check_room(path, sum(L * int(n_rows) * d * npdt.itemsize for d in arrays.values()))
+        _check_room(path, sum(L * n_rows * d * npdt.itemsize for d in arrays.values()))
     values = {c: column_values(ent[c], kinds[c]) for c in columns}
-    crcs = {c: column_crc(values[c], kinds[c]) for c in columns}
+    tables = {
+        "entities": {c: column_crc(values[c], kinds[c]) for c in columns},
+        CODES_GROUP: {},
+        TOKENS_GROUP: {},
+    }
+    codes = {c: entity_codes(values[c]) for c in columns if kinds[c] == "str"}
+    tables[CODES_GROUP] = {c: codes_crc(*codes[c]) for c in codes}
+    if tok is not None:
+        tables[TOKENS_GROUP] = {"offsets": column_crc(tok[0], "int64"),
+                                "ids": column_crc(tok[1], "int32")}
+    content = _Content(header, arrays, values, codes, tok, tables)
     try:
         if fmt == "zarr":
-            handle = _create_zarr(path, header, arrays, L, int(n_rows), R, npdt, comp, values,
-                                  crcs)
+            handle = _create_zarr(path, content, L, n_rows, R, npdt, comp)
             _sync_tree(path)
         else:
-            handle = _create_hdf5(path, header, arrays, L, int(n_rows), R, npdt, values, crcs)
+            handle = _create_hdf5(path, content, L, n_rows, R, npdt)
     except (OSError, RuntimeError) as exc:   # h5py raises RuntimeError for a failed flush
         _delete(path)  # the half-created store this call just made
         # h5py's messages span lines: the errno's text, else the first line
@@ -259,6 +397,14 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
                   else first_line(exc))
         raise StoreError(f"cannot create store {path}: {reason}") from None
     return ActivationStore(path, fmt, header, handle, "a")
+
+
+class _Content:
+    """What a new store holds besides its (empty) activation arrays."""
+
+    def __init__(self, header, arrays, values, codes, tokens, tables):
+        self.header, self.arrays, self.values = header, arrays, values
+        self.codes, self.tokens, self.tables = codes, tokens, tables
 
 
 def _size(n: int) -> str:
@@ -296,42 +442,60 @@ def _sync_tree(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _create_zarr(path, header, arrays, L, N, R, npdt, comp, values, crcs):
+def _create_zarr(path, content: _Content, L, N, R, npdt, comp):
     import zarr
+    header = content.header
     # the header first (an interrupted creation is recognisable as a store), rows_done last
     g = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={"actstore": header})
-    for name, d in arrays.items():
+    for name, d in content.arrays.items():
         # chunk (1, R, d): one layer's rows read contiguously; shard (L, R, d): one row block
         # of every layer is one file, written whole (no read-modify-write of shards).
         g.create_array(name, shape=(L, N, d), dtype=npdt, chunks=(1, R, d), shards=(L, R, d),
                        compressors=_compressors(comp, "zarr"), fill_value=0,
-                       dimension_names=["layer", "row", "dim" if name == "resid" else "neuron"])
+                       dimension_names=["layer", "row", site_dim(name)])
     la = g.create_array("layer", shape=(L,), dtype="int32", chunks=(L,), compressors=None,
                         dimension_names=["layer"])
     la[:] = np.asarray(header["layers"], dtype=np.int32)
+    # a ragged store's entity table has one row per text, not per (token) row
+    text_dim = "text" if header["ragged"] else "row"
+
+    def column(group, name, values, dtype, dim, attributes=None):
+        a = group.create_array(name, shape=(len(values),), dtype=dtype,
+                               chunks=(max(1, len(values)),), dimension_names=[dim],
+                               attributes=attributes)
+        # every chunk is stored, also one equal to the fill value: a missing one is damage
+        a.with_config({"write_empty_chunks": True})[:] = values
+
     eg = g.create_group("entities")
     kinds = header["entity_kinds"]
     for c in header["entity_columns"]:
         k = kinds[c]
-        a = eg.create_array(c, shape=(N,), dtype=(str if k == "str" else k), chunks=(N,),
-                            dimension_names=["row"])
-        # every chunk is stored, also one equal to the fill value: a missing one is damage
-        a.with_config({"write_empty_chunks": True})[:] = values[c]
-    create_zarr_integrity(g, arrays, L, N, R, crcs)
+        column(eg, c, content.values[c], str if k == "str" else k, text_dim)
+    cg = g.create_group(CODES_GROUP)
+    for c, (codes, cats) in content.codes.items():
+        column(cg, c, codes, "int32", text_dim, {"categories": cats})
+    if content.tokens is not None:
+        tg = g.create_group(TOKENS_GROUP)
+        offsets, ids = content.tokens
+        column(tg, "offsets", offsets, "int64", "text_edge")
+        column(tg, "ids", ids, "int32", "row")
+    create_zarr_integrity(g, content.arrays, L, N, R, content.tables)
     # rows_done last: a store without it was never fully created
     g.attrs.update({"rows_done": 0})
     return g
 
 
-def _create_hdf5(path, header, arrays, L, N, R, npdt, values, crcs):
+def _create_hdf5(path, content: _Content, L, N, R, npdt):
     import h5py
+    header = content.header
     # no chunk cache: a failed write (full disk) fails at once and leaves no dirty chunk that
     # HDF5 would retry at close and at exit (where it crashed the process)
     f = h5py.File(path, "w-", rdcc_nbytes=0)
+    text = h5py.string_dtype("utf-8")
     try:
         # the header first (an interrupted creation is recognisable), rows_done last
         f.attrs["actstore"] = json.dumps(header)
-        for name, d in arrays.items():
+        for name, d in content.arrays.items():
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             f.create_dataset(name, shape=(L, N, d), dtype=npdt, chunks=(1, R, d), dcpl=dcpl,
@@ -340,12 +504,21 @@ def _create_hdf5(path, header, arrays, L, N, R, npdt, values, crcs):
         eg = f.create_group("entities")
         kinds = header["entity_kinds"]
         for c in header["entity_columns"]:
-            vals = values[c]
+            vals = content.values[c]
             if kinds[c] == "str":
-                eg.create_dataset(c, data=vals.astype(object), dtype=h5py.string_dtype("utf-8"))
+                eg.create_dataset(c, data=vals.astype(object), dtype=text)
             else:
                 eg.create_dataset(c, data=vals)
-        create_hdf5_integrity(f, arrays, L, N, R, crcs)
+        if content.codes:
+            cg, kg = f.create_group(CODES_GROUP), f.create_group(CATEGORIES_GROUP)
+            for c, (codes, cats) in content.codes.items():
+                cg.create_dataset(c, data=codes)
+                kg.create_dataset(c, data=np.array(cats, dtype=object), dtype=text)
+        if content.tokens is not None:
+            tg = f.create_group(TOKENS_GROUP)
+            tg.create_dataset("offsets", data=content.tokens[0])
+            tg.create_dataset("ids", data=content.tokens[1])
+        create_hdf5_integrity(f, content.arrays, L, N, R, content.tables)
         f.create_dataset("rows_done", data=np.zeros(1, dtype=np.int64))
         f.flush()
         os.fsync(f.id.get_vfd_handle())

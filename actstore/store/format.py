@@ -1,8 +1,9 @@
 """The store format's constants and codecs (docs/store-format.md is the specification).
 
-One place for: the format name and version, the arrays and dtypes a store may hold, the chunk
-size rule, the dtype codec (numpy has no bfloat16: it is stored as its raw 16 bits), the
-entity-table column kinds, the store identity a fit records, and the header check.
+One place for: the format name and versions, the sites (activation arrays), positions and
+dtypes a store may hold, the chunk size rule, the dtype codec (numpy has no bfloat16: it is
+stored as its raw 16 bits), the entity-table column kinds, the store identity a fit records,
+and the header check (version 2; a version-1 header is read with its defaults filled in).
 """
 from __future__ import annotations
 
@@ -12,16 +13,26 @@ import numpy as np
 
 from actstore.errors import StoreError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ARRAYS", "DTYPES", "COMPRESSIONS",
-           "DEFAULT_COMPRESSION", "PROGRESS_GROUP", "RANGE_KEY", "INTEGRITY_GROUP",
-           "ZARR_ENTRIES", "ENTITY_KINDS",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READ_VERSIONS", "SITES", "ARRAYS", "POSITIONS",
+           "TARGET_KINDS", "DTYPES", "COMPRESSIONS", "DEFAULT_COMPRESSION", "PROGRESS_GROUP",
+           "RANGE_KEY", "INTEGRITY_GROUP", "TOKENS_GROUP", "CODES_GROUP", "CATEGORIES_GROUP",
+           "ZARR_ENTRIES", "ENTITY_KINDS", "site_dim", "filled_header",
            "default_rows_per_chunk", "storage_dtype", "to_storage", "as_torch", "as_compute",
            "detect_format", "format_from_path", "column_kind", "column_values",
            "table_from_columns", "store_identity", "check_header", "header_problem"]
 
 FORMAT_NAME = "actstore-activations"
-FORMAT_VERSION = 1
-ARRAYS = ("resid", "neurons")
+FORMAT_VERSION = 2
+# Version 1 (one position, sites resid + neurons) still opens: filled_header gives its defaults.
+READ_VERSIONS = (1, 2)
+# The activation arrays ("sites") a store may hold, in the order the header lists them:
+# resid = hidden state after each block; attn_out / mlp_out = each block's attention / MLP
+# output before it is added to the residual stream; neurons = the MLP down projection's input.
+SITES = ("resid", "attn_out", "mlp_out", "neurons")
+ARRAYS = SITES     # the name before sites existed
+# Which token(s) of a text give its row(s); "all" makes the store ragged (rows are tokens).
+POSITIONS = ("last-entity", "last", "mean", "first-entity", "all")
+TARGET_KINDS = ("regression", "class")
 DTYPES = ("float16", "bfloat16", "float32")
 # bench/RESULTS.md "Extraction (SmolLM2-135M, CPU)": fp16 hidden states are close to
 # incompressible, so compression buys a few percent of disk for a large cost in speed.
@@ -35,10 +46,24 @@ RANGE_KEY = "actstore_range"
 # integrity/ (HDF5: datasets integrity/<name>). Stores made before them lack it: they read,
 # unverified (docs/store-format.md "Integrity").
 INTEGRITY_GROUP = "integrity"
+# Ragged stores (position "all"): tokens/offsets (int64, n_texts + 1) and tokens/ids (int32,
+# n_rows), the rows of text i being offsets[i]:offsets[i+1].
+TOKENS_GROUP = "tokens"
+# A numeric view of every str entity column for readers without zarr's string type
+# (tensorstore): entity_codes/<column> int32, its code table in the attribute "categories"
+# (Zarr); HDF5 keeps each code table as a string dataset entity_categories/<column> (an HDF5
+# attribute is limited to 64 KiB).
+CODES_GROUP = "entity_codes"
+CATEGORIES_GROUP = "entity_categories"
 # The top-level names of a Zarr store directory.
-ZARR_ENTRIES = frozenset({"zarr.json", "resid", "neurons", "layer", "entities", PROGRESS_GROUP,
-                          INTEGRITY_GROUP})
+ZARR_ENTRIES = frozenset({"zarr.json", *SITES, "layer", "entities", PROGRESS_GROUP,
+                          INTEGRITY_GROUP, TOKENS_GROUP, CODES_GROUP})
 ENTITY_KINDS = ("str", "float64", "bool", "int64")
+
+
+def site_dim(site: str) -> str:
+    """The name of a site array's last dimension: "neuron" for neurons, else "dim"."""
+    return "neuron" if site == "neurons" else "dim"
 
 
 def default_rows_per_chunk(d: int) -> int:
@@ -171,7 +196,7 @@ def store_identity(store) -> dict:
 
 
 def check_header(path, header, on_fail=None) -> None:
-    """StoreError unless ``header`` is an actstore header of this format version
+    """StoreError unless ``header`` is an actstore header of a version this code reads (1 or 2)
     (``on_fail()`` runs first, e.g. to close a file handle)."""
     def fail(msg, replaceable=False):
         if on_fail is not None:
@@ -180,9 +205,10 @@ def check_header(path, header, on_fail=None) -> None:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         fail(f"{path}: not an activation store (no '{FORMAT_NAME}' header)")
     v = header.get("format_version")
-    if v != FORMAT_VERSION:
+    if isinstance(v, bool) or v not in READ_VERSIONS:
         fail(f"{path}: store format version {v} is not supported (this actstore reads "
-             f"version {FORMAT_VERSION}); re-extract it with this version", replaceable=True)
+             f"versions {', '.join(map(str, READ_VERSIONS))}); re-extract it with this version "
+             "(or open it with the actstore that wrote it)", replaceable=True)
     bad = header_problem(header)
     if bad:
         fail(f"{path}: the store header is damaged ({bad}); the store cannot be read or "
@@ -194,7 +220,7 @@ def _is_int(x, low: int = 0) -> bool:
 
 
 def header_problem(h: dict) -> str | None:
-    """What is wrong with the fields of an actstore header (version 1), or None."""
+    """What is wrong with the fields of an actstore header (version 1 or 2), or None."""
     cols = h.get("entity_columns")
     kinds = h.get("entity_kinds")
     checks = [
@@ -214,5 +240,48 @@ def header_problem(h: dict) -> str | None:
          and all(t in cols for t in h["group_columns"])),
         ("meta", isinstance(h.get("meta"), dict)),
     ]
+    if h.get("format_version") != 1:
+        checks += _v2_checks(h)
     bad = [k for k, ok in checks if not ok]
     return None if not bad else "invalid or missing " + ", ".join(bad)
+
+
+def _v2_checks(h: dict) -> list[tuple[str, bool]]:
+    """The fields version 2 adds: (name, valid) pairs."""
+    sites, d_sites, tk = h.get("sites"), h.get("d_sites"), h.get("target_kinds")
+    ok_sites = (isinstance(sites, list) and len(sites) > 0 and all(s in SITES for s in sites)
+                and sites == [s for s in SITES if s in sites])
+    ragged = h.get("position") == "all"
+    n_texts = h.get("n_texts")
+    return [
+        ("position", h.get("position") in POSITIONS),
+        # layer 0 (the embeddings) has no attention, MLP or neurons: only resid holds it
+        ("sites", ok_sites and (not isinstance(h.get("layers"), list) or 0 not in h["layers"]
+                                or sites == ["resid"])),
+        ("d_sites", ok_sites and isinstance(d_sites, dict) and set(d_sites) == set(sites)
+         and all(_is_int(d_sites[s], 1) for s in sites)
+         and (d_sites.get("neurons") == h.get("d_mlp"))
+         and all(d_sites[s] == h.get("d_model") for s in sites if s != "neurons")),
+        ("n_texts", _is_int(n_texts, 1) and (ragged or n_texts == h.get("n_rows"))),
+        ("ragged", h.get("ragged") is ragged),
+        ("target_kinds", isinstance(tk, dict) and isinstance(h.get("targets"), list)
+         and set(tk) == set(h["targets"]) and all(v in TARGET_KINDS for v in tk.values())),
+    ]
+
+
+def filled_header(h: dict) -> dict:
+    """The header with every version-2 field: a version-1 header gains the defaults (position
+    "last-entity", sites resid (+ neurons), d_sites from d_model / d_mlp, n_texts = n_rows,
+    every target "regression", not ragged); a version-2 header is returned as is (a copy)."""
+    out = dict(h)
+    if h.get("format_version") == 1:
+        sites = ["resid"] + (["neurons"] if h.get("d_mlp") is not None else [])
+        out.update({
+            "position": "last-entity",
+            "sites": sites,
+            "d_sites": {s: int(h["d_mlp"] if s == "neurons" else h["d_model"]) for s in sites},
+            "n_texts": int(h["n_rows"]),
+            "target_kinds": {t: "regression" for t in h["targets"]},
+            "ragged": False,
+        })
+    return out

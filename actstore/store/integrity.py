@@ -11,7 +11,7 @@ from pathlib import Path
 from actstore.errors import StoreError
 from actstore.store.checks import Problem, settle, structure_problems
 from actstore.store.checksums import crc32c
-from actstore.store.format import detect_format
+from actstore.store.format import CODES_GROUP, TOKENS_GROUP, detect_format
 from actstore.store.layout import block_rows, blocks_of, checksum_key, shard_key
 from actstore.store.progress import merge_intervals
 from actstore.store.reader import ActivationStore, open_store
@@ -123,19 +123,40 @@ def _check(store: ActivationStore, content: bool) -> IntegrityReport:
 
 
 def _entity_content(store: ActivationStore, known: list[Problem]) -> list[Problem]:
-    """Every entity column read (and compared with its crc32c), but those found damaged."""
+    """Every entity column, code array and token array read (and compared with its crc32c),
+    but those found damaged."""
     kinds = store._header["entity_kinds"]
-    crcs = store.checksums.entities() or {}
+    cols = [("entities", c, kinds[c]) for c in store._header["entity_columns"]]
+    if store._header.get("format_version") != 1:
+        cols += [(CODES_GROUP, c, "int32") for c in store._header["entity_columns"]
+                 if kinds[c] == "str"]
+    if store.ragged:
+        cols += [(TOKENS_GROUP, "offsets", "int64"), (TOKENS_GROUP, "ids", "int32")]
     out = []
-    for c in store._header["entity_columns"]:
-        if any(p.array == "entities" and _where(store, f"entities/{c}/") in p.file + "/"
+    for group, c, kind in cols:
+        if any(p.array == group and _where(store, f"{group}/{c}/") in p.file + "/"
                for p in known):
             continue
         try:
-            store._entity_column(c, kinds[c], crcs)
+            v = store._entity_column(c, kind, store.checksums.table(group) or {}, group)
         except StoreError as exc:
             out.append(exc.problem)
+            continue
+        if group == TOKENS_GROUP and c == "offsets":
+            bad = _offsets_problem(v, store.n_rows)
+            if bad:
+                out.append(Problem(_where(store, f"{group}/{c}"), f"token offsets: {bad}",
+                                   group))
     return out
+
+
+def _offsets_problem(offsets, n_rows: int) -> str | None:
+    """What is wrong with a ragged store's offsets (a store without checksums may hold any)."""
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n_rows:
+        return f"they must run from 0 to n_rows={n_rows}"
+    if (offsets[1:] < offsets[:-1]).any():
+        return "they decrease somewhere (they must be non-decreasing)"
+    return None
 
 
 def _where(store: ActivationStore, key: str) -> str:

@@ -13,7 +13,13 @@ import numpy as np
 
 from actstore.io import PARTIAL_SUFFIX
 from actstore.native import crc32c
-from actstore.store.format import ARRAYS, INTEGRITY_GROUP, PROGRESS_GROUP
+from actstore.store.format import (
+    CODES_GROUP,
+    INTEGRITY_GROUP,
+    PROGRESS_GROUP,
+    SITES,
+    TOKENS_GROUP,
+)
 
 __all__ = ["n_blocks", "block_rows", "blocks_of", "shard_key", "checksum_key", "ShardLayout",
            "our_layout", "foreign_entries", "store_files"]
@@ -112,15 +118,25 @@ _FILE = "file"
 
 def _schema(header: dict | None) -> dict:
     """The names a store directory may hold: name -> _FILE, _ARRAY or a sub-schema ("*": any
-    name). With a header, entity columns are the header's."""
+    name). With a header, entity columns (and their code arrays) are the header's."""
     cols = header.get("entity_columns") if isinstance(header, dict) else None
-    entities = ({str(c): _ARRAY for c in cols} if isinstance(cols, list) else {"*": _ARRAY})
+    kinds = header.get("entity_kinds") if isinstance(header, dict) else None
+    if isinstance(cols, list):
+        entities = {str(c): _ARRAY for c in cols}
+        codes = ({str(c): _ARRAY for c in cols if kinds.get(c) == "str"}
+                 if isinstance(kinds, dict) else {"*": _ARRAY})
+    else:
+        entities = codes = {"*": _ARRAY}
+    tables = ("entities", CODES_GROUP, TOKENS_GROUP)
     return {
         "zarr.json": _FILE, "layer": _ARRAY,
-        **{a: _ARRAY for a in ARRAYS},
+        **{a: _ARRAY for a in SITES},
         "entities": {"zarr.json": _FILE, **entities},
+        CODES_GROUP: {"zarr.json": _FILE, **codes},
+        TOKENS_GROUP: {"zarr.json": _FILE, "offsets": _ARRAY, "ids": _ARRAY},
         PROGRESS_GROUP: {"zarr.json": _FILE, "*range": {"zarr.json": _FILE}},
-        INTEGRITY_GROUP: {"zarr.json": _FILE, "entities": _ARRAY, **{a: _ARRAY for a in ARRAYS}},
+        INTEGRITY_GROUP: {"zarr.json": _FILE, **{t: _ARRAY for t in tables},
+                          **{a: _ARRAY for a in SITES}},
     }
 
 

@@ -1,10 +1,11 @@
 """Reading a store: :class:`ActivationStore` and :func:`open_store` (``actstore.open``).
 
-A store holds, for one model + prompt + dataset, the hidden state at the last entity token
-after each layer in ``layers`` (hidden-state indices: 0 = embeddings, l = output of block l,
-before the final norm), optionally the MLP neurons, the entity table and the metadata. Every
-layer argument of the API is such an index; positions in the arrays stay internal.
-Zarr v3 (a directory) and HDF5 (one file) behave alike; docs/store-format.md is the spec.
+A store holds, for one model + dataset, the activations at one token position of every text
+(or at every token: a ragged store) after each layer in ``layers`` (hidden-state indices: 0 =
+embeddings, l = output of block l, before the final norm), one array per site (resid,
+attn_out, mlp_out, neurons), the entity table and the metadata. Every layer argument of the API
+is such an index; positions in the arrays stay internal. Zarr v3 (a directory) and HDF5 (one
+file) behave alike; docs/store-format.md is the spec (versions 1 and 2 open).
 """
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ from actstore.store.checks import (
     structure_problems,
     summary,
 )
-from actstore.store.checksums import Checksums, column_crc
+from actstore.store.checksums import Checksums, codes_crc, column_crc
 from actstore.store.chunks import BlockReader
 from actstore.store.format import (
-    ARRAYS,
+    CATEGORIES_GROUP,
+    CODES_GROUP,
     PROGRESS_GROUP,
+    SITES,
+    TOKENS_GROUP,
     as_torch,
     check_header,
     detect_format,
+    filled_header,
     table_from_columns,
 )
 from actstore.store.progress import Progress
@@ -47,6 +52,15 @@ NO_VERIFY_ENV = "ACTSTORE_NO_VERIFY"
 # loss may then lose recorded blocks, which `actstore verify` finds. bench/RESULTS.md "Store
 # integrity" has the cost.
 FSYNC_ENV = "ACTSTORE_FSYNC"
+
+
+def _site(site: str, array: str | None) -> str:
+    """``site``, or ``array`` (its old name) when a caller gives that."""
+    if array is None:
+        return site
+    if site not in ("resid", array):
+        raise StoreError(f"site={site!r} and array={array!r} disagree; give site only")
+    return array
 
 
 def _ranges(xs: list[int]) -> str:
@@ -74,8 +88,22 @@ class ActivationStore(Progress, BlockWriter):
     layers : list of int
         The hidden-state indices held (0 = embeddings, l = output of block l).
     n_layers, n_rows, d_model : int
+        ``n_rows``: rows of the activation arrays (tokens in a ragged store).
     d_mlp : int or None
         MLP width when the store holds neurons.
+    position : {"last-entity", "last", "mean", "first-entity", "all"}
+        Which token(s) of each text a row holds ("all": every token, a ragged store).
+    sites : tuple of str
+        The activation arrays held, in ``SITES`` order ("resid", "attn_out", "mlp_out",
+        "neurons").
+    d_sites : dict of str to int
+        The width of each site array.
+    n_texts : int
+        Rows of the entity table (``n_rows`` unless ``ragged``).
+    target_kinds : dict of str to str
+        "regression" or "class" per target (version-1 stores: all "regression").
+    ragged : bool
+        Rows are tokens (position "all"): ``text_offsets`` and ``token_ids`` map them to texts.
     dtype : {"float16", "bfloat16", "float32"}
     meta : dict
         How the store was made (model, prompt, dataset, ...).
@@ -104,6 +132,14 @@ class ActivationStore(Progress, BlockWriter):
         self._h = handle
         self.mode = mode
         self._header = header
+        full = filled_header(header)     # version 1: the version-2 fields' defaults
+        self.position = str(full["position"])
+        self.sites = tuple(full["sites"])
+        self.d_sites = {str(k): int(v) for k, v in full["d_sites"].items()}
+        self.n_texts = int(full["n_texts"])
+        self.target_kinds = dict(full["target_kinds"])
+        self.ragged = bool(full["ragged"])
+        self._tokens: dict = {}
         self.layers = [int(x) for x in header["layers"]]
         self.n_layers = len(self.layers)
         self.n_rows = int(header["n_rows"])
@@ -130,7 +166,8 @@ class ActivationStore(Progress, BlockWriter):
 
     @property
     def arrays(self) -> tuple[str, ...]:
-        return ("resid",) + (("neurons",) if self.d_mlp is not None else ())
+        """The site arrays held (the name before sites existed; same as ``sites``)."""
+        return self.sites
 
     def __len__(self) -> int:
         return self.n_rows
@@ -139,7 +176,10 @@ class ActivationStore(Progress, BlockWriter):
         return (f"ActivationStore({str(self.path)!r}, format={self.format}, "
                 f"layers={self.n_layers}, rows={self.rows_done}/{self.n_rows}, "
                 f"d_model={self.d_model}, dtype={self.dtype}"
-                + (f", d_mlp={self.d_mlp}" if self.d_mlp else "") + ")")
+                + (f", d_mlp={self.d_mlp}" if self.d_mlp else "")
+                + (f", sites={','.join(self.sites)}" if self.sites != ("resid",) else "")
+                + (f", position={self.position}" if self.position != "last-entity" else "")
+                + (f", texts={self.n_texts}" if self.ragged else "") + ")")
 
     # -- entity table
     @property
@@ -158,24 +198,88 @@ class ActivationStore(Progress, BlockWriter):
                 cols, kinds, lambda c: self._entity_column(c, kinds[c], crcs))
         return self._entities.copy()
 
-    def _entity_column(self, c: str, kind: str, crcs: dict | None) -> np.ndarray:
-        """One stored entity column, checked against its crc32c when there is one."""
-        key = f"entities/{c}"     # Zarr: one chunk of n_rows values, c/0
+    def _entity_column(self, c: str, kind: str, crcs: dict | None,
+                       group: str = "entities") -> np.ndarray:
+        """One stored column of ``group`` (entities, entity_codes, tokens), checked against its
+        crc32c when there is one (a code array: with its code table)."""
+        key = f"{group}/{c}"     # Zarr: one chunk of all values, c/0
         file = (str(self.path / key / "c" / "0") if self.format == "zarr"
                 else f"{self.path} (dataset {key})")
+        what = {"entities": "entity column", CODES_GROUP: "entity code array",
+                TOKENS_GROUP: "token array"}[group]
         try:
-            ds = self._h["entities"][c]
+            ds = self._h[group][c]
             v = ds.asstr()[:] if self.format == "hdf5" and kind == "str" else ds[:]
+            if group == CODES_GROUP:
+                cats = (list(self._h[CATEGORIES_GROUP][c].asstr()[:]) if self.format == "hdf5"
+                        else list(ds.attrs["categories"]))
         except Exception as exc:  # noqa: BLE001 - a missing or damaged chunk: name the file
-            raise problem_error(Problem(file, f"entity column {c!r} cannot be read "
-                                        f"({first_line(exc)})", "entities")) from None
-        if crcs and c in crcs and column_crc(v, kind) != crcs[c]:
-            raise problem_error(Problem(file, f"entity column {c!r}: checksum mismatch (the "
-                                        "column is not what was written)", "entities"))
-        return v
+            raise problem_error(Problem(file, f"{what} {c!r} cannot be read "
+                                        f"({first_line(exc)})", group)) from None
+        got = (None if not crcs or c not in crcs else
+               codes_crc(v, cats) if group == CODES_GROUP else column_crc(v, kind))
+        if got is not None and got != crcs[c]:
+            raise problem_error(Problem(file, f"{what} {c!r}: checksum mismatch (the "
+                                        "column is not what was written)", group))
+        return (v, cats) if group == CODES_GROUP else v
+
+    def entity_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        """The numeric view of a str entity column: (int32 codes, code table), with
+        ``table[codes]`` equal to the column (what readers without zarr's string type, such
+        as tensorstore, read from ``entity_codes/<column>``).
+
+        Parameters
+        ----------
+        column : str
+            A str column of the entity table.
+
+        Returns
+        -------
+        codes : (n_texts,) int32 array
+        categories : list of str
+            The sorted unique strings.
+
+        Raises
+        ------
+        StoreError
+            The column is not a str column, or the store predates code arrays (version 1).
+        """
+        kinds = self._header["entity_kinds"]
+        if kinds.get(column) != "str":
+            strs = [c for c, k in kinds.items() if k == "str"]
+            raise StoreError(f"{self.path}: {column!r} is not a str entity column; code arrays "
+                             f"exist for {strs}")
+        if column not in (self._h[CODES_GROUP] if CODES_GROUP in self._h else ()):
+            raise StoreError(f"{self.path}: no code array for {column!r} (a store of format "
+                             "version 1); read store.entities instead")
+        crcs = self.checksums.table(CODES_GROUP) if self.verify else None
+        codes, cats = self._entity_column(column, "int32", crcs, CODES_GROUP)
+        return np.asarray(codes, dtype=np.int32), [str(x) for x in cats]
+
+    # -- ragged stores: rows are tokens
+    def _token_array(self, name: str) -> np.ndarray | None:
+        if not self.ragged:
+            return None
+        if name not in self._tokens:
+            crcs = self.checksums.table(TOKENS_GROUP) if self.verify else None
+            kind = "int64" if name == "offsets" else "int32"
+            self._tokens[name] = np.asarray(self._entity_column(name, kind, crcs, TOKENS_GROUP),
+                                            dtype=kind)
+        return self._tokens[name]
+
+    @property
+    def text_offsets(self) -> np.ndarray | None:
+        """Ragged stores: (n_texts + 1,) int64, the rows of text i are
+        ``text_offsets[i]:text_offsets[i + 1]``; None otherwise."""
+        return self._token_array("offsets")
+
+    @property
+    def token_ids(self) -> np.ndarray | None:
+        """Ragged stores: (n_rows,) int32, the token id of each row; None otherwise."""
+        return self._token_array("ids")
 
     def target_array(self, names=None) -> np.ndarray:
-        """(n_rows, k) float64 targets, columns in ``names`` order (default: ``targets``)."""
+        """(n_texts, k) float64 targets, columns in ``names`` order (default: ``targets``)."""
         if names is None:
             names = self.targets
         names = (names,) if isinstance(names, str) else tuple(names)
@@ -190,7 +294,7 @@ class ActivationStore(Progress, BlockWriter):
     def is_test(self) -> np.ndarray:
         ent = self.entities
         if "is_test" not in ent.columns:
-            return np.zeros(self.n_rows, dtype=bool)
+            return np.zeros(self.n_texts, dtype=bool)
         return ent["is_test"].to_numpy(dtype=bool)
 
     # -- layers: hidden-state indices for users, positions inside
@@ -225,18 +329,20 @@ class ActivationStore(Progress, BlockWriter):
             self._checksums = Checksums(self)
         return self._checksums
 
-    def _array(self, array: str):
-        if array not in ARRAYS:
-            raise StoreError(f"unknown array {array!r}; choose one of {ARRAYS}")
-        if array == "neurons" and self.d_mlp is None:
-            raise StoreError(f"{self.path}: this store has no neuron activations "
-                             "(extract with --neurons)")
-        return self._h[array]
+    def _array(self, site: str):
+        if site not in SITES:
+            raise StoreError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+        if site not in self.sites:
+            flag = "--neurons" if site == "neurons" else f"--sites {site}"
+            what = "neuron" if site == "neurons" else site
+            raise StoreError(f"{self.path}: this store has no {what} activations; it holds "
+                             f"{', '.join(self.sites)} (extract with {flag})")
+        return self._h[site]
 
-    def _reader(self, array: str) -> BlockReader:
-        r = self._readers.get(array)
+    def _reader(self, site: str) -> BlockReader:
+        r = self._readers.get(site)
         if r is None:
-            r = self._readers[array] = BlockReader(self, array, self._array(array))
+            r = self._readers[site] = BlockReader(self, site, self._array(site))
         return r
 
     def _to_out(self, x: np.ndarray, as_: str):
@@ -246,7 +352,8 @@ class ActivationStore(Progress, BlockWriter):
             return as_torch(x, self.dtype)
         raise StoreError(f"as_ must be 'numpy' or 'torch', not {as_!r}")
 
-    def layer(self, layer: int, array: str = "resid", as_: str = "numpy"):
+    def layer(self, layer: int, site: str = "resid", as_: str = "numpy", *,
+              array: str | None = None):
         """The completed rows of one layer.
 
         Parameters
@@ -254,7 +361,8 @@ class ActivationStore(Progress, BlockWriter):
         layer : int
             Hidden-state index (0 = embeddings, l = output of block l, as Hugging Face
             ``hidden_states[l]``); it must be one the store holds (see ``layers``).
-        array : {"resid", "neurons"}
+        site : {"resid", "attn_out", "mlp_out", "neurons"}
+            One the store holds (see ``sites``).
         as_ : {"numpy", "torch"}
             numpy returns the stored dtype (bfloat16 as its raw uint16 bits); torch returns
             float16, bfloat16 or float32 tensors.
@@ -269,19 +377,22 @@ class ActivationStore(Progress, BlockWriter):
             ``verify`` and a row block that fails its checksum (or a shard that cannot be
             read): the message names the file, the layer and the rows.
         """
+        site = _site(site, array)
         p = self._position(layer)
-        x = self._reader(array).read([p], 0, self.rows_done, self.verify)[0]
+        x = self._reader(site).read([p], 0, self.rows_done, self.verify)[0]
         return self._to_out(x, as_)
 
-    def read(self, rows: slice, layers=None, array: str = "resid") -> np.ndarray:
-        """(L, r, d) for a row slice and hidden-state ``layers`` (default all), stored dtype.
+    def read(self, rows: slice, layers=None, site: str = "resid", *,
+             array: str | None = None) -> np.ndarray:
+        """(L, r, d) for a row slice and hidden-state ``layers`` (default all) of ``site``
+        (``array=`` is an alias of ``site=``), stored dtype.
 
         With ``verify`` (the default) every row block the slice touches is read whole and
         checked against its checksum. Only rows ``[0, rows_done)`` are readable (later rows are
         not written yet; in HDF5 they are uninitialised bytes): an open-ended slice stops at
         ``rows_done`` and negative indices count from it; an explicit stop past ``rows_done``
         is an error."""
-        return self._read_positions(rows, self._positions(layers), array)
+        return self._read_positions(rows, self._positions(layers), _site(site, array))
 
     def _read_positions(self, rows: slice, pos: list[int], array: str) -> np.ndarray:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
@@ -294,15 +405,18 @@ class ActivationStore(Progress, BlockWriter):
         start, stop, _ = rows.indices(done)
         return self._reader(array).read(pos, start, max(start, stop), self.verify)
 
-    def iter_chunks(self, rows: int | None = None, layers=None, array: str = "resid",
-                    start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_chunks(self, rows: int | None = None, layers=None, site: str = "resid",
+                    start: int = 0, stop: int | None = None, *, array: str | None = None
+                    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(row_start, block)`` with block (L, r, d) in the stored dtype for the
-        hidden-state ``layers`` (default all).
+        hidden-state ``layers`` (default all) of ``site`` (``array=``: an alias).
 
         ``rows`` is the block height (default: ``rows_per_chunk``; rounded up to a multiple of
         it so reads are chunk-aligned). Iteration covers ``[start, min(stop, rows_done))``.
         Each block is verified as :meth:`read` verifies (``verify``).
         """
+        site = _site(site, array)
+        self._array(site)                 # an unknown site fails before the first block
         R = self.rows_per_chunk
         step = R if rows is None else max(R, -(-int(rows) // R) * R)
         end = self.rows_done if stop is None else min(int(stop), self.rows_done)
@@ -311,7 +425,7 @@ class ActivationStore(Progress, BlockWriter):
         while s < end:
             # align later blocks to chunk boundaries even if `start` is not
             e = min(end, (s // R) * R + step)
-            yield s, self._read_positions(slice(s, e), pos, array)
+            yield s, self._read_positions(slice(s, e), pos, site)
             s = e
 
     def close(self) -> None:
@@ -366,7 +480,7 @@ def open_store(path, mode: str = "r", exclusive: bool = True, verify: bool | Non
     Raises
     ------
     StoreError
-        For anything that is not an activation store of this format version (the message says
+        For anything that is not an activation store of format version 1 or 2 (the message says
         what it is instead), and for a store that fails the open-time checks (the message
         names the file, the array, layers and rows, and whether ``--repair`` can fix it).
 

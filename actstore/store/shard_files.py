@@ -85,19 +85,38 @@ class ShardFiles:
 class BlockWriter:
     """Mixin of :class:`~actstore.store.reader.ActivationStore`: the row-block writes."""
 
-    def write_rows(self, start: int, resid: np.ndarray, neurons: np.ndarray | None = None) -> None:
-        """Write rows ``[start, start + r)`` for every layer, and their checksums. Whole chunks
-        only: ``start`` is a multiple of ``rows_per_chunk`` and ``r`` is too, unless the block
-        ends at ``n_rows``. With ``durable`` (the default) the data and the checksums are on
-        the disk when it returns. Does not advance ``rows_done`` (call :meth:`mark_done` once
-        the write returned)."""
+    def write_rows(self, start: int, blocks, neurons: np.ndarray | None = None) -> None:
+        """Write rows ``[start, start + r)`` of every layer and site, and their checksums.
+
+        Parameters
+        ----------
+        start : int
+            First row; a multiple of ``rows_per_chunk``.
+        blocks : dict of str to ndarray, or ndarray
+            {site: (n_layers, r, d_site) block in the stored dtype} for every site of the store
+            (``sites``); ``r`` is a multiple of ``rows_per_chunk`` unless the block ends at
+            ``n_rows``. The older form ``write_rows(start, resid, neurons=None)`` (an array)
+            still works.
+        neurons : ndarray, optional
+            The older form's neurons block.
+
+        Notes
+        -----
+        With ``durable`` (the default) the data and the checksums are on the disk when it
+        returns. Does not advance ``rows_done`` (call :meth:`mark_done` once the write
+        returned).
+        """
         self._check_writable()
-        self._check_block(start, resid, neurons)
+        if isinstance(blocks, dict):
+            if neurons is not None:
+                raise StoreError("give the neurons block inside the dict of blocks "
+                                 "(write_rows(start, {'resid': ..., 'neurons': ...}))")
+        else:
+            blocks = {"resid": blocks, **({"neurons": neurons} if neurons is not None else {})}
+        self._check_blocks(start, blocks)
         sums = self.checksums.present
-        for name, block in (("resid", resid), ("neurons", neurons)):
-            if block is None:
-                continue
-            crcs = self._writer(name)(self, start, block, sums)
+        for name in self.sites:
+            crcs = self._writer(name)(self, start, blocks[name], sums)
             for b, c in crcs.items():
                 self.checksums.put(name, b, c, fsync=self.durable)
         if self.format == "hdf5":
@@ -105,26 +124,32 @@ class BlockWriter:
             if self.durable:
                 os.fsync(self._h.id.get_vfd_handle())
 
-    def _check_block(self, start: int, resid: np.ndarray, neurons: np.ndarray | None) -> None:
+    def _check_blocks(self, start: int, blocks: dict) -> None:
         R = self.rows_per_chunk
-        r = int(resid.shape[1]) if resid.ndim == 3 else -1
-        if resid.ndim != 3 or resid.shape[0] != self.n_layers or resid.shape[2] != self.d_model:
-            raise StoreError(f"resid block must be (n_layers={self.n_layers}, r, "
-                             f"d_model={self.d_model}), got {tuple(resid.shape)}")
+        missing = [s for s in self.sites if blocks.get(s) is None]
+        extra = [s for s in blocks if s not in self.sites and blocks[s] is not None]
+        if missing or extra:
+            raise StoreError(f"write_rows needs one block per site of the store "
+                             f"({', '.join(self.sites)})"
+                             + (f"; missing {missing}" if missing else "")
+                             + (f"; not in the store: {extra}" if extra else ""))
+        npdt = storage_dtype(self.dtype)
+        r = None
+        for name in self.sites:
+            x = blocks[name]
+            d = self.d_sites[name]
+            if not isinstance(x, np.ndarray) or x.ndim != 3 or x.shape[0] != self.n_layers \
+                    or x.shape[2] != d or (r is not None and x.shape[1] != r):
+                want_r = "r" if r is None else str(r)
+                raise StoreError(f"{name} block must be (n_layers={self.n_layers}, {want_r}, "
+                                 f"{d}), got {tuple(getattr(x, 'shape', ()))}")
+            if x.dtype != npdt:
+                raise StoreError(f"{name} block has dtype {x.dtype}, store holds {self.dtype}")
+            r = int(x.shape[1])
         end = start + r
         if start < 0 or start % R or end > self.n_rows or (r % R and end != self.n_rows) or r == 0:
             raise StoreError(f"write_rows({start}, r={r}): writes must cover whole chunks of "
                              f"{R} rows within [0, {self.n_rows})")
-        npdt = storage_dtype(self.dtype)
-        if resid.dtype != npdt:
-            raise StoreError(f"resid block has dtype {resid.dtype}, store holds {self.dtype}")
-        if (neurons is None) != (self.d_mlp is None):
-            raise StoreError("neurons must be given exactly when the store has d_mlp"
-                             f" (d_mlp={self.d_mlp})")
-        if neurons is not None:
-            if neurons.shape != (self.n_layers, r, self.d_mlp) or neurons.dtype != npdt:
-                raise StoreError(f"neurons block must be ({self.n_layers}, {r}, {self.d_mlp}) "
-                                 f"{self.dtype}, got {tuple(neurons.shape)} {neurons.dtype}")
 
     def _writer(self, array: str):
         """write(store, start, block, crcs) -> {row block: crcs} for one array: direct shard
