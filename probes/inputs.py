@@ -195,18 +195,9 @@ def select_layers(store, layers=None) -> list[int]:
 
     "layer" is always the hidden-state index (0 = embeddings, l = output of block l), never a
     position in the store's arrays. InputError for a layer the store does not hold (the message
-    lists those it holds), a layer named twice, or an empty selection. Seen through a site
-    other than resid (:func:`fit_view`), layer 0 (the embeddings, which no block's attention
-    or MLP wrote) is left out of the default and refused when named.
+    lists those it holds), a layer named twice, or an empty selection.
     """
     held = [int(x) for x in store.layers]
-    site = store.site if isinstance(store, SiteView) else "resid"
-    if site != "resid" and 0 in held:
-        if layers is not None and 0 in ([layers] if isinstance(layers, (int, np.integer))
-                                        else list(layers)):
-            raise InputError(f"layer 0 is the embeddings: site {site!r} has no layer 0 (its "
-                             "layers are block outputs, 1 and up); leave 0 out of --layers")
-        held = [x for x in held if x != 0]
     if layers is None:
         return held
     items = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
