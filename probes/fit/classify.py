@@ -1,7 +1,8 @@
 """Classification probes on every layer of a store (issue 15): ``fastprobe fit`` with a class
 target (the store's ``target_kinds``, or a text or boolean column: ``--target country``) or
 ``--task classify``. The labels are encoded (``--max-classes`` pools or drops the rarest),
-the rows split as for ridge (the array of ``--site``), and three probes are fitted on the train rows of every layer: L2 logistic regression with C chosen per layer by
+the rows split as for ridge, and three probes are fitted on the train rows of every layer
+(read from the ``--site`` array): L2 logistic regression with C chosen per layer by
 stratified k-fold (:func:`probes.classify.select.select_c`), the difference-of-means probe, and
 shrinkage LDA with the shrinkage chosen on the same folds. Each is scored on the train and the
 test rows (accuracy, balanced accuracy, macro-F1, AUROC, log loss). The layers are read into
