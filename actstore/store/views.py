@@ -114,11 +114,16 @@ class _Out:
             return
         import torch  # deferred: `import actstore` stays light
 
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, None) if dtype != "bfloat16" else torch.bfloat16
-            if not isinstance(dtype, torch.dtype):
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            try:             # a name ("float32", "bfloat16") or a numpy dtype
+                name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+            except TypeError:
+                name = None
+            got = getattr(torch, name, None) if isinstance(name, str) else None
+            if not isinstance(got, torch.dtype):
                 raise StoreError(f"dtype must be a torch dtype or its name, e.g. 'float32', "
                                  f"not {dtype!r}")
+            dtype = got
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
 
@@ -359,7 +364,8 @@ def to_xarray(store, site: str = "resid"):
     if da is not None:
         data = da.from_array(source, chunks=(1, store.rows_per_chunk, d), asarray=True,
                              fancy=False, lock=False, meta=np.empty((0, 0, 0), source.dtype),
-                             name=f"actstore-{site}-{store.path}")
+                             name=f"actstore-{site}-{store.path}-{store.meta.get('created')}"
+                                  f"-{store.rows_done}")
     else:
         data = np.empty(source.shape, dtype=source.dtype)
         for start, block in store.iter_chunks(site=site):

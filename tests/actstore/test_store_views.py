@@ -85,6 +85,8 @@ def test_batches_torch_layers_dtype(store):
     assert x.dtype == torch.float32 and x.shape == (N, 2, D)
     np.testing.assert_array_equal(x.numpy(), ref[:, [2, 0]])
     assert batches[0]["y"] is None and batches[0]["rows"].dtype == torch.int64
+    x = next(store.iter_batches(4, dtype=np.float64))["x"]       # a numpy dtype works too
+    assert x.dtype == torch.float64
     one = next(store.iter_batches(4, layers=-1, device="cpu", targets="label"))
     assert one["x"].dtype == torch.float16 and one["x"].shape == (4, 1, D)
     # a text target is its index among the sorted distinct values: a, b, c -> 0, 1, 2
@@ -271,3 +273,20 @@ def test_ragged_store(tmp_path, fmt, name):
             assert ds["label"].dims == ("text_row",)
             np.testing.assert_array_equal(ds["resid"].sel(layer=5).values, s.layer(5))
     assert vals.shape == (L, n_tok, D)
+
+
+@pytest.mark.parametrize("name", ["store_zarr", "store_h5.h5"])
+def test_version_1_fixture_stores(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / name
+    with open_store(path) as s:                       # read-only: the fixture stays as it is
+        assert s.header["format_version"] == 1
+        site = s.sites[-1]                            # the zarr one holds neurons
+        bs = list(s.iter_batches(50, site=site, targets=s.targets, as_="numpy"))
+        np.testing.assert_array_equal(
+            _cat(bs, "x"), np.stack([s.layer(x, site=site) for x in s.layers], 1))
+        np.testing.assert_array_equal(_cat(bs, "y"), s.target_array())
+        if pytest.importorskip("xarray"):
+            np.testing.assert_array_equal(s.to_xarray()["resid"].sel(layer=s.layers[0]).values,
+                                          s.layer(s.layers[0]))
