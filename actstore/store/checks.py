@@ -1,8 +1,9 @@
 """The checks :func:`~actstore.store.reader.open_store` runs on every open (cheap: metadata and a
 stat per file): the header, each array's metadata and ``rows_done`` agree, every shard and
-checksum file below ``rows_done`` exists with its expected size, every entity column is
-complete. Each finding is a :class:`Problem` that names the file, the array, layers and rows,
-and says whether re-extracting those rows (``actstore extract ... --repair``) repairs it.
+checksum file below ``rows_done`` exists with its expected size (every site array), every
+entity column, code array and (ragged stores) token array is complete. Each finding is a
+:class:`Problem` that names the file, the array, layers and rows, and says whether
+re-extracting those rows (``actstore extract ... --repair``) repairs it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""``actstore verify STORE``: every open-time check, then every row block and entity column read
-and compared with its checksum; each bad file is named with its array, layers and rows, and
-whether ``actstore extract ... --repair`` can fix it. Exit 0: clean; 1: problems; 2: usage."""
+"""``actstore verify STORE``: every open-time check, then every row block of every site array
+and every entity column, code array and token array read and compared with its checksum; each
+bad file is named with its array, layers and rows, and whether ``actstore extract ...
+--repair`` can fix it. Exit 0: clean; 1: problems; 2: usage."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,12 @@ __all__ = ["add_cli", "report_text"]
 
 DESCRIPTION = (
     "Check an activation store: the header, the arrays' metadata and rows_done agree; every "
-    "shard and checksum file below rows_done exists with its size; every entity column is "
-    "complete; and (unless --quick) every row block and entity column reads back with the "
-    "crc32c written with it. Each problem names the file, the array, layers and rows, and "
-    "whether re-extracting those rows (actstore extract ... --repair) repairs it.")
+    "shard and checksum file below rows_done exists with its size; every entity column (and "
+    "code array, and a ragged store's token index) is complete; and (unless --quick) every "
+    "row block of every site (resid, attn_out, mlp_out, neurons) and every entity column, "
+    "code array and token array reads back with the crc32c written with it. Each problem "
+    "names the file, the array, layers and rows, and whether re-extracting those rows "
+    "(actstore extract ... --repair) repairs it.")
 
 EXAMPLES = """\
 examples:

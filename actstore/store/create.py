@@ -334,19 +334,8 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
         comp = "none"
     _compressors(comp, fmt)  # validate early
 
-    if path.exists():
-        if not overwrite:
-            raise StoreError(f"{path} already exists (use overwrite / --overwrite to replace it)")
-        remove_store(path)
-    if not path.parent.exists():
-        raise StoreError(f"cannot create {path}: directory {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise StoreError(f"cannot create {path}: directory {path.parent} is not writable")
-
-    ent = entities.reset_index(drop=True)
-    columns = [str(c) for c in ent.columns]
-    kinds = {c: column_kind(ent[c]) for c in columns}
-    header = {
+    _clear_path(path, overwrite)
+    content = _content(entities, {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "n_rows": n_rows,
@@ -358,8 +347,7 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
         "compression": comp,
         "targets": list(targets),
         "group_columns": list(group_columns),
-        "entity_columns": columns,
-        "entity_kinds": kinds,
+        # entity_columns, entity_kinds: from the table (_content)
         "meta": meta_json,
         "position": position,
         "sites": list(arrays),
@@ -367,23 +355,12 @@ def create_store(path, *, layers: list[int], n_rows: int, d_model: int, entities
         "n_texts": int(n_texts),
         "target_kinds": kinds_t,
         "ragged": tok is not None,
-    }
+    }, arrays, tok)
+    header = content.header
     L = len(layers)
     npdt = storage_dtype(dtype)
     if fmt == "hdf5":
         _check_room(path, sum(L * n_rows * d * npdt.itemsize for d in arrays.values()))
-    values = {c: column_values(ent[c], kinds[c]) for c in columns}
-    tables = {
-        "entities": {c: column_crc(values[c], kinds[c]) for c in columns},
-        CODES_GROUP: {},
-        TOKENS_GROUP: {},
-    }
-    codes = {c: entity_codes(values[c]) for c in columns if kinds[c] == "str"}
-    tables[CODES_GROUP] = {c: codes_crc(*codes[c]) for c in codes}
-    if tok is not None:
-        tables[TOKENS_GROUP] = {"offsets": column_crc(tok[0], "int64"),
-                                "ids": column_crc(tok[1], "int32")}
-    content = _Content(header, arrays, values, codes, tok, tables)
     try:
         if fmt == "zarr":
             handle = _create_zarr(path, content, L, n_rows, R, npdt, comp)
@@ -405,6 +382,40 @@ class _Content:
     def __init__(self, header, arrays, values, codes, tokens, tables):
         self.header, self.arrays, self.values = header, arrays, values
         self.codes, self.tokens, self.tables = codes, tokens, tables
+
+
+def _content(entities, fields: dict, arrays: dict, tok) -> _Content:
+    """The header (``fields`` + the entity table's columns and kinds, in the header's key
+    order), the stored column values, code arrays, token index and their checksums."""
+    ent = entities.reset_index(drop=True)
+    columns = [str(c) for c in ent.columns]
+    kinds = {c: column_kind(ent[c]) for c in columns}
+    header = {}
+    for k, v in fields.items():
+        header[k] = v
+        if k == "group_columns":
+            header["entity_columns"], header["entity_kinds"] = columns, kinds
+    values = {c: column_values(ent[c], kinds[c]) for c in columns}
+    codes = {c: entity_codes(values[c]) for c in columns if kinds[c] == "str"}
+    tables = {
+        "entities": {c: column_crc(values[c], kinds[c]) for c in columns},
+        CODES_GROUP: {c: codes_crc(*codes[c]) for c in codes},
+        TOKENS_GROUP: ({} if tok is None else {"offsets": column_crc(tok[0], "int64"),
+                                               "ids": column_crc(tok[1], "int32")}),
+    }
+    return _Content(header, arrays, values, codes, tok, tables)
+
+
+def _clear_path(path: Path, overwrite: bool) -> None:
+    """Make room for a new store at ``path`` (removing a store there only with ``overwrite``)."""
+    if path.exists():
+        if not overwrite:
+            raise StoreError(f"{path} already exists (use overwrite / --overwrite to replace it)")
+        remove_store(path)
+    if not path.parent.exists():
+        raise StoreError(f"cannot create {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"cannot create {path}: directory {path.parent} is not writable")
 
 
 def _size(n: int) -> str:

@@ -134,8 +134,7 @@ def _entity_content(store: ActivationStore, known: list[Problem]) -> list[Proble
         cols += [(TOKENS_GROUP, "offsets", "int64"), (TOKENS_GROUP, "ids", "int32")]
     out = []
     for group, c, kind in cols:
-        if any(p.array == group and _where(store, f"{group}/{c}/") in p.file + "/"
-               for p in known):
+        if any(p.array == group and _about(store, p.file, f"{group}/{c}") for p in known):
             continue
         try:
             v = store._entity_column(c, kind, store.checksums.table(group) or {}, group)
@@ -157,6 +156,12 @@ def _offsets_problem(offsets, n_rows: int) -> str | None:
     if (offsets[1:] < offsets[:-1]).any():
         return "they decrease somewhere (they must be non-decreasing)"
     return None
+
+
+def _about(store: ActivationStore, file: str, key: str) -> bool:
+    """``file`` (a problem's) is the node ``key`` or a file inside it."""
+    where = _where(store, key)
+    return file == where or file.startswith(where + "/")
 
 
 def _where(store: ActivationStore, key: str) -> str:

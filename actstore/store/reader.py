@@ -263,8 +263,16 @@ class ActivationStore(Progress, BlockWriter):
         if name not in self._tokens:
             crcs = self.checksums.table(TOKENS_GROUP) if self.verify else None
             kind = "int64" if name == "offsets" else "int32"
-            self._tokens[name] = np.asarray(self._entity_column(name, kind, crcs, TOKENS_GROUP),
-                                            dtype=kind)
+            v = np.asarray(self._entity_column(name, kind, crcs, TOKENS_GROUP), dtype=kind)
+            if name == "offsets" and (len(v) != self.n_texts + 1 or v[0] != 0
+                                      or v[-1] != self.n_rows or (v[1:] < v[:-1]).any()):
+                # cheap, and a store without checksums may hold anything
+                raise problem_error(Problem(
+                    str(self.path / TOKENS_GROUP / "offsets") if self.format == "zarr"
+                    else f"{self.path} (dataset {TOKENS_GROUP}/offsets)",
+                    f"token offsets are not {self.n_texts + 1} non-decreasing values from 0 to "
+                    f"n_rows={self.n_rows}", TOKENS_GROUP))
+            self._tokens[name] = v
         return self._tokens[name]
 
     @property
