@@ -53,6 +53,8 @@ def _pin_environment(monkeypatch, meta: dict) -> None:
 INTEGRITY = "integrity"
 ADDED = (INTEGRITY, "entity_codes", "entity_categories")
 V2_FIELDS = ("position", "sites", "d_sites", "n_texts", "target_kinds", "ragged")
+# what the extractor adds to the meta since issue 14 (positions, sites, tables)
+V2_META = ("position", "sites", "table", "template", "text_column", "hook_points")
 
 
 def _as_v1(name: str, raw: bytes) -> bytes:
@@ -65,6 +67,8 @@ def _as_v1(name: str, raw: bytes) -> bytes:
             head["format_version"] = 1
             for k in V2_FIELDS:
                 del head[k]
+            for k in V2_META:
+                head["meta"].pop(k, None)
         return json.dumps(node, indent=2, ensure_ascii=True).encode()
     if name == "/@actstore":
         import ast
@@ -73,6 +77,8 @@ def _as_v1(name: str, raw: bytes) -> bytes:
             head["format_version"] = 1
             for k in V2_FIELDS:
                 del head[k]
+            for k in V2_META:
+                head["meta"].pop(k, None)
         return repr(json.dumps(head)).encode()
     return raw
 

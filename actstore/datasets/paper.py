@@ -174,10 +174,10 @@ class _Checker:
             f"{'; '.join(first)}. Fix the file, or check that it is a {kind} CSV (--kind)")
 
 
-def _record_lines(text: str) -> np.ndarray:
+def _record_lines(text: str, delimiter: str = ",") -> np.ndarray:
     """1-based line number in the file where each data record starts (quoted newlines and
     blank lines, which pandas skips, are accounted for)."""
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     starts, prev_end = [], 0
     for record in reader:
         start, prev_end = prev_end + 1, reader.line_num
@@ -201,8 +201,8 @@ def _read_text(path: Path) -> tuple[str, str]:
     return text, hashlib.sha256(data).hexdigest()
 
 
-def _surplus_fields(text: str) -> str:
-    reader = csv.reader(io.StringIO(text))
+def _surplus_fields(text: str, delimiter: str = ",") -> str:
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     header = next(reader, [])
     prev_end = reader.line_num
     for record in reader:

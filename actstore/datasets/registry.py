@@ -5,6 +5,7 @@ from pathlib import Path
 
 from actstore.datasets.builtin import BUILTINS, builtin_cache_path, load_builtin
 from actstore.datasets.fetch import dataset_url
+from actstore.datasets.generic import FILE_SUFFIXES, TableSpec, load_table
 from actstore.datasets.paper import load_csv, paper_path
 from actstore.datasets.table import KINDS, SCHEMAS, EntityDataset
 from actstore.errors import DatasetError
@@ -12,10 +13,44 @@ from actstore.errors import DatasetError
 __all__ = ["load_dataset", "list_datasets"]
 
 
-def load_dataset(name_or_path: str, kind: str | None = None,
-                 drop_invalid: bool = False) -> EntityDataset:
-    """A built-in name, a paper kind (fetched into the cache), or a CSV path."""
+def load_dataset(name_or_path: str, kind: str | None = None, drop_invalid: bool = False,
+                 table: TableSpec | None = None) -> EntityDataset:
+    """A built-in name, a paper kind (fetched into the cache), a paper CSV path, or your own
+    table (with ``table``).
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        A built-in name, a paper kind, a path, or (with ``table``) any source
+        :func:`~actstore.datasets.generic.load_table` reads (files, saved HF datasets, hf:...).
+    kind : str, optional
+        The paper schema of a CSV (default: recognised from its columns); not with ``table``.
+    drop_invalid : bool
+        Drop invalid rows (counted in ``n_dropped``) instead of raising.
+    table : TableSpec, optional
+        The columns of your own table; then the generic loader reads it (kind "table").
+
+    Returns
+    -------
+    EntityDataset
+
+    Raises
+    ------
+    DatasetError
+        An unknown name, a missing file, or an invalid table (see the loaders).
+    """
     key = str(name_or_path)
+    if table is not None:
+        if kind not in (None, "table"):
+            raise DatasetError(f"--kind {kind} names a paper schema; a table read with "
+                               f"--text-column/--entity-column takes no --kind")
+        return load_table(key, table, drop_invalid=drop_invalid)
+    own = ("pass --text-column COL (the full text), or --entity-column COL --template "
+           "'... {entity} ...' (table=TableSpec(...))")
+    if kind == "table":
+        raise DatasetError(f"kind 'table' is your own table: {own}")
+    if key.startswith("hf:"):
+        raise DatasetError(f"{key} is your own table: {own}")
     if key in BUILTINS:
         if kind is not None and kind != BUILTINS[key].kind:
             raise DatasetError(f"built-in dataset {key} is of kind {BUILTINS[key].kind}, "
@@ -31,10 +66,15 @@ def load_dataset(name_or_path: str, kind: str | None = None,
         return load_csv(path, kind=kind or key, drop_invalid=drop_invalid, name=key)
     path = Path(key).expanduser()
     if not path.exists():
+        base = Path(key.rpartition("@")[0]).expanduser()
+        if "@" in key and base.is_dir():
+            raise DatasetError(f"{key} is your own table: {own}")
         raise DatasetError(
             f"no dataset {key!r}: not a built-in ({', '.join(BUILTINS)}), not a paper dataset "
             f"({', '.join(KINDS)}), and no such file"
         )
+    if path.is_dir() or FILE_SUFFIXES.get(path.suffix.lower(), "csv") != "csv":
+        raise DatasetError(f"{path} is not a paper CSV; to read your own table {own}")
     return load_csv(path, kind=kind, drop_invalid=drop_invalid)
 
 

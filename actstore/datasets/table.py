@@ -8,7 +8,7 @@ hold-out experiments. The bottom of actstore.datasets: the other modules build o
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,8 @@ TEST_FRACTION = 0.2
 
 @dataclass
 class EntityDataset:
-    """One row per entity; see the package docstring for the columns of ``table``."""
+    """One row per entity; see the module docstring for the columns of ``table`` (and
+    :mod:`actstore.datasets.generic` for a table of kind "table")."""
 
     name: str
     kind: str
@@ -34,6 +35,16 @@ class EntityDataset:
     source: str
     sha256: str  # of the source bytes; head() keeps it (a prefix of the same source)
     n_dropped: int = 0
+    target_kinds: dict[str, str] = field(default_factory=dict)
+    """"regression" or "class" per target, in the order of ``targets`` (a target not named
+    here is "regression": the paper's and the built-ins' targets)."""
+    has_entity: bool = True
+    """False for a text-only table: no entity span (``entity`` is "", offsets -1)."""
+    template: str | None = None
+    """The ``{entity}`` template that built ``text`` (a table of entity + template), else None."""
+
+    def __post_init__(self):
+        self.target_kinds = {t: self.target_kinds.get(t, "regression") for t in self.targets}
 
     @property
     def entities(self) -> list[str]:
@@ -41,7 +52,13 @@ class EntityDataset:
 
     @property
     def target_array(self) -> np.ndarray:
-        """(n, len(targets)) float64, columns in the order of ``targets``."""
+        """(n, len(targets)) float64, columns in the order of ``targets`` (regression targets
+        only: a string class target has no number)."""
+        text = [t for t in self.targets
+                if not pd.api.types.is_numeric_dtype(self.table[t])]
+        if text:
+            raise DatasetError(f"target(s) {', '.join(map(repr, text))} are class labels "
+                               f"(strings), not numbers; read them from ds.table")
         return self.table[list(self.targets)].to_numpy(dtype=np.float64, copy=True)
 
     @property
@@ -60,12 +77,21 @@ class EntityDataset:
         t = self.table
         targets = {}
         for col in self.targets:
+            if self.target_kinds[col] == "class":
+                counts = t[col].value_counts()
+                targets[col] = {"kind": "class", "classes": int(len(counts)),
+                                "counts": {str(k): int(v) for k, v in counts.head(10).items()}}
+                continue
             v = t[col].to_numpy(dtype=np.float64)
             targets[col] = (
                 {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean())}
                 if len(v) else {"min": None, "max": None, "mean": None}
             )
         types = t["entity_type"].value_counts()
+        examples = t["text" if "text" in t.columns else "entity"].head(3).tolist()
+        extra = {} if self.kind != "table" else {
+            "target_kinds": dict(self.target_kinds), "has_entity": self.has_entity,
+            "template": self.template}
         return {
             "name": self.name,
             "kind": self.kind,
@@ -78,7 +104,8 @@ class EntityDataset:
             "targets": targets,
             "entity_types": {str(k): int(v) for k, v in types.items()},
             "group_columns": {c: int(t[c].nunique()) for c in self.group_columns},
-            "examples": t["entity"].head(3).tolist(),
+            "examples": examples,
+            **extra,
         }
 
 
@@ -160,7 +187,9 @@ def detect_kind(columns, path: str = "<csv>") -> str:
     raise DatasetError(
         f"{path}: cannot tell which dataset kind this CSV is; its columns are "
         f"{', '.join(map(repr, columns))}. Closest kind is {best.kind}, which also needs "
-        f"column(s) {', '.join(map(repr, missing))}. Pass --kind KIND (one of {', '.join(KINDS)})."
+        f"column(s) {', '.join(map(repr, missing))}. Pass --kind KIND (one of {', '.join(KINDS)}), "
+        f"or, for your own table, --text-column COL (the full text) or --entity-column COL "
+        f"--template '... {{entity}} ...' (table=TableSpec(...))."
     )
 
 
