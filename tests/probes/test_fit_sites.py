@@ -133,6 +133,7 @@ def test_cli_site_and_class_target(tmp_path, capsys):
                  "-q"]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["site"] == "attn_out" and doc["targets"] == ["score"]
+    assert "site attn_out" in capsys.readouterr().out
     capsys.readouterr()
     assert main(["fit", "--all-layers", str(path), "--site", "mlp_out", "-q"]) == 2
     err = capsys.readouterr().err.strip()
