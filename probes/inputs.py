@@ -37,6 +37,8 @@ class SiteView:
                                       stop=stop)
 
     def __getattr__(self, name: str):
+        if name == "store":          # not set yet (copy, unpickling): no endless recursion
+            raise AttributeError(name)
         return getattr(self.store, name)
 
 
