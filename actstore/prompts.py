@@ -50,19 +50,39 @@ class Prompt:
 
     def encode_many(self, tokenizer, entities) -> list[list[int]]:
         """encode() for many entities with one batched tokenizer call."""
+        return self._encode(tokenizer, entities, spans=False)[0]
+
+    def encode_spans(self, tokenizer, entities) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """:meth:`encode_many`'s ids (the same tokenizer call, with offsets) and each entity's
+        token span ``[a, b)`` in them: the tokens whose characters overlap the transformed
+        entity (``len(template)..len(text)``); (-1, -1) when none does. Needs a fast tokenizer
+        (offsets)."""
+        return self._encode(tokenizer, entities, spans=True)
+
+    def _encode(self, tokenizer, entities, spans: bool):
         entities = list(entities)
         for e in entities:
             if not isinstance(e, str) or not e.strip():
                 raise PromptError(f"prompt {self.name!r}: cannot encode an empty entity {e!r}")
         texts = [self.text(e) for e in entities]
-        body = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if spans and not getattr(tokenizer, "is_fast", False):
+            raise PromptError(f"prompt {self.name!r}: the entity's token span needs token "
+                              f"offsets, which {type(tokenizer).__name__} (a slow tokenizer) "
+                              "does not give; use a fast tokenizer")
+        enc = (tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if spans
+               else tokenizer(texts, add_special_tokens=False))
+        body = enc["input_ids"]
         bos = getattr(tokenizer, "bos_token_id", None)
         head = [int(bos)] if bos is not None else []
-        out = []
-        for entity, ids in zip(entities, body):
+        out, found = [], []
+        start = len(self.template)
+        for k, (entity, ids) in enumerate(zip(entities, body)):
             rand = self.random_ids(tokenizer, entity) if self.n_random else []
             out.append(head + rand + [int(i) for i in ids])
-        return out
+            if spans:
+                found.append(token_span(enc["offset_mapping"][k], start, len(texts[k]),
+                                        len(head) + len(rand)))
+        return out, found
 
     def random_ids(self, tokenizer, entity: str) -> list[int]:
         """The ``n_random`` ids of the "random" prompt for this entity (seeded by seed, entity)."""
@@ -88,6 +108,19 @@ class Prompt:
                        + " + tokens(template + entity), add_special_tokens=False")
         d["position"] = "last token of the entity"
         return d
+
+
+def token_span(offsets, start: int, end: int, shift: int = 0) -> tuple[int, int]:
+    """The tokens ``[a, b)`` whose character offsets (a tokenizer's ``offset_mapping``)
+    overlap the characters ``start..end`` (empty tokens left out), shifted by ``shift`` (the
+    ids in front of the text); (-1, -1) when none does."""
+    import numpy as np  # deferred: the prompt table is read by `actstore --help`
+
+    o = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    hit = np.flatnonzero((o[:, 1] > o[:, 0]) & (o[:, 0] < end) & (o[:, 1] > start))
+    if hit.size == 0:
+        return -1, -1
+    return int(hit[0]) + shift, int(hit[-1]) + 1 + shift
 
 
 _PLACE = ("world_place", "us_place")

@@ -56,6 +56,8 @@ def _pin_environment(monkeypatch, meta: dict) -> None:
 INTEGRITY = "integrity"
 ADDED = (INTEGRITY, "entity_codes", "entity_categories")
 V2_FIELDS = ("position", "sites", "d_sites", "n_texts", "target_kinds", "ragged")
+# what the extractor adds to the meta since issue 14 (positions, sites, tables)
+V2_META = ("position", "sites", "table", "template", "text_column", "hook_points")
 
 
 def _as_v1(name: str, raw: bytes) -> bytes:
@@ -68,6 +70,8 @@ def _as_v1(name: str, raw: bytes) -> bytes:
             head["format_version"] = 1
             for k in V2_FIELDS:
                 del head[k]
+            for k in V2_META:
+                head["meta"].pop(k, None)
         return json.dumps(node, indent=2, ensure_ascii=True).encode()
     if name == "/@actstore":
         import ast
@@ -76,6 +80,8 @@ def _as_v1(name: str, raw: bytes) -> bytes:
             head["format_version"] = 1
             for k in V2_FIELDS:
                 del head[k]
+            for k in V2_META:
+                head["meta"].pop(k, None)
         return repr(json.dumps(head)).encode()
     return raw
 
@@ -182,6 +188,7 @@ def test_fit_numbers_unchanged(name, v1_store):
     res = fit_all_layers(v1_store, **FITS[name])
     if hasattr(res, "to_json"):              # a FitResult: results.json's dict + the arrays
         arrays, res = res.arrays, res.to_json()
+        assert res.pop("site") == "resid"     # recorded since issue 14 (--site)
     else:
         res = dict(res)
         arrays = res.pop("arrays")

@@ -13,10 +13,12 @@ from actstore.options import add_arguments, field_docs, from_args
 __all__ = ["add_cli", "EXAMPLES"]
 
 DESCRIPTION = (
-    "Run a causal LM over an entity dataset (text = BOS + prompt + entity) and store the hidden "
-    "state at the entity's last token after every decoder block (before the final norm), as "
-    "float16, in a chunked Zarr v3 (or HDF5) store together with the entity table and all "
-    "metadata. Streaming, bounded memory, resumable.")
+    "Run a causal LM over an entity dataset (text = BOS + prompt + entity) or a table of your "
+    "own (text = BOS + its text column, or its entity in --template) and store, after every "
+    "decoder block, the hidden state at the entity's last token (or --position first-entity, "
+    "mean, last, all tokens) of the residual stream (and/or --sites attn_out, mlp_out, "
+    "neurons, one forward pass), as float16, in a chunked Zarr v3 (or HDF5) store together "
+    "with the entity table and all metadata. Streaming, bounded memory, resumable.")
 
 EXAMPLES = """\
 examples:
@@ -26,17 +28,25 @@ examples:
   # any Hugging Face causal LM, on a GPU, with MLP neurons, some layers only
   actstore extract --model meta-llama/Llama-2-7b-hf --device cuda --dataset world_place \\
       --prompt where_is --layers 0,8,16-24 --neurons --out llama-world.zarr
+  # your own table: an entity in a template, a class target, every site, the entity's mean
+  actstore extract --dataset cities.parquet --entity-column city --template \
+      "The capital of {entity} is" --targets country:class --sites resid,attn_out,mlp_out \
+      --position mean --out cities.zarr
+  # a text column, every token (a ragged store: rows are tokens; SAE training data)
+  actstore extract --dataset reviews.csv --text-column review --targets label \
+      --position all --out tokens.zarr
   # models whose activations overflow float16 (Gemma): store bfloat16
   actstore extract --model google/gemma-2b --dtype bfloat16 --dataset us_places \\
       --prompt empty --out g.zarr
 
 Re-running the same command resumes an interrupted run (Ctrl-C, kill -9, full disk) where it
 stopped, with the store's batch size, rows per chunk, compression and format; a store made with
-another model, prompt, dataset, layer list, dtype or compute dtype (or those options given with
-other values) is refused (--overwrite replaces it). One run writes a store at a time: a second
-is refused, naming the first (lock file STORE.actstore-lock). Reads check every block against
-the checksum written with it; `actstore verify STORE` checks a whole store, and the command that
-made it plus --repair re-extracts the damaged blocks (a shard deleted, truncated or changed).
+another model, prompt, dataset, table options, layer list, sites, position, dtype or compute
+dtype (or those options given with other values) is refused (--overwrite replaces it). One run
+writes a store at a time: a second is refused, naming the first (lock file STORE.actstore-lock).
+Reads check every block against the checksum written with it; `actstore verify STORE` checks a
+whole store, and the command that made it plus --repair re-extracts the damaged blocks (a shard
+deleted, truncated or changed).
 Then:
   python -c "import actstore; s = actstore.open('w.zarr'); print(s, s.entities.head())"
 """
@@ -45,7 +55,7 @@ Then:
 def add_cli(subparsers) -> None:
     """Add ``actstore extract`` to the actstore command line."""
     p = subparsers.add_parser(
-        "extract", help="extract last-entity-token activations of every layer into a store",
+        "extract", help="extract activations of every layer (positions, sites) into a store",
         description=DESCRIPTION, epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, ExtractConfig)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from actstore.errors import ExtractError
 from actstore.options import cli
+from actstore.store.format import POSITIONS, SITES
 
 __all__ = ["ExtractConfig", "DEFAULT_BATCH_SIZE", "BATCH_TOKENS_PER_ROW", "DTYPES",
-           "COMPUTE_DTYPES", "parse_layers"]
+           "COMPUTE_DTYPES", "POSITIONS", "SITES", "parse_layers", "parse_sites", "names"]
 
 DEFAULT_BATCH_SIZE = 32
 # A forward pass holds at most batch_size x BATCH_TOKENS_PER_ROW token slots (rows x longest
@@ -19,6 +20,8 @@ DEFAULT_BATCH_SIZE = 32
 BATCH_TOKENS_PER_ROW = 256
 DTYPES = ("float16", "bfloat16", "float32")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# options that only a table of your own takes (actstore.datasets.generic.TableSpec)
+TABLE_OPTIONS = ("template", "targets", "group_columns", "split_column", "id_column")
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,42 @@ class ExtractConfig:
     model: str | None = field(default=None, metadata=cli(metavar="MODEL"))
     """'smollm2-135m' (embedded default, offline), a Hugging Face id (e.g.
     meta-llama/Llama-2-7b-hf) or a local model directory"""
-    dataset: str | None = field(default=None, metadata=cli(metavar="NAME_OR_CSV", required=True))
-    """a built-in (world_cities, us_places, nobel), a paper kind (world_place, ...) or a CSV
-    path; see `actstore datasets list`"""
+    dataset: str | None = field(default=None, metadata=cli(metavar="NAME_OR_PATH", required=True))
+    """a built-in (world_cities, us_places, nobel), a paper kind (world_place, ...) or a paper
+    CSV (see `actstore datasets list`); or your own table with --text-column / --entity-column:
+    a .csv, .tsv, .parquet or .jsonl file, a directory saved by datasets' save_to_disk, or
+    hf:NAME[:CONFIG][@SPLIT]"""
     kind: str | None = None
     """dataset kind when a CSV's columns are ambiguous"""
     drop_invalid: bool = False
-    """drop CSV rows with invalid values (missing name, bad coordinates or dates) instead of
-    refusing the file; the count goes into the store's meta"""
-    prompt: str | None = field(default=None, metadata=cli(required=True))
-    """prompt name (coords, where_is, empty, random, all_caps, ...); unknown names list the
-    valid ones"""
+    """drop rows with invalid values (missing name, bad coordinates or dates, an entity not in
+    its text, an empty text...) instead of refusing the file; the count goes into the store's
+    meta"""
+    text_column: str | None = field(default=None, metadata=cli(metavar="COLUMN"))
+    """your own table: the column holding each row's full text (no --prompt); with
+    --entity-column the entity is found in it (its first occurrence)"""
+    entity_column: str | None = field(default=None, metadata=cli(metavar="COLUMN"))
+    """your own table: the column holding each row's entity; with --template the text is the
+    template with {entity} replaced by it"""
+    template: str | None = field(default=None, metadata=cli(metavar="TEXT"))
+    """with --entity-column: the text around the entity, holding {entity} once, e.g. 'The
+    capital of {entity} is'"""
+    targets: str | tuple[str, ...] | None = field(default=None, metadata=cli(metavar="A,B"))
+    """your own table: target columns (comma-separated), each optionally suffixed :class or
+    :regression (default: numbers are regression targets; bool, strings and integer codes
+    with at most 20 values are class targets)"""
+    group_columns: str | tuple[str, ...] | None = field(default=None,
+                                                        metadata=cli(metavar="A,B"))
+    """your own table: columns kept in the store for hold-out experiments (comma-separated)"""
+    split_column: str | None = field(default=None, metadata=cli(metavar="COLUMN"))
+    """your own table: a bool column (True = test) or train/test strings (default: a hash
+    split on the row names)"""
+    id_column: str | None = field(default=None, metadata=cli(metavar="COLUMN"))
+    """your own table: the column naming each row (default: the row number)"""
+    prompt: str | None = None
+    """prompt name for a paper dataset or built-in (coords, where_is, empty, random, all_caps,
+    ...; required for them, refused for your own table, whose text comes from --text-column or
+    --template); unknown names list the valid ones"""
     out: str | None = field(default=None, metadata=cli(metavar="STORE", required=True))
     """store path: a directory (Zarr v3) or a .h5 file (HDF5)"""
     limit: int | None = field(default=None, metadata=cli(metavar="N"))
@@ -55,8 +83,20 @@ class ExtractConfig:
     layers: str | tuple[int, ...] = "all"
     """'all' (blocks 1..N), 'all+emb' (also the embeddings, 0) or a list like 0,5,10-20
     (hidden-state indices)"""
+    position: str | None = field(default=None, metadata=cli(choices=POSITIONS))
+    """the token(s) of each text to store: last-entity (the entity's last token, the paper's
+    rule), first-entity, mean (over the entity's tokens; over the text's tokens, BOS excluded,
+    when there is no entity), last (the text's last token), or all (every token, BOS
+    included: one row per token, a ragged store with the token ids); default: last-entity, or
+    last for a table without entities"""
+    sites: str | tuple[str, ...] = "resid"
+    """where to read activations, comma-separated, all in one forward pass, each its own
+    array: resid (residual stream after each block), attn_out and mlp_out (each block's
+    attention and MLP output, before it is added to the residual), neurons (MLP neurons,
+    input of the down projection)"""
     neurons: bool = False
-    """also store MLP neuron activations (input of the down projection)"""
+    """also store MLP neuron activations (input of the down projection): the same as adding
+    neurons to --sites"""
     dtype: str = field(default="float16", metadata=cli(choices=DTYPES))
     """stored dtype (overflow is detected, never stored)"""
     compute_dtype: str = field(default="auto", metadata=cli(choices=COMPUTE_DTYPES))
@@ -102,9 +142,60 @@ class ExtractConfig:
             raise ExtractError("--max-tokens must be at least 1")
         if self.rows_per_chunk is not None and self.rows_per_chunk < 1:
             raise ExtractError("--rows-per-chunk must be at least 1")
+        if self.position is not None and self.position not in POSITIONS:
+            raise ExtractError(f"unknown --position {self.position!r}; choose one of "
+                               f"{', '.join(POSITIONS)}")
+        parse_sites(self.sites)
+        if not (self.text_column or self.entity_column):
+            given = [k for k in TABLE_OPTIONS if getattr(self, k)]
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ExtractError(f"{flags} describe your own table: give --text-column or "
+                                   "--entity-column (and --template) as well")
+        if self.template is not None and not self.entity_column:
+            raise ExtractError("--template needs --entity-column (the column whose values "
+                               "replace {entity})")
         if self.repair and self.overwrite:
             raise ExtractError("--repair keeps the store and rewrites its damaged blocks; "
                                "--overwrite replaces it: give one of them")
+
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """The sites to store, in store order (``--neurons`` adds ``neurons``)."""
+        wanted = set(parse_sites(self.sites)) | ({"neurons"} if self.neurons else set())
+        return tuple(s for s in SITES if s in wanted)
+
+    @property
+    def own_table(self) -> bool:
+        """True when the options describe a table of the user's own (a TableSpec)."""
+        return bool(self.text_column or self.entity_column)
+
+
+def names(value) -> tuple[str, ...]:
+    """Column names from 'a,b' (the command line) or a sequence (Python); () for None."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(x).strip() for x in items if str(x).strip())
+
+
+def parse_sites(spec) -> tuple[str, ...]:
+    """The sites a ``--sites`` value names ('resid,mlp_out' or a sequence), in store order.
+
+    Raises
+    ------
+    ExtractError
+        An unknown site or none at all.
+    """
+    given = names(spec)
+    bad = [s for s in given if s not in SITES]
+    if bad:
+        raise ExtractError(f"unknown --sites {', '.join(map(repr, bad))}; choose from "
+                           f"{', '.join(SITES)} (comma-separated)")
+    if not given:
+        raise ExtractError(f"--sites names no site; choose from {', '.join(SITES)}")
+    return tuple(s for s in SITES if s in given)
 
 
 def _layer_items(spec: str) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import actstore
 from actstore.distributed import Context, exchange, mark_all_ranks, raise_failures
 from actstore.errors import ExtractError, PeerError, StoreError
-from actstore.extract.capture import HOOK_POINT, TOKEN_RULE
+from actstore.extract.capture import HOOK_POINT, SITE_HOOKS, TOKEN_RULES
 from actstore.extract.config import DEFAULT_BATCH_SIZE, ExtractConfig
 from actstore.extract.tokens import EncodedRows, check_lengths, token_limit
 from actstore.extract.writer import pause_point
@@ -30,8 +30,9 @@ __all__ = ["IDENTITY_KEYS", "Inputs", "Share", "store_meta", "prepare", "take_lo
 
 # batch_size, padding_side and compute_dtype change values at rounding level: a resume must
 # use the ones the store was made with to reproduce an uninterrupted run bit for bit.
+# position, sites and table (a table's columns and template) change what a row is.
 IDENTITY_KEYS = ("model", "prompt", "dataset", "layers", "dtype", "neurons", "compute_dtype",
-                 "batch_size", "padding_side")
+                 "batch_size", "padding_side", "position", "sites", "table")
 
 
 class _PeerCopy(ExtractError, PeerError):
@@ -41,14 +42,31 @@ class _PeerCopy(ExtractError, PeerError):
 
 @dataclass
 class Inputs:
-    """What a run extracts: the dataset, prompt and model, resolved, the layers, and every
-    row's token ids."""
+    """What a run extracts: the dataset, prompt (None for a table of your own) and model,
+    resolved, the layers, sites and position, and every text's token ids."""
     ds: object                 # EntityDataset
-    prompt: object             # Prompt
+    prompt: object             # Prompt, or None (a table's own texts)
     lm: object                 # LoadedModel
     layers: list[int]
     d_mlp: int | None          # MLP width when neurons are stored, else None
-    rows: EncodedRows          # token ids of every row (BOS + prompt + entity)
+    rows: EncodedRows          # token ids of every text (BOS + prompt + entity, or BOS + text)
+    sites: dict = field(default_factory=dict)   # {site: width}, in store order
+    position: str = "last-entity"
+    table: dict | None = None  # a table of your own: its TableSpec fields (meta "table")
+
+    @property
+    def n_rows(self) -> int:
+        """The store's rows: texts, or tokens for ``--position all``."""
+        return self.rows.n_rows(self.position)
+
+    @property
+    def labels(self) -> list[str]:
+        """Each text's entity, or its text when it has none (error messages)."""
+        t = self.ds.table
+        if "text" in t.columns and "entity_start" in t.columns:
+            return [e if s >= 0 else x for e, s, x in
+                    zip(t["entity"].tolist(), t["entity_start"].tolist(), t["text"].tolist())]
+        return t["entity"].tolist()
 
 
 def _identity(meta: dict) -> dict:
@@ -64,6 +82,10 @@ def _identity(meta: dict) -> dict:
         "compute_dtype": m.get("compute_dtype"),
         "batch_size": meta.get("batch_size"),
         "padding_side": meta.get("padding_side"),
+        # a store made before positions and sites existed: last-entity, resid (+ neurons)
+        "position": meta.get("position", "last-entity"),
+        "sites": meta.get("sites", ["resid"] + (["neurons"] if meta.get("neurons") else [])),
+        "table": meta.get("table"),
     }
 
 
@@ -91,14 +113,20 @@ def store_meta(cfg: ExtractConfig, inp: Inputs) -> dict:
     side = cfg.padding_side or getattr(tok, "padding_side", "right") or "right"
     return {
         "model": lm.info,
-        "prompt": inp.prompt.describe(),
+        "prompt": inp.prompt.describe() if inp.prompt is not None else None,
         "dataset": {"name": ds.name, "kind": ds.kind, "source": ds.source, "sha256": ds.sha256,
                     "n_rows": len(ds), "n_dropped": ds.n_dropped, "limit": cfg.limit},
         "layers": inp.layers,
         "dtype": cfg.dtype,
-        "neurons": bool(cfg.neurons),
+        "neurons": "neurons" in inp.sites,
+        "position": inp.position,
+        "sites": list(inp.sites),
+        "table": inp.table,
+        "template": ds.template,
+        "text_column": (inp.table or {}).get("text_column"),
         "hook_point": HOOK_POINT,
-        "token_rule": TOKEN_RULE,
+        "hook_points": {site: SITE_HOOKS[site] for site in inp.sites},
+        "token_rule": TOKEN_RULES[inp.position],
         "tokenizer": lm.info.get("tokenizer"),
         "padding_side": side,
         "batch_size": int(cfg.batch_size or DEFAULT_BATCH_SIZE),
@@ -165,14 +193,16 @@ def _layout_differences(cfg: ExtractConfig, store) -> list[str]:
 
 
 def _create(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs):
-    ds, d_model = inp.ds, inp.lm.d_model
+    ds, d_model, rows = inp.ds, inp.lm.d_model, inp.rows
     try:
         return create_store(
-            out, layers=inp.layers, n_rows=len(ds), d_model=d_model, entities=ds.table,
+            out, layers=inp.layers, n_rows=inp.n_rows, d_model=d_model, entities=ds.table,
             targets=tuple(ds.targets), group_columns=tuple(ds.group_columns), meta=meta,
             format=cfg.format, dtype=cfg.dtype, d_mlp=inp.d_mlp,
             rows_per_chunk=cfg.rows_per_chunk or default_rows_per_chunk(d_model),
-            compression=cfg.compression, overwrite=cfg.overwrite)
+            compression=cfg.compression, overwrite=cfg.overwrite, sites=dict(inp.sites),
+            position=inp.position, target_kinds=dict(ds.target_kinds),
+            tokens=(rows.offsets, rows.ids) if inp.position == "all" else None)
     except StoreError as exc:
         raise ExtractError(str(exc)) from None
 
@@ -200,7 +230,8 @@ def _check_rows(cfg: ExtractConfig, inp: Inputs) -> None:
     """Every row within --max-tokens (default: the model's context), before any forward pass."""
     context = inp.lm.context_length
     limit, why = token_limit(cfg.max_tokens, context)
-    check_lengths(inp.rows, limit, why, inp.ds.table["entity"].tolist(), context)
+    what = "BOS + prompt + entity" if inp.prompt is not None else "BOS + text"
+    check_lengths(inp.rows, limit, why, inp.labels, context, what)
 
 
 def take_lock(out: Path) -> StoreLock:
@@ -238,7 +269,7 @@ def _prepare_store(cfg: ExtractConfig, out: Path, meta: dict, inp: Inputs, distr
             store = _create(cfg, out, meta, inp)
         repair = _repair_windows(store) if cfg.repair else []
         R = store.rows_per_chunk
-        todo = sorted(set(todo_windows(len(inp.ds), R, store.done_intervals()))
+        todo = sorted(set(todo_windows(inp.n_rows, R, store.done_intervals()))
                       | {w for a, b in repair for w in range(a - a % R, b, R)})
         if distributed and todo:
             store.begin_ranges()

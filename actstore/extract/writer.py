@@ -1,8 +1,8 @@
-"""From captured vectors to durable rows: the overflow check and narrowing into a window buffer
-(:class:`Narrowing`), pinned GPU staging buffers (:class:`Staging`), the writer thread that
-writes finished windows off the compute thread and records them (:class:`Writer`), and the
-one-line messages of write failures (:func:`write_error`). torch is imported by the functions
-that need it, so that ``actstore --help`` stays fast."""
+"""From captured vectors to durable rows: the overflow check and narrowing into the window
+buffers of every site (:class:`Narrowing`), pinned GPU staging buffers (:class:`Staging`), the
+writer thread that writes finished windows off the compute thread and records them
+(:class:`Writer`), and the one-line messages of write failures (:func:`write_error`). torch is
+imported by the functions that need it, so that ``actstore --help`` stays fast."""
 from __future__ import annotations
 
 import errno
@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,19 +19,23 @@ from actstore.errors import ExtractError
 from actstore.io import write_atomic
 from actstore.store.format import storage_dtype, to_storage
 
-__all__ = ["Narrowing", "Staging", "Writer", "window_buffers", "crash_after_windows",
-           "pause_point", "write_error"]
+__all__ = ["SITE_VALUES", "Batch", "Narrowing", "Staging", "Writer", "window_buffers",
+           "crash_after_windows", "pause_point", "write_error"]
 
 
-def window_buffers(n_layers: int, rows: int, d_model: int, d_mlp: int | None, dtype: str,
+# what each site's values are, for the overflow message
+SITE_VALUES = {"resid": "hidden state", "attn_out": "attention output", "mlp_out": "MLP output",
+               "neurons": "MLP neuron activation"}
+
+
+def window_buffers(n_layers: int, rows: int, sites: dict[str, int], dtype: str,
                    count: int = 2) -> queue.Queue:
-    """A queue of ``count`` (resid, neurons) window buffers in the stored dtype: one being
-    filled, one being written, so memory stays bounded."""
+    """A queue of ``count`` window buffers, each ``{site: (n_layers, rows, d_site)}`` in the
+    stored dtype: one being filled, one being written, so memory stays bounded."""
     npdt = storage_dtype(dtype)
     free: queue.Queue = queue.Queue()
     for _ in range(count):
-        free.put((np.empty((n_layers, rows, d_model), dtype=npdt),
-                  np.empty((n_layers, rows, d_mlp), dtype=npdt) if d_mlp else None))
+        free.put({site: np.empty((n_layers, rows, d), dtype=npdt) for site, d in sites.items()})
     return free
 
 
@@ -44,28 +49,38 @@ def _overflow_hint(dtype: str, fp16_compute: bool) -> str:
             + ("bfloat16 or float32)" if fp16_compute else "float32)"))
 
 
+@dataclass
+class Batch:
+    """One forward pass's captured vectors: ``blocks`` {site: (L, K, d)} (on the device, or
+    pinned host copies once ``event`` has completed), the window row of each of the K vectors
+    (``dest``) and the text it comes from (``texts``)."""
+    blocks: dict
+    dest: np.ndarray
+    texts: np.ndarray
+    event: object = None
+
+
 class Narrowing:
-    """Checks captured (L, B, d) blocks against the stored dtype and narrows them into the rows
+    """Checks captured (L, K, d) blocks against the stored dtype and narrows them into the rows
     of a window buffer. Values the dtype cannot hold (|x| > 65504 for float16, inf, NaN) are an
-    :class:`ExtractError` naming the layer, row, entity and dim, never stored."""
+    :class:`ExtractError` naming the site, layer, row, entity (or text) and dim, never stored.
+    ``labels``: each text's entity (or text), for that message; ``ragged``: rows are tokens."""
 
-    def __init__(self, dtype: str, layers: list[int], entities: list[str], compute_dtype):
-        self.dtype, self.layers, self.entities = dtype, layers, entities
-        self.compute_dtype = compute_dtype
+    def __init__(self, dtype: str, layers: list[int], labels: list[str], compute_dtype,
+                 ragged: bool = False):
+        self.dtype, self.layers, self.labels = dtype, layers, labels
+        self.compute_dtype, self.ragged = compute_dtype, ragged
 
-    def __call__(self, item, bufs, w0: int) -> None:
-        """Store one batch ``item`` = (resid, neurons or None, rows, CUDA event or None) into
-        the window buffers ``bufs`` of the window starting at row ``w0``."""
-        x, nx, rows, event = item
-        if event is not None:
-            event.synchronize()
-        resid_buf, neu_buf = bufs
-        self.store(x, resid_buf, rows, w0, "hidden state")
-        if nx is not None:
-            self.store(nx, neu_buf, rows, w0, "MLP neuron activation")
+    def __call__(self, item: Batch, bufs: dict, w0: int) -> None:
+        """Store one batch ``item`` into the window buffers ``bufs`` ({site: array}) of the
+        window starting at row ``w0``."""
+        if item.event is not None:
+            item.event.synchronize()
+        for site, x in item.blocks.items():
+            self.store(x, bufs[site], item, w0, site)
 
-    def store(self, x, buf, rows, w0: int, what: str) -> None:
-        """Refuse values the stored dtype cannot hold, then narrow x (L, B, d) into buf rows."""
+    def store(self, x, buf, item: Batch, w0: int, site: str) -> None:
+        """Refuse values the stored dtype cannot hold, then narrow x (L, K, d) into buf rows."""
         import torch  # deferred: `actstore --help` imports this package
         x = x.detach()
         if x.device.type != "cpu":
@@ -77,48 +92,54 @@ class Narrowing:
             bad = ~torch.isfinite(x.float())
             flat = int(bad.reshape(-1).nonzero()[0, 0]) if bool(bad.any()) else -1
         if flat >= 0:
-            raise self._overflow(x, flat, rows, w0, what)
-        buf[:, list(rows)] = to_storage(x, self.dtype)
+            raise self._overflow(x, flat, item, w0, site)
+        buf[:, item.dest] = to_storage(x, self.dtype)
 
-    def _overflow(self, x, flat: int, rows, w0: int, what: str) -> ExtractError:
+    def _overflow(self, x, flat: int, item: Batch, w0: int, site: str) -> ExtractError:
         import torch  # deferred, as above
         L, B, d = x.shape
         li, bi, di = flat // (B * d), (flat // d) % B, flat % d
-        row = w0 + rows[bi]
+        row, text = w0 + int(item.dest[bi]), int(item.texts[bi])
         val = float(x.reshape(-1)[flat])
         hint = _overflow_hint(self.dtype, self.compute_dtype == torch.float16)
+        where = (f"row {row} (a token of text {text}, {self.labels[text]!r})" if self.ragged
+                 else f"row {row} ({self.labels[text]!r})")
         return ExtractError(
-            f"{what} {val:g} at layer {self.layers[li]}, row {row} ({self.entities[row]!r}), "
+            f"{SITE_VALUES[site]} ({site}) {val:g} at layer {self.layers[li]}, {where}, "
             f"dim {di} does not fit {self.dtype}"
             + (" (|x| > 65504)" if self.dtype == "float16" else "") + hint)
 
 
 class Staging:
-    """Two pinned host buffers per array on a GPU run: batch k copies out (asynchronously)
-    while batch k-1 is checked."""
+    """Two pinned host buffers per site on a GPU run: batch k copies out (asynchronously)
+    while batch k-1 is checked. A buffer grows when a batch keeps more vectors than it holds
+    (``--position all``: one per token)."""
 
-    def __init__(self, n_layers: int, batch_size: int, d_model: int, d_mlp: int | None,
-                 compute_dtype):
+    def __init__(self, n_layers: int, batch_size: int, sites: dict[str, int], compute_dtype):
         import torch  # deferred, as above
         self._torch = torch
-        self.buffers = [(torch.empty((n_layers, batch_size, d_model), dtype=compute_dtype,
-                                     pin_memory=True),
-                         torch.empty((n_layers, batch_size, d_mlp), dtype=compute_dtype,
-                                     pin_memory=True) if d_mlp else None) for _ in range(2)]
+        self.n_layers, self.sites, self.compute_dtype = n_layers, sites, compute_dtype
+        self.buffers = [self._alloc(batch_size) for _ in range(2)]
 
-    def copy_out(self, k: int, resid, neu, rows, device) -> tuple:
+    def _alloc(self, rows: int) -> dict:
+        return {site: self._torch.empty((self.n_layers, rows, d), dtype=self.compute_dtype,
+                                        pin_memory=True) for site, d in self.sites.items()}
+
+    def copy_out(self, k: int, item: Batch, device) -> Batch:
         """Start copying batch ``k``'s captured tensors to the host; the item to check once
         its event has completed."""
-        B = resid.shape[1]
-        hx, hn = self.buffers[k % 2]
-        hx = hx[:, :B]
-        hx.copy_(resid, non_blocking=True)
-        if neu is not None:
-            hn = hn[:, :B]
-            hn.copy_(neu, non_blocking=True)
+        K = len(item.dest)
+        host = self.buffers[k % 2]
+        if next(iter(host.values())).shape[1] < K:
+            host = self.buffers[k % 2] = self._alloc(K)
+        out = {}
+        for site, x in item.blocks.items():
+            h = host[site][:, :K]
+            h.copy_(x, non_blocking=True)
+            out[site] = h
         ev = self._torch.cuda.Event()
         ev.record(self._torch.cuda.current_stream(device))  # device's stream, not device 0's
-        return (hx, hn if neu is not None else None, rows, ev)
+        return Batch(out, item.dest, item.texts, ev)
 
 
 class Writer(threading.Thread):
@@ -153,9 +174,8 @@ class Writer(threading.Thread):
                 self.write_seconds += time.perf_counter() - t
             self.free.put(bufs)
 
-    def _write(self, start: int, r: int, bufs) -> None:
-        resid, neu = bufs
-        self.store.write_rows(start, resid[:, :r], None if neu is None else neu[:, :r])
+    def _write(self, start: int, r: int, bufs: dict) -> None:
+        self.store.write_rows(start, {site: b[:, :r] for site, b in bufs.items()})
         self.windows += 1
         if self.windows == self.crash_after:
             os._exit(75)   # test hook: die like kill -9 with a block written but not recorded

@@ -5,9 +5,11 @@ from __future__ import annotations
 from actstore.errors import ModelError
 from actstore.models.architecture import (
                                           PRE_MLP_NORM,
+                                          attention_module,
                                           context_length,
                                           decoder_layers,
                                           down_projection,
+                                          mlp_module,
                                           mlp_parts,
                                           mlp_width,
                                           output_weights,
@@ -26,6 +28,6 @@ from actstore.models.loading import (
 )
 
 __all__ = ["ModelError", "PRE_MLP_NORM", "context_length", "decoder_layers", "down_projection",
-           "mlp_parts", "mlp_width", "output_weights", "pre_mlp_norm_name", "COMPUTE_DTYPES",
-           "DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "embedded_model_file", "load_model",
-           "load_tokenizer", "resolve_device", "wrap_model"]
+           "attention_module", "mlp_module", "mlp_parts", "mlp_width", "output_weights",
+           "pre_mlp_norm_name", "COMPUTE_DTYPES", "DEFAULT_MODEL", "EMBEDDED", "LoadedModel",
+           "embedded_model_file", "load_model", "load_tokenizer", "resolve_device", "wrap_model"]

@@ -1,7 +1,9 @@
-"""Where things sit inside a causal LM: decoder blocks, the MLP and its parts, per architecture.
+"""Where things sit inside a causal LM: decoder blocks, their attention and MLP modules, the
+MLP's parts, per architecture.
 
-Used by extraction (hooks on blocks and MLP down projections) and by the neuron analyses
-(the norm in front of each block's MLP, the MLP's input and output weights). Unknown layouts
+Used by extraction (hooks on blocks, attention / MLP modules and MLP down projections) and by
+the neuron analyses (the norm in front of each block's MLP, the MLP's input and output
+weights). Unknown layouts
 raise :class:`~actstore.errors.ModelError`: guessing gives silently wrong activations.
 """
 from __future__ import annotations
@@ -10,8 +12,8 @@ import numpy as np
 
 from actstore.errors import ModelError
 
-__all__ = ["decoder_layers", "down_projection", "mlp_width", "PRE_MLP_NORM", "pre_mlp_norm_name",
-           "mlp_parts", "output_weights", "context_length"]
+__all__ = ["decoder_layers", "down_projection", "attention_module", "mlp_module", "mlp_width",
+           "PRE_MLP_NORM", "pre_mlp_norm_name", "mlp_parts", "output_weights", "context_length"]
 
 # Where configs keep the number of positions a model was made for (Llama, Mistral, Qwen, Gemma,
 # NeoX, OPT: max_position_embeddings; GPT-2: n_positions; GPT-J/older: n_ctx; others below).
@@ -66,6 +68,32 @@ def down_projection(block):
             return mod
     raise ModelError(f"cannot find the MLP down projection in {type(block).__name__} "
                      "(needed for --neurons)")
+
+
+def attention_module(block):
+    """The attention module of one decoder block (Llama/Mistral/Qwen/Gemma/OPT ``self_attn``,
+    GPT-2/J ``attn``, NeoX ``attention``...): its output (first element when it returns a
+    tuple) is the block's attention output before it is added to the residual stream (before
+    any post-attention norm, in blocks that have one)."""
+    for name in ("self_attn", "attn", "attention", "self_attention"):
+        mod = getattr(block, name, None)
+        if mod is not None:
+            return mod
+    raise ModelError(f"cannot find the attention module in {type(block).__name__} "
+                     "(needed for --sites attn_out); known names: self_attn, attn, attention, "
+                     "self_attention")
+
+
+def mlp_module(block):
+    """The MLP of one decoder block (``mlp``, ``feed_forward``, ``ffn``; OPT has none: its
+    ``fc2``, whose output is the MLP's): its output is the block's MLP output before it is
+    added to the residual stream (before any post-feedforward norm)."""
+    for owner, name in ((block, "mlp"), (block, "feed_forward"), (block, "ffn"), (block, "fc2")):
+        mod = getattr(owner, name, None)
+        if mod is not None:
+            return mod
+    raise ModelError(f"cannot find the MLP module in {type(block).__name__} "
+                     "(needed for --sites mlp_out); known names: mlp, feed_forward, ffn, fc2")
 
 
 def mlp_width(block) -> int:
