@@ -1,22 +1,101 @@
-"""What a probe is fitted on: target columns (THE target validator) and the train/test split,
-read from a store's entity table."""
+"""What a probe is fitted on: the store's array (:func:`fit_view`: one site, one row per text),
+target columns (THE target validator) and the train/test split, read from a store's entity
+table."""
 from __future__ import annotations
 
 import numpy as np
 
 from probes.errors import InputError
 
-__all__ = ["resolve_targets", "target_matrix", "parse_split", "select_layers"]
+__all__ = ["fit_view", "SiteView", "class_targets", "resolve_targets", "target_matrix",
+           "parse_split", "select_layers"]
+
+RAGGED_ERROR = ("{path}: a token-level store (position 'all': one row per token, {n} tokens of "
+                "{t} texts); fastprobe fit takes one row per text: train token-level probes "
+                "with store.iter_batches(...) (docs/python-api.md), or extract with --position "
+                "last-entity, last or mean")
 
 
-def resolve_targets(store, targets=None) -> list[str]:
-    """Target names: ``targets`` (list or "a,b" string) or the store's own; validated by name."""
+class SiteView:
+    """A store seen through one of its sites: ``layer``, ``read`` and ``iter_chunks`` read that
+    array and ``d_model`` is its width; everything else is the store's. The fits read this, so
+    their passes need not know which array they stream."""
+
+    def __init__(self, store, site: str):
+        self.store, self.site = store, site
+        self.d_model = int(store.d_sites[site])
+
+    def layer(self, layer: int, as_: str = "numpy"):
+        return self.store.layer(layer, site=self.site, as_=as_)
+
+    def read(self, rows: slice, layers=None):
+        return self.store.read(rows, layers=layers, site=self.site)
+
+    def iter_chunks(self, rows: int | None = None, layers=None, start: int = 0,
+                    stop: int | None = None):
+        return self.store.iter_chunks(rows=rows, layers=layers, site=self.site, start=start,
+                                      stop=stop)
+
+    def __getattr__(self, name: str):
+        if name == "store":          # not set yet (copy, unpickling): no endless recursion
+            raise AttributeError(name)
+        return getattr(self.store, name)
+
+
+def fit_view(store, site: str = "resid") -> SiteView:
+    """``store`` seen through ``site`` for a fit (ridge or classification).
+
+    Parameters
+    ----------
+    store : ActivationStore
+    site : str
+        The array to fit on ("resid", "attn_out", "mlp_out", "neurons").
+
+    Returns
+    -------
+    SiteView
+
+    Raises
+    ------
+    InputError
+        The store has no such site (the message lists its sites), or it is a token-level
+        store (position "all"), which has many rows per text: the fits take one.
+    """
+    if isinstance(store, SiteView):
+        store = store.store
+    if store.ragged:
+        raise InputError(RAGGED_ERROR.format(path=store.path, n=store.n_rows, t=store.n_texts))
+    if site not in store.sites:
+        raise InputError(f"{store.path}: no site {site!r} in this store; it holds "
+                         f"{list(store.sites)} (--site NAME; extract with --sites {site} to "
+                         "add it)")
+    return SiteView(store, site)
+
+
+def class_targets(store) -> list[str]:
+    """The store's targets recorded as class targets (format version 2 ``target_kinds``;
+    a version 1 store records every target as regression)."""
+    kinds = store.target_kinds
+    return [t for t in store.targets if kinds.get(t) == "class"]
+
+
+def resolve_targets(store, targets=None, allow_class: bool = False) -> list[str]:
+    """Ridge target names: ``targets`` (list or "a,b" string) or the store's own regression
+    targets; validated by name. A target the store records as a class target is refused
+    (classification fits it) unless ``allow_class`` (``--task regress``: regress on its
+    codes)."""
     have = list(store.targets or ())
+    classes = class_targets(store) if have else []
     if targets is None or (isinstance(targets, str) and not targets.strip()):
-        if not have:
+        regress = [t for t in have if t not in classes]
+        if not regress:
+            if classes:
+                raise InputError(f"{store.path}: the store's targets {classes} are class "
+                                 "targets: classification fits one at a time, name it with "
+                                 f"--target {classes[0]} (targets={classes[0]!r})")
             raise InputError(f"{store.path}: the store records no target columns; pass targets=... "
                              "naming numeric columns of its entity table")
-        return have
+        return regress
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     names = [n for n in names if n]
     if not names:
@@ -31,6 +110,10 @@ def resolve_targets(store, targets=None) -> list[str]:
         if n not in cols:
             raise InputError(f"unknown target {n!r}: the store's targets are {have}"
                              f" (entity columns: {cols})")
+        if n in classes and not allow_class:
+            raise InputError(f"target {n!r} is a class target (the store records it so): fit "
+                             f"it alone (--target {n}) for classification probes, or add --task "
+                             "regress to regress on its values")
         if not is_numeric_dtype(ent[n]) or is_bool_dtype(ent[n]):
             raise InputError(f"target column {n!r} is not numeric (dtype {ent[n].dtype}); a "
                              "ridge target must be a number per entity (the store's targets: "
@@ -39,13 +122,15 @@ def resolve_targets(store, targets=None) -> list[str]:
     return names
 
 
-def target_matrix(store, targets=None) -> tuple[list[str], np.ndarray]:
-    """Validated target names and the (rows_done, k) float64 target matrix; InputError for a
-    store without completed rows or a missing / non-finite target value."""
+def target_matrix(store, targets=None,
+                  allow_class: bool = False) -> tuple[list[str], np.ndarray]:
+    """Validated target names (:func:`resolve_targets`) and the (rows_done, k) float64 target
+    matrix; InputError for a store without completed rows or a missing / non-finite target
+    value."""
     n = int(store.rows_done)
     if n == 0:
         raise InputError(f"{store.path}: the store has no completed rows")
-    names = resolve_targets(store, targets)
+    names = resolve_targets(store, targets, allow_class)
     Y = store.target_array(names)[:n]
     bad = ~np.isfinite(Y)
     if bad.any():

@@ -78,6 +78,12 @@ def text_table(head, rows) -> list[str]:
     return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _site_note(result) -> str:
+    """"  site attn_out" for a fit of another array than the residual stream, else ""."""
+    site = result.get("site")
+    return f"  site {site}" if site not in (None, "resid") else ""
+
+
 def format_table(result: dict) -> str:
     """The per-layer table printed by ``fastprobe fit`` and ``fastprobe show``."""
     places = any(("km_error_median" in e["test"]) for e in result["layers"])
@@ -97,7 +103,7 @@ def format_table(result: dict) -> str:
     cvname = "LOO" if result["cv"] == "loo" else f"{result['cv']}-fold"
     out = [f"store {result['store']}  targets {','.join(result['targets'])}  "
            f"train {result['n_train']} / test {result['n_test']} ({result['split']})  "
-           f"d={result['d_model']}  {cvname}"
+           f"d={result['d_model']}{_site_note(result)}  {cvname}"
            f"{' per-target alpha' if result['alpha_per_target'] else ''}  "
            f"backend {result['backend']}  {result['form']} form"]
     out += text_table(head, rows)
@@ -129,7 +135,7 @@ def format_classify_table(doc: dict) -> str:
               if doc["pooled"] else "")
     out = [f"store {doc['store']}  target {doc['target']}: {len(doc['classes'])} classes"
            f"{pooled}  train {doc['n_train']} / test {doc['n_test']} ({doc['split']})  "
-           f"{doc['cv']}-fold stratified"]
+           f"{doc['cv']}-fold stratified{_site_note(doc)}"]
     out += text_table(head, rows)
     chance = max(doc["class_counts"][split]) / max(1, sum(doc["class_counts"][split]))
     out.append(f"best layer {doc['best_layer']} by {doc['best_by']}   (majority class "

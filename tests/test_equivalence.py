@@ -188,6 +188,7 @@ def test_fit_numbers_unchanged(name, v1_store):
     res = fit_all_layers(v1_store, **FITS[name])
     if hasattr(res, "to_json"):              # a FitResult: results.json's dict + the arrays
         arrays, res = res.arrays, res.to_json()
+        assert res.pop("site") == "resid"     # recorded since issue 14 (--site)
     else:
         res = dict(res)
         arrays = res.pop("arrays")

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 from actstore import datasets
 from actstore.datasets.generic import TableSpec
@@ -423,3 +425,16 @@ def _stop(writer: Writer, loop: BatchLoop | None, bar) -> None:
         loop.close()
     if bar is not None:
         bar.close()
+
+
+class _CallablePackage(ModuleType):
+    """This package, callable: ``actstore.extract(model, dataset, config)`` is the Python API's
+    entry point (:func:`extract` with the config as third argument) while ``actstore.extract``
+    stays the package its modules live in (``actstore.extract.ExtractConfig``)."""
+
+    def __call__(self, model=None, dataset=None, config: ExtractConfig | None = None,
+                 **options) -> ExtractResult:
+        return extract(model=model, dataset=dataset, config=config, **options)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -41,6 +41,8 @@ from actstore.store.format import (
 )
 from actstore.store.progress import Progress
 from actstore.store.shard_files import BlockWriter
+from actstore.store.views import iter_batches as _iter_batches
+from actstore.store.views import to_xarray as _to_xarray
 
 __all__ = ["ActivationStore", "open_store", "NO_VERIFY_ENV", "FSYNC_ENV"]
 
@@ -449,6 +451,10 @@ class ActivationStore(Progress, BlockWriter):
 
     def __exit__(self, *exc):
         self.close()
+
+    # -- the read API for training loops and the PyData stack (actstore/store/views.py)
+    iter_batches = _iter_batches
+    to_xarray = _to_xarray
 
 
 def open_store(path, mode: str = "r", exclusive: bool = True, verify: bool | None = None,

@@ -1,7 +1,8 @@
-"""Classification probes on every layer of a store (issue 15): ``fastprobe fit`` with a text or
-boolean target (``--target country``) or ``--task classify``. The labels are encoded
-(``--max-classes`` pools or drops the rarest), the rows split as for ridge, and three probes are
-fitted on the train rows of every layer: L2 logistic regression with C chosen per layer by
+"""Classification probes on every layer of a store (issue 15): ``fastprobe fit`` with a class
+target (the store's ``target_kinds``, or a text or boolean column: ``--target country``) or
+``--task classify``. The labels are encoded (``--max-classes`` pools or drops the rarest),
+the rows split as for ridge, and three probes are fitted on the train rows of every layer
+(read from the ``--site`` array): L2 logistic regression with C chosen per layer by
 stratified k-fold (:func:`probes.classify.select.select_c`), the difference-of-means probe, and
 shrinkage LDA with the shrinkage chosen on the same folds. Each is scored on the train and the
 test rows (accuracy, balanced accuracy, macro-F1, AUROC, log loss). The layers are read into
@@ -22,7 +23,7 @@ from probes.classify.logistic import predict_proba
 from probes.classify.metrics import evaluate_classification
 from probes.classify.select import select_c
 from probes.errors import FitError
-from probes.inputs import parse_split, select_layers
+from probes.inputs import class_targets, fit_view, parse_split, select_layers
 from probes.ridge.alphas import parse_alphas
 
 __all__ = ["CLASS_KINDS", "DEFAULT_CS", "SHRINKAGES", "classify_target", "fit_classifier",
@@ -48,27 +49,35 @@ class ClassifyResult:
 
 def classify_target(store, config) -> str | None:
     """The target column to classify, or None for a ridge fit: ``task="classify"``, or
-    ``task="auto"`` and one target that is a text or boolean entity column."""
+    ``task="auto"`` and one target that the store records as a class target (format version 2
+    ``target_kinds``: text, boolean or integer-coded categories) or that is a text or boolean
+    entity column. Without ``--target``, a store whose only target is a class target
+    classifies it."""
     if config.task == "regress":
         return None
     names = config.targets
-    names = [t for t in names.split(",") if t.strip()] if isinstance(names, str) else names
+    names = [t.strip() for t in names.split(",") if t.strip()] if isinstance(names, str) \
+        else list(names or ())
     kinds = store.entity_kinds
+    classes = class_targets(store)
+    if not names and len(classes) == 1 and len(store.targets) == 1:
+        names = classes                # the store's one target, recorded as a class target
     if config.task == "auto":
-        if not names or len(names) != 1 or kinds.get(names[0]) not in CLASS_KINDS:
+        if len(names) != 1 or (names[0] not in classes and kinds.get(names[0]) not in CLASS_KINDS):
             return None
-    if not names or len(names) != 1:
+    if len(names) != 1:
         raise FitError("--task classify fits one target: name it with --target COLUMN (e.g. "
-                       f"--target country; text and boolean columns: {_class_columns(kinds)})")
-    name = names[0].strip()
+                       f"--target country; class columns: {_class_columns(kinds, classes)})")
+    name = names[0]
     if name not in kinds:
-        raise FitError(f"{store.path}: no entity column {name!r} to classify (text and "
-                       f"boolean columns: {_class_columns(kinds)})")
+        raise FitError(f"{store.path}: no entity column {name!r} to classify (class columns: "
+                       f"{_class_columns(kinds, classes)})")
     return name
 
 
-def _class_columns(kinds: dict) -> list[str]:
-    return [c for c, k in kinds.items() if k in CLASS_KINDS]
+def _class_columns(kinds: dict, classes: list[str]) -> list[str]:
+    """The class targets, then the other text and boolean columns."""
+    return classes + [c for c, k in kinds.items() if k in CLASS_KINDS and c not in classes]
 
 
 def _labels(store, target: str, config, n: int) -> Labels:
@@ -152,10 +161,11 @@ def fit_classifier(store, config, target: str, out=None) -> ClassifyResult:
     ----------
     store : ActivationStore
     config : FitConfig
-        Uses layers, split, cv (an int K: stratified K-fold; "loo": 5 folds), cs (the C grid),
-        class_weight, max_classes, drop_rest and precision (of the logistic solver).
+        Uses layers, site (the array read), split, cv (an int K: stratified K-fold; "loo": 5
+        folds), cs (the C grid), class_weight, max_classes, drop_rest and precision (of the
+        logistic solver).
     target : str
-        A text or boolean entity column (:func:`classify_target`).
+        A class target, or a text or boolean entity column (:func:`classify_target`).
     out : path, optional
         Write results.json, classify.npz and the plots there
         (:func:`probes.fit.classify_files.write_classify`).
@@ -168,9 +178,11 @@ def fit_classifier(store, config, target: str, out=None) -> ClassifyResult:
     ------
     probes.errors.ProbesError
         Missing labels, a class with fewer train rows than folds, one class only, no train
-        rows: one-line messages saying what to do (--max-classes, --cv).
+        rows, a site the store lacks, a token-level store: one-line messages saying what to
+        do (--max-classes, --cv, --site, store.iter_batches).
     """
     t0 = time.perf_counter()
+    store = fit_view(store, config.site)        # the site's array; refuses a token-level store
     n = store.rows_done
     labels = _labels(store, target, config, n)
     train, test = _rows(store, config, labels, n)
@@ -233,6 +245,7 @@ def _doc(store, config, target, labels, layers, fits, scores, train, test) -> di
         "split": config.split, "cv": fits["k"], "scoring": "accuracy",
         "Cs": [float(c) for c in fits["Cs"]], "shrinkages": list(SHRINKAGES),
         "class_weight": config.class_weight, "precision": config.precision,
+        "site": store.site, "d_model": store.d_model,
         "layers": rows, "best_layer": int(layers[best]), "best_by": f"{split} accuracy "
         "(logistic)", "confusion_matrix": {"layer": int(layers[best]), "method": "logistic",
                                            "split": split, "rows": "true class",

@@ -39,6 +39,8 @@ class FitConfig:
         One alpha per target instead of one per layer.
     task : str
         auto, regress or classify (:mod:`probes.fit.classify`).
+    site : str
+        The store's array to fit on (resid, attn_out, mlp_out, neurons).
     cs, class_weight, max_classes, drop_rest
         Classification: the C grid, class weights, and pooling or dropping the rarest classes.
     split : str
@@ -75,9 +77,15 @@ class FitConfig:
     alpha_per_target: bool = False
     """choose one alpha per target instead of one per layer (the paper shares it)"""
     task: str = field(default="auto", metadata=cli(choices=TASKS))
-    """auto: classification probes when the one --target is a text or boolean column of the
-    entity table (country, state_name, entity_type, is_test...), ridge otherwise; regress;
+    """auto: classification probes when the one --target is recorded as a class target by the
+    store (text, boolean or integer-coded categories: format version 2) or is a text or boolean
+    column of the entity table (country, state_name, entity_type, is_test...), ridge otherwise
+    (without --target: the store's regression targets, or its one class target); regress;
     classify"""
+    site: str = field(default="resid", metadata=cli(metavar="NAME"))
+    """the store's array to fit on: resid (the residual stream, the paper's), attn_out, mlp_out
+    or neurons, as the store holds them (actstore extract --sites); the ridge and the
+    classification probes read it"""
     cs: str | tuple[float, ...] = field(default="1e-4:1e4:17",
                                         metadata=cli(flag="--Cs", metavar="GRID", type=str))
     """classification: the C grid of the logistic probe (inverse L2 strength; LO:HI:N

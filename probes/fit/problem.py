@@ -60,7 +60,7 @@ class Problem:
 def prepare(store, config: FitConfig) -> Problem:
     """The :class:`Problem` of ``config`` on ``store``; FitError (InputError for targets, split
     and layers) when the store cannot give it."""
-    names, Y = target_matrix(store, config.targets)
+    names, Y = target_matrix(store, config.targets, allow_class=config.task == "regress")
     n = len(Y)
     is_test = parse_split(config.split, store, n)
     train = ~is_test

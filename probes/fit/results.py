@@ -43,7 +43,10 @@ class FitResult(Mapping):
         The store's path, its metadata's model entry, and its identity
         (:func:`actstore.store.format.store_identity`).
     n_rows, d_model, n_train, n_test : int
-        Rows fitted (the store's completed rows), width, train and test rows.
+        Rows fitted (the store's completed rows), width (of ``site``), train and test rows.
+    site : str
+        The store's array the probes were fitted on (None in a results.json older than
+        sites: resid).
     targets, split, cv, alpha_per_target, alphas : list, str, "loo" or int, bool, list
         What was fitted, as :class:`probes.fit.FitConfig` said (the grid as parsed).
     target_mean, target_std : list of float
@@ -68,6 +71,7 @@ class FitResult(Mapping):
     store_identity: dict | None
     n_rows: int
     d_model: int
+    site: str | None
     targets: list[str]
     split: str
     n_train: int

@@ -17,6 +17,7 @@ from probes.fit import dual, primal
 from probes.fit.config import FitConfig
 from probes.fit.problem import BatchFit, Job, Meter, prepare
 from probes.fit.results import FitResult, layer_entries, write_results
+from probes.inputs import fit_view
 from probes.kernels import resolve
 
 __all__ = ["fit_all_layers", "fit_all_layers_distributed"]
@@ -52,6 +53,7 @@ def fit_all_layers(store, config: FitConfig | None = None, *, out=None,
     config = _config(config, options)
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store)
+    store = fit_view(store, config.site)       # the site's array; refuses a token-level store
     problem = prepare(store, config)
     shard = LocalReducer() if shard is None else shard
     shard.agree()                  # every rank got here without an error (else all raise)
@@ -106,7 +108,7 @@ def _score(job: Job, fits: BatchFit, t0: float) -> FitResult:
     meta = store.meta
     return FitResult(
         store=str(store.path), model=meta.get("model") if isinstance(meta, dict) else None,
-        store_identity=store_identity(store), n_rows=p.n, d_model=store.d_model,
+        store_identity=store_identity(store), n_rows=p.n, d_model=store.d_model, site=store.site,
         targets=p.names, split=config.split, n_train=int(p.train.sum()),
         n_test=int(p.is_test.sum()), cv=config.cv, alpha_per_target=bool(config.alpha_per_target),
         alphas=p.alphas.tolist(), target_mean=p.mu.tolist(), target_std=p.sd.tolist(),

@@ -34,6 +34,10 @@ def _read_fit(pdir: Path) -> tuple[dict, np.ndarray, list[int]]:
         res = load_results(pdir, arrays=True)
     except FitError as exc:
         raise NeuronReportError(f"--probe {pdir}: {exc}") from None
+    if res.site not in (None, "resid"):          # None: a results.json from before sites
+        raise NeuronReportError(f"--probe {pdir}: the probes were fitted on the {res.site!r} "
+                                "array; the neuron projection takes residual-stream probes "
+                                "(fastprobe fit without --site)")
     z = res.arrays
     if "coef" not in z or "layers" not in z:
         raise NeuronReportError(f"--probe {pdir}: {ARRAYS_FILE} holds no probe coefficients "

@@ -478,3 +478,14 @@ def test_probe_identity_catches_a_store_re_extracted_at_the_same_path(env, tmp_p
     del doc["store_identity"]
     (fit / "results.json").write_text(json.dumps(doc))
     load_probe(fit, s2)
+
+
+def test_probe_of_another_site_is_refused(env, tmp_path):
+    from probes.fit import fit_all_layers, write_results
+
+    s = env["s_exact"]                   # holds resid and neurons
+    res = fit_all_layers(s, site="neurons", alphas=[1.0, 10.0], backend="torch", device="cpu")
+    assert res.site == "neurons" and res.d_model == s.d_mlp
+    write_results(res, tmp_path / "fit")
+    with pytest.raises(NeuronReportError, match="fitted on the 'neurons' array.*without --site"):
+        load_probe(tmp_path / "fit", s)
