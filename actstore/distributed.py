@@ -12,6 +12,7 @@ line per rank on the command line (:func:`cli_call`).
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -93,6 +94,18 @@ def _cpu_group():
     return _CPU_GROUP
 
 
+def _leave() -> None:
+    """At exit, tear the process group down ourselves: left to interpreter teardown, gloo's
+    threads are sometimes destroyed still joinable and the rank aborts ("terminate called
+    without an active exception") after its work is done."""
+    import torch.distributed as dist
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer is gone: nothing left to tear down cleanly
+        pass
+
+
 def context(use_cuda: bool | None = None) -> Context | None:
     """Join the torch.distributed job this process was launched in (once) and return its
     :class:`Context`; None when not distributed. ``use_cuda``: bind this rank to GPU
@@ -113,6 +126,7 @@ def context(use_cuda: bool | None = None) -> Context | None:
                                                          DEFAULT_TIMEOUT_S)))
         backend = "cpu:gloo,cuda:nccl" if use_cuda and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timeout)
+        atexit.register(_leave)
     return Context(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
 
 
