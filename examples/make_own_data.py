@@ -54,7 +54,9 @@ def city_table(cities: pd.DataFrame) -> pd.DataFrame:
 
 
 def capitals(countries: pd.DataFrame) -> pd.DataFrame:
-    c = countries[(countries.capital.str.len() > 0) & (countries.areakm2 > 0)]
+    # Antarctica's two "capitals" are research stations: too few for a class of their own
+    c = countries[(countries.capital.str.len() > 0) & (countries.areakm2 > 0)
+                  & (countries.continentcode != "AN")]
     return pd.DataFrame({"capital": c.capital, "country": c.name,
                          "continent": c.continentcode.map(CONTINENTS),
                          "log_area": np.log10(c.areakm2.astype(float))}).reset_index(drop=True)
