@@ -24,6 +24,7 @@ MAD_SCALE = 1.4826     # MAD -> standard deviation of a normal distribution
 #: its width on each side (a year 3x the training span away is "far outside")
 HARD_RANGES = {"latitude": (-90.0, 90.0), "longitude": (-180.0, 180.0)}
 LISTED_ROWS = 50       # rows listed per layer in results.json (counts are always complete)
+LISTED_FLAGGED = 200   # rows listed in the top-level norm_outliers, largest ratio first
 
 
 def robust_threshold(norms: np.ndarray, k: float = MAD_K) -> tuple[np.ndarray, ...]:
@@ -169,9 +170,9 @@ def annotate(entries: list[dict], rows: RowNorms, problem, preds: np.ndarray,
     Returns
     -------
     dict
-        ``row_norm`` (the mode), ``norm_outliers`` (the rule, k, and every flagged row with
-        its name, split, layers and largest norm / median ratio, largest first) and
-        ``valid_ranges``.
+        ``row_norm`` (the mode), ``norm_outliers`` (the rule, k, the number of flagged rows
+        and the first :data:`LISTED_FLAGGED` of them by largest norm / median ratio, with
+        name, split and layers) and ``valid_ranges``.
     """
     med, mad, thr = robust_threshold(rows.norms[:, problem.train])
     ranges = valid_ranges(problem.names, problem.Y, problem.train)
@@ -198,7 +199,7 @@ def annotate(entries: list[dict], rows: RowNorms, problem, preds: np.ndarray,
     return {"row_norm": rows.mode,
             "norm_outliers": {"rule": "norm > median + k * 1.4826 * MAD of the training rows' "
                                       "norms, per layer", "k": MAD_K, "n_rows": len(listed),
-                              "rows": listed},
+                              "rows": listed[:LISTED_FLAGGED]},
             "valid_ranges": ranges}
 
 

@@ -74,6 +74,7 @@ def _compare(out, ref):
     (2, dict(cv="loo", backend="torch")),
     (3, dict(cv=3, alpha_per_target=True, backend="cpu", split="group:country")),
     (2, dict(cv="loo", backend="cpu", row_norm="clip")),   # thresholds from every rank's rows
+    (2, dict(cv=3, backend="torch", row_norm="unit")),     # each rank rescales its own rows
 ])
 def test_distributed_fit_equals_one_process(tmp_path, world, kw):
     store = make_store(tmp_path / "s.zarr")

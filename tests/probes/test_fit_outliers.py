@@ -202,3 +202,13 @@ def test_median_absolute_error_beside_r2():
     m = evaluate(t, p, ["year"])
     assert m["medae_per_target"]["year"] == 0.5 and m["r2"] < 0
     assert m["mae_per_target"]["year"] > 90
+
+
+def test_table_prints_median_error_for_other_targets(planted):
+    """Not a place (one coordinate): the table shows its median absolute error beside R²."""
+    from probes.report import format_table
+    path, _, _ = planted
+    res = fit_all_layers(path, alphas=ALPHAS, targets="latitude")
+    text = format_table(res)
+    assert "medAE latitude" in text and "km med" not in text
+    assert res.valid_ranges == {"latitude": [-90.0, 90.0]}
