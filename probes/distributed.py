@@ -58,6 +58,10 @@ class Reducer(Protocol):
     def reduce_predictions(self, preds: np.ndarray, device) -> np.ndarray:
         """(B, n, k) predictions, each process filling its rows -> every row on the main one."""
 
+    def share_rows(self, values: np.ndarray, device) -> np.ndarray:
+        """(..., n) per-row values, each process filling its rows (0 elsewhere) -> every row on
+        every process (the row norms that --row-norm clip needs everywhere)."""
+
 
 class LocalReducer:
     """One process: every row is this process's, every reduction is the identity."""
@@ -85,6 +89,9 @@ class LocalReducer:
 
     def reduce_predictions(self, preds: np.ndarray, device) -> np.ndarray:
         return preds
+
+    def share_rows(self, values: np.ndarray, device) -> np.ndarray:
+        return values
 
 
 class RowShard:
@@ -151,6 +158,12 @@ class RowShard:
         """(B, n, k) numpy predictions, each rank filling its rows -> all rows on rank 0."""
         t = torch.from_numpy(preds).to(device)
         dist.reduce(t, dst=0, op=dist.ReduceOp.SUM, group=self.group)
+        return t.cpu().numpy()
+
+    def share_rows(self, values: np.ndarray, device) -> np.ndarray:
+        """(..., n) values, each rank filling its rows (0 elsewhere) -> all rows everywhere."""
+        t = torch.from_numpy(np.ascontiguousarray(values)).to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.cpu().numpy()
 
 

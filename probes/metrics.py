@@ -168,10 +168,12 @@ def evaluate(y_true, y_pred, target_names) -> dict:
     """All metrics of one split, JSON-ready.
 
     ``r2`` (mean over targets), ``r2_per_target``, ``pearson``/``spearman`` (means over targets)
-    with ``*_per_target`` lists, ``proximity_error`` (mean of :func:`proximity_error` over the
-    split; haversine when the targets include latitude and longitude, else euclidean over all
-    targets), and with latitude/longitude ``proximity_error_paper`` (the paper's code's swapped
-    axes, :func:`proximity_error_paper`), ``km_error_median`` and ``km_error_mean``: the
+    with ``*_per_target`` lists, ``mae_per_target`` and ``medae_per_target`` (mean and median
+    absolute error; the median is robust to a few rows predicted far off),
+    ``proximity_error`` (mean of :func:`proximity_error` over the split; haversine when the
+    targets include latitude and longitude, else euclidean over all targets), and with
+    latitude/longitude ``proximity_error_paper`` (the paper's code's swapped axes,
+    :func:`proximity_error_paper`), ``km_error_median`` and ``km_error_mean``: the
     great-circle distance between true and predicted positions.
     """
     t, p = _pair(y_true, y_pred)
@@ -191,6 +193,7 @@ def evaluate(y_true, y_pred, target_names) -> dict:
         "spearman": float(np.mean(sp)),
         "spearman_per_target": {n: float(v) for n, v in zip(names, sp)},
         "mae_per_target": {n: float(v) for n, v in zip(names, np.abs(t - p).mean(0))},
+        "medae_per_target": {n: float(v) for n, v in zip(names, np.median(np.abs(t - p), 0))},
     }
     if ll is not None:
         tl, pl = t[:, list(ll)], p[:, list(ll)]

@@ -88,8 +88,10 @@ def format_table(result: dict) -> str:
     """The per-layer table printed by ``fastprobe fit`` and ``fastprobe show``."""
     places = any(("km_error_median" in e["test"]) for e in result["layers"])
     head = ["layer", "alpha", "R2 train", "R2 test", "pearson", "spearman", "prox err"]
-    if places:
-        head.append("km med")
+    robust = [] if places else _medae_targets(result)
+    flags = all("row_norms" in e for e in result["layers"])
+    head += (["km med"] if places else [f"medAE {t}" for t in robust])
+    head += ["hi-norm", "out"] if flags else []
     rows = []
     for e in result["layers"]:
         te, tr = e["test"], e["train"]
@@ -99,6 +101,9 @@ def format_table(result: dict) -> str:
                _fmt(te["proximity_error"])]
         if places:
             row.append(_fmt(te.get("km_error_median"), ".0f"))
+        row += [_fmt(te["medae_per_target"][t], ".4g") for t in robust]
+        if flags:
+            row += [str(e["row_norms"]["n_outliers"]), str(e["out_of_range"]["n_test"])]
         rows.append(row)
     cvname = "LOO" if result["cv"] == "loo" else f"{result['cv']}-fold"
     out = [f"store {result['store']}  targets {','.join(result['targets'])}  "
@@ -112,8 +117,19 @@ def format_table(result: dict) -> str:
                + (f", median error {_fmt(best['test'].get('km_error_median'), '.0f')} km"
                   if places else "")
                + f"   ({result['seconds']['total']:.1f} s; * = best by test R2, "
-               "test columns are on the test split, ! = alpha at the edge of the grid)")
+               "test columns are on the test split, ! = alpha at the edge of the grid"
+               + ("; hi-norm = rows whose norm is far above the layer's median, out = test "
+                  "predictions outside the valid range" if flags else "") + ")")
+    if result.get("row_norm") not in (None, "none"):
+        out.append(f"rows fitted with --row-norm {result['row_norm']}")
     return "\n".join(out)
+
+
+def _medae_targets(result: dict) -> list[str]:
+    """Targets whose median absolute error the table shows (a results.json older than it:
+    none)."""
+    first = result["layers"][0]["test"] if result["layers"] else {}
+    return [t for t in result["targets"] if t in (first.get("medae_per_target") or {})]
 
 
 def format_classify_table(doc: dict) -> str:

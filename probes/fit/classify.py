@@ -182,6 +182,10 @@ def fit_classifier(store, config, target: str, out=None) -> ClassifyResult:
         do (--max-classes, --cv, --site, store.iter_batches).
     """
     t0 = time.perf_counter()
+    if getattr(config, "row_norm", "none") != "none":
+        raise FitError(f"--row-norm {config.row_norm} applies to ridge probes; the "
+                       "classification probes read the stored rows as they are (leave it out, "
+                       "or fit a regression target)")
     store = fit_view(store, config.site)        # the site's array; refuses a token-level store
     n = store.rows_done
     labels = _labels(store, target, config, n)

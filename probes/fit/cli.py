@@ -19,7 +19,10 @@ FIT_EPILOG = """\
 output (DIR):
   results.json          per layer: layer, alpha, cv_score, and for train and test: r2 (mean
                         over targets), r2_per_target, pearson, spearman, proximity_error and,
-                        for places, km_error_median; plus best_layer (by test R2), targets,
+                        medae_per_target, for places, km_error_median; row_norms (rows
+                        whose norm is far above the layer's median) and out_of_range
+                        (predictions outside the valid range); plus norm_outliers (the
+                        flagged rows, named), row_norm, best_layer (by test R2), targets,
                         split sizes, backend, seconds, the sha256 of the files below (written
                         last; a NaN is null, its reason under "nulls")
   probes.npz            coef (L, d, k) in target units, intercept, alpha, cv_scores,

@@ -10,11 +10,12 @@ from actstore.options import cli
 from probes.errors import FitError
 from probes.ridge.alphas import DEFAULT_ALPHAS, parse_alphas
 
-__all__ = ["FitConfig", "BACKEND_CHOICES", "PRECISIONS", "TASKS"]
+__all__ = ["FitConfig", "BACKEND_CHOICES", "PRECISIONS", "TASKS", "ROW_NORMS"]
 
 BACKEND_CHOICES = ("auto", "cpu", "torch", "cuda", "triton")
 PRECISIONS = ("float64", "float32")
 TASKS = ("auto", "regress", "classify")
+ROW_NORMS = ("none", "unit", "clip")    # probes.fit.outliers (light: no torch here)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class FitConfig:
         Classification: the C grid, class weights, and pooling or dropping the rarest classes.
     split : str
         The train/test split (:func:`probes.inputs.parse_split`).
+    row_norm : str
+        none (the paper's fit), unit or clip (:mod:`probes.fit.outliers`).
     backend : str
         Statistics kernel: auto, cpu, torch, cuda or triton.
     precision : str
@@ -102,6 +105,12 @@ class FitConfig:
     split: str = field(default="is_test", metadata=cli(metavar="SPEC"))
     """is_test (the store's column) | random:FRAC:SEED | group:COLUMN[:FRAC[:SEED]] (hold out
     whole groups, e.g. group:country)"""
+    row_norm: str = field(default="none", metadata=cli(choices=ROW_NORMS))
+    """rows with a massive activation: none (the paper's fit), unit (each row of each layer
+    scaled to unit L2 norm before centring, an RMS-norm-like view) or clip (each row's norm
+    capped at the layer's median + 3.5 x 1.4826 x MAD of the training rows' norms); ridge fits
+    on the cpu or torch backends. Every fit lists the rows above that threshold in results.json
+    (norm_outliers)"""
     backend: str = field(default="auto", metadata=cli(choices=BACKEND_CHOICES))
     """statistics kernel: C++/OpenMP (cpu), torch float64 reference, CUDA, Triton; auto picks the
     fastest available"""
@@ -133,6 +142,9 @@ class FitConfig:
             raise FitError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.class_weight not in (None, "balanced"):
             raise FitError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        if self.row_norm not in ROW_NORMS:
+            raise FitError(f"row_norm must be one of {', '.join(ROW_NORMS)}, got "
+                           f"{self.row_norm!r}")
         if self.max_classes is not None and self.max_classes < 2:
             raise FitError(f"--max-classes must be at least 2, got {self.max_classes}")
         normal = {"cv": _cv(self.cv)}

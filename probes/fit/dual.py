@@ -19,6 +19,8 @@ def fit_layer(job: Job, layer: int) -> BatchFit:
         X = as_compute(store.layer(layer)[:p.n], store.dtype).to(job.compute_dtype)
         if not bool(torch.isfinite(X).all()):
             raise non_finite_error(store, layer, p.n, job.shard)
+        job.rows.measure(X[None], 0, [layer])
+        X = job.rows.apply(X[None], 0, [layer], job.compute_dtype)[0]
         job.meter.tick(p.n)
     with job.meter.phase("solve"):
         X = X.to(job.device)

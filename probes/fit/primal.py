@@ -83,6 +83,8 @@ def statistics_pass(job: Job, layers: list[int], chunk_rows: int) -> GramStats:
         X = as_compute(block, store.dtype)          # bfloat16 arrives as float32
         if job.device.type == "cuda":
             X = X.to(job.device)
+        job.rows.measure(X, start, layers)
+        X = job.rows.apply(X, start, layers, job.compute_dtype)
         fold = p.fold[start:start + r]
         if stats is None:
             try:
@@ -131,8 +133,8 @@ def loo_pass(job: Job, layers: list[int], factor: PrimalFactor, chunk_rows: int)
                          precision=job.config.precision)
     for start, block in _chunks(job, layers, chunk_rows):
         r = block.shape[1]
-        acc.update(start, as_compute(block, job.store.dtype), p.Yz[start:start + r],
-                   p.train[start:start + r])
+        X = job.rows.apply(as_compute(block, job.store.dtype), start, layers, job.compute_dtype)
+        acc.update(start, X, p.Yz[start:start + r], p.train[start:start + r])
         job.meter.tick(r)
     job.shard.reduce_loo(acc)      # LOO residual sums everywhere, predictions on rank 0
     scores = acc.scores()
@@ -153,7 +155,8 @@ def prediction_pass(job: Job, layers: list[int], factor: PrimalFactor, W,
     preds = np.zeros((len(layers), p.n, p.Yz.shape[1]))
     for start, block in _chunks(job, layers, chunk_rows):
         r = block.shape[1]
-        X = as_compute(block, job.store.dtype).to(device=job.device, dtype=Wd.dtype)
+        X = as_compute(block, job.store.dtype).to(device=job.device)
+        X = job.rows.apply(X, start, layers, Wd.dtype).to(Wd.dtype)
         preds[:, start:start + r] = (torch.matmul(X - md, Wd).to(torch.float64)
                                      + factor.ybar).cpu().numpy()
         job.meter.tick(r)

@@ -16,6 +16,7 @@ from actstore.store.format import as_compute
 from probes.distributed import Reducer
 from probes.errors import FitError
 from probes.fit.config import FitConfig
+from probes.fit.outliers import RowNorms
 from probes.inputs import parse_split, select_layers, target_matrix
 from probes.kernels import preferred_chunk_rows
 from probes.ridge.alphas import parse_alphas
@@ -170,6 +171,11 @@ class Job:
     device: torch.device     # where the solve runs
     shard: Reducer           # how this process's rows combine with the others'
     meter: Meter = field(default_factory=Meter)
+    rows: RowNorms | None = None   # row norms and the --row-norm rule (probes.fit.outliers)
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = RowNorms(self.config.row_norm, self.problem.layers, self.problem.n)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -59,7 +59,13 @@ class FitResult(Mapping):
     seconds : dict
         total, stats, solve, projection, metrics.
     layers : list of dict
-        Per layer: layer, position, alpha, cv_score, alpha_at_grid_edge, train and test metrics.
+        Per layer: layer, position, alpha, cv_score, alpha_at_grid_edge, train and test
+        metrics, row_norms (median, MAD, threshold and the rows above it) and out_of_range
+        (predictions outside ``valid_ranges``), :mod:`probes.fit.outliers`.
+    row_norm, norm_outliers, valid_ranges : str, dict, dict
+        The ``--row-norm`` the probes were fitted with; the rows whose norm is above the
+        threshold at some layer (names, split, layers, largest ratio to the median); each
+        target's valid range (None in a results.json older than them).
     arrays : dict of numpy.ndarray, optional
         coef (L, d, k) and intercept (L, k) in target units, alpha (L, k), cv_scores (L, A, k),
         predictions (L, n, k), is_test (n,), layers (L,) (probes.npz holds the same); None
@@ -89,6 +95,9 @@ class FitResult(Mapping):
     best_position: int
     seconds: dict
     layers: list[dict]
+    row_norm: str | None = None
+    norm_outliers: dict | None = None
+    valid_ranges: dict | None = None
     arrays: dict[str, np.ndarray] | None = None
 
     def to_json(self) -> dict:

@@ -15,6 +15,7 @@ from actstore.store.format import store_identity
 from probes.distributed import LocalReducer, Reducer, run_on_ranks, uses_cuda
 from probes.fit import dual, primal
 from probes.fit.config import FitConfig
+from probes.fit.outliers import annotate, check_backend, norm_pass
 from probes.fit.problem import BatchFit, Job, Meter, prepare
 from probes.fit.results import FitResult, layer_entries, write_results
 from probes.inputs import fit_view
@@ -62,10 +63,15 @@ def fit_all_layers(store, config: FitConfig | None = None, *, out=None,
             return None            # n < d rows fit in memory: rank 0 reads them all
         shard = LocalReducer()
     backend, device = resolve(config.backend, config.device)
-    passes = 1 if problem.form == "dual" else 2
+    backend = check_backend(config.row_norm, config.backend, backend)
+    passes = (1 if problem.form == "dual" else 2) + (config.row_norm == "clip")
     meter = Meter(len(problem.layers) * passes * problem.n if config.progress else None)
     job = Job(store, problem, config, backend, device, shard, meter)
+    if config.row_norm == "clip":
+        norm_pass(job)             # the thresholds come before the statistics
     fits = _fit(job)
+    if config.row_norm != "clip":  # measured in the statistics pass, each rank its own rows
+        job.rows.norms = shard.share_rows(job.rows.norms, device)
     meter.close()
     if not shard.is_main:
         return None                # rank 0 scores and writes the merged results
@@ -104,6 +110,7 @@ def _score(job: Job, fits: BatchFit, t0: float) -> FitResult:
     with job.meter.phase("metrics"):
         entries = layer_entries(p, p.layers, positions, fits.alpha_idx, fits.best, preds,
                                 config.alpha_per_target)
+        flags = annotate(entries, job.rows, p, preds, _row_names(store, p.n))
     best = max(entries, key=lambda e: (e["test"]["r2"], -e["position"]))
     meta = store.meta
     return FitResult(
@@ -116,9 +123,18 @@ def _score(job: Job, fits: BatchFit, t0: float) -> FitResult:
         stats_precision=config.precision if job.backend in ("cpu", "torch") else "float32",
         form=p.form, best_layer=best["layer"], best_position=best["position"],
         seconds={"total": time.perf_counter() - t0, **job.meter.seconds}, layers=entries,
+        **flags,
         arrays={"coef": coef, "intercept": intercept, "alpha": p.alphas[fits.alpha_idx],
                 "cv_scores": fits.cv_scores, "predictions": preds, "is_test": p.is_test,
                 "layers": np.array(p.layers)})
+
+
+def _row_names(store, n: int) -> list:
+    """The entity name of each row (its row number when the table has no name column)."""
+    ent = store.entities
+    if ent is None or "name" not in getattr(ent, "columns", ()):
+        return [str(i) for i in range(n)]
+    return ent["name"].iloc[:n].astype(str).tolist()
 
 
 def fit_all_layers_distributed(store, config: FitConfig | None = None,

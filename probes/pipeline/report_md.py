@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from probes.experiments.registry import EXPERIMENT_TITLES, experiment_markdown
+from probes.fit.outliers import summary_line
 from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
 from probes.report import md_num, md_table, save_figure
@@ -143,6 +144,8 @@ def _dataset_section(sec: Section, out: Path) -> list[str]:
                          f"{md_num(e['test']['r2'])} | {md_num(e['test'].get('spearman'))} | "
                          f"{md_num(e['test'].get('proximity_error'))} |")
         lines.append("")
+        flags = summary_line(res)           # rows with outlying norms, out-of-range predictions
+        lines += [flags, ""] if flags else []
         for png in sorted(job.probe_dir.glob("*.png")):
             lines += _img(out, png, f"{job.label} {png.stem}")
     lines += classify_markdown(sec, out)

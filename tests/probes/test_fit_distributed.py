@@ -66,11 +66,15 @@ def _compare(out, ref):
     for a, b in zip(meta["layers"], ref["layers"]):
         assert a["alpha"] == b["alpha"] and a["layer"] == b["layer"]
         assert abs(a["test"]["r2"] - b["test"]["r2"]) < 1e-9
+        assert a["row_norms"]["outliers"] == b["row_norms"]["outliers"]   # every rank's rows
+        assert abs(a["row_norms"]["threshold"] - b["row_norms"]["threshold"]) < 1e-9
 
 
 @pytest.mark.parametrize("world,kw", [
     (2, dict(cv="loo", backend="torch")),
     (3, dict(cv=3, alpha_per_target=True, backend="cpu", split="group:country")),
+    (2, dict(cv="loo", backend="cpu", row_norm="clip")),   # thresholds from every rank's rows
+    (2, dict(cv=3, backend="torch", row_norm="unit")),     # each rank rescales its own rows
 ])
 def test_distributed_fit_equals_one_process(tmp_path, world, kw):
     store = make_store(tmp_path / "s.zarr")
@@ -124,13 +128,14 @@ def test_local_reducer_is_the_identity():
     assert local.alike(err) is err
     preds = np.ones((2, 5, 1))
     assert local.reduce_predictions(preds, "cpu") is preds
+    assert local.share_rows(preds, "cpu") is preds
     assert local.any_bad([True, False]).tolist() == [True, False]
     assert local.reduce_stats(stats := object()) is stats
     with pytest.raises(ValueError, match="x"):
         local.agree(err)
     methods = [m for m in vars(Reducer) if not m.startswith("_")]
     assert set(methods) == {"rows", "agree", "alike", "any_bad", "reduce_stats", "reduce_loo",
-                            "reduce_predictions"}
+                            "reduce_predictions", "share_rows"}
     for cls in (LocalReducer, RowShard):
         assert all(callable(getattr(cls, m)) for m in methods) and hasattr(cls, "is_main")
 
@@ -223,6 +228,8 @@ def test_torchrun_fastprobe_fit_cli(tmp_path):
     for a, b in zip(got["layers"], ref["layers"]):
         assert a["alpha"] == b["alpha"]
         assert abs(a["test"]["r2"] - b["test"]["r2"]) < 1e-9
+        assert a["row_norms"]["outliers"] == b["row_norms"]["outliers"]   # every rank's rows
+        assert abs(a["row_norms"]["threshold"] - b["row_norms"]["threshold"]) < 1e-9
     coef = np.load(tmp_path / "o" / "probes.npz")["coef"]
     np.testing.assert_allclose(coef, ref["arrays"]["coef"].astype(np.float32), rtol=1e-5,
                                atol=1e-7)
