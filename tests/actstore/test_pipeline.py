@@ -245,3 +245,18 @@ def test_paper_recipe_bad_options_are_clear(tmp_path, capsys):
         main(["run", "papr", "--out", out])
     assert "invalid choice: 'papr'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()   # nothing was started
+
+
+def test_default_datasets_are_the_offline_builtins(tmp_path, monkeypatch):
+    """`make demo` runs every offline built-in, two of them time sets (nobel, films), and the
+    default main prompt applies to each."""
+    from actstore.datasets import BUILTINS
+    from probes.pipeline.config import DEMO_DATASETS
+    from probes.pipeline.plan import plan_sections
+
+    monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "cache"))
+    assert set(DEMO_DATASETS) == set(BUILTINS)
+    sections = plan_sections(tmp_path / "out", DEMO_DATASETS, ["empty"], 50, False)
+    assert [s.ds.name for s in sections] == list(DEMO_DATASETS)
+    assert {s.ds.kind for s in sections} >= {"historical_figure", "art"}
+    assert all(len(s.jobs) == 1 and len(s.ds) == 50 for s in sections)
