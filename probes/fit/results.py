@@ -60,6 +60,10 @@ class FitResult(Mapping):
         total, stats, solve, projection, metrics.
     layers : list of dict
         Per layer: layer, position, alpha, cv_score, alpha_at_grid_edge, train and test metrics.
+    control : dict or None
+        The shuffled-target control (:func:`probes.fit.controls.control_block`): method, seed,
+        per layer its test R² and the selectivity; None when fitted with ``control=False``
+        (or read from a results.json older than controls).
     arrays : dict of numpy.ndarray, optional
         coef (L, d, k) and intercept (L, k) in target units, alpha (L, k), cv_scores (L, A, k),
         predictions (L, n, k), is_test (n,), layers (L,) (probes.npz holds the same); None
@@ -89,6 +93,7 @@ class FitResult(Mapping):
     best_position: int
     seconds: dict
     layers: list[dict]
+    control: dict | None = None
     arrays: dict[str, np.ndarray] | None = None
 
     def to_json(self) -> dict:

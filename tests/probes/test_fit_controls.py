@@ -1,0 +1,67 @@
+"""The shuffled-target control of fastprobe fit (probes.fit.controls)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_fit import ALPHAS, entity_table, make_store
+
+from probes.fit import fit_all_layers, load_results
+from probes.fit.controls import permutation
+
+
+def test_permutation_is_seeded_and_keeps_test_rows():
+    train = np.array([True, False, True, True, False, True, True, True])
+    a, b, c = permutation(train, 0), permutation(train, 0), permutation(train, 1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(a[~train], np.flatnonzero(~train))      # test rows stay
+    assert sorted(a[train]) == list(np.flatnonzero(train))                  # train among train
+
+
+@pytest.mark.parametrize("d,cv,apt", [(16, "loo", False), (16, 3, True), (120, "loo", False)])
+def test_control_is_near_chance_and_leaves_the_probe_unchanged(tmp_path, d, cv, apt):
+    ent = entity_table(200, seed=2)
+    make_store(tmp_path / "s.zarr", ent, d=d)
+    kw = dict(alphas=ALPHAS, cv=cv, alpha_per_target=apt, backend="torch")
+    with_c = fit_all_layers(tmp_path / "s.zarr", **kw)
+    without = fit_all_layers(tmp_path / "s.zarr", control=False, **kw)
+    assert without.control is None
+    for a, b in zip(with_c.layers, without.layers):     # the control does not touch the probe
+        assert a["alpha"] == b["alpha"]
+        assert a["test"]["r2"] == pytest.approx(b["test"]["r2"], abs=1e-9)
+    np.testing.assert_allclose(with_c.arrays["predictions"], without.arrays["predictions"],
+                               atol=1e-9)
+    block = with_c.control
+    assert block["seed"] == 0 and "Hewitt" in block["method"]
+    assert [r["layer"] for r in block["layers"]] == [e["layer"] for e in with_c.layers]
+    for row, entry in zip(block["layers"], with_c.layers):
+        assert entry["test"]["r2"] > 0.5                  # the targets carry signal
+        assert row["test_r2"] < 0.1                       # the control is at chance
+        assert row["selectivity"] == pytest.approx(entry["test"]["r2"] - row["test_r2"])
+        assert set(row["test_r2_per_target"]) == {"latitude", "longitude"}
+
+
+def test_control_seed_is_recorded_and_changes_the_control(tmp_path):
+    ent = entity_table(150, seed=3)
+    make_store(tmp_path / "s.zarr", ent)
+    a = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, control_seed=5, out=tmp_path / "o")
+    b = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, control_seed=6)
+    assert a.control["seed"] == 5 and b.control["seed"] == 6
+    assert a.control["layers"][0]["test_r2"] != b.control["layers"][0]["test_r2"]
+    back = load_results(tmp_path / "o")
+    assert back.control["seed"] == 5
+    assert back.control["layers"][0]["selectivity"] == pytest.approx(
+        a.control["layers"][0]["selectivity"])
+
+
+def test_fastprobe_fit_no_control(tmp_path):
+    from probes.cli import main
+
+    ent = entity_table(120, seed=4)
+    make_store(tmp_path / "s.zarr", ent)
+    assert main(["fit", str(tmp_path / "s.zarr"), "--all-layers", "--no-control", "-q",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert load_results(tmp_path / "o").control is None
+    assert main(["fit", str(tmp_path / "s.zarr"), "--all-layers", "--control-seed", "3", "-q",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert load_results(tmp_path / "p").control["seed"] == 3
