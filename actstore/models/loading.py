@@ -248,7 +248,7 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
     name = name_or_path or DEFAULT_MODEL
     if device_map is not None and (name in EMBEDDED or name.startswith(RANDOM_PREFIX)):
         raise ModelError(f"--device-map is for Hugging Face models too big for one device; "
-                         f"the embedded {name} fits on one (use --device)")
+                         f"{name} fits on one (use --device)")
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise ModelError("--device-map needs the 'accelerate' package (pip install accelerate)")
     device = resolve_device(device)
