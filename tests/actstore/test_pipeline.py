@@ -267,3 +267,31 @@ def test_paper_recipe_bad_options_are_clear(tmp_path, capsys):
         main(["run", "papr", "--out", out])
     assert "invalid choice: 'papr'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()   # nothing was started
+
+
+def test_controls_sentence_says_which_controls_the_probe_beats():
+    from types import SimpleNamespace
+
+    from probes.pipeline.report_md import controls_sentence, controls_table
+
+    def result(r2s, control):
+        layers = [{"layer": i, "test": {"r2": r}} for i, r in enumerate(r2s)]
+        best = max(layers, key=lambda e: e["test"]["r2"])["layer"]
+        return {"layers": layers, "best_layer": best, "control": {"layers": [
+            {"layer": i, "test_r2": c, "selectivity": r - c}
+            for i, (r, c) in enumerate(zip(r2s, control))]}}
+
+    ds = SimpleNamespace(name="world")
+    main = SimpleNamespace(result=result([0.2, 0.5, 0.4], [-0.01, -0.02, 0.0]))
+    rnd = SimpleNamespace(result=result([0.1, 0.6, 0.3], [0.0, 0.0, 0.0]))
+    sec = SimpleNamespace(ds=ds, main=main, random_init=rnd)
+    s = controls_sentence(sec)
+    assert s == ("Controls: the probe's best test R² 0.500 (layer 1) beats layer 0 (embeddings) "
+                 "(0.200) by 0.300, does not beat the random-init model (best layer 1) "
+                 "(0.600 ≥ 0.500), and beats shuffled targets (-0.020) by 0.520, selectivity "
+                 "0.520.")
+    sec.random_init = None
+    assert "cannot be compared with the random-init model (not run: --controls random)" in \
+        controls_sentence(sec)
+    table = "\n".join(controls_table([sec]))
+    assert "| world | 0.500 (1) | 0.200 | – | -0.020 | 0.520 |" in table

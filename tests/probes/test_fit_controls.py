@@ -65,3 +65,41 @@ def test_fastprobe_fit_no_control(tmp_path):
     assert main(["fit", str(tmp_path / "s.zarr"), "--all-layers", "--control-seed", "3", "-q",
                  "--out", str(tmp_path / "p")]) == 0
     assert load_results(tmp_path / "p").control["seed"] == 3
+
+
+def _result(r2s, control=None, first=0):
+    layers = [{"layer": first + i, "test": {"r2": r}} for i, r in enumerate(r2s)]
+    doc = {"layers": layers, "best_layer": max(layers, key=lambda e: e["test"]["r2"])["layer"]}
+    if control is not None:
+        doc["control"] = {"layers": [{"layer": e["layer"], "test_r2": c,
+                                      "selectivity": e["test"]["r2"] - c}
+                                     for e, c in zip(layers, control)]}
+    return doc
+
+
+def test_plots_draw_layer0_and_the_control():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from probes.report import LAYER0_LABEL, draw_controls, layer0_r2
+
+    fig, ax = plt.subplots()
+    draw_controls(ax, _result([0.1, 0.4, 0.5], control=[-0.01, -0.02, 0.0]))
+    labels = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert labels[LAYER0_LABEL].get_linestyle() == "--"
+    assert list(labels[LAYER0_LABEL].get_ydata()) == [0.1, 0.1]
+    assert list(labels["shuffled-target control"].get_ydata()) == [-0.01, -0.02, 0.0]
+    plt.close(fig)
+    fig, ax = plt.subplots()                    # no layer 0, no control: nothing drawn
+    draw_controls(ax, _result([0.4, 0.5], first=1))
+    assert ax.get_lines() == [] and layer0_r2(_result([0.4], first=1)) is None
+    plt.close(fig)
+
+
+def test_fit_plot_has_the_controls(tmp_path):
+    ent = entity_table(120, seed=5)
+    make_store(tmp_path / "s.zarr", ent)
+    res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, out=tmp_path / "o")
+    assert (tmp_path / "o" / "r2_by_layer.png").exists()
+    assert load_results(tmp_path / "o").control["layers"][0]["layer"] == res.layers[0]["layer"]
