@@ -20,7 +20,8 @@ from probes.errors import FitError
 from probes.fit.problem import BatchFit, Problem, check_alpha_memory
 from probes.ridge.solvers import select_alpha as _select_alpha
 
-__all__ = ["METHOD", "permutation", "with_control", "select_alpha", "split", "control_block"]
+__all__ = ["METHOD", "permutation", "with_control", "select_alpha", "split", "control_block",
+           "classify_control", "classify_block"]
 
 METHOD = "shuffled targets (Hewitt & Liang 2019)"
 
@@ -158,3 +159,57 @@ def _minus(a, b) -> float | None:
     if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
         return None
     return float(a - b)
+
+
+def classify_control(logistic, x_tr, y_tr, x_te, y_te, n_classes: int,
+                     config) -> np.ndarray | None:
+    """The control of a classification fit: the logistic probe refitted at each layer's chosen
+    C on the train labels permuted by a seeded permutation, scored on the true test labels
+    (chance accuracy); :func:`classify_block` puts it in results.json.
+
+    One batched solve per distinct C, no C search (the search on the real labels is the
+    expensive part: the control costs about one refit, 1/(folds·Cs + 1) of the logistic fit).
+
+    Parameters
+    ----------
+    logistic : probes.classify.select.LogisticCV
+        The logistic probes of the real labels (their C per layer).
+    x_tr, y_tr, x_te, y_te : numpy.ndarray
+        (L, n, d) train and test activations, (n,) their class codes.
+    n_classes : int
+        K.
+    config : FitConfig
+        Uses ``control``, ``control_seed``, ``class_weight`` and ``precision``.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        (L,) control test accuracy per layer; None with ``control`` off or no test rows.
+    """
+    from probes.classify.logistic import fit_logistic_path, predict_proba
+
+    if not config.control or len(y_te) == 0:
+        return None
+    y_perm = y_tr[np.random.default_rng(config.control_seed).permutation(len(y_tr))]
+    acc = np.empty(len(logistic.C))
+    for c in np.unique(logistic.C):
+        ls = np.flatnonzero(logistic.C == c)
+        path = fit_logistic_path(x_tr[ls], y_perm, [float(c)], n_classes=n_classes,
+                                 class_weight=config.class_weight, dtype=config.precision)
+        pred = predict_proba(x_te[ls], path.coef[:, 0], path.intercept[:, 0]).argmax(-1)
+        acc[ls] = (pred == np.asarray(y_te)[None, :]).mean(1)
+    return acc
+
+
+def classify_block(acc: np.ndarray | None, doc: dict, seed: int) -> dict | None:
+    """results.json ``control`` of a classification fit: per layer the control's test accuracy
+    (:func:`classify_control`) and the selectivity, the logistic probe's test accuracy minus
+    it; None without a control."""
+    if acc is None:
+        return None
+    rows = [{"layer": e["layer"], "test_accuracy": float(a),
+             "selectivity": _minus(e["logistic"]["test"].get("accuracy"), float(a))}
+            for e, a in zip(doc["layers"], acc)]
+    return {"method": METHOD, "permuted": "train labels (test labels true)",
+            "probe": "logistic regression at each layer's chosen C", "seed": int(seed),
+            "layers": rows}

@@ -335,6 +335,11 @@ def classify_markdown(sec: Section, out: Path) -> list[str]:
             ["mass-mean", *_cells(best["mass_mean"][split])],
             [f"LDA (shrinkage {best['lda']['shrinkage']:.3g})", *_cells(best["lda"][split])],
             ["majority class", *_cells(base)]]
+    ctrl = next((r for r in (doc.get("control") or {}).get("layers", [])
+                 if r["layer"] == doc["best_layer"]), None)
+    if ctrl is not None and split == "test":
+        rows.append(["shuffled labels (logistic, same C)", md_num(ctrl["test_accuracy"]),
+                     "–", "–", "–"])
     lines += md_table([f"layer {doc['best_layer']} ({split})", "accuracy", "balanced accuracy",
                        "macro-F1", "AUROC"], rows)
     cdir = out / "classify" / sec.ds.name

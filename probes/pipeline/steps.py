@@ -162,7 +162,8 @@ class ClassifyStep:
     def inputs(self) -> dict:
         return {"store": store_record(self.sec.main.store), "target": self.target,
                 "max_classes": CLASSIFY_MAX_CLASSES, "rest": "drop", "Cs": self.cfg.cs,
-                "cv": self.cfg.cv, "layers": self.layers(), "precision": "float32"}
+                "cv": self.cfg.cv, "layers": self.layers(), "precision": "float32",
+                "control": "shuffled labels, seed 0"}
 
     def layers(self) -> list[int]:
         every = self.sec.main.store.layers

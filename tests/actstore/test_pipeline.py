@@ -149,7 +149,8 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     assert f"**{cj['best_layer']}**" in block and "K = 3 classes" in block
     assert "on layers 0, 2, 3." in block
     assert f"| {best['logistic']['test']['accuracy']:.3f} |" in block
-    for row in ("| logistic (C = ", "| mass-mean |", "| LDA (shrinkage ", "| majority class |"):
+    for row in ("| logistic (C = ", "| mass-mean |", "| LDA (shrinkage ", "| majority class |",
+                "| shuffled labels (logistic, same C) |"):
         assert row in block, row
     assert "classify/world_place/accuracy_by_layer.png" in block
     assert "classify/world_place/confusion_best_layer.png" in block

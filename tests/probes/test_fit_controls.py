@@ -103,3 +103,29 @@ def test_fit_plot_has_the_controls(tmp_path):
     res = fit_all_layers(tmp_path / "s.zarr", alphas=ALPHAS, out=tmp_path / "o")
     assert (tmp_path / "o" / "r2_by_layer.png").exists()
     assert load_results(tmp_path / "o").control["layers"][0]["layer"] == res.layers[0]["layer"]
+
+
+def test_classification_control_is_chance_accuracy(tmp_path):
+    """Permuted train labels, the logistic probe at each layer's C: accuracy near the
+    majority rate where the real probe is far above it; seeded; off with control=False."""
+    from test_classify_fit import CS, _store
+
+    from probes.fit.classify import fit_classifier
+    from probes.fit.config import FitConfig
+
+    store, codes = _store(tmp_path / "s.zarr")
+    test = store.is_test.astype(bool)
+    majority = np.bincount(codes[test]).max() / test.sum()
+    doc = fit_classifier(store, FitConfig(targets="country", cv=3, cs=CS), "country").doc
+    again = fit_classifier(store, FitConfig(targets="country", cv=3, cs=CS), "country").doc
+    block = doc["control"]
+    assert block["seed"] == 0 and block == again["control"]
+    for row, entry in zip(block["layers"], doc["layers"]):
+        acc = entry["logistic"]["test"]["accuracy"]
+        assert row["selectivity"] == pytest.approx(acc - row["test_accuracy"])
+        assert row["test_accuracy"] < majority + 0.2
+    assert doc["layers"][-1]["logistic"]["test"]["accuracy"] > 0.9      # the strong layer
+    assert block["layers"][-1]["selectivity"] > 0.4
+    off = fit_classifier(store, FitConfig(targets="country", cv=3, cs=CS, control=False),
+                         "country").doc
+    assert off["control"] is None
