@@ -7,9 +7,8 @@
   loads take about a second instead of ~30 s.
 * anything else: a Hugging Face model id (from the local HF cache when offline) or a local
   directory.
-* ``random:NAME`` (a control): NAME's architecture and tokenizer with every weight drawn anew
-  by transformers' own initialisation under the fixed seed :data:`RANDOM_INIT_SEED`
-  (``smollm2`` for the embedded ``smollm2-135m``); only NAME's config is read.
+* ``random:NAME`` (a control): NAME's architecture and tokenizer, weights re-initialised by
+  transformers under the seed :data:`RANDOM_INIT_SEED` (``random:smollm2``: the embedded one).
 
 Every failure a user can cause (unknown name, no weights offline, not a causal LM) raises
 :class:`~actstore.errors.ModelError` with a one-line message.
