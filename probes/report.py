@@ -115,7 +115,24 @@ def format_table(result: dict) -> str:
                   if places else "")
                + f"   ({result['seconds']['total']:.1f} s; * = best by test R2, "
                "test columns are on the test split, ! = alpha at the edge of the grid)")
+    out += _controls_lines(result)
     return "\n".join(out)
+
+
+def _controls_lines(result: dict) -> list[str]:
+    """The controls under the table: layer 0's test R² and the shuffled-target control at the
+    best layer, with the selectivity (none when the fit has neither)."""
+    lines = []
+    floor = layer0_r2(result)
+    if floor is not None and result["best_layer"] != 0:
+        lines.append(f"layer 0 (embeddings): test R2 {_fmt(floor)}")
+    rows = (result.get("control") or {}).get("layers") or []
+    row = next((r for r in rows if r["layer"] == result["best_layer"]), None)
+    if row is not None:
+        lines.append(f"shuffled-target control (seed {result['control']['seed']}): test R2 "
+                     f"{_fmt(row['test_r2'])} at layer {row['layer']}, selectivity "
+                     f"{_fmt(row['selectivity'])}")
+    return lines
 
 
 def format_classify_table(doc: dict) -> str:

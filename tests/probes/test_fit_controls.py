@@ -129,3 +129,14 @@ def test_classification_control_is_chance_accuracy(tmp_path):
     off = fit_classifier(store, FitConfig(targets="country", cv=3, cs=CS, control=False),
                          "country").doc
     assert off["control"] is None
+
+
+def test_the_printed_table_names_the_controls():
+    from probes.report import _controls_lines
+
+    res = _result([0.1, 0.4, 0.5], control=[-0.01, -0.02, 0.0])
+    res["control"]["seed"] = 0
+    assert _controls_lines(res) == [
+        "layer 0 (embeddings): test R2 0.100",
+        "shuffled-target control (seed 0): test R2 0.000 at layer 2, selectivity 0.500"]
+    assert _controls_lines(_result([0.4, 0.5], first=1)) == []
