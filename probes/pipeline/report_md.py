@@ -108,10 +108,8 @@ def controls_sentence(sec: Section) -> str:
                "not run: --controls random"),
         _beats("shuffled targets", best, ctrl["test_r2"] if ctrl else None,
                "not fitted: fastprobe fit without --no-control")]
-    sel = "" if ctrl is None or ctrl["selectivity"] is None else \
-        f", selectivity {md_num(ctrl['selectivity'])}"
     return (f"Controls: the probe's best test R² {md_num(best)} (layer {res['best_layer']}) "
-            f"{parts[0]}, {parts[1]}, and {parts[2]}{sel}.")
+            f"{parts[0]}, {parts[1]}, and {parts[2]} (the selectivity).")
 
 
 def controls_table(sections) -> list[str]:

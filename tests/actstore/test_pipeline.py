@@ -180,7 +180,7 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     assert sentence.startswith(f"Controls: the probe's best test R² {best_r2:.3f} (layer "
                                f"{res['best_layer']})"), sentence
     for what in ("beat layer 0 (embeddings)", "the random-init model (best layer ",
-                 "shuffled targets (", "selectivity "):
+                 "shuffled targets (", "(the selectivity)"):
         assert what in sentence, what
     assert (out / "controls" / "world_place.png").exists() and "controls/world_place.png" in text
     assert "| world_place | " in text.split("selectivity |")[1]       # the controls table
@@ -289,8 +289,8 @@ def test_controls_sentence_says_which_controls_the_probe_beats():
     s = controls_sentence(sec)
     assert s == ("Controls: the probe's best test R² 0.500 (layer 1) beats layer 0 (embeddings) "
                  "(0.200) by 0.300, does not beat the random-init model (best layer 1) "
-                 "(0.600 ≥ 0.500), and beats shuffled targets (-0.020) by 0.520, selectivity "
-                 "0.520.")
+                 "(0.600 ≥ 0.500), and beats shuffled targets (-0.020) by 0.520 (the "
+                 "selectivity).")
     sec.random_init = None
     assert "cannot be compared with the random-init model (not run: --controls random)" in \
         controls_sentence(sec)
