@@ -19,7 +19,10 @@ def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, m
     assert (out / "probes" / "world_place" / "r2_by_layer.png").exists()
     results = json.loads((out / "probes" / "world_place" / "results.json").read_text())
     assert results["n_rows"] == 60 and results["targets"] == ["latitude", "longitude"]
-    assert len(results["layers"]) == 3  # the tiny model has 3 blocks
+    assert len(results["layers"]) == 3  # the tiny model has 3 blocks (no layer 0: recipe probes)
+    assert results["control"]["seed"] == 0           # the shuffled-target control, by default
+    assert not (out / "controls" / "random-init").exists()  # no random-init: recipe probes
+    assert "cannot be compared with layer 0 (embeddings)" in text
     _assert_strict_json_everywhere(out)
     first = (out / "probes" / "world_place" / "results.json").stat().st_mtime_ns
 
