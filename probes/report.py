@@ -2,9 +2,10 @@
 output files' common rules.
 
 PNG files written by :func:`make_plots`: ``r2_by_layer.png`` (mean R² over targets, train and
-test, by layer); ``map_best_layer.png`` (places: predicted positions at the best layer, coloured
-by a group column, true positions in light grey); ``year_best_layer.png`` (time: predicted vs
-true year, with the y = x line); ``pred_vs_true_best_layer.png`` (any other targets).
+test, by layer, with the controls of :func:`draw_controls`); ``map_best_layer.png`` (places:
+predicted positions at the best layer, coloured by a group column, true positions in light
+grey); ``year_best_layer.png`` (time: predicted vs true year, with the y = x line);
+``pred_vs_true_best_layer.png`` (any other targets).
 
 For ``fastprobe neurons``: :func:`format_neuron_table` (top neurons per target, with the probe
 cosine column when a probe was given) and :func:`plot_best_neuron` (``neuron_<target>.png``).
@@ -25,12 +26,13 @@ import numpy as np
 
 from actstore.io import WriteError, write_atomic, write_json
 
-__all__ = ["format_table", "make_plots", "format_classify_table", "plot_classify",
-           "format_neuron_table", "plot_best_neuron", "text_table",
-           "save_figure", "md_table", "md_num", "strict_json", "write_strict_json", "OutputSet",
-           "NULL_REASONS", "STAGING_PREFIX", "sha256_of"]
+__all__ = ["format_table", "make_plots", "draw_controls", "layer0_r2", "LAYER0_LABEL",
+           "format_classify_table", "plot_classify", "format_neuron_table", "plot_best_neuron",
+           "text_table", "save_figure", "md_table", "md_num", "strict_json", "write_strict_json",
+           "OutputSet", "NULL_REASONS", "STAGING_PREFIX", "sha256_of"]
 
 MAX_GROUPS = 10
+LAYER0_LABEL = "layer 0 (embeddings)"
 
 
 def save_figure(fig, path, dpi: int = 110) -> Path:
@@ -122,6 +124,7 @@ def format_table(result: dict) -> str:
                   "predictions outside the valid range" if flags else "") + ")")
     if result.get("row_norm") not in (None, "none"):
         out.append(f"rows fitted with --row-norm {result['row_norm']}")
+    out += _controls_lines(result)
     return "\n".join(out)
 
 
@@ -130,6 +133,22 @@ def _medae_targets(result: dict) -> list[str]:
     none)."""
     first = result["layers"][0]["test"] if result["layers"] else {}
     return [t for t in result["targets"] if t in (first.get("medae_per_target") or {})]
+
+
+def _controls_lines(result: dict) -> list[str]:
+    """The controls under the table: layer 0's test R² and the shuffled-target control at the
+    best layer, with the selectivity (none when the fit has neither)."""
+    lines = []
+    floor = layer0_r2(result)
+    if floor is not None and result["best_layer"] != 0:
+        lines.append(f"layer 0 (embeddings): test R2 {_fmt(floor)}")
+    rows = (result.get("control") or {}).get("layers") or []
+    row = next((r for r in rows if r["layer"] == result["best_layer"]), None)
+    if row is not None:
+        lines.append(f"shuffled-target control (seed {result['control']['seed']}): test R2 "
+                     f"{_fmt(row['test_r2'])} at layer {row['layer']}, selectivity "
+                     f"{_fmt(row['selectivity'])}")
+    return lines
 
 
 def format_classify_table(doc: dict) -> str:
@@ -212,6 +231,38 @@ def _pick_group(df, group_columns):
     return min(cands)[1] if cands else None
 
 
+def layer0_r2(result: dict) -> float | None:
+    """Test R² of layer 0, the token embeddings (the lexical floor), when the fit has it."""
+    row = next((e for e in result.get("layers") or () if e["layer"] == 0), None)
+    r2 = None if row is None else row["test"].get("r2")
+    return None if r2 is None or not math.isfinite(r2) else float(r2)
+
+
+def draw_controls(ax, result: dict, color=None, prefix: str = "") -> None:
+    """Draw a fit's controls on an R²-by-layer axis: layer 0's test R² as a horizontal dashed
+    line labelled "layer 0 (embeddings)" (when the store holds layer 0), and the
+    shuffled-target control's test R² by layer as a dotted line (when the fit has one).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    result : dict
+        results.json of a fit.
+    color : str, optional
+        Line colour (default: grey for layer 0, red for the control).
+    prefix : str
+        Put before each label (a dataset name, when several fits share the axis).
+    """
+    floor = layer0_r2(result)
+    if floor is not None:
+        ax.axhline(floor, ls="--", lw=1, color=color or "0.4", label=prefix + LAYER0_LABEL)
+    rows = (result.get("control") or {}).get("layers") or []
+    if rows:
+        ax.plot([r["layer"] for r in rows],
+                [np.nan if r["test_r2"] is None else r["test_r2"] for r in rows], ":",
+                color=color or "tab:red", lw=1.2, label=prefix + "shuffled-target control")
+
+
 def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
     """Write the PNGs for ``result`` (results dict) and ``df`` (best layer's predictions table
     with the true target columns, ``pred_<target>`` columns, ``is_test`` and group columns)."""
@@ -225,6 +276,7 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(layers, [e["train"]["r2"] for e in result["layers"]], "o-", label="train")
     ax.plot(layers, [e["test"]["r2"] for e in result["layers"]], "s-", label="test")
+    draw_controls(ax, result)
     ax.set_xlabel("layer")
     ax.set_ylabel(f"R² (mean over {', '.join(result['targets'])})")
     cv = "LOO" if result["cv"] == "loo" else f"{result['cv']}-fold"

@@ -7,6 +7,8 @@
   loads take about a second instead of ~30 s.
 * anything else: a Hugging Face model id (from the local HF cache when offline) or a local
   directory.
+* ``random:NAME`` (a control): NAME's architecture and tokenizer, weights re-initialised by
+  transformers under the seed :data:`RANDOM_INIT_SEED` (``random:smollm2``: the embedded one).
 
 Every failure a user can cause (unknown name, no weights offline, not a causal LM) raises
 :class:`~actstore.errors.ModelError` with a one-line message.
@@ -23,8 +25,9 @@ from actstore.errors import ModelError
 from actstore.io import cache_dir, file_sha256
 from actstore.models.architecture import context_length, decoder_layers
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "COMPUTE_DTYPES", "LoadedModel", "embedded_model_file",
-           "resolve_device", "load_tokenizer", "load_model", "wrap_model"]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "COMPUTE_DTYPES", "RANDOM_PREFIX", "RANDOM_INIT_SEED",
+           "LoadedModel", "embedded_model_file", "resolve_device", "load_tokenizer", "load_model",
+           "wrap_model", "random_base"]
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
@@ -33,6 +36,8 @@ EMBEDDED = {
                      "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+RANDOM_PREFIX = "random:"     # random:NAME, NAME's architecture with re-initialised weights
+RANDOM_INIT_SEED = 0          # torch seed of that initialisation (recorded in the store)
 
 
 @dataclass
@@ -163,16 +168,45 @@ def _load_embedded(name: str, torch_dtype):
     return model, tok, gguf, sha
 
 
+def _embedded_cache(name: str) -> Path:
+    """The float32 cache directory of an embedded model (complete when it holds ``done``)."""
+    import transformers
+    gguf = embedded_model_file(name)
+    return cache_dir() / "models" / f"{name}-{file_sha256(gguf)[:16]}-tf{transformers.__version__}"
+
+
+def random_base(name: str) -> str:
+    """The base model of ``random:NAME``: NAME itself, or the embedded model NAME abbreviates
+    (``smollm2`` -> ``smollm2-135m``).
+
+    Parameters
+    ----------
+    name : str
+        ``random:NAME`` with NAME an embedded model, a Hugging Face id or a local directory.
+
+    Returns
+    -------
+    str
+    """
+    base = name[len(RANDOM_PREFIX):].strip()
+    if not base:
+        raise ModelError(f"{name!r}: say which architecture to re-initialise, e.g. "
+                         f"random:smollm2 (random:NAME, NAME an embedded model or HF id)")
+    if base.startswith(RANDOM_PREFIX):
+        raise ModelError(f"{name!r}: one random: prefix is enough")
+    short = [e for e in EMBEDDED if e.startswith(base + "-")]
+    return short[0] if base not in EMBEDDED and len(short) == 1 else base
+
+
 def load_tokenizer(name_or_path: str | None = None):
     """Only the tokenizer of a model (the embedded one goes through the same cache)."""
     name = name_or_path or DEFAULT_MODEL
     _quiet_transformers()
+    if name.startswith(RANDOM_PREFIX):
+        name = random_base(name)              # a random-init model keeps its base's tokenizer
     if name in EMBEDDED:
         import torch
-        gguf = embedded_model_file(name)
-        import transformers
-        cache = (cache_dir() / "models" /
-                 f"{name}-{file_sha256(gguf)[:16]}-tf{transformers.__version__}")
+        cache = _embedded_cache(name)
         if not (cache / "done").exists():
             return _load_embedded(name, torch.float32)[1]
         from transformers import AutoTokenizer
@@ -192,7 +226,9 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
     Parameters
     ----------
     name_or_path : str, optional
-        None or "smollm2-135m" (the embedded default), a local directory, or a Hugging Face id.
+        None or "smollm2-135m" (the embedded default), a local directory, a Hugging Face id,
+        or ``random:NAME``: NAME's architecture and tokenizer with re-initialised weights
+        (seed :data:`RANDOM_INIT_SEED`; ``info`` says source "random-init", seed, base_model).
     device : str
         "cpu", "cuda[:i]" or "auto".
     compute_dtype : {"auto", "float32", "float16", "bfloat16"}
@@ -209,16 +245,18 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
         The model, its tokenizer and ``info`` (recorded in a store's metadata).
     """
     name = name_or_path or DEFAULT_MODEL
-    if device_map is not None and name in EMBEDDED:
+    if device_map is not None and (name in EMBEDDED or name.startswith(RANDOM_PREFIX)):
         raise ModelError(f"--device-map is for Hugging Face models too big for one device; "
-                         f"the embedded {name} fits on one (use --device)")
+                         f"{name} fits on one (use --device)")
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise ModelError("--device-map needs the 'accelerate' package (pip install accelerate)")
     device = resolve_device(device)
     torch_dtype = _resolve_dtype(compute_dtype, device, store_dtype)
     _quiet_transformers()
     info: dict = {"id": name}
-    if name in EMBEDDED:
+    if name.startswith(RANDOM_PREFIX):
+        model, tok = _load_random(name, torch_dtype, info)
+    elif name in EMBEDDED:
         model, tok, gguf, sha = _load_embedded(name, torch_dtype)
         info.update({"source": "embedded", "upstream_id": EMBEDDED[name][2],
                      "file": gguf.name, "file_sha256": sha, "revision": None})
@@ -275,6 +313,35 @@ def _load_pretrained(name: str, torch_dtype, device_map, info: dict):
     else:
         info.update({"source": "hub", "revision": getattr(model.config, "_commit_hash", None)})
     return model, tok
+
+
+def _load_random(name: str, torch_dtype, info: dict):
+    """(model, tokenizer) of ``random:NAME``: NAME's config and tokenizer, weights from
+    transformers' own initialisation (``from_config`` runs the model's ``_init_weights``) under
+    :data:`RANDOM_INIT_SEED`, the global torch RNG left as it was; ``info`` records the base."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = random_base(name)
+    tok = load_tokenizer(base)                 # embedded: builds the float32 cache if missing
+    if base in EMBEDDED:
+        src, local = str(_embedded_cache(base)), True
+    else:
+        src, local = base, Path(base).expanduser().exists() or not _hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(src, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {base!r} for {name!r}: "
+                         f"{str(exc).strip().splitlines()[0][:300]}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    info.update({"source": "random-init", "seed": RANDOM_INIT_SEED, "base_model": base,
+                 "upstream_id": EMBEDDED[base][2] if base in EMBEDDED else None,
+                 "init": f"transformers {transformers.__version__} from_config (_init_weights)",
+                 "revision": None})
+    return model.to(torch_dtype), tok
 
 
 def _architecture_info(model, dtype) -> dict:

@@ -23,6 +23,7 @@ from probes.classify.logistic import predict_proba
 from probes.classify.metrics import evaluate_classification
 from probes.classify.select import select_c
 from probes.errors import FitError
+from probes.fit import controls
 from probes.inputs import class_targets, fit_view, parse_split, select_layers
 from probes.ridge.alphas import parse_alphas
 
@@ -195,12 +196,15 @@ def fit_classifier(store, config, target: str, out=None) -> ClassifyResult:
     x_tr, x_te = _read_layers(store, layers, train, test)
     y_tr = labels.codes[train]
     fits = _fit_probes(x_tr, y_tr, K, config)
+    control = controls.classify_control(fits["logistic"], x_tr, y_tr, x_te, labels.codes[test],
+                                        K, config)
     p_tr, kinds = _outputs(fits, x_tr)
     del x_tr
     p_te, _ = _outputs(fits, x_te) if test.size else ({}, kinds)
     scores = {"train": _scores(labels, y_tr, p_tr, kinds),
               "test": _scores(labels, labels.codes[test], p_te, kinds) if test.size else {}}
     doc = _doc(store, config, target, labels, layers, fits, scores, train, test)
+    doc["control"] = controls.classify_block(control, doc, config.control_seed)
     doc["seconds"] = round(time.perf_counter() - t0, 3)
     arrays = _arrays(fits, labels, layers, train, test, p_te, n)
     result = ClassifyResult(doc, arrays)

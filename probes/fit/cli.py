@@ -24,7 +24,8 @@ output (DIR):
                         (predictions outside the valid range); plus norm_outliers (the
                         flagged rows, named), row_norm, best_layer (by test R2), targets,
                         split sizes, backend, seconds, the sha256 of the files below (written
-                        last; a NaN is null, its reason under "nulls")
+                        last; a NaN is null, its reason under "nulls"); control: the
+                        shuffled-target control's test R2 and the selectivity per layer
   probes.npz            coef (L, d, k) in target units, intercept, alpha, cv_scores,
                         predictions (L, n, k), is_test (n,), layers
   predictions_best_layer.csv   true and predicted targets of every row at the best layer

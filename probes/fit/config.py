@@ -58,6 +58,9 @@ class FitConfig:
         Budget of one batch of layers.
     seed : int
         Seed of the k-fold shuffle.
+    control, control_seed : bool, int
+        Fit the shuffled-target control alongside (:mod:`probes.fit.controls`) and the seed of
+        its permutation.
     chunk_rows : int or None
         Rows per chunk of the streaming passes.
     progress : bool
@@ -128,6 +131,13 @@ class FitConfig:
     refused before the fit starts)"""
     seed: int = 0
     """seed of the k-fold shuffle"""
+    control: bool = True
+    """also fit the shuffled-target control (Hewitt & Liang 2019): the same probes on the train
+    targets permuted among the train rows; its test R² is the chance level and results.json's
+    "control" block gives selectivity = test R2 - control test R2 per layer (it shares the
+    statistics pass: a few percent of the fit)"""
+    control_seed: int = field(default=0, metadata=cli(metavar="N"))
+    """seed of the shuffled-target control's permutation (recorded in results.json)"""
     chunk_rows: int | None = field(default=None, metadata=cli(hidden=True))
     """rows per chunk of the streaming passes (default: the backend's preferred size)"""
     progress: bool = field(default=False, metadata=cli(hidden=True))

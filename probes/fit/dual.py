@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from actstore.store.format import as_compute
+from probes.fit import controls
 from probes.fit.problem import BatchFit, Job, non_finite_error
-from probes.ridge.solvers import dual_coef, dual_kfold_scores, dual_loo, select_alpha
+from probes.ridge.solvers import dual_coef, dual_kfold_scores, dual_loo
 
 __all__ = ["fit_layer"]
 
@@ -30,7 +31,7 @@ def fit_layer(job: Job, layer: int) -> BatchFit:
         else:
             scores = dual_kfold_scores(Xtr, Ytr, p.fold[p.train], p.alphas, precision)
             _, _, state = dual_loo(Xtr, Ytr, p.alphas[:1], precision)
-        idx, best = select_alpha(scores[None], job.config.alpha_per_target)
+        idx, best = controls.select_alpha(p, scores[None], job.config.alpha_per_target)
         w, b = dual_coef(state, p.alphas[idx[0]])
         preds = X.to(torch.float64) @ w + b
         return BatchFit(coef=w.cpu().numpy()[None], intercept=b.cpu().numpy()[None],

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from actstore.store.format import as_compute
+from probes.fit import controls
 from probes.fit.problem import BatchFit, Job, non_finite_error
 from probes.kernels import gram_update, preferred_chunk_rows
 from probes.ridge.solvers import (
@@ -15,7 +16,6 @@ from probes.ridge.solvers import (
     PrimalFactor,
     kfold_scores_primal,
     primal_factor,
-    select_alpha,
 )
 from probes.stats import GramStats, choose_shift
 from probes.stream import read_ahead, stream_to_device
@@ -120,7 +120,7 @@ def solve(job: Job, layers: list[int], stats: GramStats):
 
 def _choose(job: Job, factor: PrimalFactor, scores):
     """(alpha index (B, k), best score, W (B, d, k), b (B, k)) of the best alphas."""
-    idx, best = select_alpha(scores, job.config.alpha_per_target)
+    idx, best = controls.select_alpha(job.problem, scores, job.config.alpha_per_target)
     W = factor.coef(job.problem.alphas[idx])
     return idx, best, W, factor.intercept(W)
 
@@ -138,7 +138,7 @@ def loo_pass(job: Job, layers: list[int], factor: PrimalFactor, chunk_rows: int)
         job.meter.tick(r)
     job.shard.reduce_loo(acc)      # LOO residual sums everywhere, predictions on rank 0
     scores = acc.scores()
-    idx, _ = select_alpha(scores, job.config.alpha_per_target)
+    idx, _ = controls.select_alpha(p, scores, job.config.alpha_per_target)
     sel = torch.as_tensor(idx, device=acc.pred.device)[:, None, None, :]        # (B, 1, 1, k)
     preds = torch.gather(acc.pred, 2, sel.expand(B, p.n, 1, k))[:, :, 0, :]
     return scores, preds.cpu().numpy()

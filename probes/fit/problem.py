@@ -44,6 +44,9 @@ class Problem:
     cv: str | int
     layers: list[int]        # hidden-state indices
     form: str                # "primal" (n_train >= d) or "dual"
+    # the shuffled-target control's seed when Yz carries its k permuted columns after the
+    # real ones (probes.fit.controls), else None
+    control_seed: int | None = None
 
     @property
     def n(self) -> int:

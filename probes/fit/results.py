@@ -66,6 +66,10 @@ class FitResult(Mapping):
         The ``--row-norm`` the probes were fitted with; the rows whose norm is above the
         threshold at some layer (names, split, layers, largest ratio to the median); each
         target's valid range (None in a results.json older than them).
+    control : dict or None
+        The shuffled-target control (:func:`probes.fit.controls.control_block`): method, seed,
+        per layer its test R² and the selectivity; None when fitted with ``control=False``
+        (or read from a results.json older than controls).
     arrays : dict of numpy.ndarray, optional
         coef (L, d, k) and intercept (L, k) in target units, alpha (L, k), cv_scores (L, A, k),
         predictions (L, n, k), is_test (n,), layers (L,) (probes.npz holds the same); None
@@ -98,6 +102,7 @@ class FitResult(Mapping):
     row_norm: str | None = None
     norm_outliers: dict | None = None
     valid_ranges: dict | None = None
+    control: dict | None = None
     arrays: dict[str, np.ndarray] | None = None
 
     def to_json(self) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 from actstore.store import open_store
 from actstore.store.format import store_identity
 from probes.distributed import LocalReducer, Reducer, run_on_ranks, uses_cuda
-from probes.fit import dual, primal
+from probes.fit import controls, dual, primal
 from probes.fit.config import FitConfig
 from probes.fit.outliers import annotate, check_backend, norm_pass
 from probes.fit.problem import BatchFit, Job, Meter, prepare
@@ -55,7 +55,7 @@ def fit_all_layers(store, config: FitConfig | None = None, *, out=None,
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store)
     store = fit_view(store, config.site)       # the site's array; refuses a token-level store
-    problem = prepare(store, config)
+    problem = controls.with_control(prepare(store, config), config, store.d_model)
     shard = LocalReducer() if shard is None else shard
     shard.agree()                  # every rank got here without an error (else all raise)
     if problem.form == "dual":
@@ -103,6 +103,7 @@ def _fit(job: Job) -> BatchFit:
 def _score(job: Job, fits: BatchFit, t0: float) -> FitResult:
     """The FitResult: probes mapped back to target units, every layer scored."""
     p, store, config = job.problem, job.store, job.config
+    fits, control = controls.split(p, fits, config.alpha_per_target)
     coef = fits.coef * p.sd[None, None, :]
     intercept = fits.intercept * p.sd[None, :] + p.mu[None, :]
     preds = fits.predictions * p.sd[None, None, :] + p.mu[None, None, :]
@@ -111,6 +112,7 @@ def _score(job: Job, fits: BatchFit, t0: float) -> FitResult:
         entries = layer_entries(p, p.layers, positions, fits.alpha_idx, fits.best, preds,
                                 config.alpha_per_target)
         flags = annotate(entries, job.rows, p, preds, _row_names(store, p.n))
+        control = controls.control_block(p, control, entries)
     best = max(entries, key=lambda e: (e["test"]["r2"], -e["position"]))
     meta = store.meta
     return FitResult(
@@ -124,6 +126,7 @@ def _score(job: Job, fits: BatchFit, t0: float) -> FitResult:
         form=p.form, best_layer=best["layer"], best_position=best["position"],
         seconds={"total": time.perf_counter() - t0, **job.meter.seconds}, layers=entries,
         **flags,
+        control=control,
         arrays={"coef": coef, "intercept": intercept, "alpha": p.alphas[fits.alpha_idx],
                 "cv_scores": fits.cv_scores, "predictions": preds, "is_test": p.is_test,
                 "layers": np.array(p.layers)})

@@ -27,7 +27,9 @@ def add_cli(subparsers) -> None:
         "neurons most correlated with each target (fastprobe neurons, with probe cosines) into "
         "OUT/neurons/NAME/ and the paper's experiments (fastprobe experiment: prompts, block "
         "hold-out by the dataset's natural group column, entity-type hold-out, MLP vs linear, "
-        "PCA-k) into OUT/experiments/NAME/.\n\n"
+        "PCA-k) into OUT/experiments/NAME/. It extracts layer 0 (the token embeddings) too, "
+        "and the random-init control (--controls): the same architecture with re-initialised "
+        "weights, extracted and probed the same way into OUT/controls/random-init/.\n\n"
         "Re-running resumes: unfinished stores continue, finished steps whose recorded inputs "
         "still match are not redone.",
         epilog="examples:\n"

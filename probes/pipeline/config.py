@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from actstore.options import cli
 
-__all__ = ["PipelineConfig", "RECIPES", "EXPERIMENTS", "DEMO_DATASETS", "CLASSIFY_COLUMNS"]
+__all__ = ["PipelineConfig", "RECIPES", "RECIPE_LAYERS", "CONTROLS", "EXPERIMENTS",
+           "DEMO_DATASETS", "CLASSIFY_COLUMNS"]
 
 # the offline built-ins; films (a second time set, kind art) adds ~35 s to `make demo` on a quiet
 # 2-core box (docs/paper-run.md, "make demo")
@@ -15,6 +16,10 @@ RECIPES = {
     "probes": ("extract", "fit", "report"),
     "paper": ("extract", "fit", "classify", "neurons", "experiments", "report"),
 }
+# the layers each recipe extracts: the paper recipe adds layer 0, the token embeddings, as the
+# lexical floor its report and plots compare every layer with
+RECIPE_LAYERS = {"probes": "all", "paper": "all+emb"}
+CONTROLS = ("random", "none")
 # the classification step of the paper recipe: the class column of each place dataset kind
 CLASSIFY_COLUMNS = {"world_place": "country", "us_place": "state_name",
                     "nyc_place": "borough_name"}
@@ -59,5 +64,10 @@ class PipelineConfig:
     classify_every: int = field(default=3, metadata=cli(metavar="K"))
     """paper recipe: the classification probes on every K-th layer the store holds, and the last
     (1: every layer, as the ridge fit)"""
+    controls: str | None = field(default=None, metadata=cli(choices=CONTROLS))
+    """random: also extract and probe the same architecture and tokenizer with re-initialised
+    weights (--model random:MODEL) on every dataset, the report's random-init control; none.
+    Default: random for the paper recipe (one more extraction and fit per dataset), none for
+    probes"""
     progress: bool = field(default=True, metadata=cli(hidden=True))
     """progress bars (the CLI's --no-progress)"""

@@ -28,10 +28,12 @@ class Job:
     probe_dir: Path
     store: object = None
     result: dict | None = None
+    control: str | None = None     # "random-init": the control model's store of the dataset
 
     @property
     def label(self) -> str:
-        return self.ds.name if self.main else f"{self.ds.name}__{self.prompt}"
+        name = self.ds.name if self.main else f"{self.ds.name}__{self.prompt}"
+        return name if self.control is None else f"{name} ({self.control})"
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Section:
     experiments: dict = field(default_factory=dict)   # key -> (json | None, note | None, files)
     classify: dict | None = None       # classify/NAME/results.json (place datasets)
     classify_note: str | None = None
+    random_init: Job | None = None     # the random-init control's store and fit (paper recipe)
 
     @property
     def main(self) -> Job:

@@ -9,9 +9,10 @@ from probes.experiments.registry import EXPERIMENT_TITLES, experiment_markdown
 from probes.fit.outliers import summary_line
 from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
-from probes.report import md_num, md_table, save_figure
+from probes.report import draw_controls, layer0_r2, md_num, md_table, save_figure
 
-__all__ = ["report_markdown", "plot_all_layers", "classify_markdown", "majority_baseline"]
+__all__ = ["report_markdown", "plot_all_layers", "plot_controls", "controls_sentence",
+           "controls_table", "classify_markdown", "majority_baseline"]
 
 PAPER_WORLD_R2 = "7B ≈ 0.88, 13B ≈ 0.90, 70B ≈ 0.92"
 
@@ -20,26 +21,113 @@ def _best(result: dict) -> dict:
     return next(e for e in result["layers"] if e["layer"] == result["best_layer"])
 
 
+def _curve(ax, result: dict, style: str, label: str, color=None):
+    ls = result["layers"]
+    return ax.plot([e["layer"] for e in ls], [e["test"]["r2"] for e in ls], style, ms=3,
+                   label=label, color=color)[0].get_color()
+
+
 def plot_all_layers(sections, path: Path) -> None:
-    """Test R² by layer of every store in one figure."""
+    """Test R² by layer of every store in one figure, with each dataset's controls in its
+    colour (:func:`probes.report.draw_controls`: layer 0 dashed, shuffled targets dotted; the
+    random-init model dash-dotted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for sec in sections:
         for job in sec.jobs:
-            ls = job.result["layers"]
-            ax.plot([e["layer"] for e in ls], [e["test"]["r2"] for e in ls],
-                    "o-" if job.main else "--", ms=3,
-                    label=sec.ds.name if job.main else f"{sec.ds.name} ({job.prompt})")
+            color = _curve(ax, job.result, "o-" if job.main else "--",
+                           sec.ds.name if job.main else f"{sec.ds.name} ({job.prompt})")
+            if job.main:
+                draw_controls(ax, job.result, color=color, prefix=f"{sec.ds.name}: ")
+                if sec.random_init is not None:
+                    _curve(ax, sec.random_init.result, "-.", f"{sec.ds.name}: random-init",
+                           color)
     ax.set_xlabel("layer (hidden state index)")
     ax.set_ylabel("test R² (mean over targets)")
-    ax.set_title("ridge probe test R² by layer")
+    ax.set_title("ridge probe test R² by layer, with controls")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_controls(sec: Section, path: Path) -> Path:
+    """One dataset's test R² by layer against its three controls: layer 0 (embeddings), the
+    random-init model, the shuffled-target control."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _curve(ax, sec.main.result, "o-", "probe (trained model)")
+    if sec.random_init is not None:
+        _curve(ax, sec.random_init.result, "^-.", "random-init model", "tab:purple")
+    draw_controls(ax, sec.main.result)
+    ax.set_xlabel("layer (hidden state index)")
+    ax.set_ylabel("test R² (mean over targets)")
+    ax.set_title(f"{sec.ds.name}: test R² by layer against the controls")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _beats(what: str, probe: float, other: float | None, missing: str) -> str:
+    """A verb phrase: whether ``probe`` beats the control ``what`` scoring ``other``."""
+    if other is None:
+        return f"cannot be compared with {what} ({missing})"
+    if probe > other:
+        gap = probe - other
+        return f"beats {what} ({md_num(other)}) by " + (md_num(gap) if gap >= 5e-4
+                                                          else "less than 0.001")
+    return f"does not beat {what} ({md_num(other)} ≥ {md_num(probe)})"
+
+
+def _control_at(result: dict, layer: int) -> dict | None:
+    rows = (result.get("control") or {}).get("layers") or []
+    return next((r for r in rows if r["layer"] == layer), None)
+
+
+def controls_sentence(sec: Section) -> str:
+    """One sentence: whether the main probe's best test R² beats layer 0 (the embeddings),
+    the random-init model's best layer and the shuffled-target control at the same layer, with
+    the numbers."""
+    res = sec.main.result
+    best = _best(res)["test"]["r2"]
+    floor = layer0_r2(res) if res["best_layer"] != 0 else None
+    rnd = sec.random_init.result if sec.random_init is not None else None
+    ctrl = _control_at(res, res["best_layer"])
+    parts = [
+        "does not beat layer 0 (embeddings): it is layer 0" if res["best_layer"] == 0 else
+        _beats("layer 0 (embeddings)", best, floor, "not in the store: extract with "
+               "--layers all+emb"),
+        _beats(f"the random-init model (best layer {rnd['best_layer']})" if rnd else
+               "the random-init model", best, _best(rnd)["test"]["r2"] if rnd else None,
+               "not run: --controls random"),
+        _beats("shuffled targets", best, ctrl["test_r2"] if ctrl else None,
+               "not fitted: fastprobe fit without --no-control")]
+    return (f"Controls: the probe's best test R² {md_num(best)} (layer {res['best_layer']}) "
+            f"{parts[0]}, {parts[1]}, and {parts[2]} (the selectivity).")
+
+
+def controls_table(sections) -> list[str]:
+    """The headline's controls table: per dataset the best test R², layer 0's, the random-init
+    model's best, the shuffled-target control's at the best layer, and the selectivity."""
+    rows = []
+    for sec in sections:
+        res = sec.main.result
+        ctrl = _control_at(res, res["best_layer"]) or {}
+        rnd = sec.random_init.result if sec.random_init is not None else None
+        rows.append([sec.ds.name, f"{md_num(_best(res)['test']['r2'])} ({res['best_layer']})",
+                     md_num(layer0_r2(res)),
+                     f"{md_num(_best(rnd)['test']['r2'])} ({rnd['best_layer']})" if rnd else "–",
+                     md_num(ctrl.get("test_r2")), md_num(ctrl.get("selectivity"))])
+    return md_table(["dataset", "probe: best test R² (layer)", "layer 0 (embeddings)",
+                     "random-init: best test R² (layer)", "shuffled targets (same layer)",
+                     "selectivity"], rows)
 
 
 def _img(out: Path, path: Path, alt: str) -> list[str]:
@@ -108,6 +196,11 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
                 f"| {'' if km is None else f'{km:.0f}'} |")
     lines += ["", "For scale, the paper's world places with Llama-2 (best-layer test R²): "
               f"{PAPER_WORLD_R2}.", ""]
+    lines += ["Controls: layer 0 is the token embeddings (what word identity alone gives); the "
+              "random-init model has the same architecture and tokenizer with re-initialised "
+              "weights; shuffled targets is the same fit on permuted train targets (chance "
+              "level; selectivity = test R² − its test R², Hewitt & Liang 2019).", ""]
+    lines += controls_table(sections)
     lines += _img(out, out / "r2_by_layer.png", "test R² by layer, every dataset")
     if any(sec.experiments for sec in sections):
         lines += ["Experiments at a glance (layer = best leave-one-out layer of the main "
@@ -123,7 +216,9 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
 
 
 def _dataset_section(sec: Section, out: Path) -> list[str]:
-    lines = [f"## {sec.ds.name}", ""]
+    lines = [f"## {sec.ds.name}", "", controls_sentence(sec), ""]
+    lines += _img(out, out / "controls" / f"{sec.ds.name}.png",
+                  f"{sec.ds.name} test R² by layer against the controls")
     if sec.skipped_prompts:
         lines += [f"Prompts not applicable to {sec.ds.kind}: {', '.join(sec.skipped_prompts)}.",
                   ""]
@@ -241,6 +336,11 @@ def classify_markdown(sec: Section, out: Path) -> list[str]:
             ["mass-mean", *_cells(best["mass_mean"][split])],
             [f"LDA (shrinkage {best['lda']['shrinkage']:.3g})", *_cells(best["lda"][split])],
             ["majority class", *_cells(base)]]
+    ctrl = next((r for r in (doc.get("control") or {}).get("layers", [])
+                 if r["layer"] == doc["best_layer"]), None)
+    if ctrl is not None and split == "test":
+        rows.append(["shuffled labels (logistic, same C)", md_num(ctrl["test_accuracy"]),
+                     "–", "–", "–"])
     lines += md_table([f"layer {doc['best_layer']} ({split})", "accuracy", "balanced accuracy",
                        "macro-F1", "AUROC"], rows)
     cdir = out / "classify" / sec.ds.name

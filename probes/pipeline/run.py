@@ -3,15 +3,17 @@ report."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from actstore.io import write_atomic
-from actstore.models import load_model
+from actstore.models import DEFAULT_MODEL, load_model
+from actstore.models.loading import RANDOM_PREFIX
 from actstore.prompts import get_prompt
 from probes.errors import PipelineError
 from probes.pipeline.config import CLASSIFY_COLUMNS, DEMO_DATASETS, RECIPES, PipelineConfig
-from probes.pipeline.plan import experiment_list, parse_list, plan_sections
-from probes.pipeline.report_md import plot_all_layers, report_markdown
+from probes.pipeline.plan import Job, experiment_list, parse_list, plan_sections
+from probes.pipeline.report_md import plot_all_layers, plot_controls, report_markdown
 from probes.pipeline.steps import (
     ClassifyStep,
     FitStep,
@@ -28,7 +30,7 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
                  limit=None, recipe="probes", experiments=None, batch_size=None, device="auto",
                  backend="auto", cv="loo", cs=PipelineConfig.cs,
                  classify_every=PipelineConfig.classify_every, drop_invalid=False, progress=True,
-                 log=print) -> Path:
+                 controls=None, log=print) -> Path:
     """Run ``recipe`` for every dataset and write ``out/report.md``; return its path.
 
     Parameters
@@ -51,9 +53,10 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
     experiments : str or list, optional
         Paper recipe: names from EXPERIMENTS, "all" (default) or "none"; each runs on the
         main prompt's store at its best LOO layer, prompts on all prompts' stores.
-    batch_size, device, backend, cv, cs, classify_every, drop_invalid, progress
+    batch_size, device, backend, cv, cs, classify_every, drop_invalid, progress, controls
         As :class:`PipelineConfig` (``cs``, ``classify_every``: the C grid and the layer stride
-        of the paper recipe's classification step).
+        of the paper recipe's classification step; ``controls``: "random" or "none", default
+        random for the paper recipe).
     log : callable
         Where progress lines go (default print).
 
@@ -68,7 +71,7 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
         limit=limit, experiments=(experiments if experiments is None or isinstance(
             experiments, str) else ",".join(experiments)),
         batch_size=batch_size, drop_invalid=drop_invalid, device=device, backend=backend,
-        cv=cv, cs=cs, classify_every=classify_every, progress=progress)
+        cv=cv, cs=cs, classify_every=classify_every, progress=progress, controls=controls)
     return run(cfg, log=log)
 
 
@@ -99,6 +102,7 @@ def run(cfg: PipelineConfig, log=print) -> Path:
     for n, job in enumerate(jobs, 1):
         extract_job(job, f"{n}/{len(jobs)}", model, cfg, log)
         run_step(FitStep(job, f"{n}/{len(jobs)}", cfg, log), log)
+    random_init_controls(sections, out, cfg, log)
     places = [s for s in sections if s.ds.kind in CLASSIFY_COLUMNS] if "classify" in steps else []
     for n, sec in enumerate(places, 1):
         run_step(ClassifyStep(sec, out, f"{n}/{len(places)}", cfg, log), log)
@@ -114,6 +118,9 @@ def run(cfg: PipelineConfig, log=print) -> Path:
                 run_step(step, log)
     log("[report] writing " + str(out / "report.md"))
     plot_all_layers(sections, out / "r2_by_layer.png")
+    for sec in sections:
+        (out / "controls").mkdir(exist_ok=True)
+        plot_controls(sec, out / "controls" / f"{sec.ds.name}.png")
     report = out / "report.md"
     write_atomic(report, report_markdown(sections, cfg.model, prompts, cfg.limit, cfg.recipe,
                                          time.perf_counter() - t0, out))
@@ -131,6 +138,27 @@ def _model_loader(cfg: PipelineConfig, log):
             loaded.append(load_model(cfg.model, device=cfg.device))
         return loaded[0]
     return get
+
+
+def random_init_controls(sections, out: Path, cfg: PipelineConfig, log) -> None:
+    """The random-init control: every dataset's main prompt extracted with ``random:MODEL``
+    (:func:`actstore.models.load_model`) into OUT/controls/random-init/stores/ and probed the
+    same way into OUT/controls/random-init/probes/ (``--controls random``, the paper recipe's
+    default: one more extraction and fit per dataset, docs/paper-run.md)."""
+    controls = cfg.controls or ("random" if cfg.recipe == "paper" else "none")
+    base = cfg.model or DEFAULT_MODEL
+    if controls != "random" or base.startswith(RANDOM_PREFIX):
+        return
+    cfg_random = replace(cfg, model=RANDOM_PREFIX + base)
+    model = _model_loader(cfg_random, log)
+    where = out / "controls" / "random-init"
+    for n, sec in enumerate(sections, 1):
+        main = sec.main
+        job = Job(main.ds, main.prompt, True, where / "stores" / main.store_path.name,
+                  where / "probes" / main.probe_dir.name, control="random-init")
+        extract_job(job, f"random-init {n}/{len(sections)}", model, cfg_random, log)
+        run_step(FitStep(job, f"random-init {n}/{len(sections)}", cfg_random, log), log)
+        sec.random_init = job
 
 
 def run_paper(out, **kw) -> Path:

@@ -28,7 +28,7 @@ from probes.fit import ARRAYS_FILE, RESULTS_FILE, FitConfig, fit_all_layers
 from probes.fit import classify as fc
 from probes.inputs import parse_split
 from probes.neurons import NEURONS_JSON, neuron_report
-from probes.pipeline.config import CLASSIFY_COLUMNS
+from probes.pipeline.config import CLASSIFY_COLUMNS, RECIPE_LAYERS
 from probes.pipeline.plan import NEURON_TOP, Job, Section
 from probes.report import (
     format_classify_table,
@@ -116,7 +116,7 @@ def extract_job(job: Job, counter: str, model, cfg, log) -> None:
     log(f"[extract {counter}] {job.label}: {len(ds)} rows ({ds.kind}, prompt {job.prompt!r}) "
         f"-> {job.store_path}")
     res = extract(model(), ds, job.prompt, job.store_path, batch_size=cfg.batch_size,
-                  device=cfg.device, progress=cfg.progress)
+                  device=cfg.device, progress=cfg.progress, layers=RECIPE_LAYERS[cfg.recipe])
     log(f"[extract {counter}] {job.label}: " + ("store complete, nothing to extract"
                                                if res.rows == 0 else res.summary()))
     job.store = res.store
@@ -132,7 +132,7 @@ class FitStep:
 
     def inputs(self) -> dict:
         return {"store": store_record(self.job.store), "cv": self.cfg.cv,
-                "backend": self.cfg.backend}
+                "backend": self.cfg.backend, "control": "shuffled targets, seed 0"}
 
     def run(self) -> list[str]:
         self.log(f"{self.label}: fitting ridge probes on {self.job.store.n_layers} layers")
@@ -162,7 +162,8 @@ class ClassifyStep:
     def inputs(self) -> dict:
         return {"store": store_record(self.sec.main.store), "target": self.target,
                 "max_classes": CLASSIFY_MAX_CLASSES, "rest": "drop", "Cs": self.cfg.cs,
-                "cv": self.cfg.cv, "layers": self.layers(), "precision": "float32"}
+                "cv": self.cfg.cv, "layers": self.layers(), "precision": "float32",
+                "control": "shuffled labels, seed 0"}
 
     def layers(self) -> list[int]:
         every = self.sec.main.store.layers

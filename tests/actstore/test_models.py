@@ -133,3 +133,42 @@ def test_a_broken_model_directory_is_one_line_model_error(tmp_path, tiny_model_d
         with pytest.raises(ModelError, match=f"cannot load model '{bad}' from the local "
                                              f"directory: {kind}: "):
             load_model(str(bad), device="cpu")
+
+
+def test_random_init_model_keeps_architecture_and_tokenizer(tiny_model_dir, tiny_model):
+    """random:DIR: the directory's config and tokenizer, weights from transformers' init under
+    the recorded seed (the same each load), the global torch RNG untouched."""
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_model(f"random:{tiny_model_dir}", compute_dtype="float32")
+    assert torch.equal(torch.rand(3), before)              # the caller's RNG stream is intact
+    b = load_model(f"random:{tiny_model_dir}", compute_dtype="float32")
+    assert a.info["source"] == "random-init" and a.info["seed"] == models.RANDOM_INIT_SEED
+    assert a.info["base_model"] == str(tiny_model_dir) and a.info["id"].startswith("random:")
+    assert a.n_layers == 3 and a.d_model == tiny_model.config.hidden_size
+    assert len(a.tokenizer) == len(b.tokenizer) == tiny_model.config.vocab_size
+    trained = dict(tiny_model.named_parameters())
+    for name, p in a.model.named_parameters():
+        assert torch.equal(p, dict(b.model.named_parameters())[name]), name
+        assert p.shape == trained[name].shape
+        if p.dim() == 2:
+            assert not torch.allclose(p, trained[name])
+
+
+def test_random_init_names():
+    assert models.random_base("random:smollm2") == "smollm2-135m"
+    assert models.random_base("random:smollm2-135m") == "smollm2-135m"
+    assert models.random_base("random:org/model") == "org/model"
+    for bad in ("random:", "random:random:smollm2"):
+        with pytest.raises(ModelError, match="random"):
+            models.random_base(bad)
+    with pytest.raises(ModelError, match="device-map"):
+        load_model("random:smollm2", device_map="auto")
+
+
+def test_random_init_without_config_is_one_line(tmp_path):
+    with pytest.raises(ModelError, match="no_such_dir|cannot"):
+        load_model(f"random:{tmp_path / 'no_such_dir'}")

@@ -19,7 +19,10 @@ def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, m
     assert (out / "probes" / "world_place" / "r2_by_layer.png").exists()
     results = json.loads((out / "probes" / "world_place" / "results.json").read_text())
     assert results["n_rows"] == 60 and results["targets"] == ["latitude", "longitude"]
-    assert len(results["layers"]) == 3  # the tiny model has 3 blocks
+    assert len(results["layers"]) == 3  # the tiny model has 3 blocks (no layer 0: recipe probes)
+    assert results["control"]["seed"] == 0           # the shuffled-target control, by default
+    assert not (out / "controls" / "random-init").exists()  # no random-init: recipe probes
+    assert "cannot be compared with layer 0 (embeddings)" in text
     _assert_strict_json_everywhere(out)
     first = (out / "probes" / "world_place" / "results.json").stat().st_mtime_ns
 
@@ -89,8 +92,10 @@ def _assert_strict_json_everywhere(out):
 
 
 def _mtimes(root):
+    """Every file but the report's own (report.md and its figures, redrawn on every run)."""
     return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "report.md" and p.name != "r2_by_layer.png"}
+            if p.is_file() and p.name != "report.md" and p.name != "r2_by_layer.png"
+            and p.parent != root / "controls"}
 
 
 def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world_csv):
@@ -137,17 +142,18 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     assert cj["task"] == "classify" and cj["target"] == "country" and cj["rest"] == "drop"
     assert cj["classes"] == ["Brazil", "France", "Japan"] and cj["n_dropped"] == 0
     every = [e["layer"] for e in res["layers"]]          # the ridge fit: every stored layer
-    assert len(cj["Cs"]) == 5 and len(every) == 3
-    assert [e["layer"] for e in cj["layers"]] == every[::2]  # every 2nd, and the last
+    assert len(cj["Cs"]) == 5 and every == [0, 1, 2, 3]    # the paper recipe adds layer 0
+    assert [e["layer"] for e in cj["layers"]] == [0, 2, 3]   # every 2nd, and the last
     for png in ("accuracy_by_layer.png", "confusion_best_layer.png"):
         assert (cdir / png).exists(), png
     assert json.loads((cdir / "source.json").read_text())["inputs"]["target"] == "country"
     block = text.split("### Classification probe: `country`")[1].split("###")[0]
     best = next(e for e in cj["layers"] if e["layer"] == cj["best_layer"])
     assert f"**{cj['best_layer']}**" in block and "K = 3 classes" in block
-    assert "on layers " + ", ".join(str(x) for x in every[::2]) + "." in block
+    assert "on layers 0, 2, 3." in block
     assert f"| {best['logistic']['test']['accuracy']:.3f} |" in block
-    for row in ("| logistic (C = ", "| mass-mean |", "| LDA (shrinkage ", "| majority class |"):
+    for row in ("| logistic (C = ", "| mass-mean |", "| LDA (shrinkage ", "| majority class |",
+                "| shuffled labels (logistic, same C) |"):
         assert row in block, row
     assert "classify/world_place/accuracy_by_layer.png" in block
     assert "classify/world_place/confusion_best_layer.png" in block
@@ -162,13 +168,33 @@ def test_paper_recipe_end_to_end_and_resume(tmp_path, tiny_model_dir, make_world
     assert "experiments/world_place/pca.png" in text and "map_best_layer.png" in text
     assert (out / "r2_by_layer.png").exists()
 
+    # the controls: layer 0, the random-init model (extracted and fitted the same way), the
+    # shuffled-target control; one sentence with their numbers in the dataset's section
+    rdir = out / "controls" / "random-init"
+    from actstore.store import open_store
+    meta = open_store(rdir / "stores" / "world_place.zarr").meta["model"]
+    assert meta["source"] == "random-init" and meta["seed"] == 0
+    assert meta["base_model"] == str(tiny_model_dir)
+    rres = json.loads((rdir / "probes" / "world_place" / "results.json").read_text())
+    assert [e["layer"] for e in rres["layers"]] == every
+    assert res["control"]["seed"] == 0 and len(res["control"]["layers"]) == 4
+    sentence = text.split("## world_place\n\n")[1].split("\n")[0]
+    best_r2 = next(e for e in res["layers"] if e["layer"] == res["best_layer"])["test"]["r2"]
+    assert sentence.startswith(f"Controls: the probe's best test R² {best_r2:.3f} (layer "
+                               f"{res['best_layer']})"), sentence
+    for what in ("beat layer 0 (embeddings)", "the random-init model (best layer ",
+                 "shuffled targets (", "(the selectivity)"):
+        assert what in sentence, what
+    assert (out / "controls" / "world_place.png").exists() and "controls/world_place.png" in text
+    assert "| world_place | " in text.split("selectivity |")[1]       # the controls table
+
     # a re-run redoes nothing: every file but the report keeps its timestamp
     before = _mtimes(out)
     logs.clear()
     report2 = run_pipeline(out, recipe="paper", **kw)
     assert _mtimes(out) == before
-    # 2 fits, classify, neurons, 5 experiments
-    assert sum("up to date" in m for m in logs) == 2 + 1 + 1 + 5
+    # 2 fits, the random-init control's fit, classify, neurons, 5 experiments
+    assert sum("up to date" in m for m in logs) == 2 + 1 + 1 + 1 + 5
     assert any(m.startswith("[classify 1/1]") and "up to date" in m for m in logs)
     assert not any("fitting ridge" in m or "most frequent classes" in m for m in logs)
     assert report2.read_text().split("wall time")[1].split("\n", 1)[1] == \
@@ -260,3 +286,29 @@ def test_default_datasets_are_the_offline_builtins(tmp_path, monkeypatch):
     assert [s.ds.name for s in sections] == list(DEMO_DATASETS)
     assert {s.ds.kind for s in sections} >= {"historical_figure", "art"}
     assert all(len(s.jobs) == 1 and len(s.ds) == 50 for s in sections)
+def test_controls_sentence_says_which_controls_the_probe_beats():
+    from types import SimpleNamespace
+
+    from probes.pipeline.report_md import controls_sentence, controls_table
+
+    def result(r2s, control):
+        layers = [{"layer": i, "test": {"r2": r}} for i, r in enumerate(r2s)]
+        best = max(layers, key=lambda e: e["test"]["r2"])["layer"]
+        return {"layers": layers, "best_layer": best, "control": {"layers": [
+            {"layer": i, "test_r2": c, "selectivity": r - c}
+            for i, (r, c) in enumerate(zip(r2s, control))]}}
+
+    ds = SimpleNamespace(name="world")
+    main = SimpleNamespace(result=result([0.2, 0.5, 0.4], [-0.01, -0.02, 0.0]))
+    rnd = SimpleNamespace(result=result([0.1, 0.6, 0.3], [0.0, 0.0, 0.0]))
+    sec = SimpleNamespace(ds=ds, main=main, random_init=rnd)
+    s = controls_sentence(sec)
+    assert s == ("Controls: the probe's best test R² 0.500 (layer 1) beats layer 0 (embeddings) "
+                 "(0.200) by 0.300, does not beat the random-init model (best layer 1) "
+                 "(0.600 ≥ 0.500), and beats shuffled targets (-0.020) by 0.520 (the "
+                 "selectivity).")
+    sec.random_init = None
+    assert "cannot be compared with the random-init model (not run: --controls random)" in \
+        controls_sentence(sec)
+    table = "\n".join(controls_table([sec]))
+    assert "| world | 0.500 (1) | 0.200 | – | -0.020 | 0.520 |" in table
