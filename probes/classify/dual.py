@@ -1,0 +1,270 @@
+"""Exact Newton for L2 logistic regression in the kernel (dual) space: fewer rows than features.
+
+The penalised optimum is W = Xᵀ A over the rows with weight (representer theorem), so each
+(layer, weight set) problem is solved on its m×m Gram G = X Xᵀ: scores Z = G A + b, penalty
+½·tr(AᵀGA), the intercept unpenalised as in :mod:`probes.classify.logistic`. The Newton system
+of the primal (d·K unknowns) reduces by Woodbury to one Cholesky of M = pen·I + Fᵀ(G⊗I)F
+(m·K rows; D_i = F_i F_iᵀ the IRLS weights of row i) plus a K×K system for the intercept, so
+each step is exact: a few quadratically convergent steps per C instead of hundreds of
+ill-conditioned CG products at large C. Backtracking on the objective, problems leave the batch
+as they converge; float64 throughout. bench/RESULTS.md, "Logistic regression with fewer rows
+than features (issue 15)".
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["MAX_SYSTEM", "solve_dual"]
+
+MAX_SYSTEM = 1536          # rows · (K − 1) of the Newton system; above, the primal CG solver
+_CHUNK_BYTES = 1 << 28     # the (problems, mK, mK) systems of one chunk of problems
+_MAX_HALVINGS = 40
+
+
+class _Batch:
+    """The problems of one chunk, each on its own rows (padded with weight-0 rows): X (P, m, d)
+    float64 rows, G (P, m, m), w (P, m) weights summing to 1, Y (P, m, K') targets, S (P,) the
+    weight totals. K' = 1 for two classes."""
+
+    def __init__(self, X, G, w, Y, S, binary: bool):
+        self.X, self.G, self.w, self.Y, self.S, self.binary = X, G, w, Y, S, binary
+
+    def take(self, idx):
+        return _Batch(self.X[idx], self.G[idx], self.w[idx], self.Y[idx], self.S[idx],
+                      self.binary)
+
+
+def _data_loss(Z, bt: _Batch):
+    """Σ_i w_i·loss_i (P,) and probabilities (P, m, K') of scores Z."""
+    if bt.binary:
+        ell = (torch.nn.functional.softplus(Z) - bt.Y * Z)[..., 0]
+        return (bt.w * ell).sum(1), torch.sigmoid(Z)
+    lse = torch.logsumexp(Z, -1)
+    ell = lse - (Z * bt.Y).sum(-1)
+    return (bt.w * ell).sum(1), torch.exp(Z - lse[..., None])
+
+
+def _factor(Pr, bt: _Batch):
+    """Φ (P, m, K', c) with Φ_i Φ_iᵀ = w_i·(diag p_i − p_i p_iᵀ): √(w_i p_i(1−p_i)) for two
+    classes (c = 1); for K ≥ 3, F_i = √w_i·(diag √p_i − p_i √p_iᵀ) (F_i F_iᵀ is the block,
+    as Σ_k p_ik = 1) times V_i, an orthonormal basis of √p_i⊥ (F_i √p_i = 0): c = K − 1
+    columns, so the system has m·(K − 1) rows, not m·K. V_i: the first K − 1 columns of the
+    Householder reflection taking √p_i to −e_K (v = √p_i + e_K, never short)."""
+    if bt.binary:
+        return (bt.w[..., None] * Pr * (1 - Pr)).sqrt()[..., None]
+    K = Pr.shape[-1]
+    sp = Pr.sqrt()
+    eye = torch.eye(K, dtype=Pr.dtype, device=Pr.device)
+    F = (eye - Pr[..., :, None]) * sp[..., None, :]                 # [k', k] = (δ − p_k')·√p_k
+    v = sp.clone()
+    v[..., -1] += 1
+    V = eye[:, :-1] - (2 / (v * v).sum(-1))[..., None, None] * v[..., :, None] * v[..., None, :-1]
+    return (F @ V) * bt.w.sqrt()[..., None, None]
+
+
+def _direction(bt: _Batch, Pr, R, gb, pen):
+    """Exact Newton step (ΔA, Δb) from the residual R = E + pen·A (the W-gradient is Xᵀ R)
+    and the intercept gradient gb. With r = −G R + pen·1Δb the score change u solves
+    (pen·I + G D) u = r, so Φᵀu = M⁻¹ Φᵀ r (Woodbury, M = pen·I + Φᵀ(G⊗I)Φ); the intercept
+    equation 1ᵀ D u = −gb is a K'×K' system; ΔA = −(R + D u)/pen."""
+    P, m, K = R.shape
+    F = _factor(Pr, bt)                                              # (P, m, K, c)
+    c = F.shape[-1]
+    Fcat = F.permute(0, 2, 1, 3).reshape(P, K, m * c)                # [k', (i, j)] = Φ_i[k', j]
+    M = Fcat.transpose(1, 2) @ Fcat                                  # blocks Φ_iᵀ Φ_j
+    M.view(P, m, c, m, c).mul_(bt.G[:, :, None, :, None])
+    M.diagonal(dim1=-2, dim2=-1).add_(pen[:, None])
+    chol, info = torch.linalg.cholesky_ex(M)
+    if bool((info != 0).any()):                                      # rounding at huge C: jitter
+        M.diagonal(dim1=-2, dim2=-1).add_(1e-12 * M.diagonal(dim1=-2, dim2=-1).amax(-1, True))
+        chol = torch.linalg.cholesky(M)
+    del M
+    T = Fcat.transpose(1, 2)                                         # Φᵀ (1 ⊗ I): (P, mc, K)
+    rhs = torch.einsum("pikj,pik->pij", F, bt.G @ R).reshape(P, m * c, 1)
+    sol = torch.cholesky_solve(torch.cat([rhs, T], -1), chol)
+    y0, yT = sol[..., 0], sol[..., 1:]
+    N = pen[:, None, None] * (T.transpose(1, 2) @ yT)                 # (P, K, K)
+    rb = (T.transpose(1, 2) @ y0[..., None])[..., 0] - gb
+    if not bt.binary:                         # N·1 = 0: the intercepts' common shift is flat
+        N = N + N.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] / K
+    N.diagonal(dim1=-2, dim2=-1).add_(torch.finfo(N.dtype).tiny)
+    db = torch.linalg.solve(N, rb)
+    if not bt.binary:
+        db = db - db.mean(-1, keepdim=True)
+    Fu = (pen[:, None, None] * (yT @ db[..., None]))[..., 0] - y0     # Φᵀ u: (P, mc)
+    Du = torch.einsum("pikj,pij->pik", F, Fu.reshape(P, m, c))
+    dA = -(R + Du) / pen[:, None, None]
+    return dA, db
+
+
+def _state(bt: _Batch, A, b, pen):
+    """Objective (P,), probabilities, residual R, gradients' max |entry| (P,), GA."""
+    GA = bt.G @ A
+    data, Pr = _data_loss(GA + b[:, None], bt)
+    f = data + 0.5 * pen * (A * GA).sum((1, 2))
+    E = (Pr - bt.Y) * bt.w[..., None]
+    R = E + pen[:, None, None] * A
+    gb = E.sum(1)
+    gmax = torch.maximum((bt.X.transpose(1, 2) @ R).abs().amax((1, 2)), gb.abs().amax(-1))
+    return f, Pr, R, gb, gmax, GA
+
+
+def _line_search(bt: _Batch, A, b, dA, db, GA, f0, R, gb, pen):
+    """Step length per problem: Armijo (a 1e-4 fraction of the slope) by halving from 1; where
+    the promised decrease is below rounding, a step that does not raise the objective. Returns
+    t (P,), 0 where no length up to 2⁻⁴⁰ was accepted."""
+    GdA = bt.G @ dA
+    slope = (R * GdA).sum((1, 2)) + (gb * db).sum(-1)
+    pa, cross, dd = (A * GA).sum((1, 2)), (A * GdA).sum((1, 2)), (dA * GdA).sum((1, 2))
+    slack = 16 * torch.finfo(f0.dtype).eps * f0.abs()
+    t = torch.ones_like(f0)
+    todo = torch.ones_like(f0, dtype=torch.bool)
+    for _ in range(_MAX_HALVINGS):
+        Z = GA + t[:, None, None] * GdA + (b + t[:, None] * db)[:, None]
+        f = _data_loss(Z, bt)[0] + 0.5 * pen * (pa + 2 * t * cross + t * t * dd)
+        ok = torch.isfinite(f) & torch.where(-slope * t > slack, f <= f0 + 1e-4 * t * slope,
+                                             f <= f0 + slack)
+        todo = todo & ~ok
+        if not bool(todo.any()):
+            break
+        t = torch.where(todo, t / 2, t)
+    return torch.where(todo, 0.0, t)
+
+
+def _newton(bt: _Batch, A, b, pen, tol: float, max_iter: int):
+    """Newton with backtracking on every problem of the batch; converged or stalled problems
+    leave it. Returns A, b, iterations (P,), converged (P,), Cholesky factorisations done."""
+    P = A.shape[0]
+    n_iter = torch.zeros(P, dtype=torch.int64)
+    conv = torch.zeros(P, dtype=torch.bool)
+    live = torch.arange(P)
+    factors = 0
+    sub, As, bs, ps = bt, A, b, pen
+    while live.numel():
+        f, Pr, R, gb, gmax, GA = _state(sub, As, bs, ps)
+        done = gmax <= tol
+        conv[live] = done
+        stop = done | (n_iter[live] >= max_iter)
+        if bool(stop.any()):                                         # leave the batch
+            A[live[stop]], b[live[stop]] = As[stop], bs[stop]
+            keep = ~stop
+            live, As, bs, ps = live[keep], As[keep], bs[keep], ps[keep]
+            sub = sub.take(keep)
+            f, Pr, R, gb, GA = f[keep], Pr[keep], R[keep], gb[keep], GA[keep]
+            if not live.numel():
+                break
+        dA, db = _direction(sub, Pr, R, gb, ps)
+        factors += live.numel()
+        t = _line_search(sub, As, bs, dA, db, GA, f, R, gb, ps)
+        As = As + t[:, None, None] * dA
+        bs = bs + t[:, None] * db
+        n_iter[live] += 1
+        stalled = t == 0
+        if bool(stalled.any()):                                      # no decrease possible
+            A[live[stalled]], b[live[stalled]] = As[stalled], bs[stalled]
+            keep = ~stalled
+            live, As, bs, ps = live[keep], As[keep], bs[keep], ps[keep]
+            sub = sub.take(keep)
+    return A, b, n_iter, conv, factors
+
+
+def _chunks(n_problems: int, m: int, c: int) -> list[range]:
+    """Problems per chunk: the systems (and their factors) of a chunk within _CHUNK_BYTES."""
+    per = max(1, _CHUNK_BYTES // (2 * 8 * (m * c) ** 2))
+    return [range(s, min(s + per, n_problems)) for s in range(0, n_problems, per)]
+
+
+def _batch(Xc, Y, wf, layers, sets, rows, binary: bool) -> _Batch:
+    """The float64 batch of problems (layer layers[p], weight set sets[p]) on rows (P, m)
+    (index -1: padding)."""
+    pad = rows < 0
+    idx = rows.clamp_min(0)
+    X = Xc[layers[:, None], idx].to(torch.float64)                   # (P, m, d)
+    X[pad] = 0
+    w = wf[sets[:, None], idx].masked_fill(pad, 0.0)
+    S = w.sum(1)
+    return _Batch(X, X @ X.transpose(1, 2), w / S[:, None], Y[idx].masked_fill(pad[..., None], 0),
+                  S, binary)
+
+
+def _start(bt: _Batch, W0, b0):
+    """Kernel coefficients A with Xᵀ A nearest to W0 (P, d, K) (pseudo-inverse of G, small
+    eigenvalues dropped): W0 is a starting point only."""
+    lam, U = torch.linalg.eigh(bt.G)
+    keep = lam > lam[:, -1:].clamp_min(0) * lam.shape[-1] * torch.finfo(lam.dtype).eps
+    inv = torch.where(keep, 1 / torch.where(keep, lam, 1.0), 0.0)
+    XW = bt.X @ W0
+    return U @ (inv[..., None] * (U.transpose(1, 2) @ XW)), b0.clone()
+
+
+def solve_dual(Xc, codes, n_classes: int, Cs, weights, tol: float, max_iter: int, *,
+               init=None, warm_start: bool = True, work: dict | None = None):
+    """Fit every (layer, weight set, C) problem by exact Newton in the kernel space.
+
+    Parameters
+    ----------
+    Xc : (L, n, d) tensor
+        Features, centred (any dtype; the solve is float64).
+    codes : (n,) int tensor
+        Class codes 0..K-1 (two classes: code 1 positive).
+    n_classes : int
+        K.
+    Cs : (n_C,) float array
+        The C grid.
+    weights : (F, n) float array
+        Row weights per weight set (0 drops a row from that set's problems).
+    tol : float
+        Stop where max |gradient entry| of objective / (C·Σw) is at most ``tol``.
+    max_iter : int
+        Newton steps at most per problem and C.
+    init : tuple, optional
+        (W (L, d, F, n_C, K'), b (L, F, n_C, K')) starting points in centred coordinates.
+    warm_start : bool
+        Cs in increasing order, each from the previous C's solution (unless ``init``).
+    work : dict, optional
+        Tally: ``newton`` steps and ``factorizations`` (Cholesky of one m·K' system).
+
+    Returns
+    -------
+    W : (L, d, F, n_C, K') float64 tensor, b : (L, F, n_C, K'), n_iter, converged : (L, F, n_C)
+    """
+    L, n, d = Xc.shape
+    binary = n_classes == 2
+    K = 1 if binary else n_classes
+    Y = (codes == 1).to(torch.float64)[:, None] if binary else \
+        torch.nn.functional.one_hot(codes, n_classes).to(torch.float64)
+    wf = torch.as_tensor(np.asarray(weights, dtype=np.float64), device=Xc.device)
+    Fn, nC = wf.shape[0], len(Cs)
+    m = int((wf > 0).sum(1).max())
+    rows = torch.full((Fn, m), -1, dtype=torch.int64, device=Xc.device)
+    for s in range(Fn):
+        r = torch.nonzero(wf[s] > 0)[:, 0]
+        rows[s, :r.numel()] = r
+    W = torch.zeros(L, d, Fn, nC, K, dtype=torch.float64, device=Xc.device)
+    b = torch.zeros(L, Fn, nC, K, dtype=torch.float64, device=Xc.device)
+    n_iter = torch.zeros(L, Fn, nC, dtype=torch.int64)
+    conv = torch.zeros(L, Fn, nC, dtype=torch.bool)
+    order = list(np.argsort(Cs, kind="stable")) if warm_start else list(range(nC))
+    work = {} if work is None else work
+    for ch in _chunks(L * Fn, m, max(K - 1, 1)):
+        pl = torch.as_tensor([p // Fn for p in ch], device=Xc.device)
+        ps = torch.as_tensor([p % Fn for p in ch], device=Xc.device)
+        bt = _batch(Xc, Y, wf, pl, ps, rows[ps], binary)
+        A = torch.zeros(len(ch), m, K, dtype=torch.float64, device=Xc.device)
+        bb = torch.zeros(len(ch), K, dtype=torch.float64, device=Xc.device)
+        for j in order:
+            if init is not None:
+                A, bb = _start(bt, init[0][pl, :, ps, j].to(torch.float64),
+                               init[1][pl, ps, j].to(torch.float64))
+            elif not warm_start:
+                A, bb = torch.zeros_like(A), torch.zeros_like(bb)
+            pen = 1.0 / (bt.S * float(Cs[j]))
+            A, bb, it, cv, nf = _newton(bt, A.clone(), bb.clone(), pen, tol, max_iter)
+            W[pl, :, ps, j] = bt.X.transpose(1, 2) @ A
+            b[pl, ps, j] = bb
+            n_iter[pl.cpu(), ps.cpu(), j], conv[pl.cpu(), ps.cpu(), j] = it, cv
+            work["newton"] = work.get("newton", 0) + int(it.sum())
+            work["factorizations"] = work.get("factorizations", 0) + nf
+    work.update(form="dual", system=m * max(K - 1, 1))
+    return W, b, n_iter, conv
