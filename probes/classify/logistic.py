@@ -8,7 +8,8 @@ preconditioned by each problem's IRLS-weighted Gram (:class:`_Precond`), batched
 layers × row-weight sets (the folds of :mod:`probes.classify.select`), the Cs in increasing order,
 each warm-started from the previous; features are centred internally (mapped back exactly). It
 stops per problem when the largest gradient entry of the objective divided by C·Σw is below
-``tol`` (float64 1e-8, float32 1e-5).
+``tol`` (float64 1e-8, float32 1e-5). Fewer rows than features: exact Newton in the kernel
+space (:mod:`probes.classify.dual`), or CG on the row space (:class:`_RowSpace`).
 """
 from __future__ import annotations
 
