@@ -248,9 +248,10 @@ def _objective(bt: _Batch, A, b, pen):
     return _data_loss(GA + b[:, None], bt)[0] + 0.5 * pen * (A * GA).sum((1, 2))
 
 
-def _chunks(n_problems: int, m: int, c: int) -> list[range]:
-    """Problems per chunk: the systems (and their factors) of a chunk within _CHUNK_BYTES."""
-    per = max(1, _CHUNK_BYTES // (3 * 8 * (m * c) ** 2))
+def _chunks(n_problems: int, m: int, c: int, d: int) -> list[range]:
+    """Problems per chunk: a chunk's systems (the one being factorised, its factor, the kept
+    factors) and its float64 rows and Grams within _CHUNK_BYTES."""
+    per = max(1, _CHUNK_BYTES // (8 * (3 * (m * c) ** 2 + m * d + m * m)))
     return [range(s, min(s + per, n_problems)) for s in range(0, n_problems, per)]
 
 
@@ -326,7 +327,7 @@ def solve_dual(Xc, codes, n_classes: int, Cs, weights, tol: float, max_iter: int
     conv = torch.zeros(L, Fn, nC, dtype=torch.bool)
     order = list(np.argsort(Cs, kind="stable")) if warm_start else list(range(nC))
     work = {} if work is None else work
-    for ch in _chunks(L * Fn, m, max(K - 1, 1)):
+    for ch in _chunks(L * Fn, m, max(K - 1, 1), d):
         pl = torch.as_tensor([p // Fn for p in ch], device=Xc.device)
         ps = torch.as_tensor([p % Fn for p in ch], device=Xc.device)
         bt = _batch(Xc, Y, wf, pl, ps, rows[ps], binary)
