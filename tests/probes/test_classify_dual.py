@@ -166,3 +166,15 @@ def test_select_c_wide_equals_logisticregressioncv(K):
         assert res.C[l] == m.C_[0]
         ref = sk_fit(X[l], y, res.C[l])
         assert rel(res.coef[l], ref.coef_[0] if K == 2 else ref.coef_) < 1e-4
+
+
+@pytest.mark.parametrize("K", [2, 5])
+def test_random_labels_huge_c_from_zero(K):
+    """Shuffled labels (the control's case) are separable when d > n: one C of 1e4 from zero
+    still converges, to the optimum by a numpy gradient."""
+    X, _ = make_data(2, 50, 90, K, 8)
+    y = np.random.default_rng(8).permutation(np.arange(50) % K)
+    path = fit_logistic_path(X, y, [1e4])
+    assert path.converged.all() and path.n_iter.max() <= 40, path.n_iter
+    for l in range(2):
+        assert grad(X[l], y, K, 1e4, np.ones(50), path.coef[l, 0], path.intercept[l, 0]) < 1e-7
