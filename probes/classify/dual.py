@@ -122,7 +122,8 @@ class _Factor:
             v = getattr(other, k)
             setattr(out, k, v.new_zeros((n,) + v.shape[1:]))
         out.pen = out.pen + 1                                         # never divide by 0
-        out.chol = out.chol + torch.eye(out.chol.shape[-1], dtype=out.chol.dtype)
+        out.chol = out.chol + torch.eye(out.chol.shape[-1], dtype=out.chol.dtype,
+                                        device=out.chol.device)
         return out
 
     def take(self, idx) -> _Factor:
@@ -176,12 +177,12 @@ def _newton(bt: _Batch, A, b, pen, tol: float, max_iter: int, fac: _Factor | Non
     step, ~1/50 of a factorisation) where the last step cut the gradient tenfold, else
     factorises. Returns A, b, iterations (P,), converged (P,), factorisations, and the factors
     (``fac`` updated: the last one of each problem, for the next C's tangent)."""
-    P = A.shape[0]
-    n_iter = torch.zeros(P, dtype=torch.int64)
-    conv = torch.zeros(P, dtype=torch.bool)
-    fresh = torch.zeros(P, dtype=torch.bool)                        # a factor from this C
-    g_last = torch.full((P,), torch.inf, dtype=A.dtype)
-    live = torch.arange(P)
+    P, dev = A.shape[0], A.device
+    n_iter = torch.zeros(P, dtype=torch.int64, device=dev)
+    conv = torch.zeros(P, dtype=torch.bool, device=dev)
+    fresh = torch.zeros(P, dtype=torch.bool, device=dev)            # a factor from this C
+    g_last = torch.full((P,), torch.inf, dtype=A.dtype, device=dev)
+    live = torch.arange(P, device=dev)
     factors = 0
     while live.numel():
         sub = bt.take(live)
@@ -238,7 +239,7 @@ def _extrapolate(bt: _Batch, hist: list, log_c: float, pen, fac: _Factor | None)
         cands.append((A1 + s * (A1 - A0), b1 + s * (b1 - b0)))
     f = torch.stack([_objective(bt, A, b, pen) for A, b in cands])          # (n_cands, P)
     best = torch.where(torch.isfinite(f), f, torch.inf).argmin(0)
-    at = torch.arange(best.numel())
+    at = torch.arange(best.numel(), device=best.device)
     return (torch.stack([a for a, _ in cands])[best, at],
             torch.stack([b for _, b in cands])[best, at])
 
@@ -348,7 +349,7 @@ def solve_dual(Xc, codes, n_classes: int, Cs, weights, tol: float, max_iter: int
             hist = (hist + [(A, bb, float(np.log(Cs[j])))])[-2:]
             W[pl, :, ps, j] = bt.X.transpose(1, 2) @ A
             b[pl, ps, j] = bb
-            n_iter[pl.cpu(), ps.cpu(), j], conv[pl.cpu(), ps.cpu(), j] = it, cv
+            n_iter[pl.cpu(), ps.cpu(), j], conv[pl.cpu(), ps.cpu(), j] = it.cpu(), cv.cpu()
             work["newton"] = work.get("newton", 0) + int(it.sum())
             work["factorizations"] = work.get("factorizations", 0) + nf
     work.update(form="dual", system=m * max(K - 1, 1))
