@@ -8,7 +8,8 @@ preconditioned by each problem's IRLS-weighted Gram (:class:`_Precond`), batched
 layers × row-weight sets (the folds of :mod:`probes.classify.select`), the Cs in increasing order,
 each warm-started from the previous; features are centred internally (mapped back exactly). It
 stops per problem when the largest gradient entry of the objective divided by C·Σw is below
-``tol`` (float64 1e-8, float32 1e-5).
+``tol`` (float64 1e-8, float32 1e-5). Fewer rows than features: exact Newton in the kernel
+space (:mod:`probes.classify.dual`), or CG on the row space (:class:`_RowSpace`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from probes.classify.dual import MAX_SYSTEM, solve_dual
 from probes.errors import ClassifyError
 
 __all__ = ["LogisticPath", "fit_logistic_path", "balanced_weights", "class_weights",
@@ -70,6 +72,37 @@ def balanced_weights(codes, n_classes: int | None = None, sample_weight=None) ->
     counts = np.bincount(codes, weights=w, minlength=n_classes or 0)
     k = np.count_nonzero(counts) if n_classes is None else n_classes
     return w.sum() / (k * counts[codes])
+
+
+class _RowSpace:
+    """Fewer rows than features: the problem on the row space of centred X, exactly. The
+    penalised optimum W lies there (its gradient is Xᵀ(...) + W/(C·Σw)), the loss sees X W only
+    and the intercept, unpenalised, is untouched; so with XXᵀ = UΛUᵀ, the n features Q = U√Λ
+    and W = Xᵀ A β (A = UΛ^-½) give the same objective in β as in W, with n ≪ d columns. The
+    eigendecomposition is float64 (from the given values); directions with λ below n·eps·λ_max
+    are dropped (Q and A zero there: β stays 0). bench/RESULTS.md, "Logistic regression with
+    fewer rows than features"."""
+
+    def __init__(self, Xc, dtype):
+        self.X = Xc.to(torch.float64)                                 # (L, n, d)
+        lam, U = torch.linalg.eigh(self.X @ self.X.transpose(1, 2))   # (L, n), (L, n, n)
+        n = lam.shape[-1]
+        keep = lam > lam[:, -1:].clamp_min(0) * n * torch.finfo(torch.float64).eps
+        root = torch.where(keep, lam, 0.0).sqrt()
+        self.Q = (U * root[:, None]).to(dtype)                        # (L, n, n)
+        self.A = U * torch.where(keep, 1 / torch.where(keep, root, 1.0), 0.0)[:, None]
+
+    def reduce(self, W):
+        """β = Aᵀ X W of full coefficients W (L, d, ...) (their part in the row space)."""
+        L, d = W.shape[:2]
+        XW = self.X @ W.to(torch.float64).reshape(L, d, -1)
+        return (self.A.transpose(1, 2) @ XW).reshape((L, -1) + W.shape[2:])
+
+    def expand(self, B):
+        """W = Xᵀ A β of reduced coefficients β (L, n, ...), float64."""
+        L, n = B.shape[:2]
+        AB = self.A @ B.to(torch.float64).reshape(L, n, -1)
+        return (self.X.transpose(1, 2) @ AB).reshape((L, -1) + B.shape[2:])
 
 
 class _Basis:
@@ -348,12 +381,16 @@ def _solve(*args, **kwargs):
 
 
 def _solve_all(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_iter: int,
-           device=None, init=None, warm_start: bool = True, work: dict | None = None):
+               device=None, init=None, warm_start: bool = True, work: dict | None = None,
+               dual: bool = True):
     """Fit every (layer, weight set, C) problem. weights (F, n) -> arrays shaped (L, F, n_C, ...)
     with K' = 1 for two classes; ``init`` = (coef, intercept) in the same shapes, or None.
     ``warm_start``: one batched solve per C in increasing order, each started from the previous
     C's solution (unless ``init``); else all Cs in one batch from ``init`` (or zero). ``work``:
-    a dict the work done is added to (see :func:`add_work`)."""
+    a dict the work done is added to (see :func:`add_work`). ``dual``: with fewer rows than
+    features, exact Newton in the kernel space (:func:`probes.classify.dual.solve_dual`) while
+    its system of rows × max(K − 1, 1) is at most ``MAX_SYSTEM``, else CG on the row space
+    (:class:`_RowSpace`); False: CG on all features."""
     tdt = _DTYPES[dtype]
     Xt = torch.as_tensor(X, device=device).to(tdt)
     if Xt.ndim != 3:
@@ -361,36 +398,21 @@ def _solve_all(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, ma
     L, n, d = Xt.shape
     mean = Xt.mean(1)
     Xt = Xt - mean[:, None]
-    basis = _Basis(Xt)
     binary = n_classes == 2
+    K = 1 if binary else n_classes
     codes_t = torch.as_tensor(np.asarray(codes), device=Xt.device)
-    Y = (codes_t == 1).to(tdt)[:, None] if binary else \
-        torch.nn.functional.one_hot(codes_t, n_classes).to(tdt)
-    K = Y.shape[1]
     Cs = np.asarray(Cs, dtype=np.float64)
     wf = np.asarray(weights, dtype=np.float64)                      # (F, n)
     F, nC = wf.shape[0], Cs.size
-    S = wf.sum(1)                                                   # (F,)
-    W, b = _initial(init, mean, L, F, nC, K, d, tdt, Xt.device)
-    n_iter = torch.zeros(L, F, nC, dtype=torch.int64)
-    conv = torch.zeros(L, F, nC, dtype=torch.bool)
-    groups = [[j] for j in np.argsort(Cs, kind="stable")] if warm_start else [list(range(nC))]
-    prev = None
-    for g in groups:
-        wts = torch.as_tensor(np.repeat(wf / S[:, None], len(g), axis=0).T, device=Xt.device)
-        pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, g])).ravel(), device=Xt.device)
-        prob = _Problem(Xt, Y, wts.to(tdt), pen.to(tdt), binary, basis)
-        W0, b0 = W[:, :, :, g], b[:, :, g]
-        if prev is not None and init is None:
-            W0, b0 = prev
-        Wg, bg, it, cv = _newton(prob, W0.reshape(L, d, -1, K), b0.reshape(L, -1, K), tol,
-                                 max_iter, max_cg=max(50, min(2 * d * K, 250)))
-        W[:, :, :, g] = Wg.reshape(L, d, F, len(g), K)
-        b[:, :, g] = bg.reshape(L, F, len(g), K)
-        n_iter[:, :, g], conv[:, :, g] = it.reshape(L, F, -1).cpu(), cv.reshape(L, F, -1).cpu()
-        prev = W[:, :, :, g], b[:, :, g]
-        add_work(work, prob, int(it.sum()))
-    b = b - torch.einsum("ld,ldfck->lfck", mean, W)
+    if dual and n < d and int((wf > 0).sum(1).max()) * max(K - 1, 1) <= MAX_SYSTEM:
+        start = None if init is None else _initial(init, mean, L, F, nC, K, d, tdt, Xt.device)
+        W, b, n_iter, conv = solve_dual(Xt, codes_t, n_classes, Cs, wf, tol, max_iter,
+                                        init=start, warm_start=warm_start, work=work)
+    else:
+        W, b, n_iter, conv = _solve_primal(Xt, mean, codes_t, n_classes, Cs, wf, tdt, tol,
+                                           max_iter, init, warm_start, work,
+                                           _RowSpace(Xt, tdt) if dual and n < d else None)
+    b = b - torch.einsum("ld,ldfck->lfck", mean.to(W.dtype), W)
     if not binary:
         b = b - b.mean(-1, keepdim=True)
     coef = W.permute(0, 2, 3, 4, 1).to(torch.float64).cpu().numpy()
@@ -398,6 +420,44 @@ def _solve_all(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, ma
     if binary:
         coef, icpt = coef[..., 0, :], icpt[..., 0]
     return coef, icpt, n_iter.numpy(), conv.numpy()
+
+
+def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, max_iter: int,
+                  init, warm_start: bool, work, rows: _RowSpace | None):
+    """Truncated Newton-CG of every problem on the centred features Xt, or on their row space
+    (``rows``). Returns W (L, d, F, n_C, K'), b (L, F, n_C, K') centred, n_iter, converged."""
+    L, n, d = Xt.shape
+    Xs = Xt if rows is None else rows.Q                             # the features solved on
+    ds = Xs.shape[-1]
+    basis = _Basis(Xs)
+    binary = n_classes == 2
+    Y = (codes_t == 1).to(tdt)[:, None] if binary else \
+        torch.nn.functional.one_hot(codes_t, n_classes).to(tdt)
+    K = Y.shape[1]
+    F, nC = wf.shape[0], Cs.size
+    S = wf.sum(1)                                                   # (F,)
+    W, b = _initial(init, mean, L, F, nC, K, ds if init is None else d, tdt, Xt.device)
+    if rows is not None and init is not None:
+        W = rows.reduce(W).to(tdt)
+    n_iter = torch.zeros(L, F, nC, dtype=torch.int64)
+    conv = torch.zeros(L, F, nC, dtype=torch.bool)
+    groups = [[j] for j in np.argsort(Cs, kind="stable")] if warm_start else [list(range(nC))]
+    prev = None
+    for g in groups:
+        wts = torch.as_tensor(np.repeat(wf / S[:, None], len(g), axis=0).T, device=Xt.device)
+        pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, g])).ravel(), device=Xt.device)
+        prob = _Problem(Xs, Y, wts.to(tdt), pen.to(tdt), binary, basis)
+        W0, b0 = W[:, :, :, g], b[:, :, g]
+        if prev is not None and init is None:
+            W0, b0 = prev
+        Wg, bg, it, cv = _newton(prob, W0.reshape(L, ds, -1, K), b0.reshape(L, -1, K), tol,
+                                 max_iter, max_cg=max(50, min(2 * ds * K, 250)))
+        W[:, :, :, g] = Wg.reshape(L, ds, F, len(g), K)
+        b[:, :, g] = bg.reshape(L, F, len(g), K)
+        n_iter[:, :, g], conv[:, :, g] = it.reshape(L, F, -1).cpu(), cv.reshape(L, F, -1).cpu()
+        prev = W[:, :, :, g], b[:, :, g]
+        add_work(work, prob, int(it.sum()))
+    return (W if rows is None else rows.expand(W)), b, n_iter, conv
 
 
 def _check(X, codes, Cs, n_classes, sample_weight):
