@@ -147,10 +147,11 @@ def model_size_markdown(sections, out: Path) -> list[str]:
             + ["Llama-2 7B", "Llama-2 13B", "Llama-2 70B"])
     lines += md_table(head, model_size_rows(sections))
     lines += ["The Llama-2 columns are the paper's best-layer test R² (Gurnee & Tegmark 2023) "
-              "on ITS dataset of the same kind (world places, USA places, NYC places, "
-              "historical figures, art, headlines). The datasets differ: the built-ins "
-              "(world_cities, us_places, nobel, films) hold other entities, and a --limit "
-              "run fewer rows, so the comparison is of trends, not of equal tasks.", ""]
+              "on the paper's own dataset of the same kind (world places, USA places, NYC places, "
+              "historical figures, art, headlines). The datasets differ unless a row is the "
+              "paper's own CSV in full: the built-ins (world_cities, us_places, nobel, films) "
+              "hold other entities and --limit keeps fewer rows; compare trends, not equal "
+              "tasks.", ""]
     lines += [_verdict(sec, models) for sec in sections] + [""]
     lines += ["Controls of every model (layer 0 = its token embeddings; random-init = its "
               "architecture with re-initialised weights; shuffled targets at its best layer):",
