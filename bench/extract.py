@@ -11,7 +11,8 @@ On the same windows and batches (rows sorted by length inside each store window)
          code calls it), last-token vectors of every layer kept in RAM, one torch.save per layer
 
 Each mode runs in its own subprocess, so its peak RSS (getrusage ru_maxrss) is its own.
-Sections: timing (real model, default the embedded SmolLM2), peak RSS at 2k vs 20k rows
+Sections: timing (real model, default the embedded SmolLM2; --model gemma3-270m the second
+embedded model, stored float32 by --dtype auto), peak RSS at 2k vs 20k rows
 (a small random-init Llama, so it fits minutes on 2 cores), store compression (none / zstd /
 blosc on real fp16 activations). Results print as tables and go to bench/RESULTS.md.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -269,7 +271,7 @@ def compression_table(store_path: Path, tmp: str | None) -> list[dict]:
     import actstore
     from actstore.store import create_store
     src = actstore.open(store_path)
-    data = src.read(slice(0, src.rows_done))          # (L, n, d) float16
+    data = src.read(slice(0, src.rows_done))          # (L, n, d) in the stored dtype
     ent = src.entities.iloc[:src.rows_done].reset_index(drop=True)
     rows = []
     for comp in ("none", "zstd", "blosc"):
@@ -278,7 +280,7 @@ def compression_table(store_path: Path, tmp: str | None) -> list[dict]:
             st = create_store(d / "c.zarr", layers=src.layers, n_rows=data.shape[1],
                               d_model=src.d_model, entities=ent, targets=src.targets,
                               group_columns=src.group_columns, meta={}, compression=comp,
-                              rows_per_chunk=src.rows_per_chunk)
+                              rows_per_chunk=src.rows_per_chunk, dtype=src.dtype)
             R = st.rows_per_chunk
             t = time.perf_counter()
             for s in range(0, data.shape[1], R):
@@ -485,8 +487,10 @@ def main(argv=None) -> int:
                           ("seconds", "seconds", ".1f")])
         print(t2)
 
-    comp = [] if args.timing_only else compression_table(
-        Path(args.compression_store) if args.compression_store else kept, args.tmp)
+    comp_store = Path(args.compression_store) if args.compression_store else kept
+    comp = [] if args.timing_only else compression_table(comp_store, args.tmp)
+    import actstore  # deferred like every heavy import of the driver
+    comp_dtype = "" if args.timing_only else actstore.open(comp_store).dtype
     t3 = md_table(comp, [("compression", "codec", "s"), ("bytes", "bytes", "d"),
                        ("ratio", "ratio", ".3f"), ("write_MBps", "write MB/s", ".0f"),
                        ("read_MBps", "read MB/s", ".0f")])
@@ -498,7 +502,7 @@ def main(argv=None) -> int:
         ours, paper = by_mode["ours"], by_mode["paper"]
         extra = [by_mode[m] for m in order if m in VARIANTS and m != "ours"]
         rounds = "; ".join(f"{r['mode']} {_fmt(r['seconds_all'])}" for r in timing)
-        text = f"""Command: `python -m bench.extract {' '.join(argv if argv is not None else sys.argv[1:])}`
+        text = f"""Command: `python -m bench.extract {shlex.join(argv if argv is not None else sys.argv[1:])}`
 Machine: {machine()}. Date: {stamp}.
 Model: {what} ({timing[0]['n_layers']} layers x {timing[0]['d_model']}), device {args.device},
 {args.rows} rows of {Path(args.dataset).name} with prompt `{args.prompt}`, batch size {args.batch_size},
@@ -533,8 +537,8 @@ a fresh process):
 Growth from {ns[0]} to {ns[-1]} rows: {', '.join(f'{m} {g:+.0f} MB' for m, g in grow.items())}.
 """
         text += f"""
-Store compression on these real fp16 activations (Zarr v3, chunk (1, R, d) in shards of one
-row block; write = all chunks, read = every layer in full):
+Store compression on these real {comp_dtype} activations (Zarr v3, chunk (1, R, d) in shards
+of one row block; write = all chunks, read = every layer in full):
 
 {t3}
 """
@@ -555,7 +559,7 @@ def writer_main(args, argv) -> int:
     print(t)
     if not args.no_results:
         where = args.tmp or tempfile.gettempdir()
-        text = f"""Command: `python -m bench.extract {' '.join(argv if argv is not None else sys.argv[1:])}`
+        text = f"""Command: `python -m bench.extract {shlex.join(argv if argv is not None else sys.argv[1:])}`
 Machine: {machine()}. Date: {stamp}. Scratch directory: {where}.
 Writing {L} x {rows} x {d} fp16 ({L * rows * d * 2 / 1e6:.0f} MB) in {R}-row windows, the
 extractor's pattern (one shard of every layer per window), fastest of {args.repeats} interleaved rounds:

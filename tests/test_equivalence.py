@@ -60,7 +60,9 @@ INTEGRITY = "integrity"
 ADDED = (INTEGRITY, "entity_codes", "entity_categories")
 V2_FIELDS = ("position", "sites", "d_sites", "n_texts", "target_kinds", "ragged")
 # what the extractor adds to the meta since issue 14 (positions, sites, tables)
-V2_META = ("position", "sites", "table", "template", "text_column", "hook_points")
+# (and since issue 17: why the stored dtype was chosen, --dtype auto)
+V2_META = ("position", "sites", "table", "template", "text_column", "hook_points",
+           "dtype_reason")
 
 
 def _as_v1(name: str, raw: bytes) -> bytes:

@@ -63,6 +63,7 @@ from actstore.models import (
     LoadedModel,
     attention_module,
     decoder_layers,
+    default_store_dtype,
     load_model,
     mlp_module,
     mlp_width,
@@ -168,10 +169,11 @@ def extract(model=None, dataset=None, prompt=None, out=None, config: ExtractConf
         message says what is kept and how to resume).
     """
     cfg = _config(config, options, model=model, dataset=dataset, prompt=prompt, out=out)
+    cfg, dtype_reason = _store_dtype(cfg)
     out = Path(cfg.out)
     ctx = context(use_cuda=False)   # control messages only (gloo); None: one process
     inp = _inputs(cfg, _device(ctx, cfg))
-    meta = store_meta(cfg, inp)
+    meta = store_meta(cfg, inp, dtype_reason)
     with _sigterm_exits():
         # rank 0 alone, holding the store's writer lock from here to the end; the others wait
         store, todo, lock, repaired = prepare(ctx, cfg, out, meta, inp)
@@ -252,6 +254,23 @@ def _config(config: ExtractConfig | None, options: dict, **inputs) -> ExtractCon
                 if "prompt" in missing else "")
         raise ExtractError(f"extract() needs {', '.join(missing)}{hint}")
     return cfg
+
+
+def _store_dtype(cfg: ExtractConfig) -> tuple[ExtractConfig, str]:
+    """The config with ``dtype`` "auto" resolved for its model, and the reason the store's meta
+    records (``dtype_reason``): before the model loads, as the compute dtype "auto" on a GPU
+    follows the stored one."""
+    if cfg.dtype != "auto":
+        return cfg, f"given: {cfg.dtype}"
+    model = cfg.model
+    if isinstance(model, LoadedModel):
+        name = model.info.get("id")
+    elif isinstance(model, tuple):
+        name = getattr(model[0].config, "_name_or_path", None) or type(model[0]).__name__
+    else:
+        name = None if model is None else str(model)
+    dtype, why = default_store_dtype(name)
+    return dataclasses.replace(cfg, dtype=dtype), f"auto: {why}"
 
 
 def _own_texts(ds) -> bool:

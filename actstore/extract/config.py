@@ -9,7 +9,7 @@ from actstore.errors import ExtractError
 from actstore.options import cli
 from actstore.store.format import POSITIONS, SITES
 
-__all__ = ["ExtractConfig", "DEFAULT_BATCH_SIZE", "BATCH_TOKENS_PER_ROW", "DTYPES",
+__all__ = ["ExtractConfig", "DEFAULT_BATCH_SIZE", "BATCH_TOKENS_PER_ROW", "DTYPES", "DTYPE_CHOICES",
            "COMPUTE_DTYPES", "POSITIONS", "SITES", "parse_layers", "parse_sites", "names"]
 
 DEFAULT_BATCH_SIZE = 32
@@ -19,6 +19,9 @@ DEFAULT_BATCH_SIZE = 32
 # and hence their values, are those of batch_size alone.
 BATCH_TOKENS_PER_ROW = 256
 DTYPES = ("float16", "bfloat16", "float32")
+# --dtype: "auto" = float16, or the wider dtype an embedded model is known to need
+# (actstore.models.default_store_dtype); resolved before the store is opened
+DTYPE_CHOICES = ("auto",) + DTYPES
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # options that only a table of your own takes (actstore.datasets.generic.TableSpec)
 TABLE_OPTIONS = ("template", "targets", "group_columns", "split_column", "id_column")
@@ -97,8 +100,9 @@ class ExtractConfig:
     neurons: bool = False
     """also store MLP neuron activations (input of the down projection): the same as adding
     neurons to --sites"""
-    dtype: str = field(default="float16", metadata=cli(choices=DTYPES))
-    """stored dtype (overflow is detected, never stored)"""
+    dtype: str = field(default="auto", metadata=cli(choices=DTYPE_CHOICES))
+    """stored dtype (overflow is detected, never stored); auto: float16, or float32 for a model
+    known to exceed its range (gemma3-270m); the store's meta records the choice and why"""
     compute_dtype: str = field(default="auto", metadata=cli(choices=COMPUTE_DTYPES))
     """model dtype (auto: float32 on CPU; on GPU float16, or bfloat16 with --dtype
     bfloat16/float32)"""
@@ -129,9 +133,9 @@ class ExtractConfig:
     """a progress bar on rank 0 (--no-progress: none)"""
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ExtractError(f"unknown --dtype {self.dtype!r}; choose float16, bfloat16 or "
-                               "float32")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ExtractError(f"unknown --dtype {self.dtype!r}; choose auto, float16, "
+                               "bfloat16 or float32")
         if self.batch_size is not None and self.batch_size < 1:
             raise ExtractError("--batch-size must be at least 1")
         if self.padding_side not in (None, "left", "right"):

@@ -106,9 +106,9 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def store_meta(cfg: ExtractConfig, inp: Inputs) -> dict:
+def store_meta(cfg: ExtractConfig, inp: Inputs, dtype_reason: str | None = None) -> dict:
     """The store's ``meta`` for this run (docs/store-format.md); versions and the creation
-    time are read now."""
+    time are read now. ``cfg.dtype`` is resolved (not "auto"); ``dtype_reason`` says why."""
     import torch  # deferred: `actstore --help` imports this package
     ds, lm, tok = inp.ds, inp.lm, inp.lm.tokenizer
     side = cfg.padding_side or getattr(tok, "padding_side", "right") or "right"
@@ -119,6 +119,7 @@ def store_meta(cfg: ExtractConfig, inp: Inputs) -> dict:
                     "n_rows": len(ds), "n_dropped": ds.n_dropped, "limit": cfg.limit},
         "layers": inp.layers,
         "dtype": cfg.dtype,
+        "dtype_reason": dtype_reason,
         "neurons": "neurons" in inp.sites,
         "position": inp.position,
         "sites": list(inp.sites),

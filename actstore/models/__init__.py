@@ -19,7 +19,9 @@ from actstore.models.loading import (
                                           COMPUTE_DTYPES,
                                           DEFAULT_MODEL,
                                           EMBEDDED,
+                                          EMBEDDED_STORE_DTYPE,
                                           LoadedModel,
+                                          default_store_dtype,
                                           embedded_model_file,
                                           load_model,
                                           load_tokenizer,
@@ -29,5 +31,6 @@ from actstore.models.loading import (
 
 __all__ = ["ModelError", "PRE_MLP_NORM", "context_length", "decoder_layers", "down_projection",
            "attention_module", "mlp_module", "mlp_parts", "mlp_width", "output_weights",
-           "pre_mlp_norm_name", "COMPUTE_DTYPES", "DEFAULT_MODEL", "EMBEDDED", "LoadedModel",
-           "embedded_model_file", "load_model", "load_tokenizer", "resolve_device", "wrap_model"]
+           "pre_mlp_norm_name", "COMPUTE_DTYPES", "DEFAULT_MODEL", "EMBEDDED",
+           "EMBEDDED_STORE_DTYPE", "LoadedModel", "default_store_dtype", "embedded_model_file",
+           "load_model", "load_tokenizer", "resolve_device", "wrap_model"]

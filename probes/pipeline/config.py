@@ -34,7 +34,12 @@ class PipelineConfig:
                                                         choices=tuple(RECIPES), nargs="?"))
     """probes (default: extract, fit, report) or paper (adds neurons and experiments)"""
     model: str | None = None
-    """HF causal LM id or path (default: the embedded SmolLM2-135M)"""
+    """an embedded model (smollm2-135m, the default; gemma3-270m), an HF causal LM id or path"""
+    models: str | None = field(default=None, metadata=cli(metavar="A,B"))
+    """the model-size comparison, instead of --model: comma-separated models, e.g.
+    smollm2,gemma3-270m (embedded names, HF ids, paths, random:NAME); the first runs every step
+    as --model would, each other one is extracted and fitted per dataset (main prompt, with its
+    own random-init control) under OUT/models/NAME/; the report adds a "Model size" section"""
     datasets: str = ",".join(DEMO_DATASETS)
     """comma-separated dataset names or CSV paths"""
     prompts: str = field(default="empty", metadata=cli(aliases=("--prompt",)))

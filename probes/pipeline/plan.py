@@ -29,10 +29,12 @@ class Job:
     store: object = None
     result: dict | None = None
     control: str | None = None     # "random-init": the control model's store of the dataset
+    model: str | None = None       # a compared model (--models) other than the first
 
     @property
     def label(self) -> str:
         name = self.ds.name if self.main else f"{self.ds.name}__{self.prompt}"
+        name = name if self.model is None else f"{name} [{self.model}]"
         return name if self.control is None else f"{name} ({self.control})"
 
 
@@ -48,6 +50,10 @@ class Section:
     classify: dict | None = None       # classify/NAME/results.json (place datasets)
     classify_note: str | None = None
     random_init: Job | None = None     # the random-init control's store and fit (paper recipe)
+    # the model-size comparison (--models): model -> its main-prompt job (the first model's is
+    # ``main``), and model -> its random-init control's job
+    models: dict = field(default_factory=dict)
+    random_models: dict = field(default_factory=dict)
 
     @property
     def main(self) -> Job:

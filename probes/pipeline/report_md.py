@@ -7,6 +7,7 @@ from pathlib import Path
 
 from probes.experiments.registry import EXPERIMENT_TITLES, experiment_markdown
 from probes.fit.outliers import summary_line
+from probes.pipeline.model_size import model_size_markdown
 from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
 from probes.report import draw_controls, layer0_r2, md_num, md_table, save_figure
@@ -210,6 +211,7 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
                       "linear / MLP test R²", "PCA test R²"]
                      + (["prompts (test R² at each best layer)"] if with_prompts else []),
                      [_glance(sec, with_prompts) for sec in sections])
+    lines += model_size_markdown(sections, out)
     for sec in sections:
         lines += _dataset_section(sec, out)
     return "\n".join(lines) + "\n"

@@ -2,16 +2,18 @@
 report."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from actstore.io import write_atomic
 from actstore.models import DEFAULT_MODEL, load_model
-from actstore.models.loading import RANDOM_PREFIX
+from actstore.models.loading import RANDOM_PREFIX, embedded_name
 from actstore.prompts import get_prompt
 from probes.errors import PipelineError
 from probes.pipeline.config import CLASSIFY_COLUMNS, DEMO_DATASETS, RECIPES, PipelineConfig
+from probes.pipeline.model_size import MODEL_SIZE_PNG, plot_model_size
 from probes.pipeline.plan import Job, experiment_list, parse_list, plan_sections
 from probes.pipeline.report_md import plot_all_layers, plot_controls, report_markdown
 from probes.pipeline.steps import (
@@ -23,14 +25,14 @@ from probes.pipeline.steps import (
     run_step,
 )
 
-__all__ = ["run_pipeline", "run_paper", "run"]
+__all__ = ["run_pipeline", "run_paper", "run", "model_list", "model_slug"]
 
 
 def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", prompts=None,
                  limit=None, recipe="probes", experiments=None, batch_size=None, device="auto",
                  backend="auto", cv="loo", cs=PipelineConfig.cs,
                  classify_every=PipelineConfig.classify_every, drop_invalid=False, progress=True,
-                 controls=None, log=print) -> Path:
+                 controls=None, models=None, log=print) -> Path:
     """Run ``recipe`` for every dataset and write ``out/report.md``; return its path.
 
     Parameters
@@ -39,6 +41,10 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
         Output directory (created; an existing one is resumed).
     model : str, optional
         Model name or path (default: the embedded SmolLM2).
+    models : list or comma string, optional
+        The model-size comparison instead of ``model``: the first model runs every step, the
+        others are extracted and fitted per dataset under ``out/models/NAME/``; the report
+        adds a "Model size" section.
     datasets : list of str
         Names or CSV paths understood by :func:`actstore.datasets.load_dataset`.
     prompts : list or comma string, optional
@@ -71,8 +77,47 @@ def run_pipeline(out, *, model=None, datasets=DEMO_DATASETS, prompt="empty", pro
         limit=limit, experiments=(experiments if experiments is None or isinstance(
             experiments, str) else ",".join(experiments)),
         batch_size=batch_size, drop_invalid=drop_invalid, device=device, backend=backend,
-        cv=cv, cs=cs, classify_every=classify_every, progress=progress, controls=controls)
+        cv=cv, cs=cs, classify_every=classify_every, progress=progress, controls=controls,
+        models=models if models is None or isinstance(models, str) else ",".join(models))
     return run(cfg, log=log)
+
+
+def model_list(cfg: PipelineConfig) -> list[str]:
+    """The models of a run: ``--models`` (embedded abbreviations expanded) or ``--model``.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+
+    Returns
+    -------
+    list of str
+        The first runs every step.
+
+    Raises
+    ------
+    PipelineError
+        Both options given, a model listed twice, or two models whose output folders clash.
+    """
+    if cfg.models is None:
+        return [cfg.model or DEFAULT_MODEL]
+    if cfg.model is not None:
+        raise PipelineError("give --model (one model) or --models (a comparison), not both")
+    names = parse_list([embedded_name(m.strip()) for m in cfg.models.split(",")], "model")
+    slugs = [model_slug(m) for m in names]
+    clash = sorted({a for a, s in zip(names, slugs) if slugs.count(s) > 1})
+    if clash:
+        raise PipelineError(f"models {', '.join(clash)} would share the folder OUT/models/"
+                            f"{model_slug(clash[0])}: give one of them by another path")
+    return names
+
+
+def model_slug(name: str) -> str:
+    """The folder name of a compared model under OUT/models/: a local directory's last
+    component, else the name with every character outside [A-Za-z0-9._-] made '_'."""
+    local = Path(name).expanduser()
+    base = local.name if local.exists() else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("_") or "model"
 
 
 def run(cfg: PipelineConfig, log=print) -> Path:
@@ -91,6 +136,9 @@ def run(cfg: PipelineConfig, log=print) -> Path:
         raise PipelineError(f"--classify-every must be at least 1, got {cfg.classify_every}")
     if cfg.limit is not None and cfg.limit < 3:
         raise PipelineError("--limit must be at least 3 rows")
+    models = model_list(cfg)
+    if cfg.models is not None:
+        cfg = replace(cfg, model=models[0])
     out = Path(cfg.out)
     t0 = time.perf_counter()
     sections = plan_sections(out, datasets, prompts, cfg.limit, cfg.drop_invalid)
@@ -103,6 +151,7 @@ def run(cfg: PipelineConfig, log=print) -> Path:
         extract_job(job, f"{n}/{len(jobs)}", model, cfg, log)
         run_step(FitStep(job, f"{n}/{len(jobs)}", cfg, log), log)
     random_init_controls(sections, out, cfg, log)
+    compare_models(sections, out, cfg, models, log)
     places = [s for s in sections if s.ds.kind in CLASSIFY_COLUMNS] if "classify" in steps else []
     for n, sec in enumerate(places, 1):
         run_step(ClassifyStep(sec, out, f"{n}/{len(places)}", cfg, log), log)
@@ -121,6 +170,7 @@ def run(cfg: PipelineConfig, log=print) -> Path:
     for sec in sections:
         (out / "controls").mkdir(exist_ok=True)
         plot_controls(sec, out / "controls" / f"{sec.ds.name}.png")
+    plot_model_size(sections, out / MODEL_SIZE_PNG)
     report = out / "report.md"
     write_atomic(report, report_markdown(sections, cfg.model, prompts, cfg.limit, cfg.recipe,
                                          time.perf_counter() - t0, out))
@@ -140,25 +190,79 @@ def _model_loader(cfg: PipelineConfig, log):
     return get
 
 
+def _controls(cfg: PipelineConfig) -> str:
+    return cfg.controls or ("random" if cfg.recipe == "paper" else "none")
+
+
+def model_jobs(sections, where: Path, name: str, cfg: PipelineConfig, log, *,
+               control: str | None = None, model: str | None = None) -> list[Job]:
+    """Every dataset's main prompt extracted with the model ``name`` into ``where/stores/`` and
+    probed the same way into ``where/probes/``; the jobs, one per section, in order.
+
+    Parameters
+    ----------
+    sections : list of Section
+    where : Path
+        The folder of this model's stores and probes.
+    name : str
+        The model (as :func:`actstore.models.load_model` takes it), loaded on first use.
+    cfg : PipelineConfig
+    log : callable
+    control, model : str, optional
+        What the jobs are: "random-init" for a control; the compared model's name.
+
+    Returns
+    -------
+    list of Job
+    """
+    cfg_m = replace(cfg, model=name, models=None)
+    loader = _model_loader(cfg_m, log)
+    tag = " ".join(t for t in (control, model) if t)
+    jobs = []
+    for n, sec in enumerate(sections, 1):
+        main = sec.main
+        job = Job(main.ds, main.prompt, True, where / "stores" / main.store_path.name,
+                  where / "probes" / main.probe_dir.name, control=control, model=model)
+        extract_job(job, f"{tag} {n}/{len(sections)}", loader, cfg_m, log)
+        run_step(FitStep(job, f"{tag} {n}/{len(sections)}", cfg_m, log), log)
+        jobs.append(job)
+    return jobs
+
+
 def random_init_controls(sections, out: Path, cfg: PipelineConfig, log) -> None:
     """The random-init control: every dataset's main prompt extracted with ``random:MODEL``
     (:func:`actstore.models.load_model`) into OUT/controls/random-init/stores/ and probed the
     same way into OUT/controls/random-init/probes/ (``--controls random``, the paper recipe's
     default: one more extraction and fit per dataset, docs/paper-run.md)."""
-    controls = cfg.controls or ("random" if cfg.recipe == "paper" else "none")
     base = cfg.model or DEFAULT_MODEL
-    if controls != "random" or base.startswith(RANDOM_PREFIX):
+    if _controls(cfg) != "random" or base.startswith(RANDOM_PREFIX):
         return
-    cfg_random = replace(cfg, model=RANDOM_PREFIX + base)
-    model = _model_loader(cfg_random, log)
-    where = out / "controls" / "random-init"
-    for n, sec in enumerate(sections, 1):
-        main = sec.main
-        job = Job(main.ds, main.prompt, True, where / "stores" / main.store_path.name,
-                  where / "probes" / main.probe_dir.name, control="random-init")
-        extract_job(job, f"random-init {n}/{len(sections)}", model, cfg_random, log)
-        run_step(FitStep(job, f"random-init {n}/{len(sections)}", cfg_random, log), log)
+    jobs = model_jobs(sections, out / "controls" / "random-init", RANDOM_PREFIX + base, cfg,
+                      log, control="random-init")
+    for sec, job in zip(sections, jobs):
         sec.random_init = job
+
+
+def compare_models(sections, out: Path, cfg: PipelineConfig, models: list[str], log) -> None:
+    """The model-size comparison (``--models``): the first model's main jobs and random-init
+    controls are the run's own; every other model is extracted and probed per dataset (main
+    prompt) into OUT/models/NAME/, with its random-init control in
+    OUT/models/NAME/controls/random-init/ when the run has that control."""
+    if len(models) < 2:
+        return
+    for sec in sections:
+        sec.models[models[0]] = sec.main
+        if sec.random_init is not None:
+            sec.random_models[models[0]] = sec.random_init
+    for name in models[1:]:
+        where = out / "models" / model_slug(name)
+        for sec, job in zip(sections, model_jobs(sections, where, name, cfg, log, model=name)):
+            sec.models[name] = job
+        if _controls(cfg) == "random" and not name.startswith(RANDOM_PREFIX):
+            jobs = model_jobs(sections, where / "controls" / "random-init",
+                              RANDOM_PREFIX + name, cfg, log, control="random-init", model=name)
+            for sec, job in zip(sections, jobs):
+                sec.random_models[name] = job
 
 
 def run_paper(out, **kw) -> Path:

@@ -658,6 +658,65 @@ def test_embedded_smollm2_matches_unpadded(tmp_path, make_world_csv):
     assert s.n_layers == 30 and s.d_model == 576
 
 
+def test_store_records_the_dtype_and_why(tmp_path, tiny_model, tiny_tokenizer, world_csv):
+    """--dtype auto (the default) resolves per model before the store is made, and the meta
+    records the choice and why: float16 by default, float32 for a model known to exceed float16
+    (a model recorded as gemma3-270m), the given dtype as given. A resume with auto finds the
+    store's dtype again."""
+    from actstore.models import wrap_model
+    kw = dict(progress=False, limit=8)
+    a = extract((tiny_model, tiny_tokenizer), world_csv, "coords", tmp_path / "a.zarr", **kw)
+    assert a.store.dtype == "float16" and a.store.meta["dtype"] == "float16"
+    assert a.store.meta["dtype_reason"].startswith("auto: default: float16")
+    lm = wrap_model(tiny_model, tiny_tokenizer, "gemma3-270m")
+    g = extract(lm, world_csv, "coords", tmp_path / "g.zarr", **kw)
+    assert g.store.dtype == "float32" and g.store.read(slice(0, 8)).dtype == np.float32
+    assert g.store.meta["dtype_reason"].startswith("auto: gemma3-270m's residual stream exceeds")
+    assert extract(lm, world_csv, "coords", tmp_path / "g.zarr", **kw).rows == 0   # resumed
+    b = extract((tiny_model, tiny_tokenizer), world_csv, "coords", tmp_path / "b.zarr",
+                dtype="bfloat16", **kw)
+    assert b.store.dtype == "bfloat16" and b.store.meta["dtype_reason"] == "given: bfloat16"
+    with pytest.raises(ExtractError, match="choose auto, float16, bfloat16 or float32"):
+        extract((tiny_model, tiny_tokenizer), world_csv, "coords", tmp_path / "c.zarr",
+                dtype="int8", **kw)
+
+
+@pytest.mark.slow
+def test_embedded_gemma_stores_float32_by_default(tmp_path):
+    """Gemma-3-270M's residual stream exceeds float16: at BOS it reaches ~1e5 (> 65504; its
+    entity tokens stay near 3-5e4 on the built-ins, bench/RESULTS.md). A default extraction of
+    every token picks float32, never hits the overflow guard, stores those values as an
+    unpadded one-text forward computes them and records why; float16, asked for, is refused.
+    24 world cities: ~1 min with the load from the float32 cache (first use: + ~1 min to
+    assemble and convert the GGUF)."""
+    from actstore.datasets import load_dataset
+    lm = load_model("gemma3-270m", device="cpu")
+    assert (lm.n_layers, lm.d_model) == (18, 640)
+    ds = load_dataset("world_cities").head(24)
+    s = extract(lm, ds, "empty", tmp_path / "g.zarr", layers="all+emb", position="all",
+                batch_size=1, progress=False).store
+    assert s.dtype == "float32" and s.meta["dtype"] == "float32"
+    assert "exceeds the float16 range" in s.meta["dtype_reason"]
+    got = s.read(slice(0, s.n_rows))
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert np.abs(got).max() > 65504
+    base = lm.model.model
+    norm, base.norm = base.norm, torch.nn.Identity()   # the last block's raw output
+    try:
+        for i in range(s.n_texts):
+            rows = slice(int(s.text_offsets[i]), int(s.text_offsets[i + 1]))
+            ids = torch.as_tensor(s.token_ids[rows], dtype=torch.long)[None]
+            with torch.no_grad():
+                hs = base(input_ids=ids, output_hidden_states=True).hidden_states
+            want = torch.stack([h[0] for h in hs]).numpy()
+            np.testing.assert_allclose(got[:, rows], want, rtol=1e-5, atol=1e-3)
+    finally:
+        base.norm = norm
+    with pytest.raises(ExtractError, match="65504"):
+        extract(lm, ds.head(2), "empty", tmp_path / "h.zarr", position="all", dtype="float16",
+                progress=False)
+
+
 @pytest.mark.gpu
 def test_cuda_extraction_matches_cpu(tmp_path, tiny_model, tiny_tokenizer, world_csv):
     """GPU path (pinned staging, copy-out one batch late) stores what the CPU path stores."""

