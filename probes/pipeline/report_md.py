@@ -1,18 +1,18 @@
 """The report of ``actstore run``: report.md (headline table, experiments at a glance, one
-section per dataset, with the classification probe of the place datasets) and the R²-by-layer
-figure of every store."""
+section per dataset: its controls sentence and headline, its figures, then the tables, with the
+classification probe of the place datasets) and the R²-by-layer figure of every store."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from probes.experiments.registry import EXPERIMENT_TITLES, experiment_markdown
 from probes.fit.outliers import summary_line
-from probes.pipeline.model_size import model_size_markdown
+from probes.pipeline.model_size import PAPER_LLAMA2, model_size_markdown
 from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
 from probes.report import draw_controls, layer0_r2, md_num, md_table, save_figure
 
-__all__ = ["report_markdown", "plot_all_layers", "plot_controls", "controls_sentence",
+__all__ = ["report_markdown", "plot_all_layers", "plot_controls", "headline", "controls_sentence",
            "controls_table", "classify_markdown", "majority_baseline"]
 
 PAPER_WORLD_R2 = "7B ≈ 0.88, 13B ≈ 0.90, 70B ≈ 0.92"
@@ -217,10 +217,49 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
     return "\n".join(lines) + "\n"
 
 
+def headline(sec: Section) -> str:
+    """The dataset's result in one line, as a researcher asks for it first: best layer, test
+    R², Spearman, the error in the target's units (median km for places, median absolute
+    error per target otherwise), proximity error, and the paper's Llama-2 numbers for a
+    dataset of the same kind."""
+    res = sec.main.result
+    b = _best(res)["test"]
+    parts = [f"best layer **{res['best_layer']}**", f"test R² **{md_num(b['r2'])}**",
+             f"Spearman {md_num(b.get('spearman'))}"]
+    if b.get("km_error_median") is not None:
+        parts.append(f"median error {b['km_error_median']:.0f} km")
+    else:
+        parts += [f"median |error| of {t} {v:.3g}"
+                  for t, v in (b.get("medae_per_target") or {}).items()]
+    parts.append(f"proximity error {md_num(b.get('proximity_error'))} (0 is perfect)")
+    text = "Headline: " + ", ".join(parts) + "."
+    paper = PAPER_LLAMA2.get(getattr(sec.ds, "kind", None))
+    if paper:
+        text += (f" The paper's best-layer test R² on its {paper[0]} dataset, Llama-2 "
+                 f"7B / 13B / 70B: {' / '.join(f'{v:.2f}' for v in paper[1])} (its own "
+                 "entities and all its rows: a scale, not the same task).")
+    return text
+
+
+def _figures(sec: Section, out: Path) -> list[str]:
+    """The dataset's figures first: R² by layer against the controls, the main prompt's
+    prediction plots (map of test predictions coloured by region, or the time scatter), the
+    best neuron of each target."""
+    lines = _img(out, out / "controls" / f"{sec.ds.name}.png",
+                 f"{sec.ds.name} test R² by layer against the controls")
+    for png in sorted(sec.main.probe_dir.glob("*.png")):
+        if png.name != "r2_by_layer.png":      # the controls figure shows the same curve
+            lines += _img(out, png, f"{sec.main.label} {png.stem}")
+    if sec.neurons is not None:
+        for t in sec.neurons["targets"]:
+            lines += _img(out, out / "neurons" / sec.ds.name / f"neuron_{t}.png",
+                          f"{sec.ds.name} best {t} neuron")
+    return lines
+
+
 def _dataset_section(sec: Section, out: Path) -> list[str]:
-    lines = [f"## {sec.ds.name}", "", controls_sentence(sec), ""]
-    lines += _img(out, out / "controls" / f"{sec.ds.name}.png",
-                  f"{sec.ds.name} test R² by layer against the controls")
+    lines = [f"## {sec.ds.name}", "", controls_sentence(sec), "", headline(sec), ""]
+    lines += _figures(sec, out)
     if sec.skipped_prompts:
         lines += [f"Prompts not applicable to {sec.ds.kind}: {', '.join(sec.skipped_prompts)}.",
                   ""]
@@ -243,8 +282,9 @@ def _dataset_section(sec: Section, out: Path) -> list[str]:
         lines.append("")
         flags = summary_line(res)           # rows with outlying norms, out-of-range predictions
         lines += [flags, ""] if flags else []
-        for png in sorted(job.probe_dir.glob("*.png")):
-            lines += _img(out, png, f"{job.label} {png.stem}")
+        if not job.main:                       # the main prompt's plots are at the top
+            for png in sorted(job.probe_dir.glob("*.png")):
+                lines += _img(out, png, f"{job.label} {png.stem}")
     lines += classify_markdown(sec, out)
     if sec.neurons is not None or sec.neurons_note:
         lines += ["### Neurons", ""]
@@ -267,8 +307,6 @@ def _dataset_section(sec: Section, out: Path) -> list[str]:
                 lines += [f"**{t}**", ""]
                 lines += md_table(["rank", "layer", "neuron", "Spearman", "Pearson"]
                              + (["cos(probe)"] if probe else []), rows)
-                lines += _img(out, out / "neurons" / sec.ds.name / f"neuron_{t}.png",
-                              f"{sec.ds.name} best {t} neuron")
     for key, (res, note, files) in sec.experiments.items():
         lines += [f"### {EXPERIMENT_TITLES[key]}", ""]
         if res is None:

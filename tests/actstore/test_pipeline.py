@@ -315,6 +315,29 @@ def test_controls_sentence_says_which_controls_the_probe_beats():
     assert "| world | 0.500 (1) | 0.200 | – | -0.020 | 0.520 |" in table
 
 
+def test_headline_gives_the_error_in_the_targets_units_and_the_papers_scale():
+    from types import SimpleNamespace
+
+    from probes.pipeline.report_md import headline
+
+    place = {"r2": 0.41, "spearman": 0.6, "km_error_median": 1234.4, "proximity_error": 0.12,
+             "medae_per_target": {"latitude": 9.0, "longitude": 20.0}}
+    res = {"best_layer": 3, "layers": [{"layer": 3, "test": place}]}
+    sec = SimpleNamespace(ds=SimpleNamespace(name="w", kind="world_place"),
+                          main=SimpleNamespace(result=res))
+    assert headline(sec) == (
+        "Headline: best layer **3**, test R² **0.410**, Spearman 0.600, median error 1234 km, "
+        "proximity error 0.120 (0 is perfect). The paper's best-layer test R² on its world "
+        "dataset, Llama-2 7B / 13B / 70B: 0.88 / 0.90 / 0.92 (its own entities and all its "
+        "rows: a scale, not the same task).")
+    res["layers"][0]["test"] = {"r2": 0.2, "spearman": 0.5, "proximity_error": 0.3,
+                                "medae_per_target": {"year": 21.5}}
+    sec.ds.kind = "my_kind"                  # no paper number for a kind the paper lacks
+    assert headline(sec) == ("Headline: best layer **3**, test R² **0.200**, Spearman 0.500, "
+                             "median |error| of year 21.5, proximity error 0.300 (0 is "
+                             "perfect).")
+
+
 def test_models_compares_model_sizes(tmp_path, tiny_model_dir, tiny_tokenizer, make_llama,
                                      make_world_csv):
     """--models A,B: A runs as --model would; B is extracted and fitted per dataset under
