@@ -16,7 +16,7 @@ efficient leave-one-out (identical to scikit-learn RidgeCV) or k-fold selection.
 EPILOG = """\
 examples:
   fastprobe fit --all-layers w.zarr --out probe-out
-      latitude+longitude (a place store's own targets), LOO over 25 alphas 1e-2..1e5,
+      latitude+longitude (a place store's own targets), LOO over 41 alphas 1e-2..1e10,
       the store's is_test split; prints a table, writes probe-out/results.json + PNGs
   fastprobe fit --all-layers figures.zarr --target year --cv 5 --out time-out
   fastprobe fit --all-layers w.zarr --alphas 1,10,100,1000 --alpha-per-target --out o2

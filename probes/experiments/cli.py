@@ -36,7 +36,7 @@ def _add_common_arguments(p) -> None:
     p.add_argument("--target", metavar="NAMES", default=None,
                    help="comma-separated target columns (default: the store's own)")
     # the grid of probes.ridge.DEFAULT_ALPHAS, written out: importing probes.ridge loads sklearn
-    p.add_argument("--alphas", default="1e-2:1e5:25", metavar="GRID",
+    p.add_argument("--alphas", default="1e-2:1e10:41", metavar="GRID",
                    help="ridge alpha grid, LO:HI:N or a,b,c (default %(default)s)")
     p.add_argument("--split", default="is_test", metavar="SPEC",
                    help="train/test split: is_test (default) | random:FRAC:SEED | "

@@ -36,6 +36,7 @@ from probes.report import (
     format_table,
     write_strict_json,
 )
+from probes.ridge.alphas import DEFAULT_ALPHAS
 
 __all__ = ["Step", "run_step", "extract_job", "FitStep", "ClassifyStep", "NeuronStep",
            "ExperimentStep", "experiment_steps", "SOURCE_FILE", "REPORT_NEURONS",
@@ -131,13 +132,16 @@ class FitStep:
         self.record = job.probe_dir / SOURCE_FILE
 
     def inputs(self) -> dict:
+        # the grid is recorded so that a release with another default refits, not reuses
         return {"store": store_record(self.job.store), "cv": self.cfg.cv,
-                "backend": self.cfg.backend, "control": "shuffled targets, seed 0"}
+                "alphas": DEFAULT_ALPHAS, "backend": self.cfg.backend,
+                "control": "shuffled targets, seed 0"}
 
     def run(self) -> list[str]:
         self.log(f"{self.label}: fitting ridge probes on {self.job.store.n_layers} layers")
-        fit_all_layers(self.job.store, cv=self.cfg.cv, backend=self.cfg.backend,
-                       out=self.job.probe_dir, progress=self.cfg.progress)
+        fit_all_layers(self.job.store, cv=self.cfg.cv, alphas=DEFAULT_ALPHAS,
+                       backend=self.cfg.backend, out=self.job.probe_dir,
+                       progress=self.cfg.progress)
         return [RESULTS_FILE, ARRAYS_FILE]
 
     def load(self, record: dict) -> None:
@@ -263,7 +267,7 @@ class ExperimentStep:
     def inputs(self) -> dict:
         stores = self.plan.stores or (self.sec.main.store,)
         return {"experiment": self.key, "stores": [store_record(s) for s in stores],
-                "backend": self.cfg.backend, **self.plan.options}
+                "alphas": DEFAULT_ALPHAS, "backend": self.cfg.backend, **self.plan.options}
 
     def run(self) -> list[str]:
         if self.plan.run is None:

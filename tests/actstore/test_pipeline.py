@@ -40,6 +40,15 @@ def test_run_writes_report_and_reuses_finished_steps(tmp_path, tiny_model_dir, m
                  progress=False, log=logs.append)
     assert any("fitting ridge probes" in m for m in logs)
     assert json.loads((out / "probes" / "world_place" / "results.json").read_text())["cv"] == 3
+    # another default alpha grid (a new release) refits instead of reusing the old fit
+    logs.clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("probes.pipeline.steps.DEFAULT_ALPHAS", "1e-1:1e3:5")
+        run_pipeline(out, model=str(tiny_model_dir), datasets=[str(csv)], device="cpu", cv=3,
+                     progress=False, log=logs.append)
+    assert any("fitting ridge probes" in m for m in logs)
+    assert len(json.loads((out / "probes" / "world_place" / "results.json").read_text())[
+        "alphas"]) == 5
     with pytest.raises(ValueError, match="prompt"):
         run_pipeline(out, model=str(tiny_model_dir), datasets=[str(csv)], prompt="coords",
                      device="cpu", progress=False, log=logs.append)

@@ -71,6 +71,13 @@ def test_default_alphas_match_ridge():
     from probes.ridge import DEFAULT_ALPHAS
     assert ex.DEFAULT_ALPHAS == DEFAULT_ALPHAS
     assert alpha_grid(None) == DEFAULT_ALPHAS and alpha_grid([1.0]) == [1.0]
+    # the experiment CLI writes the grid out (importing probes.ridge there would load sklearn)
+    import argparse
+
+    from probes.experiments.cli import _add_common_arguments
+    p = argparse.ArgumentParser()
+    _add_common_arguments(p)
+    assert p.parse_args([]).alphas == DEFAULT_ALPHAS
 
 
 # ----------------------------------------------------------------------------- hold-out
