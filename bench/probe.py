@@ -49,6 +49,12 @@ class MemoryStore:
         self.group_columns = tuple(group_columns)
         self.meta = {"model": "synthetic"}
         self._ent = ent
+        # format version 2's reading API: one row per text, the residual stream only
+        self.ragged = False
+        self.n_texts = self.n_rows
+        self.sites = ("resid",)
+        self.d_sites = {"resid": self.d_model}
+        self.target_kinds = {t: "regression" for t in self.targets}
 
     @property
     def entities(self):
@@ -61,11 +67,17 @@ class MemoryStore:
     def is_test(self):
         return self._ent["is_test"].to_numpy(dtype=bool)
 
-    def layer(self, layer, array="resid", as_="numpy"):
+    def layer(self, layer, site="resid", as_="numpy"):
         """Hidden-state index ``layer`` (as ActivationStore.layer)."""
-        return self._X[self.layers.index(layer)]
+        return self._site(site)[self.layers.index(layer)]
 
-    def iter_chunks(self, rows=None, layers=None, array="resid", start=0, stop=None):
+    def _site(self, site):
+        if site != "resid":
+            raise KeyError(f"a MemoryStore holds only 'resid', not {site!r}")
+        return self._X
+
+    def iter_chunks(self, rows=None, layers=None, site="resid", start=0, stop=None):
+        self._site(site)
         pos = (list(range(self.n_layers)) if layers is None
                else [self.layers.index(x) for x in layers])
         step = rows or self.rows_per_chunk
