@@ -22,7 +22,7 @@ except ImportError as exc:  # not built (a source checkout without `make native`
     _IMPORT_ERROR = str(exc)
 
 __all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update",
-           "weighted_gram"]
+           "weighted_gram", "centred_float32"]
 
 _PRECISIONS = ("float32", "float64")
 #: the compiled function behind each op
@@ -46,6 +46,19 @@ def unavailable_reason() -> str:
     if missing:
         return f"probes._C lacks {', '.join(missing)} (rebuild with `make native`)"
     return ""
+
+
+def centred_float32(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """float32(X) - mean[:, None, :], a new tensor, for X (B, r, d) and mean (B, d) float32.
+
+    A CPU float16 X with contiguous rows goes through ``probes._C.centre_f16`` (F16C, OpenMP:
+    torch converts fp16 one value at a time); anything else, or a build without it, through
+    torch. Both are exact up to the float32 subtraction."""
+    if (X.dtype == torch.float16 and X.device.type == "cpu" and mean.device.type == "cpu"
+            and X.dim() == 3 and X.stride(2) == 1 and hasattr(_C, "centre_f16")):
+        m = mean.detach().to(torch.float32).contiguous().numpy()
+        return torch.from_numpy(_C.centre_f16(X.detach().numpy(), m))
+    return X.to(torch.float32) - mean.to(torch.float32)[:, None, :]
 
 
 def _to_numpy_x(X) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from probes.errors import RidgeError
+from probes.kernels.cpu import centred_float32
 
 __all__ = [
     "PrimalFactor", "primal_factor", "LooAccumulator", "select_alpha", "kfold_scores_primal",
@@ -111,8 +112,9 @@ class LooAccumulator:
 
     Exact efficient LOO, identical to scikit-learn ``RidgeCV(cv=None)``: the hat diagonal is
     h_i(α) = 1/n + Σ_j Z_ij²/(λ_j+α) (the 1/n is the unpenalised intercept) and the LOO residual
-    e_i = (y_i - ŷ_i(α)) / (1 - h_i(α)). ``precision="float32"`` computes Z in float32 (about 2x
-    faster; ~1e-6 relative error).
+    e_i = (y_i - ŷ_i(α)) / (1 - h_i(α)). ``precision="float32"`` computes Z, the fitted values
+    and the residuals in float32 (kept predictions too; the residual sums in float64): about 2x
+    faster, ~1e-6 relative error, which the float32 Z already sets.
     """
 
     def __init__(self, factor: PrimalFactor, alphas, n_rows: int, keep_predictions=True,
@@ -135,38 +137,42 @@ class LooAccumulator:
         self.dtype = torch.float32 if precision == "float32" else torch.float64
         self.Vc = factor.V.to(self.dtype)
         self.meanc = factor.mean.to(self.dtype)
+        self.ybar_c = factor.ybar.to(self.dtype)
         # float64: project first and subtract the projected mean inside the same GEMM (baddbmm);
         # float32: centre first so that a large mean cannot cancel away float32 digits.
         self.mV = -(factor.mean[:, None, :] @ factor.V)                          # (B, 1, d)
         self.inv_c = self.inv_t.to(self.dtype)
         self.GA_c = self.GA.to(self.dtype)
-        self.pred = (torch.zeros(B, n_rows, A, k, dtype=torch.float64, device=dev)
+        self.pred = (torch.zeros(B, n_rows, A, k, dtype=self.dtype, device=dev)
                      if keep_predictions else None)
 
     def update(self, start: int, X, Y, train) -> None:
         """X (B, r, d) any float dtype (numpy or torch), Y (r, k) targets, train (r,) bool."""
         X = torch.as_tensor(X)
-        if X.device != self.f.lam.device:
-            X = X.to(self.f.lam.device)
+        dev = self.f.lam.device
+        if X.device != dev:
+            X = X.to(dev)
         r = X.shape[1]
         if self.dtype == torch.float64:
             Z = torch.baddbmm(self.mV, X.to(torch.float64), self.Vc)
         else:
-            # out of place: X may be the caller's float32 tensor (to() would return it as is)
-            Xc = X.to(torch.float32) - self.meanc[:, None, :]
-            Z = torch.matmul(Xc, self.Vc)
-        yhat = torch.matmul(Z, self.GA_c)
-        Z.mul_(Z)
-        h = torch.matmul(Z, self.inv_c).to(torch.float64).add_(1.0 / self.f.n)   # (B, r, A)
-        yhat = yhat.to(torch.float64).reshape(self.B, r, self.A, self.k).add_(self.f.ybar)
+            # a new tensor (X may be the caller's), fp16 converted by the C++ kernel on CPU
+            Z = torch.matmul(centred_float32(X, self.meanc), self.Vc)
+        yhat = torch.matmul(Z, self.GA_c).reshape(self.B, r, self.A, self.k).add_(self.ybar_c)
         if self.pred is not None:
             self.pred[:, start:start + r] = yhat
-        train = torch.as_tensor(np.asarray(train, dtype=bool), device=yhat.device)
-        if bool(train.any()):
-            Yt = torch.as_tensor(np.asarray(Y, dtype=np.float64), device=yhat.device)[train]
-            e = (Yt[None, :, None, :] - yhat[:, train]) / (1.0 - h[:, train])[..., None]
-            self.sse += (e * e).sum(1)
-            self.n_train += int(train.sum())
+        train = torch.as_tensor(np.asarray(train, dtype=bool), device=dev)
+        if not bool(train.any()):
+            return
+        Z.mul_(Z)
+        one_minus_h = torch.rsub(torch.matmul(Z, self.inv_c).add_(1.0 / self.f.n), 1.0)
+        # every row's residual, test rows' set to 0 (cheaper than gathering the train rows; a
+        # fill, not a product, so a test row's NaN target or prediction cannot leak into the sum)
+        Yc = torch.as_tensor(np.asarray(Y), device=dev).to(self.dtype)
+        e = torch.sub(Yc[None, :, None, :], yhat).div_(one_minus_h[..., None])
+        e.mul_(e).masked_fill_(~train[None, :, None, None], 0.0)
+        self.sse += e.sum(1, dtype=torch.float64)
+        self.n_train += int(train.sum())
 
     def scores(self):
         """(B, A, k) per-target LOO score: -mean squared LOO residual (a shared alpha is then

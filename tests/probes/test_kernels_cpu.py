@@ -283,3 +283,35 @@ def test_the_dispatcher_imports_without_torch():
     code = "import sys, probes.kernels; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ fp16 centring (LOO pass input)
+
+@pytest.mark.parametrize("B,r,d", [(1, 1, 1), (3, 37, 7), (2, 129, 24), (4, 65, 577)])
+def test_centred_float32_equals_the_float64_reference(B, r, d):
+    rng = np.random.default_rng(B * 1000 + r + d)
+    X = (rng.normal(size=(B, r, d)) * 40 + 300).astype(np.float16)
+    X[0, 0, 0] = np.float16(6e-8)                          # a subnormal converts exactly too
+    mean = rng.normal(size=(B, d)).astype(np.float32) * 300
+    got = cpu_backend.centred_float32(torch.from_numpy(X), torch.from_numpy(mean))
+    want = X.astype(np.float64) - mean.astype(np.float64)[:, None, :]
+    assert got.dtype == torch.float32 and got.shape == (B, r, d) and got.is_contiguous()
+    # the conversion is exact; only the float32 subtraction rounds
+    np.testing.assert_allclose(got.numpy(), want, rtol=2 ** -23, atol=0)
+
+
+def test_centred_float32_reads_strided_rows_and_falls_back_for_other_inputs():
+    rng = np.random.default_rng(5)
+    store = rng.normal(size=(6, 300, 40)).astype(np.float16)
+    mean = rng.normal(size=(3, 40)).astype(np.float32)
+    view = torch.from_numpy(store)[2:5, 100:171]        # a layer-major store's row slice
+    assert not view.is_contiguous()
+    want = view.double() - torch.from_numpy(mean).double()[:, None, :]
+    got = cpu_backend.centred_float32(view, torch.from_numpy(mean))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2 ** -23, atol=0)
+    as32 = view.float()
+    got32 = cpu_backend.centred_float32(as32, torch.from_numpy(mean))   # torch path
+    assert torch.equal(got32, got) and as32.data_ptr() != got32.data_ptr()
+    cols = torch.from_numpy(store)[:3, :50, ::2]                         # strided columns
+    m2 = torch.from_numpy(mean[:, :20].copy())
+    assert torch.equal(cpu_backend.centred_float32(cols, m2), cols.float() - m2[:, None, :])

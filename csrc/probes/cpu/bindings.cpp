@@ -114,10 +114,28 @@ py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
   return py::make_tuple(sx, sxx, sxy);
 }
 
+py::array_t<float> centre_f16(py::array X, py::array_t<float, py::array::c_style> mean) {
+  if (X.ndim() != 3 || X.dtype().kind() != 'f' || X.itemsize() != 2)
+    bad("X must be a float16 array (B, r, d)");
+  const int64_t B = X.shape(0), r = X.shape(1), d = X.shape(2);
+  if (X.strides(2) != 2 || X.strides(0) % 2 || X.strides(1) % 2)
+    bad("X's rows must be contiguous (its last stride one element)");
+  if (mean.ndim() != 2 || mean.shape(0) != B || mean.shape(1) != d)
+    bad("mean must be (B, d) float32 with B, d = " + std::to_string(B) + ", " + std::to_string(d));
+  py::array_t<float> out({B, r, d});
+  const auto *x = static_cast<const uint16_t *>(X.data());
+  const int64_t sb = X.strides(0) / 2, sr = X.strides(1) / 2;
+  {
+    py::gil_scoped_release nogil;
+    probes_cpu::centre_f16(x, B, r, d, sb, sr, mean.data(), out.mutable_data());
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "probes CPU statistics kernels (C++/OpenMP): the fused Gram pass, neuron moments";
+  m.doc() = "probes CPU kernels (C++/OpenMP): the fused Gram pass, neuron moments, fp16 centring";
 #ifdef ACTSTORE_OPENMP
   m.attr("openmp") = true;
 #else
@@ -136,4 +154,7 @@ PYBIND11_MODULE(_C, m) {
         "Per-neuron Σ(x-c), Σ(x-c)², Σ(x-c)y over rows with fold >= 0; X (B, r, m) float16 as "
         "uint16 bits, Y (r, k) float64, fold (r,) int32, shift (B, m) float32. Returns float64 "
         "(sx (B, m), sxx (B, m), sxy (B, m, k)).");
+  m.def("centre_f16", &centre_f16, py::arg("X"), py::arg("mean"),
+        "float32(X) - mean[b] for X (B, r, d) float16 (rows contiguous, any row and layer strides)\n"
+        "and mean (B, d) float32: a new C-contiguous float32 array (B, r, d).");
 }

@@ -5,44 +5,15 @@
 // over the kept rows. The shift and all accumulation are in double: the CPU pass is memory-bound, so the extra
 // precision is free. Work is split over (layer, block of columns) with OpenMP.
 #include "cpu_kernels.h"
+#include "half.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 namespace probes_cpu {
 namespace {
-
-inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      uint32_t mm = man;
-      do { ++e; mm <<= 1; } while (!(mm & 0x400u));
-      bits = sign | ((127 - 15 - e) << 23) | ((mm & 0x3ffu) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-#endif
-}
 
 constexpr int64_t kCols = 256;  // columns per work item: their accumulators stay in L1
 
