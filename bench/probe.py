@@ -151,7 +151,8 @@ def floor_seconds(X, ent, layers, repeat=2, device="cpu"):
     return out
 
 
-def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=0, device="cpu"):
+def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=0, device="cpu",
+                repeat=1):
     from probes.fit import fit_all_layers
     print(f"== {name}: {L} layers x {n} rows x {d}", flush=True)
     t0 = time.perf_counter()
@@ -165,8 +166,13 @@ def bench_shape(name, L, n, d, sk_layers, our_layers, precisions, backend, seed=
         if device == "cuda":       # warm-up: CUDA context, cuBLAS/cuSOLVER handles
             fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec,
                            layers=[store.layers[0]], device=device)
-        r = fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec,
-                           layers=[store.layers[p] for p in ours_layers], device=device)
+        r = None
+        for _ in range(repeat):            # best of `repeat`, as the floor (a shared box)
+            got = fit_all_layers(store, alphas=ALPHAS, backend=backend, precision=prec,
+                                 layers=[store.layers[p] for p in ours_layers], device=device,
+                                 progress=False)
+            if r is None or got["seconds"]["total"] < r["seconds"]["total"]:
+                r = got
         el = r["seconds"]["total"]          # inside the call: excludes first-import costs
         res[prec] = (el, r)
         print(f"   ours ({prec}, {len(ours_layers)} layers): {el:.2f}s  {r['seconds']}", flush=True)
@@ -245,6 +251,8 @@ def main():
     ap.add_argument("--layers", help="classify with --store: hidden-state indices, e.g. 5,10")
     ap.add_argument("--sk-max-iter", type=int, default=1000,
                     help="classify: max_iter of sklearn's lbfgs (its default 100 stops early)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="our fit: best of N runs (the floor is best of 2; sklearn runs once)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where our fit and the floor run (sklearn always runs on the CPU)")
@@ -262,7 +270,7 @@ def main():
         sk = args.sk_layers or (6 if s == "smollm2" else 2)
         ol = args.our_layers or (L if s == "smollm2" else 4)
         rows += bench_shape(s, L, n, d, sk, ol, (args.precision or "float32,float64").split(","),
-                            args.backend, device=args.device)
+                            args.backend, device=args.device, repeat=args.repeat)
     if not args.no_write:
         write_results_md(rows, args.results, args.note)
 

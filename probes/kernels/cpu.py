@@ -22,7 +22,7 @@ except ImportError as exc:  # not built (a source checkout without `make native`
     _IMPORT_ERROR = str(exc)
 
 __all__ = ["is_available", "unavailable_reason", "missing_ops", "gram_update", "neuron_update",
-           "weighted_gram", "centred_float32"]
+           "weighted_gram", "centred"]
 
 _PRECISIONS = ("float32", "float64")
 #: the compiled function behind each op
@@ -48,17 +48,26 @@ def unavailable_reason() -> str:
     return ""
 
 
-def centred_float32(X: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """float32(X) - mean[:, None, :], a new tensor, for X (B, r, d) and mean (B, d) float32.
+def centred(X: torch.Tensor, mean: torch.Tensor, out: torch.Tensor | None = None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """X - mean[:, None, :] in ``dtype`` (float32 or float64) for X (B, r, d) and mean (B, d),
+    into ``out`` (a contiguous (B, r, d) tensor of ``dtype``, e.g. a buffer reused across
+    chunks) or a new tensor.
 
     A CPU float16 X with contiguous rows goes through ``probes._C.centre_f16`` (F16C, OpenMP:
     torch converts fp16 one value at a time); anything else, or a build without it, through
-    torch. Both are exact up to the float32 subtraction."""
+    torch. Both are exact up to the subtraction's rounding in ``dtype``."""
+    m = mean.detach().to(dtype)
     if (X.dtype == torch.float16 and X.device.type == "cpu" and mean.device.type == "cpu"
-            and X.dim() == 3 and X.stride(2) == 1 and hasattr(_C, "centre_f16")):
-        m = mean.detach().to(torch.float32).contiguous().numpy()
-        return torch.from_numpy(_C.centre_f16(X.detach().numpy(), m))
-    return X.to(torch.float32) - mean.to(torch.float32)[:, None, :]
+            and X.dim() == 3 and X.stride(2) == 1 and hasattr(_C, "centre_f16")
+            and (out is None or (out.device.type == "cpu" and out.dtype == dtype
+                                 and out.is_contiguous()))):
+        o = _C.centre_f16(X.detach().numpy(), m.contiguous().numpy(),
+                          None if out is None else out.numpy())
+        return out if out is not None else torch.from_numpy(o)
+    if out is None:
+        return X.to(dtype) - m[:, None, :]
+    return torch.sub(X, m[:, None, :], out=out)
 
 
 def _to_numpy_x(X) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from probes.errors import RidgeError
-from probes.kernels.cpu import centred_float32
+from probes.kernels.cpu import centred
 
 __all__ = [
     "PrimalFactor", "primal_factor", "LooAccumulator", "select_alpha", "kfold_scores_primal",
@@ -138,13 +138,19 @@ class LooAccumulator:
         self.Vc = factor.V.to(self.dtype)
         self.meanc = factor.mean.to(self.dtype)
         self.ybar_c = factor.ybar.to(self.dtype)
-        # float64: project first and subtract the projected mean inside the same GEMM (baddbmm);
-        # float32: centre first so that a large mean cannot cancel away float32 digits.
-        self.mV = -(factor.mean[:, None, :] @ factor.V)                          # (B, 1, d)
         self.inv_c = self.inv_t.to(self.dtype)
         self.GA_c = self.GA.to(self.dtype)
         self.pred = (torch.zeros(B, n_rows, A, k, dtype=self.dtype, device=dev)
                      if keep_predictions else None)
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def _scratch(self, name: str, shape: tuple, dtype) -> torch.Tensor:
+        """A buffer kept across chunks: a fresh array of this size costs a page fault per 4 KiB
+        on first touch (about 5 µs each in a VM), as much as the arithmetic on it."""
+        t = self._bufs.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = self._bufs[name] = torch.empty(shape, dtype=dtype, device=self.f.lam.device)
+        return t
 
     def update(self, start: int, X, Y, train) -> None:
         """X (B, r, d) any float dtype (numpy or torch), Y (r, k) targets, train (r,) bool."""
@@ -152,25 +158,27 @@ class LooAccumulator:
         dev = self.f.lam.device
         if X.device != dev:
             X = X.to(dev)
-        r = X.shape[1]
-        if self.dtype == torch.float64:
-            Z = torch.baddbmm(self.mV, X.to(torch.float64), self.Vc)
-        else:
-            # a new tensor (X may be the caller's), fp16 converted by the C++ kernel on CPU
-            Z = torch.matmul(centred_float32(X, self.meanc), self.Vc)
-        yhat = torch.matmul(Z, self.GA_c).reshape(self.B, r, self.A, self.k).add_(self.ybar_c)
+        B, r, d, A, k, dt = self.B, X.shape[1], self.d, self.A, self.k, self.dtype
+        # centred first (a large mean cannot cancel digits away), into a buffer, never into X
+        # (the caller's); fp16 converted by the C++ kernel on CPU
+        Xc = centred(X, self.meanc, out=self._scratch("x", (B, r, d), dt), dtype=dt)
+        Z = torch.matmul(Xc, self.Vc, out=self._scratch("z", (B, r, d), dt))
+        yhat = torch.matmul(Z, self.GA_c, out=self._scratch("yhat", (B, r, A * k), dt))
+        yhat = yhat.view(B, r, A, k).add_(self.ybar_c)
         if self.pred is not None:
             self.pred[:, start:start + r] = yhat
         train = torch.as_tensor(np.asarray(train, dtype=bool), device=dev)
         if not bool(train.any()):
             return
         Z.mul_(Z)
-        one_minus_h = torch.rsub(torch.matmul(Z, self.inv_c).add_(1.0 / self.f.n), 1.0)
+        # 1 - h, h = Σ Z²/(λ + α) + 1/n
+        one_minus_h = torch.matmul(Z, self.inv_c, out=self._scratch("h", (B, r, A), dt))
+        one_minus_h.add_(1.0 / self.f.n).neg_().add_(1.0)
         # every row's residual, test rows' set to 0 (cheaper than gathering the train rows; a
         # fill, not a product, so a test row's NaN target or prediction cannot leak into the sum)
-        Yc = torch.as_tensor(np.asarray(Y), device=dev).to(self.dtype)
-        e = torch.sub(Yc[None, :, None, :], yhat).div_(one_minus_h[..., None])
-        e.mul_(e).masked_fill_(~train[None, :, None, None], 0.0)
+        Yc = torch.as_tensor(np.asarray(Y), device=dev).to(dt)
+        e = torch.sub(Yc[None, :, None, :], yhat, out=self._scratch("e", (B, r, A, k), dt))
+        e.div_(one_minus_h[..., None]).mul_(e).masked_fill_(~train[None, :, None, None], 0.0)
         self.sse += e.sum(1, dtype=torch.float64)
         self.n_train += int(train.sum())
 

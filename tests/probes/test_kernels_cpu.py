@@ -287,31 +287,43 @@ def test_the_dispatcher_imports_without_torch():
 
 # ------------------------------------------------------------------ fp16 centring (LOO pass input)
 
+EPS = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B,r,d", [(1, 1, 1), (3, 37, 7), (2, 129, 24), (4, 65, 577)])
-def test_centred_float32_equals_the_float64_reference(B, r, d):
+def test_centred_equals_the_float64_reference(B, r, d, dtype):
     rng = np.random.default_rng(B * 1000 + r + d)
     X = (rng.normal(size=(B, r, d)) * 40 + 300).astype(np.float16)
     X[0, 0, 0] = np.float16(6e-8)                          # a subnormal converts exactly too
-    mean = rng.normal(size=(B, d)).astype(np.float32) * 300
-    got = cpu_backend.centred_float32(torch.from_numpy(X), torch.from_numpy(mean))
-    want = X.astype(np.float64) - mean.astype(np.float64)[:, None, :]
-    assert got.dtype == torch.float32 and got.shape == (B, r, d) and got.is_contiguous()
-    # the conversion is exact; only the float32 subtraction rounds
-    np.testing.assert_allclose(got.numpy(), want, rtol=2 ** -23, atol=0)
+    mean = torch.from_numpy(rng.normal(size=(B, d)) * 300)
+    got = cpu_backend.centred(torch.from_numpy(X), mean, dtype=dtype)
+    want = X.astype(np.float64) - mean.to(dtype).double().numpy()[:, None, :]
+    assert got.dtype == dtype and got.shape == (B, r, d) and got.is_contiguous()
+    # the conversion is exact; only the subtraction rounds, in dtype
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=EPS[dtype], atol=0)
 
 
-def test_centred_float32_reads_strided_rows_and_falls_back_for_other_inputs():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_centred_reads_strided_rows_into_a_buffer_and_falls_back_for_other_inputs(dtype):
     rng = np.random.default_rng(5)
     store = rng.normal(size=(6, 300, 40)).astype(np.float16)
-    mean = rng.normal(size=(3, 40)).astype(np.float32)
+    mean = torch.from_numpy(rng.normal(size=(3, 40))).to(dtype)
     view = torch.from_numpy(store)[2:5, 100:171]        # a layer-major store's row slice
     assert not view.is_contiguous()
-    want = view.double() - torch.from_numpy(mean).double()[:, None, :]
-    got = cpu_backend.centred_float32(view, torch.from_numpy(mean))
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2 ** -23, atol=0)
-    as32 = view.float()
-    got32 = cpu_backend.centred_float32(as32, torch.from_numpy(mean))   # torch path
-    assert torch.equal(got32, got) and as32.data_ptr() != got32.data_ptr()
+    want = view.double() - mean.double()[:, None, :]
+    buf = torch.full((3, 71, 40), np.nan, dtype=dtype)
+    got = cpu_backend.centred(view, mean, out=buf, dtype=dtype)
+    assert got is buf
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=EPS[dtype], atol=0)
+    wide = view.to(dtype)
+    by_torch = cpu_backend.centred(wide, mean, dtype=dtype)             # not fp16: torch
+    assert torch.equal(by_torch, got) and by_torch.data_ptr() != wide.data_ptr()
     cols = torch.from_numpy(store)[:3, :50, ::2]                         # strided columns
-    m2 = torch.from_numpy(mean[:, :20].copy())
-    assert torch.equal(cpu_backend.centred_float32(cols, m2), cols.float() - m2[:, None, :])
+    m2 = mean[:, :20].contiguous()
+    assert torch.equal(cpu_backend.centred(cols, m2, dtype=dtype),
+                       cols.to(dtype) - m2[:, None, :])
+    with pytest.raises(ValueError, match="out must be"):
+        _C.centre_f16(view.numpy(), mean.numpy(), np.zeros((3, 70, 40), mean.numpy().dtype))
+    with pytest.raises(ValueError, match="mean must be float32 or float64"):
+        _C.centre_f16(view.numpy(), mean.numpy().astype(np.float16))

@@ -114,22 +114,39 @@ py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
   return py::make_tuple(sx, sxx, sxy);
 }
 
-py::array_t<float> centre_f16(py::array X, py::array_t<float, py::array::c_style> mean) {
-  if (X.ndim() != 3 || X.dtype().kind() != 'f' || X.itemsize() != 2)
-    bad("X must be a float16 array (B, r, d)");
+template <typename T>
+py::array centre_into(const py::array &X, const py::array &mean, const py::object &out) {
+  const char *type = sizeof(T) == 4 ? "float32" : "float64";
   const int64_t B = X.shape(0), r = X.shape(1), d = X.shape(2);
-  if (X.strides(2) != 2 || X.strides(0) % 2 || X.strides(1) % 2)
-    bad("X's rows must be contiguous (its last stride one element)");
-  if (mean.ndim() != 2 || mean.shape(0) != B || mean.shape(1) != d)
-    bad("mean must be (B, d) float32 with B, d = " + std::to_string(B) + ", " + std::to_string(d));
-  py::array_t<float> out({B, r, d});
+  if (!(mean.flags() & py::array::c_style) || mean.ndim() != 2 || mean.shape(0) != B ||
+      mean.shape(1) != d)
+    bad(std::string("mean must be C-contiguous (B, d) with B, d = ") + std::to_string(B) + ", " +
+        std::to_string(d));
+  // a caller's buffer, reused across chunks, spares the page faults of a fresh array
+  py::array o = out.is_none() ? py::array_t<T>({B, r, d}) : out.cast<py::array>();
+  if (!py::isinstance<py::array_t<T>>(o) || o.dtype().kind() != 'f' || o.itemsize() != sizeof(T) ||
+      !(o.flags() & py::array::c_style) || !o.writeable() || o.ndim() != 3 || o.shape(0) != B ||
+      o.shape(1) != r || o.shape(2) != d)
+    bad(std::string("out must be a writeable C-contiguous ") + type + " array of X's shape");
   const auto *x = static_cast<const uint16_t *>(X.data());
   const int64_t sb = X.strides(0) / 2, sr = X.strides(1) / 2;
+  const auto *m = static_cast<const T *>(mean.data());
+  auto *dst = static_cast<T *>(o.mutable_data());
   {
     py::gil_scoped_release nogil;
-    probes_cpu::centre_f16(x, B, r, d, sb, sr, mean.data(), out.mutable_data());
+    probes_cpu::centre_f16(x, B, r, d, sb, sr, m, dst);
   }
-  return out;
+  return o;
+}
+
+py::array centre_f16(py::array X, py::array mean, py::object out) {
+  if (X.ndim() != 3 || X.dtype().kind() != 'f' || X.itemsize() != 2)
+    bad("X must be a float16 array (B, r, d)");
+  if (X.strides(2) != 2 || X.strides(0) % 2 || X.strides(1) % 2)
+    bad("X's rows must be contiguous (its last stride one element)");
+  if (mean.dtype().kind() == 'f' && mean.itemsize() == 4) return centre_into<float>(X, mean, out);
+  if (mean.dtype().kind() == 'f' && mean.itemsize() == 8) return centre_into<double>(X, mean, out);
+  bad("mean must be float32 or float64 (the output's type)");
 }
 
 }  // namespace
@@ -154,7 +171,8 @@ PYBIND11_MODULE(_C, m) {
         "Per-neuron Σ(x-c), Σ(x-c)², Σ(x-c)y over rows with fold >= 0; X (B, r, m) float16 as "
         "uint16 bits, Y (r, k) float64, fold (r,) int32, shift (B, m) float32. Returns float64 "
         "(sx (B, m), sxx (B, m), sxy (B, m, k)).");
-  m.def("centre_f16", &centre_f16, py::arg("X"), py::arg("mean"),
-        "float32(X) - mean[b] for X (B, r, d) float16 (rows contiguous, any row and layer strides)\n"
-        "and mean (B, d) float32: a new C-contiguous float32 array (B, r, d).");
+  m.def("centre_f16", &centre_f16, py::arg("X"), py::arg("mean"), py::arg("out") = py::none(),
+        "X - mean[b] for X (B, r, d) float16 (rows contiguous, any row and layer strides) and mean\n"
+        "(B, d) float32 or float64, in mean's type, into out (a C-contiguous (B, r, d) array of that\n"
+        "type) or a new one.");
 }

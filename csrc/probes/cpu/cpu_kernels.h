@@ -33,9 +33,11 @@ void neuron_moments(const uint16_t *X, int64_t B, int64_t r, int64_t m, const do
                     int64_t k, const int32_t *fold, const float *shift, double *sx, double *sxx,
                     double *sxy);
 
-// out (B, r, d) = float32(X) - mean[b] for X float16 bits with element strides (layer_stride,
-// row_stride, 1), mean (B, d) float32; out C-contiguous.
+// out (B, r, d) = X - mean[b] for X float16 bits with element strides (layer_stride,
+// row_stride, 1), mean (B, d) and out (C-contiguous) both float32 or both float64.
 void centre_f16(const uint16_t *X, int64_t B, int64_t r, int64_t d, int64_t layer_stride,
                 int64_t row_stride, const float *mean, float *out);
+void centre_f16(const uint16_t *X, int64_t B, int64_t r, int64_t d, int64_t layer_stride,
+                int64_t row_stride, const double *mean, double *out);
 
 }  // namespace probes_cpu
