@@ -45,6 +45,7 @@ def machine(load: bool = False) -> str:
 
 def update_results(path: Path, section: str, text: str) -> None:
     """Replace (or append) the '## <section>' block of RESULTS.md; other sections untouched."""
+    path = Path(path)                      # the CLIs pass --results as a string
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     out, skip = [], False
     for line in old.splitlines():
@@ -59,6 +60,7 @@ def update_results(path: Path, section: str, text: str) -> None:
 
 def append_results(path: Path, text: str) -> None:
     """Append a block to RESULTS.md."""
+    path = Path(path)                      # the CLIs pass --results as a string
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     write_atomic(path, old.rstrip() + "\n\n" + text.strip() + "\n")
 
