@@ -26,13 +26,17 @@ import numpy as np
 
 from actstore.io import WriteError, write_atomic, write_json
 
-__all__ = ["format_table", "make_plots", "draw_controls", "layer0_r2", "LAYER0_LABEL",
+__all__ = ["format_table", "make_plots", "draw_controls", "floor_r2_axis", "layer0_r2",
+           "LAYER0_LABEL", "R2_AXIS_FLOOR",
            "format_classify_table", "plot_classify", "format_neuron_table", "plot_best_neuron",
            "text_table", "save_figure", "md_table", "md_num", "strict_json", "write_strict_json",
            "OutputSet", "NULL_REASONS", "STAGING_PREFIX", "sha256_of"]
 
 MAX_GROUPS = 10
 LAYER0_LABEL = "layer 0 (embeddings)"
+#: an R²-by-layer axis goes down to here at most: a few far-off test rows can put a layer at
+#: -3 and flatten every other curve into a line (docs/paper-run.md, "Negative R² on US places")
+R2_AXIS_FLOOR = -0.5
 
 
 def save_figure(fig, path, dpi: int = 110) -> Path:
@@ -263,6 +267,19 @@ def draw_controls(ax, result: dict, color=None, prefix: str = "") -> None:
                 color=color or "tab:red", lw=1.2, label=prefix + "shuffled-target control")
 
 
+def floor_r2_axis(ax) -> None:
+    """Stop an R² axis at :data:`R2_AXIS_FLOOR` when some plotted R² is lower (its curve leaves
+    the axis there) and say in a corner which value is off the scale."""
+    ys = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), dtype=float)]
+    ys = [y for y in ys if math.isfinite(y)]
+    if not ys or min(ys) >= R2_AXIS_FLOOR:
+        return
+    top = max(max(ys), 0.0)
+    ax.set_ylim(R2_AXIS_FLOOR, top + 0.05 * (top - R2_AXIS_FLOOR))
+    ax.text(0.01, 0.01, f"off the scale: R² down to {min(ys):.2f}", transform=ax.transAxes,
+            fontsize=7, color="0.35", va="bottom", ha="left")
+
+
 def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
     """Write the PNGs for ``result`` (results dict) and ``df`` (best layer's predictions table
     with the true target columns, ``pred_<target>`` columns, ``is_test`` and group columns)."""
@@ -277,6 +294,7 @@ def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:
     ax.plot(layers, [e["train"]["r2"] for e in result["layers"]], "o-", label="train")
     ax.plot(layers, [e["test"]["r2"] for e in result["layers"]], "s-", label="test")
     draw_controls(ax, result)
+    floor_r2_axis(ax)
     ax.set_xlabel("layer")
     ax.set_ylabel(f"R² (mean over {', '.join(result['targets'])})")
     cv = "LOO" if result["cv"] == "loo" else f"{result['cv']}-fold"

@@ -51,9 +51,10 @@ class RowNorms:
     """The row norms of a fit's layers and the ``--row-norm`` rule applied to its blocks.
 
     ``measure`` records a block's norms (from the stored values; float64 for ``unit`` and
-    ``clip``, float32 for ``none``, where they only flag rows) in the statistics pass; ``apply`` returns a block as the fit reads it: unchanged for ``none`` (the paper's
-    fit, bit for bit), else in ``dtype`` with each row multiplied in float64 by 1/‖x‖
-    (``unit``) or min(1, t/‖x‖) (``clip``; t: the layer's :func:`robust_threshold`, set by
+    ``clip``, float32 for ``none``, where they only flag rows) in the statistics pass;
+    ``apply`` returns a block as the fit reads it: unchanged for ``none`` (the paper's fit,
+    bit for bit), else in ``dtype`` with each row multiplied in float64 by 1/‖x‖ (``unit``) or
+    min(1, t/‖x‖) (``clip``; t: the layer's :func:`robust_threshold`, set by
     :func:`norm_pass`). A row of norm 0 is left as it is.
     """
 

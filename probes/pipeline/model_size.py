@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from probes.pipeline.plan import Section
-from probes.report import layer0_r2, md_num, md_table, save_figure
+from probes.report import floor_r2_axis, layer0_r2, md_num, md_table, save_figure
 
 __all__ = ["PAPER_LLAMA2", "compared_models", "plot_model_size", "model_size_markdown",
            "model_size_rows"]
@@ -65,6 +65,7 @@ def plot_model_size(sections, path: Path) -> Path | None:
                 ls, blocks = job.result["layers"], _blocks(job)
                 ax.plot([e["layer"] / blocks for e in ls], [e["test"]["r2"] for e in ls],
                         style, ms=3, color=color, label=label)
+        floor_r2_axis(ax)
         ax.set_title(f"{sec.ds.name} ({sec.ds.kind})", fontsize=9)
         ax.set_xlabel("relative depth (layer / blocks)")
         ax.set_ylabel("test R² (mean over targets)")

@@ -10,7 +10,14 @@ from probes.fit.outliers import summary_line
 from probes.pipeline.model_size import PAPER_LLAMA2, model_size_markdown
 from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
-from probes.report import draw_controls, layer0_r2, md_num, md_table, save_figure
+from probes.report import (
+    draw_controls,
+    floor_r2_axis,
+    layer0_r2,
+    md_num,
+    md_table,
+    save_figure,
+)
 
 __all__ = ["report_markdown", "plot_all_layers", "plot_controls", "headline", "controls_sentence",
            "controls_table", "classify_markdown", "majority_baseline"]
@@ -46,6 +53,7 @@ def plot_all_layers(sections, path: Path) -> None:
                 if sec.random_init is not None:
                     _curve(ax, sec.random_init.result, "-.", f"{sec.ds.name}: random-init",
                            color)
+    floor_r2_axis(ax)
     ax.set_xlabel("layer (hidden state index)")
     ax.set_ylabel("test R² (mean over targets)")
     ax.set_title("ridge probe test R² by layer, with controls")
@@ -67,6 +75,7 @@ def plot_controls(sec: Section, path: Path) -> Path:
     if sec.random_init is not None:
         _curve(ax, sec.random_init.result, "^-.", "random-init model", "tab:purple")
     draw_controls(ax, sec.main.result)
+    floor_r2_axis(ax)
     ax.set_xlabel("layer (hidden state index)")
     ax.set_ylabel("test R² (mean over targets)")
     ax.set_title(f"{sec.ds.name}: test R² by layer against the controls")

@@ -97,6 +97,28 @@ def test_plots_draw_layer0_and_the_control():
     plt.close(fig)
 
 
+def test_r2_axis_stops_at_its_floor_and_says_what_is_off_the_scale():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from probes.report import R2_AXIS_FLOOR, floor_r2_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2, 3], [0.1, -3.24, 0.3, float("nan")])
+    floor_r2_axis(ax)
+    lo, hi = ax.get_ylim()
+    assert lo == R2_AXIS_FLOOR and 0.3 < hi < 0.4
+    assert [t.get_text() for t in ax.texts] == ["off the scale: R² down to -3.24"]
+    plt.close(fig)
+    fig, ax = plt.subplots()                    # every value on the scale: the axis is left be
+    ax.plot([0, 1], [-0.2, 0.5])
+    before = ax.get_ylim()
+    floor_r2_axis(ax)
+    assert ax.get_ylim() == before and len(ax.texts) == 0
+    plt.close(fig)
+
+
 def test_fit_plot_has_the_controls(tmp_path):
     ent = entity_table(120, seed=5)
     make_store(tmp_path / "s.zarr", ent)
