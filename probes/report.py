@@ -268,16 +268,25 @@ def draw_controls(ax, result: dict, color=None, prefix: str = "") -> None:
 
 
 def floor_r2_axis(ax) -> None:
-    """Stop an R² axis at :data:`R2_AXIS_FLOOR` when some plotted R² is lower (its curve leaves
-    the axis there) and say in a corner which value is off the scale."""
-    ys = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), dtype=float)]
-    ys = [y for y in ys if math.isfinite(y)]
-    if not ys or min(ys) >= R2_AXIS_FLOOR:
+    """Stop an R² axis at :data:`R2_AXIS_FLOOR` when some plotted R² is lower: the curve leaves
+    the axis there, and the lowest value is written where its curve leaves, in its colour."""
+    low = None                                   # (value, x, colour) of the lowest point
+    top = 0.0
+    for line in ax.get_lines():
+        xs = np.asarray(line.get_xdata(), dtype=float)
+        ys = np.asarray(line.get_ydata(), dtype=float)
+        ok = np.isfinite(ys) & np.isfinite(xs)
+        if not ok.any():
+            continue
+        i = int(np.argmin(np.where(ok, ys, np.inf)))
+        top = max(top, float(ys[ok].max()))
+        if low is None or ys[i] < low[0]:
+            low = (float(ys[i]), float(xs[i]), line.get_color())
+    if low is None or low[0] >= R2_AXIS_FLOOR:
         return
-    top = max(max(ys), 0.0)
     ax.set_ylim(R2_AXIS_FLOOR, top + 0.05 * (top - R2_AXIS_FLOOR))
-    ax.text(0.01, 0.01, f"off the scale: R² down to {min(ys):.2f}", transform=ax.transAxes,
-            fontsize=7, color="0.35", va="bottom", ha="left")
+    ax.text(low[1], R2_AXIS_FLOOR, f"{low[0]:.2f}\u2193", fontsize=7, color=low[2],
+            ha="center", va="bottom")
 
 
 def make_plots(result: dict, df, out, group_columns=()) -> list[Path]:

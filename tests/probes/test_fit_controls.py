@@ -97,7 +97,7 @@ def test_plots_draw_layer0_and_the_control():
     plt.close(fig)
 
 
-def test_r2_axis_stops_at_its_floor_and_says_what_is_off_the_scale():
+def test_r2_axis_stops_at_its_floor_and_marks_the_lowest_value():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,11 +105,14 @@ def test_r2_axis_stops_at_its_floor_and_says_what_is_off_the_scale():
     from probes.report import R2_AXIS_FLOOR, floor_r2_axis
 
     fig, ax = plt.subplots()
-    ax.plot([0, 1, 2, 3], [0.1, -3.24, 0.3, float("nan")])
+    ax.plot([0, 1, 2, 3], [0.1, -3.24, 0.3, float("nan")], color="tab:green")
+    ax.plot([0, 1, 2, 3], [0.0, -0.7, 0.2, 0.1])
     floor_r2_axis(ax)
     lo, hi = ax.get_ylim()
     assert lo == R2_AXIS_FLOOR and 0.3 < hi < 0.4
-    assert [t.get_text() for t in ax.texts] == ["off the scale: R² down to -3.24"]
+    (note,) = ax.texts                          # the lowest value, where its curve leaves
+    assert note.get_text() == "-3.24\u2193" and note.get_position() == (1.0, R2_AXIS_FLOOR)
+    assert note.get_color() == "tab:green"
     plt.close(fig)
     fig, ax = plt.subplots()                    # every value on the scale: the axis is left be
     ax.plot([0, 1], [-0.2, 0.5])
