@@ -17,3 +17,12 @@ def test_ridge_bench_runs_chooses_sklearns_alphas_and_writes_its_section(tmp_pat
     text = md.read_text()
     assert "## Ridge probes on every layer" in text and "a note" in text
     assert text.count("| 3 x 600 x 24") == 2
+
+
+def test_ridge_bench_dual_form_floor_counts_the_kernel_eigendecomposition(tmp_path):
+    (r,) = bench_shape("wide", L=2, n=120, d=200, sk_layers=2, our_layers=2,
+                       precisions=("float64",), backend="auto")
+    assert r["form"] == "dual" and r["alphas_same"] == "2/2"
+    assert r["floor_eigh_s"] > 0 and r["vs_floor_eigh"] < r["vs_floor"]
+    write_results_md([r], tmp_path / "R.md", "")
+    assert "| 2 x 120 x 200 | dual" in (tmp_path / "R.md").read_text()
