@@ -128,28 +128,28 @@ class LooAccumulator:
         dev = factor.lam.device
         a = torch.as_tensor(self.alphas, device=dev)
         inv = 1.0 / (factor.lam[:, None, :] + a[None, :, None])                # (B, A, d)
-        self.inv_t = inv.transpose(1, 2).contiguous()                          # (B, d, A)
         # (B, d, A*k): column (a, t) = G[:, t] / (λ + α_a)
-        self.GA = (inv[:, :, :, None] * factor.G[:, None, :, :]).permute(0, 2, 1, 3).reshape(
+        GA = (inv[:, :, :, None] * factor.G[:, None, :, :]).permute(0, 2, 1, 3).reshape(
             B, d, A * k)
         self.sse = torch.zeros(B, A, k, dtype=torch.float64, device=dev)
         self.n_train = 0
+        # the pass's operands in its compute dtype
         self.dtype = torch.float32 if precision == "float32" else torch.float64
         self.Vc = factor.V.to(self.dtype)
         self.meanc = factor.mean.to(self.dtype)
         self.ybar_c = factor.ybar.to(self.dtype)
-        self.inv_c = self.inv_t.to(self.dtype)
-        self.GA_c = self.GA.to(self.dtype)
+        self.inv_c = inv.transpose(1, 2).to(self.dtype).contiguous()          # (B, d, A)
+        self.GA_c = GA.to(self.dtype)
         self.pred = (torch.zeros(B, n_rows, A, k, dtype=self.dtype, device=dev)
                      if keep_predictions else None)
         self._bufs: dict[str, torch.Tensor] = {}
 
-    def _scratch(self, name: str, shape: tuple, dtype) -> torch.Tensor:
-        """A buffer kept across chunks: a fresh array of this size costs a page fault per 4 KiB
-        on first touch (about 5 µs each in a VM), as much as the arithmetic on it."""
+    def _scratch(self, name: str, shape: tuple) -> torch.Tensor:
+        """A buffer (compute dtype) kept across chunks: a fresh array of this size costs a page
+        fault per 4 KiB on first touch (about 5 µs each in a VM), as much as the arithmetic."""
         t = self._bufs.get(name)
-        if t is None or t.shape != shape or t.dtype != dtype:
-            t = self._bufs[name] = torch.empty(shape, dtype=dtype, device=self.f.lam.device)
+        if t is None or t.shape != shape:
+            t = self._bufs[name] = torch.empty(shape, dtype=self.dtype, device=self.f.lam.device)
         return t
 
     def update(self, start: int, X, Y, train) -> None:
@@ -161,9 +161,9 @@ class LooAccumulator:
         B, r, d, A, k, dt = self.B, X.shape[1], self.d, self.A, self.k, self.dtype
         # centred first (a large mean cannot cancel digits away), into a buffer, never into X
         # (the caller's); fp16 converted by the C++ kernel on CPU
-        Xc = centred(X, self.meanc, out=self._scratch("x", (B, r, d), dt), dtype=dt)
-        Z = torch.matmul(Xc, self.Vc, out=self._scratch("z", (B, r, d), dt))
-        yhat = torch.matmul(Z, self.GA_c, out=self._scratch("yhat", (B, r, A * k), dt))
+        Xc = centred(X, self.meanc, out=self._scratch("x", (B, r, d)), dtype=dt)
+        Z = torch.matmul(Xc, self.Vc, out=self._scratch("z", (B, r, d)))
+        yhat = torch.matmul(Z, self.GA_c, out=self._scratch("yhat", (B, r, A * k)))
         yhat = yhat.view(B, r, A, k).add_(self.ybar_c)
         if self.pred is not None:
             self.pred[:, start:start + r] = yhat
@@ -172,12 +172,12 @@ class LooAccumulator:
             return
         Z.mul_(Z)
         # 1 - h, h = Σ Z²/(λ + α) + 1/n
-        one_minus_h = torch.matmul(Z, self.inv_c, out=self._scratch("h", (B, r, A), dt))
+        one_minus_h = torch.matmul(Z, self.inv_c, out=self._scratch("h", (B, r, A)))
         one_minus_h.add_(1.0 / self.f.n).neg_().add_(1.0)
         # every row's residual, test rows' set to 0 (cheaper than gathering the train rows; a
         # fill, not a product, so a test row's NaN target or prediction cannot leak into the sum)
         Yc = torch.as_tensor(np.asarray(Y), device=dev).to(dt)
-        e = torch.sub(Yc[None, :, None, :], yhat, out=self._scratch("e", (B, r, A, k), dt))
+        e = torch.sub(Yc[None, :, None, :], yhat, out=self._scratch("e", (B, r, A, k)))
         e.div_(one_minus_h[..., None]).mul_(e).masked_fill_(~train[None, :, None, None], 0.0)
         self.sse += e.sum(1, dtype=torch.float64)
         self.n_train += int(train.sum())
