@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["MAX_SYSTEM", "solve_dual"]
+__all__ = ["MAX_SYSTEM", "kernel_eig", "solve_dual"]
 
 MAX_SYSTEM = 1536          # rows · (K − 1) of the Newton system; above, the primal CG solver
 _CHUNK_BYTES = 1 << 28     # the (problems, mK, mK) systems of one chunk of problems
@@ -269,12 +269,25 @@ def _batch(Xc, Y, wf, layers, sets, rows, binary: bool) -> _Batch:
                   S, binary)
 
 
-def _start(bt: _Batch, W0, b0):
-    """Kernel coefficients A with Xᵀ A nearest to W0 (P, d, K) (pseudo-inverse of G, small
-    eigenvalues dropped): W0 is a starting point only."""
-    lam, U = torch.linalg.eigh(bt.G)
-    keep = lam > lam[:, -1:].clamp_min(0) * lam.shape[-1] * torch.finfo(lam.dtype).eps
-    inv = torch.where(keep, 1 / torch.where(keep, lam, 1.0), 0.0)
+def kernel_eig(G):
+    """(λ, U, keep) of a batch of Gram matrices G = XXᵀ (..., m, m) with XXᵀ = UΛUᵀ; ``keep``
+    marks the eigenvalues above the noise floor m·eps·λ_max (the rest count as 0)."""
+    lam, U = torch.linalg.eigh(G)
+    keep = lam > lam[..., -1:].clamp_min(0) * lam.shape[-1] * torch.finfo(lam.dtype).eps
+    return lam, U, keep
+
+
+def _pseudo_inverse(bt: _Batch):
+    """(U, 1/λ with dropped eigenvalues 0) of the batch's G: its pseudo-inverse, for
+    :func:`_start`, the same for every C."""
+    lam, U, keep = kernel_eig(bt.G)
+    return U, torch.where(keep, 1 / torch.where(keep, lam, 1.0), 0.0)
+
+
+def _start(bt: _Batch, pinv, W0, b0):
+    """Kernel coefficients A with Xᵀ A nearest to W0 (P, d, K) (``pinv``: the pseudo-inverse of
+    G from :func:`_pseudo_inverse`): W0 is a starting point only."""
+    U, inv = pinv
     XW = bt.X @ W0
     return U @ (inv[..., None] * (U.transpose(1, 2) @ XW)), b0.clone()
 
@@ -335,10 +348,11 @@ def solve_dual(Xc, codes, n_classes: int, Cs, weights, tol: float, max_iter: int
         A = torch.zeros(len(ch), m, K, dtype=torch.float64, device=Xc.device)
         bb = torch.zeros(len(ch), K, dtype=torch.float64, device=Xc.device)
         hist, fac = [], None
+        pinv = None if init is None else _pseudo_inverse(bt)
         for j in order:
             pen = 1.0 / (bt.S * float(Cs[j]))
             if init is not None:
-                A, bb = _start(bt, init[0][pl, :, ps, j].to(torch.float64),
+                A, bb = _start(bt, pinv, init[0][pl, :, ps, j].to(torch.float64),
                                init[1][pl, ps, j].to(torch.float64))
             elif not warm_start:
                 A, bb = torch.zeros_like(A), torch.zeros_like(bb)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from probes.classify.dual import MAX_SYSTEM, solve_dual
+from probes.classify.dual import MAX_SYSTEM, kernel_eig, solve_dual
 from probes.errors import ClassifyError
 
 __all__ = ["LogisticPath", "fit_logistic_path", "balanced_weights", "class_weights",
@@ -85,9 +85,7 @@ class _RowSpace:
 
     def __init__(self, Xc, dtype):
         self.X = Xc.to(torch.float64)                                 # (L, n, d)
-        lam, U = torch.linalg.eigh(self.X @ self.X.transpose(1, 2))   # (L, n), (L, n, n)
-        n = lam.shape[-1]
-        keep = lam > lam[:, -1:].clamp_min(0) * n * torch.finfo(torch.float64).eps
+        lam, U, keep = kernel_eig(self.X @ self.X.transpose(1, 2))    # (L, n), (L, n, n)
         root = torch.where(keep, lam, 0.0).sqrt()
         self.Q = (U * root[:, None]).to(dtype)                        # (L, n, n)
         self.A = U * torch.where(keep, 1 / torch.where(keep, root, 1.0), 0.0)[:, None]

@@ -56,7 +56,6 @@ def rel(a, b):
 def test_equals_sklearn_small_n_wide(K, n, d, seed):
     X, y = make_data(2, n, d, K, seed)
     Cs = [1e-3, 1e-1, 10.0]
-    work = {}
     path = fit_logistic_path(X, y, Cs, tol=1e-10)
     work = path.work
     assert work.get("form") == "dual" and path.converged.all()
@@ -131,7 +130,7 @@ def test_kernel_step_equals_dense_newton_step():
     A = torch.as_tensor(rng.normal(size=(1, m, K))) * 0.1
     b = torch.as_tensor(rng.normal(size=(1, K))) * 0.1
     pen = torch.tensor([0.3])
-    f, P, R, gb, _, _ = dual._state(bt, A, b, pen)
+    _, P, R, gb, _, _ = dual._state(bt, A, b, pen)
     dA, db = dual._Factor(bt, P, pen).step(bt, R, gb)
     # dense primal: θ = (W (d, K), b (K)), H = Σ_i w_i (diag p − ppᵀ) ⊗ [x;1][x;1]ᵀ + pen on W
     x1 = torch.cat([X[0], torch.ones(m, 1, dtype=X.dtype)], 1)       # (m, d+1)
