@@ -27,7 +27,7 @@ import numpy as np
 from actstore.io import WriteError, write_atomic, write_json
 
 __all__ = ["format_table", "make_plots", "draw_controls", "floor_r2_axis", "layer0_r2",
-           "LAYER0_LABEL", "R2_AXIS_FLOOR",
+           "best_entry", "control_at", "controls_cells", "LAYER0_LABEL", "R2_AXIS_FLOOR",
            "format_classify_table", "plot_classify", "format_neuron_table", "plot_best_neuron",
            "text_table", "save_figure", "md_table", "md_num", "strict_json", "write_strict_json",
            "OutputSet", "NULL_REASONS", "STAGING_PREFIX", "sha256_of"]
@@ -118,7 +118,7 @@ def format_table(result: dict) -> str:
            f"{' per-target alpha' if result['alpha_per_target'] else ''}  "
            f"backend {result['backend']}  {result['form']} form"]
     out += text_table(head, rows)
-    best = next(e for e in result["layers"] if e["layer"] == result["best_layer"])
+    best = best_entry(result)
     out.append(f"best layer {result['best_layer']}: test R2 {_fmt(best['test']['r2'])}"
                + (f", median error {_fmt(best['test'].get('km_error_median'), '.0f')} km"
                   if places else "")
@@ -146,8 +146,7 @@ def _controls_lines(result: dict) -> list[str]:
     floor = layer0_r2(result)
     if floor is not None and result["best_layer"] != 0:
         lines.append(f"layer 0 (embeddings): test R2 {_fmt(floor)}")
-    rows = (result.get("control") or {}).get("layers") or []
-    row = next((r for r in rows if r["layer"] == result["best_layer"]), None)
+    row = control_at(result, result["best_layer"])
     if row is not None:
         lines.append(f"shuffled-target control (seed {result['control']['seed']}): test R2 "
                      f"{_fmt(row['test_r2'])} at layer {row['layer']}, selectivity "
@@ -233,6 +232,29 @@ def _pick_group(df, group_columns):
             return c
     cands = [(df[c].nunique(), c) for c in cols]
     return min(cands)[1] if cands else None
+
+
+def best_entry(result: dict) -> dict:
+    """The per-layer entry of a fit's best layer."""
+    return next(e for e in result["layers"] if e["layer"] == result["best_layer"])
+
+
+def control_at(result: dict, layer: int) -> dict | None:
+    """The shuffled-target control's entry at ``layer`` (None without a control)."""
+    rows = (result.get("control") or {}).get("layers") or []
+    return next((r for r in rows if r["layer"] == layer), None)
+
+
+def controls_cells(result: dict, random_init: dict | None) -> list[str]:
+    """A controls-table row's cells for a fit and its random-init model's fit (or None): best
+    test R² (layer), layer 0's test R², the random-init best (layer), the shuffled-target
+    control's test R² at the best layer, the selectivity."""
+    ctrl = control_at(result, result["best_layer"]) or {}
+    rnd = (f"{md_num(best_entry(random_init)['test']['r2'])} ({random_init['best_layer']})"
+           if random_init is not None else "–")
+    return [f"{md_num(best_entry(result)['test']['r2'])} ({result['best_layer']})",
+            md_num(layer0_r2(result)), rnd, md_num(ctrl.get("test_r2")),
+            md_num(ctrl.get("selectivity"))]
 
 
 def layer0_r2(result: dict) -> float | None:

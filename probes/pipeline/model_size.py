@@ -7,7 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from probes.pipeline.plan import Section
-from probes.report import floor_r2_axis, layer0_r2, md_num, md_table, save_figure
+from probes.report import (
+    best_entry,
+    controls_cells,
+    floor_r2_axis,
+    md_num,
+    md_table,
+    save_figure,
+)
 
 __all__ = ["PAPER_LLAMA2", "compared_models", "plot_model_size", "model_size_markdown",
            "model_size_rows"]
@@ -29,10 +36,6 @@ def compared_models(sections) -> list[str]:
     """The models of the comparison in order (empty unless ``--models`` named two or more)."""
     names = list(sections[0].models) if sections else []
     return names if len(names) > 1 else []
-
-
-def _best(result: dict) -> dict:
-    return next(e for e in result["layers"] if e["layer"] == result["best_layer"])
 
 
 def _blocks(job) -> int:
@@ -89,7 +92,7 @@ def model_size_rows(sections) -> list[list[str]]:
         for m in models:
             job = sec.models.get(m)
             cells.append("–" if job is None else
-                         f"{md_num(_best(job.result)['test']['r2'])} "
+                         f"{md_num(best_entry(job.result)['test']['r2'])} "
                          f"({job.result['best_layer']}/{_blocks(job)})")
         rows.append(cells + [md_num(v, ".2f") for v in nums])
     return rows
@@ -104,20 +107,15 @@ def _controls_rows(sections, models) -> list[list[str]]:
             job = sec.models.get(m)
             if job is None:
                 continue
-            res, rnd = job.result, sec.random_models.get(m)
-            ctrl = next((r for r in (res.get("control") or {}).get("layers") or []
-                         if r["layer"] == res["best_layer"]), {})
-            rows.append([sec.ds.name, m, f"{md_num(_best(res)['test']['r2'])} "
-                         f"({res['best_layer']})", md_num(layer0_r2(res)),
-                         f"{md_num(_best(rnd.result)['test']['r2'])} "
-                         f"({rnd.result['best_layer']})" if rnd is not None else "–",
-                         md_num(ctrl.get("test_r2")), md_num(ctrl.get("selectivity"))])
+            rnd = sec.random_models.get(m)
+            rows.append([sec.ds.name, m] + controls_cells(
+                job.result, rnd.result if rnd is not None else None))
     return rows
 
 
 def _verdict(sec: Section, models: list[str]) -> str:
     """One sentence: which model's probe is best on this dataset, with the numbers."""
-    scores = {m: _best(sec.models[m].result)["test"]["r2"] for m in models if m in sec.models}
+    scores = {m: best_entry(sec.models[m].result)["test"]["r2"] for m in models if m in sec.models}
     order = sorted(scores, key=lambda m: -scores[m])
     top = order[0]
     rest = ", ".join(f"{m} {md_num(scores[m])}" for m in order[1:])

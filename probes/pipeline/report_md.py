@@ -11,6 +11,9 @@ from probes.pipeline.model_size import PAPER_LLAMA2, model_size_markdown
 from probes.pipeline.plan import Section
 from probes.pipeline.steps import REPORT_NEURONS
 from probes.report import (
+    best_entry,
+    control_at,
+    controls_cells,
     draw_controls,
     floor_r2_axis,
     layer0_r2,
@@ -22,11 +25,9 @@ from probes.report import (
 __all__ = ["report_markdown", "plot_all_layers", "plot_controls", "headline", "controls_sentence",
            "controls_table", "classify_markdown", "majority_baseline"]
 
-PAPER_WORLD_R2 = "7B ≈ 0.88, 13B ≈ 0.90, 70B ≈ 0.92"
-
-
-def _best(result: dict) -> dict:
-    return next(e for e in result["layers"] if e["layer"] == result["best_layer"])
+# the paper's world-place numbers, as a phrase (from PAPER_LLAMA2, their one place)
+PAPER_WORLD_R2 = ", ".join(f"{size} ≈ {r2:.2f}" for size, r2 in
+                           zip(("7B", "13B", "70B"), PAPER_LLAMA2["world_place"][1]))
 
 
 def _curve(ax, result: dict, style: str, label: str, color=None):
@@ -96,26 +97,21 @@ def _beats(what: str, probe: float, other: float | None, missing: str) -> str:
     return f"does not beat {what} ({md_num(other)} ≥ {md_num(probe)})"
 
 
-def _control_at(result: dict, layer: int) -> dict | None:
-    rows = (result.get("control") or {}).get("layers") or []
-    return next((r for r in rows if r["layer"] == layer), None)
-
-
 def controls_sentence(sec: Section) -> str:
     """One sentence: whether the main probe's best test R² beats layer 0 (the embeddings),
     the random-init model's best layer and the shuffled-target control at the same layer, with
     the numbers."""
     res = sec.main.result
-    best = _best(res)["test"]["r2"]
+    best = best_entry(res)["test"]["r2"]
     floor = layer0_r2(res) if res["best_layer"] != 0 else None
     rnd = sec.random_init.result if sec.random_init is not None else None
-    ctrl = _control_at(res, res["best_layer"])
+    ctrl = control_at(res, res["best_layer"])
     parts = [
         "does not beat layer 0 (embeddings): it is layer 0" if res["best_layer"] == 0 else
         _beats("layer 0 (embeddings)", best, floor, "not in the store: extract with "
                "--layers all+emb"),
         _beats(f"the random-init model (best layer {rnd['best_layer']})" if rnd else
-               "the random-init model", best, _best(rnd)["test"]["r2"] if rnd else None,
+               "the random-init model", best, best_entry(rnd)["test"]["r2"] if rnd else None,
                "not run: --controls random"),
         _beats("shuffled targets", best, ctrl["test_r2"] if ctrl else None,
                "not fitted: fastprobe fit without --no-control")]
@@ -126,15 +122,9 @@ def controls_sentence(sec: Section) -> str:
 def controls_table(sections) -> list[str]:
     """The headline's controls table: per dataset the best test R², layer 0's, the random-init
     model's best, the shuffled-target control's at the best layer, and the selectivity."""
-    rows = []
-    for sec in sections:
-        res = sec.main.result
-        ctrl = _control_at(res, res["best_layer"]) or {}
-        rnd = sec.random_init.result if sec.random_init is not None else None
-        rows.append([sec.ds.name, f"{md_num(_best(res)['test']['r2'])} ({res['best_layer']})",
-                     md_num(layer0_r2(res)),
-                     f"{md_num(_best(rnd)['test']['r2'])} ({rnd['best_layer']})" if rnd else "–",
-                     md_num(ctrl.get("test_r2")), md_num(ctrl.get("selectivity"))])
+    rows = [[sec.ds.name] + controls_cells(
+        sec.main.result, sec.random_init.result if sec.random_init is not None else None)
+        for sec in sections]
     return md_table(["dataset", "probe: best test R² (layer)", "layer 0 (embeddings)",
                      "random-init: best test R² (layer)", "shuffled targets (same layer)",
                      "selectivity"], rows)
@@ -196,7 +186,7 @@ def report_markdown(sections, model, prompts, limit, recipe, seconds, out: Path)
     for sec in sections:
         for job in sec.jobs:
             res, store = job.result, job.store
-            b = _best(res)["test"]
+            b = best_entry(res)["test"]
             km = b.get("km_error_median")
             lines.append(
                 f"| {sec.ds.name} | {sec.ds.kind} | {job.prompt} "
@@ -232,7 +222,7 @@ def headline(sec: Section) -> str:
     error per target otherwise), proximity error, and the paper's Llama-2 numbers for a
     dataset of the same kind."""
     res = sec.main.result
-    b = _best(res)["test"]
+    b = best_entry(res)["test"]
     parts = [f"best layer **{res['best_layer']}**", f"test R² **{md_num(b['r2'])}**",
              f"Spearman {md_num(b.get('spearman'))}"]
     if b.get("km_error_median") is not None:
