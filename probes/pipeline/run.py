@@ -234,13 +234,19 @@ def random_init_controls(sections, out: Path, cfg: PipelineConfig, log) -> None:
     (:func:`actstore.models.load_model`) into OUT/controls/random-init/stores/ and probed the
     same way into OUT/controls/random-init/probes/ (``--controls random``, the paper recipe's
     default: one more extraction and fit per dataset, docs/paper-run.md)."""
-    base = cfg.model or DEFAULT_MODEL
-    if _controls(cfg) != "random" or base.startswith(RANDOM_PREFIX):
-        return
-    jobs = model_jobs(sections, out / "controls" / "random-init", RANDOM_PREFIX + base, cfg,
-                      log, control="random-init")
-    for sec, job in zip(sections, jobs):
+    for sec, job in zip(sections, _random_init_jobs(sections, out, cfg.model or DEFAULT_MODEL,
+                                                    cfg, log)):
         sec.random_init = job
+
+
+def _random_init_jobs(sections, where: Path, base: str, cfg: PipelineConfig, log,
+                      model: str | None = None) -> list[Job]:
+    """``random:BASE`` extracted and probed per dataset into WHERE/controls/random-init/, or
+    nothing when the run has no random-init control or BASE is random-init itself."""
+    if _controls(cfg) != "random" or base.startswith(RANDOM_PREFIX):
+        return []
+    return model_jobs(sections, where / "controls" / "random-init", RANDOM_PREFIX + base, cfg,
+                      log, control="random-init", model=model)
 
 
 def compare_models(sections, out: Path, cfg: PipelineConfig, models: list[str], log) -> None:
@@ -258,11 +264,9 @@ def compare_models(sections, out: Path, cfg: PipelineConfig, models: list[str], 
         where = out / "models" / model_slug(name)
         for sec, job in zip(sections, model_jobs(sections, where, name, cfg, log, model=name)):
             sec.models[name] = job
-        if _controls(cfg) == "random" and not name.startswith(RANDOM_PREFIX):
-            jobs = model_jobs(sections, where / "controls" / "random-init",
-                              RANDOM_PREFIX + name, cfg, log, control="random-init", model=name)
-            for sec, job in zip(sections, jobs):
-                sec.random_models[name] = job
+        for sec, job in zip(sections, _random_init_jobs(sections, where, name, cfg, log,
+                                                        model=name)):
+            sec.random_models[name] = job
 
 
 def run_paper(out, **kw) -> Path:
