@@ -343,6 +343,8 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
     compute_dtype : {"auto", "float32", "float16", "bfloat16"}
         "auto" = float32 on CPU; on CUDA float16, or bfloat16 when ``store_dtype`` (the dtype
         the activations will be stored in) is bfloat16 or float32.
+    store_dtype : str, optional
+        Default: what ``--dtype auto`` stores for this model (:func:`default_store_dtype`).
     device_map : str or dict, optional
         Hugging Face models only: passed to ``from_pretrained`` so transformers / accelerate
         place the layers over several GPUs ("auto") for models too big for one; ``device`` is
@@ -360,7 +362,10 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu",
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise ModelError("--device-map needs the 'accelerate' package (pip install accelerate)")
     device = resolve_device(device)
-    torch_dtype = _resolve_dtype(compute_dtype, device, store_dtype)
+    # the stored dtype that --dtype auto would pick when none is given: a caller that loads
+    # before extract() (actstore run) must not compute a float32-stored model in float16
+    torch_dtype = _resolve_dtype(compute_dtype, device,
+                                 store_dtype or default_store_dtype(name)[0])
     _quiet_transformers()
     info: dict = {"id": name}
     if name.startswith(RANDOM_PREFIX):

@@ -245,3 +245,29 @@ def test_embedded_gemma_loads_offline(monkeypatch):
     assert lm.info["id"] == "gemma3-270m" and lm.info["upstream_id"] == "google/gemma-3-270m"
     assert lm.info["file_sha256"] == (
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+
+
+def test_auto_compute_dtype_on_cuda_follows_the_models_auto_store_dtype(monkeypatch):
+    """actstore run loads the model before extract() resolves --dtype auto: a model stored in
+    float32 (gemma3-270m, beyond float16's range) must not be computed in float16 on a GPU."""
+    import torch
+
+    from actstore.models import loading
+
+    got = []
+
+    class Loaded(Exception):
+        pass
+
+    def fake_embedded(name, torch_dtype):
+        got.append((name, torch_dtype))
+        raise Loaded
+
+    monkeypatch.setattr(loading, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(loading, "_load_embedded", fake_embedded)
+    for name, store_dtype in (("gemma3-270m", None), ("smollm2-135m", None),
+                              ("gemma3-270m", "float16")):          # a given dtype wins
+        with pytest.raises(Loaded):
+            loading.load_model(name, device="cuda", store_dtype=store_dtype)
+    assert got == [("gemma3-270m", torch.bfloat16), ("smollm2-135m", torch.float16),
+                   ("gemma3-270m", torch.float16)]
