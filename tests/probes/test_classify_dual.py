@@ -94,6 +94,7 @@ def test_dual_equals_primal_cg(K):
     out = [logistic._solve(X, y, K, Cs, w, "float64", 1e-10, 200, dual=True)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(logistic, "MAX_SYSTEM", 0)                       # row-space CG
+        mp.setattr(logistic, "_ROW_SPACE", 1.0)
         out.append(logistic._solve(X, y, K, Cs, w, "float64", 1e-10, 200, dual=True))
     out.append(logistic._solve(X, y, K, Cs, w, "float64", 1e-10, 200, dual=False))
     for coef, icpt, _, conv in out:

@@ -182,7 +182,39 @@ def test_subspace_preconditioner_of_wide_features(K, n, d, monkeypatch):
     monkeypatch.setattr(logistic, "_EXACT_D", 8)
     monkeypatch.setattr(logistic, "_RANK", 5)
     monkeypatch.setattr(logistic, "MAX_SYSTEM", 0)     # d > n: CG on the row space, not dual
+    monkeypatch.setattr(logistic, "_ROW_SPACE", 1.0)
     X, y = make_data(2, n, d, K, 21)
     Cs = GRID[:5] if n > d else GRID[:3]
     path = fit_logistic_path(X, y, Cs)
     check_against_sklearn(X, y, K, Cs, path)
+
+
+@pytest.mark.parametrize("L,n,d,M,K,r", [(2, 37, 13, 3, 4, 5), (1, 20, 9, 2, 1, 3)])
+def test_subspace_preconditioner_equals_its_matrix(L, n, d, M, K, r, monkeypatch):
+    """The top-r preconditioner applied as products equals the dense float64 matrix
+    V·U·diag(1/D)·Uᵀ·Vᵀ + (I − VVᵀ)/c per (layer, problem, class) on a random residual."""
+    import torch
+    monkeypatch.setattr(logistic, "_EXACT_D", 4)
+    monkeypatch.setattr(logistic, "_RANK", r)
+    rng = np.random.default_rng(3)
+    X = torch.as_tensor(rng.standard_normal((L, n, d)))
+    Y = torch.nn.functional.one_hot(torch.as_tensor(rng.integers(0, max(K, 2), n)),
+                                    max(K, 2)).double()[:, :K]
+    wts = torch.as_tensor(rng.uniform(0.1, 1, (n, M)))
+    prob = logistic._Problem(X, Y, wts / wts.sum(0), torch.as_tensor(rng.uniform(0.1, 1, M)),
+                             K == 1, logistic._Basis(X))
+    P = torch.as_tensor(rng.uniform(0.05, 0.95, (L, n, M, K)))
+    pre = logistic._Precond(prob, P)
+    pre.damp(torch.as_tensor(rng.uniform(0, 0.1, (L, M))))
+    rW, rb = torch.as_tensor(rng.standard_normal((L, d, M, K))), torch.randn(L, M, K).double()
+    zW, zb = pre(rW, rb)
+    for l in range(L):
+        V = pre.V[l].numpy()
+        for m in range(M):
+            for k in range(K):
+                U = pre.U[l, m].numpy()
+                inv = V @ U @ np.diag(1 / pre.D[l, m, :, k].numpy()) @ U.T @ V.T \
+                    + (np.eye(d) - V @ V.T) / float(pre.c[l, m, 0, k])
+                np.testing.assert_allclose(zW[l, :, m, k].numpy(), inv @ rW[l, :, m, k].numpy(),
+                                           rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(zb.numpy(), (rb / pre.Db).numpy())
