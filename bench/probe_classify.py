@@ -116,7 +116,8 @@ def floor_seconds(X, work: dict) -> float:
 
 
 def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None):
-    """One row: ours on all of X's layers, sklearn on the first ``sk_layers``, the floor."""
+    """One row: ours on all of X's layers, sklearn on ``sk_layers`` of them spread over depth,
+    the floor."""
     from probes.classify.labels import stratified_folds
     L, n, d = X.shape
     L_full = L_full or L
@@ -124,19 +125,22 @@ def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None):
     print(f"== classify {name}: {L} layers x {n} rows x {d}, {y.max() + 1} classes", flush=True)
     r, t_ours = run_ours(X, y, folds, precision)
     print(f"   ours ({precision}): {t_ours:.1f}s  C={r.C.tolist()}", flush=True)
-    sk_l = list(range(min(L, sk_layers)))              # 0: ours and the floor only
+    # sklearn's layers spread over depth (the first and the last included): the same-C check
+    # then covers weakly and strongly separated layers; 0: ours and the floor only
+    sk_l = sorted({int(i) for i in np.linspace(0, L - 1, min(L, sk_layers)).round()}) \
+        if sk_layers else []
     sk_C, sk_t, unconv = run_sklearn(X, y, folds, sk_l, sk_max_iter) if sk_l else ([], [], 0)
     if sk_l:
-        print(f"   sklearn ({len(sk_l)} layers): {sum(sk_t):.1f}s  C={sk_C}  "
+        print(f"   sklearn (layers {sk_l}): {sum(sk_t):.1f}s  C={sk_C}  "
               f"unconverged fits: {unconv}", flush=True)
     fl = floor_seconds(X, r.work)
     print(f"   floor: {fl:.1f}s  work {r.work}", flush=True)
-    same = int(np.sum(np.isclose(np.asarray(sk_C), r.C[:len(sk_l)])))
+    same = int(np.sum(np.isclose(np.asarray(sk_C), r.C[sk_l])))
     scale = L_full / L
     return dict(shape=name, L=L_full, n=n, d=d, K=int(y.max()) + 1, precision=precision,
                 ours_s=t_ours * scale,
                 sklearn_s=sum(sk_t) * L_full / len(sk_l) if sk_l else float("nan"),
-                floor_s=fl * scale, same=f"{same}/{len(sk_l)}", sk_layers=len(sk_l),
+                floor_s=fl * scale, same=f"{same}/{len(sk_l)} (layers {', '.join(map(str, sk_l))})", sk_layers=len(sk_l),
                 our_layers=L, unconverged=unconv, sk_max_iter=sk_max_iter,
                 newton=r.work["folds"]["newton"] + r.work["refit"]["newton"],
                 passes=r.work["folds"]["passes"] + r.work["refit"]["passes"],

@@ -12,7 +12,7 @@ Results are :class:`LinearProbe` objects (scikit-learn's coef_/intercept_ layout
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -250,6 +250,16 @@ class LinearProbe:
     n_classes: int
     kind: str
     shrinkage: object = None
+
+    @classmethod
+    def concat(cls, parts: list[LinearProbe]) -> LinearProbe:
+        """One probe from the probes of consecutive chunks of layers (a per-layer shrinkage
+        array is joined too)."""
+        sh = parts[0].shrinkage
+        if isinstance(sh, np.ndarray) and sh.ndim:
+            sh = np.concatenate([p.shrinkage for p in parts])
+        return replace(parts[0], coef=np.concatenate([p.coef for p in parts]),
+                       intercept=np.concatenate([p.intercept for p in parts]), shrinkage=sh)
 
     def decision_function(self, x) -> np.ndarray:
         """Scores x·coefᵀ + intercept for x (L, n, d): (L, n) for two classes, else (L, n, K)."""

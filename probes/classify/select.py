@@ -8,7 +8,7 @@ each layer is refitted on all rows at its C, warm-started from the mean of its f
 rows are scored unweighted (as ``scoring="accuracy"``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -43,6 +43,22 @@ class LogisticCV:
     n_classes: int
     scoring: str
     work: dict = field(default_factory=dict)
+
+    _PER_LAYER = ("fold_scores", "scores", "best_index", "C", "coef", "intercept", "n_iter",
+                  "converged")
+
+    @classmethod
+    def concat(cls, parts: list[LogisticCV]) -> LogisticCV:
+        """One result from the results of consecutive chunks of layers (the same rows, grid and
+        folds): the per-layer arrays joined, the work counts added up."""
+        per_layer = {f: np.concatenate([getattr(p, f) for p in parts]) for f in cls._PER_LAYER}
+        work = {}
+        for p in parts:
+            for stage, counts in p.work.items():
+                into = work.setdefault(stage, dict(counts, passes=0, grams=0, newton=0, layers=0))
+                for key in ("passes", "grams", "newton", "layers"):
+                    into[key] += counts.get(key, 0)
+        return replace(parts[0], **per_layer, work=work)
 
 
 def _fold_scores(X, codes, folds, coef, icpt, scoring: str) -> np.ndarray:

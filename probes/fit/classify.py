@@ -5,23 +5,25 @@ the rows split as for ridge, and three probes are fitted on the train rows of ev
 (read from the ``--site`` array): L2 logistic regression with C chosen per layer by
 stratified k-fold (:func:`probes.classify.select.select_c`), the difference-of-means probe, and
 shrinkage LDA with the shrinkage chosen on the same folds. Each is scored on the train and the
-test rows (accuracy, balanced accuracy, macro-F1, AUROC, log loss). The layers are read into
-memory as float32 (layers x rows x d x 4 bytes). :func:`write_classify` writes the files."""
+test rows (accuracy, balanced accuracy, macro-F1, AUROC, log loss). The layers are read and
+fitted in chunks that fit ``--memory-gb`` (each layer's problems are solved to the same
+tolerance whatever shares their batch, so the chunks change the memory, not the fit). :func:`write_classify` writes the files."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from actstore.io import write_atomic
 from actstore.store import store_identity
 from probes import report
-from probes.classify.closed_form import class_stats, lda_grid, mass_mean
+from probes.classify.closed_form import LinearProbe, class_stats, lda_grid, mass_mean
 from probes.classify.labels import Labels, encode_labels, stratified_folds
 from probes.classify.logistic import predict_proba
 from probes.classify.metrics import evaluate_classification
-from probes.classify.select import select_c
+from probes.classify.select import LogisticCV, select_c
 from probes.errors import FitError
 from probes.fit import controls
 from probes.inputs import class_targets, fit_view, parse_split, select_layers
@@ -133,17 +135,43 @@ def _scores(labels: Labels, codes, probas: dict, kinds: dict) -> dict:
             for m, p in probas.items()}
 
 
-def _fit_probes(x_tr, y_tr, K: int, config) -> dict:
+def _fit_probes(x_tr, y_tr, K: int, folds: np.ndarray, config) -> dict:
     """The three probes on the train rows: logistic (C by k-fold), mass-mean, LDA."""
-    k = config.cv if isinstance(config.cv, int) else DEFAULT_FOLDS
-    folds = stratified_folds(y_tr, k)
     cs = parse_alphas(config.cs)
     logit = select_c(x_tr, y_tr, cs, folds=folds, n_classes=K,
                      class_weight=config.class_weight, dtype=config.precision)
     stats = class_stats(x_tr, y_tr, K)          # all train rows: mass-mean and the LDA refit
     lda, shrink, lda_cv = _lda_by_folds(x_tr, y_tr, K, folds, stats)
-    return {"k": k, "Cs": cs, "logistic": logit, "mass_mean": mass_mean(stats),
-            "lda": lda, "shrinkage": shrink, "lda_cv": lda_cv}
+    return {"k": int(folds.max()) + 1, "Cs": cs, "logistic": logit,
+            "mass_mean": mass_mean(stats), "lda": lda, "shrinkage": shrink, "lda_cv": lda_cv}
+
+
+def _layer_chunks(layers: list[int], n_train: int, n_test: int, d: int, config) -> list:
+    """Consecutive chunks of layers fitted at once within ``config.memory_bytes``
+    (``--memory-gb``): per layer its float32 rows, the solver's two centred copies of the
+    train rows, and about four d x d float64 blocks (the class statistics' Gram, LDA's
+    eigendecomposition); at least one layer a chunk."""
+    word = 8 if config.precision == "float64" else 4
+    per_layer = (n_train + n_test) * d * 4 + 2 * n_train * d * word + 4 * d * d * 8
+    size = max(1, int(config.memory_bytes // per_layer))
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
+def _join(parts: list[dict]) -> dict:
+    """The fits, control and outputs of consecutive chunks of layers as one."""
+    if len(parts) == 1:
+        return parts[0]
+    fits = dict(parts[0]["fits"])
+    fits["logistic"] = LogisticCV.concat([p["fits"]["logistic"] for p in parts])
+    for name in ("mass_mean", "lda"):
+        fits[name] = LinearProbe.concat([p["fits"][name] for p in parts])
+    for name in ("shrinkage", "lda_cv"):
+        fits[name] = np.concatenate([p["fits"][name] for p in parts])
+    control = (None if parts[0]["control"] is None else
+               np.concatenate([p["control"] for p in parts]))
+    outputs = {split: {m: np.concatenate([p[split][m] for p in parts]) for m in parts[0][split]}
+               for split in ("p_tr", "p_te")}
+    return {"fits": fits, "control": control, **outputs}
 
 
 def _outputs(fits: dict, x) -> tuple[dict, dict]:
@@ -193,16 +221,26 @@ def fit_classifier(store, config, target: str, out=None) -> ClassifyResult:
     train, test = _rows(store, config, labels, n)
     layers = select_layers(store, config.layers)
     K = len(labels.classes)
-    x_tr, x_te = _read_layers(store, layers, train, test)
-    y_tr = labels.codes[train]
-    fits = _fit_probes(x_tr, y_tr, K, config)
-    control = controls.classify_control(fits["logistic"], x_tr, y_tr, x_te, labels.codes[test],
-                                        K, config)
-    p_tr, kinds = _outputs(fits, x_tr)
-    del x_tr
-    p_te, _ = _outputs(fits, x_te) if test.size else ({}, kinds)
+    y_tr, y_te = labels.codes[train], labels.codes[test]
+    folds = stratified_folds(y_tr, config.cv if isinstance(config.cv, int) else DEFAULT_FOLDS)
+    parts = []
+    chunks = _layer_chunks(layers, train.size, test.size, store.d_model, config)
+    with tqdm(total=len(layers), unit="layer", desc="fastprobe classify", leave=False,
+              disable=not getattr(config, "progress", False), dynamic_ncols=True) as bar:
+        for chunk in chunks:                    # each chunk's rows freed before the next read
+            x_tr, x_te = _read_layers(store, chunk, train, test)
+            fits = _fit_probes(x_tr, y_tr, K, folds, config)
+            control = controls.classify_control(fits["logistic"], x_tr, y_tr, x_te, y_te, K,
+                                                config)
+            p_tr, kinds = _outputs(fits, x_tr)
+            p_te, _ = _outputs(fits, x_te) if test.size else ({}, kinds)
+            parts.append({"fits": fits, "control": control, "p_tr": p_tr, "p_te": p_te})
+            del x_tr, x_te
+            bar.update(len(chunk))
+    joined = _join(parts)
+    fits, control, p_tr, p_te = (joined[k] for k in ("fits", "control", "p_tr", "p_te"))
     scores = {"train": _scores(labels, y_tr, p_tr, kinds),
-              "test": _scores(labels, labels.codes[test], p_te, kinds) if test.size else {}}
+              "test": _scores(labels, y_te, p_te, kinds) if test.size else {}}
     doc = _doc(store, config, target, labels, layers, fits, scores, train, test)
     doc["control"] = controls.classify_block(control, doc, config.control_seed)
     doc["seconds"] = round(time.perf_counter() - t0, 3)

@@ -128,7 +128,7 @@ class FitConfig:
     """memory for one batch of layers' statistics + eigenvectors + per-alpha predictions (GB on
     the command line, bytes in Python); fewer layers per pass when it is small (at least one
     layer is always taken; an alpha grid whose per-alpha arrays of one layer exceed it is
-    refused before the fit starts)"""
+    refused before the fit starts). Classification: the layers read and fitted at once"""
     seed: int = 0
     """seed of the k-fold shuffle"""
     control: bool = True

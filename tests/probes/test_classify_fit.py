@@ -94,6 +94,45 @@ def test_files_are_a_checked_set(tmp_path):
         assert z["logistic_coef"].shape == (3, 3, D) and z["is_test"].sum() == doc["n_test"]
 
 
+@pytest.mark.parametrize("target", ["country", "coastal"])
+def test_layers_streamed_in_chunks_fit_the_same(tmp_path, target):
+    """A memory budget below one layer's working set fits one layer at a time (the rows of the
+    next read only after the last is freed): the same results, arrays and control as all
+    layers at once."""
+    from probes.fit import classify as fc
+
+    store, _ = _store(tmp_path / "s.zarr")
+    cfg = FitConfig(targets=target, cv=3, cs=CS)
+    small = FitConfig(targets=target, cv=3, cs=CS, memory_bytes=1)
+    assert fc._layer_chunks(LAYERS, 120, 30, D, small) == [[0], [4], [8]]
+    assert fc._layer_chunks(LAYERS, 120, 30, D, cfg) == [LAYERS]
+    whole = fit_classifier(store, cfg, target)
+    chunked = fit_classifier(store, small, target)
+    assert whole.doc["control"] is not None
+    _assert_close({k: v for k, v in whole.doc.items() if k != "seconds"},
+                  {k: v for k, v in chunked.doc.items() if k != "seconds"})
+    assert whole.arrays.keys() == chunked.arrays.keys()
+    for key in whole.arrays:
+        np.testing.assert_allclose(whole.arrays[key], chunked.arrays[key], rtol=1e-6,
+                                   atol=1e-9, err_msg=key)
+
+
+def _assert_close(a, b, where="doc"):
+    """Equal JSON-like trees, floats to 1e-6 relative."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), where
+    else:
+        assert a == b, where
+
+
 def test_which_targets_are_classified(tmp_path):
     store, _ = _store(tmp_path / "s.zarr")
     assert classify_target(store, FitConfig(targets="country")) == "country"
