@@ -31,7 +31,7 @@
 #   2. ONLY=bench_cuda,tests_triton,tests_cuda,extract BENCH_ARGS="--sections ceilings,neurons" \
 #      GPU_CHECK_BUDGET=400 bash bench/gpu_check.sh        # tests, CUDA kernels, extraction
 # The weighted Gram (Newton Hessians of the classification probes) has its own two steps:
-#   3. ONLY=bench_wgram,tests_wgram GPU_CHECK_BUDGET=200 bash bench/gpu_check.sh
+#   3. ONLY=bench_wgram,tests_wgram,classify_cuda GPU_CHECK_BUDGET=300 bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -121,6 +121,10 @@ step bench_cuda 50 $PY -m bench.gpu_bench --json "$OUT/bench.json" --merge --bac
 # unweighted Gram on 32x4000x4096 and 30x20000x576, M=5 weight sets (WGRAM_LIMIT seconds)
 step bench_wgram ${WGRAM_LIMIT:-90} $PY -m bench.gpu_bench --json "$OUT/bench.json" --merge \
      $BENCH_ARGS --sections wgram --backends triton,cuda
+# the logistic probes' whole C search (select_c, float32) on the GPU, 4 Llama-shaped layers
+# scaled to 32, next to its floor on the same GPU; no scikit-learn (issue 15's GPU row)
+step classify_cuda 90 $PY -m bench.probe --task classify --shape llama7b --our-layers 4 \
+     --sk-layers 0 --device cuda --no-write
 
 # ---------------------------------------------------------------------------------------- tests
 step tests_triton 90 $PY -m pytest -q -rs -p no:cacheprovider \

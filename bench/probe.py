@@ -306,14 +306,14 @@ def main_classify(args):
         layers = [int(x) for x in (args.layers or "5,10,15").split(",")]
         X, y = pc.real_data(args.store, args.target, layers)
         rows.append(pc.bench_classify(f"store {args.target}", X, y, sk,
-                                      precision, args.sk_max_iter))
+                                      precision, args.sk_max_iter, device=args.device))
     else:
         for s in (["smollm2", "llama7b"] if args.shape == "both" else [args.shape]):
             L, n, d = SHAPES[s]
             ol = min(L, args.our_layers or (6 if s == "smollm2" else 2))
             X, y = pc.make_class_data(ol, n, d)
             rows.append(pc.bench_classify(s, X, y, sk, precision,
-                                          args.sk_max_iter, L_full=L))
+                                          args.sk_max_iter, L_full=L, device=args.device))
     pc.write_results_md(rows, None if args.no_write else Path(args.results), args.note)
 
 

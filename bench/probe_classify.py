@@ -63,10 +63,10 @@ def real_data(path, target, layers, max_classes=N_CLASSES):
     return X, lab.codes[keep]
 
 
-def run_ours(X, y, folds, precision):
+def run_ours(X, y, folds, precision, device="cpu"):
     from probes.classify.select import select_c
     t0 = time.perf_counter()
-    r = select_c(X, y, CS, folds=folds, dtype=precision)
+    r = select_c(X, y, CS, folds=folds, dtype=precision, device=device)
     return r, time.perf_counter() - t0
 
 
@@ -87,35 +87,42 @@ def run_sklearn(X, y, folds, layers, max_iter):
     return Cs, secs, unconverged
 
 
-def _best_of(fn, repeat=3):
+def _best_of(fn, repeat=3, sync=lambda: None):
     best = np.inf
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def floor_seconds(X, work: dict) -> float:
+def floor_seconds(X, work: dict, device="cpu") -> float:
     """Seconds of the float32 products our solve did (one Gram pass, the passes of X against
-    the coefficient block, the preconditioner's weighted Grams), best of 3 per product."""
+    the coefficient block, the preconditioner's weighted Grams), best of 3 per product, on
+    ``device``."""
+    import functools
+
     import torch
-    Xt = torch.from_numpy(np.asarray(X[:1], dtype=np.float32))        # one layer
+    Xt = torch.from_numpy(np.asarray(X[:1], dtype=np.float32)).to(device)   # one layer
+    best = functools.partial(_best_of, sync=torch.cuda.synchronize if device == "cuda"
+                             else (lambda: None))
     L, n, d = X.shape
-    total = L * _best_of(lambda: Xt[0].T @ Xt[0])                     # the Gram pass
+    total = L * best(lambda: Xt[0].T @ Xt[0])                         # the Gram pass
     for part in work.values():
         if not part.get("passes"):
             continue
-        W = torch.randn(d, part["columns"])
-        t_pass = _best_of(lambda: Xt[0] @ W)
+        W = torch.randn(d, part["columns"], device=device)
+        t_pass = best(lambda: Xt[0] @ W)
         Z = Xt[0, :, :part["gram_features"]]
-        w = torch.rand(n, 1)
-        t_gram = _best_of(lambda: (Z * w).T @ Z)
+        w = torch.rand(n, 1, device=device)
+        t_gram = best(lambda: (Z * w).T @ Z)
         total += part["passes"] * part["layers"] * t_pass + part["grams"] * t_gram
     return total
 
 
-def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None):
+def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None, device="cpu"):
     """One row: ours on all of X's layers, sklearn on ``sk_layers`` of them spread over depth,
     the floor."""
     from probes.classify.labels import stratified_folds
@@ -123,8 +130,8 @@ def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None):
     L_full = L_full or L
     folds = stratified_folds(y, 5)
     print(f"== classify {name}: {L} layers x {n} rows x {d}, {y.max() + 1} classes", flush=True)
-    r, t_ours = run_ours(X, y, folds, precision)
-    print(f"   ours ({precision}): {t_ours:.1f}s  C={r.C.tolist()}", flush=True)
+    r, t_ours = run_ours(X, y, folds, precision, device)
+    print(f"   ours ({precision}, {device}): {t_ours:.1f}s  C={r.C.tolist()}", flush=True)
     # sklearn's layers spread over depth (the first and the last included): the same-C check
     # then covers weakly and strongly separated layers; 0: ours and the floor only
     sk_l = sorted({int(i) for i in np.linspace(0, L - 1, min(L, sk_layers)).round()}) \
@@ -133,11 +140,11 @@ def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None):
     if sk_l:
         print(f"   sklearn (layers {sk_l}): {sum(sk_t):.1f}s  C={sk_C}  "
               f"unconverged fits: {unconv}", flush=True)
-    fl = floor_seconds(X, r.work)
+    fl = floor_seconds(X, r.work, device)
     print(f"   floor: {fl:.1f}s  work {r.work}", flush=True)
     same = int(np.sum(np.isclose(np.asarray(sk_C), r.C[sk_l])))
     scale = L_full / L
-    return dict(shape=name, L=L_full, n=n, d=d, K=int(y.max()) + 1, precision=precision,
+    return dict(shape=name, device=device, L=L_full, n=n, d=d, K=int(y.max()) + 1, precision=precision,
                 ours_s=t_ours * scale,
                 sklearn_s=sum(sk_t) * L_full / len(sk_l) if sk_l else float("nan"),
                 floor_s=fl * scale, same=f"{same}/{len(sk_l)} (layers {', '.join(map(str, sk_l))})", sk_layers=len(sk_l),
@@ -162,7 +169,8 @@ def write_results_md(rows, path, note):
         if r["our_layers"] < r["L"]:
             tag += f"; ours on {r['our_layers']}"
         lines.append(
-            f"| {r['shape']} {r['L']} x {r['n']} x {r['d']}, K={r['K']} ({r['precision']}"
+            f"| {r['shape']} {r['L']} x {r['n']} x {r['d']}, K={r['K']} ({r['precision']}, "
+            f"{r['device']}"
             f"{tag}{', scaled to ' + str(r['L']) if tag else ''}) | {r['ours_s']:.1f} "
             f"| {r['sklearn_s']:.1f} | {r['floor_s']:.1f} | {r['sklearn_s'] / r['ours_s']:.1f}x "
             f"| {r['ours_s'] / r['floor_s']:.1f}x | {r['same']} "

@@ -26,6 +26,7 @@ from probes.classify.metrics import evaluate_classification
 from probes.classify.select import LogisticCV, select_c
 from probes.errors import FitError
 from probes.fit import controls
+from probes.fit.config import classify_device
 from probes.inputs import class_targets, fit_view, parse_split, select_layers
 from probes.ridge.alphas import parse_alphas
 
@@ -139,7 +140,8 @@ def _fit_probes(x_tr, y_tr, K: int, folds: np.ndarray, config) -> dict:
     """The three probes on the train rows: logistic (C by k-fold), mass-mean, LDA."""
     cs = parse_alphas(config.cs)
     logit = select_c(x_tr, y_tr, cs, folds=folds, n_classes=K,
-                     class_weight=config.class_weight, dtype=config.precision)
+                     class_weight=config.class_weight, dtype=config.precision,
+                     device=classify_device(config))
     stats = class_stats(x_tr, y_tr, K)          # all train rows: mass-mean and the LDA refit
     lda, shrink, lda_cv = _lda_by_folds(x_tr, y_tr, K, folds, stats)
     return {"k": int(folds.max()) + 1, "Cs": cs, "logistic": logit,

@@ -10,7 +10,7 @@ from actstore.options import cli
 from probes.errors import FitError
 from probes.ridge.alphas import DEFAULT_ALPHAS, parse_alphas
 
-__all__ = ["FitConfig", "BACKEND_CHOICES", "PRECISIONS", "TASKS", "ROW_NORMS"]
+__all__ = ["FitConfig", "BACKEND_CHOICES", "PRECISIONS", "TASKS", "ROW_NORMS", "classify_device"]
 
 BACKEND_CHOICES = ("auto", "cpu", "torch", "cuda", "triton")
 PRECISIONS = ("float64", "float32")
@@ -122,7 +122,8 @@ class FitConfig:
     faster; ~1e-6 relative, less exact for alphas far below the float32 noise floor)"""
     device: str | None = field(default=None, metadata=cli(choices=("cpu", "cuda")))
     """where the solve runs (default: cuda for --backend cuda/triton, and for auto when a GPU is
-    present, else cpu; --backend torch --device cuda runs the float64 reference on the GPU)"""
+    present, else cpu; --backend torch --device cuda runs the float64 reference on the GPU;
+    classification: cpu unless --device cuda)"""
     memory_bytes: int = field(default=2 << 30,
                               metadata=cli(flag="--memory-gb", type=float, metavar="GB"))
     """memory for one batch of layers' statistics + eigenvectors + per-alpha predictions (GB on
@@ -179,3 +180,10 @@ def _cv(cv) -> str | int:
     if k < 2:
         raise FitError(f"cv must be 'loo' or an integer K >= 2, got {k}")
     return k
+
+
+def classify_device(config) -> str:
+    """Where the logistic solves of a classification fit run: the GPU only when asked for
+    (``--device cuda``), else the CPU; unlike ridge, auto does not pick a present GPU, because
+    no GPU has run this path yet (bench/gpu_check.sh, step classify_cuda, measures it)."""
+    return "cuda" if getattr(config, "device", None) == "cuda" else "cpu"

@@ -17,6 +17,7 @@ import numpy as np
 
 from probes import metrics
 from probes.errors import FitError
+from probes.fit.config import classify_device
 from probes.fit.problem import BatchFit, Problem, check_alpha_memory
 from probes.ridge.solvers import select_alpha as _select_alpha
 
@@ -195,7 +196,8 @@ def classify_control(logistic, x_tr, y_tr, x_te, y_te, n_classes: int,
     for c in np.unique(logistic.C):
         ls = np.flatnonzero(logistic.C == c)
         path = fit_logistic_path(x_tr[ls], y_perm, [float(c)], n_classes=n_classes,
-                                 class_weight=config.class_weight, dtype=config.precision)
+                                 class_weight=config.class_weight, dtype=config.precision,
+                                 device=classify_device(config))
         pred = predict_proba(x_te[ls], path.coef[:, 0], path.intercept[:, 0]).argmax(-1)
         acc[ls] = (pred == np.asarray(y_te)[None, :]).mean(1)
     return acc

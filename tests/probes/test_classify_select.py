@@ -141,3 +141,17 @@ def test_float32_chooses_the_float64_c():
     fast = select_c(X.astype(np.float32), y, GRID, dtype="float32")
     np.testing.assert_array_equal(fast.C, ref.C)
     assert np.abs(fast.scores - ref.scores).max() <= 1 / 60           # one held-out row at most
+
+
+@pytest.mark.gpu
+def test_select_c_on_cuda_equals_cpu():
+    """The batched solvers on a GPU (``--device cuda``): the same C per layer and coefficients
+    as on the CPU, in the primal CG path (n > d) and the kernel-space path (n < d)."""
+    for n, d in ((120, 9), (40, 70)):
+        rng = np.random.default_rng(n)
+        y = rng.integers(0, 3, n)
+        X = rng.standard_normal((2, n, d)) + 0.8 * y[None, :, None] * rng.standard_normal(d)
+        cpu = select_c(X, y, np.logspace(-2, 2, 5), cv=3, tol=1e-10)
+        gpu = select_c(X, y, np.logspace(-2, 2, 5), cv=3, tol=1e-10, device="cuda")
+        np.testing.assert_array_equal(gpu.C, cpu.C)
+        np.testing.assert_allclose(gpu.coef, cpu.coef, rtol=1e-6, atol=1e-8)
