@@ -7,7 +7,8 @@ stratified k-fold (:func:`probes.classify.select.select_c`), the difference-of-m
 shrinkage LDA with the shrinkage chosen on the same folds. Each is scored on the train and the
 test rows (accuracy, balanced accuracy, macro-F1, AUROC, log loss). The layers are read and
 fitted in chunks that fit ``--memory-gb`` (each layer's problems are solved to the same
-tolerance whatever shares their batch, so the chunks change the memory, not the fit). :func:`write_classify` writes the files."""
+tolerance whatever shares their batch, so the chunks change the memory, not the fit).
+:func:`write_classify` writes the files."""
 from __future__ import annotations
 
 import time
