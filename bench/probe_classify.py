@@ -144,10 +144,11 @@ def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None, d
     print(f"   floor: {fl:.1f}s  work {r.work}", flush=True)
     same = int(np.sum(np.isclose(np.asarray(sk_C), r.C[sk_l])))
     scale = L_full / L
-    return dict(shape=name, device=device, L=L_full, n=n, d=d, K=int(y.max()) + 1, precision=precision,
-                ours_s=t_ours * scale,
+    return dict(shape=name, device=device, L=L_full, n=n, d=d, K=int(y.max()) + 1,
+                precision=precision, ours_s=t_ours * scale,
                 sklearn_s=sum(sk_t) * L_full / len(sk_l) if sk_l else float("nan"),
-                floor_s=fl * scale, same=f"{same}/{len(sk_l)} (layers {', '.join(map(str, sk_l))})", sk_layers=len(sk_l),
+                floor_s=fl * scale, sk_layers=len(sk_l),
+                same=f"{same}/{len(sk_l)} (layers {', '.join(map(str, sk_l))})",
                 our_layers=L, unconverged=unconv, sk_max_iter=sk_max_iter,
                 newton=r.work["folds"]["newton"] + r.work["refit"]["newton"],
                 passes=r.work["folds"]["passes"] + r.work["refit"]["passes"],
