@@ -118,7 +118,7 @@ def floor_seconds(X, work: dict, device="cpu") -> float:
         Z = Xt[0, :, :part["gram_features"]]
         w = torch.rand(n, 1, device=device)
         t_gram = best(lambda: (Z * w).T @ Z)
-        total += part["passes"] * part["layers"] * t_pass + part["grams"] * t_gram
+        total += part["layer_passes"] * t_pass + part["grams"] * t_gram
     return total
 
 
@@ -151,7 +151,7 @@ def bench_classify(name, X, y, sk_layers, precision, sk_max_iter, L_full=None, d
                 same=f"{same}/{len(sk_l)} (layers {', '.join(map(str, sk_l))})",
                 our_layers=L, unconverged=unconv, sk_max_iter=sk_max_iter,
                 newton=r.work["folds"]["newton"] + r.work["refit"]["newton"],
-                passes=r.work["folds"]["passes"] + r.work["refit"]["passes"],
+                passes=r.work["folds"]["layer_passes"] + r.work["refit"]["layer_passes"],
                 converged=f"{int(r.converged.sum())}/{L}")
 
 
@@ -163,7 +163,7 @@ def write_results_md(rows, path, note):
              f"sklearn `LogisticRegressionCV(tol=1e-4)` per layer on float64 copies. {note}\n",
              "| data (L x n x d, K) | ours (s) | sklearn loop (s) | float32 floor (s) "
              "| speed-up | ours / floor | same C | sklearn fits not converged "
-             "| our Newton steps / X passes |",
+             "| our Newton steps / passes of one layer's X |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tag = f"; sklearn on {r['sk_layers']}" if r["sk_layers"] < r["L"] else ""

@@ -30,6 +30,10 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _TOL = {"float64": 1e-8, "float32": 1e-5}
 _EXACT_D = 1024               # larger d: the preconditioner is exact on a top-r subspace only
 _RANK = 256
+_BATCH_ENTRIES = 1 << 24      # layers solved together: at most this many rows x features (CG
+                              # runs until a batch's slowest problem converges, so a batch of 32
+                              # 4,000 x 4,096 layers paid every layer for its slowest; at least
+                              # one layer, and small layers still go together)
 _ROW_SPACE = 0.2              # the row space only below this many rows per feature (it costs an
                               # n x n float64 eigh and saves (d - n)/d of each pass: 4,096 features,
                               # float32, one layer: 1.3x faster at 700 rows, 1.8x slower at 1,024,
@@ -353,17 +357,23 @@ def _try_step(prob: _Problem, W, b, pW, pb, f0, P0, slope, active):
             torch.where(ok[:, None, :, None], P, P0))
 
 
+WORK_COUNTS = ("passes", "layer_passes", "grams", "newton", "factorizations")
+
+
 def add_work(work: dict | None, prob: _Problem | None = None, newton: int = 0) -> dict:
-    """Tally the work of a solve into ``work`` (a new dict if None): ``passes``, products of all
-    layers' rows X (L, n, d) with a (d, problems × classes) block or its transpose; ``grams``,
-    weighted Grams (of d or r features) built for the preconditioner; ``newton``, steps over all
-    problems; ``layers``, ``rows``, ``features``, ``columns``: the shape one pass multiplies."""
-    work = {"passes": 0, "grams": 0, "newton": 0} if work is None else work
+    """Tally the work of a solve into ``work`` (a new dict if None): ``passes``, batched
+    products of the rows X (L, n, d) of a batch's layers with a (d, problems × classes) block or
+    its transpose; ``layer_passes``, the same counted per layer; ``grams``, weighted Grams (of
+    d or r features, one per layer and problem) built for the preconditioner; ``newton``, steps
+    over all problems; ``rows``, ``features``, ``columns``: the shape one layer's pass
+    multiplies. The counts (:data:`WORK_COUNTS`) add up across solves."""
+    work = {"passes": 0, "layer_passes": 0, "grams": 0, "newton": 0} if work is None else work
     if prob is not None:
         work["passes"] += prob.passes
+        work["layer_passes"] += prob.passes * prob.L
         work["grams"] += prob.grams
         work["newton"] += newton
-        work.update(layers=prob.L, rows=prob.n, features=prob.d, columns=prob.M * prob.K,
+        work.update(rows=prob.n, features=prob.d, columns=prob.M * prob.K,
                     gram_features=prob.basis.Z.shape[-1])
     return work
 
@@ -437,11 +447,11 @@ def _solve_all(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, ma
 def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, max_iter: int,
                   init, warm_start: bool, work, rows: _RowSpace | None):
     """Truncated Newton-CG of every problem on the centred features Xt, or on their row space
-    (``rows``). Returns W (L, d, F, n_C, K'), b (L, F, n_C, K') centred, n_iter, converged."""
+    (``rows``), the C path run for a few layers at a time (:data:`_BATCH_ENTRIES`). Returns W
+    (L, d, F, n_C, K'), b (L, F, n_C, K') centred, n_iter, converged."""
     L, n, d = Xt.shape
     Xs = Xt if rows is None else rows.Q                             # the features solved on
     ds = Xs.shape[-1]
-    basis = _Basis(Xs)
     binary = n_classes == 2
     Y = (codes_t == 1).to(tdt)[:, None] if binary else \
         torch.nn.functional.one_hot(codes_t, n_classes).to(tdt)
@@ -454,21 +464,28 @@ def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, ma
     n_iter = torch.zeros(L, F, nC, dtype=torch.int64)
     conv = torch.zeros(L, F, nC, dtype=torch.bool)
     groups = [[j] for j in np.argsort(Cs, kind="stable")] if warm_start else [list(range(nC))]
-    prev = None
-    for g in groups:
-        wts = torch.as_tensor(np.repeat(wf / S[:, None], len(g), axis=0).T, device=Xt.device)
-        pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, g])).ravel(), device=Xt.device)
-        prob = _Problem(Xs, Y, wts.to(tdt), pen.to(tdt), binary, basis)
-        W0, b0 = W[:, :, :, g], b[:, :, g]
-        if prev is not None and init is None:
-            W0, b0 = prev
-        Wg, bg, it, cv = _newton(prob, W0.reshape(L, ds, -1, K), b0.reshape(L, -1, K), tol,
-                                 max_iter, max_cg=max(50, min(2 * ds * K, 250)))
-        W[:, :, :, g] = Wg.reshape(L, ds, F, len(g), K)
-        b[:, :, g] = bg.reshape(L, F, len(g), K)
-        n_iter[:, :, g], conv[:, :, g] = it.reshape(L, F, -1).cpu(), cv.reshape(L, F, -1).cpu()
-        prev = W[:, :, :, g], b[:, :, g]
-        add_work(work, prob, int(it.sum()))
+    size = max(1, _BATCH_ENTRIES // (n * ds))
+    for lo in range(0, L, size):
+        ls = slice(lo, min(L, lo + size))
+        X, B = Xs[ls], min(L, lo + size) - lo
+        basis = _Basis(X)
+        prev = None
+        for g in groups:
+            wts = torch.as_tensor(np.repeat(wf / S[:, None], len(g), axis=0).T,
+                                  device=Xt.device)
+            pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, g])).ravel(), device=Xt.device)
+            prob = _Problem(X, Y, wts.to(tdt), pen.to(tdt), binary, basis)
+            W0, b0 = W[ls][:, :, :, g], b[ls][:, :, g]
+            if prev is not None and init is None:
+                W0, b0 = prev
+            Wg, bg, it, cv = _newton(prob, W0.reshape(B, ds, -1, K), b0.reshape(B, -1, K), tol,
+                                     max_iter, max_cg=max(50, min(2 * ds * K, 250)))
+            W[ls, :, :, g] = Wg.reshape(B, ds, F, len(g), K)
+            b[ls, :, g] = bg.reshape(B, F, len(g), K)
+            n_iter[ls, :, g] = it.reshape(B, F, -1).cpu()
+            conv[ls, :, g] = cv.reshape(B, F, -1).cpu()
+            prev = W[ls][:, :, :, g], b[ls][:, :, g]
+            add_work(work, prob, int(it.sum()))
     return (W if rows is None else rows.expand(W)), b, n_iter, conv
 
 

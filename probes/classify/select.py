@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from probes.classify.labels import stratified_folds
-from probes.classify.logistic import _TOL, _check, _solve, add_work, class_weights
+from probes.classify.logistic import (
+    _TOL,
+    WORK_COUNTS,
+    _check,
+    _solve,
+    add_work,
+    class_weights,
+)
 from probes.errors import ClassifyError
 
 __all__ = ["LogisticCV", "select_c", "SCORINGS"]
@@ -55,9 +62,11 @@ class LogisticCV:
         work = {}
         for p in parts:
             for stage, counts in p.work.items():
-                into = work.setdefault(stage, dict(counts, passes=0, grams=0, newton=0, layers=0))
-                for key in ("passes", "grams", "newton", "layers"):
-                    into[key] += counts.get(key, 0)
+                into = work.setdefault(stage, {k: v for k, v in counts.items()
+                                               if k not in WORK_COUNTS})
+                for key in WORK_COUNTS:
+                    if key in counts:
+                        into[key] = into.get(key, 0) + counts[key]
         return replace(parts[0], **per_layer, work=work)
 
 

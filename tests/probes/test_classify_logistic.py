@@ -155,6 +155,21 @@ def test_layers_independent_and_odd_codes_order():
     np.testing.assert_allclose(one.coef[0], full.coef[1], rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("K", [2, 4])
+def test_layers_solved_in_batches_of_one(K, monkeypatch):
+    """Above _BATCH_ENTRIES rows x features a batch takes fewer layers (one at least): the
+    same path (warm starts, every C) and a work tally that counts each layer's passes."""
+    X, y = make_data(3, 60, 5, K, 13)
+    Cs = GRID[1:6]
+    whole = fit_logistic_path(X, y, Cs, tol=1e-10)
+    monkeypatch.setattr(logistic, "_BATCH_ENTRIES", 1)
+    single = fit_logistic_path(X, y, Cs, tol=1e-10)
+    np.testing.assert_allclose(single.coef, whole.coef, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(single.intercept, whole.intercept, rtol=1e-7, atol=1e-10)
+    assert single.converged.all() and single.work["layer_passes"] == single.work["passes"]
+    assert whole.work["layer_passes"] == 3 * whole.work["passes"]
+
+
 def test_bad_inputs():
     X, y = make_data(1, 20, 3, 3, 10)
     with pytest.raises(ClassifyError, match="rows"):
