@@ -49,10 +49,11 @@ def unavailable_reason() -> str:
 
 
 def centred(X: torch.Tensor, mean: torch.Tensor, out: torch.Tensor | None = None,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
     """X - mean[:, None, :] in ``dtype`` (float32 or float64) for X (B, r, d) and mean (B, d),
-    into ``out`` (a contiguous (B, r, d) tensor of ``dtype``, e.g. a buffer reused across
-    chunks) or a new tensor.
+    into ``out`` (a contiguous (B, r', d) tensor of ``dtype``, e.g. a buffer reused across
+    chunks) or a new tensor; ``rows`` (int64 indices, optional): only those rows of X, in that
+    order (r' of them), with no gathered copy of X.
 
     A CPU float16 X with contiguous rows goes through ``probes._C.centre_f16`` (F16C, OpenMP:
     torch converts fp16 one value at a time); anything else, or a build without it, through
@@ -61,10 +62,14 @@ def centred(X: torch.Tensor, mean: torch.Tensor, out: torch.Tensor | None = None
     if (X.dtype == torch.float16 and X.device.type == "cpu" and mean.device.type == "cpu"
             and X.dim() == 3 and X.stride(2) == 1 and hasattr(_C, "centre_f16")
             and (out is None or (out.device.type == "cpu" and out.dtype == dtype
-                                 and out.is_contiguous()))):
+                                 and out.is_contiguous()))
+            and (rows is None or rows.device.type == "cpu")):
         o = _C.centre_f16(X.detach().numpy(), m.contiguous().numpy(),
-                          None if out is None else out.numpy())
+                          None if out is None else out.numpy(),
+                          None if rows is None else rows.to(torch.int64).contiguous().numpy())
         return out if out is not None else torch.from_numpy(o)
+    if rows is not None:
+        X = X[:, rows.to(X.device)]
     if out is None:
         return X.to(dtype) - m[:, None, :]
     return torch.sub(X, m[:, None, :], out=out)

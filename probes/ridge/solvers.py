@@ -106,9 +106,10 @@ def primal_factor(n, sx, xtx, sy, xty, shift=None, precision="float64") -> Prima
 
 
 class LooAccumulator:
-    """Second streaming pass of the primal form: per chunk, Z = (X - x̄)V, then for every alpha the
-    hat diagonal, the fitted value, the LOO residual of train rows, and the fitted values of every
-    row (kept so that the chosen alpha's train and test predictions need no third pass).
+    """Second streaming pass of the primal form: per chunk, Z = (X - x̄)V of the train rows, then
+    for every alpha their hat diagonal, fitted value and LOO residual; the test rows' fitted
+    values come straight from every alpha's coefficients (X - x̄)·V·GA, without Z. The fitted
+    values of every row are kept, so that the chosen alpha's predictions need no third pass.
 
     Exact efficient LOO, identical to scikit-learn ``RidgeCV(cv=None)``: the hat diagonal is
     h_i(α) = 1/n + Σ_j Z_ij²/(λ_j+α) (the 1/n is the unpenalised intercept) and the LOO residual
@@ -140,17 +141,20 @@ class LooAccumulator:
         self.ybar_c = factor.ybar.to(self.dtype)
         self.inv_c = inv.transpose(1, 2).to(self.dtype).contiguous()          # (B, d, A)
         self.GA_c = GA.to(self.dtype)
+        self.WA_c = (factor.V @ GA).to(self.dtype)     # (B, d, A*k): every alpha's coefficients
         self.pred = (torch.zeros(B, n_rows, A, k, dtype=self.dtype, device=dev)
                      if keep_predictions else None)
         self._bufs: dict[str, torch.Tensor] = {}
 
     def _scratch(self, name: str, shape: tuple) -> torch.Tensor:
-        """A buffer (compute dtype) kept across chunks: a fresh array of this size costs a page
+        """A contiguous buffer (compute dtype) kept across chunks and grown when a chunk needs
+        more (chunks split into train and test rows differ in size): a fresh array costs a page
         fault per 4 KiB on first touch (about 5 µs each in a VM), as much as the arithmetic."""
+        need = int(np.prod(shape))
         t = self._bufs.get(name)
-        if t is None or t.shape != shape:
-            t = self._bufs[name] = torch.empty(shape, dtype=self.dtype, device=self.f.lam.device)
-        return t
+        if t is None or t.numel() < need:
+            t = self._bufs[name] = torch.empty(need, dtype=self.dtype, device=self.f.lam.device)
+        return t[:need].view(shape)
 
     def update(self, start: int, X, Y, train) -> None:
         """X (B, r, d) any float dtype (numpy or torch), Y (r, k) targets, train (r,) bool."""
@@ -159,28 +163,45 @@ class LooAccumulator:
         if X.device != dev:
             X = X.to(dev)
         B, r, d, A, k, dt = self.B, X.shape[1], self.d, self.A, self.k, self.dtype
-        # centred first (a large mean cannot cancel digits away), into a buffer, never into X
-        # (the caller's); fp16 converted by the C++ kernel on CPU
-        Xc = centred(X, self.meanc, out=self._scratch("x", (B, r, d)), dtype=dt)
-        Z = torch.matmul(Xc, self.Vc, out=self._scratch("z", (B, r, d)))
-        yhat = torch.matmul(Z, self.GA_c, out=self._scratch("yhat", (B, r, A * k)))
-        yhat = yhat.view(B, r, A, k).add_(self.ybar_c)
-        if self.pred is not None:
-            self.pred[:, start:start + r] = yhat
         train = torch.as_tensor(np.asarray(train, dtype=bool), device=dev)
-        if not bool(train.any()):
-            return
+        n_tr = int(train.sum())
+        # centred first (a large mean cannot cancel digits away), into buffers, never into X
+        # (the caller's); fp16 converted by the C++ kernel on CPU, which also takes the train
+        # and the test rows apart (a gathered copy cost a tenth of the pass)
+        tr = None if n_tr == r else train.nonzero().ravel()
+        if n_tr < r:
+            # test rows need only their predictions: (X - x̄)·(V·GA), every alpha's coefficients,
+            # not the d-wide Z (a fifth of the pass's products on a 20 % test split); their
+            # targets never enter the sums (a NaN test target cannot leak)
+            te = (~train).nonzero().ravel()
+            X_te = centred(X, self.meanc, out=self._scratch("x_te", (B, r - n_tr, d)), dtype=dt,
+                           rows=te)
+            y_te = torch.matmul(X_te, self.WA_c, out=self._scratch("y_te", (B, r - n_tr, A * k)))
+            y_te = y_te.view(B, -1, A, k).add_(self.ybar_c)
+            if self.pred is not None:
+                self.pred.index_copy_(1, te + start, y_te)
+            if n_tr == 0:
+                return
+        Xc = centred(X, self.meanc, out=self._scratch("x", (B, n_tr, d)), dtype=dt, rows=tr)
+        Z = torch.matmul(Xc, self.Vc, out=self._scratch("z", (B, n_tr, d)))
+        yhat = torch.matmul(Z, self.GA_c, out=self._scratch("yhat", (B, n_tr, A * k)))
+        yhat = yhat.view(B, n_tr, A, k).add_(self.ybar_c)
+        if self.pred is not None:
+            if tr is None:
+                self.pred[:, start:start + r] = yhat
+            else:
+                self.pred.index_copy_(1, tr + start, yhat)
         Z.mul_(Z)
         # 1 - h, h = Σ Z²/(λ + α) + 1/n
-        one_minus_h = torch.matmul(Z, self.inv_c, out=self._scratch("h", (B, r, A)))
+        one_minus_h = torch.matmul(Z, self.inv_c, out=self._scratch("h", (B, n_tr, A)))
         one_minus_h.add_(1.0 / self.f.n).neg_().add_(1.0)
-        # every row's residual, test rows' set to 0 (cheaper than gathering the train rows; a
-        # fill, not a product, so a test row's NaN target or prediction cannot leak into the sum)
         Yc = torch.as_tensor(np.asarray(Y), device=dev).to(dt)
-        e = torch.sub(Yc[None, :, None, :], yhat, out=self._scratch("e", (B, r, A, k)))
-        e.div_(one_minus_h[..., None]).mul_(e).masked_fill_(~train[None, :, None, None], 0.0)
+        if tr is not None:
+            Yc = Yc[tr]
+        e = torch.sub(Yc[None, :, None, :], yhat, out=self._scratch("e", (B, n_tr, A, k)))
+        e.div_(one_minus_h[..., None]).mul_(e)
         self.sse += e.sum(1, dtype=torch.float64)
-        self.n_train += int(train.sum())
+        self.n_train += n_tr
 
     def scores(self):
         """(B, A, k) per-target LOO score: -mean squared LOO residual (a shared alpha is then

@@ -327,3 +327,26 @@ def test_centred_reads_strided_rows_into_a_buffer_and_falls_back_for_other_input
         _C.centre_f16(view.numpy(), mean.numpy(), np.zeros((3, 70, 40), mean.numpy().dtype))
     with pytest.raises(ValueError, match="mean must be float32 or float64"):
         _C.centre_f16(view.numpy(), mean.numpy().astype(np.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_centred_picks_rows_by_index(dtype):
+    """``rows``: only those rows of a strided fp16 chunk, in the given order (repeats allowed),
+    the same by the C++ kernel and by torch (a float32 chunk); indices outside X refused."""
+    rng = np.random.default_rng(6)
+    store = rng.normal(size=(5, 200, 33)).astype(np.float16)
+    mean = torch.from_numpy(rng.normal(size=(2, 33))).to(dtype)
+    view = torch.from_numpy(store)[1:3, 50:127]
+    rows = torch.tensor([76, 0, 3, 3, 41, 2])
+    want = view.double()[:, rows] - mean.double()[:, None, :]
+    buf = torch.full((2 * 6 * 33 + 7,), np.nan, dtype=dtype)[:2 * 6 * 33].view(2, 6, 33)
+    got = cpu_backend.centred(view, mean, out=buf, dtype=dtype, rows=rows)
+    assert got is buf
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=EPS[dtype], atol=0)
+    by_torch = cpu_backend.centred(view.to(torch.float32), mean, dtype=dtype, rows=rows)
+    np.testing.assert_allclose(by_torch.double().numpy(), want.numpy(), rtol=EPS[dtype], atol=0)
+    empty = cpu_backend.centred(view, mean, dtype=dtype, rows=torch.zeros(0, dtype=torch.int64))
+    assert empty.shape == (2, 0, 33)
+    with pytest.raises(ValueError, match="rows holds 77, outside"):
+        _C.centre_f16(view.numpy(), mean.numpy(), None, np.array([1, 77]))
+

@@ -232,6 +232,37 @@ def test_kfold_primal_and_dual_agree_with_shuffled_folds():
     np.testing.assert_allclose(dd.numpy(), r2, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("precision,tol", [("float64", 1e-10), ("float32", 1e-4)])
+def test_loo_pass_with_test_rows_in_its_chunks(precision, tol):
+    """Chunks that mix train and test rows (all-test and all-train chunks too): the LOO sums
+    cover the train rows only, a test row's NaN target is ignored, and every row's fitted
+    values for every alpha equal the float64 ridge refit on the train rows."""
+    import torch
+    n, d = 61, 7
+    X, Y = make_data(n, d, seed=5)
+    train = np.random.default_rng(5).random(n) > 0.3
+    train[16:24], train[24:32] = False, True
+    Y[np.flatnonzero(~train)[0]] = np.nan
+    Xt, Yt = X[train], Y[train]
+    xbar, ybar = Xt.mean(0), Yt.mean(0)
+    Xs = Xt - xbar
+    fac = primal_factor(train.sum(), torch.tensor(Xs.sum(0))[None],
+                        torch.tensor(Xs.T @ Xs)[None], torch.tensor(Yt.sum(0)),
+                        torch.tensor(Xs.T @ (Yt - ybar))[None], torch.tensor(xbar)[None])
+    acc = LooAccumulator(fac, ALPHAS, n, precision=precision)
+    for s in range(0, n, 8):
+        acc.update(s, torch.tensor(X[s:s + 8])[None], Y[s:s + 8], train[s:s + 8])
+    assert acc.n_train == train.sum()
+    for a, alpha in enumerate(ALPHAS):
+        inv = np.linalg.inv(Xs.T @ Xs + alpha * np.eye(d))
+        w = inv @ Xs.T @ (Yt - ybar)
+        fitted = (X - xbar) @ w + ybar
+        np.testing.assert_allclose(acc.pred[0, :, a].numpy(), fitted, rtol=tol, atol=tol)
+        h = 1 / train.sum() + np.einsum("nd,de,ne->n", Xs, inv, Xs)
+        e = (Yt - fitted[train]) / (1 - h)[:, None]
+        np.testing.assert_allclose(acc.scores()[0, a].numpy(), -(e ** 2).mean(0), rtol=tol)
+
+
 def test_float32_projection_close_to_float64():
     import torch
     X, Y = make_data(200, 20, seed=8)

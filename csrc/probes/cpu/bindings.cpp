@@ -115,9 +115,22 @@ py::tuple neuron_moments(py::array_t<uint16_t, py::array::c_style> X,
 }
 
 template <typename T>
-py::array centre_into(const py::array &X, const py::array &mean, const py::object &out) {
+py::array centre_into(const py::array &X, const py::array &mean, const py::object &out,
+                      const py::object &rows) {
   const char *type = sizeof(T) == 4 ? "float32" : "float64";
-  const int64_t B = X.shape(0), r = X.shape(1), d = X.shape(2);
+  const int64_t B = X.shape(0), d = X.shape(2);
+  const int64_t *idx = nullptr;
+  py::array_t<int64_t, py::array::c_style> rows_a;
+  if (!rows.is_none()) {
+    rows_a = rows.cast<py::array_t<int64_t, py::array::c_style>>();
+    if (rows_a.ndim() != 1) bad("rows must be a 1-D int64 array of row indices");
+    idx = rows_a.data();
+    for (int64_t i = 0; i < rows_a.shape(0); ++i)
+      if (idx[i] < 0 || idx[i] >= X.shape(1))
+        bad("rows holds " + std::to_string(idx[i]) + ", outside X's " +
+            std::to_string(X.shape(1)) + " rows");
+  }
+  const int64_t r = idx ? rows_a.shape(0) : X.shape(1);
   if (!(mean.flags() & py::array::c_style) || mean.ndim() != 2 || mean.shape(0) != B ||
       mean.shape(1) != d)
     bad(std::string("mean must be C-contiguous (B, d) with B, d = ") + std::to_string(B) + ", " +
@@ -127,25 +140,28 @@ py::array centre_into(const py::array &X, const py::array &mean, const py::objec
   if (!py::isinstance<py::array_t<T>>(o) || o.dtype().kind() != 'f' || o.itemsize() != sizeof(T) ||
       !(o.flags() & py::array::c_style) || !o.writeable() || o.ndim() != 3 || o.shape(0) != B ||
       o.shape(1) != r || o.shape(2) != d)
-    bad(std::string("out must be a writeable C-contiguous ") + type + " array of X's shape");
+    bad(std::string("out must be a writeable C-contiguous ") + type +
+        " array (B, rows, d) of X's layers and width");
   const auto *x = static_cast<const uint16_t *>(X.data());
   const int64_t sb = X.strides(0) / 2, sr = X.strides(1) / 2;
   const auto *m = static_cast<const T *>(mean.data());
   auto *dst = static_cast<T *>(o.mutable_data());
   {
     py::gil_scoped_release nogil;
-    probes_cpu::centre_f16(x, B, r, d, sb, sr, m, dst);
+    probes_cpu::centre_f16(x, B, r, d, sb, sr, idx, m, dst);
   }
   return o;
 }
 
-py::array centre_f16(py::array X, py::array mean, py::object out) {
+py::array centre_f16(py::array X, py::array mean, py::object out, py::object rows) {
   if (X.ndim() != 3 || X.dtype().kind() != 'f' || X.itemsize() != 2)
     bad("X must be a float16 array (B, r, d)");
   if (X.strides(2) != 2 || X.strides(0) % 2 || X.strides(1) % 2)
     bad("X's rows must be contiguous (its last stride one element)");
-  if (mean.dtype().kind() == 'f' && mean.itemsize() == 4) return centre_into<float>(X, mean, out);
-  if (mean.dtype().kind() == 'f' && mean.itemsize() == 8) return centre_into<double>(X, mean, out);
+  if (mean.dtype().kind() == 'f' && mean.itemsize() == 4)
+    return centre_into<float>(X, mean, out, rows);
+  if (mean.dtype().kind() == 'f' && mean.itemsize() == 8)
+    return centre_into<double>(X, mean, out, rows);
   bad("mean must be float32 or float64 (the output's type)");
 }
 
@@ -172,7 +188,8 @@ PYBIND11_MODULE(_C, m) {
         "uint16 bits, Y (r, k) float64, fold (r,) int32, shift (B, m) float32. Returns float64 "
         "(sx (B, m), sxx (B, m), sxy (B, m, k)).");
   m.def("centre_f16", &centre_f16, py::arg("X"), py::arg("mean"), py::arg("out") = py::none(),
+        py::arg("rows") = py::none(),
         "X - mean[b] for X (B, r, d) float16 (rows contiguous, any row and layer strides) and mean\n"
         "(B, d) float32 or float64, in mean's type, into out (a C-contiguous (B, r, d) array of that\n"
-        "type) or a new one.");
+        "type) or a new one; rows (int64 indices, optional): only those rows of X, in that order.");
 }

@@ -34,10 +34,11 @@ void neuron_moments(const uint16_t *X, int64_t B, int64_t r, int64_t m, const do
                     double *sxy);
 
 // out (B, r, d) = X - mean[b] for X float16 bits with element strides (layer_stride,
-// row_stride, 1), mean (B, d) and out (C-contiguous) both float32 or both float64.
+// row_stride, 1), mean (B, d) and out (C-contiguous) both float32 or both float64; row i of out
+// is row rows[i] of X when rows is not null (r indices, each valid), else row i.
 void centre_f16(const uint16_t *X, int64_t B, int64_t r, int64_t d, int64_t layer_stride,
-                int64_t row_stride, const float *mean, float *out);
+                int64_t row_stride, const int64_t *rows, const float *mean, float *out);
 void centre_f16(const uint16_t *X, int64_t B, int64_t r, int64_t d, int64_t layer_stride,
-                int64_t row_stride, const double *mean, double *out);
+                int64_t row_stride, const int64_t *rows, const double *mean, double *out);
 
 }  // namespace probes_cpu
