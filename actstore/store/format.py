@@ -93,23 +93,25 @@ def to_storage(x, dtype: str) -> np.ndarray:
     return x.to(torch.float32).numpy()
 
 
-def as_torch(block, dtype: str):
+def as_torch(block, dtype: str, contiguous: bool = True):
     """A stored numpy block as a torch tensor of its true dtype (bfloat16 from its raw bits);
-    torch tensors pass through."""
+    torch tensors pass through. ``contiguous=False`` keeps a strided block's strides (no copy)
+    for a reader that takes them."""
     import torch
 
     if isinstance(block, torch.Tensor):
         return block
-    block = np.ascontiguousarray(block)
+    if contiguous:
+        block = np.ascontiguousarray(block)
     if dtype == "bfloat16":
         return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(block)
 
 
-def as_compute(block, dtype: str):
+def as_compute(block, dtype: str, contiguous: bool = True):
     """A stored block as a tensor the kernels take: float16/float32 as stored, bfloat16 as
-    float32 (exact)."""
-    t = as_torch(block, dtype)
+    float32 (exact); ``contiguous`` as :func:`as_torch`."""
+    t = as_torch(block, dtype, contiguous)
     return t.float() if dtype == "bfloat16" else t
 
 

@@ -133,7 +133,9 @@ def loo_pass(job: Job, layers: list[int], factor: PrimalFactor, chunk_rows: int)
                          precision=job.config.precision)
     for start, block in _chunks(job, layers, chunk_rows):
         r = block.shape[1]
-        X = job.rows.apply(as_compute(block, job.store.dtype), start, layers, job.compute_dtype)
+        # strided as read (a layer-major block's rows): the centring reads them in place
+        X = job.rows.apply(as_compute(block, job.store.dtype, contiguous=False), start, layers,
+                           job.compute_dtype)
         acc.update(start, X, p.Yz[start:start + r], p.train[start:start + r])
         job.meter.tick(r)
     job.shard.reduce_loo(acc)      # LOO residual sums everywhere, predictions on rank 0

@@ -515,3 +515,28 @@ def test_messages_scikit_learn_expects():
             RidgeProbeCV(ALPHAS, cv=bad).fit(X, Y)
     with pytest.raises(RidgeError, match="outside"):
         RidgeProbeCV(ALPHAS, cv=[(np.arange(10), np.arange(10, 25))]).fit(X, Y)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_eigh_split_over_threads_equals_one_call(dtype):
+    """The primal eigendecomposition split over two one-thread workers (CPU, d <= 1024) gives
+    the batch's eigenpairs in order, as one torch.linalg.eigh call; the thread count is restored."""
+    import torch
+
+    from probes.ridge import solvers
+    rng = np.random.default_rng(9)
+    A = rng.normal(size=(5, 40, 60))
+    M = torch.tensor(A @ A.transpose(0, 2, 1), dtype=getattr(torch, dtype))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lam, V = solvers._batched_eigh(M)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    ref_lam, _ = torch.linalg.eigh(M)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    assert lam.shape == (5, 40) and V.shape == (5, 40, 40)
+    assert rel(lam, ref_lam) < tol
+    rebuilt = V @ torch.diag_embed(lam) @ V.transpose(1, 2)
+    assert rel(rebuilt, M) < tol
