@@ -204,6 +204,21 @@ def test_subspace_preconditioner_of_wide_features(K, n, d, monkeypatch):
     check_against_sklearn(X, y, K, Cs, path)
 
 
+@pytest.mark.parametrize("K,exact_d", [(2, 1024), (3, 1024), (3, 8)])
+def test_preconditioner_from_a_row_sample(K, exact_d, monkeypatch):
+    """Over _SKETCH rows a feature (twice over) the preconditioner's Gram sums a random row
+    sample, reweighted: CG may need more products, the answer stays scikit-learn's (also on
+    the top-r subspace, exact_d 8)."""
+    monkeypatch.setattr(logistic, "_SKETCH", 1)
+    monkeypatch.setattr(logistic, "_EXACT_D", exact_d)
+    monkeypatch.setattr(logistic, "_RANK", 5)
+    import torch
+    X, y = make_data(2, 71, 17, K, 23)
+    assert logistic._Basis(torch.as_tensor(X)).rows.numel() == (17 if exact_d > 17 else 5)
+    path = fit_logistic_path(X, y, GRID[:5])
+    check_against_sklearn(X, y, K, GRID[:5], path)
+
+
 @pytest.mark.parametrize("L,n,d,M,K,r", [(2, 37, 13, 3, 4, 5), (1, 20, 9, 2, 1, 3)])
 def test_subspace_preconditioner_equals_its_matrix(L, n, d, M, K, r, monkeypatch):
     """The top-r preconditioner applied as products equals the dense float64 matrix
