@@ -115,8 +115,8 @@ def floor_seconds(X, work: dict, device="cpu") -> float:
             continue
         W = torch.randn(d, part["columns"], device=device)
         t_pass = best(lambda: Xt[0] @ W)
-        Z = Xt[0, :, :part["gram_features"]]
-        w = torch.rand(n, 1, device=device)
+        Z = Xt[0, :part.get("gram_rows", n), :part["gram_features"]]
+        w = torch.rand(Z.shape[0], 1, device=device)
         t_gram = best(lambda: (Z * w).T @ Z)
         total += part["layer_passes"] * t_pass + part["grams"] * t_gram
     return total

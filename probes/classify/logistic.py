@@ -379,15 +379,18 @@ def add_work(work: dict | None, prob: _Problem | None = None, newton: int = 0) -
     its transpose; ``layer_passes``, the same counted per layer; ``grams``, weighted Grams (of
     d or r features, one per layer and problem) built for the preconditioner; ``newton``, steps
     over all problems; ``rows``, ``features``, ``columns``: the shape one layer's pass
-    multiplies. The counts (:data:`WORK_COUNTS`) add up across solves."""
+    multiplies; ``gram_features``, ``gram_rows``: the shape of a preconditioner Gram. The
+    counts (:data:`WORK_COUNTS`) add up across solves."""
     work = {"passes": 0, "layer_passes": 0, "grams": 0, "newton": 0} if work is None else work
     if prob is not None:
         work["passes"] += prob.passes
         work["layer_passes"] += prob.passes * prob.L
         work["grams"] += prob.grams
         work["newton"] += newton
+        rows = prob.basis.rows
         work.update(rows=prob.n, features=prob.d, columns=prob.M * prob.K,
-                    gram_features=prob.basis.Z.shape[-1])
+                    gram_features=prob.basis.Z.shape[-1],
+                    gram_rows=prob.n if rows is None else rows.numel())
     return work
 
 
