@@ -127,11 +127,13 @@ class _Basis:
         self.V = None if d <= _EXACT_D else _top_eigenvectors(X, min(_RANK, n, d))
         self.Z = X if self.V is None else X @ self.V
         self.norm2 = None if self.V is None else X.square().sum(-1)
-        # the rows the preconditioner's Gram sums (all of them up to _SKETCH rows a feature)
+        # the rows the preconditioner's Gram sums (all of them up to _SKETCH rows a feature),
+        # gathered once for every build
         m = _SKETCH * self.Z.shape[-1]
         gen = torch.Generator().manual_seed(0)
         self.rows = None if n <= 2 * m else \
             torch.randperm(n, generator=gen)[:m].sort().values.to(X.device)
+        self.Z_gram = self.Z if self.rows is None else self.Z[:, self.rows].contiguous()
 
 
 def _top_eigenvectors(X, r: int):
@@ -161,11 +163,9 @@ class _Precond:
         om = h.mean(-1)                                               # (L, n, M)
         tiny = torch.finfo(h.dtype).tiny
         a = h.sum(1) / om.sum(1)[..., None].clamp_min(tiny)           # (L, M, K)
-        Zb, pen, rows = prob.basis.Z, prob.pen[None, :, None], prob.basis.rows
-        if rows is not None:                # a row sample, reweighted: the same Gram expected
-            Zb, om_g = Zb[:, rows], om[:, rows] * (n / rows.numel())
-        else:
-            om_g = om
+        Zb, pen, rows = prob.basis.Z_gram, prob.pen[None, :, None], prob.basis.rows
+        # a row sample, reweighted: the same Gram expected
+        om_g = om if rows is None else om[:, rows] * (n / rows.numel())
         G = torch.stack([weighted_gram(Zb[l:l + 1], om_g[l].T.contiguous())[0]
                          for l in range(L)]).to(h.dtype)              # (L, M, r, r)
         prob.grams += L * M
@@ -491,16 +491,18 @@ def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, ma
                                   device=Xt.device)
             pen = torch.as_tensor((1.0 / (S[:, None] * Cs[None, g])).ravel(), device=Xt.device)
             prob = _Problem(X, Y, wts.to(tdt), pen.to(tdt), binary, basis)
-            W0, b0 = W[ls][:, :, :, g], b[ls][:, :, g]
             if prev is not None and init is None:
-                W0, b0 = prev
-            Wg, bg, it, cv = _newton(prob, W0.reshape(B, ds, -1, K), b0.reshape(B, -1, K), tol,
-                                     max_iter, max_cg=max(50, min(2 * ds * K, 250)))
+                W0, b0 = prev                       # the last C's solution
+            else:
+                W0 = W[ls][:, :, :, g].reshape(B, ds, -1, K)
+                b0 = b[ls][:, :, g].reshape(B, -1, K)
+            Wg, bg, it, cv = _newton(prob, W0, b0, tol, max_iter,
+                                     max_cg=max(50, min(2 * ds * K, 250)))
             W[ls, :, :, g] = Wg.reshape(B, ds, F, len(g), K)
             b[ls, :, g] = bg.reshape(B, F, len(g), K)
             n_iter[ls, :, g] = it.reshape(B, F, -1).cpu()
             conv[ls, :, g] = cv.reshape(B, F, -1).cpu()
-            prev = W[ls][:, :, :, g], b[ls][:, :, g]
+            prev = Wg, bg
             add_work(work, prob, int(it.sum()))
     return (W if rows is None else rows.expand(W)), b, n_iter, conv
 
