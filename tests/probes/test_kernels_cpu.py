@@ -6,11 +6,14 @@ Tolerances, relative to the natural scale of each quantity:
   over blocks of <= block_rows rows, then in float64; Σx and ΣxyT are summed in double), measured
   against natural scales: |err_ij| / sqrt(D_i D_j) with D the reference diagonal of XᵀX, and the
   same Cauchy-Schwarz scales for Σx and ΣxyT. n, Σy, ΣyyT: 1e-12 in both modes.
+Both double kernels run (AVX-512 where the CPU has it, and AVX2 forced by PROBES_CPU_ISA=avx2).
 Shapes are odd on purpose: d not a multiple of the 24/12-wide panels or of the 144/72-wide macro
 tiles, r = 1, d > r, B = 1 and 3, k = 1..3, F = 1 and 5, rows skipped with fold -1, large offsets.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -66,43 +69,76 @@ def _assert_stats_close(got: GramStats, want: GramStats, precision: str):
     assert torch.equal(got.xtx, got.xtx.transpose(-1, -2)), "xtx must be exactly symmetric"
 
 
-def _run_both(X, Y, fold, B, d, k, F, precision, shift=None, block_rows=2048, backend_input=None):
+#: float64 runs the AVX-512 kernel where the CPU has it; "float64-avx2" forces the AVX2 one, so
+#: both are checked on an AVX-512 machine
+MODES = ["float32", "float64", "float64-avx2"]
+
+
+@contextlib.contextmanager
+def _isa(mode):
+    """The environment that selects ``mode``'s kernel; yields the precision to pass."""
+    old = os.environ.get("PROBES_CPU_ISA")
+    if mode.endswith("-avx2"):
+        os.environ["PROBES_CPU_ISA"] = "avx2"
+    try:
+        yield mode.removesuffix("-avx2")
+    finally:
+        if old is None:
+            os.environ.pop("PROBES_CPU_ISA", None)
+        else:
+            os.environ["PROBES_CPU_ISA"] = old
+
+
+def _run_both(X, Y, fold, B, d, k, F, mode, shift=None, block_rows=2048, backend_input=None):
     shift = choose_shift(X, fold) if shift is None else shift
     want = GramStats.zeros(B, d, k, F, shift=shift)
     reference.gram_update(want, X, Y, fold)
     got = GramStats.zeros(B, d, k, F, shift=shift)
     Xi, Yi, fi = backend_input if backend_input is not None else (X, Y, fold)
-    cpu_backend.gram_update(got, Xi, Yi, fi, precision=precision, block_rows=block_rows)
+    with _isa(mode) as precision:
+        cpu_backend.gram_update(got, Xi, Yi, fi, precision=precision, block_rows=block_rows)
     return got, want
 
 
-@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B,r,d,k,F", [
     (1, 1, 1, 1, 1),        # a single row, a single column
     (1, 1, 37, 2, 5),       # r = 1 with F = 5
-    (3, 45, 25, 3, 5),      # d one past a float32 panel
-    (1, 64, 161, 1, 1),     # d > r, crosses macro tiles in both modes
+    (3, 45, 25, 3, 5),      # d one past a float32 (and AVX-512 double) panel
+    (1, 64, 161, 1, 1),     # d > r, crosses macro tiles in every mode
     (3, 130, 13, 2, 1),     # B = 3, d < one panel
-    (2, 90, 150, 3, 5),     # d just past a float32 macro tile
+    (2, 90, 150, 3, 5),     # d just past a 144-column macro tile
+    (1, 203, 77, 2, 1),     # r not a multiple of the 128-row inner step, d of 8-row tiles + 5
 ])
-def test_cpu_matches_reference(precision, B, r, d, k, F):
+def test_cpu_matches_reference(mode, B, r, d, k, F):
     rng = np.random.default_rng(1000 * B + 10 * r + d + k)
     X, Y, fold = _chunk(rng, B, r, d, k, F, offset=200.0)
     if r == 1:
         fold[:] = F - 1
-    got, want = _run_both(X, Y, fold, B, d, k, F, precision)
-    _assert_stats_close(got, want, precision)
+    got, want = _run_both(X, Y, fold, B, d, k, F, mode)
+    _assert_stats_close(got, want, mode.removesuffix("-avx2"))
 
 
-@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("block_rows", [1, 7, 64])
-def test_cpu_row_blocks(precision, block_rows):
+def test_cpu_row_blocks(mode, block_rows):
     """Blocks smaller than a fold's rows: many flushes into the float64 totals."""
     rng = np.random.default_rng(block_rows)
     B, r, d, k, F = 2, 150, 30, 2, 3
     X, Y, fold = _chunk(rng, B, r, d, k, F, offset=10.0)
-    got, want = _run_both(X, Y, fold, B, d, k, F, precision, block_rows=block_rows)
-    _assert_stats_close(got, want, precision)
+    got, want = _run_both(X, Y, fold, B, d, k, F, mode, block_rows=block_rows)
+    _assert_stats_close(got, want, mode.removesuffix("-avx2"))
+
+
+def test_gram_kernel_names_the_micro_kernel_of_each_mode():
+    """float64 takes the AVX-512 kernel exactly where the CPU has AVX-512, unless
+    PROBES_CPU_ISA=avx2; float32 is always the AVX2 kernel."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    has_512 = " avx512f" in flags
+    assert _C.gram_kernel(False) == "avx2-float"
+    assert _C.gram_kernel(True) == ("avx512-double" if has_512 else "avx2-double")
+    with _isa("float64-avx2"):
+        assert _C.gram_kernel(True) == "avx2-double"
 
 
 def test_cpu_fold_none_and_all_rows_skipped():

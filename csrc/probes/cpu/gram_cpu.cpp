@@ -8,13 +8,19 @@
 //     of every row, contiguous); X is read row by row (threads split rows), then Σx and ΣxyT of
 //     each panel's columns are added in double from the packed rows (threads split panels);
 //  2. SYRK: the upper triangle of panel pairs, split into macro tiles of NPB x NPB panels, each a
-//     work item of the OpenMP loop; a register-tiled FMA micro-kernel (4 rows x 3 vectors)
+//     work item of the OpenMP loop; a register-tiled FMA micro-kernel (MR rows x 3 vectors)
 //     accumulates a macro tile over the whole row block in the accumulation type T (float or
 //     double) in a thread-private buffer, KC rows at a time so both operand panels stay in L1;
 //  3. flush: the macro tile is added into the float64 totals, into both halves (the mirror), so
 //     the totals stay fully symmetric without a separate pass.
 // float32 mode sums at most block_rows rows in float32 before adding into float64, which bounds
 // the rounding error; float64 mode uses double throughout (the exactness tests use it).
+//
+// Two micro-kernels for double: AVX2 (4 rows x 3 ymm, panels of 12) and, where the CPU has it,
+// AVX-512 (8 rows x 3 zmm, panels of 24), chosen at run time (PROBES_CPU_ISA=avx2 forces the
+// first). The AVX-512 one holds 24 accumulators in 32 registers, so a row step loads 11 vectors
+// for 24 FMAs instead of 7 for 12: 2.3x the AVX2 kernel alone on a 2-core Zen 4, and at the
+// machine's float64 matmul rate (bench/RESULTS.md, 2026-12-04).
 #include "cpu_kernels.h"
 
 #include <immintrin.h>
@@ -26,6 +32,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef ACTSTORE_OPENMP
@@ -54,11 +61,14 @@ template <> struct Simd<double> {
   static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
 };
 
-constexpr int MR = 4;  // rows of the register tile
+constexpr int MR = 4;  // rows of the AVX2 register tile
 constexpr int NV = 3;  // vectors per register-tile row: 12 accumulators + 3 loads + 1 broadcast
-template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }  // 24 float, 12 double
-constexpr int NPB = 6;         // panels per macro tile side (144 float / 72 double columns)
-constexpr int KC = 128;        // rows per inner step: two 12 KiB operand chunks stay in L1
+// Panel width W (columns per packed panel): 24 float, 12 double (AVX2), 24 double (AVX-512).
+template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }
+constexpr int kWideW = 24;     // double panel width of the AVX-512 kernel
+constexpr int kWideMR = 8;     // its register-tile rows: 8 x 3 zmm = 24 accumulators
+constexpr int NPB = 6;         // panels per macro tile side (144 or 72 columns)
+constexpr int KC = 128;        // rows per inner step: operand chunks stay in L1 (12-24 KiB)
 constexpr int64_t kRowGroup = 32;  // rows per conversion work item
 constexpr size_t kPackBudget = size_t(32) << 20;  // bytes of packed panels per layer group (~L3)
 
@@ -103,6 +113,45 @@ inline void micro_kernel(const T *__restrict a, const T *__restrict b, int kc, T
     for (int v = 0; v < NV; ++v) S::store(c + i * ldc + v * L, acc[i][v]);
 }
 
+// The AVX-512 double kernel: C[8 x 24] += A_panel[t][0..8) * B_panel[t][0..24) over kc rows,
+// panels of width 24. Compiled for AVX-512 alone and called only where the CPU has it (a call
+// per kc rows: the rest of the file stays AVX2).
+__attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
+    const double *__restrict a, const double *__restrict b, int kc, double *__restrict c,
+    int ldc) {
+  constexpr int W = kWideW;
+  __m512d acc[kWideMR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < kWideMR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_loadu_pd(c + i * ldc + v * 8);
+  for (int t = 0; t < kc; ++t) {
+    const __m512d b0 = _mm512_loadu_pd(b), b1 = _mm512_loadu_pd(b + 8),
+                  b2 = _mm512_loadu_pd(b + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < kWideMR; ++i) {
+      const __m512d ai = _mm512_set1_pd(a[i]);
+      acc[i][0] = _mm512_fmadd_pd(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_pd(ai, b1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_pd(ai, b2, acc[i][2]);
+    }
+    a += W;
+    b += W;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kWideMR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < 3; ++v) _mm512_storeu_pd(c + i * ldc + v * 8, acc[i][v]);
+}
+
+// Whether the AVX-512 double kernel runs here: the CPU (and OS) support it and
+// PROBES_CPU_ISA is not "avx2".
+bool wide_double() {
+  static const bool cpu = __builtin_cpu_supports("avx512f");
+  const char *env = std::getenv("PROBES_CPU_ISA");
+  return cpu && !(env && std::string(env) == "avx2");
+}
+
 // ------------------------------------------------------------------------------------ input rows
 // Convert n <= W values of one row segment to float/double (exact for fp16 -> float).
 template <class T, int W>
@@ -128,20 +177,21 @@ inline void load_row(const void *base, InKind kind, int64_t offset, int n, T *ou
   }
 }
 
-// One full panel row from fp16: convert, subtract the shift, store (W = 24 floats / 12 doubles).
-inline void pack_f16(const uint16_t *src, const float *sh, float *dst) {
-  for (int v = 0; v < 3; ++v) {
+// One full panel row of W values from fp16: convert, subtract the shift, store.
+template <int W> inline void pack_f16(const uint16_t *src, const float *sh, float *dst) {
+  static_assert(W % 8 == 0, "float panels are whole ymm vectors");
+  for (int v = 0; v < W / 8; ++v) {
     const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + 8 * v)));
     _mm256_storeu_ps(dst + 8 * v, _mm256_sub_ps(x, _mm256_loadu_ps(sh + 8 * v)));
   }
 }
-inline void pack_f16(const uint16_t *src, const double *sh, double *dst) {
-  for (int v = 0; v < 3; ++v) {
+template <int W> inline void pack_f16(const uint16_t *src, const double *sh, double *dst) {
+  static_assert(W % 4 == 0, "double panels are whole ymm vectors");
+  for (int v = 0; v < W / 4; ++v) {
     const __m128 h = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(src + 4 * v)));
     _mm256_storeu_pd(dst + 4 * v, _mm256_sub_pd(_mm256_cvtps_pd(h), _mm256_loadu_pd(sh + 4 * v)));
   }
 }
-static_assert(NV == 3, "pack_f16 writes three vectors per panel row");
 
 struct Tile {
   int64_t layer;  // position inside the layer group
@@ -203,8 +253,8 @@ template <class T> T *packed_buffer(size_t need) {
 
 // The layout of one call: column panels of W, blocks of <= R_cap rows of one fold, groups of
 // LG layers packed at once, and the buffers the work items share.
-template <class T> struct Work {
-  static constexpr int W = panel_width<T>();
+template <class T, int W_> struct Work {
+  static constexpr int W = W_;
   const GramProblem &P;
   int64_t n_pan, n_mac, R_cap, LG;
   size_t panel_stride, layer_stride;  // elements
@@ -229,10 +279,9 @@ template <class T> struct Work {
 };
 
 // 1a. Convert + shift + pack rows [t_beg, t_end) of layer b0 + l of the block (rows ridx).
-template <class T>
-void pack_rows(const Work<T> &w, int64_t b0, int64_t l, const int64_t *ridx, int64_t t_beg,
+template <class T, int W>
+void pack_rows(const Work<T, W> &w, int64_t b0, int64_t l, const int64_t *ridx, int64_t t_beg,
                int64_t t_end) {
-  constexpr int W = Work<T>::W;
   const GramProblem &P = w.P;
   const int64_t b = b0 + l, d = P.d;
   T *lp = w.packed + size_t(l) * w.layer_stride;
@@ -245,7 +294,7 @@ void pack_rows(const Work<T> &w, int64_t b0, int64_t l, const int64_t *ridx, int
       const int n = int(std::min<int64_t>(W, d - j0));
       T *dst = lp + size_t(p) * w.panel_stride + size_t(t) * W;
       if (n == W && P.kind == InKind::F16) {  // the common case, straight SIMD
-        pack_f16(static_cast<const uint16_t *>(P.X) + base + j0, shl + j0, dst);
+        pack_f16<W>(static_cast<const uint16_t *>(P.X) + base + j0, shl + j0, dst);
         continue;
       }
       load_row<T, W>(P.X, P.kind, base + j0, n, x);
@@ -258,10 +307,9 @@ void pack_rows(const Work<T> &w, int64_t b0, int64_t l, const int64_t *ridx, int
 
 // 1b. Σx and ΣxyT of panel p of layer b0 + l in double, from its R packed rows, into fold f's
 // totals; xyl: a (k, W) scratch of this thread (vectorises over columns).
-template <class T>
-void panel_sums(const Work<T> &w, int64_t b0, int64_t l, int64_t p, int64_t f,
+template <class T, int W>
+void panel_sums(const Work<T, W> &w, int64_t b0, int64_t l, int64_t p, int64_t f,
                 const int64_t *ridx, int64_t R, double *xyl) {
-  constexpr int W = Work<T>::W;
   const GramProblem &P = w.P;
   const int64_t b = b0 + l, k = P.k, d = P.d, j0 = p * W;
   const int n = int(std::min<int64_t>(W, d - j0));
@@ -288,8 +336,8 @@ void panel_sums(const Work<T> &w, int64_t b0, int64_t l, int64_t p, int64_t f,
 
 // 2. SYRK of one macro tile over the block's R packed rows into C (ldc x ldc, zeroed here),
 // KC rows at a time so both operand panels stay in L1.
-template <class T> void syrk_tile(const Work<T> &w, const Tile &tl, int64_t R, T *C) {
-  constexpr int W = Work<T>::W;
+template <class T, int W>
+void syrk_tile(const Work<T, W> &w, const Tile &tl, int64_t R, T *C) {
   const T *lp = w.packed + size_t(tl.layer) * w.layer_stride;
   const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
   const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
@@ -303,8 +351,15 @@ template <class T> void syrk_tile(const Work<T> &w, const Tile &tl, int64_t R, T
       for (int64_t pi = pi0; pi < pi_end; ++pi) {
         const T *ap = lp + size_t(pi) * w.panel_stride + size_t(t0) * W;
         T *cblk = C + size_t(pi - pi0) * W * w.ldc + size_t(pj - pj0) * W;
-        for (int s = 0; s < W / MR; ++s)
-          micro_kernel<T>(ap + s * MR, bp, kc, cblk + size_t(s) * MR * w.ldc, w.ldc);
+        if constexpr (std::is_same_v<T, double> && W == kWideW) {
+          for (int s = 0; s < W / kWideMR; ++s)
+            micro_kernel_wide(ap + s * kWideMR, bp, kc, cblk + size_t(s) * kWideMR * w.ldc,
+                              w.ldc);
+        } else {
+          static_assert(W == panel_width<T>(), "the AVX2 kernel's panels");
+          for (int s = 0; s < W / MR; ++s)
+            micro_kernel<T>(ap + s * MR, bp, kc, cblk + size_t(s) * MR * w.ldc, w.ldc);
+        }
       }
     }
   }
@@ -312,9 +367,8 @@ template <class T> void syrk_tile(const Work<T> &w, const Tile &tl, int64_t R, T
 
 // 3. Add a macro tile into the float64 totals of layer b, fold f, and its mirror into the
 // lower half, so the totals stay fully symmetric without a separate pass.
-template <class T>
-void flush_tile(const Work<T> &w, const Tile &tl, int64_t b, int64_t f, const T *C) {
-  constexpr int W = Work<T>::W;
+template <class T, int W>
+void flush_tile(const Work<T, W> &w, const Tile &tl, int64_t b, int64_t f, const T *C) {
   const int64_t d = w.P.d, ldc = w.ldc;
   const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
   const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
@@ -351,8 +405,8 @@ inline int thread_id() {
 // One block: R rows (ridx) of fold f, layers [b0, b0 + nb): pack, sums, SYRK + flush, each an
 // OpenMP work-sharing loop of one parallel region. tile_bufs / xy_bufs: per-thread scratch,
 // allocated by the caller (nothing inside the parallel region may throw).
-template <class T>
-void run_block(const Work<T> &w, int64_t f, const int64_t *ridx, int64_t R, int64_t b0,
+template <class T, int W>
+void run_block(const Work<T, W> &w, int64_t f, const int64_t *ridx, int64_t R, int64_t b0,
                int64_t nb, const std::vector<Tile> &tiles_one_layer, T *tile_bufs,
                double *xy_bufs, int n_threads) {
   std::vector<Tile> tiles;
@@ -363,7 +417,7 @@ void run_block(const Work<T> &w, int64_t f, const int64_t *ridx, int64_t R, int6
   const int64_t n_rgrp = (R + kRowGroup - 1) / kRowGroup;
   const int64_t n_conv = nb * n_rgrp;
   const int64_t n_tiles = int64_t(tiles.size());
-  const size_t xy_size = size_t(w.P.k) * Work<T>::W, tile_size = size_t(w.ldc) * w.ldc;
+  const size_t xy_size = size_t(w.P.k) * W, tile_size = size_t(w.ldc) * w.ldc;
   (void)n_threads;
 #ifdef ACTSTORE_OPENMP
 #pragma omp parallel num_threads(n_threads)
@@ -396,20 +450,20 @@ void run_block(const Work<T> &w, int64_t f, const int64_t *ridx, int64_t R, int6
   }  // omp parallel
 }
 
-template <class T> void run(const GramProblem &P) {
+template <class T, int W> void run(const GramProblem &P) {
   const std::vector<std::vector<int64_t>> rows = fold_rows(P);
   add_target_moments(P, rows);
   int64_t max_rows = 0;
   for (auto &v : rows) max_rows = std::max<int64_t>(max_rows, int64_t(v.size()));
   if (max_rows == 0) return;
-  const Work<T> w(P, max_rows);
+  const Work<T, W> w(P, max_rows);
 #ifdef ACTSTORE_OPENMP
   const int n_threads = omp_get_max_threads();
 #else
   const int n_threads = 1;
 #endif
   auto tile_bufs = aligned_array<T>(size_t(n_threads) * size_t(w.ldc) * w.ldc);
-  auto xy_bufs = aligned_array<double>(size_t(n_threads) * size_t(P.k) * Work<T>::W);
+  auto xy_bufs = aligned_array<double>(size_t(n_threads) * size_t(P.k) * W);
   const std::vector<Tile> tiles_one_layer = macro_tiles(w.n_pan, w.n_mac);
   for (int64_t f = 0; f < P.F; ++f) {
     const std::vector<int64_t> &idx = rows[f];
@@ -424,10 +478,16 @@ template <class T> void run(const GramProblem &P) {
 
 }  // namespace
 
+const char *gram_kernel(bool float64) {
+  if (!float64) return "avx2-float";
+  return wide_double() ? "avx512-double" : "avx2-double";
+}
+
 void gram_update(const GramProblem &P, bool float64) {
   if (P.r == 0) return;
-  if (float64) run<double>(P);
-  else run<float>(P);
+  if (!float64) run<float, panel_width<float>()>(P);
+  else if (wide_double()) run<double, kWideW>(P);
+  else run<double, panel_width<double>()>(P);
 }
 
 }  // namespace probes_cpu
