@@ -128,7 +128,7 @@ def _choose(job: Job, factor: PrimalFactor, scores):
 def loo_pass(job: Job, layers: list[int], factor: PrimalFactor, chunk_rows: int):
     """(LOO scores (B, A, k), predictions (B, n, k) at the chosen alphas): the LOO residual sums
     and the predictions of every alpha, summed over the processes, then the chosen ones."""
-    p, B, k = job.problem, len(layers), job.problem.Yz.shape[1]
+    p = job.problem
     acc = LooAccumulator(factor, p.alphas, p.n, keep_predictions=True,
                          precision=job.config.precision)
     for start, block in _chunks(job, layers, chunk_rows):
@@ -141,9 +141,7 @@ def loo_pass(job: Job, layers: list[int], factor: PrimalFactor, chunk_rows: int)
     job.shard.reduce_loo(acc)      # LOO residual sums everywhere, predictions on rank 0
     scores = acc.scores()
     idx, _ = controls.select_alpha(p, scores, job.config.alpha_per_target)
-    sel = torch.as_tensor(idx, device=acc.pred.device)[:, None, None, :]        # (B, 1, 1, k)
-    preds = torch.gather(acc.pred, 2, sel.expand(B, p.n, 1, k))[:, :, 0, :]
-    return scores, preds.cpu().numpy()
+    return scores, acc.predictions(idx)
 
 
 def prediction_pass(job: Job, layers: list[int], factor: PrimalFactor, W,

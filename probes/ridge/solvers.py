@@ -149,6 +149,11 @@ class LooAccumulator:
     e_i = (y_i - ŷ_i(α)) / (1 - h_i(α)). ``precision="float32"`` computes Z, the fitted values
     and the residuals in float32 (kept predictions too; the residual sums in float64): about 2x
     faster, ~1e-6 relative error, which the float32 Z already sets.
+
+    The per-alpha products are formed transposed, rows last: (GA)ᵀZᵀ and (1/(λ+α))ᵀ(Z²)ᵀ. Their
+    output is only A·k or A columns wide, where the BLAS runs at half speed in the natural
+    orientation; transposed, 61 -> 88 GF/s (A·k = 100) and 30 -> 52 GF/s (A = 25) in float64 on
+    2 cores. So the fitted values and ``pred`` are (B, A, k, rows).
     """
 
     def __init__(self, factor: PrimalFactor, alphas, n_rows: int, keep_predictions=True,
@@ -162,20 +167,20 @@ class LooAccumulator:
         dev = factor.lam.device
         a = torch.as_tensor(self.alphas, device=dev)
         inv = 1.0 / (factor.lam[:, None, :] + a[None, :, None])                # (B, A, d)
-        # (B, d, A*k): column (a, t) = G[:, t] / (λ + α_a)
-        GA = (inv[:, :, :, None] * factor.G[:, None, :, :]).permute(0, 2, 1, 3).reshape(
-            B, d, A * k)
+        # (B, A*k, d): row (a, t) = G[:, t] / (λ + α_a)
+        GA_T = (inv[:, :, None, :] * factor.G.transpose(1, 2)[:, None, :, :]).reshape(B, A * k, d)
         self.sse = torch.zeros(B, A, k, dtype=torch.float64, device=dev)
         self.n_train = 0
         # the pass's operands in its compute dtype
         self.dtype = torch.float32 if precision == "float32" else torch.float64
         self.Vc = factor.V.to(self.dtype)
         self.meanc = factor.mean.to(self.dtype)
-        self.ybar_c = factor.ybar.to(self.dtype)
-        self.inv_c = inv.transpose(1, 2).to(self.dtype).contiguous()          # (B, d, A)
-        self.GA_c = GA.to(self.dtype)
-        self.WA_c = (factor.V @ GA).to(self.dtype)     # (B, d, A*k): every alpha's coefficients
-        self.pred = (_zeros((B, n_rows, A, k), self.dtype, dev) if keep_predictions else None)
+        self.ybar_c = factor.ybar.to(self.dtype)[:, None]                       # (k, 1)
+        self.inv_T = inv.to(self.dtype).contiguous()                           # (B, A, d)
+        self.GA_T = GA_T.to(self.dtype).contiguous()                           # (B, A*k, d)
+        # every alpha's coefficients, transposed: (V·GA)ᵀ = GAᵀVᵀ
+        self.WA_T = (GA_T @ factor.V.transpose(1, 2)).to(self.dtype).contiguous()
+        self.pred = (_zeros((B, A, k, n_rows), self.dtype, dev) if keep_predictions else None)
         self._bufs: dict[str, torch.Tensor] = {}
 
     def _scratch(self, name: str, shape: tuple) -> torch.Tensor:
@@ -189,6 +194,15 @@ class LooAccumulator:
         if t is None or t.numel() < need:
             t = self._bufs[name] = torch.empty(need, dtype=self.dtype, device=self.f.lam.device)
         return t[:need].view(shape)
+
+    def _keep(self, start: int, rows, values) -> None:
+        """Store fitted values (B, A, k, r') of the chunk's rows ``rows`` (None: all r')."""
+        if self.pred is None:
+            return
+        if rows is None:
+            self.pred[..., start:start + values.shape[-1]] = values
+        else:
+            self.pred.index_copy_(3, rows + start, values)
 
     def update(self, start: int, X, Y, train) -> None:
         """X (B, r, d) any float dtype (numpy or torch), Y (r, k) targets, train (r,) bool."""
@@ -204,43 +218,45 @@ class LooAccumulator:
         # and the test rows apart (a gathered copy cost a tenth of the pass)
         tr = None if n_tr == r else train.nonzero().ravel()
         if n_tr < r:
-            # test rows need only their predictions: (X - x̄)·(V·GA), every alpha's coefficients,
-            # not the d-wide Z (a fifth of the pass's products on a 20 % test split); their
-            # targets never enter the sums (a NaN test target cannot leak)
+            # test rows need only their predictions: every alpha's coefficients times
+            # (X - x̄), not the d-wide Z (a fifth of the pass's products on a 20 % test split);
+            # their targets never enter the sums (a NaN test target cannot leak)
             te = (~train).nonzero().ravel()
             X_te = centred(X, self.meanc, out=self._scratch("x_te", (B, r - n_tr, d)), dtype=dt,
                            rows=te)
-            y_te = torch.matmul(X_te, self.WA_c, out=self._scratch("y_te", (B, r - n_tr, A * k)))
-            y_te = y_te.view(B, -1, A, k).add_(self.ybar_c)
-            if self.pred is not None:
-                self.pred.index_copy_(1, te + start, y_te)
+            y_te = torch.matmul(self.WA_T, X_te.mT,
+                                out=self._scratch("y_te", (B, A * k, r - n_tr)))
+            self._keep(start, te, y_te.view(B, A, k, -1).add_(self.ybar_c))
             if n_tr == 0:
                 return
         Xc = centred(X, self.meanc, out=self._scratch("x", (B, n_tr, d)), dtype=dt, rows=tr)
         Z = torch.matmul(Xc, self.Vc, out=self._scratch("z", (B, n_tr, d)))
-        yhat = torch.matmul(Z, self.GA_c, out=self._scratch("yhat", (B, n_tr, A * k)))
-        yhat = yhat.view(B, n_tr, A, k).add_(self.ybar_c)
-        if self.pred is not None:
-            if tr is None:
-                self.pred[:, start:start + r] = yhat
-            else:
-                self.pred.index_copy_(1, tr + start, yhat)
+        yhat = torch.matmul(self.GA_T, Z.mT, out=self._scratch("yhat", (B, A * k, n_tr)))
+        yhat = yhat.view(B, A, k, n_tr).add_(self.ybar_c)
+        self._keep(start, tr, yhat)
         Z.mul_(Z)
         # 1 - h, h = Σ Z²/(λ + α) + 1/n
-        one_minus_h = torch.matmul(Z, self.inv_c, out=self._scratch("h", (B, n_tr, A)))
+        one_minus_h = torch.matmul(self.inv_T, Z.mT, out=self._scratch("h", (B, A, n_tr)))
         one_minus_h.add_(1.0 / self.f.n).neg_().add_(1.0)
         Yc = torch.as_tensor(np.asarray(Y), device=dev).to(dt)
         if tr is not None:
             Yc = Yc[tr]
-        e = torch.sub(Yc[None, :, None, :], yhat, out=self._scratch("e", (B, n_tr, A, k)))
-        e.div_(one_minus_h[..., None]).mul_(e)
-        self.sse += e.sum(1, dtype=torch.float64)
+        e = torch.sub(Yc.T, yhat, out=self._scratch("e", (B, A, k, n_tr)))
+        e.div_(one_minus_h[:, :, None, :]).mul_(e)
+        self.sse += e.sum(3, dtype=torch.float64)
         self.n_train += n_tr
 
     def scores(self):
         """(B, A, k) per-target LOO score: -mean squared LOO residual (a shared alpha is then
         chosen on the mean over targets, sklearn's ``alpha_per_target=False``)."""
         return -(self.sse / max(self.n_train, 1))
+
+    def predictions(self, idx) -> np.ndarray:
+        """(B, n, k) kept fitted values at alpha index ``idx`` (B, k) per layer and target."""
+        B, A, k, n = self.pred.shape
+        sel = torch.as_tensor(np.asarray(idx), device=self.pred.device)[:, None, :, None]
+        chosen = torch.gather(self.pred, 1, sel.expand(B, 1, k, n))[:, 0]          # (B, k, n)
+        return chosen.transpose(1, 2).cpu().numpy()
 
 
 def select_alpha(scores, alpha_per_target: bool):

@@ -257,7 +257,7 @@ def test_loo_pass_with_test_rows_in_its_chunks(precision, tol):
         inv = np.linalg.inv(Xs.T @ Xs + alpha * np.eye(d))
         w = inv @ Xs.T @ (Yt - ybar)
         fitted = (X - xbar) @ w + ybar
-        np.testing.assert_allclose(acc.pred[0, :, a].numpy(), fitted, rtol=tol, atol=tol)
+        np.testing.assert_allclose(acc.pred[0, a].T.numpy(), fitted, rtol=tol, atol=tol)
         h = 1 / train.sum() + np.einsum("nd,de,ne->n", Xs, inv, Xs)
         e = (Yt - fitted[train]) / (1 - h)[:, None]
         np.testing.assert_allclose(acc.scores()[0, a].numpy(), -(e ** 2).mean(0), rtol=tol)
