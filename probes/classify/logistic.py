@@ -216,6 +216,15 @@ class _Problem:
         self.idx = Y.argmax(1)[None, :, None, None].expand(self.L, self.n, self.M, 1)
         self.basis = basis
         self.passes = self.grams = 0            # work done: X products, preconditioner Grams
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def _scratch(self, name: str, shape) -> torch.Tensor:
+        """A buffer reused across iterations: these are (L, n, M, K) large, and a fresh one
+        each time costs page faults."""
+        t = self._bufs.get(name)
+        if t is None or t.shape != shape:
+            t = self._bufs[name] = torch.empty(shape, dtype=self.X.dtype, device=self.X.device)
+        return t
 
     def xw(self, W, b):
         self.passes += 1
@@ -230,37 +239,40 @@ class _Problem:
         RtX = R.reshape(self.L, self.n, -1).transpose(1, 2) @ self.X
         return RtX.transpose(1, 2).reshape(self.L, self.d, self.M, self.K)
 
-    def loss(self, W, b):
-        """Objective (L, M) and probabilities (L, n, M, K')."""
-        Z = self.xw(W, b)
+    def loss(self, W, b, Z=None):
+        """Objective (L, M), probabilities (L, n, M, K') and the linear predictor Z = XW + b
+        (L, n, M, K'), from a pass over X unless Z is given (left unchanged)."""
+        if Z is None:
+            Z = self.xw(W, b)
         if self.binary:
             ell = (torch.nn.functional.softplus(Z) - self.Y[:, None] * Z)[..., 0]
             P = torch.sigmoid(Z)
-        else:                                   # in place: the tensors are (L, n, M, K) large
+        else:
             zy = Z.gather(-1, self.idx)[..., 0]
             m = Z.amax(-1, keepdim=True)
-            P = Z.sub_(m).exp_()
+            P = torch.sub(Z, m).exp_()          # in place after: (L, n, M, K) large
             s = P.sum(-1, keepdim=True)
             ell = (m + s.log())[..., 0] - zy
             P.div_(s)
         f = torch.einsum("lnm,nm->lm", ell, self.wts) + 0.5 * self.pen * _dot(W, None, W, None)
-        return f, P
+        return f, P, Z
 
     def grad(self, W, P):
         E = (P - self.Y[:, None]).mul_(self.wts[..., None])
         return self.xtr(E) + self.pen[:, None] * W, E.sum(1)
 
     def hvp(self, P, V, v, mu):
-        """(H + mu·I)(V, v), mu (L, M) the damping."""
-        R = self.xw(V, v)
+        """(H + mu·I)(V, v), mu (L, M) the damping; and X V + v, the direction's change of the
+        linear predictor (CG sums it into the step's, which spares the trial point a pass)."""
+        XV = self.xw(V, v)
         if self.binary:
-            R.mul_(P * (1 - P))
+            R = XV * (P * (1 - P))
         else:
-            R.mul_(P)
+            R = torch.mul(XV, P, out=self._scratch("r", XV.shape))
             R.addcmul_(P, R.sum(-1, keepdim=True), value=-1)
         R.mul_(self.wts[..., None])
         return (self.xtr(R) + (self.pen[:, None] + mu[:, None, :, None]) * V,
-                R.sum(1) + mu[..., None] * v)
+                R.sum(1) + mu[..., None] * v, XV)
 
 
 def _dot(A, a, B, b):
@@ -281,8 +293,10 @@ def _sum_zero(z, binary: bool):
 
 def _cg(prob: _Problem, P, gW, gb, active, max_cg: int, precond, mu):
     """Preconditioned truncated conjugate gradient for H p = -g per problem (forcing term
-    min(0.5, ‖g‖^¼) on the residual)."""
+    min(0.5, ‖g‖^¼) on the residual). Returns the step p, X p_W + p_b (summed from the
+    products the Hessian-vector products already made) and the iterations."""
     pW, pb = torch.zeros_like(gW), torch.zeros_like(gb)
+    Xp = None
     rW, rb = -gW, -gb
     zW, zb = _sum_zero(precond(rW, rb), prob.binary)
     dW, db = zW.clone(), zb.clone()
@@ -295,11 +309,13 @@ def _cg(prob: _Problem, P, gW, gb, active, max_cg: int, precond, mu):
         run = run & (_dot(rW, rb, rW, rb).sqrt() > target)
         if not bool(run.any()):
             break
-        HW, Hb = prob.hvp(P, dW, db, mu)
+        HW, Hb, Xd = prob.hvp(P, dW, db, mu)
         dHd = _dot(dW, db, HW, Hb)
         run = run & (dHd > 0)
         alpha = torch.where(run, rz / torch.where(run, dHd, torch.ones_like(dHd)), 0.0)
         pW, pb = pW + alpha[:, None, :, None] * dW, pb + alpha[..., None] * db
+        Xp = Xd.mul_(alpha[:, None, :, None]) if Xp is None else \
+            Xp.addcmul_(Xd, alpha[:, None, :, None])
         rW, rb = rW - alpha[:, None, :, None] * HW, rb - alpha[..., None] * Hb
         zW, zb = _sum_zero(precond(rW, rb), prob.binary)
         rz_new = _dot(rW, rb, zW, zb)
@@ -307,9 +323,11 @@ def _cg(prob: _Problem, P, gW, gb, active, max_cg: int, precond, mu):
         dW, db = zW + beta[:, None, :, None] * dW, zb + beta[..., None] * db
         rz = torch.where(run, rz_new, rz)
     empty = (_dot(pW, pb, pW, pb) == 0) & active                    # no step: steepest descent
-    pW = torch.where(empty[:, None, :, None], -gW, pW)
-    pb = torch.where(empty[..., None], -gb, pb)
-    return pW, pb, n_cg
+    if Xp is None or bool(empty.any()):
+        pW = torch.where(empty[:, None, :, None], -gW, pW)
+        pb = torch.where(empty[..., None], -gb, pb)
+        Xp = prob.xw(pW, pb)
+    return pW, pb, Xp, n_cg
 
 
 def _rebuild_after(prob: _Problem) -> float:
@@ -326,28 +344,38 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
     is taken where the objective fell by more than a tenth of what the quadratic model promised
     (ρ > 0.1); the damping grows ×4 where ρ < 0.25 and shrinks ÷4 where ρ > 0.75 (far from
     the optimum, after a warm start at the next C, an undamped step along a flat direction
-    can lower the objective yet land where the gradient is 100× larger). Returns W, b,
-    iterations, converged."""
+    can lower the objective yet land where the gradient is 100× larger). The linear predictor
+    Z = XW + b of a trial point is the last one plus the step's X p, which CG summed from its
+    own products: no pass over X per step. Its rounding drifts over the steps (an
+    ill-conditioned problem turned 1e-16 of drift into 1e-7 of coefficients), so convergence is
+    confirmed on an exact pass. Returns W, b, iterations, converged."""
     L, M = prob.L, prob.M
     n_iter = torch.zeros(L, M, dtype=torch.int64, device=W.device)
     converged = torch.zeros(L, M, dtype=torch.bool, device=W.device)
     rejected = torch.zeros_like(n_iter)
     mu = torch.zeros(L, M, dtype=W.dtype, device=W.device)
-    f, P = prob.loss(W, b)
+    f, P, Z = prob.loss(W, b)
+    exact = True                                # Z from a pass, not summed steps
     precond, n_cg = None, 0
-    for _ in range(max_iter + 1):
+    for _ in range(2 * max_iter + 2):           # each step, and at most one exact pass after it
         gW, gb = prob.grad(W, P)
         converged = torch.maximum(gW.abs().amax((1, 3)), gb.abs().amax(-1)) <= tol
         active = ~converged & (rejected < _MAX_REJECTED) & (n_iter < max_iter)
         if not bool(active.any()):
-            break
+            if exact:
+                break
+            f, P, Z = prob.loss(W, b)
+            exact = True
+            continue
         if precond is None or n_cg > _rebuild_after(prob):
             precond = _Precond(prob, P)
         precond.damp(mu)
-        pW, pb, n_cg = _cg(prob, P, gW, gb, active, max_cg, precond, mu)
-        ok, rho, f, P = _try_step(prob, W, b, pW, pb, f, P, _dot(gW, gb, pW, pb), active)
+        pW, pb, Xp, n_cg = _cg(prob, P, gW, gb, active, max_cg, precond, mu)
+        ok, rho, f, P, Z = _try_step(prob, W, b, pW, pb, Xp, f, P, Z, _dot(gW, gb, pW, pb),
+                                     active)
         W = torch.where(ok[:, None, :, None], W + pW, W)
         b = torch.where(ok[..., None], b + pb, b)
+        exact = exact and not bool(ok.any())
         floor = 1e-3 * precond.scale
         mu = torch.where(active & (rho < 0.25), torch.maximum(4 * mu, floor), mu)
         mu = torch.where(active & (rho > 0.75), torch.where(mu > 4 * floor, mu / 4, 0.0), mu)
@@ -356,18 +384,20 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
     return W, b, n_iter, converged
 
 
-def _try_step(prob: _Problem, W, b, pW, pb, f0, P0, slope, active):
-    """Objective at W + p per problem: taken (ok) where it fell by over a tenth of the model's
-    promise ½·gᵀp (CG's iterates satisfy pᵀHp = −gᵀp), or, where that promise is below
-    rounding, where it did not rise. Returns ok, ρ, and f, P at the taken points."""
-    f, P = prob.loss(W + pW, b + pb)
+def _try_step(prob: _Problem, W, b, pW, pb, Xp, f0, P0, Z0, slope, active):
+    """Objective at W + p per problem (its linear predictor Z0 + X p, no pass over X): taken
+    (ok) where it fell by over a tenth of the model's promise ½·gᵀp (CG's iterates satisfy
+    pᵀHp = −gᵀp), or, where that promise is below rounding, where it did not rise. Returns ok,
+    ρ, and f, P, Z at the taken points."""
+    f, P, Z = prob.loss(W + pW, b + pb, Z=Xp.add_(Z0))
     slack = 16 * torch.finfo(f0.dtype).eps * f0.abs()
     promise = -0.5 * slope
     rho = (f0 - f) / torch.where(promise > 0, promise, torch.ones_like(promise))
     ok = active & torch.isfinite(f) & torch.where(promise > slack, rho > 0.1, f <= f0 + slack)
     rho = torch.where(torch.isfinite(rho), rho, torch.full_like(rho, -1.0))
-    return (ok, rho, torch.where(ok, f, f0),
-            torch.where(ok[:, None, :, None], P, P0))
+    taken = ok[:, None, :, None]
+    return (ok, rho, torch.where(ok, f, f0), torch.where(taken, P, P0, out=P),
+            torch.where(taken, Z, Z0, out=Z))
 
 
 WORK_COUNTS = ("passes", "layer_passes", "grams", "newton", "factorizations")
