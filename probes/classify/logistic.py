@@ -395,6 +395,8 @@ def _try_step(prob: _Problem, W, b, pW, pb, Xp, f0, P0, Z0, slope, active):
     rho = (f0 - f) / torch.where(promise > 0, promise, torch.ones_like(promise))
     ok = active & torch.isfinite(f) & torch.where(promise > slack, rho > 0.1, f <= f0 + slack)
     rho = torch.where(torch.isfinite(rho), rho, torch.full_like(rho, -1.0))
+    # where the promise is below rounding, ρ measures rounding: it must not move the damping
+    rho = torch.where((promise > slack) | ~torch.isfinite(f), rho, torch.full_like(rho, 0.5))
     taken = ok[:, None, :, None]
     return (ok, rho, torch.where(ok, f, f0), torch.where(taken, P, P0, out=P),
             torch.where(taken, Z, Z0, out=Z))
@@ -515,7 +517,7 @@ def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, ma
         ls = slice(lo, min(L, lo + size))
         X, B = Xs[ls], min(L, lo + size) - lo
         basis = _Basis(X)
-        prev = None
+        prev = prev2 = g_prev = g_prev2 = None
         for g in groups:
             wts = torch.as_tensor(np.repeat(wf / S[:, None], len(g), axis=0).T,
                                   device=Xt.device)
@@ -523,6 +525,10 @@ def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, ma
             prob = _Problem(X, Y, wts.to(tdt), pen.to(tdt), binary, basis)
             if prev is not None and init is None:
                 W0, b0 = prev                       # the last C's solution
+                step = 0.0 if prev2 is None else np.log(Cs[g_prev[0]] / Cs[g_prev2[0]])
+                if step > 0:                        # ... moved on along the log-C secant
+                    t = float(np.log(Cs[g[0]] / Cs[g_prev[0]]) / step)
+                    W0, b0 = W0 + t * (W0 - prev2[0]), b0 + t * (b0 - prev2[1])
             else:
                 W0 = W[ls][:, :, :, g].reshape(B, ds, -1, K)
                 b0 = b[ls][:, :, g].reshape(B, -1, K)
@@ -532,7 +538,8 @@ def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, ma
             b[ls, :, g] = bg.reshape(B, F, len(g), K)
             n_iter[ls, :, g] = it.reshape(B, F, -1).cpu()
             conv[ls, :, g] = cv.reshape(B, F, -1).cpu()
-            prev = Wg, bg
+            prev, prev2 = (Wg, bg), prev
+            g_prev, g_prev2 = g, g_prev
             add_work(work, prob, int(it.sum()))
     return (W if rows is None else rows.expand(W)), b, n_iter, conv
 
