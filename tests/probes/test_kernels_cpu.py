@@ -6,8 +6,9 @@ Tolerances, relative to the natural scale of each quantity:
   over blocks of <= block_rows rows, then in float64; Σx and ΣxyT are summed in double), measured
   against natural scales: |err_ij| / sqrt(D_i D_j) with D the reference diagonal of XᵀX, and the
   same Cauchy-Schwarz scales for Σx and ΣxyT. n, Σy, ΣyyT: 1e-12 in both modes.
-Both double kernels run (AVX-512 where the CPU has it, and AVX2 forced by PROBES_CPU_ISA=avx2).
-Shapes are odd on purpose: d not a multiple of the 24/12-wide panels or of the 144/72-wide macro
+Both kernels of each precision run (AVX-512 where the CPU has it, and AVX2 forced by
+PROBES_CPU_ISA=avx2).
+Shapes are odd on purpose: d not a multiple of the 48/24/12-wide panels or of the 144/72-wide macro
 tiles, r = 1, d > r, B = 1 and 3, k = 1..3, F = 1 and 5, rows skipped with fold -1, large offsets.
 """
 from __future__ import annotations
@@ -69,9 +70,9 @@ def _assert_stats_close(got: GramStats, want: GramStats, precision: str):
     assert torch.equal(got.xtx, got.xtx.transpose(-1, -2)), "xtx must be exactly symmetric"
 
 
-#: float64 runs the AVX-512 kernel where the CPU has it; "float64-avx2" forces the AVX2 one, so
+#: each precision runs the AVX-512 kernel where the CPU has it; "-avx2" forces the AVX2 one, so
 #: both are checked on an AVX-512 machine
-MODES = ["float32", "float64", "float64-avx2"]
+MODES = ["float32", "float32-avx2", "float64", "float64-avx2"]
 
 
 @contextlib.contextmanager
@@ -104,11 +105,12 @@ def _run_both(X, Y, fold, B, d, k, F, mode, shift=None, block_rows=2048, backend
 @pytest.mark.parametrize("B,r,d,k,F", [
     (1, 1, 1, 1, 1),        # a single row, a single column
     (1, 1, 37, 2, 5),       # r = 1 with F = 5
-    (3, 45, 25, 3, 5),      # d one past a float32 (and AVX-512 double) panel
+    (3, 45, 25, 3, 5),      # d one past a 24-wide panel (AVX2 float, AVX-512 double)
     (1, 64, 161, 1, 1),     # d > r, crosses macro tiles in every mode
     (3, 130, 13, 2, 1),     # B = 3, d < one panel
     (2, 90, 150, 3, 5),     # d just past a 144-column macro tile
-    (1, 203, 77, 2, 1),     # r not a multiple of the 128-row inner step, d of 8-row tiles + 5
+    (1, 203, 77, 2, 1),     # r not a multiple of the 128-row inner step, d past a 48-wide panel
+    (2, 70, 300, 1, 2),     # d past two 144-column macro tiles
 ])
 def test_cpu_matches_reference(mode, B, r, d, k, F):
     rng = np.random.default_rng(1000 * B + 10 * r + d + k)
@@ -131,14 +133,14 @@ def test_cpu_row_blocks(mode, block_rows):
 
 
 def test_gram_kernel_names_the_micro_kernel_of_each_mode():
-    """float64 takes the AVX-512 kernel exactly where the CPU has AVX-512, unless
-    PROBES_CPU_ISA=avx2; float32 is always the AVX2 kernel."""
+    """Both precisions take the AVX-512 kernel exactly where the CPU has AVX-512, unless
+    PROBES_CPU_ISA=avx2."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    has_512 = " avx512f" in flags
-    assert _C.gram_kernel(False) == "avx2-float"
-    assert _C.gram_kernel(True) == ("avx512-double" if has_512 else "avx2-double")
+    isa = "avx512" if " avx512f" in flags else "avx2"
+    assert _C.gram_kernel(False) == f"{isa}-float"
+    assert _C.gram_kernel(True) == f"{isa}-double"
     with _isa("float64-avx2"):
-        assert _C.gram_kernel(True) == "avx2-double"
+        assert (_C.gram_kernel(False), _C.gram_kernel(True)) == ("avx2-float", "avx2-double")
 
 
 def test_cpu_fold_none_and_all_rows_skipped():

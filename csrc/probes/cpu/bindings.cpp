@@ -183,8 +183,9 @@ PYBIND11_MODULE(_C, m) {
         "xty (B, F, d, k), all float64 C-contiguous. float64=False sums blocks of <= block_rows rows\n"
         "in float32 (x - float32(shift)) before adding into the float64 totals; True uses double.");
   m.def("gram_kernel", &probes_cpu::gram_kernel, py::arg("float64") = false,
-        "The micro-kernel gram_update runs in that mode on this CPU: 'avx2-float', 'avx2-double'\n"
-        "or 'avx512-double' (AVX-512 CPUs, unless the environment sets PROBES_CPU_ISA=avx2).");
+        "The micro-kernel gram_update runs in that mode on this CPU: 'avx2-float', 'avx2-double',\n"
+        "'avx512-float' or 'avx512-double' (AVX-512 CPUs, unless the environment sets\n"
+        "PROBES_CPU_ISA=avx2).");
   m.def("neuron_moments", &neuron_moments, py::arg("X"), py::arg("Y"), py::arg("fold"),
         py::arg("shift"),
         "Per-neuron Σ(x-c), Σ(x-c)², Σ(x-c)y over rows with fold >= 0; X (B, r, m) float16 as "

@@ -26,8 +26,8 @@ struct GramProblem {
 // about float32(shift) (float64 = false) or in double throughout (float64 = true).
 void gram_update(const GramProblem &P, bool float64);
 
-// The micro-kernel gram_update runs in that mode on this CPU: "avx2-float", "avx2-double" or
-// "avx512-double" (AVX-512 CPUs, unless PROBES_CPU_ISA=avx2).
+// The micro-kernel gram_update runs in that mode on this CPU: "avx2-float", "avx2-double",
+// "avx512-float" or "avx512-double" (AVX-512 CPUs, unless PROBES_CPU_ISA=avx2).
 const char *gram_kernel(bool float64);
 
 // Per-neuron moments about c over the rows with fold >= 0: sx[b, j] = Σ(x - c),

@@ -7,7 +7,7 @@
 //  1. pack: fp16 -> float (F16C), subtract the shift, store column panels P[p][t][W] (W columns
 //     of every row, contiguous); X is read row by row (threads split rows), then Σx and ΣxyT of
 //     each panel's columns are added in double from the packed rows (threads split panels);
-//  2. SYRK: the upper triangle of panel pairs, split into macro tiles of NPB x NPB panels, each a
+//  2. SYRK: the upper triangle of panel pairs, split into macro tiles of 144 columns, each a
 //     work item of the OpenMP loop; a register-tiled FMA micro-kernel (MR rows x 3 vectors)
 //     accumulates a macro tile over the whole row block in the accumulation type T (float or
 //     double) in a thread-private buffer, KC rows at a time so both operand panels stay in L1;
@@ -16,11 +16,12 @@
 // float32 mode sums at most block_rows rows in float32 before adding into float64, which bounds
 // the rounding error; float64 mode uses double throughout (the exactness tests use it).
 //
-// Two micro-kernels for double: AVX2 (4 rows x 3 ymm, panels of 12) and, where the CPU has it,
-// AVX-512 (8 rows x 3 zmm, panels of 24), chosen at run time (PROBES_CPU_ISA=avx2 forces the
-// first). The AVX-512 one holds 24 accumulators in 32 registers, so a row step loads 11 vectors
-// for 24 FMAs instead of 7 for 12: 2.3x the AVX2 kernel alone on a 2-core Zen 4, and at the
-// machine's float64 matmul rate (bench/RESULTS.md, 2026-12-04).
+// Two micro-kernels per type: AVX2 (4 rows x 3 ymm; panels of 24 float / 12 double) and, where
+// the CPU has it, AVX-512 (8 rows x 3 zmm; panels of 48 float / 24 double), chosen at run time
+// (PROBES_CPU_ISA=avx2 forces AVX2). The AVX-512 one holds 24 accumulators in 32 registers, so
+// a row step loads 11 vectors for 24 FMAs instead of 7 for 12: in double, 2.3x the AVX2 kernel
+// alone on a 2-core Zen 4 and the whole pass at the machine's float64 matmul rate
+// (bench/RESULTS.md, 2026-12-04).
 #include "cpu_kernels.h"
 
 #include <immintrin.h>
@@ -65,9 +66,14 @@ constexpr int MR = 4;  // rows of the AVX2 register tile
 constexpr int NV = 3;  // vectors per register-tile row: 12 accumulators + 3 loads + 1 broadcast
 // Panel width W (columns per packed panel): 24 float, 12 double (AVX2), 24 double (AVX-512).
 template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }
-constexpr int kWideW = 24;     // double panel width of the AVX-512 kernel
-constexpr int kWideMR = 8;     // its register-tile rows: 8 x 3 zmm = 24 accumulators
-constexpr int NPB = 6;         // panels per macro tile side (144 or 72 columns)
+// The AVX-512 kernels: 8 rows x 3 zmm = 24 accumulators, panels of 3 zmm.
+template <class T> constexpr int wide_width() { return 3 * 64 / int(sizeof(T)); }  // 48 / 24
+constexpr int kWideMR = 8;
+template <class T, int W> constexpr bool is_wide() { return W == wide_width<T>(); }
+static_assert(!is_wide<float, panel_width<float>()>() && !is_wide<double, panel_width<double>()>(),
+              "the AVX2 and AVX-512 panels differ in width");
+// Panels per macro tile side: 144 columns (72 for the AVX2 double kernel).
+template <int W> constexpr int npb() { return W >= 48 ? 3 : 6; }
 constexpr int KC = 128;        // rows per inner step: operand chunks stay in L1 (12-24 KiB)
 constexpr int64_t kRowGroup = 32;  // rows per conversion work item
 constexpr size_t kPackBudget = size_t(32) << 20;  // bytes of packed panels per layer group (~L3)
@@ -113,13 +119,13 @@ inline void micro_kernel(const T *__restrict a, const T *__restrict b, int kc, T
     for (int v = 0; v < NV; ++v) S::store(c + i * ldc + v * L, acc[i][v]);
 }
 
-// The AVX-512 double kernel: C[8 x 24] += A_panel[t][0..8) * B_panel[t][0..24) over kc rows,
-// panels of width 24. Compiled for AVX-512 alone and called only where the CPU has it (a call
-// per kc rows: the rest of the file stays AVX2).
+// The AVX-512 kernels: C[8 x W] += A_panel[t][0..8) * B_panel[t][0..W) over kc rows, panels
+// of W = 3 zmm (24 double, 48 float). Compiled for AVX-512 alone and called only where the CPU
+// has it (a call per kc rows: the rest of the file stays AVX2).
 __attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
     const double *__restrict a, const double *__restrict b, int kc, double *__restrict c,
     int ldc) {
-  constexpr int W = kWideW;
+  constexpr int W = wide_width<double>();
   __m512d acc[kWideMR][3];
 #pragma GCC unroll 8
   for (int i = 0; i < kWideMR; ++i)
@@ -144,9 +150,36 @@ __attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
     for (int v = 0; v < 3; ++v) _mm512_storeu_pd(c + i * ldc + v * 8, acc[i][v]);
 }
 
-// Whether the AVX-512 double kernel runs here: the CPU (and OS) support it and
-// PROBES_CPU_ISA is not "avx2".
-bool wide_double() {
+__attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
+    const float *__restrict a, const float *__restrict b, int kc, float *__restrict c, int ldc) {
+  constexpr int W = wide_width<float>();
+  __m512 acc[kWideMR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < kWideMR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_loadu_ps(c + i * ldc + v * 16);
+  for (int t = 0; t < kc; ++t) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16),
+                 b2 = _mm512_loadu_ps(b + 32);
+#pragma GCC unroll 8
+    for (int i = 0; i < kWideMR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
+    }
+    a += W;
+    b += W;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kWideMR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < 3; ++v) _mm512_storeu_ps(c + i * ldc + v * 16, acc[i][v]);
+}
+
+// Whether the AVX-512 kernels run here: the CPU (and OS) support it and PROBES_CPU_ISA is not
+// "avx2".
+bool wide_isa() {
   static const bool cpu = __builtin_cpu_supports("avx512f");
   const char *env = std::getenv("PROBES_CPU_ISA");
   return cpu && !(env && std::string(env) == "avx2");
@@ -224,13 +257,14 @@ void add_target_moments(const GramProblem &P, const std::vector<std::vector<int6
   }
 }
 
-// Macro tiles (I <= J) of one layer, largest first so the dynamic schedule ends balanced.
-std::vector<Tile> macro_tiles(int64_t n_pan, int64_t n_mac) {
+// Macro tiles (I <= J) of npb x npb panels of one layer, largest first so the dynamic schedule
+// ends balanced.
+std::vector<Tile> macro_tiles(int64_t n_pan, int64_t n_mac, int npb) {
   std::vector<Tile> tiles;
   for (int J = 0; J < n_mac; ++J)
     for (int I = 0; I <= J; ++I) {
-      const int pi = int(std::min<int64_t>(NPB, n_pan - int64_t(I) * NPB));
-      const int pj = int(std::min<int64_t>(NPB, n_pan - int64_t(J) * NPB));
+      const int pi = int(std::min<int64_t>(npb, n_pan - int64_t(I) * npb));
+      const int pj = int(std::min<int64_t>(npb, n_pan - int64_t(J) * npb));
       tiles.push_back({0, I, J, I == J ? pi * (pi + 1) / 2 : pi * pj});
     }
   std::stable_sort(tiles.begin(), tiles.end(),
@@ -264,8 +298,8 @@ template <class T, int W_> struct Work {
 
   Work(const GramProblem &p, int64_t max_rows) : P(p) {
     n_pan = (P.d + W - 1) / W;
-    n_mac = (n_pan + NPB - 1) / NPB;
-    ldc = NPB * W;
+    n_mac = (n_pan + npb<W>() - 1) / npb<W>();
+    ldc = npb<W>() * W;
     R_cap = std::min<int64_t>(std::max<int64_t>(P.block_rows, 1), max_rows);
     const size_t layer_bytes = size_t(R_cap) * size_t(n_pan) * W * sizeof(T);
     LG = std::max<int64_t>(
@@ -338,6 +372,7 @@ void panel_sums(const Work<T, W> &w, int64_t b0, int64_t l, int64_t p, int64_t f
 // KC rows at a time so both operand panels stay in L1.
 template <class T, int W>
 void syrk_tile(const Work<T, W> &w, const Tile &tl, int64_t R, T *C) {
+  constexpr int NPB = npb<W>();
   const T *lp = w.packed + size_t(tl.layer) * w.layer_stride;
   const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
   const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
@@ -351,7 +386,7 @@ void syrk_tile(const Work<T, W> &w, const Tile &tl, int64_t R, T *C) {
       for (int64_t pi = pi0; pi < pi_end; ++pi) {
         const T *ap = lp + size_t(pi) * w.panel_stride + size_t(t0) * W;
         T *cblk = C + size_t(pi - pi0) * W * w.ldc + size_t(pj - pj0) * W;
-        if constexpr (std::is_same_v<T, double> && W == kWideW) {
+        if constexpr (is_wide<T, W>()) {
           for (int s = 0; s < W / kWideMR; ++s)
             micro_kernel_wide(ap + s * kWideMR, bp, kc, cblk + size_t(s) * kWideMR * w.ldc,
                               w.ldc);
@@ -369,6 +404,7 @@ void syrk_tile(const Work<T, W> &w, const Tile &tl, int64_t R, T *C) {
 // lower half, so the totals stay fully symmetric without a separate pass.
 template <class T, int W>
 void flush_tile(const Work<T, W> &w, const Tile &tl, int64_t b, int64_t f, const T *C) {
+  constexpr int NPB = npb<W>();
   const int64_t d = w.P.d, ldc = w.ldc;
   const int64_t pi0 = int64_t(tl.I) * NPB, pj0 = int64_t(tl.J) * NPB;
   const int64_t pi1 = std::min<int64_t>(pi0 + NPB, w.n_pan);
@@ -464,7 +500,7 @@ template <class T, int W> void run(const GramProblem &P) {
 #endif
   auto tile_bufs = aligned_array<T>(size_t(n_threads) * size_t(w.ldc) * w.ldc);
   auto xy_bufs = aligned_array<double>(size_t(n_threads) * size_t(P.k) * W);
-  const std::vector<Tile> tiles_one_layer = macro_tiles(w.n_pan, w.n_mac);
+  const std::vector<Tile> tiles_one_layer = macro_tiles(w.n_pan, w.n_mac, npb<W>());
   for (int64_t f = 0; f < P.F; ++f) {
     const std::vector<int64_t> &idx = rows[f];
     for (int64_t r0 = 0; r0 < int64_t(idx.size()); r0 += w.R_cap) {
@@ -479,15 +515,17 @@ template <class T, int W> void run(const GramProblem &P) {
 }  // namespace
 
 const char *gram_kernel(bool float64) {
-  if (!float64) return "avx2-float";
-  return wide_double() ? "avx512-double" : "avx2-double";
+  if (wide_isa()) return float64 ? "avx512-double" : "avx512-float";
+  return float64 ? "avx2-double" : "avx2-float";
 }
 
 void gram_update(const GramProblem &P, bool float64) {
   if (P.r == 0) return;
-  if (!float64) run<float, panel_width<float>()>(P);
-  else if (wide_double()) run<double, kWideW>(P);
-  else run<double, panel_width<double>()>(P);
+  const bool wide = wide_isa();
+  if (float64 && wide) run<double, wide_width<double>()>(P);
+  else if (float64) run<double, panel_width<double>()>(P);
+  else if (wide) run<float, wide_width<float>()>(P);
+  else run<float, panel_width<float>()>(P);
 }
 
 }  // namespace probes_cpu
