@@ -346,9 +346,9 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
     the optimum, after a warm start at the next C, an undamped step along a flat direction
     can lower the objective yet land where the gradient is 100× larger). The linear predictor
     Z = XW + b of a trial point is the last one plus the step's X p, which CG summed from its
-    own products: no pass over X per step. Its rounding drifts over the steps (an
-    ill-conditioned problem turned 1e-16 of drift into 1e-7 of coefficients), so convergence is
-    confirmed on an exact pass. Returns W, b, iterations, converged."""
+    own products: no pass over X per step. That sum's rounding drifts over the steps, so
+    convergence is confirmed on an exact pass (the gradient that stops a problem is always
+    that of XW + b). Returns W, b, iterations, converged."""
     L, M = prob.L, prob.M
     n_iter = torch.zeros(L, M, dtype=torch.int64, device=W.device)
     converged = torch.zeros(L, M, dtype=torch.bool, device=W.device)

@@ -256,7 +256,7 @@ class LooAccumulator:
         B, A, k, n = self.pred.shape
         sel = torch.as_tensor(np.asarray(idx), device=self.pred.device)[:, None, :, None]
         chosen = torch.gather(self.pred, 1, sel.expand(B, 1, k, n))[:, 0]          # (B, k, n)
-        return chosen.transpose(1, 2).cpu().numpy()
+        return chosen.transpose(1, 2).contiguous().cpu().numpy()
 
 
 def select_alpha(scores, alpha_per_target: bool):
