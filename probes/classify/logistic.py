@@ -1,16 +1,16 @@
 """L2-regularised logistic regression for a stack of layers and a grid of C values at once.
 
-Per layer and C (scikit-learn ``LogisticRegression(C=C, solver="lbfgs")``): minimise
-C·Σ_i w_i·loss_i + ½‖W‖², the intercept not penalised. Two classes: one coefficient vector and
-the sigmoid (the positive class is code 1); K ≥ 3: multinomial softmax, K vectors, all penalised,
+Per layer and C (scikit-learn ``LogisticRegression(C=C, solver="lbfgs")``): minimise C·Σ_i
+w_i·loss_i + ½‖W‖², the intercept not penalised. Two classes: one coefficient vector and the
+sigmoid (the positive class is code 1); K ≥ 3: multinomial softmax, K vectors, all penalised,
 intercepts centred to sum 0. Solver: truncated Newton with Levenberg–Marquardt damping, the CG
 preconditioned by each problem's IRLS-weighted Gram (:class:`_Precond`), batched in torch over
 layers × row-weight sets (the folds of :mod:`probes.classify.select`), the Cs in increasing order,
-each warm-started from the previous; features are centred internally (mapped back exactly). It
-stops per problem when the largest gradient entry of the objective divided by C·Σw is below
-``tol`` (float64 1e-8, float32 1e-5). Fewer rows than features: exact Newton in the kernel
-space (:mod:`probes.classify.dual`), or CG on the row space (:class:`_RowSpace`) when rows are
-under a fifth of the features.
+each warm-started from the previous (moved on along the log-C secant of the last two); features are
+centred internally (mapped back exactly). It stops per problem when the largest gradient entry of
+the objective divided by C·Σw is below ``tol`` (float64 1e-8, float32 1e-5). Fewer rows than
+features: exact Newton in the kernel space (:mod:`probes.classify.dual`), or CG on the row space
+(:class:`_RowSpace`) when rows are under a fifth of the features.
 """
 from __future__ import annotations
 
@@ -357,7 +357,9 @@ def _newton(prob: _Problem, W, b, tol: float, max_iter: int, max_cg: int):
     f, P, Z = prob.loss(W, b)
     exact = True                                # Z from a pass, not summed steps
     precond, n_cg = None, 0
-    for _ in range(2 * max_iter + 2):           # each step, and at most one exact pass after it
+    # ends: every round either steps (n_iter grows for the active problems, each capped at
+    # max_iter) or, after a step, makes the exact pass; the loop leaves only on an exact Z
+    while True:
         gW, gb = prob.grad(W, P)
         converged = torch.maximum(gW.abs().amax((1, 3)), gb.abs().amax(-1)) <= tol
         active = ~converged & (rejected < _MAX_REJECTED) & (n_iter < max_iter)
@@ -395,8 +397,9 @@ def _try_step(prob: _Problem, W, b, pW, pb, Xp, f0, P0, Z0, slope, active):
     rho = (f0 - f) / torch.where(promise > 0, promise, torch.ones_like(promise))
     ok = active & torch.isfinite(f) & torch.where(promise > slack, rho > 0.1, f <= f0 + slack)
     rho = torch.where(torch.isfinite(rho), rho, torch.full_like(rho, -1.0))
-    # where the promise is below rounding, ρ measures rounding: it must not move the damping
-    rho = torch.where((promise > slack) | ~torch.isfinite(f), rho, torch.full_like(rho, 0.5))
+    # a step taken where the promise is below rounding: ρ measures rounding and must not move
+    # the damping (a rejected one still raises it, or the same step would be tried again)
+    rho = torch.where(ok & (promise <= slack), torch.full_like(rho, 0.5), rho)
     taken = ok[:, None, :, None]
     return (ok, rho, torch.where(ok, f, f0), torch.where(taken, P, P0, out=P),
             torch.where(taken, Z, Z0, out=Z))
@@ -451,15 +454,15 @@ def _solve(*args, **kwargs):
 def _solve_all(X, codes, n_classes: int, Cs, weights, dtype: str, tol: float, max_iter: int,
                device=None, init=None, warm_start: bool = True, work: dict | None = None,
                dual: bool = True):
-    """Fit every (layer, weight set, C) problem. weights (F, n) -> arrays shaped (L, F, n_C, ...)
-    with K' = 1 for two classes; ``init`` = (coef, intercept) in the same shapes, or None.
-    ``warm_start``: one batched solve per C in increasing order, each started from the previous
-    C's solution (unless ``init``); else all Cs in one batch from ``init`` (or zero). ``work``:
-    a dict the work done is added to (see :func:`add_work`). ``dual``: with fewer rows than
-    features, exact Newton in the kernel space (:func:`probes.classify.dual.solve_dual`) while
-    its system of rows × max(K − 1, 1) is at most ``MAX_SYSTEM``, else CG on the row space
-    (:class:`_RowSpace`) below ``_ROW_SPACE`` rows per feature, else on all features; False:
-    CG on all features."""
+    """Fit every (layer, weight set, C) problem. weights (F, n) -> arrays shaped (L, F, n_C,
+    ...) with K' = 1 for two classes; ``init`` = (coef, intercept) in the same shapes, or
+    None. ``warm_start``: one batched solve per C in increasing order, each started from the
+    previous C's solution moved on along the log-C secant of the last two (unless ``init``);
+    else all Cs in one batch from ``init`` (or zero). ``work``: a dict the work done is
+    added to (see :func:`add_work`). ``dual``: with fewer rows than features, exact Newton
+    in the kernel space (:func:`probes.classify.dual.solve_dual`) while its system of rows ×
+    max(K − 1, 1) is at most ``MAX_SYSTEM``, else CG on the row space (:class:`_RowSpace`)
+    below ``_ROW_SPACE`` rows per feature, else on all features; False: CG on all features."""
     tdt = _DTYPES[dtype]
     Xt = torch.as_tensor(X, device=device).to(tdt)
     if Xt.ndim != 3:
@@ -527,7 +530,9 @@ def _solve_primal(Xt, mean, codes_t, n_classes: int, Cs, wf, tdt, tol: float, ma
                 W0, b0 = prev                       # the last C's solution
                 step = 0.0 if prev2 is None else np.log(Cs[g_prev[0]] / Cs[g_prev2[0]])
                 if step > 0:                        # ... moved on along the log-C secant
-                    t = float(np.log(Cs[g[0]] / Cs[g_prev[0]]) / step)
+                    # at most one secant length: on an uneven grid a long extrapolation of a
+                    # short difference would mostly carry its noise
+                    t = min(1.0, float(np.log(Cs[g[0]] / Cs[g_prev[0]]) / step))
                     W0, b0 = W0 + t * (W0 - prev2[0]), b0 + t * (b0 - prev2[1])
             else:
                 W0 = W[ls][:, :, :, g].reshape(B, ds, -1, K)
@@ -604,8 +609,8 @@ def fit_logistic_path(X, codes, Cs, *, n_classes: int | None = None, sample_weig
         Where to compute (default: X's device, or CPU for numpy).
     warm_start : bool
         Solve the Cs one at a time in increasing order (batched over layers), each started from
-        the previous C's solution (default; less memory, fewer Newton steps); False: all Cs in
-        one batch from zero.
+        the previous C's solution moved on along the log-C secant of the last two (default;
+        less memory, fewer Newton steps); False: all Cs in one batch from zero.
 
     Returns
     -------

@@ -151,8 +151,8 @@ class LooAccumulator:
     faster, ~1e-6 relative error, which the float32 Z already sets.
 
     The per-alpha products are formed transposed, rows last: (GA)ᵀZᵀ and (1/(λ+α))ᵀ(Z²)ᵀ. Their
-    output is only A·k or A columns wide, where the BLAS runs at half speed in the natural
-    orientation; transposed, 61 -> 88 GF/s (A·k = 100) and 30 -> 52 GF/s (A = 25) in float64 on
+    output is only A·k or A columns wide, where the BLAS runs at 0.6-0.7x in the natural
+    orientation: transposed, 61 -> 88 GF/s (A·k = 100) and 30 -> 52 GF/s (A = 25) in float64 on
     2 cores. So the fitted values and ``pred`` are (B, A, k, rows).
     """
 
@@ -253,6 +253,8 @@ class LooAccumulator:
 
     def predictions(self, idx) -> np.ndarray:
         """(B, n, k) kept fitted values at alpha index ``idx`` (B, k) per layer and target."""
+        if self.pred is None:
+            raise ValueError("this LooAccumulator was made with keep_predictions=False")
         B, A, k, n = self.pred.shape
         sel = torch.as_tensor(np.asarray(idx), device=self.pred.device)[:, None, :, None]
         chosen = torch.gather(self.pred, 1, sel.expand(B, 1, k, n))[:, 0]          # (B, k, n)

@@ -137,8 +137,13 @@ def test_gram_kernel_names_the_micro_kernel_of_each_mode():
     PROBES_CPU_ISA=avx2."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     isa = "avx512" if " avx512f" in flags else "avx2"
-    assert _C.gram_kernel(False) == f"{isa}-float"
-    assert _C.gram_kernel(True) == f"{isa}-double"
+    old = os.environ.pop("PROBES_CPU_ISA", None)
+    try:
+        assert _C.gram_kernel(False) == f"{isa}-float"
+        assert _C.gram_kernel(True) == f"{isa}-double"
+    finally:
+        if old is not None:
+            os.environ["PROBES_CPU_ISA"] = old
     with _isa("float64-avx2"):
         assert (_C.gram_kernel(False), _C.gram_kernel(True)) == ("avx2-float", "avx2-double")
 

@@ -7,10 +7,11 @@
 //  1. pack: fp16 -> float (F16C), subtract the shift, store column panels P[p][t][W] (W columns
 //     of every row, contiguous); X is read row by row (threads split rows), then Σx and ΣxyT of
 //     each panel's columns are added in double from the packed rows (threads split panels);
-//  2. SYRK: the upper triangle of panel pairs, split into macro tiles of 144 columns, each a
+//  2. SYRK: the upper triangle of panel pairs, split into macro tiles (144 columns; 72 for the
+//     AVX2 double kernel), each a
 //     work item of the OpenMP loop; a register-tiled FMA micro-kernel (MR rows x 3 vectors)
 //     accumulates a macro tile over the whole row block in the accumulation type T (float or
-//     double) in a thread-private buffer, KC rows at a time so both operand panels stay in L1;
+//     double) in a thread-private buffer, KC rows at a time so the operand panels stay near L1;
 //  3. flush: the macro tile is added into the float64 totals, into both halves (the mirror), so
 //     the totals stay fully symmetric without a separate pass.
 // float32 mode sums at most block_rows rows in float32 before adding into float64, which bounds
@@ -30,6 +31,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -64,7 +66,7 @@ template <> struct Simd<double> {
 
 constexpr int MR = 4;  // rows of the AVX2 register tile
 constexpr int NV = 3;  // vectors per register-tile row: 12 accumulators + 3 loads + 1 broadcast
-// Panel width W (columns per packed panel): 24 float, 12 double (AVX2), 24 double (AVX-512).
+// Panel width W (columns per packed panel) of the AVX2 kernels: 24 float, 12 double.
 template <class T> constexpr int panel_width() { return NV * Simd<T>::L; }
 // The AVX-512 kernels: 8 rows x 3 zmm = 24 accumulators, panels of 3 zmm.
 template <class T> constexpr int wide_width() { return 3 * 64 / int(sizeof(T)); }  // 48 / 24
@@ -74,7 +76,8 @@ static_assert(!is_wide<float, panel_width<float>()>() && !is_wide<double, panel_
               "the AVX2 and AVX-512 panels differ in width");
 // Panels per macro tile side: 144 columns (72 for the AVX2 double kernel).
 template <int W> constexpr int npb() { return W >= 48 ? 3 : 6; }
-constexpr int KC = 128;        // rows per inner step: operand chunks stay in L1 (12-24 KiB)
+constexpr int KC = 128;        // rows per inner step: operand chunks of 12 KiB (AVX2) or 24 KiB
+                               // (AVX-512; 64 and 256 rows measured no better)
 constexpr int64_t kRowGroup = 32;  // rows per conversion work item
 constexpr size_t kPackBudget = size_t(32) << 20;  // bytes of packed panels per layer group (~L3)
 
@@ -119,54 +122,42 @@ inline void micro_kernel(const T *__restrict a, const T *__restrict b, int kc, T
     for (int v = 0; v < NV; ++v) S::store(c + i * ldc + v * L, acc[i][v]);
 }
 
-// The AVX-512 kernels: C[8 x W] += A_panel[t][0..8) * B_panel[t][0..W) over kc rows, panels
-// of W = 3 zmm (24 double, 48 float). Compiled for AVX-512 alone and called only where the CPU
-// has it (a call per kc rows: the rest of the file stays AVX2).
-__attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
-    const double *__restrict a, const double *__restrict b, int kc, double *__restrict c,
-    int ldc) {
-  constexpr int W = wide_width<double>();
-  __m512d acc[kWideMR][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < kWideMR; ++i)
-#pragma GCC unroll 3
-    for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_loadu_pd(c + i * ldc + v * 8);
-  for (int t = 0; t < kc; ++t) {
-    const __m512d b0 = _mm512_loadu_pd(b), b1 = _mm512_loadu_pd(b + 8),
-                  b2 = _mm512_loadu_pd(b + 16);
-#pragma GCC unroll 8
-    for (int i = 0; i < kWideMR; ++i) {
-      const __m512d ai = _mm512_set1_pd(a[i]);
-      acc[i][0] = _mm512_fmadd_pd(ai, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_pd(ai, b1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_pd(ai, b2, acc[i][2]);
-    }
-    a += W;
-    b += W;
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < kWideMR; ++i)
-#pragma GCC unroll 3
-    for (int v = 0; v < 3; ++v) _mm512_storeu_pd(c + i * ldc + v * 8, acc[i][v]);
-}
+// AVX-512 operations by element type, for the kernel below (compiled for AVX-512 alone).
+#define PROBES_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+PROBES_AVX512 __m512d zload(const double *p) { return _mm512_loadu_pd(p); }
+PROBES_AVX512 __m512 zload(const float *p) { return _mm512_loadu_ps(p); }
+PROBES_AVX512 void zstore(double *p, __m512d v) { _mm512_storeu_pd(p, v); }
+PROBES_AVX512 void zstore(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+PROBES_AVX512 __m512d zbcast(double x) { return _mm512_set1_pd(x); }
+PROBES_AVX512 __m512 zbcast(float x) { return _mm512_set1_ps(x); }
+PROBES_AVX512 __m512d zfma(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_pd(a, b, c); }
+PROBES_AVX512 __m512 zfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+#undef PROBES_AVX512
+template <class T> struct ZmmOf;
+template <> struct ZmmOf<double> { using V = __m512d; };
+template <> struct ZmmOf<float> { using V = __m512; };
+template <class T> using Zmm = typename ZmmOf<T>::V;
 
+// The AVX-512 kernel: C[8 x W] += A_panel[t][0..8) * B_panel[t][0..W) over kc rows, panels of
+// W = 3 zmm (24 double, 48 float). Compiled for AVX-512 alone and called only where the CPU
+// has it (a call per kc rows: the rest of the file stays AVX2).
+template <class T>
 __attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
-    const float *__restrict a, const float *__restrict b, int kc, float *__restrict c, int ldc) {
-  constexpr int W = wide_width<float>();
-  __m512 acc[kWideMR][3];
+    const T *__restrict a, const T *__restrict b, int kc, T *__restrict c, int ldc) {
+  constexpr int W = wide_width<T>(), L = W / 3;
+  Zmm<T> acc[kWideMR][3];
 #pragma GCC unroll 8
   for (int i = 0; i < kWideMR; ++i)
 #pragma GCC unroll 3
-    for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_loadu_ps(c + i * ldc + v * 16);
+    for (int v = 0; v < 3; ++v) acc[i][v] = zload(c + i * ldc + v * L);
   for (int t = 0; t < kc; ++t) {
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16),
-                 b2 = _mm512_loadu_ps(b + 32);
+    const Zmm<T> b0 = zload(b), b1 = zload(b + L), b2 = zload(b + 2 * L);
 #pragma GCC unroll 8
     for (int i = 0; i < kWideMR; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i]);
-      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
+      const Zmm<T> ai = zbcast(a[i]);
+      acc[i][0] = zfma(ai, b0, acc[i][0]);
+      acc[i][1] = zfma(ai, b1, acc[i][1]);
+      acc[i][2] = zfma(ai, b2, acc[i][2]);
     }
     a += W;
     b += W;
@@ -174,7 +165,7 @@ __attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
 #pragma GCC unroll 8
   for (int i = 0; i < kWideMR; ++i)
 #pragma GCC unroll 3
-    for (int v = 0; v < 3; ++v) _mm512_storeu_ps(c + i * ldc + v * 16, acc[i][v]);
+    for (int v = 0; v < 3; ++v) zstore(c + i * ldc + v * L, acc[i][v]);
 }
 
 // Whether the AVX-512 kernels run here: the CPU (and OS) support it and PROBES_CPU_ISA is not
@@ -182,7 +173,7 @@ __attribute__((target("avx512f"), noinline)) void micro_kernel_wide(
 bool wide_isa() {
   static const bool cpu = __builtin_cpu_supports("avx512f");
   const char *env = std::getenv("PROBES_CPU_ISA");
-  return cpu && !(env && std::string(env) == "avx2");
+  return cpu && !(env && strcasecmp(env, "avx2") == 0);
 }
 
 // ------------------------------------------------------------------------------------ input rows
@@ -369,7 +360,7 @@ void panel_sums(const Work<T, W> &w, int64_t b0, int64_t l, int64_t p, int64_t f
 }
 
 // 2. SYRK of one macro tile over the block's R packed rows into C (ldc x ldc, zeroed here),
-// KC rows at a time so both operand panels stay in L1.
+// KC rows at a time so the operand panels stay near L1.
 template <class T, int W>
 void syrk_tile(const Work<T, W> &w, const Tile &tl, int64_t R, T *C) {
   constexpr int NPB = npb<W>();
@@ -388,7 +379,7 @@ void syrk_tile(const Work<T, W> &w, const Tile &tl, int64_t R, T *C) {
         T *cblk = C + size_t(pi - pi0) * W * w.ldc + size_t(pj - pj0) * W;
         if constexpr (is_wide<T, W>()) {
           for (int s = 0; s < W / kWideMR; ++s)
-            micro_kernel_wide(ap + s * kWideMR, bp, kc, cblk + size_t(s) * kWideMR * w.ldc,
+            micro_kernel_wide<T>(ap + s * kWideMR, bp, kc, cblk + size_t(s) * kWideMR * w.ldc,
                               w.ldc);
         } else {
           static_assert(W == panel_width<T>(), "the AVX2 kernel's panels");
